@@ -1,0 +1,283 @@
+"""Pure-PyTorch reference of every fqt computation: the oracle the kernels must match.
+
+SPEC §2-§4 are implemented here literally and slowly. Integer results (binary and
+bit-plane dot products, quantization codes, keep decisions) are what kernels must
+reproduce bit for bit; floating results are matched to float32 rounding.
+
+Layout conventions shared with the kernels:
+
+* Bits: bit 1 means +1 (``v > 0``), bit 0 means -1. ``pack_bits`` packs the last axis
+  into little-endian 64-bit words (element ``k`` is bit ``k % 64`` of word ``k // 64``),
+  stored as int64; tail bits past K are 0.
+* A gradient matrix ``G'`` is 2-D ``[rows r, channels o]``. For a conv, row
+  ``r = (n, h', w')`` in that order, i.e. ``G'.permute(0, 2, 3, 1).reshape(-1, O)``;
+  for a linear layer, all leading dims are flattened into rows.
+* Element ``(r, o)`` of ``G'`` has counter index ``r * O + o`` in the RNG streams of
+  stochastic rounding (``fqt_compiler.ops.rng``); group ``i`` has index ``i`` in the
+  sampling streams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+
+# --------------------------------------------------------------------------- bits
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(v) = +1 if v > 0 else -1 (zero maps to -1, SPEC §2)."""
+    return torch.where(x > 0, 1.0, -1.0).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor ``[..., K]`` along its last axis into int64 words ``[..., ceil(K/64)]``."""
+    k = bits.shape[-1]
+    words = (k + 63) // 64
+    padded = torch.zeros(*bits.shape[:-1], words * 64, dtype=torch.int64)
+    padded[..., :k] = bits.to(torch.int64)
+    padded = padded.reshape(*bits.shape[:-1], words, 64)
+    shifts = torch.arange(64, dtype=torch.int64)
+    # Summing distinct powers of two is an OR; int64 wraps bit 63 to the sign bit as intended.
+    return (padded << shifts).sum(-1)
+
+
+def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: int64 words ``[..., W]`` to bool ``[..., k]``."""
+    shifts = torch.arange(64, dtype=torch.int64)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :k].bool()
+
+
+def binary_gemm(a_bits: torch.Tensor, b_bits: torch.Tensor) -> torch.Tensor:
+    """±1×±1 GEMM: ``a`` M×K, ``b`` N×K bool (bit = +1) -> int32 M×N, ``K - 2 popcount(a ^ b)``."""
+    a = a_bits.to(torch.int64) * 2 - 1
+    b = b_bits.to(torch.int64) * 2 - 1
+    return (a @ b.T).to(torch.int32)
+
+
+def bitplane_gemm(codes: torch.Tensor, b_bits: torch.Tensor) -> torch.Tensor:
+    """b-bit codes × ±1 GEMM: ``codes`` M×K in {0..2^b-1}, ``b`` N×K bool -> int32 M×N.
+
+    The kernels compute it plane by plane, ``sum_t 2^t (2 popcount(a_t & w) - popcount(a_t))``;
+    the value is the plain integer dot product below."""
+    b = b_bits.to(torch.int64) * 2 - 1
+    return (codes.to(torch.int64) @ b.T).to(torch.int32)
+
+
+# --------------------------------------------------------------------------- forward
+
+def default_alpha(weight: torch.Tensor) -> torch.Tensor:
+    """XNOR-Net scale: mean |w| over each output channel's weights."""
+    return weight.detach().abs().flatten(1).mean(1)
+
+
+def binary_conv2d(x, weight, alpha, bias, stride, padding, dilation):
+    """Binarized conv2d forward (SPEC §2): pad with zeros, then sign, so padding is -1."""
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    y = F.conv2d(sign(xp), sign(weight), None, stride, 0, dilation)
+    y = y * alpha.view(1, -1, 1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
+    return y
+
+
+def binary_linear(x, weight, alpha, bias):
+    """Binarized linear forward: ``alpha ⊙ (sign(x) sign(w)ᵀ) + bias``."""
+    y = F.linear(sign(x), sign(weight)) * alpha
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def ste_mask(v: torch.Tensor) -> torch.Tensor:
+    """Straight-through estimator of sign: ``1{|v| < 1}``."""
+    return (v.abs() < 1).to(v.dtype)
+
+
+# --------------------------------------------------------------------------- quantizers
+
+METHODS = ("none", "ptq", "psq", "aq_scq", "topk")
+BITS = (1, 2, 4, 8)
+PATH_INPUT = "input"    # gradient w.r.t. the layer input: contracts over channels o
+PATH_WEIGHT = "weight"  # gradient w.r.t. the weight: contracts over rows r
+
+
+def grouping(method: str, path: str) -> str:
+    """Which groups a method quantizes on one path: ``"tensor"``, ``"sample"`` or ``"channel"``.
+
+    SCQ (aq_scq, topk) uses per-sample groups for the input path and per-channel groups for
+    the weight path, the only groupings whose scale factors out of that path's contraction."""
+    if method == "ptq":
+        return "tensor"
+    if method == "psq":
+        return "sample"
+    if method in ("aq_scq", "topk"):
+        return "sample" if path == PATH_INPUT else "channel"
+    raise ValueError(f"method {method!r} quantizes no groups; expected one of {METHODS[1:]}")
+
+
+def group_index(g2d: torch.Tensor, kind: str, rows_per_sample: int) -> tuple[int, torch.Tensor]:
+    """(number of groups, group id of every element of ``g2d``)."""
+    rows, cols = g2d.shape
+    if kind == "tensor":
+        return 1, torch.zeros(rows, cols, dtype=torch.int64)
+    if kind == "sample":
+        if rows % rows_per_sample:
+            raise ValueError(f"{rows} rows do not split into samples of {rows_per_sample} rows")
+        ids = torch.arange(rows, dtype=torch.int64) // rows_per_sample
+        return rows // rows_per_sample, ids.view(-1, 1).expand(rows, cols)
+    if kind == "channel":
+        return cols, torch.arange(cols, dtype=torch.int64).view(1, -1).expand(rows, cols)
+    raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
+
+
+def group_min_max(g2d: torch.Tensor, kind: str, rows_per_sample: int = 1):
+    """Per-group minimum and maximum (float32), the statistics pass of the quantizer."""
+    n, ids = group_index(g2d, kind, rows_per_sample)
+    flat, ids = g2d.reshape(-1), ids.reshape(-1)
+    lo = torch.full((n,), float("inf")).scatter_reduce(0, ids, flat, "amin")
+    hi = torch.full((n,), float("-inf")).scatter_reduce(0, ids, flat, "amax")
+    return lo, hi
+
+
+def aq_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
+    """Water-filling keep probabilities ``p_i = min(1, c R_i)`` with ``sum p = N / bits``.
+
+    Groups whose ``c R_i`` would exceed 1 are kept with certainty and the budget is
+    re-spread over the rest. A zero-range group gets p = 0 (SPEC §4 samples in proportion
+    to the range). When the budget covers every nonzero group they are all kept."""
+    n = ranges.numel()
+    budget = n / bits
+    r = ranges.double()
+    p = torch.zeros(n, dtype=torch.float64)
+    order = torch.argsort(r, descending=True, stable=True)
+    sorted_r = r[order]
+    tail = torch.flip(torch.cumsum(torch.flip(sorted_r, [0]), 0), [0])  # sum of sorted_r[k:]
+    for k in range(n):
+        if tail[k] <= 0 or budget - k <= 0:
+            p[order[:k]] = 1.0
+            return p.float()
+        c = (budget - k) / tail[k]
+        if c * sorted_r[k] <= 1.0:
+            p[order[:k]] = 1.0
+            p[order[k:]] = torch.clamp(c * sorted_r[k:], max=1.0)
+            return p.float()
+    p[:] = 1.0
+    return p.float()
+
+
+def topk_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
+    """The authors' deterministic variant: keep the ``ceil(N / bits)`` widest groups (p = 1)."""
+    n = ranges.numel()
+    keep = -(-n // bits)
+    p = torch.zeros(n)
+    p[torch.argsort(ranges.double(), descending=True, stable=True)[:keep]] = 1.0
+    return p
+
+
+@dataclass
+class QuantizedGradient:
+    """A b-bit quantized gradient matrix ``[rows, cols]`` with per-group affine parameters.
+
+    ``codes`` holds every element's code (0 in pruned groups); ``group_ids`` maps each
+    element to its group. Dequantized value: ``scale[g] * code + zero[g]`` for kept groups,
+    0 for pruned ones, where ``scale = R / (B p)`` and ``zero = z / p`` (SPEC §4)."""
+
+    codes: torch.Tensor      # uint8 [rows, cols]
+    kind: str                # "tensor" | "sample" | "channel"
+    rows_per_sample: int
+    bits: int
+    keep: torch.Tensor       # bool [groups]
+    prob: torch.Tensor       # float32 [groups], 1 where kept deterministically
+    scale: torch.Tensor      # float32 [groups]
+    zero: torch.Tensor       # float32 [groups]
+
+    def dequantize(self) -> torch.Tensor:
+        _, ids = group_index(self.codes, self.kind, self.rows_per_sample)
+        keep = self.keep[ids]
+        value = self.scale[ids] * self.codes.float() + self.zero[ids]
+        return torch.where(keep, value, torch.zeros(()))
+
+
+def stochastic_codes(g2d, lo, hi, ids, bits, u):
+    """Stochastic rounding of ``B (v - z) / R`` with exactly these float32 operations, in
+    this order, so that a kernel can match bit for bit: ``s = B / R`` (0 where R = 0),
+    ``t = (v - z) * s``, ``q = clamp(floor(t + u), 0, B)``."""
+    levels = float(2 ** bits - 1)
+    rng_ = hi - lo
+    s = torch.where(rng_ > 0, torch.tensor(levels, dtype=torch.float32) / rng_, torch.zeros(()))
+    t = (g2d - lo[ids]) * s[ids]
+    q = torch.floor(t + u.view_as(g2d))
+    return q.clamp_(0, levels).to(torch.uint8)
+
+
+def quantize_gradient(g2d: torch.Tensor, method: str, path: str, bits: int, *,
+                      rows_per_sample: int, seed: int, step: int, layer: int) -> QuantizedGradient:
+    """Quantize ``G'`` for one SCQ path with one method (SPEC §4)."""
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported; expected one of {BITS}")
+    g2d = g2d.detach().float().contiguous()
+    kind = grouping(method, path)
+    n, ids = group_index(g2d, kind, rows_per_sample)
+    lo, hi = group_min_max(g2d, kind, rows_per_sample)
+    ranges = hi - lo
+    sr_stream = rng.STREAM_SR_INPUT if path == PATH_INPUT else rng.STREAM_SR_WEIGHT
+    u = rng.uniform(seed, step, layer, sr_stream, g2d.numel())
+    if method == "aq_scq":
+        prob = aq_probabilities(ranges, bits)
+        sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
+        keep = rng.uniform(seed, step, layer, sample_stream, n) < prob
+    elif method == "topk":
+        prob = topk_probabilities(ranges, bits)
+        keep = prob > 0
+        prob = torch.ones(n)  # biased on purpose: no 1/p rescale, as in the authors' code
+    else:
+        prob = torch.ones(n)
+        keep = torch.ones(n, dtype=torch.bool)
+    codes = stochastic_codes(g2d, lo, hi, ids, bits, u)
+    codes = torch.where(keep[ids], codes, torch.zeros((), dtype=torch.uint8))
+    safe_p = torch.where(keep, prob, torch.ones(()))
+    scale = ranges / float(2 ** bits - 1) / safe_p
+    zero = lo / safe_p
+    return QuantizedGradient(codes, kind, rows_per_sample, bits, keep, prob, scale, zero)
+
+
+# --------------------------------------------------------------------------- backward GEMMs
+
+def conv_rows(g: torch.Tensor) -> torch.Tensor:
+    """NCHW gradient -> ``G'`` layout ``[(n, h', w'), o]``."""
+    return g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+
+
+def conv_unrows(g2d: torch.Tensor, shape) -> torch.Tensor:
+    n, o, h, w = shape
+    return g2d.reshape(n, h, w, o).permute(0, 3, 1, 2)
+
+
+def conv2d_input_grad(gprime, weight, x, stride, padding, dilation):
+    """``dX = STE(x) ⊙ crop(col2im(G' Ŵ))``; ``gprime`` is NCHW (already scaled by alpha)."""
+    n, c, h, w = x.shape
+    padded = (n, c, h + 2 * padding[0], w + 2 * padding[1])
+    dxp = torch.nn.grad.conv2d_input(padded, sign(weight), gprime, stride, 0, dilation)
+    dx = dxp[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w]
+    return dx * ste_mask(x)
+
+
+def conv2d_weight_grad(gprime, weight, x, stride, padding, dilation):
+    """``dW = STE(w) ⊙ (G'ᵀ X̂)`` over im2col rows of the padded, binarized input."""
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    dw = torch.nn.grad.conv2d_weight(sign(xp), weight.shape, gprime, stride, 0, dilation)
+    return dw * ste_mask(weight)
+
+
+def linear_input_grad(gprime, weight, x):
+    return (gprime @ sign(weight)) * ste_mask(x)
+
+
+def linear_weight_grad(gprime, weight, x):
+    g2 = gprime.reshape(-1, gprime.shape[-1])
+    x2 = sign(x).reshape(-1, x.shape[-1])
+    return (g2.T @ x2) * ste_mask(weight)
