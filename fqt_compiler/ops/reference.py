@@ -196,10 +196,15 @@ class QuantizedGradient:
     zero: torch.Tensor       # float32 [groups]
 
     def dequantize(self) -> torch.Tensor:
-        _, ids = group_index(self.codes, self.kind, self.rows_per_sample)
-        keep = self.keep[ids]
-        value = self.scale[ids] * self.codes.float() + self.zero[ids]
-        return torch.where(keep, value, torch.zeros(()))
+        return dequantize(self.codes, self.scale, self.zero, self.keep, self.kind,
+                          self.rows_per_sample)
+
+
+def dequantize(codes, scale, zero, keep, kind: str, rows_per_sample: int) -> torch.Tensor:
+    """``scale[g] * code + zero[g]`` in kept groups, 0 in pruned ones (float32 ``[rows, cols]``)."""
+    _, ids = group_index(codes, kind, rows_per_sample)
+    value = scale[ids] * codes.float() + zero[ids]
+    return torch.where(keep[ids], value, torch.zeros(()))
 
 
 def stochastic_codes(g2d, lo, hi, ids, bits, u):
@@ -216,33 +221,61 @@ def stochastic_codes(g2d, lo, hi, ids, bits, u):
 
 def quantize_gradient(g2d: torch.Tensor, method: str, path: str, bits: int, *,
                       rows_per_sample: int, seed: int, step: int, layer: int) -> QuantizedGradient:
-    """Quantize ``G'`` for one SCQ path with one method (SPEC §4)."""
+    """Quantize ``G'`` for one SCQ path with one method (SPEC §4).
+
+    Two stages, each an op of the backward graph: ``sample_groups`` (statistics and AQ
+    keep decisions) then ``quantize_groups`` (stochastic rounding of the kept groups)."""
+    g2d = g2d.detach().float().contiguous()
+    lo, hi, keep, prob = sample_groups(g2d, method, path, bits, rows_per_sample=rows_per_sample,
+                                       seed=seed, step=step, layer=layer)
+    codes, scale, zero = quantize_groups(g2d, lo, hi, keep, prob, method, path, bits,
+                                         rows_per_sample=rows_per_sample, seed=seed, step=step,
+                                         layer=layer)
+    return QuantizedGradient(codes, grouping(method, path), rows_per_sample, bits, keep, prob,
+                             scale, zero)
+
+
+def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
+                  rows_per_sample: int, seed: int, step: int, layer: int):
+    """Group statistics and keep decisions: ``(lo, hi, keep, prob)`` per group.
+
+    ``prob`` is the probability the dequantization divides by: the AQ keep probability for
+    ``aq_scq``, 1 for every other method (``topk`` is biased on purpose, as in the authors'
+    code; ``ptq``/``psq`` keep every group)."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {BITS}")
     g2d = g2d.detach().float().contiguous()
     kind = grouping(method, path)
-    n, ids = group_index(g2d, kind, rows_per_sample)
+    n, _ = group_index(g2d, kind, rows_per_sample)
     lo, hi = group_min_max(g2d, kind, rows_per_sample)
     ranges = hi - lo
-    sr_stream = rng.STREAM_SR_INPUT if path == PATH_INPUT else rng.STREAM_SR_WEIGHT
-    u = rng.uniform(seed, step, layer, sr_stream, g2d.numel())
     if method == "aq_scq":
         prob = aq_probabilities(ranges, bits)
         sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
         keep = rng.uniform(seed, step, layer, sample_stream, n) < prob
     elif method == "topk":
-        prob = topk_probabilities(ranges, bits)
-        keep = prob > 0
-        prob = torch.ones(n)  # biased on purpose: no 1/p rescale, as in the authors' code
+        keep = topk_probabilities(ranges, bits) > 0
+        prob = torch.ones(n)
     else:
         prob = torch.ones(n)
         keep = torch.ones(n, dtype=torch.bool)
+    return lo, hi, keep, prob
+
+
+def quantize_groups(g2d, lo, hi, keep, prob, method: str, path: str, bits: int, *,
+                    rows_per_sample: int, seed: int, step: int, layer: int):
+    """Stochastic b-bit codes of every element (0 in pruned groups) and the per-group
+    dequantization ``scale = R / (B p)``, ``zero = z / p``: ``(codes, scale, zero)``."""
+    g2d = g2d.detach().float().contiguous()
+    _, ids = group_index(g2d, grouping(method, path), rows_per_sample)
+    sr_stream = rng.STREAM_SR_INPUT if path == PATH_INPUT else rng.STREAM_SR_WEIGHT
+    u = rng.uniform(seed, step, layer, sr_stream, g2d.numel())
     codes = stochastic_codes(g2d, lo, hi, ids, bits, u)
     codes = torch.where(keep[ids], codes, torch.zeros((), dtype=torch.uint8))
     safe_p = torch.where(keep, prob, torch.ones(()))
-    scale = ranges / float(2 ** bits - 1) / safe_p
+    scale = (hi - lo) / float(2 ** bits - 1) / safe_p
     zero = lo / safe_p
-    return QuantizedGradient(codes, kind, rows_per_sample, bits, keep, prob, scale, zero)
+    return codes, scale, zero
 
 
 # --------------------------------------------------------------------------- backward GEMMs
@@ -281,3 +314,62 @@ def linear_weight_grad(gprime, weight, x):
     g2 = gprime.reshape(-1, gprime.shape[-1])
     x2 = sign(x).reshape(-1, x.shape[-1])
     return (g2.T @ x2) * ste_mask(weight)
+
+
+# --------------------------------------------------------------------------- saved activations
+#
+# The forward op saves, instead of the float input x, two bit sets packed with ``pack_bits``:
+# its signs (bit = x > 0) and its STE mask (bit = |x| < 1). Layout, chosen so each row is one
+# contiguous run of words for the backward GEMMs:
+#   conv2d: one row per sample over the flattened (c, h, w) of the *unpadded* input
+#           -> int64 [N, ceil(C*H*W / 64)]; padded positions are -1 by definition (SPEC §2);
+#   linear: one row per input row over the features -> int64 [prod(leading dims), ceil(F / 64)].
+
+def activation_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The 2-D view of an activation that ``pack_activation`` packs row by row."""
+    if kind == "conv2d":
+        return x.reshape(x.shape[0], -1)
+    if kind == "linear":
+        return x.reshape(-1, x.shape[-1])
+    raise ValueError(f"unknown layer kind {kind!r}; expected 'conv2d' or 'linear'")
+
+
+def pack_activation(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign words, STE-mask words) of a layer input in the saved-activation layout."""
+    rows = activation_rows(x.detach(), kind)
+    return pack_bits(rows > 0), pack_bits(rows.abs() < 1)
+
+
+def unpack_activation(words: torch.Tensor, x_shape, kind: str) -> torch.Tensor:
+    """Inverse of one half of ``pack_activation``: bool tensor of ``x_shape``."""
+    x_shape = tuple(x_shape)
+    k = x_shape[-1] if kind == "linear" else int(torch.Size(x_shape[1:]).numel())
+    return unpack_bits(words, k).reshape(x_shape)
+
+
+def _signs(words, x_shape, kind):
+    return torch.where(unpack_activation(words, x_shape, kind), 1.0, -1.0)
+
+
+def _ste_stand_in(words, x_shape, kind):
+    # An input whose STE mask is the saved one (0 inside |x| < 1, 1 outside), so the
+    # packed-operand references run exactly the arithmetic of the float-input ones above.
+    return torch.where(unpack_activation(words, x_shape, kind), 0.0, 1.0)
+
+
+def conv2d_input_grad_packed(gprime, weight, ste_words, x_shape, stride, padding, dilation):
+    return conv2d_input_grad(gprime, weight, _ste_stand_in(ste_words, x_shape, "conv2d"),
+                             stride, padding, dilation)
+
+
+def conv2d_weight_grad_packed(gprime, weight, sign_words, x_shape, stride, padding, dilation):
+    return conv2d_weight_grad(gprime, weight, _signs(sign_words, x_shape, "conv2d"),
+                              stride, padding, dilation)
+
+
+def linear_input_grad_packed(gprime, weight, ste_words, x_shape):
+    return linear_input_grad(gprime, weight, _ste_stand_in(ste_words, x_shape, "linear"))
+
+
+def linear_weight_grad_packed(gprime, weight, sign_words, x_shape):
+    return linear_weight_grad(gprime, weight, _signs(sign_words, x_shape, "linear"))

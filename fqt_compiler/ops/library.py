@@ -1,0 +1,282 @@
+"""The fqt IR: custom ops in the ``fqt`` namespace (schema, fake, reference, autograd).
+
+Forward (one op per binarized layer, the forward GEMM):
+
+* ``binary_conv2d`` / ``binary_linear`` return ``Y_raw`` (the ±1×±1 GEMM, before alpha and
+  bias, which stay float ops in the graph so that a learned alpha gets its gradient from
+  autograd and ``alpha ⊙ dL/dY`` arrives at the backward as ``G'``) plus the layer input's
+  sign bits and STE-mask bits packed as ``reference.pack_activation`` documents; those two,
+  not the float input, are what the backward saves. ``rng_state`` (int64 ``[seed, step]``)
+  is an input only so that autograd saves it for the backward quantizers.
+
+Backward (one op per GEMM):
+
+* ``mark_gradient`` tags ``G'`` of a layer with its RNG state and layer index; it is the
+  identity, and the ``insert_gradient_quantizers`` pass replaces it by the quantizer chain
+  of the layer's method (or removes it for ``none``).
+* ``{conv2d,linear}_{input,weight}_grad`` take a float ``G'``; the ``_q`` variants take the
+  quantized gradient ``(codes uint8 [rows, O], scale, zero, keep)`` of one SCQ path, the
+  operands of a bit-plane popcount GEMM over kept groups.
+* ``aq_sample`` (group statistics + keep decisions) and ``quantize_gradient`` (stochastic
+  rounding to b-bit codes) are the two stages of ``reference.quantize_gradient``.
+
+Every op's CPU kernel is its ``"reference"`` entry in ``registry``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from . import registry
+
+
+def _define(schema: str, reference_impl, fake_impl):
+    name, signature = schema.split("(", 1)
+    qualname = f"fqt::{name}"
+    op = torch.library.custom_op(qualname, reference_impl, mutates_args=(),
+                                 schema="(" + signature)
+    op.register_fake(fake_impl)
+    registry.register(qualname, "reference", reference_impl)
+    return op
+
+
+def _key(rng_state: torch.Tensor) -> tuple[int, int]:
+    seed, step = rng_state.tolist()
+    return seed, step
+
+
+def _words(k) -> int:
+    return (k + 63) // 64
+
+
+def _conv_out(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# --------------------------------------------------------------------------- forward
+
+def _binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer):
+    y = ref.binary_conv2d(x, weight, torch.ones(weight.shape[0]), None, stride, padding, dilation)
+    return (y, *ref.pack_activation(x, "conv2d"))
+
+
+def _binary_conv2d_fake(x, weight, rng_state, stride, padding, dilation, layer):
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    y = x.new_empty(n, o, _conv_out(h, kh, stride[0], padding[0], dilation[0]),
+                    _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+    words = x.new_empty(n, _words(c * h * w), dtype=torch.int64)
+    return y, words, torch.empty_like(words)
+
+
+binary_conv2d = _define(
+    "binary_conv2d(Tensor x, Tensor weight, Tensor rng_state, int[] stride, int[] padding, "
+    "int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
+    _binary_conv2d, _binary_conv2d_fake)
+
+
+def _binary_linear(x, weight, rng_state, layer):
+    y = ref.binary_linear(x, weight, torch.ones(weight.shape[0]), None)
+    return (y, *ref.pack_activation(x, "linear"))
+
+
+def _binary_linear_fake(x, weight, rng_state, layer):
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    words = x.new_empty(x.numel() // x.shape[-1], _words(x.shape[-1]), dtype=torch.int64)
+    return y, words, torch.empty_like(words)
+
+
+binary_linear = _define(
+    "binary_linear(Tensor x, Tensor weight, Tensor rng_state, int layer) "
+    "-> (Tensor, Tensor, Tensor)",
+    _binary_linear, _binary_linear_fake)
+
+
+# --------------------------------------------------------------------------- float-G' GEMMs
+
+def _mark_gradient(gprime, rng_state, layer):
+    return gprime.clone()
+
+
+mark_gradient = _define(
+    "mark_gradient(Tensor gprime, Tensor rng_state, int layer) -> Tensor",
+    _mark_gradient, lambda gprime, rng_state, layer: torch.empty_like(gprime))
+
+
+def _grad_like_x(gprime, weight, bits, x_shape, *conv_args):
+    return gprime.new_empty(x_shape)
+
+
+def _grad_like_w(gprime, weight, bits, x_shape, *conv_args):
+    return torch.empty_like(weight)
+
+
+_CONV_GRAD_ARGS = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
+
+conv2d_input_grad = _define(
+    f"conv2d_input_grad(Tensor gprime, Tensor weight, Tensor x_ste_bits, {_CONV_GRAD_ARGS}) "
+    "-> Tensor", ref.conv2d_input_grad_packed, _grad_like_x)
+conv2d_weight_grad = _define(
+    f"conv2d_weight_grad(Tensor gprime, Tensor weight, Tensor x_sign_bits, {_CONV_GRAD_ARGS}) "
+    "-> Tensor", ref.conv2d_weight_grad_packed, _grad_like_w)
+linear_input_grad = _define(
+    "linear_input_grad(Tensor gprime, Tensor weight, Tensor x_ste_bits, SymInt[] x_shape) "
+    "-> Tensor", ref.linear_input_grad_packed, _grad_like_x)
+linear_weight_grad = _define(
+    "linear_weight_grad(Tensor gprime, Tensor weight, Tensor x_sign_bits, SymInt[] x_shape) "
+    "-> Tensor", ref.linear_weight_grad_packed, _grad_like_w)
+
+
+# --------------------------------------------------------------------------- quantizers
+
+def _n_groups(g2d, method, path, rows_per_sample):
+    kind = ref.grouping(method, path)
+    rows, cols = g2d.shape
+    return {"tensor": 1, "sample": rows // rows_per_sample, "channel": cols}[kind]
+
+
+def _aq_sample(g2d, rng_state, method, path, bits, rows_per_sample, layer):
+    seed, step = _key(rng_state)
+    return ref.sample_groups(g2d, method, path, bits, rows_per_sample=rows_per_sample,
+                             seed=seed, step=step, layer=layer)
+
+
+def _aq_sample_fake(g2d, rng_state, method, path, bits, rows_per_sample, layer):
+    n = _n_groups(g2d, method, path, rows_per_sample)
+    lo = g2d.new_empty(n)
+    return lo, torch.empty_like(lo), g2d.new_empty(n, dtype=torch.bool), torch.empty_like(lo)
+
+
+aq_sample = _define(
+    "aq_sample(Tensor g2d, Tensor rng_state, str method, str path, int bits, "
+    "int rows_per_sample, int layer) -> (Tensor, Tensor, Tensor, Tensor)",
+    _aq_sample, _aq_sample_fake)
+
+
+def _quantize_gradient(g2d, lo, hi, keep, prob, rng_state, method, path, bits,
+                       rows_per_sample, layer):
+    seed, step = _key(rng_state)
+    return ref.quantize_groups(g2d, lo, hi, keep, prob, method, path, bits,
+                               rows_per_sample=rows_per_sample, seed=seed, step=step,
+                               layer=layer)
+
+
+def _quantize_gradient_fake(g2d, lo, hi, keep, prob, rng_state, method, path, bits,
+                            rows_per_sample, layer):
+    return g2d.new_empty(g2d.shape, dtype=torch.uint8), torch.empty_like(lo), torch.empty_like(lo)
+
+
+quantize_gradient = _define(
+    "quantize_gradient(Tensor g2d, Tensor lo, Tensor hi, Tensor keep, Tensor prob, "
+    "Tensor rng_state, str method, str path, int bits, int rows_per_sample, int layer) "
+    "-> (Tensor, Tensor, Tensor)",
+    _quantize_gradient, _quantize_gradient_fake)
+
+
+# --------------------------------------------------------------------------- quantized-G' GEMMs
+
+def _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding, dilation):
+    n, _, h, w = x_shape
+    _, _, kh, kw = weight.shape
+    ho = _conv_out(h, kh, stride[0], padding[0], dilation[0])
+    wo = _conv_out(w, kw, stride[1], padding[1], dilation[1])
+    g2d = ref.dequantize(codes, scale, zero, keep, grouping, ho * wo)
+    return ref.conv_unrows(g2d, (n, weight.shape[0], ho, wo))
+
+
+def _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight):
+    g2d = ref.dequantize(codes, scale, zero, keep, grouping, 1)
+    return g2d.reshape(*x_shape[:-1], weight.shape[0])
+
+
+def _conv2d_input_grad_q(codes, scale, zero, keep, weight, x_ste_bits, x_shape, stride,
+                         padding, dilation, grouping):
+    g = _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding,
+                     dilation)
+    return ref.conv2d_input_grad_packed(g, weight, x_ste_bits, x_shape, stride, padding, dilation)
+
+
+def _conv2d_weight_grad_q(codes, scale, zero, keep, weight, x_sign_bits, x_shape, stride,
+                          padding, dilation, grouping):
+    g = _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding,
+                     dilation)
+    return ref.conv2d_weight_grad_packed(g, weight, x_sign_bits, x_shape, stride, padding,
+                                         dilation)
+
+
+def _linear_input_grad_q(codes, scale, zero, keep, weight, x_ste_bits, x_shape, grouping):
+    g = _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight)
+    return ref.linear_input_grad_packed(g, weight, x_ste_bits, x_shape)
+
+
+def _linear_weight_grad_q(codes, scale, zero, keep, weight, x_sign_bits, x_shape, grouping):
+    g = _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight)
+    return ref.linear_weight_grad_packed(g, weight, x_sign_bits, x_shape)
+
+
+def _q_like_x(codes, scale, zero, keep, weight, bits, x_shape, *rest):
+    return scale.new_empty(x_shape)
+
+
+def _q_like_w(codes, scale, zero, keep, weight, *rest):
+    return torch.empty_like(weight)
+
+
+_QG = "Tensor codes, Tensor scale, Tensor zero, Tensor keep, Tensor weight"
+
+conv2d_input_grad_q = _define(
+    f"conv2d_input_grad_q({_QG}, Tensor x_ste_bits, {_CONV_GRAD_ARGS}, str grouping) -> Tensor",
+    _conv2d_input_grad_q, _q_like_x)
+conv2d_weight_grad_q = _define(
+    f"conv2d_weight_grad_q({_QG}, Tensor x_sign_bits, {_CONV_GRAD_ARGS}, str grouping) -> Tensor",
+    _conv2d_weight_grad_q, _q_like_w)
+linear_input_grad_q = _define(
+    f"linear_input_grad_q({_QG}, Tensor x_ste_bits, SymInt[] x_shape, str grouping) -> Tensor",
+    _linear_input_grad_q, _q_like_x)
+linear_weight_grad_q = _define(
+    f"linear_weight_grad_q({_QG}, Tensor x_sign_bits, SymInt[] x_shape, str grouping) -> Tensor",
+    _linear_weight_grad_q, _q_like_w)
+
+
+# --------------------------------------------------------------------------- autograd
+
+def _register_autograd(forward_op, input_grad, weight_grad):
+    """Backward of a binarized layer: the two GEMMs on ``G'`` (which autograd already scaled by
+    alpha, a float op after the forward op), with the packed activations saved by the forward."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight, rng_state, *conv_args, layer = inputs
+        _, sign_bits, ste_bits = output
+        ctx.save_for_backward(weight, sign_bits, ste_bits, rng_state)
+        ctx.gemm_args = (list(x.shape), *conv_args)
+        ctx.layer = layer
+
+    def backward(ctx, grad_y, _grad_signs, _grad_mask):
+        weight, sign_bits, ste_bits, rng_state = ctx.saved_tensors
+        gprime = mark_gradient(grad_y, rng_state, ctx.layer)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = input_grad(gprime, weight, ste_bits, *ctx.gemm_args)
+        if ctx.needs_input_grad[1]:
+            dw = weight_grad(gprime, weight, sign_bits, *ctx.gemm_args)
+        return dx, dw, *([None] * (len(ctx.gemm_args) + 1))
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_autograd(binary_conv2d, conv2d_input_grad, conv2d_weight_grad)
+_register_autograd(binary_linear, linear_input_grad, linear_weight_grad)
+
+# Ops the passes look up by role.
+FORWARD_OPS = {"conv2d": torch.ops.fqt.binary_conv2d.default,
+               "linear": torch.ops.fqt.binary_linear.default}
+GRAD_OPS = {  # float-G' GEMM -> (layer kind, SCQ path, quantized-G' GEMM)
+    torch.ops.fqt.conv2d_input_grad.default:
+        ("conv2d", ref.PATH_INPUT, torch.ops.fqt.conv2d_input_grad_q.default),
+    torch.ops.fqt.conv2d_weight_grad.default:
+        ("conv2d", ref.PATH_WEIGHT, torch.ops.fqt.conv2d_weight_grad_q.default),
+    torch.ops.fqt.linear_input_grad.default:
+        ("linear", ref.PATH_INPUT, torch.ops.fqt.linear_input_grad_q.default),
+    torch.ops.fqt.linear_weight_grad.default:
+        ("linear", ref.PATH_WEIGHT, torch.ops.fqt.linear_weight_grad_q.default),
+}
