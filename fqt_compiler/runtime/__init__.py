@@ -1,0 +1,1 @@
+from .gemm import binary_gemm, bitplane_gemm

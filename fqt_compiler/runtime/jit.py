@@ -99,6 +99,12 @@ def compile_object(ir_text: str, target: Target) -> bytes:
     return target.create_target_machine().emit_object(mod)
 
 
+def compile_assembly(ir_text: str, target: Target) -> str:
+    """The optimized module as target assembly, for reading generated kernels."""
+    mod = optimize(ir_text, target)
+    return target.create_target_machine().emit_assembly(mod)
+
+
 @dataclass
 class Library:
     """Loaded machine code of one module; keeps its ExecutionEngine alive."""

@@ -1,0 +1,472 @@
+"""LLVM IR for the two popcount GEMM families of SPEC §3 (one generator per family).
+
+Both families share one register-blocked micro-kernel: an ``mr x nr`` tile of output
+elements, each with its own vector accumulator held in a register across the K loop, over
+operands packed as ``PackedBits`` (rows of 64-bit words, zero past ``k``). The zero padding
+is what makes the K tail exact without masks: the loop always runs over whole vectors.
+
+* ``binary_gemm_ir``: ±1 x ±1, ``dot = K - 2 popcount(a XOR b)``; epilogue ``int32``
+  (the dot product) or ``scale``/``scale_bias`` (float32 ``dot * scale[n] (+ bias[n])``)
+  stored through an affine output layout, so a conv can write NCHW directly.
+* ``bitplane_gemm_ir``: ``bits`` planes of {0,1} codes x ±1,
+  ``dot = 2 sum_t 2^t popcount(a_t AND b) - rowpop[m]``, with the dequantization epilogue of
+  SPEC §4 writing float32 row ``row_map[m]`` of the output.
+* ``row_popcount_ir``: ``sum_t 2^t popcount(row of plane t)``, the ``rowpop`` / column-sum
+  input of the bit-plane epilogue.
+
+Kernel loop nest (all bounds are arguments, so one compiled kernel serves every shape and
+every thread's slice of the output): K blocks of ``kc`` words (partial sums go through an
+int32 scratch matrix between blocks) > blocks of ``nc`` B rows (kept hot in L2) > ``mr`` rows
+of A (kept hot in L1) > ``nr`` rows of B. Tiles at the M/N edge clamp their row pointers to the
+last valid row and skip the stores that fall outside, so there is no remainder kernel.
+
+How one vector of words is popcounted and accumulated depends on the target (``_Popcount``):
+a 64-bit lane popcount where it is one instruction (AVX-512 VPOPCNTDQ); byte popcounts
+summed in byte lanes for up to 31 steps and then widened (``vpsadbw`` on x86, ``uaddlp`` on
+NEON) where the lane popcount is a multi-instruction lookup; ``udot`` against ones on NEON
+with dotprod.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+from .targets import Target, get_target
+
+I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+EPILOGUES = ("int32", "scale", "scale_bias")
+BITS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Register tile: ``mr`` rows of A by ``nr`` rows of B, one accumulator each."""
+
+    mr: int
+    nr: int
+
+    def __post_init__(self):
+        if not (1 <= self.mr <= 16 and 1 <= self.nr <= 16):
+            raise ValueError(f"tile {self.mr}x{self.nr}: mr and nr must be in 1..16")
+
+    def __str__(self) -> str:
+        return f"{self.mr}x{self.nr}"
+
+
+def default_tile(target: str | Target) -> Tile:
+    """The tile that fits the target's register file without spilling accumulators.
+
+    AVX-512 has 32 vector registers: 24 accumulators + 4 A vectors + temporaries. AVX2 has
+    16, and its byte-lookup popcount needs a table, a nibble mask and temporaries, leaving
+    room for 8 byte accumulators. NEON has 32 128-bit registers."""
+    t = get_target(target)
+    if t.is_x86:
+        return Tile(4, 6) if t.vector_bits == 512 else Tile(2, 4)
+    return Tile(4, 4)
+
+
+# --------------------------------------------------------------------------- popcount schemes
+
+def _vec(n: int, elem=I64) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def _intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ret, list(args)), name)
+    return fn
+
+
+def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
+    return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+
+
+class _Popcount:
+    """Accumulates popcounts of ``words``-word vectors.
+
+    ``step`` adds the popcount of one vector into a narrow accumulator that may only take
+    ``chunk`` steps (None: unbounded) before ``flush`` adds it into a wide accumulator;
+    ``total`` reduces a wide accumulator to an i64 scalar."""
+
+    def __init__(self, target: Target, module: ir.Module):
+        self.module = module
+        self.x86 = target.is_x86
+        self.words = max(2, target.vector_bits // 64)
+        self.word_vec = _vec(self.words)
+        nbytes = self.words * 8
+        self.byte_vec = _vec(nbytes, I8)
+        if target.native_vector_popcount:
+            # vpopcntq: one instruction per 64-bit lane, accumulate lanes directly.
+            self.kind, self.chunk = "lanes", None
+            self.narrow = self.wide = self.word_vec
+        elif target.is_aarch64 and target.has("dotprod"):
+            self.kind, self.chunk = "udot", None
+            self.narrow = self.wide = _vec(4, I32)
+        else:
+            # A byte lane holds at most 255: 31 steps of at most 8 set bits.
+            self.kind, self.chunk = "bytes", 31
+            self.narrow = self.byte_vec
+            self.wide = self.word_vec if self.x86 else _vec(4, I32)
+        if target.is_x86 and not target.has("avx2") and self.words > 2:
+            raise ValueError(f"target {target.name!r}: wide vectors without AVX2 are not supported")
+
+    def zero(self, ty):
+        return ir.Constant(ty, None)
+
+    def step(self, b: ir.IRBuilder, acc, x):
+        if self.kind == "lanes":
+            pop = b.call(_intrinsic(self.module, f"llvm.ctpop.v{self.words}i64", self.word_vec,
+                                    self.word_vec), [x])
+            return b.add(acc, pop)
+        bytes_ = b.bitcast(x, self.byte_vec)
+        pop = b.call(_intrinsic(self.module, f"llvm.ctpop.v{self.byte_vec.count}i8", self.byte_vec,
+                                self.byte_vec), [bytes_])
+        if self.kind == "udot":
+            udot = _intrinsic(self.module, "llvm.aarch64.neon.udot.v4i32.v16i8", self.narrow,
+                              self.narrow, self.byte_vec, self.byte_vec)
+            return b.call(udot, [acc, pop, _splat(self.byte_vec, 1)])
+        return b.add(acc, pop)
+
+    def flush(self, b: ir.IRBuilder, wide, narrow):
+        if self.kind != "bytes":
+            return b.add(wide, narrow)
+        if self.x86:
+            n = self.byte_vec.count
+            name = {16: "llvm.x86.sse2.psad.bw", 32: "llvm.x86.avx2.psad.bw",
+                    64: "llvm.x86.avx512.psad.bw.512"}[n]
+            sad = b.call(_intrinsic(self.module, name, self.word_vec, self.byte_vec, self.byte_vec),
+                         [narrow, self.zero(self.byte_vec)])
+            return b.add(wide, sad)
+        v8i16 = _vec(8, ir.IntType(16))
+        l1 = b.call(_intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v8i16.v16i8", v8i16,
+                               self.byte_vec), [narrow])
+        l2 = b.call(_intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v4i32.v8i16", self.wide,
+                               v8i16), [l1])
+        return b.add(wide, l2)
+
+    def total(self, b: ir.IRBuilder, wide):
+        et = self.wide.element
+        red = b.call(_intrinsic(self.module, f"llvm.vector.reduce.add.v{self.wide.count}{et}", et,
+                                self.wide), [wide])
+        return red if et == I64 else b.zext(red, I64)
+
+
+# --------------------------------------------------------------------------- loop helpers
+
+class _Loop:
+    """``for i in range(start, stop, step)`` with the induction variable in an alloca
+    (SROA turns it into a phi); use as ``with _Loop(...) as i:``."""
+
+    def __init__(self, b: ir.IRBuilder, start, stop, step, name: str):
+        self.b, self.start, self.stop, self.step, self.name = b, start, stop, step, name
+
+    def __enter__(self):
+        b = self.b
+        fn = b.function
+        self.var = _alloca(b, I64, f"{self.name}.var")
+        b.store(self.start, self.var)
+        self.cond = fn.append_basic_block(f"{self.name}.cond")
+        self.body = fn.append_basic_block(f"{self.name}.body")
+        self.end = fn.append_basic_block(f"{self.name}.end")
+        b.branch(self.cond)
+        b.position_at_end(self.cond)
+        i = b.load(self.var)
+        b.cbranch(b.icmp_signed("<", i, self.stop), self.body, self.end)
+        b.position_at_end(self.body)
+        return b.load(self.var)
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            b = self.b
+            b.store(b.add(b.load(self.var), self.step), self.var)
+            b.branch(self.cond)
+            b.position_at_end(self.end)
+
+
+def _alloca(b: ir.IRBuilder, ty, name: str = ""):
+    # Allocas in the entry block are what SROA promotes to registers.
+    with b.goto_entry_block():
+        if b.block.instructions:
+            b.position_before(b.block.instructions[0])
+        return b.alloca(ty, name=name)
+
+
+def _smin(b, x, y):
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def _const(v: int):
+    return ir.Constant(I64, v)
+
+
+def _load_words(b, pop: _Popcount, base, row, ld, word):
+    """The vector of words ``[word, word + V)`` of row ``row`` of a ``[*, ld]`` int64 matrix."""
+    idx = b.add(b.mul(row, ld), word)
+    ptr = b.gep(base, [idx], inbounds=True, source_etype=I64)
+    return b.load(ptr, typ=pop.word_vec, align=8)
+
+
+def _if(b: ir.IRBuilder, cond):
+    return b.if_then(cond, likely=True)
+
+
+# --------------------------------------------------------------------------- shared kernel body
+
+@dataclass
+class _Operands:
+    a: ir.Value            # base of plane 0 of A
+    plane_stride: ir.Value  # words between planes of A
+    lda: ir.Value
+    b: ir.Value
+    ldb: ir.Value
+    m0: ir.Value
+    m1: ir.Value
+    n0: ir.Value
+    n1: ir.Value
+    words: ir.Value        # words to contract, a multiple of the vector width
+    kc: ir.Value           # words per K block, a multiple of the vector width
+    nc: ir.Value           # B rows per N block, a multiple of nr
+    partial: ir.Value      # int32 [*, ldp] partial sums between K blocks
+    ldp: ir.Value
+
+
+@dataclass
+class _Epilogue:
+    """``row(b, m)`` emits the per-row part once per tile row; ``store(b, row, n, acc)`` gets
+    its result and the final i64 accumulator (``sum_t 2^t popcount``) of output ``(m, n)``."""
+
+    row: object
+    store: object
+
+
+def _gemm_body(b: ir.IRBuilder, pop: _Popcount, tile: Tile, ops: _Operands, *, planes: int,
+               combine: str, epilogue: _Epilogue):
+    """Emit the blocked loop nest; ``combine`` is ``xor`` or ``and``."""
+    V = _const(pop.words)
+    with _Loop(b, _const(0), ops.words, ops.kc, "kb") as k0:
+        k1 = _smin(b, b.add(k0, ops.kc), ops.words)
+        first = b.icmp_signed("==", k0, _const(0))
+        last = b.icmp_signed("==", k1, ops.words)
+        with _Loop(b, ops.n0, ops.n1, ops.nc, "nb") as nb:
+            nb1 = _smin(b, b.add(nb, ops.nc), ops.n1)
+            with _Loop(b, ops.m0, ops.m1, _const(tile.mr), "m") as m:
+                rows = [_smin(b, b.add(m, _const(i)), b.sub(ops.m1, _const(1))) for i in range(tile.mr)]
+                with _Loop(b, nb, nb1, _const(tile.nr), "n") as n:
+                    cols = [_smin(b, b.add(n, _const(j)), b.sub(ops.n1, _const(1)))
+                            for j in range(tile.nr)]
+                    totals = _tile_kernel(b, pop, tile, ops, rows, cols, k0, k1, V, planes, combine)
+                    _tile_store(b, tile, ops, m, n, totals, first, last, epilogue)
+
+
+def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, k1, V, planes,
+                 combine):
+    wide = [[_alloca(b, pop.wide, f"acc{i}_{j}") for j in range(tile.nr)] for i in range(tile.mr)]
+    for row in wide:
+        for w in row:
+            b.store(pop.zero(pop.wide), w)
+    # Planes from the most significant down: doubling the sums before each plane weights
+    # plane t by 2^t with one shift per accumulator per plane, not per step.
+    for t in reversed(range(planes)):
+        if t != planes - 1:
+            for row in wide:
+                for w in row:
+                    b.store(b.shl(b.load(w), _splat(pop.wide, 1)), w)
+        a_base = b.gep(ops.a, [b.mul(ops.plane_stride, _const(t))], inbounds=True, source_etype=I64)
+        if pop.chunk is None:
+            _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, wide)
+        else:
+            narrow = [[_alloca(b, pop.narrow, f"nacc{i}_{j}") for j in range(tile.nr)]
+                      for i in range(tile.mr)]
+            span = _const(pop.chunk * pop.words)
+            with _Loop(b, k0, k1, span, f"chunk{t}") as c0:
+                for row in narrow:
+                    for w in row:
+                        b.store(pop.zero(pop.narrow), w)
+                _k_steps(b, pop, tile, ops, a_base, rows, cols, c0, _smin(b, b.add(c0, span), k1), V,
+                         combine, narrow)
+                for i in range(tile.mr):
+                    for j in range(tile.nr):
+                        b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
+    return [[pop.total(b, b.load(w)) for w in row] for row in wide]
+
+
+def _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, accs):
+    with _Loop(b, k0, k1, V, "k") as k:
+        av = [_load_words(b, pop, a_base, r, ops.lda, k) for r in rows]
+        for j, c in enumerate(cols):
+            bv = _load_words(b, pop, ops.b, c, ops.ldb, k)
+            for i in range(tile.mr):
+                x = b.xor(av[i], bv) if combine == "xor" else b.and_(av[i], bv)
+                b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])
+
+
+def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
+    for i in range(tile.mr):
+        mi = b.add(m, _const(i))
+        with _if(b, b.icmp_signed("<", mi, ops.m1)):
+            row = epilogue.row(b, mi)
+            for j in range(tile.nr):
+                nj = b.add(n, _const(j))
+                with _if(b, b.icmp_signed("<", nj, ops.n1)):
+                    ptr = b.gep(ops.partial, [b.add(b.mul(mi, ops.ldp), nj)], inbounds=True,
+                                source_etype=I32)
+                    acc = totals[i][j]
+                    with b.if_else(first) as (then, otherwise):
+                        with then:
+                            from_first = acc
+                            first_block = b.block
+                        with otherwise:
+                            with_partial = b.add(acc, b.sext(b.load(ptr, typ=I32), I64))
+                            later_block = b.block
+                    full = b.phi(I64)
+                    full.add_incoming(from_first, first_block)
+                    full.add_incoming(with_partial, later_block)
+                    with b.if_else(last) as (then, otherwise):
+                        with then:
+                            epilogue.store(b, row, nj, full)
+                        with otherwise:
+                            b.store(b.trunc(full, I32), ptr)
+
+
+def _define(target: Target, name: str, params: list[tuple[str, ir.Type]]):
+    """A module holding one ``void name(params)`` kernel: ``(module, popcount scheme, builder
+    at the entry block, {param name: argument})``."""
+    module = ir.Module()
+    module.triple = target.triple
+    fn = ir.Function(module, ir.FunctionType(VOID, [t for _, t in params]), name)
+    for arg, (pname, _) in zip(fn.args, params):
+        arg.name = pname
+        if isinstance(arg.type, ir.PointerType):
+            arg.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return module, _Popcount(target, module), b, {a.name: a for a in fn.args}
+
+
+def _operands(p: dict, a, plane_stride) -> _Operands:
+    return _Operands(a, plane_stride, p["lda"], p["b"], p["ldb"], p["m0"], p["m1"], p["n0"],
+                     p["n1"], p["words"], p["kc"], p["nc"], p["partial"], p["ldp"])
+
+
+_BLOCKING = [("words", I64), ("kc", I64), ("nc", I64), ("partial", PTR), ("ldp", I64)]
+_RANGE = [("m0", I64), ("m1", I64), ("n0", I64), ("n1", I64)]
+
+
+# --------------------------------------------------------------------------- kernel families
+
+def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
+                   epilogue: str = "int32") -> tuple[str, str]:
+    """IR of the ±1 x ±1 GEMM kernel; returns ``(symbol, ir_text)``.
+
+    ``void symbol(a, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial, ldp, k,
+    out, hw, s_blk, s_row, s_col, scale, bias)`` computes outputs ``[m0, m1) x [n0, n1)`` of
+    ``dot[m, n] = k - 2 popcount(a[m] XOR b[n])`` and stores ``dot`` (int32, epilogue
+    ``int32``) or ``dot * scale[n] (+ bias[n])`` (float32) at element
+    ``(m / hw) * s_blk + (m % hw) * s_row + n * s_col`` of ``out``. ``hw = 1, s_blk = ldo,
+    s_col = 1`` is a row-major matrix; ``hw = H'W', s_blk = N hw, s_row = 1, s_col = hw`` is
+    the NCHW output of a conv whose rows are ``(n, h', w')``."""
+    target = get_target(target)
+    tile = tile or default_tile(target)
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue {epilogue!r}: expected one of {EPILOGUES}")
+    name = f"fqt_binary_gemm_{epilogue}_{tile}"
+    params = ([("a", PTR), ("lda", I64), ("b", PTR), ("ldb", I64)] + _RANGE + _BLOCKING
+              + [("k", I64), ("out", PTR), ("hw", I64), ("s_blk", I64), ("s_row", I64),
+                 ("s_col", I64), ("scale", PTR), ("bias", PTR)])
+    module, pop, b, p = _define(target, name, params)
+    ops = _operands(p, p["a"], _const(0))
+
+    def row(b, m):
+        return b.add(b.mul(b.sdiv(m, p["hw"]), p["s_blk"]), b.mul(b.srem(m, p["hw"]), p["s_row"]))
+
+    def store(b, row_at, n, pop_sum):
+        dot = b.sub(p["k"], b.shl(pop_sum, _const(1)))
+        at = b.add(row_at, b.mul(n, p["s_col"]))
+        if epilogue == "int32":
+            b.store(b.trunc(dot, I32), b.gep(p["out"], [at], inbounds=True, source_etype=I32))
+            return
+        value = b.fmul(b.sitofp(dot, F32), b.load(b.gep(p["scale"], [n], source_etype=F32), typ=F32))
+        if epilogue == "scale_bias":
+            value = b.fadd(value, b.load(b.gep(p["bias"], [n], source_etype=F32), typ=F32))
+        b.store(value, b.gep(p["out"], [at], inbounds=True, source_etype=F32))
+
+    _gemm_body(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store))
+    b.ret_void()
+    return name, str(module)
+
+
+def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | None = None
+                     ) -> tuple[str, str]:
+    """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue; ``(symbol, ir_text)``.
+
+    ``void symbol(planes, plane_stride, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial,
+    ldp, out, ldo, row_map, row_scale, row_zero, rowpop, colsum)``: A's plane ``t`` starts
+    ``t * plane_stride`` words after ``planes``; for output ``(m, n)``,
+    ``dot = 2 sum_t 2^t popcount(a_t[m] AND b[n]) - rowpop[m]`` (int32 ``rowpop`` =
+    ``sum_t 2^t popcount(a_t[m])``, the row's code sum) and float32
+    ``out[row_map[m] * ldo + n] = row_scale[m] * dot + row_zero[m] * colsum[n]``
+    (``row_map`` int64, ``colsum`` float32 = B's ±1 row sums)."""
+    target = get_target(target)
+    tile = tile or default_tile(target)
+    if bits not in BITS:
+        raise ValueError(f"bits={bits}: expected one of {BITS}")
+    name = f"fqt_bitplane_gemm_{bits}b_{tile}"
+    params = ([("planes", PTR), ("plane_stride", I64), ("lda", I64), ("b", PTR), ("ldb", I64)]
+              + _RANGE + _BLOCKING
+              + [("out", PTR), ("ldo", I64), ("row_map", PTR), ("row_scale", PTR),
+                 ("row_zero", PTR), ("rowpop", PTR), ("colsum", PTR)])
+    module, pop, b, p = _define(target, name, params)
+    ops = _operands(p, p["planes"], p["plane_stride"])
+
+    def load(base, idx, ty):
+        return b.load(b.gep(base, [idx], source_etype=ty), typ=ty)
+
+    def row(b, m):
+        return (b.sext(load(p["rowpop"], m, I32), I64), load(p["row_scale"], m, F32),
+                load(p["row_zero"], m, F32), b.mul(load(p["row_map"], m, I64), p["ldo"]))
+
+    def store(b, row, n, pop_sum):
+        rowpop, scale, zero, row_at = row
+        dot = b.sitofp(b.sub(b.shl(pop_sum, _const(1)), rowpop), F32)
+        value = b.fadd(b.fmul(scale, dot), b.fmul(zero, load(p["colsum"], n, F32)))
+        at = b.add(row_at, n)
+        b.store(value, b.gep(p["out"], [at], inbounds=True, source_etype=F32))
+
+    _gemm_body(b, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
+    b.ret_void()
+    return name, str(module)
+
+
+def row_popcount_ir(target: str | Target = "host") -> tuple[str, str]:
+    """IR of ``void symbol(planes, plane_stride, nplanes, ld, rows, words, out)``:
+    int32 ``out[r] = sum_t 2^t popcount(plane t, row r)`` over ``words`` words (a multiple of
+    the vector width); with one plane of ±1 bits, ``2 out[r] - k`` is the row's ±1 sum."""
+    target = get_target(target)
+    name = "fqt_row_popcount"
+    params = [("planes", PTR), ("plane_stride", I64), ("nplanes", I64), ("ld", I64),
+              ("rows", I64), ("words", I64), ("out", PTR)]
+    module, pop, b, p = _define(target, name, params)
+    V = _const(pop.words)
+    with _Loop(b, _const(0), p["rows"], _const(1), "r") as r:
+        total = _alloca(b, I64, "total")
+        b.store(_const(0), total)
+        with _Loop(b, _const(0), p["nplanes"], _const(1), "t") as t:
+            base = b.gep(p["planes"], [b.mul(t, p["plane_stride"])], inbounds=True, source_etype=I64)
+            wide = _alloca(b, pop.wide, "wide")
+            b.store(pop.zero(pop.wide), wide)
+            span = _const((pop.chunk or 1 << 20) * pop.words)
+            with _Loop(b, _const(0), p["words"], span, "chunk") as c0:
+                acc = _alloca(b, pop.narrow, "acc")
+                b.store(pop.zero(pop.narrow), acc)
+                with _Loop(b, c0, _smin(b, b.add(c0, span), p["words"]), V, "k") as k:
+                    x = _load_words(b, pop, base, r, p["ld"], k)
+                    b.store(pop.step(b, b.load(acc), x), acc)
+                b.store(pop.flush(b, b.load(wide), b.load(acc)), wide)
+            b.store(b.add(b.load(total), b.shl(pop.total(b, b.load(wide)), t)), total)
+        b.store(b.trunc(b.load(total), I32), b.gep(p["out"], [r], inbounds=True, source_etype=I32))
+    b.ret_void()
+    return name, str(module)

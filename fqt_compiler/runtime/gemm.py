@@ -1,0 +1,219 @@
+"""Popcount GEMMs on torch tensors: argument checks, blocking, threading, kernel calls.
+
+The kernels come from ``fqt_compiler.codegen.gemm`` (one compiled function per family,
+epilogue and tile, cached by ``jit.compile_ir``). Each call splits the output into one slice
+per thread along M (along N when M has fewer register tiles than threads) and runs the
+slices on the persistent pool of ``runtime.threads``.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+
+from ..codegen import gemm as codegen
+from ..codegen.targets import Target, get_target
+from . import jit, threads as pool
+from .packed import PackedBits
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+# Cache sizes the blocking is chosen for (per core, conservative for Zen/Intel/Cortex-A7x):
+# an A panel plus a B tile of one K block stay in L1, the B block of one N block in L2.
+L1_BYTES = 32 * 1024
+L2_BYTES = 512 * 1024
+SINGLE_BLOCK_WORDS = 512  # up to 32768 bits of K: no K blocking, no partial-sum scratch
+
+
+@lru_cache(maxsize=None)
+def _kernel(kind: str, target: Target, tile: codegen.Tile, variant):
+    if kind == "binary":
+        name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant)
+        args = [_P, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_I, _P, _I, _I, _I, _I, _P, _P]
+    elif kind == "bitplane":
+        name, text = codegen.bitplane_gemm_ir(target, bits=variant, tile=tile)
+        args = [_P, _I, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_P, _I, _P, _P, _P, _P, _P]
+    else:
+        name, text = codegen.row_popcount_ir(target)
+        args = [_P, _I, _I, _I, _I, _I, _P]
+    return jit.compile_ir(text, target).function(name, None, *args)
+
+
+def _vector_words(target: Target) -> int:
+    return max(2, target.vector_bits // 64)
+
+
+def _contract_words(k: int, target: Target) -> int:
+    """Words the kernels contract over: all words holding bits of ``k``, rounded up to whole
+    vectors (the padding words are zero, so they add nothing)."""
+    v = _vector_words(target)
+    return max(v, -(-((k + 63) // 64) // v) * v)
+
+
+def _check_words(name: str, words: torch.Tensor, need: int) -> None:
+    if words.device.type != "cpu":
+        raise ValueError(f"{name} is on {words.device}; the kernels run on CPU tensors")
+    if words.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous along its words (call .contiguous())")
+    if words.shape[-1] < need:
+        raise ValueError(f"{name} has {words.shape[-1]} words per row, the kernel reads {need}; "
+                         f"pad rows to packed.padded_words(k) words (PackedBits.from_bool does)")
+
+
+def _check_vector(name: str, t, n: int, dtype) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({n},) and dtype {dtype}, got {type(t).__name__}")
+    if t.shape != (n,) or t.dtype != dtype:
+        raise ValueError(f"{name} must have shape ({n},) and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+    return t.contiguous()
+
+
+def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
+    """``(kc, nc)``: words per K block and B rows per N block."""
+    kc = words if words <= SINGLE_BLOCK_WORDS else 256
+    nc = max(tile.nr, L2_BYTES // (kc * 8) // tile.nr * tile.nr)
+    return kc, nc
+
+
+def _slices(m: int, n: int, tile: codegen.Tile, threads: int) -> list[tuple[int, int, int, int]]:
+    if -(-m // tile.mr) >= threads or -(-n // tile.nr) < threads:
+        return [(lo, hi, 0, n) for lo, hi in pool.split(m, threads, tile.mr)]
+    return [(0, m, lo, hi) for lo, hi in pool.split(n, threads, tile.nr)]
+
+
+def _row_popcounts(planes: torch.Tensor, words: int, target: Target) -> torch.Tensor:
+    """int32 ``sum_t 2^t popcount(planes[t, r, :words])`` per row ``r``."""
+    nplanes, rows, _ = planes.shape
+    out = torch.empty(rows, dtype=torch.int32)
+    if rows:
+        _kernel("rowpop", target, None, None)(planes.data_ptr(), planes.stride(0), nplanes,
+                                              planes.stride(1), rows, words, out.data_ptr())
+    return out
+
+
+def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, out_hw: int | None = None,
+                out: torch.Tensor | None = None, target: str | Target = "host",
+                threads: int | None = None, tile: codegen.Tile | None = None) -> torch.Tensor:
+    """±1 x ±1 GEMM of packed operands: ``a`` M x K, ``b`` N x K -> ``dot[m, n] = sum_k a b``.
+
+    Without ``scale`` the result is int32 M x N (exactly ``reference.binary_gemm``). With
+    ``scale`` (float32 [N], the per-output-channel alpha) it is float32
+    ``dot * scale[n] (+ bias[n])``. ``out_hw``: the rows are ``(sample, h', w')`` of a conv
+    with ``h' w' = out_hw``; the result is laid out ``[M / out_hw, N, out_hw]`` (NCHW with the
+    spatial dims flattened) instead of M x N, with no extra permute. ``out``: a contiguous
+    tensor of the result's shape and dtype to write into. ``threads`` defaults to
+    ``torch.get_num_threads()``; ``tile`` overrides the target's register tile."""
+    if not isinstance(a, PackedBits) or not isinstance(b, PackedBits):
+        raise TypeError(f"a and b must be PackedBits (pack with PackedBits.from_bool or "
+                        f"fqt.runtime.pack_signs), got {type(a).__name__} and {type(b).__name__}")
+    if a.k != b.k:
+        raise ValueError(f"a.k={a.k} and b.k={b.k} differ: both operands must be packed along the "
+                         f"same contraction axis (a: M x K, b: N x K)")
+    if bias is not None and scale is None:
+        raise ValueError("bias needs scale (pass scale=torch.ones(N) for a bias alone)")
+    target = get_target(target)
+    tile = tile or codegen.default_tile(target)
+    nthreads = pool.num_threads(threads)
+    m, n, k = a.rows, b.rows, a.k
+    words = _contract_words(k, target)
+    _check_words("a.words", a.words, words)
+    _check_words("b.words", b.words, words)
+    if scale is not None:
+        scale = _check_vector("scale", scale, n, torch.float32)
+    if bias is not None:
+        bias = _check_vector("bias", bias, n, torch.float32)
+    dtype = torch.int32 if scale is None else torch.float32
+    if out_hw is None:
+        shape, hw, s_blk, s_row, s_col = (m, n), 1, n, 0, 1
+    else:
+        if out_hw < 1 or m % out_hw:
+            raise ValueError(f"out_hw={out_hw} must be positive and divide M={m} (rows = samples x h' w')")
+        shape, hw, s_blk, s_row, s_col = (m // out_hw, n, out_hw), out_hw, n * out_hw, 1, out_hw
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}, got "
+                         f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (strided)'}")
+    if m == 0 or n == 0:
+        return out
+    epilogue = "int32" if scale is None else ("scale" if bias is None else "scale_bias")
+    kernel = _kernel("binary", target, tile, epilogue)
+    kc, nc = _blocking(words, tile)
+    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+    pointers = (scale.data_ptr() if scale is not None else None,
+                bias.data_ptr() if bias is not None else None)
+
+    def task(m0, m1, n0, n1):
+        return lambda: kernel(a.words.data_ptr(), a.words.stride(0), b.words.data_ptr(),
+                              b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
+                              n, k, out.data_ptr(), hw, s_blk, s_row, s_col, *pointers)
+
+    pool.run([task(*s) for s in _slices(m, n, tile, nthreads)])
+    return out
+
+
+def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tensor,
+                  row_zero: torch.Tensor, row_map: torch.Tensor, out_rows: int,
+                  colsum: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  target: str | Target = "host", threads: int | None = None,
+                  tile: codegen.Tile | None = None) -> torch.Tensor:
+    """Bit-plane GEMM with the dequantization epilogue of SPEC §4, over kept groups only.
+
+    ``planes``: int64 ``[bits, M, ld]`` (bits in 1, 2, 4, 8), plane ``t`` holding bit ``t`` of
+    the b-bit codes of the M kept rows, packed along K like ``b`` (N x K, ±1 bits). Writes
+    float32 ``out[row_map[m], n] = row_scale[m] * dot[m, n] + row_zero[m] * colsum[n]`` with
+    ``dot = sum_k code[m, k] * (±1)[n, k]`` and returns ``out`` ``[out_rows, N]``: a new
+    zero tensor (rows not in ``row_map``, the pruned groups, stay 0) or the given ``out``,
+    whose other rows are left as they are. ``row_map`` int64 [M], distinct values in
+    ``[0, out_rows)``; ``row_scale``/``row_zero`` float32 [M] (``R/(B p)`` and ``z/p``);
+    ``colsum``: float32 [N], the ±1 row sums of ``b``, computed when None.
+
+    Input-gradient path: rows = rows of kept samples, ``b`` = binarized weights packed along
+    output channels. Weight-gradient path: rows = kept channels, ``b`` = binarized inputs
+    packed along im2col rows."""
+    if not isinstance(b, PackedBits):
+        raise TypeError(f"b must be PackedBits, got {type(b).__name__}")
+    if not isinstance(planes, torch.Tensor) or planes.dtype != torch.int64 or planes.dim() != 3:
+        raise TypeError(f"planes must be an int64 tensor [bits, M, ld], got "
+                        f"{getattr(planes, 'dtype', type(planes).__name__)} {tuple(getattr(planes, 'shape', ()))}")
+    bits, m, _ = planes.shape
+    if bits not in codegen.BITS:
+        raise ValueError(f"planes has {bits} planes; expected one of {codegen.BITS}")
+    target = get_target(target)
+    tile = tile or codegen.default_tile(target)
+    nthreads = pool.num_threads(threads)
+    n, k = b.rows, b.k
+    words = _contract_words(k, target)
+    _check_words("planes", planes, words)
+    _check_words("b.words", b.words, words)
+    row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
+    row_zero = _check_vector("row_zero", row_zero, m, torch.float32)
+    row_map = _check_vector("row_map", row_map, m, torch.int64)
+    if m and (int(row_map.min()) < 0 or int(row_map.max()) >= out_rows):
+        raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
+                         f"[{int(row_map.min())}, {int(row_map.max())}]")
+    if colsum is None:
+        colsum = (2 * _row_popcounts(b.words.unsqueeze(0), words, target) - k).float()
+    colsum = _check_vector("colsum", colsum, n, torch.float32)
+    if out is None:
+        out = torch.zeros(out_rows, n, dtype=torch.float32)
+    elif out.shape != (out_rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape ({out_rows}, {n}), got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    if m == 0 or n == 0:
+        return out
+    rowpop = _row_popcounts(planes, words, target)
+    kernel = _kernel("bitplane", target, tile, bits)
+    kc, nc = _blocking(words, tile)
+    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+
+    def task(m0, m1, n0, n1):
+        return lambda: kernel(planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(),
+                              b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
+                              n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(),
+                              row_zero.data_ptr(), rowpop.data_ptr(), colsum.data_ptr())
+
+    pool.run([task(*s) for s in _slices(m, n, tile, nthreads)])
+    return out
