@@ -1,0 +1,232 @@
+"""Popcount GEMM kernels against the reference (SPEC §3, §4): exact integers, float32 epilogues."""
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fqt_compiler.codegen import gemm as codegen
+from fqt_compiler.codegen.targets import PRESET_NAMES, get_target, runs_on_host
+from fqt_compiler.ops import reference as ref
+from fqt_compiler.runtime import binary_gemm, bitplane_gemm, jit
+from fqt_compiler.runtime.packed import PackedBits
+
+TARGETS = [t for t in PRESET_NAMES if runs_on_host(get_target(t))]
+AVX2_TARGETS = [t for t in ("hygon", "x86-64-v3") if t in TARGETS]
+KS = (1, 63, 64, 65, 127, 129, 1000)
+MN = ((1, 1), (1, 7), (13, 1), (7, 11), (31, 37))
+
+
+def bits(rows, k, gen):
+    return torch.rand(rows, k, generator=gen) > 0.5
+
+
+def pack_planes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
+    return torch.stack([PackedBits.from_bool(((codes >> t) & 1).bool()).words for t in range(nbits)])
+
+
+def pm1(b: torch.Tensor) -> torch.Tensor:
+    return b.double() * 2 - 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("k", KS)
+def test_binary_gemm_exact(target, k):
+    gen = torch.Generator().manual_seed(k)
+    for m, n in MN:
+        a, b = bits(m, k, gen), bits(n, k, gen)
+        expect = ref.binary_gemm(a, b)
+        results = [binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), target=target, threads=t)
+                   for t in (1, 2)]
+        assert results[0].dtype == torch.int32
+        assert torch.equal(results[0], expect), (m, n)
+        assert torch.equal(results[1], results[0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_binary_gemm_k_blocks(target):
+    """K past one cache block goes through the int32 partial-sum scratch."""
+    gen = torch.Generator().manual_seed(1)
+    a, b = bits(9, 40_000, gen), bits(14, 40_000, gen)
+    for threads in (1, 2):
+        out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), target=target, threads=threads)
+        assert torch.equal(out, ref.binary_gemm(a, b))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_binary_gemm_epilogue_and_nchw_layout(target, with_bias):
+    gen = torch.Generator().manual_seed(2)
+    samples, hw, n, k = 3, 5, 11, 129
+    a, b = bits(samples * hw, k, gen), bits(n, k, gen)
+    scale = torch.rand(n, generator=gen) + 0.1
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    dot = ref.binary_gemm(a, b).double()
+    expect = dot * scale.double() + (bias.double() if with_bias else 0)
+    A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
+    rows = binary_gemm(A, B, scale=scale, bias=bias, target=target)
+    assert rows.dtype == torch.float32 and rows.shape == (samples * hw, n)
+    # Two float32 roundings: of dot * scale, then of the sum with the bias.
+    tol = 2 ** -24 * (2 * (dot * scale.double()).abs() + (bias.double().abs() if with_bias else 0))
+    assert ((rows.double() - expect).abs() <= tol).all()
+    nchw = binary_gemm(A, B, scale=scale, bias=bias, out_hw=hw, target=target, threads=2)
+    assert torch.equal(nchw, rows.reshape(samples, hw, n).permute(0, 2, 1))
+
+
+def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, target, threads):
+    return bitplane_gemm(pack_planes(codes, nbits), PackedBits.from_bool(b), row_scale=row_scale,
+                         row_zero=row_zero, row_map=row_map, out_rows=out_rows, target=target,
+                         threads=threads)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("nbits", codegen.BITS)
+def test_bitplane_gemm_exact_dot(target, nbits):
+    """Scale 1 and zero-point 0 expose the integer dot product (exact in float32 below 2^24)."""
+    gen = torch.Generator().manual_seed(nbits)
+    for k in KS:
+        for m, n in MN:
+            codes = torch.randint(0, 2 ** nbits, (m, k), generator=gen)
+            b = bits(n, k, gen)
+            row_map = torch.randperm(m + 2, generator=gen)[:m]
+            outs = [run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                                 row_map=row_map, out_rows=m + 2, target=target, threads=t)
+                    for t in (1, 2)]
+            expect = torch.zeros(m + 2, n)
+            expect[row_map] = ref.bitplane_gemm(codes, b).float()
+            assert torch.equal(outs[0], expect), (k, m, n)
+            assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bitplane_gemm_dequantization_epilogue(target):
+    """A quantized gradient from the reference quantizer, dequantized in the epilogue, equals the
+    float matmul of the dequantized gradient with the ±1 operand, to float32 rounding."""
+    gen = torch.Generator().manual_seed(3)
+    rows_per_sample, samples, channels, k = 4, 6, 70, 77
+    g = torch.randn(samples * rows_per_sample, channels, generator=gen)
+    q = ref.quantize_gradient(g, "aq_scq", ref.PATH_INPUT, 4, rows_per_sample=rows_per_sample,
+                              seed=0, step=0, layer=0)
+    w = bits(k, channels, gen)  # input path: contracts over channels; B rows = the K outputs
+    kept = q.keep.repeat_interleave(rows_per_sample)
+    row_map = kept.nonzero().flatten()
+    sample = row_map // rows_per_sample
+    out = run_bitplane(q.codes[row_map].long(), 4, w, row_scale=q.scale[sample],
+                       row_zero=q.zero[sample], row_map=row_map, out_rows=g.shape[0],
+                       target=target, threads=2)
+    group = torch.arange(g.shape[0]) // rows_per_sample
+    dequantized = torch.where(kept[:, None], q.scale.double()[group, None] * q.codes.double()
+                              + q.zero.double()[group, None], 0)  # q.dequantize() in float64
+    expect = dequantized @ pm1(w).T
+    scale_dot = (q.scale[sample].double()[:, None] * ref.bitplane_gemm(q.codes[row_map], w).double()).abs()
+    zero_col = (q.zero[sample].double()[:, None] * pm1(w).sum(1)[None]).abs()
+    tol = torch.zeros_like(expect)
+    tol[row_map] = 3 * 2 ** -24 * (scale_dot + zero_col) + 1e-30
+    assert ((out.double() - expect).abs() <= tol).all()
+    assert (out[~kept] == 0).all()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bitplane_gemm_empty_and_k_blocks(target):
+    gen = torch.Generator().manual_seed(4)
+    b = bits(5, 40_000, gen)
+    empty = torch.empty(0, dtype=torch.int64)
+    out = run_bitplane(torch.zeros(0, 40_000, dtype=torch.int64), 2, b, row_scale=torch.ones(0),
+                       row_zero=torch.ones(0), row_map=empty, out_rows=3, target=target, threads=2)
+    assert torch.equal(out, torch.zeros(3, 5))
+    codes = torch.randint(0, 4, (6, 40_000), generator=gen)
+    out = run_bitplane(codes, 2, b, row_scale=torch.ones(6), row_zero=torch.zeros(6),
+                       row_map=torch.arange(6), out_rows=6, target=target, threads=2)
+    assert torch.equal(out, ref.bitplane_gemm(codes, b).float())
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(codegen.BITS),
+       target=st.sampled_from(TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
+def test_gemms_match_reference_property(m, n, k, nbits, target, threads, seed):
+    gen = torch.Generator().manual_seed(seed)
+    density = torch.rand((), generator=gen).item()
+    a = torch.rand(m, k, generator=gen) < density
+    b = torch.rand(n, k, generator=gen) < density
+    out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), target=target, threads=threads)
+    assert torch.equal(out, ref.binary_gemm(a, b))
+    codes = torch.randint(0, 2 ** nbits, (m, k), generator=gen)
+    out = run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                       row_map=torch.arange(m), out_rows=m, target=target, threads=threads)
+    assert torch.equal(out, ref.bitplane_gemm(codes, b).float())
+
+
+def test_argument_errors_name_the_argument():
+    gen = torch.Generator().manual_seed(5)
+    a, b = PackedBits.from_bool(bits(3, 70, gen)), PackedBits.from_bool(bits(4, 70, gen))
+    with pytest.raises(ValueError, match="a.k=70 and b.k=69"):
+        binary_gemm(a, PackedBits.from_bool(bits(4, 69, gen)))
+    with pytest.raises(TypeError, match="PackedBits"):
+        binary_gemm(a.words, b)
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\) and dtype torch.float32"):
+        binary_gemm(a, b, scale=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bias needs scale"):
+        binary_gemm(a, b, bias=torch.ones(4))
+    with pytest.raises(ValueError, match="out_hw=2 must"):
+        binary_gemm(a, b, out_hw=2)
+    with pytest.raises(ValueError, match="out must be a contiguous torch.int32"):
+        binary_gemm(a, b, out=torch.empty(4, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="words per row"):
+        binary_gemm(PackedBits(a.words[:, :1].contiguous(), 64), PackedBits(b.words[:, :1].contiguous(), 64))
+    planes = pack_planes(torch.zeros(3, 70, dtype=torch.int64), 2)
+    kw = dict(row_scale=torch.ones(3), row_zero=torch.zeros(3), row_map=torch.arange(3), out_rows=3)
+    with pytest.raises(ValueError, match="row_map values must lie in"):
+        bitplane_gemm(planes, b, **{**kw, "row_map": torch.tensor([0, 1, 3])})
+    with pytest.raises(ValueError, match="row_zero must have shape"):
+        bitplane_gemm(planes, b, **{**kw, "row_zero": torch.zeros(2)})
+    with pytest.raises(ValueError, match="3 planes"):
+        bitplane_gemm(torch.cat([planes, planes[:1]]), b, **kw)
+    with pytest.raises(TypeError, match=r"int64 tensor \[bits, M, ld\]"):
+        bitplane_gemm(planes.int(), b, **kw)
+    with pytest.raises(ValueError, match="threads=0"):
+        binary_gemm(a, b, threads=0)
+
+
+# --------------------------------------------------------------------------- generated code
+
+def assembly(target, ir_fn=codegen.binary_gemm_ir, **kw):
+    _, text = ir_fn(target, **kw)
+    return jit.compile_assembly(text, get_target(target))
+
+
+def innermost_popcount_loop(asm: str) -> str:
+    """The shortest loop (label ... backward branch to it) that contains a popcount."""
+    loops = []
+    for m in re.finditer(r"^(\.LBB\w+):\n(.*?)^\s+j\w+\s+\1$", asm, re.M | re.S):
+        if "popcnt" in m.group(2) or "vpshufb" in m.group(2):
+            loops.append(m.group(2))
+    assert loops, "no popcount loop found"
+    return min(loops, key=len)
+
+
+@pytest.mark.parametrize("target", ["hygon", "x86-64-v3"])
+def test_avx2_targets_emit_no_avx512(target):
+    for ir_fn, kw in ((codegen.binary_gemm_ir, {"epilogue": "scale_bias"}),
+                      (codegen.bitplane_gemm_ir, {"bits": 4}), (codegen.row_popcount_ir, {})):
+        asm = assembly(target, ir_fn, **kw)
+        assert not re.search(r"zmm|%k[0-7]|vpopcnt|vpternlog|\{1to", asm), ir_fn.__name__
+        assert "vpshufb" in asm and "vpsadbw" in asm
+
+
+@pytest.mark.skipif(not get_target("host").native_vector_popcount, reason="host has no VPOPCNTDQ")
+@pytest.mark.parametrize("ir_fn,kw,op", [(codegen.binary_gemm_ir, {}, "vpxorq"),
+                                         (codegen.bitplane_gemm_ir, {"bits": 4}, "vpandq")])
+def test_host_avx512_inner_loop_is_vpopcntq_without_spills(ir_fn, kw, op):
+    loop = innermost_popcount_loop(assembly("host", ir_fn, **kw))
+    tile = codegen.default_tile("host")
+    assert loop.count("vpopcntq") % (tile.mr * tile.nr) == 0 and loop.count("vpopcntq") > 0
+    assert op in loop
+    assert "(%rsp)" not in loop, "accumulator spill or reload in the inner loop"
+
+
+def test_aarch64_udot_only_with_dotprod():
+    """Emitting a dotprod instruction for a CPU without it kills the process: guard on the target."""
+    assert "udot" in assembly("rpi5")
+    for target in ("rpi4", "aarch64"):
+        asm = assembly(target)
+        assert "udot" not in asm and "cnt" in asm and "uaddlp" in asm
