@@ -1,0 +1,207 @@
+"""Small llvmlite.ir building blocks for the preprocessing kernel generators.
+
+Loop counters and loop-carried state live in allocas of the entry block: LLVM's -O3
+pipeline (SROA/mem2reg) turns them into SSA registers, so the generators read like
+straight-line loops without hand-written phi nodes. Intrinsics with vector types are
+declared as plain functions because ``Module.declare_intrinsic`` rejects vector types.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from llvmlite import ir
+
+I1, I8, I32, I64, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+PTR = ir.PointerType()
+VOID = ir.VoidType()
+
+
+def vec(n: int, elem=I64) -> ir.VectorType:
+    return ir.VectorType(elem, n)
+
+
+def const_vec(n: int, values, elem=I64) -> ir.Constant:
+    values = list(values) if hasattr(values, "__iter__") else [values] * n
+    return ir.Constant(vec(n, elem), values)
+
+
+def intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ret, list(args)), name)
+    return fn
+
+
+class Kernel:
+    """One ``void`` kernel function: named arguments, entry-block variables, loops.
+
+    ``k.arg["x"]`` is an argument; ``k.b`` the builder positioned in the body."""
+
+    def __init__(self, module: ir.Module, name: str, args: list[tuple[str, ir.Type]]):
+        self.module = module
+        self.fn = ir.Function(module, ir.FunctionType(VOID, [t for _, t in args]), name)
+        self.arg = {}
+        for (n, _), a in zip(args, self.fn.args):
+            a.name = n
+            self.arg[n] = a
+        for a in self.fn.args:
+            if isinstance(a.type, ir.PointerType):
+                a.add_attribute("noalias")
+        self._entry = self.fn.append_basic_block("entry")
+        self.b = ir.IRBuilder(self.fn.append_basic_block("body"))
+
+    def var(self, ty: ir.Type, init=None, name: str = "") -> ir.Value:
+        """A mutable variable (an entry-block alloca), initialized at the current position."""
+        with self.b.goto_block(self._entry):
+            slot = self.b.alloca(ty, name=name)
+        if init is not None:
+            self.b.store(init if isinstance(init, ir.Value) else ir.Constant(ty, init), slot)
+        return slot
+
+    def get(self, slot: ir.Value, ty: ir.Type = I64) -> ir.Value:
+        return self.b.load(slot, typ=ty)
+
+    def set(self, slot: ir.Value, value) -> None:
+        self.b.store(value, slot)
+
+    @contextmanager
+    def loop(self, start, stop, step=1):
+        """``for i in range(start, stop, step)`` (signed i64, step > 0); yields ``i``."""
+        b = self.b
+        start = start if isinstance(start, ir.Value) else ir.Constant(I64, start)
+        stop = stop if isinstance(stop, ir.Value) else ir.Constant(I64, stop)
+        slot = self.var(I64, start)
+        head = self.fn.append_basic_block("loop")
+        body = self.fn.append_basic_block("loop.body")
+        done = self.fn.append_basic_block("loop.end")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.load(slot, typ=I64)
+        b.cbranch(b.icmp_signed("<", i, stop), body, done)
+        b.position_at_end(body)
+        yield i
+        b.store(b.add(i, ir.Constant(I64, step)), slot)
+        b.branch(head)
+        b.position_at_end(done)
+
+    def gep(self, base, index, elem=F32) -> ir.Value:
+        return self.b.gep(base, [index], source_etype=elem)
+
+    def vgep(self, base: ir.Value, index: ir.Value, elem_bytes: int) -> ir.Value:
+        """A vector of pointers ``base + index * elem_bytes`` (llvmlite's ``gep`` cannot
+        produce vector-of-pointer types, so this goes through integers)."""
+        b, n = self.b, index.type.count
+        addr = b.ptrtoint(base, I64) if not isinstance(base.type, ir.VectorType) else None
+        start = self.splat(addr, n) if addr is not None else b.ptrtoint(base, vec(n))
+        return b.inttoptr(b.add(start, b.mul(index, const_vec(n, elem_bytes))), vec(n, PTR))
+
+    def splat(self, value: ir.Value, n: int) -> ir.Value:
+        b = self.b
+        one = b.insert_element(ir.Constant(vec(n, value.type), ir.Undefined), value, ir.Constant(I32, 0))
+        return b.shuffle_vector(one, ir.Constant(vec(n, value.type), ir.Undefined),
+                                ir.Constant(vec(n, I32), [0] * n))
+
+    def call(self, name: str, ret, args: list[ir.Value]) -> ir.Value:
+        return self.b.call(intrinsic(self.module, name, ret, *[a.type for a in args]), args)
+
+    def finish(self) -> None:
+        self.b.ret_void()
+        with self.b.goto_block(self._entry):
+            self.b.branch(self.fn.basic_blocks[1])
+
+
+def vsuffix(t: ir.Type) -> str:
+    """LLVM's overload suffix of a type: ``v64f32``, ``i64``, ``v8p0``."""
+    if isinstance(t, ir.VectorType):
+        return f"v{t.count}{vsuffix(t.element)}"
+    if isinstance(t, ir.PointerType):
+        return "p0"
+    if isinstance(t, ir.FloatType):
+        return "f32"
+    return f"i{t.width}"
+
+
+def masked_load(k: Kernel, ptrs_or_base, mask: ir.Value, passthru: ir.Value, *, gather: bool) -> ir.Value:
+    """Load the lanes of ``mask`` from a base pointer (contiguous) or a vector of pointers."""
+    t = passthru.type
+    align = ir.Constant(I32, 4)
+    if gather:
+        name = f"llvm.masked.gather.{vsuffix(t)}.{vsuffix(ptrs_or_base.type)}"
+    else:
+        name = f"llvm.masked.load.{vsuffix(t)}.p0"
+    return k.call(name, t, [ptrs_or_base, align, mask, passthru])
+
+
+def masked_scatter(k: Kernel, value: ir.Value, ptrs: ir.Value, mask: ir.Value) -> None:
+    name = f"llvm.masked.scatter.{vsuffix(value.type)}.{vsuffix(ptrs.type)}"
+    k.call(name, VOID, [value, ptrs, ir.Constant(I32, 8), mask])
+
+
+def low_mask(k: Kernel, nbits: ir.Value) -> ir.Value:
+    """``(1 << nbits) - 1`` for ``nbits`` in 0..64 (a 64-bit shift is poison in LLVM)."""
+    b = k.b
+    full = b.icmp_unsigned(">=", nbits, ir.Constant(I64, 64))
+    part = b.sub(b.shl(ir.Constant(I64, 1), b.and_(nbits, ir.Constant(I64, 63))), ir.Constant(I64, 1))
+    return b.select(full, ir.Constant(I64, -1), part)
+
+
+class BitStream:
+    """Appends variable-length bit fields to a row of 64-bit words (``lanes`` rows at once).
+
+    State: ``lanes`` accumulators, the number of bits in them and the next word index.
+    ``store(acc, word_index)`` is called by the owner whenever a word is complete."""
+
+    def __init__(self, k: Kernel, lanes: int, store):
+        self.k, self.lanes, self.store = k, lanes, store
+        self.ty = I64 if lanes == 1 else vec(lanes)
+        self.acc = k.var(self.ty, ir.Constant(self.ty, 0 if lanes == 1 else [0] * lanes))
+        self.nbits = k.var(I64, 0)
+        self.word = k.var(I64, 0)
+
+    def _bcast(self, v):
+        return v if self.lanes == 1 else self.k.splat(v, self.lanes)
+
+    def append(self, field: ir.Value, length) -> None:
+        """Append ``length`` (1..64) bits; ``field`` must be zero above them."""
+        k, b = self.k, self.k.b
+        length = length if isinstance(length, ir.Value) else ir.Constant(I64, length)
+        nb = k.get(self.nbits)
+        acc = b.or_(k.get(self.acc, self.ty), b.shl(field, self._bcast(nb)))
+        total = b.add(nb, length)
+        with b.if_else(b.icmp_unsigned(">=", total, ir.Constant(I64, 64))) as (full, partial):
+            with full:
+                word = k.get(self.word)
+                self.store(acc, word)
+                k.set(self.word, b.add(word, ir.Constant(I64, 1)))
+                left = b.sub(total, ir.Constant(I64, 64))
+                # Bits of ``field`` that did not fit: field >> (length - left); none when left = 0.
+                shift = b.and_(b.sub(length, left), ir.Constant(I64, 63))
+                rest = b.lshr(field, self._bcast(shift))
+                zero = ir.Constant(self.ty, 0 if self.lanes == 1 else [0] * self.lanes)
+                k.set(self.acc, b.select(b.icmp_unsigned("==", left, ir.Constant(I64, 0)), zero, rest))
+                k.set(self.nbits, left)
+            with partial:
+                k.set(self.acc, acc)
+                k.set(self.nbits, total)
+
+    def skip(self, length: ir.Value) -> None:
+        """Append ``length`` zero bits (any length)."""
+        k, b = self.k, self.k.b
+        total = b.add(k.get(self.nbits), length)
+        with k.loop(0, b.lshr(total, ir.Constant(I64, 6))):
+            word = k.get(self.word)
+            self.store(k.get(self.acc, self.ty), word)
+            k.set(self.word, b.add(word, ir.Constant(I64, 1)))
+            k.set(self.acc, ir.Constant(self.ty, 0 if self.lanes == 1 else [0] * self.lanes))
+        k.set(self.nbits, b.and_(total, ir.Constant(I64, 63)))
+
+    def finish(self, ld: ir.Value) -> None:
+        """Store the partial word and zero every word up to ``ld``."""
+        k, b = self.k, self.k.b
+        with b.if_then(b.icmp_unsigned(">", k.get(self.nbits), ir.Constant(I64, 0))):
+            word = k.get(self.word)
+            self.store(k.get(self.acc, self.ty), word)
+            k.set(self.word, b.add(word, ir.Constant(I64, 1)))
+        zero = ir.Constant(self.ty, 0 if self.lanes == 1 else [0] * self.lanes)
+        with k.loop(k.get(self.word), ld) as w:
+            self.store(zero, w)

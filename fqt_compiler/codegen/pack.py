@@ -1,0 +1,317 @@
+"""LLVM IR for the packing kernels of SPEC §6: sign+pack, unpack, im2col+sign+pack.
+
+Every kernel writes ``PackedBits`` rows (``runtime.packed``): element ``k`` at bit ``k % 64``
+of word ``k // 64``, every bit past the packed length and every padding word up to ``ld``
+zero. Kernels take a half-open range of rows so the runtime can split work over threads.
+
+Sign packing compares 64 floats at once (``fcmp ogt`` gives ``<64 x i1>``, which is one
+``i64`` word after a bitcast: AVX-512 mask registers, ``movmskps`` on AVX2). Rows must be
+contiguous: for a transposed view, torch's blocked transpose copy plus this kernel measured
+2x faster than gathering the strided elements. ``sign`` maps 0 to bit 0 (SPEC §2).
+
+im2col runs in two passes through a *padded row bitmap*: the sign bits of every input row
+``(n, c, ih)`` with ``pad`` zero bits on each side (padding is -1, SPEC §2), in ``wpw``
+words per row. From it, the ``KW`` bits of one patch row ``(c, kh)`` at output column ``ow``
+are one shift (a funnel shift when the padded row spans several words), so im2col costs
+about one vector operation per ``KW`` bits and 8 output rows, instead of a float compare
+per bit. The bitmap is built from float ``x`` or from the per-sample packed sign bits that
+the forward pass saves, which saves a pass over ``x`` in backward.
+
+* ``im2col_pack``: rows ``r = (n, h', w')``, packed axis ``k = (c, kh, kw)``; 8 output rows
+  (consecutive ``w'``) per vector.
+* ``im2col_pack_t``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: for stride 1
+  a run of up to 64 output bits is one funnel shift of the bitmap row; for stride ``s`` the
+  bits are every ``s``-th one, compressed with ``pext`` where BMI2 exists.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from .builder import (F32, I1, I64, PTR, BitStream, Kernel, const_vec, low_mask, masked_load,
+                      masked_scatter, vec)
+from .targets import Target, get_target
+
+LANES = 64      # floats per packed word
+ROW_LANES = 8   # im2col output rows handled together (one 512-bit vector of words)
+
+
+def _module(target: Target) -> ir.Module:
+    m = ir.Module(name="fqt_pack")
+    m.triple = target.triple
+    return m
+
+
+def _word_lanes(k: Kernel, first: ir.Value) -> ir.Value:
+    """``<64 x i64>`` element indices ``first + 0..63``."""
+    return k.b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
+
+
+def _bits(k: Kernel, flags: ir.Value) -> ir.Value:
+    return k.b.bitcast(flags, I64)
+
+
+def _load64(k: Kernel, base: ir.Value, first: ir.Value, count: ir.Value):
+    """Elements ``first .. first+63`` of a float row and the mask of lanes before ``count``
+    (the others read 0.0)."""
+    mask = k.b.icmp_signed("<", _word_lanes(k, first), k.splat(count, LANES))
+    return masked_load(k, k.gep(base, first), mask, const_vec(LANES, 0.0, F32), gather=False), mask
+
+
+def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> str:
+    """``fqt_sign_pack(x, srow, k, out, ld, [ste_out,] row0, row1)``.
+
+    Row ``i`` of the float matrix ``x`` (element ``(i, j)`` at ``x[i*srow + j]``) becomes row ``i`` of ``out`` (bit = ``x > 0``); with ``with_ste`` the same pass also
+    writes the straight-through mask ``|x| < 1`` to ``ste_out`` (same layout)."""
+    t = get_target(target)
+    m = _module(t)
+    args = [("x", PTR), ("srow", I64), ("k", I64), ("out", PTR), ("ld", I64)]
+    if with_ste:
+        args.append(("ste_out", PTR))
+    k = Kernel(m, "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack", args + [("row0", I64), ("row1", I64)])
+    a, b = k.arg, k.b
+    zero, one = const_vec(LANES, 0.0, F32), const_vec(LANES, 1.0, F32)
+    with k.loop(a["row0"], a["row1"]) as row:
+        base = k.gep(a["x"], b.mul(row, a["srow"]))
+        out_row = b.mul(row, a["ld"])
+        nwords = b.lshr(b.add(a["k"], ir.Constant(I64, 63)), ir.Constant(I64, 6))
+        with k.loop(0, nwords) as w:
+            v, valid = _load64(k, base, b.shl(w, ir.Constant(I64, 6)), a["k"])
+            b.store(_bits(k, b.fcmp_ordered(">", v, zero)), k.gep(a["out"], b.add(out_row, w), I64))
+            if with_ste:
+                mag = k.call("llvm.fabs.v64f32", v.type, [v])
+                b.store(_bits(k, b.and_(b.fcmp_ordered("<", mag, one), valid)), k.gep(a["ste_out"], b.add(out_row, w), I64))
+        with k.loop(nwords, a["ld"]) as w:
+            b.store(ir.Constant(I64, 0), k.gep(a["out"], b.add(out_row, w), I64))
+            if with_ste:
+                b.store(ir.Constant(I64, 0), k.gep(a["ste_out"], b.add(out_row, w), I64))
+    k.finish()
+    return str(m)
+
+
+def unpack_ir(target: str | Target = "host") -> str:
+    """``fqt_unpack_bits(words, ld, k, out, sout, one, zero, row0, row1)``: float row ``i`` of
+    ``out`` (row stride ``sout``) gets ``one`` where bit ``j`` of packed row ``i`` is set, else ``zero``."""
+    t = get_target(target)
+    m = _module(t)
+    k = Kernel(m, "fqt_unpack_bits", [("words", PTR), ("ld", I64), ("k", I64), ("out", PTR), ("sout", I64),
+                                      ("one", F32), ("zero", F32), ("row0", I64), ("row1", I64)])
+    a, b = k.arg, k.b
+    ones, zeros = k.splat(a["one"], LANES), k.splat(a["zero"], LANES)
+    with k.loop(a["row0"], a["row1"]) as row:
+        src = k.gep(a["words"], b.mul(row, a["ld"]), I64)
+        dst = k.gep(a["out"], b.mul(row, a["sout"]))
+        nwords = b.lshr(b.add(a["k"], ir.Constant(I64, 63)), ir.Constant(I64, 6))
+        with k.loop(0, nwords) as w:
+            first = b.shl(w, ir.Constant(I64, 6))
+            bits = b.bitcast(b.load(k.gep(src, w, I64), typ=I64), vec(LANES, I1))
+            mask = b.icmp_signed("<", _word_lanes(k, first), k.splat(a["k"], LANES))
+            value = b.select(bits, ones, zeros)
+            k.call("llvm.masked.store.v64f32.p0", ir.VoidType(),
+                   [value, k.gep(dst, first), ir.Constant(ir.IntType(32), 4), mask])
+    k.finish()
+    return str(m)
+
+
+def bitmap_words(width: int, pad: int) -> int:
+    """Words per padded bitmap row: one when the padded row fits a word (a plain shift reads
+    any span), else enough for a funnel shift at the last position to read a second word."""
+    wp = width + 2 * pad
+    return 1 if wp <= 64 else (wp - 1) // 64 + 2
+
+
+def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> str:
+    """The padded row bitmap ``bm[(n*C + c)*H + ih, 0:wpw]`` (bit ``pad + iw`` = sign bit of
+    ``x[n, c, ih, iw]``), for rows ``row0..row1`` of ``N*C*H``.
+
+    ``source="float"``: ``fqt_padded_rows_f32(x, sn, sc, sh, C, H, W, pad, bm, wpw, row0, row1)``
+    from float NCHW ``x`` with unit stride along W. ``source="bits"``:
+    ``fqt_padded_rows_bits(src, src_ld, C, H, W, pad, bm, wpw, row0, row1)`` from per-sample
+    packed sign bits (sample ``n`` is row ``n`` of ``src``, bit index ``(c*H + ih)*W + iw``)."""
+    if source not in ("float", "bits"):
+        raise ValueError(f"source must be 'float' or 'bits', got {source!r}")
+    t = get_target(target)
+    m = _module(t)
+    head = ([("x", PTR), ("sn", I64), ("sc", I64), ("sh", I64)] if source == "float"
+            else [("src", PTR), ("src_ld", I64)])
+    k = Kernel(m, f"fqt_padded_rows_{'f32' if source == 'float' else 'bits'}",
+               head + [("C", I64), ("H", I64), ("W", I64), ("pad", I64), ("bm", PTR), ("wpw", I64),
+                       ("row0", I64), ("row1", I64)])
+    a, b = k.arg, k.b
+    c64 = ir.Constant(I64, 64)
+    with k.loop(a["row0"], a["row1"]) as row:
+        ih = b.srem(row, a["H"])
+        nc = b.sdiv(row, a["H"])
+        c, n = b.srem(nc, a["C"]), b.sdiv(nc, a["C"])
+        with k.loop(0, a["wpw"]) as w:
+            first = b.sub(b.mul(w, c64), a["pad"])          # input column of bit 0 of this word
+            iw = _word_lanes(k, first)
+            valid = b.and_(b.icmp_signed(">=", iw, const_vec(LANES, 0)),
+                           b.icmp_signed("<", iw, k.splat(a["W"], LANES)))
+            if source == "float":
+                base = k.gep(a["x"], b.add(b.add(b.mul(n, a["sn"]), b.mul(c, a["sc"])), b.mul(ih, a["sh"])))
+                v = masked_load(k, k.gep(base, first), valid, const_vec(LANES, 0.0, F32), gather=False)
+                word = _bits(k, b.fcmp_ordered(">", v, const_vec(LANES, 0.0, F32)))
+            else:
+                src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
+                pos = b.add(b.mul(b.add(b.mul(c, a["H"]), ih), a["W"]), first)
+                word = b.and_(_extract64(k, src, pos, a["src_ld"]), _bits(k, valid))
+            b.store(word, k.gep(a["bm"], b.add(b.mul(row, a["wpw"]), w), I64))
+    k.finish()
+    return str(m)
+
+
+def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
+    """64 bits of a packed row starting at bit ``pos`` (``pos >= -63``); bits outside the
+    row's ``nwords`` words read as 0."""
+    b = k.b
+    idx = b.ashr(pos, ir.Constant(I64, 6))
+    words = []
+    for i in (idx, b.add(idx, ir.Constant(I64, 1))):
+        inside = b.and_(b.icmp_signed(">=", i, ir.Constant(I64, 0)), b.icmp_signed("<", i, nwords))
+        safe = b.select(inside, i, ir.Constant(I64, 0))
+        words.append(b.select(inside, b.load(k.gep(src, safe, I64), typ=I64), ir.Constant(I64, 0)))
+    return k.call("llvm.fshr.i64", I64, [words[1], words[0], b.and_(pos, ir.Constant(I64, 63))])
+
+
+def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
+    """The 64 bits of a padded bitmap row from bit ``q`` on (scalar or per lane)."""
+    b = k.b
+    lanes = q.type.count if isinstance(q.type, ir.VectorType) else 1
+    if one_word:
+        w = b.load(row, typ=I64)
+        return b.lshr(w if lanes == 1 else k.splat(w, lanes), q)
+    c6 = ir.Constant(I64, 6) if lanes == 1 else const_vec(lanes, 6)
+    idx = b.lshr(q, c6)
+    if lanes == 1:
+        lo = b.load(k.gep(row, idx, I64), typ=I64)
+        hi = b.load(k.gep(row, b.add(idx, ir.Constant(I64, 1)), I64), typ=I64)
+    else:
+        ptrs = k.vgep(row, idx, 8)
+        every = const_vec(lanes, 1, I1)
+        none = const_vec(lanes, 0)
+        lo = masked_load(k, ptrs, every, none, gather=True)
+        hi = masked_load(k, k.vgep(ptrs, const_vec(lanes, 1), 8), every, none, gather=True)
+    sh = b.and_(q, ir.Constant(I64, 63) if lanes == 1 else const_vec(lanes, 63))
+    suffix = "i64" if lanes == 1 else f"v{lanes}i64"
+    return k.call(f"llvm.fshr.{suffix}", q.type, [hi, lo, sh])
+
+
+def _every_nth(k: Kernel, t: Target, span: ir.Value, step: int, count: int) -> ir.Value:
+    """Bits ``0, step, 2 step, ...`` (``count`` of them) of ``span``, packed to the bottom."""
+    b = k.b
+    lanes = span.type.count if isinstance(span.type, ir.VectorType) else 1
+
+    def c(v):
+        return ir.Constant(I64, v) if lanes == 1 else const_vec(lanes, v)
+
+    if step == 1:
+        return b.and_(span, c((1 << count) - 1 if count < 64 else -1))
+    if lanes == 1 and t.has("bmi2"):
+        pattern = sum(1 << (i * step) for i in range(count))
+        return k.call("llvm.x86.bmi.pext.64", I64, [span, c(pattern - (1 << 64) if pattern >= 1 << 63 else pattern)])
+    out = None
+    for i in range(count):
+        bit = b.and_(b.lshr(span, c(i * step)), c(1))
+        bit = b.shl(bit, c(i)) if i else bit
+        out = bit if out is None else b.or_(out, bit)
+    return out
+
+
+def _check_patch(kernel_size, stride, dilation) -> None:
+    kh, kw = kernel_size
+    if (kw - 1) * dilation[1] + 1 > 64:
+        raise ValueError(f"a patch row spans {(kw - 1) * dilation[1] + 1} input columns; at most 64 supported")
+    if min(kh, kw, *stride, *dilation) < 1:
+        raise ValueError(f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1")
+
+
+def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> str:
+    """``fqt_im2col_pack(bm, wpw, C, H, OH, OW, out, ld, blk0, blk1)``: output rows
+    ``(n*OH + oh)*OW + ow`` for blocks ``n*OH + oh`` in ``blk0..blk1``; packed axis
+    ``(c, kh, kw)`` (weight.flatten(1) order). ``one_word``: bitmap rows are one word."""
+    t = get_target(target)
+    _check_patch(kernel_size, stride, dilation)
+    (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
+    m = _module(t)
+    k = Kernel(m, "fqt_im2col_pack", [("bm", PTR), ("wpw", I64), ("C", I64), ("H", I64), ("OH", I64),
+                                      ("OW", I64), ("out", PTR), ("ld", I64), ("blk0", I64), ("blk1", I64)])
+    a, b = k.arg, k.b
+    L = ROW_LANES
+    lane = const_vec(L, range(L))
+    with k.loop(a["blk0"], a["blk1"]) as blk:
+        oh, n = b.srem(blk, a["OH"]), b.sdiv(blk, a["OH"])
+        with k.loop(0, a["OW"], L) as ow0:
+            ow = b.add(k.splat(ow0, L), lane)
+            valid = b.icmp_signed("<", ow, k.splat(a["OW"], L))
+            last = k.splat(b.sub(a["OW"], ir.Constant(I64, 1)), L)
+            q = b.mul(b.select(valid, ow, last), const_vec(L, sw))
+            rows = b.add(k.splat(b.mul(blk, a["OW"]), L), ow)
+            row_ptrs = k.vgep(a["out"], b.mul(rows, k.splat(a["ld"], L)), 8)
+
+            def store(acc, word, row_ptrs=row_ptrs, valid=valid):
+                masked_scatter(k, acc, k.vgep(row_ptrs, k.splat(word, L), 8), valid)
+
+            stream = BitStream(k, L, store)
+            field = k.var(vec(L))
+            with k.loop(0, a["C"]) as c:
+                for kh in range(kh_):
+                    ih = b.add(b.sub(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, ph)), ir.Constant(I64, kh * dh))
+                    inside = b.and_(b.icmp_signed(">=", ih, ir.Constant(I64, 0)), b.icmp_signed("<", ih, a["H"]))
+                    with b.if_else(inside) as (yes, no):
+                        with yes:
+                            r = b.add(b.mul(b.add(b.mul(n, a["C"]), c), a["H"]), ih)
+                            span = _span(k, k.gep(a["bm"], b.mul(r, a["wpw"]), I64), q, one_word)
+                            k.set(field, _every_nth(k, t, span, dw, kw_))
+                        with no:
+                            k.set(field, const_vec(L, 0))
+                    stream.append(k.get(field, vec(L)), kw_)
+            stream.finish(a["ld"])
+    k.finish()
+    return str(m)
+
+
+def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> str:
+    """``fqt_im2col_pack_t(bm, wpw, N, C, H, OH, OW, out, ld, row0, row1)``: output rows
+    ``(c*KH + kh)*KW + kw`` in ``row0..row1``, packed axis ``r = (n, oh, ow)``."""
+    t = get_target(target)
+    _check_patch(kernel_size, stride, dilation)
+    (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
+    chunk = 64 if sw == 1 else 63 // sw + 1     # output bits per 64-bit span of the bitmap
+    m = _module(t)
+    k = Kernel(m, "fqt_im2col_pack_t", [("bm", PTR), ("wpw", I64), ("N", I64), ("C", I64), ("H", I64),
+                                        ("OH", I64), ("OW", I64), ("out", PTR), ("ld", I64),
+                                        ("row0", I64), ("row1", I64)])
+    a, b = k.arg, k.b
+    with k.loop(a["row0"], a["row1"]) as row:
+        kw = b.srem(row, ir.Constant(I64, kw_))
+        kh = b.srem(b.sdiv(row, ir.Constant(I64, kw_)), ir.Constant(I64, kh_))
+        c = b.sdiv(row, ir.Constant(I64, kh_ * kw_))
+        out_row = k.gep(a["out"], b.mul(row, a["ld"]), I64)
+
+        def store(acc, word, out_row=out_row):
+            b.store(acc, k.gep(out_row, word, I64))
+
+        stream = BitStream(k, 1, store)
+        q0 = b.mul(kw, ir.Constant(I64, dw))
+        with k.loop(0, a["N"]) as n:
+            with k.loop(0, a["OH"]) as oh:
+                ih = b.add(b.sub(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, ph)), b.mul(kh, ir.Constant(I64, dh)))
+                inside = b.and_(b.icmp_signed(">=", ih, ir.Constant(I64, 0)), b.icmp_signed("<", ih, a["H"]))
+                with b.if_else(inside) as (yes, no):
+                    with yes:
+                        r = b.add(b.mul(b.add(b.mul(n, a["C"]), c), a["H"]), ih)
+                        bm_row = k.gep(a["bm"], b.mul(r, a["wpw"]), I64)
+                        with k.loop(0, a["OW"], chunk) as ow0:
+                            left = b.sub(a["OW"], ow0)
+                            length = b.select(b.icmp_signed("<", left, ir.Constant(I64, chunk)), left,
+                                              ir.Constant(I64, chunk))
+                            span = _span(k, bm_row, b.add(q0, b.mul(ow0, ir.Constant(I64, sw))), one_word)
+                            bits = _every_nth(k, t, span, sw, chunk)
+                            bits = b.and_(bits, low_mask(k, length))
+                            stream.append(bits, length)
+                    with no:
+                        stream.skip(a["OW"])
+        stream.finish(a["ld"])
+    k.finish()
+    return str(m)
+

@@ -1,0 +1,200 @@
+"""Packing kernels on torch tensors: sign+pack, unpack, im2col+sign+pack (and transposed).
+
+Layouts (``PackedBits``: bit ``k % 64`` of word ``k // 64``, zero past ``k`` and in the
+padding words):
+
+* ``pack_signs(x)``: ``x[..., K]`` -> rows = leading dims flattened, packed along K.
+* ``pack_signs_and_ste(x)``: the same plus the STE mask ``|x| < 1`` in one pass; for a conv
+  input pass ``x.flatten(1)`` (one row per sample, bit ``(c*H + h)*W + w``).
+* ``im2col_pack(x, ...)``: rows ``r = (n, h', w')``, packed axis ``k = (c, kh, kw)``.
+* ``im2col_pack_t(x, ...)``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: the
+  ``X̂ᵀ`` operand of the weight-gradient GEMM.
+
+The im2col functions take float NCHW ``x`` or the per-sample sign bits of
+``pack_signs_and_ste(x.flatten(1))`` together with ``input_shape``.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache, partial
+
+import torch
+
+from ..codegen import pack as gen
+from ..codegen.targets import get_target
+from . import threads as pool
+from .jit import compile_ir
+from .packed import PackedBits, padded_words
+
+_I64, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+def parallel_rows(fn, rows: int, *args, min_rows: int = 1) -> None:
+    """Call ``fn(*args, row0, row1)`` over ``[0, rows)``, one slice of at least ``min_rows``
+    rows per thread of the shared pool."""
+    slices = pool.split(rows, pool.num_threads(None), max(1, min_rows))
+    pool.run([partial(fn, *args, lo, hi) for lo, hi in slices] or [partial(fn, *args, 0, 0)])
+
+
+def _key(target) -> str:
+    return get_target(target).name
+
+
+@lru_cache(maxsize=None)
+def _fn(family: str, target: str, *params):
+    if family == "sign_pack":
+        (with_ste,) = params
+        ir_text = gen.sign_pack_ir(target, with_ste=with_ste)
+        name = "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack"
+        argtypes = [_P, _I64, _I64, _P, _I64] + ([_P] if with_ste else []) + [_I64, _I64]
+    elif family == "unpack":
+        ir_text, name = gen.unpack_ir(target), "fqt_unpack_bits"
+        argtypes = [_P, _I64, _I64, _P, _I64, _F, _F, _I64, _I64]
+    elif family == "padded_rows":
+        (source,) = params
+        ir_text = gen.padded_rows_ir(target, source=source)
+        name = "fqt_padded_rows_f32" if source == "float" else "fqt_padded_rows_bits"
+        head = [_P, _I64, _I64, _I64] if source == "float" else [_P, _I64]
+        argtypes = head + [_I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
+    elif family == "im2col_pack":
+        *conv, one_word = params
+        ir_text, name = gen.im2col_pack_ir(target, *conv, one_word=one_word), "fqt_im2col_pack"
+        argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
+    elif family == "im2col_pack_t":
+        *conv, one_word = params
+        ir_text, name = gen.im2col_pack_t_ir(target, *conv, one_word=one_word), "fqt_im2col_pack_t"
+        argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
+    else:
+        raise KeyError(family)
+    return compile_ir(ir_text, target).function(name, None, *argtypes)
+
+
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != torch.float32:
+        raise TypeError(f"expected a float32 tensor, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("cannot pack a 0-d tensor")
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
+
+
+def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
+    """Sign bits of ``x[..., K]`` (any strides): rows = leading dims flattened, bit = ``x > 0``.
+    ``pack_signs(w2d.T)`` packs ``sign(W)`` along output channels."""
+    x2 = _rows2d(x)
+    rows, k = x2.shape
+    words = torch.empty(rows, padded_words(k), dtype=torch.int64)
+    fn = _fn("sign_pack", _key(target), False)
+    parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, words.data_ptr(), words.shape[1],
+                  min_rows=16)
+    return PackedBits(words, k)
+
+
+def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, PackedBits]:
+    """``(sign bits, STE mask bits |x| < 1)`` of ``x[..., K]`` in one pass, same layout as ``pack_signs``."""
+    x2 = _rows2d(x)
+    rows, k = x2.shape
+    signs = torch.empty(rows, padded_words(k), dtype=torch.int64)
+    mask = torch.empty_like(signs)
+    fn = _fn("sign_pack", _key(target), True)
+    parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, signs.data_ptr(), signs.shape[1],
+                  mask.data_ptr(), min_rows=16)
+    return PackedBits(signs, k), PackedBits(mask, k)
+
+
+def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target) -> torch.Tensor:
+    if isinstance(words, PackedBits):
+        words = words.words
+    if words.dtype != torch.int64 or words.dim() != 2 or not words.is_contiguous():
+        raise TypeError("words must be a contiguous 2-D int64 tensor (PackedBits.words)")
+    rows = words.shape[0]
+    shape = tuple(shape)
+    if torch.Size(shape).numel() != rows * k:
+        raise ValueError(f"shape {shape} does not hold {rows} rows of {k} elements")
+    out = torch.empty(rows, k, dtype=torch.float32)
+    fn = _fn("unpack", _key(target))
+    parallel_rows(fn, rows, words.data_ptr(), words.shape[1], k, out.data_ptr(), k, one, zero, min_rows=16)
+    return out.view(shape)
+
+
+def unpack_signs(words: torch.Tensor, k: int, shape, *, target="host") -> torch.Tensor:
+    """float32 ±1 of packed sign bits ``words [rows, ld]`` (``k`` bits per row), viewed as ``shape``."""
+    return _unpack(words, k, shape, 1.0, -1.0, target)
+
+
+def unpack_mask(words: torch.Tensor, k: int, shape, *, target="host") -> torch.Tensor:
+    """float32 {0, 1} of packed mask bits, viewed as ``shape`` (the STE mask of ``pack_signs_and_ste``)."""
+    return _unpack(words, k, shape, 1.0, 0.0, target)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _bitmap(x, input_shape, pad: tuple[int, int], target):
+    """The padded row bitmap of SPEC §2's ``sign(pad(x, 0))`` (see ``codegen.pack``)."""
+    if isinstance(x, PackedBits):
+        if input_shape is None:
+            raise ValueError("im2col from packed sign bits needs input_shape=(N, C, H, W)")
+        n, c, h, w = input_shape
+        if x.rows != n or x.k != c * h * w:
+            raise ValueError(f"packed bits {x.rows}x{x.k} are not per-sample sign bits of {tuple(input_shape)}")
+    else:
+        if x.dim() != 4 or x.dtype != torch.float32:
+            raise ValueError(f"expected a float32 NCHW tensor, got {x.dtype} {tuple(x.shape)}")
+        if x.stride(3) != 1:
+            x = x.contiguous()
+        n, c, h, w = x.shape
+    ph, pw = pad
+    if ph > 63 or pw > 63:
+        raise ValueError(f"padding {pad}: at most 63 supported")
+    wpw = gen.bitmap_words(w, pw)
+    bm = torch.empty(n * c * h, wpw, dtype=torch.int64)
+    key = _key(target)
+    if isinstance(x, PackedBits):
+        parallel_rows(_fn("padded_rows", key, "bits"), n * c * h, x.words.data_ptr(), x.ld, c, h, w, pw,
+                      bm.data_ptr(), wpw, min_rows=64)
+    else:
+        parallel_rows(_fn("padded_rows", key, "float"), n * c * h, x.data_ptr(), x.stride(0), x.stride(1),
+                      x.stride(2), c, h, w, pw, bm.data_ptr(), wpw, min_rows=64)
+    return bm, wpw, (n, c, h, w)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _conv_args(x, kernel_size, stride, padding, dilation, input_shape, target):
+    ks, st, pd, dl = map(_pair, (kernel_size, stride, padding, dilation))
+    bm, wpw, (n, c, h, w) = _bitmap(x, input_shape, pd, target)
+    oh = conv_output_size(h, ks[0], st[0], pd[0], dl[0])
+    ow = conv_output_size(w, ks[1], st[1], pd[1], dl[1])
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel {ks} with dilation {dl} does not fit the padded input {h}x{w}")
+    return bm, wpw, (n, c, h, w, oh, ow), (ks, st, pd, dl, wpw == 1)
+
+
+def im2col_pack(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shape=None,
+                target="host") -> PackedBits:
+    """``sign(pad(x))`` unfolded and packed: rows ``r = (n, h', w')``, packed axis
+    ``k = (c, kh, kw)`` (= ``weight.flatten(1)`` order); padding is bit 0 (-1)."""
+    bm, wpw, (n, c, h, w, oh, ow), conv = _conv_args(x, kernel_size, stride, padding, dilation,
+                                                     input_shape, target)
+    k = c * conv[0][0] * conv[0][1]
+    out = torch.empty(n * oh * ow, padded_words(k), dtype=torch.int64)
+    fn = _fn("im2col_pack", _key(target), *conv)
+    parallel_rows(fn, n * oh, bm.data_ptr(), wpw, c, h, oh, ow, out.data_ptr(), out.shape[1])
+    return PackedBits(out, k)
+
+
+def im2col_pack_t(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shape=None,
+                  target="host") -> PackedBits:
+    """The transpose of ``im2col_pack``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``."""
+    bm, wpw, (n, c, h, w, oh, ow), conv = _conv_args(x, kernel_size, stride, padding, dilation,
+                                                     input_shape, target)
+    k = c * conv[0][0] * conv[0][1]
+    m = n * oh * ow
+    out = torch.empty(k, padded_words(m), dtype=torch.int64)
+    fn = _fn("im2col_pack_t", _key(target), *conv)
+    parallel_rows(fn, k, bm.data_ptr(), wpw, n, c, h, oh, ow, out.data_ptr(), out.shape[1])
+    return PackedBits(out, m)

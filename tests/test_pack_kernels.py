@@ -1,0 +1,126 @@
+"""Packing kernels against the reference, bit for bit (padding words included)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings, strategies as st
+
+from fqt_compiler.codegen.targets import get_target, runs_on_host
+from fqt_compiler.ops import reference
+from fqt_compiler.runtime import pack
+from fqt_compiler.runtime.packed import PackedBits
+
+TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
+
+
+def ref_words(bits: torch.Tensor) -> torch.Tensor:
+    return PackedBits.from_bool(bits).words
+
+
+def data(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * 1.5
+    x.view(-1)[::7] = 0.0   # zero maps to bit 0 (SPEC §2)
+    return x
+
+
+def ref_im2col(x, ks, stride, padding, dilation):
+    """Rows (n, h', w'), columns (c, kh, kw) of sign(pad(x, 0)), from F.unfold."""
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    cols = F.unfold(reference.sign(xp), ks, dilation=dilation, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]) > 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rows,k", [(1, 1), (5, 1), (3, 63), (7, 64), (2, 65), (1, 200), (13, 127), (31, 513)])
+def test_pack_signs_and_unpack(target, rows, k):
+    x = data(rows, k)
+    got = pack.pack_signs(x, target=target)
+    assert got.k == k and got.ld % 8 == 0
+    assert torch.equal(got.words, ref_words(x > 0))
+    signs, mask = pack.pack_signs_and_ste(x, target=target)
+    assert torch.equal(signs.words, got.words)
+    assert torch.equal(mask.words, ref_words(x.abs() < 1))
+    assert torch.equal(pack.unpack_signs(signs.words, k, (rows, k), target=target), reference.sign(x))
+    assert torch.equal(pack.unpack_mask(mask.words, k, (rows, k), target=target), reference.ste_mask(x))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pack_signs_views(target):
+    w = data(37, 70)
+    assert torch.equal(pack.pack_signs(w.T, target=target).words, ref_words(w.T > 0))
+    assert torch.equal(pack.pack_signs(w[:, ::3], target=target).words, ref_words(w[:, ::3] > 0))
+    x = data(3, 5, 67)
+    assert torch.equal(pack.pack_signs(x, target=target).words, ref_words(x.reshape(-1, 67) > 0))
+    xt = x.transpose(0, 1)     # leading dims that do not merge into one stride
+    assert torch.equal(pack.pack_signs(xt, target=target).words, ref_words(xt.reshape(-1, 67) > 0))
+
+
+CONVS = [  # (N, C, H, W, kernel, stride, padding, dilation)
+    (2, 3, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1)),
+    (3, 5, 6, 6, (1, 1), (2, 2), (0, 0), (1, 1)),
+    (2, 3, 9, 11, (3, 3), (2, 2), (1, 1), (1, 1)),
+    (2, 4, 7, 9, (3, 3), (2, 2), (2, 2), (2, 2)),
+    (1, 2, 13, 7, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (1, 3, 8, 70, (5, 3), (1, 2), (2, 1), (1, 1)),   # padded rows span two words
+    (2, 2, 5, 130, (3, 3), (3, 1), (1, 2), (1, 2)),
+    (1, 7, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),    # K = 63
+]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}s{c[5][0]}{c[5][1]}p{c[6][0]}{c[6][1]}d{c[7][0]}{c[7][1]}")
+def test_im2col_pack(target, conv):
+    n, c, h, w, ks, stride, padding, dilation = conv
+    x = data(n, c, h, w, seed=h * w)
+    ref = ref_im2col(x, ks, stride, padding, dilation)
+    signs, _ = pack.pack_signs_and_ste(x.flatten(1), target=target)
+    args = (ks, stride, padding, dilation)
+    for source, kw in ((x, {}), (signs, {"input_shape": x.shape})):
+        got = pack.im2col_pack(source, *args, target=target, **kw)
+        assert got.k == ref.shape[1] and torch.equal(got.words, ref_words(ref))
+        got_t = pack.im2col_pack_t(source, *args, target=target, **kw)
+        assert got_t.k == ref.shape[0] and torch.equal(got_t.words, ref_words(ref.T.contiguous()))
+
+
+def test_im2col_non_contiguous_input():
+    base = data(2, 9, 6, 3)
+    x = base.permute(0, 3, 2, 1)          # NCHW view with stride 1 along C, not W
+    ref = ref_im2col(x, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert torch.equal(pack.im2col_pack(x, 3, 1, 1).words, ref_words(ref))
+    y = data(2, 3, 8, 16)[:, :, 1:7, ::2]  # strided H and W
+    ref = ref_im2col(y, (3, 3), (2, 2), (2, 2), (1, 1))
+    assert torch.equal(pack.im2col_pack_t(y, 3, 2, 2).words, ref_words(ref.T.contiguous()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 75),
+       kh=st.integers(1, 5), kw=st.integers(1, 5), s=st.integers(1, 3), p=st.integers(0, 2),
+       d=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_im2col_property(n, c, h, w, kh, kw, s, p, d, seed):
+    assume(h + 2 * p >= d * (kh - 1) + 1 and w + 2 * p >= d * (kw - 1) + 1)
+    x = data(n, c, h, w, seed=seed)
+    ref = ref_im2col(x, (kh, kw), (s, s), (p, p), (d, d))
+    signs, _ = pack.pack_signs_and_ste(x.flatten(1))
+    got = pack.im2col_pack(signs, (kh, kw), s, p, d, input_shape=x.shape)
+    assert torch.equal(got.words, ref_words(ref))
+    got_t = pack.im2col_pack_t(x, (kh, kw), s, p, d)
+    assert torch.equal(got_t.words, ref_words(ref.T.contiguous()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), k=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_pack_property(rows, k, seed):
+    x = data(rows, k, seed=seed)
+    signs, mask = pack.pack_signs_and_ste(x)
+    assert torch.equal(signs.words, ref_words(x > 0))
+    assert torch.equal(pack.unpack_mask(mask.words, k, (rows * k,)), reference.ste_mask(x).view(-1))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="input_shape"):
+        pack.im2col_pack(pack.pack_signs(data(2, 12)), 3)
+    with pytest.raises(ValueError, match="does not hold"):
+        pack.unpack_signs(pack.pack_signs(data(2, 12)).words, 12, (5, 5))
+    with pytest.raises(TypeError, match="float32"):
+        pack.pack_signs(torch.ones(3, 3, dtype=torch.float64))
