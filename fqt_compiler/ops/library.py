@@ -92,6 +92,23 @@ binary_linear = _define(
     _binary_linear, _binary_linear_fake)
 
 
+def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilation, layer):
+    """The whole binarized layer the rewrite pass emits at the torch level: the forward op,
+    then ``alpha`` (``mean |w|`` of the detached weight unless a learned alpha is given) and
+    bias as float ops, so AOTAutograd derives ``G' = alpha ⊙ dL/dY`` for the backward."""
+    y, _, _ = binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
+    alpha = ref.default_alpha(weight) if alpha is None else alpha
+    y = y * alpha.view(1, -1, 1, 1)
+    return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def binarized_linear(x, weight, bias, alpha, rng_state, layer):
+    """Linear counterpart of ``binarized_conv2d``."""
+    y, _, _ = binary_linear(x, weight, rng_state, layer)
+    y = y * (ref.default_alpha(weight) if alpha is None else alpha)
+    return y if bias is None else y + bias
+
+
 # --------------------------------------------------------------------------- float-G' GEMMs
 
 def _mark_gradient(gprime, rng_state, layer):

@@ -248,7 +248,14 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
     kind = grouping(method, path)
     n, _ = group_index(g2d, kind, rows_per_sample)
     lo, hi = group_min_max(g2d, kind, rows_per_sample)
-    ranges = hi - lo
+    keep, prob = keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
+    return lo, hi, keep, prob
+
+
+def keep_groups(ranges: torch.Tensor, method: str, path: str, bits: int, *,
+                seed: int, step: int, layer: int):
+    """``(keep, prob)`` of the groups of one path from their ranges (see ``sample_groups``)."""
+    n = ranges.numel()
     if method == "aq_scq":
         prob = aq_probabilities(ranges, bits)
         sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
@@ -259,7 +266,7 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
     else:
         prob = torch.ones(n)
         keep = torch.ones(n, dtype=torch.bool)
-    return lo, hi, keep, prob
+    return keep, prob
 
 
 def quantize_groups(g2d, lo, hi, keep, prob, method: str, path: str, bits: int, *,
@@ -272,10 +279,14 @@ def quantize_groups(g2d, lo, hi, keep, prob, method: str, path: str, bits: int, 
     u = rng.uniform(seed, step, layer, sr_stream, g2d.numel())
     codes = stochastic_codes(g2d, lo, hi, ids, bits, u)
     codes = torch.where(keep[ids], codes, torch.zeros((), dtype=torch.uint8))
-    safe_p = torch.where(keep, prob, torch.ones(()))
-    scale = (hi - lo) / float(2 ** bits - 1) / safe_p
-    zero = lo / safe_p
+    scale, zero = dequantization(lo, hi, keep, prob, bits)
     return codes, scale, zero
+
+
+def dequantization(lo, hi, keep, prob, bits: int):
+    """Per-group ``scale = R / (B p)`` and ``zero = z / p`` (p = 1 for pruned groups)."""
+    safe_p = torch.where(keep, prob, torch.ones(()))
+    return (hi - lo) / float(2 ** bits - 1) / safe_p, lo / safe_p
 
 
 # --------------------------------------------------------------------------- backward GEMMs

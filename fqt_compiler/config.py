@@ -1,0 +1,179 @@
+"""Config, per-layer rules and the resolved plan (which layers are binarized, and why).
+
+Options are registered fields: a misspelt key is an error that names it and suggests the
+closest valid one, as TVM's PassContext does for its config keys.
+
+Rules are applied in order over the model's Conv2d/Linear layers; a later rule overrides an
+earlier one. Each rule selects layers by exactly one of ``type`` (a class or class name),
+``name`` (a module name) or ``regex`` (``re.fullmatch`` on the module name), and sets any of
+``binarize``, ``method``, ``bits``, ``alpha``. A rule that selects no layer is an error.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+
+import torch.nn as nn
+
+from .ops import reference
+from .ops.registry import BACKENDS
+
+METHODS = reference.METHODS
+ALPHAS = ("mean", "learned")
+TARGETS = ("host", "x86-64-v3", "hygon", "x86-avx512", "rpi4", "rpi5", "aarch64")
+LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _check_keys(cls, options: dict) -> None:
+    valid = [f.name for f in fields(cls)]
+    for key in options:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise TypeError(f"{cls.__name__}: unknown option {key!r}; {hint}valid options: "
+                            f"{', '.join(valid)}")
+
+
+def _check_choice(owner: str, name: str, value, choices) -> None:
+    if value is not None and value not in choices:
+        extra = ""
+        if name == "method" and value == "bhq":
+            extra = " (bhq, SPEC §4's optional block Householder quantizer, is not implemented)"
+        raise ValueError(f"{owner}: {name}={value!r} is not supported{extra}; "
+                         f"expected one of {tuple(choices)}")
+
+
+@dataclass(frozen=True, init=False)
+class Rule:
+    """Per-layer override. Select with one of type/name/regex; set any of the rest."""
+
+    type: type | str | None = None
+    name: str | None = None
+    regex: str | None = None
+    binarize: bool | None = None
+    method: str | None = None
+    bits: int | None = None
+    alpha: str | None = None
+
+    def __init__(self, **options):
+        _check_keys(Rule, options)
+        for f in fields(self):
+            object.__setattr__(self, f.name, options.get(f.name, f.default))
+        selectors = [k for k in ("type", "name", "regex") if getattr(self, k) is not None]
+        if len(selectors) != 1:
+            raise ValueError(f"Rule needs exactly one of type=, name=, regex= to select layers; "
+                             f"got {selectors or 'none'}")
+        _check_choice("Rule", "method", self.method, METHODS)
+        _check_choice("Rule", "bits", self.bits, reference.BITS)
+        _check_choice("Rule", "alpha", self.alpha, ALPHAS)
+        if self.regex is not None:
+            re.compile(self.regex)
+
+    def selects(self, name: str, module: nn.Module) -> bool:
+        if self.name is not None:
+            return name == self.name
+        if self.regex is not None:
+            return re.fullmatch(self.regex, name) is not None
+        if isinstance(self.type, str):
+            return type(module).__name__ == self.type
+        return isinstance(module, self.type)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                         if getattr(self, f.name) is not None)
+
+
+@dataclass(frozen=True, init=False)
+class Config:
+    """What ``fqt.compile`` does (SPEC §8). ``rules``: a list of ``Rule`` or dicts of its fields."""
+
+    method: str = "aq_scq"
+    bits: int = 4
+    seed: int = 0
+    backend: str = "kernels"
+    target: str = "host"
+    alpha: str = "mean"
+    rules: tuple = field(default=())
+
+    def __init__(self, **options):
+        _check_keys(Config, options)
+        for f in fields(self):
+            object.__setattr__(self, f.name, options.get(f.name, f.default))
+        _check_choice("Config", "method", self.method, METHODS)
+        _check_choice("Config", "bits", self.bits, reference.BITS)
+        _check_choice("Config", "backend", self.backend, BACKENDS)
+        _check_choice("Config", "target", self.target, TARGETS)
+        _check_choice("Config", "alpha", self.alpha, ALPHAS)
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"Config: seed={self.seed!r} must be an int in [0, 2**63)")
+        rules = tuple(r if isinstance(r, Rule) else Rule(**r) for r in self.rules)
+        object.__setattr__(self, "rules", rules)
+
+
+@dataclass
+class LayerPlan:
+    """One Conv2d/Linear layer: ``index`` is its RNG layer id (position among the model's
+    Conv2d/Linear modules, stable across recompiles)."""
+
+    index: int
+    name: str
+    kind: str                 # "conv2d" | "linear"
+    binarize: bool
+    reason: str
+    method: str
+    bits: int
+    alpha: str
+    shapes: dict = field(default_factory=dict)   # filled at capture: x, weight, y
+
+
+def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+
+
+def check_rules(model: nn.Module, config: Config) -> None:
+    """Raise if a rule selects none of the model's Conv2d/Linear layers."""
+    layers = candidate_layers(model)
+    for i, rule in enumerate(config.rules):
+        if not any(rule.selects(n, m) for n, m in layers):
+            names = ", ".join(n for n, _ in layers[:12]) + (", ..." if len(layers) > 12 else "")
+            raise ValueError(f"Config.rules[{i}] ({rule.describe()}) selects no layer; the "
+                             f"model's Conv2d/Linear layers are: {names}")
+
+
+def resolve_plan(model: nn.Module, config: Config, call_order: list[str]) -> list[LayerPlan]:
+    """Decide every Conv2d/Linear layer. ``call_order``: module names of the layers in the
+    order the captured graph calls them (first and last are the SPEC §2 exclusions)."""
+    check_rules(model, config)
+    called = set(call_order)
+    first, last = (call_order[0], call_order[-1]) if call_order else (None, None)
+    plan = []
+    for index, (name, module) in enumerate(candidate_layers(model)):
+        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+        groups = getattr(module, "groups", 1)
+        if name not in called:
+            binarize, reason = False, "not called by forward"
+        elif groups > 1:
+            binarize, reason = False, f"groups={groups} > 1 (depthwise contraction too short)"
+        elif name == first:
+            binarize, reason = False, "first layer: sees the input"
+        elif name == last:
+            binarize, reason = False, "last layer: produces the output"
+        else:
+            binarize, reason = True, f"default: {kind} in the body"
+        layer = LayerPlan(index, name, kind, binarize, reason, config.method, config.bits,
+                          config.alpha)
+        for i, rule in enumerate(config.rules):
+            if not rule.selects(name, module):
+                continue
+            if rule.binarize is not None and name in called:
+                if rule.binarize and groups > 1:
+                    raise ValueError(f"Config.rules[{i}] asks to binarize {name!r}, a conv with "
+                                     f"groups={groups}; only groups=1 is supported")
+                layer.binarize = rule.binarize
+                layer.reason = f"rules[{i}]: {rule.describe()}"
+            for attr in ("method", "bits", "alpha"):
+                if getattr(rule, attr) is not None:
+                    setattr(layer, attr, getattr(rule, attr))
+        plan.append(layer)
+    return plan

@@ -1,0 +1,57 @@
+"""Annotate every fqt op node with what it computes, for the dumps.
+
+Matches: call nodes whose target is an op of the ``fqt`` namespace.
+Produces: ``meta["fqt_note"]``: layer index and name, bits, grouping, and for ``aq_sample``
+the expected kept fraction of groups (``N/b`` of ``N`` for aq_scq, ``ceil(N/b)`` for topk,
+all otherwise).
+Invariants: metadata only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..ops import reference as ref
+from .infra import PassResult
+
+
+def expected_kept(method: str, bits: int, groups: int) -> float:
+    """Expected fraction of groups an SCQ path keeps (SPEC §4)."""
+    if method == "aq_scq":
+        return min(1.0, 1.0 / bits)
+    if method == "topk":
+        return -(-groups // bits) / groups
+    return 1.0
+
+
+def _note(node: fx.Node, plan: list) -> str:
+    op = node.target._opname
+    args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
+    if op == "mark_gradient":
+        layer = plan[args["layer"]]
+        return f"layer {layer.index} {layer.name}: G' = alpha * dL/dY"
+    if op in ("binary_conv2d", "binary_linear"):
+        layer = plan[args["layer"]]
+        return f"layer {layer.index} {layer.name}: W1 A1 -> y_raw, packed x sign + STE bits"
+    if op in ("aq_sample", "quantize_gradient"):
+        layer = plan[args["layer"]]
+        grouping = ref.grouping(args["method"], args["path"])
+        groups = node.meta["val"][0].shape[0] if op == "aq_sample" else None
+        note = (f"layer {layer.index} {layer.name}: {args['path']} path, {args['method']}, "
+                f"b={args['bits']}, per-{grouping} groups")
+        if groups is not None:
+            kept = expected_kept(args["method"], args["bits"], groups)
+            note += f", {groups} groups, kept fraction {kept:.3g} expected"
+        return note
+    if op.endswith("_grad_q"):
+        return f"bit-plane GEMM over kept per-{args['grouping']} groups"
+    if op.endswith("_grad"):
+        return "float G' GEMM (method none)"
+    return ""
+
+
+def annotate_fqt_nodes(gm: fx.GraphModule, *, plan: list) -> PassResult:
+    for node in gm.graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
+            node.meta["fqt_note"] = _note(node, plan)
+    return PassResult(gm, False)
