@@ -65,7 +65,7 @@ def default_tile(target: str | Target) -> Tile:
     room for 8 byte accumulators. NEON has 32 128-bit registers."""
     t = get_target(target)
     if t.is_x86:
-        return Tile(4, 6) if t.vector_bits == 512 else Tile(2, 4)
+        return Tile(3, 8) if t.vector_bits == 512 else Tile(2, 4)
     return Tile(4, 4)
 
 
@@ -211,6 +211,10 @@ def _load_words(b, pop: _Popcount, base, row, ld, word):
     return b.load(ptr, typ=pop.word_vec, align=8)
 
 
+def _at(b, base, idx, elem):
+    return b.gep(base, [idx], inbounds=True, source_etype=elem)
+
+
 def _if(b: ir.IRBuilder, cond):
     return b.if_then(cond, likely=True)
 
@@ -292,7 +296,67 @@ def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, 
                 for i in range(tile.mr):
                     for j in range(tile.nr):
                         b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
-    return [[pop.total(b, b.load(w)) for w in row] for row in wide]
+    lanes = pop.wide.count
+    zero = pop.zero(pop.wide)
+    totals = []
+    for row in wide:
+        accs = [b.load(w) for w in row]
+        accs += [zero] * (-len(accs) % lanes)
+        totals.append([_to_i32(b, _transpose_sum(b, accs[g:g + lanes]))
+                       for g in range(0, len(accs), lanes)])
+    return totals
+
+
+def _transpose_sum(b: ir.IRBuilder, vecs: list):
+    """One vector whose lane ``l`` is the sum of all lanes of ``vecs[l]`` (``len(vecs)`` = lanes).
+
+    A shuffle tree: each level adds pairs of vectors after interleaving blocks of ``h`` lanes,
+    so L vectors cost 2(L-1) shuffles and L-1 adds instead of L separate horizontal sums."""
+    lanes = vecs[0].type.count
+    h = 1
+    while len(vecs) > 1:
+        first, second = [], []
+        for lane in range(lanes):
+            base, off = lane - lane % (2 * h), lane % (2 * h)
+            if off < h:
+                first.append(base + off)
+                second.append(base + h + off)
+            else:
+                first.append(lanes + base + off - h)
+                second.append(lanes + base + off)
+        mask_a, mask_b = (ir.Constant(_vec(lanes, I32), m) for m in (first, second))
+        vecs = [b.add(b.shuffle_vector(x, y, mask_a), b.shuffle_vector(x, y, mask_b))
+                for x, y in zip(vecs[0::2], vecs[1::2])]
+        h *= 2
+    return vecs[0]
+
+
+def _to_i32(b, v):
+    return v if v.type.element == I32 else b.trunc(v, _vec(v.type.count, I32))
+
+
+def _suffix(elem) -> str:
+    return "f32" if elem == F32 else str(elem)
+
+
+def _masked_load(b, ty: ir.VectorType, ptr, mask):
+    fn = _intrinsic(b.module, f"llvm.masked.load.v{ty.count}{_suffix(ty.element)}.p0", ty, PTR,
+                    mask.type, ty)
+    return b.call(fn, [ptr, mask, ir.Constant(ty, None)])
+
+
+def _masked_store(b, value, ptr, mask):
+    ty = value.type
+    fn = _intrinsic(b.module, f"llvm.masked.store.v{ty.count}{_suffix(ty.element)}.p0", VOID, ty,
+                    PTR, mask.type)
+    b.call(fn, [value, ptr, mask])
+
+
+def _masked_scatter(b, value, ptrs, mask):
+    ty = value.type
+    fn = _intrinsic(b.module, f"llvm.masked.scatter.v{ty.count}{_suffix(ty.element)}.v{ty.count}p0",
+                    VOID, ty, ptrs.type, mask.type)
+    b.call(fn, [value, ptrs, mask])
 
 
 def _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, accs):
@@ -306,31 +370,41 @@ def _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, accs):
 
 
 def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
+    """Store the tile a vector of ``lanes`` outputs of a row at a time; masks drop the lanes
+    past the tile's ``nr`` columns or past ``n1``; rows past ``m1`` are skipped."""
+    lanes = totals[0][0].type.count
+    v32 = _vec(lanes, I32)
+    lane_ids = ir.Constant(v32, list(range(lanes)))
+    n1 = _splat_value(b, b.trunc(ops.n1, I32), lanes)
     for i in range(tile.mr):
         mi = b.add(m, _const(i))
         with _if(b, b.icmp_signed("<", mi, ops.m1)):
             row = epilogue.row(b, mi)
-            for j in range(tile.nr):
-                nj = b.add(n, _const(j))
-                with _if(b, b.icmp_signed("<", nj, ops.n1)):
-                    ptr = b.gep(ops.partial, [b.add(b.mul(mi, ops.ldp), nj)], inbounds=True,
-                                source_etype=I32)
-                    acc = totals[i][j]
-                    with b.if_else(first) as (then, otherwise):
-                        with then:
-                            from_first = acc
-                            first_block = b.block
-                        with otherwise:
-                            with_partial = b.add(acc, b.sext(b.load(ptr, typ=I32), I64))
-                            later_block = b.block
-                    full = b.phi(I64)
-                    full.add_incoming(from_first, first_block)
-                    full.add_incoming(with_partial, later_block)
-                    with b.if_else(last) as (then, otherwise):
-                        with then:
-                            epilogue.store(b, row, nj, full)
-                        with otherwise:
-                            b.store(b.trunc(full, I32), ptr)
+            for g, total in enumerate(totals[i]):
+                ng = b.add(n, _const(g * lanes))
+                in_tile = b.icmp_signed("<", lane_ids, _splat(v32, tile.nr - g * lanes))
+                cols = b.add(_splat_value(b, b.trunc(ng, I32), lanes), lane_ids)
+                mask = b.and_(in_tile, b.icmp_signed("<", cols, n1))
+                ptr = _at(b, ops.partial, b.add(b.mul(mi, ops.ldp), ng), I32)
+                with b.if_else(first) as (then, otherwise):
+                    with then:
+                        first_block = b.block
+                    with otherwise:
+                        with_partial = b.add(total, _masked_load(b, v32, ptr, mask))
+                        later_block = b.block
+                full = b.phi(v32)
+                full.add_incoming(total, first_block)
+                full.add_incoming(with_partial, later_block)
+                with b.if_else(last) as (then, otherwise):
+                    with then:
+                        epilogue.store(b, row, ng, full, mask)
+                    with otherwise:
+                        _masked_store(b, full, ptr, mask)
+
+
+def _splat_value(b, x, lanes: int):
+    v = b.insert_element(ir.Constant(_vec(lanes, x.type), None), x, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(_vec(lanes, I32), [0] * lanes))
 
 
 def _define(target: Target, name: str, params: list[tuple[str, ir.Type]]):
@@ -383,16 +457,28 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
     def row(b, m):
         return b.add(b.mul(b.sdiv(m, p["hw"]), p["s_blk"]), b.mul(b.srem(m, p["hw"]), p["s_row"]))
 
-    def store(b, row_at, n, pop_sum):
-        dot = b.sub(p["k"], b.shl(pop_sum, _const(1)))
-        at = b.add(row_at, b.mul(n, p["s_col"]))
+    def store(b, row_at, n, pop_sum, mask):
+        lanes = pop_sum.type.count
+        k = _splat_value(b, b.trunc(p["k"], I32), lanes)
+        dot = b.sub(k, b.shl(pop_sum, _splat(pop_sum.type, 1)))
         if epilogue == "int32":
-            b.store(b.trunc(dot, I32), b.gep(p["out"], [at], inbounds=True, source_etype=I32))
-            return
-        value = b.fmul(b.sitofp(dot, F32), b.load(b.gep(p["scale"], [n], source_etype=F32), typ=F32))
-        if epilogue == "scale_bias":
-            value = b.fadd(value, b.load(b.gep(p["bias"], [n], source_etype=F32), typ=F32))
-        b.store(value, b.gep(p["out"], [at], inbounds=True, source_etype=F32))
+            value, elem = dot, I32
+        else:
+            ftype, elem = _vec(lanes, F32), F32
+            value = b.fmul(b.sitofp(dot, ftype), _masked_load(b, ftype, _at(b, p["scale"], n, F32), mask))
+            if epilogue == "scale_bias":
+                value = b.fadd(value, _masked_load(b, ftype, _at(b, p["bias"], n, F32), mask))
+        first = _at(b, p["out"], b.add(row_at, b.mul(n, p["s_col"])), elem)
+        # Row-major outputs are contiguous along n; the NCHW layout strides by h' w'.
+        with b.if_else(b.icmp_signed("==", p["s_col"], _const(1))) as (contiguous, strided):
+            with contiguous:
+                _masked_store(b, value, first, mask)
+            with strided:
+                v64 = _vec(lanes, I64)
+                stride = _splat_value(b, b.mul(p["s_col"], _const(4)), lanes)  # int32 and float32
+                addr = b.add(_splat_value(b, b.ptrtoint(first, I64), lanes),
+                             b.mul(ir.Constant(v64, list(range(lanes))), stride))
+                _masked_scatter(b, value, b.inttoptr(addr, _vec(lanes, PTR)), mask)
 
     _gemm_body(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store))
     b.ret_void()
@@ -423,18 +509,22 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | N
     ops = _operands(p, p["planes"], p["plane_stride"])
 
     def load(base, idx, ty):
-        return b.load(b.gep(base, [idx], source_etype=ty), typ=ty)
+        return b.load(_at(b, base, idx, ty), typ=ty)
 
     def row(b, m):
-        return (b.sext(load(p["rowpop"], m, I32), I64), load(p["row_scale"], m, F32),
-                load(p["row_zero"], m, F32), b.mul(load(p["row_map"], m, I64), p["ldo"]))
+        lanes = pop.wide.count
+        return (_splat_value(b, load(p["rowpop"], m, I32), lanes),
+                _splat_value(b, load(p["row_scale"], m, F32), lanes),
+                _splat_value(b, load(p["row_zero"], m, F32), lanes),
+                b.mul(load(p["row_map"], m, I64), p["ldo"]))
 
-    def store(b, row, n, pop_sum):
+    def store(b, row, n, pop_sum, mask):
         rowpop, scale, zero, row_at = row
-        dot = b.sitofp(b.sub(b.shl(pop_sum, _const(1)), rowpop), F32)
-        value = b.fadd(b.fmul(scale, dot), b.fmul(zero, load(p["colsum"], n, F32)))
-        at = b.add(row_at, n)
-        b.store(value, b.gep(p["out"], [at], inbounds=True, source_etype=F32))
+        ftype = _vec(pop_sum.type.count, F32)
+        dot = b.sitofp(b.sub(b.shl(pop_sum, _splat(pop_sum.type, 1)), rowpop), ftype)
+        colsum = _masked_load(b, ftype, _at(b, p["colsum"], n, F32), mask)
+        value = b.fadd(b.fmul(scale, dot), b.fmul(zero, colsum))
+        _masked_store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
 
     _gemm_body(b, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
     b.ret_void()
