@@ -246,7 +246,6 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
         raise ValueError(f"bits={bits} is not supported; expected one of {BITS}")
     g2d = g2d.detach().float().contiguous()
     kind = grouping(method, path)
-    n, _ = group_index(g2d, kind, rows_per_sample)
     lo, hi = group_min_max(g2d, kind, rows_per_sample)
     keep, prob = keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
     return lo, hi, keep, prob

@@ -1,0 +1,190 @@
+"""LLVM IR for the fused gradient quantizer of SPEC §4 (two passes over ``G'``).
+
+``G'`` is read in place as a strided 3-D view ``g[n, o, i]`` (sample, channel, position
+within the sample): an NCHW conv gradient with ``i = h*W + w``, or a ``[rows, O]`` matrix
+with ``i`` a row within its sample. Its element has G' row ``r = n*HW + i`` and counter index
+``r*O + o`` in the stochastic-rounding stream (``ops.rng``). An optional per-channel
+``alpha`` is multiplied in on the fly (``G' = alpha ⊙ g``, one float32 multiply, as torch does).
+
+* ``group_minmax_ir``: min and max of every ``(n, o)`` pair over ``i``; the runtime reduces
+  them to per-tensor, per-sample or per-channel groups (min/max are exact in any order).
+* ``quantize_pack_ir``: for each output row (a kept group's row of the path's GEMM operand),
+  stochastic rounding with the SplitMix64 draws computed in the kernel and the reference's
+  float32 operations in the reference's order (``t = (v - z) * s``, ``floor(t + u)``, clamp;
+  no fast-math flags, so LLVM neither reassociates nor contracts them into an FMA), then
+  bit-plane packing: plane ``t`` of output row ``m`` is ``out[t, m, :]``.
+
+An output row is ``nseg`` segments of ``seg_len`` elements, packed back to back: the
+input-gradient path has one segment per row (a G' row, packed along ``o``); the
+weight-gradient path has one segment per sample (a channel's ``HW`` positions of sample
+``n``, packed along ``r``). Per-row tables give each row's first element, first counter,
+group and channel, so the kernel never divides.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+
+from ..ops import rng
+from .builder import F32, I1, I32, I64, PTR, BitStream, Kernel, const_vec, masked_load, masked_scatter, vec
+from .targets import Target, get_target
+
+LANES = 64
+
+
+def _i64(v: int) -> ir.Constant:
+    return ir.Constant(I64, v - (1 << 64) if v >= 1 << 63 else v)
+
+
+def _module(target: Target, name: str) -> ir.Module:
+    m = ir.Module(name=name)
+    m.triple = target.triple
+    return m
+
+
+def _load_strided(k: Kernel, base, first, stride, mask, passthru):
+    """Lanes ``first + 0..63`` of a strided float run (masked); contiguous runs use a plain
+    masked load, others a gather."""
+    b = k.b
+    out = k.var(passthru.type)
+    with b.if_else(b.icmp_signed("==", stride, ir.Constant(I64, 1))) as (unit, strided):
+        with unit:
+            k.set(out, masked_load(k, k.gep(base, first), mask, passthru, gather=False))
+        with strided:
+            idx = b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
+            ptrs = k.vgep(base, b.mul(idx, k.splat(stride, LANES)), 4)
+            k.set(out, masked_load(k, ptrs, mask, passthru, gather=True))
+    return k.get(out, passthru.type)
+
+
+def _times_alpha(k: Kernel, v, alpha, ch, first, ch_step, mask):
+    """``v * alpha[ch + lane*ch_step]`` when ``alpha`` is not null (``ch_step`` is 0 or 1)."""
+    b = k.b
+    out = k.var(v.type, v)
+    with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(alpha, I64), ir.Constant(I64, 0))):
+        a0 = k.gep(alpha, ch)
+        scaled = k.var(v.type)
+        with b.if_else(b.icmp_signed("==", ch_step, ir.Constant(I64, 0))) as (same, along):
+            with same:
+                k.set(scaled, b.fmul(v, k.splat(b.load(a0, typ=F32), LANES)))
+            with along:
+                av = masked_load(k, k.gep(a0, first), mask, const_vec(LANES, 0.0, F32), gather=False)
+                k.set(scaled, b.fmul(v, av))
+        k.set(out, k.get(scaled, v.type))
+    return k.get(out, v.type)
+
+
+def group_minmax_ir(target: str | Target = "host") -> str:
+    """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, p0, p1)``: for pairs
+    ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``."""
+    t = get_target(target)
+    m = _module(t, "fqt_quantize")
+    k = Kernel(m, "fqt_group_minmax", [("g", PTR), ("sn", I64), ("so", I64), ("si", I64), ("alpha", PTR),
+                                       ("O", I64), ("HW", I64), ("lo", PTR), ("hi", PTR),
+                                       ("p0", I64), ("p1", I64)])
+    a, b = k.arg, k.b
+    inf, ninf = const_vec(LANES, float("inf"), F32), const_vec(LANES, float("-inf"), F32)
+    fv = vec(LANES, F32)
+    with k.loop(a["p0"], a["p1"]) as p:
+        n, o = b.sdiv(p, a["O"]), b.srem(p, a["O"])
+        base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(o, a["so"])))
+        lo, hi = k.var(fv, inf), k.var(fv, ninf)
+        with k.loop(0, a["HW"], LANES) as first:
+            idx = b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
+            mask = b.icmp_signed("<", idx, k.splat(a["HW"], LANES))
+            v = _load_strided(k, base, first, a["si"], mask, const_vec(LANES, 0.0, F32))
+            v = _times_alpha(k, v, a["alpha"], o, first, ir.Constant(I64, 0), mask)
+            cur_lo, cur_hi = k.get(lo, fv), k.get(hi, fv)
+            k.set(lo, b.select(b.and_(mask, b.fcmp_ordered("<", v, cur_lo)), v, cur_lo))
+            k.set(hi, b.select(b.and_(mask, b.fcmp_ordered(">", v, cur_hi)), v, cur_hi))
+        for name, acc, red in (("lo", lo, "fmin"), ("hi", hi, "fmax")):
+            value = k.call(f"llvm.vector.reduce.{red}.v{LANES}f32", F32, [k.get(acc, fv)])
+            b.store(value, k.gep(a[name], p))
+    k.finish()
+    return str(m)
+
+
+def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:
+    """``rng.uniform`` of counter ``index`` (per lane): SplitMix64 then the top 24 bits."""
+    b = k.b
+    n = LANES
+    z = b.add(k.splat(key, n), b.mul(b.add(index, const_vec(n, 1)), const_vec(n, _i64(rng.GOLDEN).constant)))
+    z = b.xor(z, b.lshr(z, const_vec(n, 30)))
+    z = b.mul(z, const_vec(n, _i64(rng.MUL1).constant))
+    z = b.xor(z, b.lshr(z, const_vec(n, 27)))
+    z = b.mul(z, const_vec(n, _i64(rng.MUL2).constant))
+    z = b.xor(z, b.lshr(z, const_vec(n, 31)))
+    top = b.trunc(b.lshr(z, const_vec(n, 40)), vec(n, I32))
+    # 24-bit integers convert exactly and a power-of-two scale is exact: matches numpy.
+    return b.fmul(b.sitofp(top, vec(n, F32)), const_vec(n, 2.0 ** -24, F32))
+
+
+def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
+    """``fqt_quantize_pack(g, alpha, key, zero, scale, row_off, row_ctr, row_group, row_ch,
+    nseg, seg_len, seg_stride, elem_stride, seg_ctr, elem_ctr, seg_group, ch_step,
+    out, rows, ld, m0, m1)``.
+
+    Output row ``m``, segment ``s``, element ``j``: value ``g[row_off[m] + s*seg_stride +
+    j*elem_stride]`` (times ``alpha[row_ch[m] + j*ch_step]``), counter ``row_ctr[m] +
+    s*seg_ctr + j*elem_ctr``, group ``row_group[m] + s*seg_group`` whose ``zero`` (the group
+    minimum z) and ``scale`` (``B / R``, 0 for R = 0) give the code; bit ``t`` of the code goes
+    to packed bit ``s*seg_len + j`` of ``out[t, m]`` (planes of ``rows x ld`` words)."""
+    t = get_target(target)
+    levels = float(2 ** bits - 1)
+    m = _module(t, "fqt_quantize")
+    names = ["g", "alpha", "key", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "nseg",
+             "seg_len", "seg_stride", "elem_stride", "seg_ctr", "elem_ctr", "seg_group", "ch_step",
+             "out", "rows", "ld", "m0", "m1"]
+    ptrs = {"g", "alpha", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "out"}
+    k = Kernel(m, f"fqt_quantize_pack_b{bits}", [(nm, PTR if nm in ptrs else I64) for nm in names])
+    a, b = k.arg, k.b
+    fv = vec(LANES, F32)
+    lane = const_vec(LANES, range(LANES))
+    with k.loop(a["m0"], a["m1"]) as row:
+        def load_i64(name):
+            return b.load(k.gep(a[name], row, I64), typ=I64)
+
+        off, ctr, group, ch = (load_i64(nm) for nm in ("row_off", "row_ctr", "row_group", "row_ch"))
+        plane_rows = const_vec(bits, [p for p in range(bits)]) if bits > 1 else None
+
+        def store(acc, word, row=row):
+            if bits == 1:
+                b.store(acc, k.gep(a["out"], b.add(b.mul(row, a["ld"]), word), I64))
+                return
+            prow = b.add(b.mul(plane_rows, k.splat(a["rows"], bits)), k.splat(row, bits))
+            addr = b.add(b.mul(prow, k.splat(a["ld"], bits)), k.splat(word, bits))
+            masked_scatter(k, acc, k.vgep(a["out"], addr, 8), const_vec(bits, 1, I1))
+
+        stream = BitStream(k, bits, store)
+        with k.loop(0, a["nseg"]) as s:
+            gi = b.add(group, b.mul(s, a["seg_group"]))
+            z = k.splat(b.load(k.gep(a["zero"], gi), typ=F32), LANES)
+            sc = k.splat(b.load(k.gep(a["scale"], gi), typ=F32), LANES)
+            base = k.gep(a["g"], b.add(off, b.mul(s, a["seg_stride"])))
+            seg_ctr = b.add(ctr, b.mul(s, a["seg_ctr"]))
+            with k.loop(0, a["seg_len"], LANES) as first:
+                j = b.add(k.splat(first, LANES), lane)
+                mask = b.icmp_signed("<", j, k.splat(a["seg_len"], LANES))
+                v = _load_strided(k, base, first, a["elem_stride"], mask, const_vec(LANES, 0.0, F32))
+                v = _times_alpha(k, v, a["alpha"], ch, first, a["ch_step"], mask)
+                tv = b.fmul(b.fsub(v, z), sc)
+                u = _uniform(k, b.add(k.splat(seg_ctr, LANES), b.mul(j, k.splat(a["elem_ctr"], LANES))), a["key"])
+                q = k.call(f"llvm.floor.v{LANES}f32", fv, [b.fadd(tv, u)])
+                q = b.select(b.fcmp_ordered("<", q, const_vec(LANES, 0.0, F32)), const_vec(LANES, 0.0, F32), q)
+                q = b.select(b.fcmp_ordered(">", q, const_vec(LANES, levels, F32)), const_vec(LANES, levels, F32), q)
+                code = b.fptosi(q, vec(LANES, I32))
+                words = []
+                for p in range(bits):
+                    bit = b.icmp_unsigned("!=", b.and_(code, const_vec(LANES, 1 << p, I32)), const_vec(LANES, 0, I32))
+                    words.append(b.bitcast(b.and_(bit, mask), I64))
+                if bits == 1:
+                    field = words[0]
+                else:
+                    field = ir.Constant(vec(bits), [0] * bits)
+                    for p, w in enumerate(words):
+                        field = b.insert_element(field, w, ir.Constant(I32, p))
+                left = b.sub(a["seg_len"], first)
+                length = b.select(b.icmp_signed("<", left, ir.Constant(I64, LANES)), left, ir.Constant(I64, LANES))
+                stream.append(field, length)
+        stream.finish(a["ld"])
+    k.finish()
+    return str(m)

@@ -1,0 +1,204 @@
+"""The fused gradient quantizer on torch tensors (SPEC §4), draw for draw the reference's.
+
+``G'`` is given either as the NCHW gradient of a conv output (read in place: element
+``(n, o, h, w)`` is G' row ``r = (n*H + h)*W + w``, column ``o``, as ``reference.conv_rows``)
+or as a 2-D ``[rows, O]`` matrix; ``alpha`` (per output channel), when given, is multiplied
+in on the fly: ``G' = alpha ⊙ g``.
+
+1. ``sample_groups``: the min/max kernel, then ranges -> keep probabilities and the keep
+   draws on the N groups in Python (``reference.keep_groups``; tiny).
+2. ``quantize_bitplanes``: stochastic rounding of the kept groups only, bit-plane packed
+   along the contraction axis of the path, as ``runtime.gemm.bitplane_gemm`` consumes it:
+   ``out[row_map[m], :] = row_scale[m] * dot(m) + row_zero[m] * colsum``.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..codegen import quantize as gen
+from ..codegen.targets import get_target
+from ..ops import reference, rng
+from .jit import compile_ir
+from .pack import parallel_rows
+from .packed import padded_words
+
+_I64, _P = ctypes.c_int64, ctypes.c_void_p
+
+
+@lru_cache(maxsize=None)
+def _fn(family: str, target: str, bits: int = 0):
+    if family == "minmax":
+        lib = compile_ir(gen.group_minmax_ir(target), target)
+        return lib.function("fqt_group_minmax", None, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
+    lib = compile_ir(gen.quantize_pack_ir(target, bits=bits), target)
+    return lib.function(f"fqt_quantize_pack_b{bits}", None, _P, _P, ctypes.c_uint64, *[_P] * 6,
+                        *[_I64] * 8, _P, _I64, _I64, _I64, _I64)
+
+
+@dataclass
+class _View:
+    """``G'`` as ``g[n, o, i]``: ``n`` samples of ``rps`` rows each (one sample of all rows
+    when the grouping has no samples), ``o`` channels."""
+
+    g: torch.Tensor       # float32 3-D view, strides (sn, so, si)
+    alpha: torch.Tensor | None
+
+    @property
+    def n(self):
+        return self.g.shape[0]
+
+    @property
+    def channels(self):
+        return self.g.shape[1]
+
+    @property
+    def rps(self):
+        return self.g.shape[2]
+
+    def alpha_ptr(self):
+        return self.alpha.data_ptr() if self.alpha is not None else None
+
+
+def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _View:
+    g = g.detach()
+    if g.dtype != torch.float32:
+        g = g.float()
+    if g.dim() == 4:
+        n, o, h, w = g.shape
+        if rows_per_sample not in (None, h * w):
+            raise ValueError(f"an NCHW gradient has rows_per_sample = H*W = {h * w}, got {rows_per_sample}")
+        try:
+            g3 = g.view(n, o, h * w)
+        except RuntimeError:
+            g3 = g.contiguous().view(n, o, h * w)
+    elif g.dim() == 2:
+        rows, o = g.shape
+        rps = rows_per_sample if kind == "sample" else rows
+        if not rps or rows % rps:
+            raise ValueError(f"{rows} rows do not split into samples of {rows_per_sample} rows")
+        g3 = g.view(rows // rps, rps, o).permute(0, 2, 1)
+    else:
+        raise ValueError(f"G' must be NCHW or [rows, O], got shape {tuple(g.shape)}")
+    if alpha is not None:
+        alpha = alpha.detach().float().contiguous()
+        if alpha.shape != (g3.shape[1],):
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({g3.shape[1]},)")
+    return _View(g3, alpha)
+
+
+def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = None,
+                  alpha: torch.Tensor | None = None, target="host"):
+    """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass."""
+    if kind not in ("tensor", "sample", "channel"):
+        raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
+    v = _view(g, kind, rows_per_sample, alpha)
+    return _min_max(v, kind, get_target(target).name)
+
+
+def _min_max(v: _View, kind: str, target: str):
+    pairs = v.n * v.channels
+    lo, hi = torch.empty(pairs), torch.empty(pairs)
+    sn, so, si = v.g.stride()
+    parallel_rows(_fn("minmax", target), pairs, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), v.channels,
+                  v.rps, lo.data_ptr(), hi.data_ptr(), min_rows=8)
+    lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
+    if kind == "tensor":
+        return lo.amin().view(1), hi.amax().view(1)
+    dim = 1 if kind == "sample" else 0
+    return lo.amin(dim), hi.amax(dim)
+
+
+def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_per_sample: int | None = None,
+                  seed: int, step: int, layer: int, alpha: torch.Tensor | None = None, target="host"):
+    """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``."""
+    if bits not in reference.BITS:
+        raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
+    kind = reference.grouping(method, path)
+    lo, hi = group_min_max(g, kind, rows_per_sample=rows_per_sample, alpha=alpha, target=target)
+    keep, prob = reference.keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
+    return lo, hi, keep, prob
+
+
+@dataclass
+class BitplaneGradient:
+    """The kept groups of ``G'`` for one path as bit planes, ready for ``bitplane_gemm``.
+
+    ``planes[t, m]`` holds bit ``t`` of the codes of kept row ``m``, packed along the path's
+    contraction axis (``k`` bits: the O channels on the input path, the R rows on the weight
+    path). Row ``m`` is output row ``row_map[m]`` (a G' row on the input path, a channel on
+    the weight path) of a ``[out_rows, ...]`` result. ``row_scale``/``row_zero`` (``R/(B p)``
+    and ``z/p`` of the row's group) are None when the groups are not constant along rows
+    (per-sample groups on the weight path, ``psq``): then use the per-group ``scale``/``zero``."""
+
+    planes: torch.Tensor            # int64 [bits, rows, ld]
+    k: int
+    row_map: torch.Tensor           # int64 [rows]
+    row_scale: torch.Tensor | None  # float32 [rows]
+    row_zero: torch.Tensor | None   # float32 [rows]
+    out_rows: int
+    kind: str                       # grouping: "tensor" | "sample" | "channel"
+    keep: torch.Tensor              # bool [groups]
+    prob: torch.Tensor              # float32 [groups]
+    scale: torch.Tensor             # float32 [groups]
+    zero: torch.Tensor              # float32 [groups]
+
+    @property
+    def bits(self) -> int:
+        return self.planes.shape[0]
+
+
+def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
+                       rows_per_sample: int | None = None, seed: int, step: int, layer: int,
+                       alpha: torch.Tensor | None = None, stats=None, target="host") -> BitplaneGradient:
+    """Quantize ``G'`` for one path (``reference.quantize_gradient``, same codes and keep
+    decisions) straight into bit planes of the kept groups. ``stats``: the ``(lo, hi, keep,
+    prob)`` of ``sample_groups`` when already computed."""
+    kind = reference.grouping(method, path)
+    if path not in (reference.PATH_INPUT, reference.PATH_WEIGHT):
+        raise ValueError(f"path must be {reference.PATH_INPUT!r} or {reference.PATH_WEIGHT!r}, got {path!r}")
+    tname = get_target(target).name
+    v = _view(g, kind, rows_per_sample, alpha)
+    if stats is None:
+        stats = sample_groups(g, method, path, bits, rows_per_sample=rows_per_sample, seed=seed, step=step,
+                              layer=layer, alpha=alpha, target=target)
+    lo, hi, keep, prob = (t.contiguous() for t in stats)
+    levels = float(2 ** bits - 1)
+    ranges = hi - lo
+    # B / R with the reference's float32 division (stochastic_codes).
+    sr_scale = torch.where(ranges > 0, torch.tensor(levels, dtype=torch.float32) / ranges, torch.zeros(()))
+    scale, zero = reference.dequantization(lo, hi, keep, prob, bits)
+    sn, so, si = v.g.stride()
+    n, channels, rps = v.n, v.channels, v.rps
+    if path == reference.PATH_INPUT:
+        sample_group = torch.arange(n) if kind == "sample" else torch.zeros(n, dtype=torch.int64)
+        kept = torch.nonzero(keep[sample_group]).view(-1)
+        rows = (kept.view(-1, 1) * rps + torch.arange(rps)).view(-1)
+        samples, within = rows // rps, rows % rps
+        tables = (samples * sn + within * si, rows * channels, sample_group[samples], torch.zeros_like(rows))
+        layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
+        k, out_rows, aligned = channels, n * rps, True
+        stream = rng.STREAM_SR_INPUT
+    else:
+        group = {"channel": torch.arange(channels), "tensor": torch.zeros(channels, dtype=torch.int64),
+                 "sample": torch.zeros(channels, dtype=torch.int64)}[kind]
+        row_kept = keep[group] if kind != "sample" else torch.ones(channels, dtype=torch.bool)
+        rows = torch.nonzero(row_kept).view(-1)
+        tables = (rows * so, rows, group[rows], rows)
+        layout = (n, rps, sn, si, rps * channels, channels, int(kind == "sample"), 0)
+        k, out_rows, aligned = n * rps, channels, kind != "sample"
+        stream = rng.STREAM_SR_WEIGHT
+    m = rows.numel()
+    planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
+    if m:
+        tables = [t.contiguous() for t in tables]
+        key = rng.stream_key(seed, step, layer, stream)
+        parallel_rows(_fn("pack", tname, bits), m, v.g.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
+                      sr_scale.data_ptr(), *[t.data_ptr() for t in tables], *layout, planes.data_ptr(), m,
+                      planes.shape[2], min_rows=4)
+    groups = tables[2]
+    return BitplaneGradient(planes, k, rows, scale[groups] if aligned else None,
+                            zero[groups] if aligned else None, out_rows, kind, keep, prob, scale, zero)

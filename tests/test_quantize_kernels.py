@@ -1,0 +1,142 @@
+"""The fused gradient quantizer against reference.quantize_gradient: same keep decisions,
+same codes (as bit planes, padding words included), same scale/zero, for a seed."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fqt_compiler.codegen.targets import get_target, runs_on_host
+from fqt_compiler.ops import reference
+from fqt_compiler.runtime import quantize
+from fqt_compiler.runtime.packed import PackedBits
+
+TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
+METHODS = ("ptq", "psq", "aq_scq", "topk")
+PATHS = (reference.PATH_INPUT, reference.PATH_WEIGHT)
+KEY = dict(seed=3, step=11, layer=2)
+
+
+def expected_planes(ref: reference.QuantizedGradient, path: str, rows_per_sample: int):
+    """Bit planes of the kept rows of the path's operand (codes of G' rows packed along o,
+    or of G' columns packed along r) and the output rows they map to."""
+    codes = ref.codes.long()
+    if path == reference.PATH_INPUT:
+        _, ids = reference.group_index(ref.codes, ref.kind, rows_per_sample)
+        rows = torch.nonzero(ref.keep[ids[:, 0]]).view(-1)
+        operand = codes[rows]
+    else:
+        channels = codes.shape[1]
+        if ref.kind == "sample":
+            kept = torch.ones(channels, dtype=torch.bool)
+        else:
+            kept = ref.keep.expand(channels)
+        rows = torch.nonzero(kept).view(-1)
+        operand = codes.T[rows]
+    planes = torch.stack([PackedBits.from_bool(((operand >> t) & 1).bool()).words
+                          for t in range(ref.bits)])
+    return planes, rows
+
+
+def check(got: quantize.BitplaneGradient, ref: reference.QuantizedGradient, path, rows_per_sample):
+    assert torch.equal(got.keep, ref.keep) and torch.equal(got.prob, ref.prob)
+    assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
+    planes, rows = expected_planes(ref, path, rows_per_sample)
+    assert torch.equal(got.row_map, rows)
+    assert torch.equal(got.planes, planes)
+    if got.row_scale is not None:
+        _, ids = reference.group_index(ref.codes, ref.kind, rows_per_sample)
+        group = ids[rows, 0] if path == reference.PATH_INPUT else ids[0, rows]
+        assert torch.equal(got.row_scale, ref.scale[group]) and torch.equal(got.row_zero, ref.zero[group])
+    else:
+        assert path == reference.PATH_WEIGHT and ref.kind == "sample"
+
+
+def gradient(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x.view(-1)[::5] *= 30   # uneven group ranges, so AQ keeps some groups with certainty
+    return x
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 70, 3, 5), (4, 1, 1, 1), (5, 130, 2, 3), (1, 64, 8, 8), (7, 3, 1, 13)])
+def test_conv_gradient_all_methods(target, shape):
+    n, o, h, w = shape
+    g = gradient(*shape, seed=o)
+    alpha = torch.rand(o) + 0.1
+    g2d = reference.conv_rows(g * alpha.view(1, -1, 1, 1))
+    for method, path, bits in itertools.product(METHODS, PATHS, (1, 2, 4, 8)):
+        ref = reference.quantize_gradient(g2d, method, path, bits, rows_per_sample=h * w, **KEY)
+        got = quantize.quantize_bitplanes(g, method, path, bits, alpha=alpha, target=target, **KEY)
+        check(got, ref, path, h * w)
+        assert got.out_rows == (n * h * w if path == reference.PATH_INPUT else o)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rows,cols,rps", [(1, 1, 1), (6, 63, 1), (10, 64, 2), (9, 65, 3), (13, 127, 13), (4, 200, 1)])
+def test_matrix_gradient(target, rows, cols, rps):
+    g = gradient(rows, cols, seed=rows * cols)
+    for method, path, bits in itertools.product(METHODS, PATHS, (1, 4)):
+        ref = reference.quantize_gradient(g, method, path, bits, rows_per_sample=rps, **KEY)
+        got = quantize.quantize_bitplanes(g, method, path, bits, rows_per_sample=rps, target=target, **KEY)
+        check(got, ref, path, rps)
+    gt = gradient(cols, rows, seed=1).T          # a transposed (non-contiguous) G'
+    ref = reference.quantize_gradient(gt, "aq_scq", reference.PATH_INPUT, 2, rows_per_sample=rps, **KEY)
+    got = quantize.quantize_bitplanes(gt, "aq_scq", reference.PATH_INPUT, 2, rows_per_sample=rps, **KEY)
+    check(got, ref, reference.PATH_INPUT, rps)
+
+
+def test_non_contiguous_conv_gradient_and_zero_ranges():
+    g = gradient(4, 6, 5, 10)[:, :, :, ::2]        # W not mergeable with H: copied once
+    g[1] = 0.5                                     # a constant sample: R = 0, codes 0
+    g2d = reference.conv_rows(g)
+    for method, path in itertools.product(METHODS, PATHS):
+        ref = reference.quantize_gradient(g2d, method, path, 4, rows_per_sample=25, **KEY)
+        check(quantize.quantize_bitplanes(g, method, path, 4, **KEY), ref, path, 25)
+    cl = gradient(3, 9, 4, 4).to(memory_format=torch.channels_last)   # read in place
+    ref = reference.quantize_gradient(reference.conv_rows(cl), "aq_scq", reference.PATH_WEIGHT, 8,
+                                      rows_per_sample=16, **KEY)
+    check(quantize.quantize_bitplanes(cl, "aq_scq", reference.PATH_WEIGHT, 8, **KEY), ref,
+          reference.PATH_WEIGHT, 16)
+
+
+def test_group_stats_match_reference():
+    g = gradient(5, 7, 3, 3)
+    alpha = torch.rand(7) + 0.5
+    g2d = reference.conv_rows(g * alpha.view(1, -1, 1, 1))
+    for method, path in itertools.product(METHODS, PATHS):
+        ref = reference.sample_groups(g2d, method, path, 4, rows_per_sample=9, **KEY)
+        got = quantize.sample_groups(g, method, path, 4, alpha=alpha, **KEY)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+
+
+def test_different_seeds_give_different_codes():
+    g = gradient(2, 64, 4, 4)
+    a = quantize.quantize_bitplanes(g, "psq", reference.PATH_INPUT, 4, seed=0, step=0, layer=0)
+    b = quantize.quantize_bitplanes(g, "psq", reference.PATH_INPUT, 4, seed=0, step=1, layer=0)
+    assert not torch.equal(a.planes, b.planes)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 5), o=st.integers(1, 80), h=st.integers(1, 6), w=st.integers(1, 6),
+       method=st.sampled_from(METHODS), path=st.sampled_from(PATHS), bits=st.sampled_from((1, 2, 4, 8)),
+       seed=st.integers(0, 2**31))
+def test_quantize_property(n, o, h, w, method, path, bits, seed):
+    g = gradient(n, o, h, w, seed=seed)
+    ref = reference.quantize_gradient(reference.conv_rows(g), method, path, bits, rows_per_sample=h * w,
+                                      seed=seed, step=1, layer=0)
+    got = quantize.quantize_bitplanes(g, method, path, bits, seed=seed, step=1, layer=0)
+    check(got, ref, path, h * w)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="bits"):
+        quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "psq", "input", 3, **KEY)
+    with pytest.raises(ValueError, match="do not split"):
+        quantize.quantize_bitplanes(gradient(5, 3), "psq", "input", 4, rows_per_sample=2, **KEY)
+    with pytest.raises(ValueError, match="rows_per_sample"):
+        quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "psq", "input", 4, rows_per_sample=3, **KEY)
+    with pytest.raises(ValueError, match="quantizes no groups"):
+        quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "none", "input", 4, **KEY)
