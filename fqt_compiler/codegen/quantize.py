@@ -118,6 +118,29 @@ def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:
     return b.fmul(b.sitofp(top, vec(n, F32)), const_vec(n, 2.0 ** -24, F32))
 
 
+def _codes(k: Kernel, v, z, sc, ctr, key, bits: int):
+    """b-bit stochastic rounding codes (``<64 x i32>``), the reference's float32 operations in
+    its order: ``t = (v - z) * s``, ``q = clamp(floor(t + u), 0, B)``."""
+    b = k.b
+    levels = const_vec(LANES, float(2 ** bits - 1), F32)
+    zero = const_vec(LANES, 0.0, F32)
+    tv = b.fmul(b.fsub(v, z), sc)
+    q = k.call(f"llvm.floor.v{LANES}f32", v.type, [b.fadd(tv, _uniform(k, ctr, key))])
+    q = b.select(b.fcmp_ordered("<", q, zero), zero, q)
+    q = b.select(b.fcmp_ordered(">", q, levels), levels, q)
+    return b.fptosi(q, vec(LANES, I32))
+
+
+def _plane_words(k: Kernel, code, mask, bits: int) -> list:
+    """Bit ``t`` of the 64 codes (lanes outside ``mask`` 0) as one word per plane ``t``."""
+    b = k.b
+    words = []
+    for p in range(bits):
+        bit = b.icmp_unsigned("!=", b.and_(code, const_vec(LANES, 1 << p, I32)), const_vec(LANES, 0, I32))
+        words.append(b.bitcast(b.and_(bit, mask), I64))
+    return words
+
+
 def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
     """``fqt_quantize_pack(g, alpha, key, zero, scale, row_off, row_ctr, row_group, row_ch,
     nseg, seg_len, seg_stride, elem_stride, seg_ctr, elem_ctr, seg_group, ch_step,
@@ -129,7 +152,6 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
     minimum z) and ``scale`` (``B / R``, 0 for R = 0) give the code; bit ``t`` of the code goes
     to packed bit ``s*seg_len + j`` of ``out[t, m]`` (planes of ``rows x ld`` words)."""
     t = get_target(target)
-    levels = float(2 ** bits - 1)
     m = _module(t, "fqt_quantize")
     names = ["g", "alpha", "key", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "nseg",
              "seg_len", "seg_stride", "elem_stride", "seg_ctr", "elem_ctr", "seg_group", "ch_step",
@@ -137,7 +159,6 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
     ptrs = {"g", "alpha", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "out"}
     k = Kernel(m, f"fqt_quantize_pack_b{bits}", [(nm, PTR if nm in ptrs else I64) for nm in names])
     a, b = k.arg, k.b
-    fv = vec(LANES, F32)
     lane = const_vec(LANES, range(LANES))
     with k.loop(a["m0"], a["m1"]) as row:
         def load_i64(name):
@@ -166,16 +187,8 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
                 mask = b.icmp_signed("<", j, k.splat(a["seg_len"], LANES))
                 v = _load_strided(k, base, first, a["elem_stride"], mask, const_vec(LANES, 0.0, F32))
                 v = _times_alpha(k, v, a["alpha"], ch, first, a["ch_step"], mask)
-                tv = b.fmul(b.fsub(v, z), sc)
-                u = _uniform(k, b.add(k.splat(seg_ctr, LANES), b.mul(j, k.splat(a["elem_ctr"], LANES))), a["key"])
-                q = k.call(f"llvm.floor.v{LANES}f32", fv, [b.fadd(tv, u)])
-                q = b.select(b.fcmp_ordered("<", q, const_vec(LANES, 0.0, F32)), const_vec(LANES, 0.0, F32), q)
-                q = b.select(b.fcmp_ordered(">", q, const_vec(LANES, levels, F32)), const_vec(LANES, levels, F32), q)
-                code = b.fptosi(q, vec(LANES, I32))
-                words = []
-                for p in range(bits):
-                    bit = b.icmp_unsigned("!=", b.and_(code, const_vec(LANES, 1 << p, I32)), const_vec(LANES, 0, I32))
-                    words.append(b.bitcast(b.and_(bit, mask), I64))
+                ctr_v = b.add(k.splat(seg_ctr, LANES), b.mul(j, k.splat(a["elem_ctr"], LANES)))
+                words = _plane_words(k, _codes(k, v, z, sc, ctr_v, a["key"], bits), mask, bits)
                 if bits == 1:
                     field = words[0]
                 else:
@@ -186,5 +199,84 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
                 length = b.select(b.icmp_signed("<", left, ir.Constant(I64, LANES)), left, ir.Constant(I64, LANES))
                 stream.append(field, length)
         stream.finish(a["ld"])
+    k.finish()
+    return str(m)
+
+
+def _transpose64(k: Kernel, words: ir.Value) -> ir.Value:
+    """Transpose a 64x64 bit matrix held as ``<64 x i64>`` (bit ``c`` of lane ``r`` -> bit ``r``
+    of lane ``c``): six stages that swap the off-diagonal ``j x j`` blocks of each ``2j x 2j``
+    block, lanes paired by a shuffle."""
+    b = k.b
+    for j in (32, 16, 8, 4, 2, 1):
+        keep_mask = sum(1 << c for c in range(64) if not c & j)
+        low = const_vec(LANES, [not r & j for r in range(LANES)], I1)
+        partner = b.shuffle_vector(words, words, const_vec(LANES, [r ^ j for r in range(LANES)], I32))
+        lo_row, hi_row = b.select(low, words, partner), b.select(low, partner, words)
+        t = b.and_(b.xor(b.lshr(lo_row, const_vec(LANES, j)), hi_row), const_vec(LANES, _i64(keep_mask).constant))
+        words = b.xor(words, b.select(low, b.shl(t, const_vec(LANES, j)), t))
+    return words
+
+
+def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
+    """Input path with G' rows contiguous along ``i`` (an NCHW gradient):
+    ``fqt_quantize_pack_rows_b{bits}(g, sn, so, si, alpha, key, zero, scale, samples, groups,
+    O, HW, out, rows, ld, t0, t1)``.
+
+    Tile ``t`` is 64 consecutive rows ``i0 .. i0+63`` of kept sample ``samples[t / ceil(HW/64)]``
+    (group ``groups[...]``), output rows ``(t / ceil(HW/64))*HW + i``. Codes are computed 64 rows
+    at a time for one channel (a contiguous load instead of a 64-way gather across channels),
+    giving one word per channel and plane; each 64x64 block is then bit-transposed so that
+    each output row is packed along the channels, as the input-gradient GEMM contracts."""
+    t = get_target(target)
+    m = _module(t, "fqt_quantize")
+    args = [("g", PTR), ("sn", I64), ("so", I64), ("si", I64), ("alpha", PTR), ("key", I64), ("zero", PTR),
+            ("scale", PTR), ("samples", PTR), ("groups", PTR), ("O", I64), ("HW", I64), ("out", PTR),
+            ("rows", I64), ("ld", I64), ("t0", I64), ("t1", I64)]
+    k = Kernel(m, f"fqt_quantize_pack_rows_b{bits}", args)
+    a, b = k.arg, k.b
+    c64 = ir.Constant(I64, LANES)
+    lane = const_vec(LANES, range(LANES))
+    with k.b.goto_block(k.fn.basic_blocks[0]):
+        tile = b.alloca(ir.ArrayType(I64, bits * LANES))
+    blocks_per_sample = b.sdiv(b.add(a["HW"], ir.Constant(I64, LANES - 1)), c64)
+    channel_words = b.sdiv(b.add(a["O"], ir.Constant(I64, LANES - 1)), c64)
+    with k.loop(a["t0"], a["t1"]) as tix:
+        ks, ib = b.sdiv(tix, blocks_per_sample), b.srem(tix, blocks_per_sample)
+        n = b.load(k.gep(a["samples"], ks, I64), typ=I64)
+        grp = b.load(k.gep(a["groups"], ks, I64), typ=I64)
+        i0 = b.mul(ib, c64)
+        rows_i = b.add(k.splat(i0, LANES), lane)
+        valid = b.icmp_signed("<", rows_i, k.splat(a["HW"], LANES))
+        z = k.splat(b.load(k.gep(a["zero"], grp), typ=F32), LANES)
+        sc = k.splat(b.load(k.gep(a["scale"], grp), typ=F32), LANES)
+        base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(i0, a["si"])))
+        # G' row r = n*HW + i has counters r*O + o.
+        row_ctr = b.mul(b.add(k.splat(b.mul(n, a["HW"]), LANES), rows_i), k.splat(a["O"], LANES))
+        out_row = b.add(k.splat(b.add(b.mul(ks, a["HW"]), i0), LANES), lane)
+        plane_ptrs = [k.vgep(a["out"], b.mul(b.add(out_row, k.splat(b.mul(ir.Constant(I64, p), a["rows"]), LANES)),
+                                             k.splat(a["ld"], LANES)), 8) for p in range(bits)]
+        with k.loop(0, channel_words) as ob:
+            with k.loop(0, c64) as oo:
+                o = b.add(b.mul(ob, c64), oo)
+                with b.if_else(b.icmp_signed("<", o, a["O"])) as (inside, past):
+                    with inside:
+                        v = _load_strided(k, k.gep(base, b.mul(o, a["so"])), ir.Constant(I64, 0), a["si"],
+                                          valid, const_vec(LANES, 0.0, F32))
+                        v = _times_alpha(k, v, a["alpha"], o, ir.Constant(I64, 0), ir.Constant(I64, 0), valid)
+                        code = _codes(k, v, z, sc, b.add(row_ctr, k.splat(o, LANES)), a["key"], bits)
+                        for p, w in enumerate(_plane_words(k, code, valid, bits)):
+                            b.store(w, b.gep(tile, [ir.Constant(I32, 0), b.add(oo, ir.Constant(I64, p * LANES))]))
+                    with past:
+                        for p in range(bits):
+                            b.store(ir.Constant(I64, 0),
+                                    b.gep(tile, [ir.Constant(I32, 0), b.add(oo, ir.Constant(I64, p * LANES))]))
+            for p in range(bits):
+                block = b.load(b.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * LANES)]), typ=vec(LANES),
+                               align=8)
+                masked_scatter(k, _transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(ob, LANES), 8), valid)
+        with k.loop(channel_words, a["ld"]) as w:
+            for p in range(bits):
+                masked_scatter(k, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), valid)
     k.finish()
     return str(m)

@@ -34,6 +34,10 @@ def _fn(family: str, target: str, bits: int = 0):
     if family == "minmax":
         lib = compile_ir(gen.group_minmax_ir(target), target)
         return lib.function("fqt_group_minmax", None, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
+    if family == "pack_rows":
+        lib = compile_ir(gen.quantize_pack_rows_ir(target, bits=bits), target)
+        return lib.function(f"fqt_quantize_pack_rows_b{bits}", None, _P, _I64, _I64, _I64, _P, ctypes.c_uint64,
+                            *[_P] * 4, _I64, _I64, _P, _I64, _I64, _I64, _I64)
     lib = compile_ir(gen.quantize_pack_ir(target, bits=bits), target)
     return lib.function(f"fqt_quantize_pack_b{bits}", None, _P, _P, ctypes.c_uint64, *[_P] * 6,
                         *[_I64] * 8, _P, _I64, _I64, _I64, _I64)
@@ -193,7 +197,15 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         stream = rng.STREAM_SR_WEIGHT
     m = rows.numel()
     planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
-    if m:
+    if m and path == reference.PATH_INPUT and si == 1 and so != 1:
+        # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
+        groups = sample_group[kept].contiguous()
+        tiles = kept.numel() * -(-rps // 64)
+        key = rng.stream_key(seed, step, layer, stream)
+        parallel_rows(_fn("pack_rows", tname, bits), tiles, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), key,
+                      lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), groups.data_ptr(), channels, rps,
+                      planes.data_ptr(), m, planes.shape[2], min_rows=2)
+    elif m:
         tables = [t.contiguous() for t in tables]
         key = rng.stream_key(seed, step, layer, stream)
         parallel_rows(_fn("pack", tname, bits), m, v.g.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
