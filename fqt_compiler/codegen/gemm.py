@@ -71,6 +71,16 @@ def default_tile(target: str | Target) -> Tile:
 
 # --------------------------------------------------------------------------- popcount schemes
 
+def vector_word_choices(target: str | Target) -> tuple[int, ...]:
+    """Vector widths (in 64-bit words) a kernel can use on the target. x86 has 128, 256 and
+    (AVX-512) 512-bit forms of every instruction used, so a short K need not pad to 512 bits;
+    the NEON schemes are written for 128-bit registers."""
+    t = get_target(target)
+    if not t.is_x86:
+        return (2,)
+    return tuple(w for w in (2, 4, 8) if w * 64 <= max(128, t.vector_bits))
+
+
 def _vec(n: int, elem=I64) -> ir.VectorType:
     return ir.VectorType(elem, n)
 
@@ -93,10 +103,13 @@ class _Popcount:
     ``chunk`` steps (None: unbounded) before ``flush`` adds it into a wide accumulator;
     ``total`` reduces a wide accumulator to an i64 scalar."""
 
-    def __init__(self, target: Target, module: ir.Module):
+    def __init__(self, target: Target, module: ir.Module, words: int | None):
         self.module = module
         self.x86 = target.is_x86
-        self.words = max(2, target.vector_bits // 64)
+        allowed = vector_word_choices(target)
+        self.words = words or allowed[-1]
+        if self.words not in allowed:
+            raise ValueError(f"vector_words={words}: target {target.name!r} takes one of {allowed}")
         self.word_vec = _vec(self.words)
         nbytes = self.words * 8
         self.byte_vec = _vec(nbytes, I8)
@@ -112,8 +125,6 @@ class _Popcount:
             self.kind, self.chunk = "bytes", 31
             self.narrow = self.byte_vec
             self.wide = self.word_vec if self.x86 else _vec(4, I32)
-        if target.is_x86 and not target.has("avx2") and self.words > 2:
-            raise ValueError(f"target {target.name!r}: wide vectors without AVX2 are not supported")
 
     def zero(self, ty):
         return ir.Constant(ty, None)
@@ -407,7 +418,7 @@ def _splat_value(b, x, lanes: int):
     return b.shuffle_vector(v, v, ir.Constant(_vec(lanes, I32), [0] * lanes))
 
 
-def _define(target: Target, name: str, params: list[tuple[str, ir.Type]]):
+def _define(target: Target, name: str, params: list[tuple[str, ir.Type]], vector_words: int | None):
     """A module holding one ``void name(params)`` kernel: ``(module, popcount scheme, builder
     at the entry block, {param name: argument})``."""
     module = ir.Module()
@@ -418,7 +429,7 @@ def _define(target: Target, name: str, params: list[tuple[str, ir.Type]]):
         if isinstance(arg.type, ir.PointerType):
             arg.add_attribute("noalias")
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    return module, _Popcount(target, module), b, {a.name: a for a in fn.args}
+    return module, _Popcount(target, module, vector_words), b, {a.name: a for a in fn.args}
 
 
 def _operands(p: dict, a, plane_stride) -> _Operands:
@@ -433,7 +444,7 @@ _RANGE = [("m0", I64), ("m1", I64), ("n0", I64), ("n1", I64)]
 # --------------------------------------------------------------------------- kernel families
 
 def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
-                   epilogue: str = "int32") -> tuple[str, str]:
+                   epilogue: str = "int32", vector_words: int | None = None) -> tuple[str, str]:
     """IR of the ±1 x ±1 GEMM kernel; returns ``(symbol, ir_text)``.
 
     ``void symbol(a, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial, ldp, k,
@@ -442,16 +453,17 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
     ``int32``) or ``dot * scale[n] (+ bias[n])`` (float32) at element
     ``(m / hw) * s_blk + (m % hw) * s_row + n * s_col`` of ``out``. ``hw = 1, s_blk = ldo,
     s_col = 1`` is a row-major matrix; ``hw = H'W', s_blk = N hw, s_row = 1, s_col = hw`` is
-    the NCHW output of a conv whose rows are ``(n, h', w')``."""
+    the NCHW output of a conv whose rows are ``(n, h', w')``. ``words`` is a multiple of
+    ``vector_words`` (default: the widest of ``vector_word_choices``)."""
     target = get_target(target)
     tile = tile or default_tile(target)
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue {epilogue!r}: expected one of {EPILOGUES}")
-    name = f"fqt_binary_gemm_{epilogue}_{tile}"
+    name = f"fqt_binary_gemm_{epilogue}_{tile}_v{vector_words or vector_word_choices(target)[-1]}"
     params = ([("a", PTR), ("lda", I64), ("b", PTR), ("ldb", I64)] + _RANGE + _BLOCKING
               + [("k", I64), ("out", PTR), ("hw", I64), ("s_blk", I64), ("s_row", I64),
                  ("s_col", I64), ("scale", PTR), ("bias", PTR)])
-    module, pop, b, p = _define(target, name, params)
+    module, pop, b, p = _define(target, name, params, vector_words)
     ops = _operands(p, p["a"], _const(0))
 
     def row(b, m):
@@ -485,8 +497,8 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
     return name, str(module)
 
 
-def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | None = None
-                     ) -> tuple[str, str]:
+def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | None = None,
+                     vector_words: int | None = None) -> tuple[str, str]:
     """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue; ``(symbol, ir_text)``.
 
     ``void symbol(planes, plane_stride, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial,
@@ -495,17 +507,18 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | N
     ``dot = 2 sum_t 2^t popcount(a_t[m] AND b[n]) - rowpop[m]`` (int32 ``rowpop`` =
     ``sum_t 2^t popcount(a_t[m])``, the row's code sum) and float32
     ``out[row_map[m] * ldo + n] = row_scale[m] * dot + row_zero[m] * colsum[n]``
-    (``row_map`` int64, ``colsum`` float32 = B's ±1 row sums)."""
+    (``row_map`` int64, ``colsum`` float32 = B's ±1 row sums). ``words`` and ``vector_words``
+    as in ``binary_gemm_ir``."""
     target = get_target(target)
     tile = tile or default_tile(target)
     if bits not in BITS:
         raise ValueError(f"bits={bits}: expected one of {BITS}")
-    name = f"fqt_bitplane_gemm_{bits}b_{tile}"
+    name = f"fqt_bitplane_gemm_{bits}b_{tile}_v{vector_words or vector_word_choices(target)[-1]}"
     params = ([("planes", PTR), ("plane_stride", I64), ("lda", I64), ("b", PTR), ("ldb", I64)]
               + _RANGE + _BLOCKING
               + [("out", PTR), ("ldo", I64), ("row_map", PTR), ("row_scale", PTR),
                  ("row_zero", PTR), ("rowpop", PTR), ("colsum", PTR)])
-    module, pop, b, p = _define(target, name, params)
+    module, pop, b, p = _define(target, name, params, vector_words)
     ops = _operands(p, p["planes"], p["plane_stride"])
 
     def load(base, idx, ty):
@@ -531,15 +544,15 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | N
     return name, str(module)
 
 
-def row_popcount_ir(target: str | Target = "host") -> tuple[str, str]:
+def row_popcount_ir(target: str | Target = "host", *, vector_words: int | None = None) -> tuple[str, str]:
     """IR of ``void symbol(planes, plane_stride, nplanes, ld, rows, words, out)``:
     int32 ``out[r] = sum_t 2^t popcount(plane t, row r)`` over ``words`` words (a multiple of
     the vector width); with one plane of ±1 bits, ``2 out[r] - k`` is the row's ±1 sum."""
     target = get_target(target)
-    name = "fqt_row_popcount"
+    name = f"fqt_row_popcount_v{vector_words or vector_word_choices(target)[-1]}"
     params = [("planes", PTR), ("plane_stride", I64), ("nplanes", I64), ("ld", I64),
               ("rows", I64), ("words", I64), ("out", PTR)]
-    module, pop, b, p = _define(target, name, params)
+    module, pop, b, p = _define(target, name, params, vector_words)
     V = _const(pop.words)
     with _Loop(b, _const(0), p["rows"], _const(1), "r") as r:
         total = _alloca(b, I64, "total")

@@ -27,28 +27,30 @@ SINGLE_BLOCK_WORDS = 512  # up to 32768 bits of K: no K blocking, no partial-sum
 
 
 @lru_cache(maxsize=None)
-def _kernel(kind: str, target: Target, tile: codegen.Tile, variant):
+def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
     if kind == "binary":
-        name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant)
+        name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant, vector_words=vector_words)
         args = [_P, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_I, _P, _I, _I, _I, _I, _P, _P]
     elif kind == "bitplane":
-        name, text = codegen.bitplane_gemm_ir(target, bits=variant, tile=tile)
+        name, text = codegen.bitplane_gemm_ir(target, bits=variant, tile=tile, vector_words=vector_words)
         args = [_P, _I, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_P, _I, _P, _P, _P, _P, _P]
     else:
-        name, text = codegen.row_popcount_ir(target)
+        name, text = codegen.row_popcount_ir(target, vector_words=vector_words)
         args = [_P, _I, _I, _I, _I, _I, _P]
     return jit.compile_ir(text, target).function(name, None, *args)
 
 
-def _vector_words(target: Target) -> int:
-    return max(2, target.vector_bits // 64)
+def _vector_words(k: int, target: Target) -> int:
+    """The narrowest vector that still covers ``k`` bits, else the widest: a short contraction
+    (the input gradient contracts over 64..512 channels) would otherwise be mostly padding."""
+    choices = codegen.vector_word_choices(target)
+    return next((w for w in choices if w * 64 >= k), choices[-1])
 
 
-def _contract_words(k: int, target: Target) -> int:
+def _contract_words(k: int, vector_words: int) -> int:
     """Words the kernels contract over: all words holding bits of ``k``, rounded up to whole
     vectors (the padding words are zero, so they add nothing)."""
-    v = _vector_words(target)
-    return max(v, -(-((k + 63) // 64) // v) * v)
+    return max(vector_words, -(-((k + 63) // 64) // vector_words) * vector_words)
 
 
 def _check_words(name: str, words: torch.Tensor, need: int) -> None:
@@ -82,13 +84,13 @@ def _slices(m: int, n: int, tile: codegen.Tile, threads: int) -> list[tuple[int,
     return [(0, m, lo, hi) for lo, hi in pool.split(n, threads, tile.nr)]
 
 
-def _row_popcounts(planes: torch.Tensor, words: int, target: Target) -> torch.Tensor:
+def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: Target) -> torch.Tensor:
     """int32 ``sum_t 2^t popcount(planes[t, r, :words])`` per row ``r``."""
     nplanes, rows, _ = planes.shape
     out = torch.empty(rows, dtype=torch.int32)
     if rows:
-        _kernel("rowpop", target, None, None)(planes.data_ptr(), planes.stride(0), nplanes,
-                                              planes.stride(1), rows, words, out.data_ptr())
+        kernel = _kernel("rowpop", target, None, None, vector_words)
+        kernel(planes.data_ptr(), planes.stride(0), nplanes, planes.stride(1), rows, words, out.data_ptr())
     return out
 
 
@@ -117,7 +119,8 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     tile = tile or codegen.default_tile(target)
     nthreads = pool.num_threads(threads)
     m, n, k = a.rows, b.rows, a.k
-    words = _contract_words(k, target)
+    vector_words = _vector_words(k, target)
+    words = _contract_words(k, vector_words)
     _check_words("a.words", a.words, words)
     _check_words("b.words", b.words, words)
     if scale is not None:
@@ -139,7 +142,7 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     if m == 0 or n == 0:
         return out
     epilogue = "int32" if scale is None else ("scale" if bias is None else "scale_bias")
-    kernel = _kernel("binary", target, tile, epilogue)
+    kernel = _kernel("binary", target, tile, epilogue, vector_words)
     kc, nc = _blocking(words, tile)
     partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
     pointers = (scale.data_ptr() if scale is not None else None,
@@ -185,7 +188,8 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     tile = tile or codegen.default_tile(target)
     nthreads = pool.num_threads(threads)
     n, k = b.rows, b.k
-    words = _contract_words(k, target)
+    vector_words = _vector_words(k, target)
+    words = _contract_words(k, vector_words)
     _check_words("planes", planes, words)
     _check_words("b.words", b.words, words)
     row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
@@ -195,7 +199,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
         raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
                          f"[{int(row_map.min())}, {int(row_map.max())}]")
     if colsum is None:
-        colsum = (2 * _row_popcounts(b.words.unsqueeze(0), words, target) - k).float()
+        colsum = (2 * _row_popcounts(b.words.unsqueeze(0), words, vector_words, target) - k).float()
     colsum = _check_vector("colsum", colsum, n, torch.float32)
     if out is None:
         out = torch.zeros(out_rows, n, dtype=torch.float32)
@@ -204,8 +208,8 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
                          f"{tuple(out.shape)} {out.dtype}")
     if m == 0 or n == 0:
         return out
-    rowpop = _row_popcounts(planes, words, target)
-    kernel = _kernel("bitplane", target, tile, bits)
+    rowpop = _row_popcounts(planes, words, vector_words, target)
+    kernel = _kernel("bitplane", target, tile, bits, vector_words)
     kc, nc = _blocking(words, tile)
     partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
 
