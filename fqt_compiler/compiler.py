@@ -29,6 +29,9 @@ from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_pla
                      rewrite_binary_layers)
 
 
+RECOMPILE_LIMIT = 256
+
+
 @dataclass
 class CompiledGraph:
     """One Dynamo graph's compilation: plan, pass records and final forward/backward graphs."""
@@ -57,7 +60,10 @@ class FQTModule(nn.Module):
             model, backend=self._backend, fullgraph=True, dynamic=False))
 
     def forward(self, *args, **kwargs):
-        out = self._compiled(*args, **kwargs)
+        # Dynamo's recompile limit counts graphs per code object across all instances; each
+        # fqt.compile of the same model class adds its own (own backend), so lift it here.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            out = self._compiled(*args, **kwargs)
         if self.training and torch.is_grad_enabled():
             self.fqt_step += 1
         return out

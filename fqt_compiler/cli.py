@@ -1,0 +1,82 @@
+"""The ``fqt-compiler`` command. Each subcommand is one ``add_<name>(subparsers)`` function
+that declares its arguments and sets ``run``; list it in ``COMMANDS`` to add it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+
+def load_factory(spec: str):
+    """``pkg.module:factory`` -> the callable (called with no arguments to build the model)."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise SystemExit(f"expected MODULE:FACTORY (e.g. torchvision.models:resnet18), got {spec!r}")
+    factory = importlib.import_module(module_name)
+    for part in attr.split("."):
+        factory = getattr(factory, part)
+    return factory
+
+
+def shape(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(","))
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The Config fields every model-taking subcommand accepts."""
+    from .config import ALPHAS, METHODS, TARGETS
+    from .ops.registry import BACKENDS
+    p.add_argument("--method", default="aq_scq", choices=METHODS)
+    p.add_argument("--bits", type=int, default=4, choices=(1, 2, 4, 8))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="kernels", choices=BACKENDS)
+    p.add_argument("--target", default="host", choices=TARGETS)
+    p.add_argument("--alpha", default="mean", choices=ALPHAS)
+
+
+def config_from(args):
+    from .config import Config
+    return Config(method=args.method, bits=args.bits, seed=args.seed, backend=args.backend,
+                  target=args.target, alpha=args.alpha)
+
+
+def run_dump(args) -> int:
+    import fqt_compiler as fqt
+    model = load_factory(args.model)()
+    compiled = fqt.compile(model, config_from(args))
+    compiled.train()
+    out = compiled(torch.randn(args.input_shape))
+    out.float().sum().backward()  # compiles the backward graph so it can be dumped
+    paths = fqt.dump(compiled, args.out)
+    print(fqt.summary(compiled))
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0
+
+
+def add_dump(subparsers) -> None:
+    p = subparsers.add_parser("dump", help="compile a model, run one training step on random "
+                              "input, write its forward/backward graphs and summary")
+    p.add_argument("model", help="MODULE:FACTORY building the nn.Module, e.g. "
+                   "torchvision.models:resnet18")
+    p.add_argument("--input-shape", type=shape, required=True, help="e.g. 1,3,32,32")
+    p.add_argument("--out", required=True, help="directory for the graph files")
+    add_config_arguments(p)
+    p.set_defaults(run=run_dump)
+
+
+COMMANDS = [add_dump]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fqt-compiler", description=__doc__.split("\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
