@@ -1,0 +1,43 @@
+"""Shared benchmark plumbing: machine banner, median timing. Never used by tests to gate on time."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def banner(title: str) -> None:
+    import llvmlite.binding as llvm
+    from fqt_compiler.codegen.targets import host_target
+    host = host_target()
+    print(f"== {title}")
+    print(f"CPU: {cpu_name()} (LLVM cpu {host.cpu}, {host.vector_bits}-bit vectors, "
+          f"vpopcntq={'yes' if host.native_vector_popcount else 'no'}); "
+          f"cores available: {os.cpu_count()}; torch {torch.__version__}; LLVM {'.'.join(map(str, llvm.llvm_version_info))}")
+
+
+def median_time(fn, *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

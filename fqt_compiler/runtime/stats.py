@@ -1,0 +1,82 @@
+"""Kernel call statistics: what actually ran, per layer and per GEMM kind.
+
+Every kernel-backed op implementation records into one process-wide table; tests read it
+to prove that the three GEMMs of each binarized layer ran on kernels, and ``fqt.summary``
+shows it next to the plan. Phases other than GEMMs (pack, quantize, col2im, ...) are timed
+too, so a benchmark can break a training step down.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+GEMM_KINDS = ("forward", "input_grad", "weight_grad")
+
+
+@dataclass
+class Entry:
+    calls: int = 0
+    binary_macs: int = 0
+    seconds: float = 0.0
+    saved_bytes: int = 0
+
+
+_lock = threading.Lock()
+_table: dict[tuple[str, str], Entry] = defaultdict(Entry)
+
+
+def record(layer: str, kind: str, *, seconds: float = 0.0, binary_macs: int = 0, saved_bytes: int = 0) -> None:
+    with _lock:
+        e = _table[(layer, kind)]
+        e.calls += 1
+        e.binary_macs += binary_macs
+        e.seconds += seconds
+        e.saved_bytes += saved_bytes
+
+
+@contextmanager
+def timed(layer: str, kind: str, *, binary_macs: int = 0, saved_bytes: int = 0):
+    """Time a block and record it as one call of ``kind`` for ``layer``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(layer, kind, seconds=time.perf_counter() - t0, binary_macs=binary_macs, saved_bytes=saved_bytes)
+
+
+class Stats(dict):
+    """``{(layer, kind): Entry}`` with a readable ``str``."""
+
+    def by_kind(self) -> dict[str, Entry]:
+        out: dict[str, Entry] = defaultdict(Entry)
+        for (_, kind), e in self.items():
+            t = out[kind]
+            t.calls += e.calls
+            t.binary_macs += e.binary_macs
+            t.seconds += e.seconds
+            t.saved_bytes += e.saved_bytes
+        return dict(out)
+
+    def layers(self) -> list[str]:
+        return sorted({layer for layer, _ in self})
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<32} {'kind':<14} {'calls':>6} {'binary MACs':>14} {'ms':>9} {'saved KiB':>10}"]
+        for (layer, kind), e in sorted(self.items()):
+            rows.append(f"{layer:<32} {kind:<14} {e.calls:>6} {e.binary_macs:>14,} "
+                        f"{e.seconds * 1e3:>9.2f} {e.saved_bytes / 1024:>10.1f}")
+        return "\n".join(rows)
+
+
+def stats() -> Stats:
+    """A snapshot of the table since the last ``reset_stats``."""
+    with _lock:
+        return Stats({k: Entry(**vars(v)) for k, v in _table.items()})
+
+
+def reset_stats() -> None:
+    with _lock:
+        _table.clear()

@@ -1,0 +1,68 @@
+"""Plain-PyTorch models used by the benchmarks, tests and CLI examples.
+
+Nothing here knows about fqt: these are the "unmodified models" that ``fqt.compile`` takes.
+Factories take keyword arguments only, so ``fqt-compiler dump fqt_compiler.zoo:vgg16_cifar``
+works from the shell.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# VGG-16 configuration "D": 13 3x3 convs, "M" = 2x2 max-pool.
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm for 32x32 inputs (the CIFAR variant of the paper's protocol):
+    13 conv-BN-ReLU blocks, five max-pools down to 1x1, one linear classifier."""
+
+    def __init__(self, cfg=_VGG16, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
+        super().__init__()
+        layers, c = [], in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                out = max(1, int(v * width))
+                layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                c = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def vgg16_cifar(num_classes: int = 10, width: float = 1.0) -> VGG:
+    return VGG(_VGG16, num_classes=num_classes, width=width)
+
+
+def vgg_small(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> VGG:
+    """A 6-conv VGG for 16x16 or 32x32 single-channel images (tests, digits experiments)."""
+    return VGG((32, 32, "M", 64, 64, "M", 128, 128, "M"), num_classes=num_classes,
+               in_channels=in_channels, width=width)
+
+
+def resnet18_cifar(num_classes: int = 10):
+    """torchvision's ResNet-18, unmodified (ImageNet stem), as the paper's protocol uses it."""
+    from torchvision.models import resnet18
+    return resnet18(num_classes=num_classes)
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes=(64, 256, 256, 10)):
+        super().__init__()
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers += [nn.BatchNorm1d(b), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(torch.flatten(x, 1))
+
+
+def mlp(in_features: int = 64, hidden: int = 256, num_classes: int = 10) -> MLP:
+    return MLP((in_features, hidden, hidden, num_classes))
