@@ -18,7 +18,11 @@ Kernel loop nest (all bounds are arguments, so one compiled kernel serves every 
 every thread's slice of the output): K blocks of ``kc`` words (partial sums go through an
 int32 scratch matrix between blocks) > blocks of ``nc`` B rows (kept hot in L2) > ``mr`` rows
 of A (kept hot in L1) > ``nr`` rows of B. Tiles at the M/N edge clamp their row pointers to the
-last valid row and skip the stores that fall outside, so there is no remainder kernel.
+last valid row and mask the stores that fall outside, so there is no remainder kernel. At the
+end of a tile a shuffle tree turns each row's ``nr`` accumulators into vectors of per-column
+totals, so the epilogue runs on whole vectors (a short K leaves few steps per tile to
+amortize it). The vector width is a parameter: x86 kernels for a short K use 128- or 256-bit
+vectors instead of padding K to 512 bits.
 
 How one vector of words is popcounted and accumulated depends on the target (``_Popcount``):
 a 64-bit lane popcount where it is one instruction (AVX-512 VPOPCNTDQ); byte popcounts
@@ -252,8 +256,9 @@ class _Operands:
 
 @dataclass
 class _Epilogue:
-    """``row(b, m)`` emits the per-row part once per tile row; ``store(b, row, n, acc)`` gets
-    its result and the final i64 accumulator (``sum_t 2^t popcount``) of output ``(m, n)``."""
+    """``row(b, m)`` emits the per-row part once per tile row; ``store(b, row, n, acc, mask)``
+    gets its result and the int32 vector of final accumulators (``sum_t 2^t popcount``) of
+    outputs ``(m, n + lane)``, lanes with a false ``mask`` bit being outside the output."""
 
     row: object
     store: object

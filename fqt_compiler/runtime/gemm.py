@@ -41,10 +41,15 @@ def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words
 
 
 def _vector_words(k: int, target: Target) -> int:
-    """The narrowest vector that still covers ``k`` bits, else the widest: a short contraction
-    (the input gradient contracts over 64..512 channels) would otherwise be mostly padding."""
+    """The vector width that contracts ``k`` bits in the fewest datapath cycles, widest on ties.
+
+    K is padded to whole vectors, so a short contraction (the input gradient contracts over
+    64..512 channels; 576 bits is 9 words) can be mostly padding at 512 bits. Cost model: a
+    step of ``w`` words takes ``max(w, 4) / 4`` cycles, as on 256-bit datapaths (AVX2 cores,
+    Zen 4 running 512-bit ops in two halves), where 128-bit ops waste half the pipe."""
+    words = max(1, (k + 63) // 64)
     choices = codegen.vector_word_choices(target)
-    return next((w for w in choices if w * 64 >= k), choices[-1])
+    return min(reversed(choices), key=lambda w: -(-words // w) * max(w, 4))
 
 
 def _contract_words(k: int, vector_words: int) -> int:
