@@ -6,7 +6,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from fqt_compiler.codegen.targets import get_target, runs_on_host
 from fqt_compiler.ops import reference
-from fqt_compiler.runtime import pack
+from fqt_compiler.runtime import col2im, pack
 from fqt_compiler.runtime.packed import PackedBits
 
 TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
@@ -124,3 +124,23 @@ def test_errors():
         pack.unpack_signs(pack.pack_signs(data(2, 12)).words, 12, (5, 5))
     with pytest.raises(TypeError, match="float32"):
         pack.pack_signs(torch.ones(3, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}s{c[5][0]}{c[5][1]}p{c[6][0]}{c[6][1]}d{c[7][0]}{c[7][1]}")
+def test_col2im_ste(target, conv):
+    """col2im is the adjoint of im2col: F.fold of the same columns, then the STE mask."""
+    n, c, h, w, ks, stride, padding, dilation = conv
+    x = data(n, c, h, w, seed=c)
+    oh = pack.conv_output_size(h, ks[0], stride[0], padding[0], dilation[0])
+    ow = pack.conv_output_size(w, ks[1], stride[1], padding[1], dilation[1])
+    dcols = data(n * oh * ow, c * ks[0] * ks[1], seed=1)
+    folded = F.fold(dcols.view(n, oh * ow, -1).transpose(1, 2), (h, w), ks, dilation=dilation,
+                    padding=padding, stride=stride)
+    _, mask = pack.pack_signs_and_ste(x.flatten(1), target=target)
+    got = col2im.col2im_ste(dcols, x.shape, ks, stride, padding, dilation, ste=mask, target=target)
+    torch.testing.assert_close(got, folded * reference.ste_mask(x), rtol=1e-6, atol=1e-6)
+    wide = torch.zeros(dcols.shape[0], dcols.shape[1] + 3)
+    wide[:, :dcols.shape[1]] = dcols                 # a row stride wider than the row
+    got = col2im.col2im_ste(wide[:, :dcols.shape[1]], x.shape, ks, stride, padding, dilation, target=target)
+    torch.testing.assert_close(got, folded, rtol=1e-6, atol=1e-6)

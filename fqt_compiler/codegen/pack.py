@@ -154,13 +154,13 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
             else:
                 src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
                 pos = b.add(b.mul(b.add(b.mul(c, a["H"]), ih), a["W"]), first)
-                word = b.and_(_extract64(k, src, pos, a["src_ld"]), _bits(k, valid))
+                word = b.and_(extract64(k, src, pos, a["src_ld"]), _bits(k, valid))
             b.store(word, k.gep(a["bm"], b.add(b.mul(row, a["wpw"]), w), I64))
     k.finish()
     return str(m)
 
 
-def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
+def extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
     """64 bits of a packed row starting at bit ``pos`` (``pos >= -63``); bits outside the
     row's ``nwords`` words read as 0."""
     b = k.b
