@@ -42,62 +42,64 @@ def _module(target: Target, name: str) -> ir.Module:
 
 
 def _load_strided(k: Kernel, base, first, stride, mask, passthru):
-    """Lanes ``first + 0..63`` of a strided float run (masked); contiguous runs use a plain
+    """Lanes ``first + 0..n-1`` of a strided float run (masked); contiguous runs use a plain
     masked load, others a gather."""
-    b = k.b
+    b, n = k.b, passthru.type.count
     out = k.var(passthru.type)
     with b.if_else(b.icmp_signed("==", stride, ir.Constant(I64, 1))) as (unit, strided):
         with unit:
             k.set(out, masked_load(k, k.gep(base, first), mask, passthru, gather=False))
         with strided:
-            idx = b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
-            ptrs = k.vgep(base, b.mul(idx, k.splat(stride, LANES)), 4)
+            idx = b.add(k.splat(first, n), const_vec(n, range(n)))
+            ptrs = k.vgep(base, b.mul(idx, k.splat(stride, n)), 4)
             k.set(out, masked_load(k, ptrs, mask, passthru, gather=True))
     return k.get(out, passthru.type)
 
 
 def _times_alpha(k: Kernel, v, alpha, ch, first, ch_step, mask):
     """``v * alpha[ch + lane*ch_step]`` when ``alpha`` is not null (``ch_step`` is 0 or 1)."""
-    b = k.b
+    b, n = k.b, v.type.count
     out = k.var(v.type, v)
     with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(alpha, I64), ir.Constant(I64, 0))):
         a0 = k.gep(alpha, ch)
         scaled = k.var(v.type)
         with b.if_else(b.icmp_signed("==", ch_step, ir.Constant(I64, 0))) as (same, along):
             with same:
-                k.set(scaled, b.fmul(v, k.splat(b.load(a0, typ=F32), LANES)))
+                k.set(scaled, b.fmul(v, k.splat(b.load(a0, typ=F32), n)))
             with along:
-                av = masked_load(k, k.gep(a0, first), mask, const_vec(LANES, 0.0, F32), gather=False)
+                av = masked_load(k, k.gep(a0, first), mask, const_vec(n, 0.0, F32), gather=False)
                 k.set(scaled, b.fmul(v, av))
         k.set(out, k.get(scaled, v.type))
     return k.get(out, v.type)
 
 
-def group_minmax_ir(target: str | Target = "host") -> str:
+def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> str:
     """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, p0, p1)``: for pairs
-    ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``."""
+    ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``,
+    ``lanes`` positions at a time (few lanes for small HW: the per-pair horizontal reduction
+    of a 64-lane vector costs more than a 4x4 spatial map)."""
     t = get_target(target)
     m = _module(t, "fqt_quantize")
     k = Kernel(m, "fqt_group_minmax", [("g", PTR), ("sn", I64), ("so", I64), ("si", I64), ("alpha", PTR),
                                        ("O", I64), ("HW", I64), ("lo", PTR), ("hi", PTR),
                                        ("p0", I64), ("p1", I64)])
     a, b = k.arg, k.b
-    inf, ninf = const_vec(LANES, float("inf"), F32), const_vec(LANES, float("-inf"), F32)
-    fv = vec(LANES, F32)
+    inf, ninf = const_vec(lanes, float("inf"), F32), const_vec(lanes, float("-inf"), F32)
+    fv = vec(lanes, F32)
     with k.loop(a["p0"], a["p1"]) as p:
         n, o = b.sdiv(p, a["O"]), b.srem(p, a["O"])
         base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(o, a["so"])))
         lo, hi = k.var(fv, inf), k.var(fv, ninf)
-        with k.loop(0, a["HW"], LANES) as first:
-            idx = b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
-            mask = b.icmp_signed("<", idx, k.splat(a["HW"], LANES))
-            v = _load_strided(k, base, first, a["si"], mask, const_vec(LANES, 0.0, F32))
+        with k.loop(0, a["HW"], lanes) as first:
+            idx = b.add(k.splat(first, lanes), const_vec(lanes, range(lanes)))
+            mask = b.icmp_signed("<", idx, k.splat(a["HW"], lanes))
+            v = _load_strided(k, base, first, a["si"], mask, const_vec(lanes, 0.0, F32))
             v = _times_alpha(k, v, a["alpha"], o, first, ir.Constant(I64, 0), mask)
             cur_lo, cur_hi = k.get(lo, fv), k.get(hi, fv)
             k.set(lo, b.select(b.and_(mask, b.fcmp_ordered("<", v, cur_lo)), v, cur_lo))
             k.set(hi, b.select(b.and_(mask, b.fcmp_ordered(">", v, cur_hi)), v, cur_hi))
         for name, acc, red in (("lo", lo, "fmin"), ("hi", hi, "fmax")):
-            value = k.call(f"llvm.vector.reduce.{red}.v{LANES}f32", F32, [k.get(acc, fv)])
+            value = k.call(f"llvm.vector.reduce.{red}.v{lanes}f32", F32, [k.get(acc, fv)])
             b.store(value, k.gep(a[name], p))
     k.finish()
     return str(m)

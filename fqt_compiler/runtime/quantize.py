@@ -30,9 +30,9 @@ _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
 @lru_cache(maxsize=None)
-def _fn(family: str, target: str, bits: int = 0):
+def _fn(family: str, target: str, bits: int = 0, lanes: int = 0):
     if family == "minmax":
-        lib = compile_ir(gen.group_minmax_ir(target), target)
+        lib = compile_ir(gen.group_minmax_ir(target, lanes=lanes), target)
         return lib.function("fqt_group_minmax", None, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
     if family == "pack_rows":
         lib = compile_ir(gen.quantize_pack_rows_ir(target, bits=bits), target)
@@ -107,7 +107,8 @@ def _min_max(v: _View, kind: str, target: str):
     pairs = v.n * v.channels
     lo, hi = torch.empty(pairs), torch.empty(pairs)
     sn, so, si = v.g.stride()
-    parallel_rows(_fn("minmax", target), pairs, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), v.channels,
+    lanes = min(gen.LANES, 1 << max(2, (v.rps - 1).bit_length()))
+    parallel_rows(_fn("minmax", target, lanes=lanes), pairs, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), v.channels,
                   v.rps, lo.data_ptr(), hi.data_ptr(), min_rows=8)
     lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
     if kind == "tensor":
@@ -175,42 +176,59 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     # B / R with the reference's float32 division (stochastic_codes).
     sr_scale = torch.where(ranges > 0, torch.tensor(levels, dtype=torch.float32) / ranges, torch.zeros(()))
     scale, zero = reference.dequantization(lo, hi, keep, prob, bits)
-    sn, so, si = v.g.stride()
     n, channels, rps = v.n, v.channels, v.rps
+    src = v.g
     if path == reference.PATH_INPUT:
         sample_group = torch.arange(n) if kind == "sample" else torch.zeros(n, dtype=torch.int64)
         kept = torch.nonzero(keep[sample_group]).view(-1)
         rows = (kept.view(-1, 1) * rps + torch.arange(rps)).view(-1)
-        samples, within = rows // rps, rows % rps
-        tables = (samples * sn + within * si, rows * channels, sample_group[samples], torch.zeros_like(rows))
-        layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
+        groups = sample_group[rows // rps]
         k, out_rows, aligned = channels, n * rps, True
-        stream = rng.STREAM_SR_INPUT
+        key = rng.stream_key(seed, step, layer, rng.STREAM_SR_INPUT)
+        if src.stride(1) != 1 and src.stride(2) == 1 and rps >= 64:
+            # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
+            sn, so, si = src.stride()
+            tiles = kept.numel() * -(-rps // 64)
+            planes = torch.empty(bits, rows.numel(), padded_words(k), dtype=torch.int64)
+            kept_groups = sample_group[kept].contiguous()
+            parallel_rows(_fn("pack_rows", tname, bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
+                          lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), kept_groups.data_ptr(),
+                          channels, rps, planes.data_ptr(), rows.numel(), planes.shape[2], min_rows=2)
+            return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
+        if src.stride(1) != 1:
+            # Short rows (fewer than 64 per sample): one row-major copy of these few elements
+            # beats gathering every row across channel planes.
+            src = src.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        sn, so, si = src.stride()
+        tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, torch.zeros_like(rows))
+        layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     else:
-        group = {"channel": torch.arange(channels), "tensor": torch.zeros(channels, dtype=torch.int64),
-                 "sample": torch.zeros(channels, dtype=torch.int64)}[kind]
+        group = torch.arange(channels) if kind == "channel" else torch.zeros(channels, dtype=torch.int64)
         row_kept = keep[group] if kind != "sample" else torch.ones(channels, dtype=torch.bool)
         rows = torch.nonzero(row_kept).view(-1)
-        tables = (rows * so, rows, group[rows], rows)
-        layout = (n, rps, sn, si, rps * channels, channels, int(kind == "sample"), 0)
+        groups = group[rows]
         k, out_rows, aligned = n * rps, channels, kind != "sample"
-        stream = rng.STREAM_SR_WEIGHT
+        key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
+        if kind != "sample" and n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
+            # Samples shorter than a word would waste most vector lanes: copy G' so that
+            # each channel's r axis is one contiguous run.
+            src = src.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+        sn, so, si = src.stride()
+        if kind != "sample" and (n == 1 or sn == rps * si):
+            layout = (1, n * rps, 0, si, 0, channels, 0, 0)
+        else:
+            layout = (n, rps, sn, si, rps * channels, channels, int(kind == "sample"), 0)
+        tables = (rows * so, rows, groups, rows)
     m = rows.numel()
     planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
-    if m and path == reference.PATH_INPUT and si == 1 and so != 1:
-        # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
-        groups = sample_group[kept].contiguous()
-        tiles = kept.numel() * -(-rps // 64)
-        key = rng.stream_key(seed, step, layer, stream)
-        parallel_rows(_fn("pack_rows", tname, bits), tiles, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), key,
-                      lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), groups.data_ptr(), channels, rps,
-                      planes.data_ptr(), m, planes.shape[2], min_rows=2)
-    elif m:
+    if m:
         tables = [t.contiguous() for t in tables]
-        key = rng.stream_key(seed, step, layer, stream)
-        parallel_rows(_fn("pack", tname, bits), m, v.g.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
+        parallel_rows(_fn("pack", tname, bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
                       sr_scale.data_ptr(), *[t.data_ptr() for t in tables], *layout, planes.data_ptr(), m,
                       planes.shape[2], min_rows=4)
-    groups = tables[2]
+    return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
+
+
+def _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero) -> BitplaneGradient:
     return BitplaneGradient(planes, k, rows, scale[groups] if aligned else None,
                             zero[groups] if aligned else None, out_rows, kind, keep, prob, scale, zero)
