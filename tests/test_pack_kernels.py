@@ -144,3 +144,18 @@ def test_col2im_ste(target, conv):
     wide[:, :dcols.shape[1]] = dcols                 # a row stride wider than the row
     got = col2im.col2im_ste(wide[:, :dcols.shape[1]], x.shape, ks, stride, padding, dilation, target=target)
     torch.testing.assert_close(got, folded, rtol=1e-6, atol=1e-6)
+
+
+def test_preprocessing_kernels_build_for_aarch64():
+    """Every preprocessing generator emits an object for a NEON target (no x86-only intrinsic
+    leaks out of its Target.has guard); running it is issue 5's qemu check."""
+    from fqt_compiler.codegen import col2im as col2im_gen, pack as pack_gen, quantize as quantize_gen
+    from fqt_compiler.runtime.jit import compile_object
+    t = get_target("rpi4")
+    conv = ((3, 3), (2, 2), (1, 1), (2, 2))
+    irs = [pack_gen.sign_pack_ir(t, with_ste=True), pack_gen.unpack_ir(t), pack_gen.padded_rows_ir(t, source="bits"),
+           pack_gen.im2col_pack_ir(t, *conv, one_word=False), pack_gen.im2col_pack_t_ir(t, *conv, one_word=True),
+           quantize_gen.group_minmax_ir(t, lanes=16), quantize_gen.quantize_pack_ir(t, bits=4),
+           quantize_gen.quantize_pack_rows_ir(t, bits=2), col2im_gen.col2im_ste_ir(t, *conv)]
+    for ir_text in irs:
+        assert compile_object(ir_text, t).startswith(b"\x7fELF")
