@@ -25,8 +25,9 @@ from torch._dynamo.backends.common import aot_autograd
 from .config import Config, candidate_layers, resolve_plan
 from .ops import reference
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
-                     bind_implementations, insert_gradient_quantizers, name_placeholders,
-                     rewrite_binary_layers)
+                     bind_implementations, fuse_gradient_quantizers, insert_gradient_quantizers,
+                     name_placeholders, rewrite_binary_layers)
+from .runtime import lowered  # noqa: F401  (registers the "kernels" backend's implementations)
 
 
 RECOMPILE_LIMIT = 256
@@ -55,6 +56,7 @@ class FQTModule(nn.Module):
         self.fqt_config = config
         self.fqt_step = 0
         self.fqt_graphs: list[CompiledGraph] = []
+        self.fqt_last: CompiledGraph | None = None   # the graph the last call ran
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
         object.__setattr__(self, "_compiled", torch.compile(
             model, backend=self._backend, fullgraph=True, dynamic=False))
@@ -90,7 +92,7 @@ class FQTModule(nn.Module):
             cg.forward = PassManager("forward", [
                 partial(name_placeholders, input_names=input_names, names=cg.names, plan=cg.plan),
                 partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan),
             ], cg.records, cg.names)(fgm)
             return make_boxed_func(cg.forward.forward)
 
@@ -98,8 +100,9 @@ class FQTModule(nn.Module):
             cg.backward = PassManager("backward", [
                 partial(name_placeholders, input_names=None, names=cg.names, plan=cg.plan),
                 partial(insert_gradient_quantizers, plan=cg.plan),
+                *([fuse_gradient_quantizers] if config.backend == "kernels" else []),
                 partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan),
             ], cg.records, cg.names)(bgm)
             return make_boxed_func(cg.backward.forward)
 
@@ -107,6 +110,7 @@ class FQTModule(nn.Module):
             gm, list(example_inputs) + [value for _, value in cg.extras])
 
         def run(*args):
+            self.fqt_last = cg
             return compiled(*args, *self._extra_inputs(cg.extras))
 
         return run

@@ -15,7 +15,8 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 
 class VGG(nn.Module):
     """VGG with BatchNorm for 32x32 inputs (the CIFAR variant of the paper's protocol):
-    13 conv-BN-ReLU blocks, five max-pools down to 1x1, one linear classifier."""
+    13 conv-BN-ReLU blocks, five max-pools down to 1x1, one linear classifier. Other configs
+    and input sizes are average-pooled to 1x1 before the classifier."""
 
     def __init__(self, cfg=_VGG16, num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
         super().__init__()
@@ -28,10 +29,11 @@ class VGG(nn.Module):
                 layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 c = out
         self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)   # identity at 32x32 for VGG-16 (five pools -> 1x1)
         self.classifier = nn.Linear(c, num_classes)
 
     def forward(self, x):
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
 def vgg16_cifar(num_classes: int = 10, width: float = 1.0) -> VGG:

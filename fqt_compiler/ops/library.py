@@ -45,8 +45,7 @@ def _key(rng_state: torch.Tensor) -> tuple[int, int]:
     return seed, step
 
 
-def _words(k) -> int:
-    return (k + 63) // 64
+_words = ref.padded_words
 
 
 def _conv_out(size, k, s, p, d):

@@ -44,6 +44,16 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (padded << shifts).sum(-1)
 
 
+WORD_ALIGN = 8  # words per row are padded to whole 512-bit vectors for the kernels
+
+
+def padded_words(k: int) -> int:
+    """Words per packed row of ``k`` bits, padded to a multiple of ``WORD_ALIGN`` (the padding
+    words are zero, so popcount identities stay exact)."""
+    words = max(1, (k + 63) // 64)
+    return (words + WORD_ALIGN - 1) // WORD_ALIGN * WORD_ALIGN
+
+
 def unpack_bits(words: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: int64 words ``[..., W]`` to bool ``[..., k]``."""
     shifts = torch.arange(64, dtype=torch.int64)
@@ -332,8 +342,9 @@ def linear_weight_grad(gprime, weight, x):
 # its signs (bit = x > 0) and its STE mask (bit = |x| < 1). Layout, chosen so each row is one
 # contiguous run of words for the backward GEMMs:
 #   conv2d: one row per sample over the flattened (c, h, w) of the *unpadded* input
-#           -> int64 [N, ceil(C*H*W / 64)]; padded positions are -1 by definition (SPEC §2);
-#   linear: one row per input row over the features -> int64 [prod(leading dims), ceil(F / 64)].
+#           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (SPEC §2);
+#   linear: one row per input row over the features -> int64 [prod(leading dims), padded_words(F)].
+# Rows are padded with zero words to whole 512-bit vectors, the kernels' PackedBits layout.
 
 def activation_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The 2-D view of an activation that ``pack_activation`` packs row by row."""
@@ -347,7 +358,13 @@ def activation_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
 def pack_activation(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign words, STE-mask words) of a layer input in the saved-activation layout."""
     rows = activation_rows(x.detach(), kind)
-    return pack_bits(rows > 0), pack_bits(rows.abs() < 1)
+    return _padded(pack_bits(rows > 0)), _padded(pack_bits(rows.abs() < 1))
+
+
+def _padded(words: torch.Tensor) -> torch.Tensor:
+    out = words.new_zeros(words.shape[0], padded_words(words.shape[1] * 64))
+    out[:, :words.shape[1]] = words
+    return out
 
 
 def unpack_activation(words: torch.Tensor, x_shape, kind: str) -> torch.Tensor:

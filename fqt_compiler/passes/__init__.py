@@ -3,17 +3,19 @@
 capture (Dynamo's torch-level graph): annotate_layers -> apply_plan -> rewrite_binary_layers
 forward (AOTAutograd's ATen graph):   name_placeholders -> annotate_fqt_nodes -> bind_implementations
 backward:                             name_placeholders -> insert_gradient_quantizers
+                                      [-> fuse_gradient_quantizers, kernel backend]
                                       -> annotate_fqt_nodes -> bind_implementations
 """
 from .annotate_fqt_nodes import annotate_fqt_nodes
 from .annotate_layers import annotate_layers
 from .apply_plan import apply_plan
 from .bind_implementations import bind_implementations
+from .fuse_gradient_quantizers import fuse_gradient_quantizers
 from .infra import PassManager, PassRecord, PassResult, graph_text
 from .insert_gradient_quantizers import insert_gradient_quantizers
 from .name_placeholders import name_placeholders
 from .rewrite_binary_layers import rewrite_binary_layers
 
 __all__ = ["PassManager", "PassRecord", "PassResult", "graph_text", "annotate_fqt_nodes",
-           "annotate_layers", "apply_plan", "bind_implementations", "insert_gradient_quantizers",
+           "annotate_layers", "apply_plan", "bind_implementations", "fuse_gradient_quantizers", "insert_gradient_quantizers",
            "name_placeholders", "rewrite_binary_layers"]

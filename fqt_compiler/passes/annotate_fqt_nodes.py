@@ -43,6 +43,16 @@ def _note(node: fx.Node, plan: list) -> str:
             kept = expected_kept(args["method"], args["bits"], groups)
             note += f", {groups} groups, kept fraction {kept:.3g} expected"
         return note
+    if op.startswith("aq_quantize_"):
+        layer = plan[args["layer"]]
+        path = ref.PATH_INPUT if "_input_" in op else ref.PATH_WEIGHT
+        grouping = ref.grouping(args["method"], path)
+        gemm = "float GEMM (per-sample scale varies along r)" if (
+            path == ref.PATH_WEIGHT and grouping == "sample") else "bit-plane GEMM over kept groups"
+        return (f"layer {layer.index} {layer.name}: {path} path, {args['method']}, b={args['bits']}, "
+                f"per-{grouping} groups, kept fraction "
+                f"{expected_kept(args['method'], args['bits'], 1 if grouping == 'tensor' else 2**30):.3g} "
+                f"expected; AQ sampling + quantize + bit-plane pack fused, then {gemm}")
     if op.endswith("_grad_q"):
         return f"bit-plane GEMM over kept per-{args['grouping']} groups"
     if op.endswith("_grad"):

@@ -3,7 +3,8 @@
 Matches: call nodes whose target is an op of the ``fqt`` namespace.
 Produces: the node's target replaced by ``registry.lookup(op, backend)``'s callable (the op
 stays readable as ``meta["fqt_op"]``), ``impl=<backend that ran>`` appended to its note, and
-``ran[op] = backend that ran`` so summaries report it (a backend without an implementation
+``ran[op] = backend that ran`` so summaries report it; an implementation marked
+``takes_layer_name`` also gets the keyword ``layer_name`` (its layer's module name) (a backend without an implementation
 of an op falls back to ``reference``).
 Invariants: the callable has the op's schema and semantics, so ``meta["val"]`` stays valid.
 This is the last pass: the lowering of an op to a kernel is a registry entry, not a pass.
@@ -17,7 +18,7 @@ from ..ops import registry
 from .infra import PassResult
 
 
-def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict) -> PassResult:
+def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list) -> PassResult:
     modified = False
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
@@ -26,6 +27,10 @@ def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict) -> Pass
             ran[op] = used
             node.meta["fqt_op"] = node.target
             node.meta["fqt_note"] = (node.meta.get("fqt_note", "") + f"  impl={used}").strip()
+            if getattr(impl, "takes_layer_name", False):
+                # Kernel implementations record runtime statistics under the layer's name.
+                layer = dict(zip((a.name for a in node.target._schema.arguments), node.args))["layer"]
+                node.kwargs = {**node.kwargs, "layer_name": plan[layer].name}
             node.target = impl
             modified = True
     gm.recompile()

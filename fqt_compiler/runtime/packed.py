@@ -14,13 +14,7 @@ import torch
 
 from ..ops import reference
 
-WORD_ALIGN = 8  # 8 x 64 bits = one AVX-512 register
-
-
-def padded_words(k: int) -> int:
-    """Words per row for a packed axis of length ``k``."""
-    words = max(1, (k + 63) // 64)
-    return (words + WORD_ALIGN - 1) // WORD_ALIGN * WORD_ALIGN
+from ..ops.reference import WORD_ALIGN, padded_words  # noqa: F401  (the layout is defined there)
 
 
 @dataclass

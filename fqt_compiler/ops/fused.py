@@ -1,0 +1,79 @@
+"""Fused gradient ops: one SCQ path of one layer, from ``G'`` to its GEMM's result.
+
+``passes/fuse_gradient_quantizers.py`` collapses each chain
+``aq_sample -> quantize_gradient -> *_grad_q`` of the backward graph into one of these, so
+the kernel backend can quantize straight into bit planes (never materializing the uint8
+codes) and read a conv's ``G'`` in its NCHW layout (no permute copy). The names keep ``aq``
+and ``quantize`` so the dumped backward graph still shows where each path is quantized.
+
+Reference implementation: exactly the unfused chain (``reference.quantize_gradient``, then
+the dequantized float GEMM), so fusing changes no number on the reference backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference as ref
+from .library import _define, _key, _conv_out
+
+_CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
+_Q = "str method, int bits, int layer"
+
+
+def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
+    seed, step = _key(rng_state)
+    q = ref.quantize_gradient(g2d, method, path, bits, rows_per_sample=rows_per_sample,
+                              seed=seed, step=step, layer=layer)
+    return q.dequantize()
+
+
+def _conv_path(path, grad_fn):
+    def impl(gprime, rng_state, weight, bits_saved, x_shape, stride, padding, dilation,
+             method, bits, layer):
+        hw = gprime.shape[2] * gprime.shape[3]
+        g2d = _quantized(ref.conv_rows(gprime), rng_state, method, path, bits, hw, layer)
+        return grad_fn(ref.conv_unrows(g2d, gprime.shape), weight, bits_saved, x_shape,
+                       stride, padding, dilation)
+    return impl
+
+
+def _linear_path(path, grad_fn):
+    def impl(gprime, rng_state, weight, bits_saved, x_shape, method, bits, layer):
+        g2d = _quantized(gprime.reshape(-1, gprime.shape[-1]), rng_state, method, path, bits, 1,
+                         layer)
+        return grad_fn(g2d.reshape(gprime.shape), weight, bits_saved, x_shape)
+    return impl
+
+
+def _like_x(gprime, rng_state, weight, bits_saved, x_shape, *rest):
+    return gprime.new_empty(x_shape)
+
+
+def _like_w(gprime, rng_state, weight, *rest):
+    return torch.empty_like(weight)
+
+
+aq_quantize_conv2d_input_grad = _define(
+    f"aq_quantize_conv2d_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"Tensor x_ste_bits, {_CONV}, {_Q}) -> Tensor",
+    _conv_path(ref.PATH_INPUT, ref.conv2d_input_grad_packed), _like_x)
+aq_quantize_conv2d_weight_grad = _define(
+    f"aq_quantize_conv2d_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"Tensor x_sign_bits, {_CONV}, {_Q}) -> Tensor",
+    _conv_path(ref.PATH_WEIGHT, ref.conv2d_weight_grad_packed), _like_w)
+aq_quantize_linear_input_grad = _define(
+    f"aq_quantize_linear_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"Tensor x_ste_bits, SymInt[] x_shape, {_Q}) -> Tensor",
+    _linear_path(ref.PATH_INPUT, ref.linear_input_grad_packed), _like_x)
+aq_quantize_linear_weight_grad = _define(
+    f"aq_quantize_linear_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> Tensor",
+    _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed), _like_w)
+
+# quantized-G' GEMM op -> its fused op
+FUSED = {
+    torch.ops.fqt.conv2d_input_grad_q.default: torch.ops.fqt.aq_quantize_conv2d_input_grad.default,
+    torch.ops.fqt.conv2d_weight_grad_q.default: torch.ops.fqt.aq_quantize_conv2d_weight_grad.default,
+    torch.ops.fqt.linear_input_grad_q.default: torch.ops.fqt.aq_quantize_linear_input_grad.default,
+    torch.ops.fqt.linear_weight_grad_q.default: torch.ops.fqt.aq_quantize_linear_weight_grad.default,
+}

@@ -1,0 +1,171 @@
+"""Kernel implementations of the fqt ops: the ``"kernels"`` backend of ``ops/registry``.
+
+Each function has its op's schema (plus the keyword ``layer_name`` that
+``passes/bind_implementations`` adds for statistics) and chains the JIT kernels:
+
+forward      pack signs + STE bits of x -> im2col from the packed bits -> binary GEMM
+input grad   quantize G' per sample into bit planes (kept samples only) -> bit-plane GEMM
+             with sign(W) packed along output channels -> col2im + STE mask
+weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
+             GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
+
+Nothing here calls a float GEMM. The one path the kernels cannot take, ``psq`` on the weight
+path (a per-sample scale varies along that path's contraction, SPEC §4), runs the reference
+and is recorded as ``weight_grad_float`` in the statistics.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import reference as ref
+from ..ops import registry
+from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
+from . import stats
+from .col2im import col2im_ste
+from .gemm import binary_gemm, bitplane_gemm
+from .pack import im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, unpack_mask, unpack_signs
+from .packed import PackedBits
+from .quantize import quantize_bitplanes
+
+
+def kernel(op: str):
+    """Register the decorated function as ``fqt::op``'s kernel implementation."""
+    def wrap(fn):
+        registry.register(f"fqt::{op}", "kernels", fn)
+        fn.takes_layer_name = True
+        return fn
+    return wrap
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+
+
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float32)
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _seed_step(rng_state: torch.Tensor) -> tuple[int, int]:
+    seed, step = rng_state.tolist()
+    return seed, step
+
+
+# --------------------------------------------------------------------------- forward
+
+@kernel("binary_conv2d")
+def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?"):
+    x = _float32(x)
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    with stats.timed(layer_name, "pack"):
+        signs, mask = pack_signs_and_ste(x.view(n, -1))
+        a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w))
+        b = pack_signs(weight.detach().reshape(o, -1))
+    with stats.timed(layer_name, "forward", binary_macs=n * oh * ow * o * c * kh * kw,
+                     saved_bytes=signs.nbytes + mask.nbytes):
+        y = binary_gemm(a, b, scale=_ones(o), out_hw=oh * ow)
+    return y.view(n, o, oh, ow), signs.words, mask.words
+
+
+@kernel("binary_linear")
+def binary_linear(x, weight, rng_state, layer, *, layer_name="?"):
+    x2 = _float32(x).reshape(-1, x.shape[-1])
+    o, f = weight.shape
+    with stats.timed(layer_name, "pack"):
+        signs, mask = pack_signs_and_ste(x2)
+        b = pack_signs(weight.detach())
+    with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
+                     saved_bytes=signs.nbytes + mask.nbytes):
+        y = binary_gemm(signs, b, scale=_ones(o))
+    return y.view(*x.shape[:-1], o), signs.words, mask.words
+
+
+# --------------------------------------------------------------------------- backward
+
+def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer):
+    seed, step = _seed_step(rng_state)
+    with stats.timed(layer_name, "quantize"):
+        return quantize_bitplanes(_float32(g), method, path, bits, rows_per_sample=rows_per_sample,
+                                  seed=seed, step=step, layer=layer)
+
+
+def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int):
+    m = q.planes.shape[1]
+    with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
+        return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
+                             row_map=q.row_map, out_rows=out_rows)
+
+
+def _float_weight_grad(layer_name, kind, *args):
+    impl, _ = registry.lookup(f"fqt::aq_quantize_{kind}_weight_grad", "reference")
+    with stats.timed(layer_name, "weight_grad_float"):
+        return impl(*args)
+
+
+def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return dw.view_as(weight) * ref.ste_mask(weight.detach())
+
+
+@kernel("aq_quantize_conv2d_input_grad")
+def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
+                      method, bits, layer, *, layer_name="?"):
+    n, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, gprime.shape[2] * gprime.shape[3],
+                  rng_state, layer)
+    with stats.timed(layer_name, "pack"):
+        wt = pack_signs(weight.detach().reshape(o, -1).T)
+    dcols = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows)
+    with stats.timed(layer_name, "col2im"):
+        return col2im_ste(dcols, (n, c, h, w), (kh, kw), stride, padding, dilation,
+                          ste=PackedBits(x_ste_bits, c * h * w))
+
+
+@kernel("aq_quantize_conv2d_weight_grad")
+def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
+                       method, bits, layer, *, layer_name="?"):
+    if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
+        return _float_weight_grad(layer_name, "conv2d", gprime, rng_state, weight, x_sign_bits,
+                                  x_shape, stride, padding, dilation, method, bits, layer)
+    n, c, h, w = x_shape
+    o, _, kh, kw = weight.shape
+    q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
+                  rng_state, layer)
+    with stats.timed(layer_name, "pack"):
+        xt = im2col_pack_t(PackedBits(x_sign_bits, c * h * w), (kh, kw), stride, padding, dilation,
+                           input_shape=(n, c, h, w))
+    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o), weight)
+
+
+@kernel("aq_quantize_linear_input_grad")
+def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer, *,
+                      layer_name="?"):
+    o, f = weight.shape
+    g2 = gprime.reshape(-1, o)
+    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer)
+    with stats.timed(layer_name, "pack"):
+        wt = pack_signs(weight.detach().T)
+    dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows)
+    with stats.timed(layer_name, "col2im"):
+        dx *= unpack_mask(x_ste_bits, f, dx.shape)
+    return dx.view(x_shape)
+
+
+@kernel("aq_quantize_linear_weight_grad")
+def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer, *,
+                       layer_name="?"):
+    if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
+        return _float_weight_grad(layer_name, "linear", gprime, rng_state, weight, x_sign_bits,
+                                  x_shape, method, bits, layer)
+    o, f = weight.shape
+    g2 = gprime.reshape(-1, o)
+    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer)
+    with stats.timed(layer_name, "pack"):
+        xt = pack_signs(unpack_signs(x_sign_bits, f, (g2.shape[0], f)).T)
+    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o), weight)
