@@ -2,13 +2,15 @@
 
 ``dx[n, c, ih, iw] = ste[n, c, ih, iw] * sum_{kh, kw} dcols[(n, oh, ow), (c, kh, kw)]`` over
 the patch positions that cover the pixel (``ih = oh*S - P + kh*D``), cropped to the unpadded
-input. It is written as a gather: each output row ``(n, c, ih)`` sums, 16 columns at a time,
-the columns of at most ``KH*KW`` im2col rows, so rows are independent (threads need no
-atomics) and the summation order is fixed (kh, then kw). The gathers (one cache line per
+input. It is written as a gather: 16 consecutive elements of a sample at a time (they may
+span rows and channels, so small maps still fill the vector) each sum the ``KH*KW`` columns
+that cover them, so chunks are independent (threads need no atomics) and the summation
+order is fixed (kh, then kw). The gathers (one cache line per
 element: lanes are ``dcols`` rows apart) bound its speed; ``dcols`` itself is the large
 operand (302 MB for ResNet-18 layer1 at batch 128).
 ``torch.nn.functional.fold`` (plus the mask multiply) measured 339 ms on that layer (3x3,
-one thread, shared machine), this kernel 140 ms: it pays, so the runtime uses it.
+one thread, shared machine), this kernel about 100 ms, and 2x-18x faster on the small maps
+of the deeper layers (benchmarks/bench_preprocess.py): it pays, so the runtime uses it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ LANES = 16
 
 
 def col2im_ste_ir(target: str | Target, kernel_size, stride, padding, dilation) -> str:
-    """``fqt_col2im_ste(d, ldd, ste, ste_ld, C, H, W, OH, OW, out, row0, row1)``: output rows
-    ``(n*C + c)*H + ih`` of NCHW-contiguous ``out``; ``d`` is ``[N*OH*OW, C*KH*KW]`` float32
+    """``fqt_col2im_ste(d, ldd, ste, ste_ld, C, H, W, OH, OW, out, row0, row1)``: chunks
+    ``row0..row1`` of 16 consecutive elements of a sample of NCHW-contiguous ``out``; ``d`` is ``[N*OH*OW, C*KH*KW]`` float32
     with row stride ``ldd``; ``ste`` (nullable) holds per-sample packed mask bits
     (bit ``(c*H + ih)*W + iw`` of row ``n``, ``ste_ld`` words per row)."""
     t = get_target(target)
@@ -41,43 +43,53 @@ def col2im_ste_ir(target: str | Target, kernel_size, stride, padding, dilation) 
     def c64(v):
         return ir.Constant(I64, v)
 
-    with k.loop(a["row0"], a["row1"]) as row:
-        ih = b.srem(row, a["H"])
-        nc = b.sdiv(row, a["H"])
-        c, n = b.srem(nc, a["C"]), b.sdiv(nc, a["C"])
-        out_row = k.gep(a["out"], b.mul(row, a["W"]))
-        with k.loop(0, a["W"], LANES) as iw0:
-            iw = b.add(k.splat(iw0, LANES), lane)
-            valid = b.icmp_signed("<", iw, k.splat(a["W"], LANES))
-            acc = k.var(fv, zero)
-            for kh in range(kh_):
-                th = b.sub(b.add(ih, c64(ph)), c64(kh * dh))
-                oh = b.sdiv(th, c64(sh))
-                covers = b.and_(b.icmp_signed("==", b.srem(th, c64(sh)), c64(0)),
-                                b.and_(b.icmp_signed(">=", th, c64(0)), b.icmp_signed("<", oh, a["OH"])))
-                with b.if_then(covers):
-                    first_row = b.mul(b.add(b.mul(n, a["OH"]), oh), a["OW"])
-                    for kw in range(kw_):
-                        tw = b.sub(b.add(iw, const_vec(LANES, pw)), const_vec(LANES, kw * dw))
-                        ow = b.sdiv(tw, const_vec(LANES, sw))
-                        hit = b.and_(valid, b.and_(b.icmp_signed(">=", tw, const_vec(LANES, 0)),
-                                                   b.icmp_signed("<", ow, k.splat(a["OW"], LANES))))
-                        if sw > 1:
-                            hit = b.and_(hit, b.icmp_signed("==", b.srem(tw, const_vec(LANES, sw)), const_vec(LANES, 0)))
-                        col = b.add(b.mul(c, c64(kh_ * kw_)), c64(kh * kw_ + kw))
-                        index = b.add(b.mul(b.add(k.splat(first_row, LANES), ow), k.splat(a["ldd"], LANES)),
-                                      k.splat(col, LANES))
-                        v = masked_load(k, k.vgep(a["d"], index, 4), hit, zero, gather=True)
-                        k.set(acc, b.fadd(k.get(acc, fv), v))
-            total = k.get(acc, fv)
-            result = k.var(fv, total)
-            with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(a["ste"], I64), c64(0))):
-                words = k.gep(a["ste"], b.mul(n, a["ste_ld"]), I64)
-                pos = b.add(b.mul(b.add(b.mul(c, a["H"]), ih), a["W"]), iw0)
-                bits = b.bitcast(b.trunc(extract64(k, words, pos, a["ste_ld"]), ir.IntType(LANES)), vec(LANES, I1))
-                # A multiply, as the reference's ``dx * ste_mask(x)`` (keeps -0.0 and NaN alike).
-                k.set(result, b.fmul(total, b.select(bits, const_vec(LANES, 1.0, F32), zero)))
-            k.call(f"llvm.masked.store.v{LANES}f32.p0", ir.VoidType(),
-                   [k.get(result, fv), k.gep(out_row, iw0), ir.Constant(ir.IntType(32), 4), valid])
+    def const(v):
+        return const_vec(LANES, v)
+
+    def inside(t, size, step):
+        """Lanes where input offset ``t`` is a patch position ``t / step`` in ``[0, size)``."""
+        ok = b.and_(b.icmp_signed(">=", t, const(0)), b.icmp_signed("<", b.sdiv(t, const(step)), k.splat(size, LANES)))
+        return b.and_(ok, b.icmp_signed("==", b.srem(t, const(step)), const(0))) if step > 1 else ok
+
+    def floor_div(x, inv):
+        """floor(x / d) of small non-negative integer lanes, as floor((x + 0.5) * (1/d)) in
+        float32: exact while x < 2^22, far below the 0.5/d margin to the next integer."""
+        xf = b.fadd(b.sitofp(x, fv), const_vec(LANES, 0.5, F32))
+        return b.fptosi(b.fmul(xf, k.splat(inv, LANES)), vec(LANES))
+
+    plane = b.mul(a["H"], a["W"])
+    sample = b.mul(a["C"], plane)
+    chunks = b.sdiv(b.add(sample, c64(LANES - 1)), c64(LANES))
+    inv_plane = b.fdiv(ir.Constant(F32, 1.0), b.sitofp(plane, F32))
+    inv_w = b.fdiv(ir.Constant(F32, 1.0), b.sitofp(a["W"], F32))
+    with k.loop(a["row0"], a["row1"]) as chunk:
+        n = b.sdiv(chunk, chunks)
+        q0 = b.mul(b.srem(chunk, chunks), c64(LANES))          # first (c, ih, iw) of the chunk
+        valid = b.icmp_signed("<", b.add(k.splat(q0, LANES), lane), k.splat(sample, LANES))
+        rel = b.add(k.splat(b.srem(q0, plane), LANES), lane)
+        wraps = floor_div(rel, inv_plane)
+        c = b.add(k.splat(b.sdiv(q0, plane), LANES), wraps)
+        p = b.sub(rel, b.mul(wraps, k.splat(plane, LANES)))
+        ih = floor_div(p, inv_w)
+        iw = b.sub(p, b.mul(ih, k.splat(a["W"], LANES)))
+        acc = zero
+        for kh in range(kh_):
+            th = b.add(ih, const(ph - kh * dh))
+            rows_h = b.mul(b.add(k.splat(b.mul(n, a["OH"]), LANES), b.sdiv(th, const(sh))), k.splat(a["OW"], LANES))
+            hit_h = b.and_(valid, inside(th, a["OH"], sh))
+            for kw in range(kw_):
+                tw = b.add(iw, const(pw - kw * dw))
+                hit = b.and_(hit_h, inside(tw, a["OW"], sw))
+                col = b.add(b.mul(c, const(kh_ * kw_)), const(kh * kw_ + kw))
+                index = b.add(b.mul(b.add(rows_h, b.sdiv(tw, const(sw))), k.splat(a["ldd"], LANES)), col)
+                acc = b.fadd(acc, masked_load(k, k.vgep(a["d"], index, 4), hit, zero, gather=True))
+        result = k.var(fv, acc)
+        with b.if_then(b.icmp_unsigned("!=", b.ptrtoint(a["ste"], I64), c64(0))):
+            words = k.gep(a["ste"], b.mul(n, a["ste_ld"]), I64)
+            bits = b.bitcast(b.trunc(extract64(k, words, q0, a["ste_ld"]), ir.IntType(LANES)), vec(LANES, I1))
+            # A multiply, as the reference's ``dx * ste_mask(x)`` (keeps -0.0 and NaN alike).
+            k.set(result, b.fmul(acc, b.select(bits, const_vec(LANES, 1.0, F32), zero)))
+        k.call(f"llvm.masked.store.v{LANES}f32.p0", ir.VoidType(),
+               [k.get(result, fv), k.gep(a["out"], b.add(b.mul(n, sample), q0)), ir.Constant(ir.IntType(32), 4), valid])
     k.finish()
     return str(m)
