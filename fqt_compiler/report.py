@@ -1,7 +1,7 @@
 """Inspection: ``fqt.dump`` (graph text files) and ``fqt.summary`` (per-layer table).
 
-Both describe the most recent compilation (the graphs of the last input shape / mode that
-was compiled); call the compiled model once first, and ``.backward()`` once for the
+Both describe the graphs the compiled model's last call ran (one compilation per input
+shape and mode); call the compiled model once first, and ``.backward()`` once for the
 backward graph.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from .ops import reference as ref
 def _latest(compiled: FQTModule) -> CompiledGraph:
     if not isinstance(compiled, FQTModule):
         raise TypeError(f"expected the result of fqt.compile, got {type(compiled).__name__}")
-    if not compiled.fqt_graphs:
+    if compiled.fqt_last is None:
         raise RuntimeError("nothing compiled yet: call the compiled model once (compilation "
                            "happens at the first call, per input shape and mode)")
-    return compiled.fqt_graphs[-1]
+    return compiled.fqt_last
 
 
 def dump(compiled: FQTModule, directory) -> list[Path]:

@@ -1,0 +1,94 @@
+"""Config validation and the resolved per-layer plan."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fqt_compiler as fqt
+from fqt_compiler.config import resolve_plan
+from fqt_test_models import SmallCNN
+
+ORDER = ["stem", "conv1", "conv2", "dw", "fc1", "head"]  # SmallCNN's call order
+
+
+def plan_of(config, order=ORDER):
+    return {layer.name: layer for layer in resolve_plan(SmallCNN(), config, order)}
+
+
+def test_defaults_match_spec():
+    cfg = fqt.Config()
+    assert (cfg.method, cfg.bits, cfg.seed, cfg.backend, cfg.target) == ("aq_scq", 4, 0, "kernels", "host")
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"bitz": 4}, ["bitz", "did you mean 'bits'"]),
+    ({"bits": 3}, ["bits=3", "(1, 2, 4, 8)"]),
+    ({"method": "sgd"}, ["method='sgd'", "aq_scq"]),
+    ({"method": "bhq"}, ["bhq", "not implemented"]),
+    ({"backend": "cuda"}, ["backend='cuda'", "reference"]),
+    ({"target": "m1"}, ["target='m1'", "rpi4"]),
+    ({"seed": -1}, ["seed=-1"]),
+    ({"rules": [{"name": "a", "regex": "b"}]}, ["exactly one of"]),
+    ({"rules": [{"name": "a", "bitz": 2}]}, ["Rule", "bitz"]),
+])
+def test_invalid_options_name_the_argument(options, words):
+    with pytest.raises((TypeError, ValueError)) as err:
+        fqt.Config(**options)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_default_plan_excludes_first_last_and_depthwise_with_reasons():
+    plan = plan_of(fqt.Config())
+    assert [n for n, l in plan.items() if l.binarize] == ["conv1", "conv2", "fc1"]
+    assert "first" in plan["stem"].reason
+    assert "last" in plan["head"].reason
+    assert "groups=16" in plan["dw"].reason
+    assert all(l.reason for l in plan.values())
+    assert [l.index for l in plan.values()] == list(range(6))
+
+
+def test_first_and_last_follow_call_order_not_registration():
+    plan = plan_of(fqt.Config(), ["conv1", "stem", "conv2", "dw", "head", "fc1"])
+    assert not plan["conv1"].binarize and not plan["fc1"].binarize
+    assert plan["stem"].binarize and plan["head"].binarize
+
+
+def test_rules_by_type_name_regex_apply_in_order():
+    cfg = fqt.Config(rules=[
+        fqt.Rule(type=nn.Linear, bits=8),
+        {"name": "head", "binarize": True},
+        {"regex": r"conv\d", "method": "psq", "bits": 1},
+        {"name": "conv2", "binarize": False},
+    ])
+    plan = plan_of(cfg)
+    assert plan["fc1"].bits == 8 and plan["head"].binarize and "rules[1]" in plan["head"].reason
+    assert (plan["conv1"].method, plan["conv1"].bits) == ("psq", 1)
+    assert not plan["conv2"].binarize and "rules[3]" in plan["conv2"].reason
+    assert plan["stem"].method == "aq_scq"  # regex is a full match: 'stem' is untouched
+
+
+def test_rule_matching_nothing_is_an_error_listing_layers():
+    with pytest.raises(ValueError, match=r"rules\[0\].*selects no layer.*conv1"):
+        fqt.compile(SmallCNN(), fqt.Config(rules=[{"name": "layer9.conv"}]))
+
+
+def test_binarizing_a_depthwise_conv_is_refused():
+    with pytest.raises(ValueError, match="groups=16"):
+        plan_of(fqt.Config(rules=[{"name": "dw", "binarize": True}]))
+
+
+def test_summary_reports_requested_and_running_backend():
+    compiled = fqt.compile(SmallCNN(), fqt.Config(backend="kernels"))
+    with pytest.raises(RuntimeError, match="call the compiled model once"):
+        fqt.summary(compiled)
+    compiled(torch.randn(2, 3, 8, 8)).sum().backward()
+    text = fqt.summary(compiled)
+    assert "backend requested: kernels" in text
+    ran = compiled.fqt_graphs[-1].ran
+    assert set(ran) >= {"fqt::binary_conv2d", "fqt::aq_quantize_conv2d_input_grad",
+                        "fqt::aq_quantize_conv2d_weight_grad"}
+    assert ran["fqt::binary_conv2d"] == "kernels"
+    for op, backend in ran.items():
+        assert f"{op.split('::')[1]}={backend}" in text

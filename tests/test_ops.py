@@ -1,0 +1,149 @@
+"""The fqt custom ops: opcheck on every op, and each op against the reference oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fqt_compiler.ops import fused as F
+from fqt_compiler.ops import library as L
+from fqt_compiler.ops import reference as R
+from fqt_compiler.ops import registry
+
+RS = torch.tensor([11, 5], dtype=torch.int64)
+GEOM = ([2, 1], [1, 0], [1, 2])  # stride, padding, dilation: asymmetric on purpose
+
+
+def _conv_case():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 9) * 1.5
+    w = torch.randn(4, 3, 3, 3)
+    y_raw, sign_bits, ste_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    return x, w, y_raw, sign_bits, ste_bits
+
+
+def _linear_case():
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 70) * 1.5  # 70 features: a two-word row with a tail
+    w = torch.randn(6, 70)
+    y_raw, sign_bits, ste_bits = L.binary_linear(x, w, RS, 2)
+    return x, w, y_raw, sign_bits, ste_bits
+
+
+def _opcheck_cases():
+    x, w, y, sb, mb = _conv_case()
+    xl, wl, yl, sbl, mbl = _linear_case()
+    g, gl = torch.randn_like(y), torch.randn_like(yl)
+    g2d = R.conv_rows(g)
+    rps = y.shape[2] * y.shape[3]
+    cases = [
+        (L.binary_conv2d, (x.requires_grad_(), w.requires_grad_(), RS, *GEOM, 3)),
+        (L.binary_linear, (xl.requires_grad_(), wl.requires_grad_(), RS, 2)),
+        (L.mark_gradient, (g, RS, 3)),
+        (L.conv2d_input_grad, (g, w.detach(), mb, list(x.shape), *GEOM)),
+        (L.conv2d_weight_grad, (g, w.detach(), sb, list(x.shape), *GEOM)),
+        (L.linear_input_grad, (gl, wl.detach(), mbl, list(xl.shape))),
+        (L.linear_weight_grad, (gl, wl.detach(), sbl, list(xl.shape))),
+    ]
+    lo, hi, keep, prob = L.aq_sample(g2d, RS, "aq_scq", "input", 4, rps, 3)
+    codes, scale, zero = L.quantize_gradient(g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)
+    cases += [
+        (L.aq_sample, (g2d, RS, "aq_scq", "input", 4, rps, 3)),
+        (L.quantize_gradient, (g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)),
+        (L.conv2d_input_grad_q, (codes, scale, zero, keep, w.detach(), mb, list(x.shape), *GEOM, "sample")),
+        (L.conv2d_weight_grad_q, (codes, scale, zero, keep, w.detach(), sb, list(x.shape), *GEOM, "sample")),
+    ]
+    g2dl = gl.reshape(-1, 6)
+    lo, hi, keep, prob = L.aq_sample(g2dl, RS, "aq_scq", "weight", 2, 1, 2)
+    codes, scale, zero = L.quantize_gradient(g2dl, lo, hi, keep, prob, RS, "aq_scq", "weight", 2, 1, 2)
+    cases += [
+        (L.linear_input_grad_q, (codes, scale, zero, keep, wl.detach(), mbl, list(xl.shape), "channel")),
+        (L.linear_weight_grad_q, (codes, scale, zero, keep, wl.detach(), sbl, list(xl.shape), "channel")),
+    ]
+    cases += [  # the fused ops of the kernel backend (ops/fused.py)
+        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_conv2d_weight_grad, (g, RS, w.detach(), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_linear_input_grad, (gl, RS, wl.detach(), mbl, list(xl.shape), "psq", 1, 2)),
+        (F.aq_quantize_linear_weight_grad, (gl, RS, wl.detach(), sbl, list(xl.shape), "topk", 2, 2)),
+    ]
+    return cases
+
+
+def test_opcheck_every_op():
+    cases = _opcheck_cases()
+    assert sorted(f"fqt::{op._name}" if hasattr(op, "_name") else str(op) for op, _ in cases) \
+        == registry.ops()
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_forward_ops_match_reference_layers():
+    x, w, y_raw, sign_bits, ste_bits = _conv_case()
+    alpha, bias = R.default_alpha(w), torch.randn(4)
+    expected = R.binary_conv2d(x, w, alpha, bias, *GEOM)
+    torch.testing.assert_close(y_raw * alpha.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1), expected)
+    # y_raw is an integer GEMM result: an exact count of agreeing signs
+    assert torch.equal(y_raw, y_raw.round())
+    flat = x.reshape(2, -1)
+    assert torch.equal(R.unpack_bits(sign_bits, flat.shape[1]), flat > 0)
+    assert torch.equal(R.unpack_bits(ste_bits, flat.shape[1]), flat.abs() < 1)
+    xl, wl, yl, sbl, mbl = _linear_case()
+    torch.testing.assert_close(yl * R.default_alpha(wl), R.binary_linear(xl, wl, R.default_alpha(wl), None))
+    assert sbl.shape == (6, R.padded_words(70)) and sbl.dtype == torch.int64  # per row of 70 features
+
+
+def test_packed_backward_ops_match_float_input_reference():
+    x, w, y, sb, mb = _conv_case()
+    g = torch.randn_like(y)
+    torch.testing.assert_close(L.conv2d_input_grad(g, w, mb, list(x.shape), *GEOM),
+                               R.conv2d_input_grad(g, w, x, *GEOM))
+    torch.testing.assert_close(L.conv2d_weight_grad(g, w, sb, list(x.shape), *GEOM),
+                               R.conv2d_weight_grad(g, w, x, *GEOM))
+    xl, wl, yl, sbl, mbl = _linear_case()
+    gl = torch.randn_like(yl)
+    torch.testing.assert_close(L.linear_input_grad(gl, wl, mbl, list(xl.shape)),
+                               R.linear_input_grad(gl, wl, xl))
+    torch.testing.assert_close(L.linear_weight_grad(gl, wl, sbl, list(xl.shape)),
+                               R.linear_weight_grad(gl, wl, xl))
+
+
+@pytest.mark.parametrize("method", ["ptq", "psq", "aq_scq", "topk"])
+@pytest.mark.parametrize("path", ["input", "weight"])
+def test_quantizer_ops_compose_to_reference_and_feed_gemms(method, path):
+    x, w, y, sb, mb = _conv_case()
+    g = torch.randn_like(y)
+    g2d, rps = R.conv_rows(g), y.shape[2] * y.shape[3]
+    lo, hi, keep, prob = L.aq_sample(g2d, RS, method, path, 2, rps, 3)
+    codes, scale, zero = L.quantize_gradient(g2d, lo, hi, keep, prob, RS, method, path, 2, rps, 3)
+    q = R.quantize_gradient(g2d, method, path, 2, rows_per_sample=rps, seed=11, step=5, layer=3)
+    assert torch.equal(codes, q.codes) and torch.equal(keep, q.keep)
+    assert torch.equal(scale, q.scale) and torch.equal(zero, q.zero)
+    grouping = R.grouping(method, path)
+    gq = R.conv_unrows(q.dequantize(), y.shape)
+    if path == "input":
+        got = L.conv2d_input_grad_q(codes, scale, zero, keep, w, mb, list(x.shape), *GEOM, grouping)
+        want = R.conv2d_input_grad(gq, w, x, *GEOM)
+    else:
+        got = L.conv2d_weight_grad_q(codes, scale, zero, keep, w, sb, list(x.shape), *GEOM, grouping)
+        want = R.conv2d_weight_grad(gq, w, x, *GEOM)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_aq_keeps_n_over_b_groups_on_average(bits):
+    torch.manual_seed(bits)
+    g2d = torch.randn(64, 32) * torch.rand(64, 1) * 3  # sample groups of varied range
+    kept = []
+    for step in range(200):
+        _, _, keep, prob = L.aq_sample(g2d, torch.tensor([0, step]), "aq_scq", "input", bits, 2, 0)
+        kept.append(keep.float().mean())
+        assert prob.sum().item() == pytest.approx(32 / bits, rel=1e-4)
+    assert torch.stack(kept).mean().item() == pytest.approx(1 / bits, abs=0.02)
+
+
+def test_registry_falls_back_to_reference_and_reports_it():
+    impl, ran = registry.lookup("fqt::binary_conv2d", "kernels")
+    assert ran in ("kernels", "reference")
+    if ran == "reference":
+        assert impl is registry.lookup("fqt::binary_conv2d", "reference")[0]
+    with pytest.raises(ValueError, match="backend"):
+        registry.register("fqt::binary_conv2d", "gpu", impl)
