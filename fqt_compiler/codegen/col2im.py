@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .builder import F32, I1, I64, PTR, Kernel, const_vec, masked_load, vec
+from .builder import F32, I1, I64, PTR, Kernel, const_vec, floor_div, masked_load, vec
 from .pack import extract64
 from .targets import Target, get_target
 
@@ -51,12 +51,6 @@ def col2im_ste_ir(target: str | Target, kernel_size, stride, padding, dilation) 
         ok = b.and_(b.icmp_signed(">=", t, const(0)), b.icmp_signed("<", b.sdiv(t, const(step)), k.splat(size, LANES)))
         return b.and_(ok, b.icmp_signed("==", b.srem(t, const(step)), const(0))) if step > 1 else ok
 
-    def floor_div(x, inv):
-        """floor(x / d) of small non-negative integer lanes, as floor((x + 0.5) * (1/d)) in
-        float32: exact while x < 2^22, far below the 0.5/d margin to the next integer."""
-        xf = b.fadd(b.sitofp(x, fv), const_vec(LANES, 0.5, F32))
-        return b.fptosi(b.fmul(xf, k.splat(inv, LANES)), vec(LANES))
-
     plane = b.mul(a["H"], a["W"])
     sample = b.mul(a["C"], plane)
     chunks = b.sdiv(b.add(sample, c64(LANES - 1)), c64(LANES))
@@ -67,10 +61,10 @@ def col2im_ste_ir(target: str | Target, kernel_size, stride, padding, dilation) 
         q0 = b.mul(b.srem(chunk, chunks), c64(LANES))          # first (c, ih, iw) of the chunk
         valid = b.icmp_signed("<", b.add(k.splat(q0, LANES), lane), k.splat(sample, LANES))
         rel = b.add(k.splat(b.srem(q0, plane), LANES), lane)
-        wraps = floor_div(rel, inv_plane)
+        wraps = floor_div(k, rel, inv_plane)
         c = b.add(k.splat(b.sdiv(q0, plane), LANES), wraps)
         p = b.sub(rel, b.mul(wraps, k.splat(plane, LANES)))
-        ih = floor_div(p, inv_w)
+        ih = floor_div(k, p, inv_w)
         iw = b.sub(p, b.mul(ih, k.splat(a["W"], LANES)))
         acc = zero
         for kh in range(kh_):
