@@ -92,7 +92,8 @@ class FQTModule(nn.Module):
             cg.forward = PassManager("forward", [
                 partial(name_placeholders, input_names=input_names, names=cg.names, plan=cg.plan),
                 partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
+                        target=config.target),
             ], cg.records, cg.names)(fgm)
             return make_boxed_func(cg.forward.forward)
 
@@ -102,7 +103,8 @@ class FQTModule(nn.Module):
                 partial(insert_gradient_quantizers, plan=cg.plan),
                 *([fuse_gradient_quantizers] if config.backend == "kernels" else []),
                 partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
+                        target=config.target),
             ], cg.records, cg.names)(bgm)
             return make_boxed_func(cg.backward.forward)
 

@@ -4,7 +4,8 @@ Matches: call nodes whose target is an op of the ``fqt`` namespace.
 Produces: the node's target replaced by ``registry.lookup(op, backend)``'s callable (the op
 stays readable as ``meta["fqt_op"]``), ``impl=<backend that ran>`` appended to its note, and
 ``ran[op] = backend that ran`` so summaries report it; an implementation marked
-``takes_layer_name`` also gets the keyword ``layer_name`` (its layer's module name) (a backend without an implementation
+``takes_layer_name`` also gets the keywords ``layer_name`` (its layer's module name) and
+``target`` (the Config's kernel target) (a backend without an implementation
 of an op falls back to ``reference``).
 Invariants: the callable has the op's schema and semantics, so ``meta["val"]`` stays valid.
 This is the last pass: the lowering of an op to a kernel is a registry entry, not a pass.
@@ -18,7 +19,8 @@ from ..ops import registry
 from .infra import PassResult
 
 
-def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list) -> PassResult:
+def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list,
+                         target: str = "host") -> PassResult:
     modified = False
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
@@ -28,9 +30,10 @@ def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: l
             node.meta["fqt_op"] = node.target
             node.meta["fqt_note"] = (node.meta.get("fqt_note", "") + f"  impl={used}").strip()
             if getattr(impl, "takes_layer_name", False):
-                # Kernel implementations record runtime statistics under the layer's name.
+                # Kernel implementations record runtime statistics under the layer's name and
+                # run the kernels generated for the configured target.
                 layer = dict(zip((a.name for a in node.target._schema.arguments), node.args))["layer"]
-                node.kwargs = {**node.kwargs, "layer_name": plan[layer].name}
+                node.kwargs = {**node.kwargs, "layer_name": plan[layer].name, "target": target}
             node.target = impl
             modified = True
     gm.recompile()

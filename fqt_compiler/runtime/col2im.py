@@ -16,17 +16,21 @@ import torch
 
 from ..codegen.col2im import col2im_ste_ir
 from ..codegen.targets import get_target
-from .jit import compile_ir
+from .jit import KernelSpec, kernel
 from .pack import _pair, conv_output_size, parallel_rows
 from .packed import PackedBits
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
-@lru_cache(maxsize=None)
 def _fn(target: str, *conv):
-    lib = compile_ir(col2im_ste_ir(target, *conv), target)
-    return lib.function("fqt_col2im_ste", None, _P, _I64, _P, _I64, *[_I64] * 5, _P, _I64, _I64)
+    return kernel(_spec("col2im_ste", get_target(target), *conv))
+
+
+@lru_cache(maxsize=None)
+def _spec(family: str, target, *conv):
+    return KernelSpec(family, target, conv, "fqt_col2im_ste", col2im_ste_ir(target, *conv),
+                      (_P, _I64, _P, _I64, *[_I64] * 5, _P, _I64, _I64), _spec)
 
 
 def col2im_ste(dcols: torch.Tensor, input_shape, kernel_size, stride=1, padding=0, dilation=1, *,

@@ -27,7 +27,7 @@ SINGLE_BLOCK_WORDS = 512  # up to 32768 bits of K: no K blocking, no partial-sum
 
 
 @lru_cache(maxsize=None)
-def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
+def _spec(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
     if kind == "binary":
         name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant, vector_words=vector_words)
         args = [_P, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_I, _P, _I, _I, _I, _I, _P, _P]
@@ -37,7 +37,11 @@ def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words
     else:
         name, text = codegen.row_popcount_ir(target, vector_words=vector_words)
         args = [_P, _I, _I, _I, _I, _I, _P]
-    return jit.compile_ir(text, target).function(name, None, *args)
+    return jit.KernelSpec(kind, target, (tile, variant, vector_words), name, text, tuple(args), _spec)
+
+
+def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
+    return jit.kernel(_spec(kind, target, tile, variant, vector_words))
 
 
 def _vector_words(k: int, target: Target) -> int:

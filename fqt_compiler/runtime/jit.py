@@ -14,7 +14,9 @@ import os
 import stat
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import llvmlite
@@ -150,3 +152,48 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
         lib = Library(key, target, engine, from_cache)
         _memory[key] = lib
         return lib
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel a runtime wrapper asks for: its family and specialization parameters for a
+    target, the generated IR, the exported symbol and the ctypes argument types the wrapper
+    calls it with. ``builder(family, target, *params)`` regenerates it for another target."""
+
+    family: str
+    target: Target
+    params: tuple
+    symbol: str
+    ir_text: str = field(repr=False)
+    argtypes: tuple = field(repr=False)
+    builder: object = field(repr=False, compare=False, hash=False)
+
+    def for_target(self, target: str | Target) -> "KernelSpec":
+        return self.builder(self.family, get_target(target), *self.params)
+
+
+@lru_cache(maxsize=None)
+def _load(spec: KernelSpec):
+    return compile_ir(spec.ir_text, spec.target).function(spec.symbol, None, *spec.argtypes)
+
+
+_hooks: list = []
+
+
+def kernel(spec: KernelSpec):
+    """The callable for ``spec``: the single point where every runtime wrapper turns a kernel
+    request into machine code, so ahead-of-time emission and cross-target verification can
+    see (and, for a target this CPU cannot run, stand in for) every kernel a step needs."""
+    if _hooks:
+        return _hooks[-1](spec, _load)
+    return _load(spec)
+
+
+@contextmanager
+def kernel_hook(hook):
+    """Route kernel requests through ``hook(spec, load) -> callable`` inside the block."""
+    _hooks.append(hook)
+    try:
+        yield
+    finally:
+        _hooks.remove(hook)

@@ -1,7 +1,8 @@
 """Kernel implementations of the fqt ops: the ``"kernels"`` backend of ``ops/registry``.
 
-Each function has its op's schema (plus the keyword ``layer_name`` that
-``passes/bind_implementations`` adds for statistics) and chains the JIT kernels:
+Each function has its op's schema (plus the keywords ``layer_name``, for statistics, and
+``target``, the Config's kernel target, that ``passes/bind_implementations`` adds) and chains
+the JIT kernels:
 
 forward      pack signs + STE bits of x -> im2col from the packed bits -> binary GEMM
 input grad   quantize G' per sample into bit planes (kept samples only) -> bit-plane GEMM
@@ -57,49 +58,51 @@ def _seed_step(rng_state: torch.Tensor) -> tuple[int, int]:
 # --------------------------------------------------------------------------- forward
 
 @kernel("binary_conv2d")
-def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?"):
+def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?",
+                  target="host"):
     x = _float32(x)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
     with stats.timed(layer_name, "pack"):
-        signs, mask = pack_signs_and_ste(x.view(n, -1))
-        a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w))
-        b = pack_signs(weight.detach().reshape(o, -1))
+        signs, mask = pack_signs_and_ste(x.view(n, -1), target=target)
+        a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
+                        target=target)
+        b = pack_signs(weight.detach().reshape(o, -1), target=target)
     with stats.timed(layer_name, "forward", binary_macs=n * oh * ow * o * c * kh * kw,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(a, b, scale=_ones(o), out_hw=oh * ow)
+        y = binary_gemm(a, b, scale=_ones(o), out_hw=oh * ow, target=target)
     return y.view(n, o, oh, ow), signs.words, mask.words
 
 
 @kernel("binary_linear")
-def binary_linear(x, weight, rng_state, layer, *, layer_name="?"):
+def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host"):
     x2 = _float32(x).reshape(-1, x.shape[-1])
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
-        signs, mask = pack_signs_and_ste(x2)
-        b = pack_signs(weight.detach())
+        signs, mask = pack_signs_and_ste(x2, target=target)
+        b = pack_signs(weight.detach(), target=target)
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(signs, b, scale=_ones(o))
+        y = binary_gemm(signs, b, scale=_ones(o), target=target)
     return y.view(*x.shape[:-1], o), signs.words, mask.words
 
 
 # --------------------------------------------------------------------------- backward
 
-def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer):
+def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target):
     seed, step = _seed_step(rng_state)
     with stats.timed(layer_name, "quantize"):
         return quantize_bitplanes(_float32(g), method, path, bits, rows_per_sample=rows_per_sample,
-                                  seed=seed, step=step, layer=layer)
+                                  seed=seed, step=step, layer=layer, target=target)
 
 
-def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int):
+def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map, out_rows=out_rows)
+                             row_map=q.row_map, out_rows=out_rows, target=target)
 
 
 def _float_weight_grad(layer_name, kind, *args):
@@ -114,58 +117,58 @@ def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @kernel("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
-                      method, bits, layer, *, layer_name="?"):
+                      method, bits, layer, *, layer_name="?", target="host"):
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, gprime.shape[2] * gprime.shape[3],
-                  rng_state, layer)
+                  rng_state, layer, target)
     with stats.timed(layer_name, "pack"):
-        wt = pack_signs(weight.detach().reshape(o, -1).T)
-    dcols = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows)
+        wt = pack_signs(weight.detach().reshape(o, -1).T, target=target)
+    dcols = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
     with stats.timed(layer_name, "col2im"):
         return col2im_ste(dcols, (n, c, h, w), (kh, kw), stride, padding, dilation,
-                          ste=PackedBits(x_ste_bits, c * h * w))
+                          ste=PackedBits(x_ste_bits, c * h * w), target=target)
 
 
 @kernel("aq_quantize_conv2d_weight_grad")
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
-                       method, bits, layer, *, layer_name="?"):
+                       method, bits, layer, *, layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
         return _float_weight_grad(layer_name, "conv2d", gprime, rng_state, weight, x_sign_bits,
                                   x_shape, stride, padding, dilation, method, bits, layer)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
-                  rng_state, layer)
+                  rng_state, layer, target)
     with stats.timed(layer_name, "pack"):
         xt = im2col_pack_t(PackedBits(x_sign_bits, c * h * w), (kh, kw), stride, padding, dilation,
-                           input_shape=(n, c, h, w))
-    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o), weight)
+                           input_shape=(n, c, h, w), target=target)
+    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
 
 
 @kernel("aq_quantize_linear_input_grad")
 def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer, *,
-                      layer_name="?"):
+                      layer_name="?", target="host"):
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer)
+    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target)
     with stats.timed(layer_name, "pack"):
-        wt = pack_signs(weight.detach().T)
-    dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows)
+        wt = pack_signs(weight.detach().T, target=target)
+    dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
     with stats.timed(layer_name, "col2im"):
-        dx *= unpack_mask(x_ste_bits, f, dx.shape)
+        dx *= unpack_mask(x_ste_bits, f, dx.shape, target=target)
     return dx.view(x_shape)
 
 
 @kernel("aq_quantize_linear_weight_grad")
 def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer, *,
-                       layer_name="?"):
+                       layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
         return _float_weight_grad(layer_name, "linear", gprime, rng_state, weight, x_sign_bits,
                                   x_shape, method, bits, layer)
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer)
+    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target)
     with stats.timed(layer_name, "pack"):
-        xt = pack_signs(unpack_signs(x_sign_bits, f, (g2.shape[0], f)).T)
-    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o), weight)
+        xt = pack_signs(unpack_signs(x_sign_bits, f, (g2.shape[0], f), target=target).T, target=target)
+    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)

@@ -23,7 +23,7 @@ import torch
 from ..codegen import pack as gen
 from ..codegen.targets import get_target
 from . import threads as pool
-from .jit import compile_ir
+from .jit import KernelSpec, kernel
 from .packed import PackedBits, padded_words
 
 _I64, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -40,8 +40,12 @@ def _key(target) -> str:
     return get_target(target).name
 
 
-@lru_cache(maxsize=None)
 def _fn(family: str, target: str, *params):
+    return kernel(_spec(family, get_target(target), *params))
+
+
+@lru_cache(maxsize=None)
+def _spec(family: str, target, *params):
     if family == "sign_pack":
         (with_ste,) = params
         ir_text = gen.sign_pack_ir(target, with_ste=with_ste)
@@ -66,7 +70,7 @@ def _fn(family: str, target: str, *params):
         argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
     else:
         raise KeyError(family)
-    return compile_ir(ir_text, target).function(name, None, *argtypes)
+    return KernelSpec(family, target, params, name, ir_text, tuple(argtypes), _spec)
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:

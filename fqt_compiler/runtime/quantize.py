@@ -22,25 +22,29 @@ import torch
 from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
-from .jit import compile_ir
+from .jit import KernelSpec, kernel
 from .pack import parallel_rows
 from .packed import padded_words
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
-@lru_cache(maxsize=None)
 def _fn(family: str, target: str, bits: int = 0, lanes: int = 0):
+    return kernel(_spec(family, get_target(target), bits, lanes))
+
+
+@lru_cache(maxsize=None)
+def _spec(family: str, target, bits: int = 0, lanes: int = 0):
     if family == "minmax":
-        lib = compile_ir(gen.group_minmax_ir(target, lanes=lanes), target)
-        return lib.function("fqt_group_minmax", None, _P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
-    if family == "pack_rows":
-        lib = compile_ir(gen.quantize_pack_rows_ir(target, bits=bits), target)
-        return lib.function(f"fqt_quantize_pack_rows_b{bits}", None, _P, _I64, _I64, _I64, _P, ctypes.c_uint64,
-                            *[_P] * 4, _I64, _I64, _P, _I64, _I64, _I64, _I64)
-    lib = compile_ir(gen.quantize_pack_ir(target, bits=bits), target)
-    return lib.function(f"fqt_quantize_pack_b{bits}", None, _P, _P, ctypes.c_uint64, *[_P] * 6,
-                        *[_I64] * 8, _P, _I64, _I64, _I64, _I64)
+        text, name = gen.group_minmax_ir(target, lanes=lanes), "fqt_group_minmax"
+        args = (_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
+    elif family == "pack_rows":
+        text, name = gen.quantize_pack_rows_ir(target, bits=bits), f"fqt_quantize_pack_rows_b{bits}"
+        args = (_P, _I64, _I64, _I64, _P, ctypes.c_uint64, *[_P] * 4, _I64, _I64, _P, _I64, _I64, _I64, _I64)
+    else:
+        text, name = gen.quantize_pack_ir(target, bits=bits), f"fqt_quantize_pack_b{bits}"
+        args = (_P, _P, ctypes.c_uint64, *[_P] * 6, *[_I64] * 8, _P, _I64, _I64, _I64, _I64)
+    return KernelSpec(family, target, (bits, lanes), name, text, args, _spec)
 
 
 @dataclass

@@ -7,6 +7,7 @@ too, so a benchmark can break a training step down.
 """
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +26,8 @@ class Entry:
 
 
 _lock = threading.Lock()
+# The layer whose kernels are being requested: kernel emission records it in its manifest.
+current_layer: contextvars.ContextVar[str] = contextvars.ContextVar("fqt_layer", default="")
 _table: dict[tuple[str, str], Entry] = defaultdict(Entry)
 
 
@@ -41,9 +44,11 @@ def record(layer: str, kind: str, *, seconds: float = 0.0, binary_macs: int = 0,
 def timed(layer: str, kind: str, *, binary_macs: int = 0, saved_bytes: int = 0):
     """Time a block and record it as one call of ``kind`` for ``layer``."""
     t0 = time.perf_counter()
+    token = current_layer.set(layer)
     try:
         yield
     finally:
+        current_layer.reset(token)
         record(layer, kind, seconds=time.perf_counter() - t0, binary_macs=binary_macs, saved_bytes=saved_bytes)
 
 
