@@ -138,15 +138,22 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
                        ("row0", I64), ("row1", I64)])
     a, b = k.arg, k.b
     c64 = ir.Constant(I64, 64)
+    # (n, c, ih) of the current row, advanced by carries: a few cycles of work per row on
+    # small maps would otherwise wait on three 64-bit divisions.
+    rows_per_sample = b.mul(a["C"], a["H"])
+    first_c = b.sdiv(b.srem(a["row0"], rows_per_sample), a["H"])
+    n_v, c_v = k.var(I64, b.sdiv(a["row0"], rows_per_sample)), k.var(I64, first_c)
+    ih_v = k.var(I64, b.srem(a["row0"], a["H"]))
+    one = ir.Constant(I64, 1)
     with k.loop(a["row0"], a["row1"]) as row:
-        ih = b.srem(row, a["H"])
-        nc = b.sdiv(row, a["H"])
-        c, n = b.srem(nc, a["C"]), b.sdiv(nc, a["C"])
+        n, c, ih = k.get(n_v), k.get(c_v), k.get(ih_v)
         with k.loop(0, a["wpw"]) as w:
             first = b.sub(b.mul(w, c64), a["pad"])          # input column of bit 0 of this word
-            iw = _word_lanes(k, first)
-            valid = b.and_(b.icmp_signed(">=", iw, const_vec(LANES, 0)),
-                           b.icmp_signed("<", iw, k.splat(a["W"], LANES)))
+            # Bits of this word that hold columns 0 <= iw < W: [-first, W - first) within 0..64.
+            below, upto = (b.select(b.icmp_signed("<", v, ir.Constant(I64, 0)), ir.Constant(I64, 0), v)
+                           for v in (b.neg(first), b.sub(a["W"], first)))
+            valid_bits = b.and_(low_mask(k, upto), b.not_(low_mask(k, below)))
+            valid = b.bitcast(valid_bits, vec(LANES, I1))
             if source == "float":
                 base = k.gep(a["x"], b.add(b.add(b.mul(n, a["sn"]), b.mul(c, a["sc"])), b.mul(ih, a["sh"])))
                 v = masked_load(k, k.gep(base, first), valid, const_vec(LANES, 0.0, F32), gather=False)
@@ -154,8 +161,14 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
             else:
                 src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
                 pos = b.add(b.mul(b.add(b.mul(c, a["H"]), ih), a["W"]), first)
-                word = b.and_(extract64(k, src, pos, a["src_ld"]), _bits(k, valid))
+                word = b.and_(extract64(k, src, pos, a["src_ld"]), valid_bits)
             b.store(word, k.gep(a["bm"], b.add(b.mul(row, a["wpw"]), w), I64))
+        next_row = b.icmp_signed("==", b.add(ih, one), a["H"])
+        next_c = b.select(next_row, b.add(c, one), c)
+        next_n = b.icmp_signed("==", next_c, a["C"])
+        k.set(ih_v, b.select(next_row, ir.Constant(I64, 0), b.add(ih, one)))
+        k.set(c_v, b.select(next_n, ir.Constant(I64, 0), next_c))
+        k.set(n_v, b.select(next_n, b.add(n, one), n))
     k.finish()
     return str(m)
 
