@@ -66,7 +66,49 @@ def add_dump(subparsers) -> None:
     p.set_defaults(run=run_dump)
 
 
-COMMANDS = [add_dump]
+def run_kernels(args) -> int:
+    import fqt_compiler as fqt
+    emitted = fqt.emit_kernels(load_factory(args.model)(), (torch.randn(args.input_shape),),
+                               target=args.target, out_dir=args.out)
+    print(emitted.summary())
+    return 0
+
+
+def add_kernels(subparsers) -> None:
+    p = subparsers.add_parser("kernels", help="emit the kernels one training step of a model "
+                              "needs for a target: .o/.s, C header, manifest, shared library")
+    p.add_argument("model", help="MODULE:FACTORY, e.g. fqt_compiler.zoo:resnet18_cifar")
+    p.add_argument("--input-shape", type=shape, required=True, help="e.g. 128,3,32,32")
+    p.add_argument("--target", required=True, help="rpi4, rpi5, aarch64, hygon, x86-64-v3, ...")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(run=run_kernels)
+
+
+def run_verify(args) -> int:
+    from .codegen.targets import get_target
+    from .verify import table, verify
+    ok = True
+    for spec in args.model:
+        torch.manual_seed(0)
+        results = verify(load_factory(spec)(), (torch.randn(args.input_shape),), args.target)
+        print(f"{spec}:")
+        print(table(results, get_target(args.target)))
+        ok &= all(r.passed for r in results)
+    return 0 if ok else 1
+
+
+def add_verify(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="run a training step's kernels built for a target "
+                              "(natively or under qemu) and compare them with the host bit for bit")
+    p.add_argument("--target", required=True)
+    p.add_argument("--model", action="append", default=None,
+                   help="MODULE:FACTORY (repeatable; default: zoo resnet18_cifar and vgg16_cifar)")
+    p.add_argument("--input-shape", type=shape, default=(2, 3, 32, 32))
+    p.set_defaults(run=lambda a: run_verify(a if a.model else argparse.Namespace(
+        **{**vars(a), "model": ["fqt_compiler.zoo:resnet18_cifar", "fqt_compiler.zoo:vgg16_cifar"]})))
+
+
+COMMANDS = [add_dump, add_kernels, add_verify]
 
 
 def main(argv: list[str] | None = None) -> int:
