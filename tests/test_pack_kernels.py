@@ -47,7 +47,7 @@ def test_pack_signs_and_unpack(target, rows, k):
 @pytest.mark.parametrize("target", TARGETS)
 def test_pack_signs_views(target):
     w = data(37, 70)
-    assert torch.equal(pack.pack_signs(w.T, target=target).words, ref_words(w.T > 0))
+    assert torch.equal(pack.pack_signs(w.T, target=target).words, ref_words(w.T > 0))   # via transpose_bits
     assert torch.equal(pack.pack_signs(w[:, ::3], target=target).words, ref_words(w[:, ::3] > 0))
     x = data(3, 5, 67)
     assert torch.equal(pack.pack_signs(x, target=target).words, ref_words(x.reshape(-1, 67) > 0))
@@ -156,6 +156,15 @@ def test_preprocessing_kernels_build_for_aarch64():
     irs = [pack_gen.sign_pack_ir(t, with_ste=True), pack_gen.unpack_ir(t), pack_gen.padded_rows_ir(t, source="bits"),
            pack_gen.im2col_pack_ir(t, *conv, one_word=False), pack_gen.im2col_pack_t_ir(t, *conv, one_word=True),
            quantize_gen.group_minmax_ir(t, lanes=16), quantize_gen.quantize_pack_ir(t, bits=4),
-           quantize_gen.quantize_pack_rows_ir(t, bits=2), col2im_gen.col2im_ste_ir(t, *conv)]
+           quantize_gen.quantize_pack_rows_ir(t, bits=2), col2im_gen.col2im_ste_ir(t, *conv),
+           pack_gen.transpose_bits_ir(t)]
     for ir_text in irs:
         assert compile_object(ir_text, t).startswith(b"\x7fELF")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("rows,k", [(1, 1), (1, 65), (64, 64), (63, 130), (65, 1), (130, 257)])
+def test_transpose_bits(target, rows, k):
+    x = data(rows, k, seed=rows + k)
+    got = pack.transpose_bits(pack.pack_signs(x, target=target), target=target)
+    assert got.k == rows and torch.equal(got.words, ref_words(x.T > 0))

@@ -6,8 +6,9 @@ zero. Kernels take a half-open range of rows so the runtime can split work over 
 
 Sign packing compares 64 floats at once (``fcmp ogt`` gives ``<64 x i1>``, which is one
 ``i64`` word after a bitcast: AVX-512 mask registers, ``movmskps`` on AVX2). Rows must be
-contiguous: for a transposed view, torch's blocked transpose copy plus this kernel measured
-2x faster than gathering the strided elements. ``sign`` maps 0 to bit 0 (SPEC §2).
+contiguous: a transposed view (``sign(W)`` packed along output channels) is packed along its
+contiguous axis and then bit-transposed (``transpose_bits_ir``): 0.34 ms for a 512x4608
+weight, against 2.4 ms through gathers and 7 ms through torch's transposing copy. ``sign`` maps 0 to bit 0 (SPEC §2).
 
 im2col runs in two passes through a *padded row bitmap*: the sign bits of every input row
 ``(n, c, ih)`` with ``pad`` zero bits on each side (padding is -1, SPEC §2), in ``wpw``
@@ -28,7 +29,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from .builder import (F32, I1, I64, PTR, BitStream, Kernel, const_vec, low_mask, masked_load,
-                      masked_scatter, vec)
+                      masked_scatter, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64      # floats per packed word
@@ -328,3 +329,32 @@ def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilatio
     k.finish()
     return str(m)
 
+
+
+def transpose_bits_ir(target: str | Target = "host") -> str:
+    """``fqt_transpose_bits(src, ld, R, K, dst, ld_out, w0, w1)``: the ``K x R`` transpose of a
+    packed ``R x K`` bit matrix, for source word columns ``w0..w1`` (output rows ``64 w ..``).
+    Each 64x64 block is gathered (64 rows, one word each), bit-transposed in registers and
+    scattered as one word of 64 output rows."""
+    t = get_target(target)
+    m = _module(t)
+    k = Kernel(m, "fqt_transpose_bits", [("src", PTR), ("ld", I64), ("R", I64), ("K", I64), ("dst", PTR),
+                                         ("ld_out", I64), ("w0", I64), ("w1", I64)])
+    a, b = k.arg, k.b
+    lane = const_vec(LANES, range(LANES))
+    c64 = ir.Constant(I64, LANES)
+    blocks = b.sdiv(b.add(a["R"], ir.Constant(I64, LANES - 1)), c64)
+    with k.loop(a["w0"], a["w1"]) as w:
+        out_rows = b.add(k.splat(b.mul(w, c64), LANES), lane)
+        out_valid = b.icmp_signed("<", out_rows, k.splat(a["K"], LANES))
+        out_ptrs = k.vgep(a["dst"], b.mul(out_rows, k.splat(a["ld_out"], LANES)), 8)
+        with k.loop(0, blocks) as rb:
+            rows = b.add(k.splat(b.mul(rb, c64), LANES), lane)
+            inside = b.icmp_signed("<", rows, k.splat(a["R"], LANES))
+            ptrs = k.vgep(a["src"], b.add(b.mul(rows, k.splat(a["ld"], LANES)), k.splat(w, LANES)), 8)
+            block = masked_load(k, ptrs, inside, const_vec(LANES, 0), gather=True)
+            masked_scatter(k, transpose64(k, block), k.vgep(out_ptrs, k.splat(rb, LANES), 8), out_valid)
+        with k.loop(blocks, a["ld_out"]) as pad:
+            masked_scatter(k, const_vec(LANES, 0), k.vgep(out_ptrs, k.splat(pad, LANES), 8), out_valid)
+    k.finish()
+    return str(m)

@@ -25,7 +25,8 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ops import rng
-from .builder import F32, I1, I32, I64, PTR, BitStream, Kernel, const_vec, masked_load, masked_scatter, vec
+from .builder import (F32, I1, I32, I64, PTR, BitStream, Kernel, const_vec, masked_load, masked_scatter,
+                      transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64
@@ -205,21 +206,6 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
     return str(m)
 
 
-def _transpose64(k: Kernel, words: ir.Value) -> ir.Value:
-    """Transpose a 64x64 bit matrix held as ``<64 x i64>`` (bit ``c`` of lane ``r`` -> bit ``r``
-    of lane ``c``): six stages that swap the off-diagonal ``j x j`` blocks of each ``2j x 2j``
-    block, lanes paired by a shuffle."""
-    b = k.b
-    for j in (32, 16, 8, 4, 2, 1):
-        keep_mask = sum(1 << c for c in range(64) if not c & j)
-        low = const_vec(LANES, [not r & j for r in range(LANES)], I1)
-        partner = b.shuffle_vector(words, words, const_vec(LANES, [r ^ j for r in range(LANES)], I32))
-        lo_row, hi_row = b.select(low, words, partner), b.select(low, partner, words)
-        t = b.and_(b.xor(b.lshr(lo_row, const_vec(LANES, j)), hi_row), const_vec(LANES, _i64(keep_mask).constant))
-        words = b.xor(words, b.select(low, b.shl(t, const_vec(LANES, j)), t))
-    return words
-
-
 def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
     """Input path with G' rows contiguous along ``i`` (an NCHW gradient):
     ``fqt_quantize_pack_rows_b{bits}(g, sn, so, si, alpha, key, zero, scale, samples, groups,
@@ -276,7 +262,7 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
             for p in range(bits):
                 block = b.load(b.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * LANES)]), typ=vec(LANES),
                                align=8)
-                masked_scatter(k, _transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(ob, LANES), 8), valid)
+                masked_scatter(k, transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(ob, LANES), 8), valid)
         with k.loop(channel_words, a["ld"]) as w:
             for p in range(bits):
                 masked_scatter(k, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), valid)

@@ -9,6 +9,7 @@ padding words):
 * ``im2col_pack(x, ...)``: rows ``r = (n, h', w')``, packed axis ``k = (c, kh, kw)``.
 * ``im2col_pack_t(x, ...)``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: the
   ``X̂ᵀ`` operand of the weight-gradient GEMM.
+* ``transpose_bits(p)``: the transpose of any ``PackedBits`` matrix (64x64 blocks in registers).
 
 The im2col functions take float NCHW ``x`` or the per-sample sign bits of
 ``pack_signs_and_ste(x.flatten(1))`` together with ``input_shape``.
@@ -68,6 +69,9 @@ def _spec(family: str, target, *params):
         *conv, one_word = params
         ir_text, name = gen.im2col_pack_t_ir(target, *conv, one_word=one_word), "fqt_im2col_pack_t"
         argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
+    elif family == "transpose_bits":
+        ir_text, name = gen.transpose_bits_ir(target), "fqt_transpose_bits"
+        argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64]
     else:
         raise KeyError(family)
     return KernelSpec(family, target, params, name, ir_text, tuple(argtypes), _spec)
@@ -78,14 +82,27 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"expected a float32 tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("cannot pack a 0-d tensor")
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def transpose_bits(p: PackedBits, *, target="host") -> PackedBits:
+    """The ``k x rows`` transpose of a packed ``rows x k`` bit matrix (same layout rules)."""
+    words = p.words if p.words.is_contiguous() else p.words.contiguous()
+    out = torch.empty(p.k, padded_words(p.rows), dtype=torch.int64)
+    parallel_rows(_fn("transpose_bits", _key(target)), (p.k + 63) // 64, words.data_ptr(), p.ld, p.rows, p.k,
+                  out.data_ptr(), out.shape[1])
+    return PackedBits(out, p.rows)
 
 
 def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
     """Sign bits of ``x[..., K]`` (any strides): rows = leading dims flattened, bit = ``x > 0``.
     ``pack_signs(w2d.T)`` packs ``sign(W)`` along output channels."""
     x2 = _rows2d(x)
+    if x2.stride(1) != 1 and x2.shape[1] > 1:
+        if x2.stride(0) == 1:
+            # A transposed view: packing the contiguous rows, then a bit transpose, reads x once.
+            return transpose_bits(pack_signs(x2.T, target=target), target=target)
+        x2 = x2.contiguous()
     rows, k = x2.shape
     words = torch.empty(rows, padded_words(k), dtype=torch.int64)
     fn = _fn("sign_pack", _key(target), False)
@@ -97,6 +114,8 @@ def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
 def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, PackedBits]:
     """``(sign bits, STE mask bits |x| < 1)`` of ``x[..., K]`` in one pass, same layout as ``pack_signs``."""
     x2 = _rows2d(x)
+    if x2.stride(1) != 1 and x2.shape[1] > 1:
+        x2 = x2.contiguous()
     rows, k = x2.shape
     signs = torch.empty(rows, padded_words(k), dtype=torch.int64)
     mask = torch.empty_like(signs)
