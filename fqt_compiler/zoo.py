@@ -68,3 +68,50 @@ class MLP(nn.Module):
 
 def mlp(in_features: int = 64, hidden: int = 256, num_classes: int = 10) -> MLP:
     return MLP((in_features, hidden, hidden, num_classes))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 conv-BN, identity or 1x1-conv-BN shortcut)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """A ResNet-style net for 16x16 single-channel images: 3x3 stem, one basic block per
+    stage at widths (16, 32, 64) x width (stride 2 between stages), global average pool,
+    linear classifier."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0,
+                 stages=(16, 32, 64)):
+        super().__init__()
+        widths = [max(1, int(w * width)) for w in stages]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        blocks, c = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(BasicBlock(c, w, stride=1 if i == 0 else 2))
+            c = w
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def resnet_small(num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> ResNetSmall:
+    """ResNetSmall for digits experiments (16x16 inputs)."""
+    return ResNetSmall(num_classes=num_classes, in_channels=in_channels, width=width)
