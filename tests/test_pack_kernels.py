@@ -55,6 +55,10 @@ def test_pack_signs_views(target):
     assert torch.equal(pack.pack_signs(xt, target=target).words, ref_words(xt.reshape(-1, 67) > 0))
 
 
+def conv_id(n, c, h, w, ks, stride, padding, dilation):
+    return f"{n}x{c}x{h}x{w}-k{ks[0]}{ks[1]}s{stride[0]}{stride[1]}p{padding[0]}{padding[1]}d{dilation[0]}{dilation[1]}"
+
+
 CONVS = [  # (N, C, H, W, kernel, stride, padding, dilation)
     (2, 3, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1)),
     (1, 1, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1)),
@@ -69,7 +73,7 @@ CONVS = [  # (N, C, H, W, kernel, stride, padding, dilation)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}s{c[5][0]}{c[5][1]}p{c[6][0]}{c[6][1]}d{c[7][0]}{c[7][1]}")
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
 def test_im2col_pack(target, conv):
     n, c, h, w, ks, stride, padding, dilation = conv
     x = data(n, c, h, w, seed=h * w)
@@ -127,7 +131,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("conv", CONVS, ids=lambda c: "x".join(map(str, c[:4])) + f"-k{c[4][0]}{c[4][1]}s{c[5][0]}{c[5][1]}p{c[6][0]}{c[6][1]}d{c[7][0]}{c[7][1]}")
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
 def test_col2im_ste(target, conv):
     """col2im is the adjoint of im2col: F.fold of the same columns, then the STE mask."""
     n, c, h, w, ks, stride, padding, dilation = conv

@@ -60,7 +60,8 @@ def gradient(*shape, seed=0):
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 70, 3, 5), (4, 1, 1, 1), (5, 130, 2, 3), (1, 64, 8, 8), (7, 3, 1, 13)])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 70, 3, 5), (4, 1, 1, 1), (5, 130, 2, 3), (1, 64, 8, 8),
+                                   (7, 3, 1, 13), (2, 130, 8, 9)])   # 72 rows a sample: tiles with tails
 def test_conv_gradient_all_methods(target, shape):
     n, o, h, w = shape
     g = gradient(*shape, seed=o)

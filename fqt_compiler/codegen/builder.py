@@ -164,7 +164,8 @@ def transpose64(k: Kernel, words: ir.Value) -> ir.Value:
         low = const_vec(n, [not r & j for r in range(n)], I1)
         partner = b.shuffle_vector(words, words, const_vec(n, [r ^ j for r in range(n)], I32))
         lo_row, hi_row = b.select(low, words, partner), b.select(low, partner, words)
-        t = b.and_(b.xor(b.lshr(lo_row, const_vec(n, j)), hi_row), const_vec(n, keep - (1 << 64) if keep >= 1 << 63 else keep))
+        keep_vec = const_vec(n, keep - (1 << 64) if keep >= 1 << 63 else keep)
+        t = b.and_(b.xor(b.lshr(lo_row, const_vec(n, j)), hi_row), keep_vec)
         words = b.xor(words, b.select(low, b.shl(t, const_vec(n, j)), t))
     return words
 

@@ -25,7 +25,8 @@ LANES = 16
 
 def col2im_ste_ir(target: str | Target, kernel_size, stride, padding, dilation) -> str:
     """``fqt_col2im_ste(d, ldd, ste, ste_ld, C, H, W, OH, OW, out, row0, row1)``: chunks
-    ``row0..row1`` of 16 consecutive elements of a sample of NCHW-contiguous ``out``; ``d`` is ``[N*OH*OW, C*KH*KW]`` float32
+    ``row0..row1`` of 16 consecutive elements of a sample of NCHW-contiguous ``out``;
+    ``d`` is ``[N*OH*OW, C*KH*KW]`` float32
     with row stride ``ldd``; ``ste`` (nullable) holds per-sample packed mask bits
     (bit ``(c*H + ih)*W + iw`` of row ``n``, ``ste_ld`` words per row)."""
     t = get_target(target)

@@ -61,7 +61,8 @@ def _load64(k: Kernel, base: ir.Value, first: ir.Value, count: ir.Value):
 def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> str:
     """``fqt_sign_pack(x, srow, k, out, ld, [ste_out,] row0, row1)``.
 
-    Row ``i`` of the float matrix ``x`` (element ``(i, j)`` at ``x[i*srow + j]``) becomes row ``i`` of ``out`` (bit = ``x > 0``); with ``with_ste`` the same pass also
+    Row ``i`` of the float matrix ``x`` (element ``(i, j)`` at ``x[i*srow + j]``) becomes
+    row ``i`` of ``out`` (bit = ``x > 0``); with ``with_ste`` the same pass also
     writes the straight-through mask ``|x| < 1`` to ``ste_out`` (same layout)."""
     t = get_target(target)
     m = _module(t)
@@ -80,7 +81,8 @@ def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> st
             b.store(_bits(k, b.fcmp_ordered(">", v, zero)), k.gep(a["out"], b.add(out_row, w), I64))
             if with_ste:
                 mag = k.call("llvm.fabs.v64f32", v.type, [v])
-                b.store(_bits(k, b.and_(b.fcmp_ordered("<", mag, one), valid)), k.gep(a["ste_out"], b.add(out_row, w), I64))
+                small = _bits(k, b.and_(b.fcmp_ordered("<", mag, one), valid))
+                b.store(small, k.gep(a["ste_out"], b.add(out_row, w), I64))
         with k.loop(nwords, a["ld"]) as w:
             b.store(ir.Constant(I64, 0), k.gep(a["out"], b.add(out_row, w), I64))
             if with_ste:
@@ -309,7 +311,7 @@ def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilatio
         q0 = b.mul(kw, ir.Constant(I64, dw))
         with k.loop(0, a["N"]) as n:
             with k.loop(0, a["OH"]) as oh:
-                ih = b.add(b.sub(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, ph)), b.mul(kh, ir.Constant(I64, dh)))
+                ih = b.add(b.mul(oh, ir.Constant(I64, sh)), b.sub(b.mul(kh, ir.Constant(I64, dh)), ir.Constant(I64, ph)))
                 inside = b.and_(b.icmp_signed(">=", ih, ir.Constant(I64, 0)), b.icmp_signed("<", ih, a["H"]))
                 with b.if_else(inside) as (yes, no):
                     with yes:

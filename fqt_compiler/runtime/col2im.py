@@ -51,6 +51,7 @@ def col2im_ste(dcols: torch.Tensor, input_shape, kernel_size, stride=1, padding=
         raise ValueError(f"ste must hold per-sample mask bits of {tuple(input_shape)}")
     out = torch.empty(n, c, h, w, dtype=torch.float32)
     fn = _fn(get_target(target).name, ks, st, pd, dl)
-    parallel_rows(fn, n * -(-c * h * w // 16), dcols.data_ptr(), dcols.stride(0),
-                  ste.words.data_ptr() if ste is not None else None, ste.ld if ste is not None else 0, c, h, w, oh, ow, out.data_ptr(), min_rows=64)
+    ste_ptr, ste_ld = (ste.words.data_ptr(), ste.ld) if ste is not None else (None, 0)
+    parallel_rows(fn, n * -(-c * h * w // 16), dcols.data_ptr(), dcols.stride(0), ste_ptr, ste_ld,
+                  c, h, w, oh, ow, out.data_ptr(), min_rows=64)
     return out
