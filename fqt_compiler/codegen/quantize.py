@@ -101,7 +101,10 @@ def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> str
             k.set(hi, b.select(b.and_(mask, b.fcmp_ordered(">", v, cur_hi)), v, cur_hi))
         for name, acc, red in (("lo", lo, "fmin"), ("hi", hi, "fmax")):
             value = k.call(f"llvm.vector.reduce.{red}.v{lanes}f32", F32, [k.get(acc, fv)])
-            b.store(value, k.gep(a[name], p))
+            # The sign of a zero result is unspecified (LangRef: x86 minps returns an operand,
+            # AArch64 fminnmv orders -0 < +0); + 0.0 makes it +0 on every target, as the
+            # reference (codes and keep decisions never depend on it).
+            b.store(b.fadd(value, ir.Constant(F32, 0.0)), k.gep(a[name], p))
     k.finish()
     return str(m)
 

@@ -145,12 +145,14 @@ def group_index(g2d: torch.Tensor, kind: str, rows_per_sample: int) -> tuple[int
 
 
 def group_min_max(g2d: torch.Tensor, kind: str, rows_per_sample: int = 1):
-    """Per-group minimum and maximum (float32), the statistics pass of the quantizer."""
+    """Per-group minimum and maximum (float32), the statistics pass of the quantizer. A zero
+    result is +0.0: amin/amax keep whichever signed zero they meet first, so kernels on
+    different CPUs could not match it bit for bit otherwise."""
     n, ids = group_index(g2d, kind, rows_per_sample)
     flat, ids = g2d.reshape(-1), ids.reshape(-1)
     lo = torch.full((n,), float("inf")).scatter_reduce(0, ids, flat, "amin")
     hi = torch.full((n,), float("-inf")).scatter_reduce(0, ids, flat, "amax")
-    return lo, hi
+    return lo + 0.0, hi + 0.0
 
 
 def aq_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
