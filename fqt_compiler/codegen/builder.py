@@ -137,15 +137,6 @@ def masked_scatter(k: Kernel, value: ir.Value, ptrs: ir.Value, mask: ir.Value) -
     k.call(name, VOID, [value, ptrs, ir.Constant(I32, 8), mask])
 
 
-def floor_div(k: Kernel, x: ir.Value, inv: ir.Value) -> ir.Value:
-    """``x // d`` of non-negative i64 lanes below 2^22, given ``inv = 1/d`` (float32), as
-    ``floor((x + 0.5) * inv)``: the float32 error stays far below the 0.5/d margin to the next
-    integer, and a vector integer division by a run-time value would be scalarized."""
-    b, n = k.b, x.type.count
-    xf = b.fadd(b.sitofp(x, vec(n, F32)), const_vec(n, 0.5, F32))
-    return b.fptosi(b.fmul(xf, k.splat(inv, n)), vec(n))
-
-
 def low_mask(k: Kernel, nbits: ir.Value) -> ir.Value:
     """``(1 << nbits) - 1`` for ``nbits`` in 0..64 (a 64-bit shift is poison in LLVM)."""
     b = k.b

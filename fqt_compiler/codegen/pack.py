@@ -164,7 +164,7 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
             else:
                 src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
                 pos = b.add(b.mul(b.add(b.mul(c, a["H"]), ih), a["W"]), first)
-                word = b.and_(extract64(k, src, pos, a["src_ld"]), valid_bits)
+                word = b.and_(_extract64(k, src, pos, a["src_ld"]), valid_bits)
             b.store(word, k.gep(a["bm"], b.add(b.mul(row, a["wpw"]), w), I64))
         next_row = b.icmp_signed("==", b.add(ih, one), a["H"])
         next_c = b.select(next_row, b.add(c, one), c)
@@ -176,7 +176,7 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
     return str(m)
 
 
-def extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
+def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
     """64 bits of a packed row starting at bit ``pos`` (``pos >= -63``); bits outside the
     row's ``nwords`` words read as 0."""
     b = k.b

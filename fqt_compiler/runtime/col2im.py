@@ -45,13 +45,11 @@ def col2im_ste(dcols: torch.Tensor, input_shape, kernel_size, stride=1, padding=
                          f"{tuple(input_shape)}, got {dcols.dtype} {tuple(dcols.shape)}")
     if dcols.stride(1) != 1:
         dcols = dcols.contiguous()
-    if h * w >= 1 << 22:
-        raise ValueError(f"col2im_ste supports maps of up to 2^22 pixels, got {h}x{w}")
     if ste is not None and (ste.rows != n or ste.k != c * h * w or not ste.words.is_contiguous()):
         raise ValueError(f"ste must hold per-sample mask bits of {tuple(input_shape)}")
     out = torch.empty(n, c, h, w, dtype=torch.float32)
     fn = _fn(get_target(target).name, ks, st, pd, dl)
     ste_ptr, ste_ld = (ste.words.data_ptr(), ste.ld) if ste is not None else (None, 0)
-    parallel_rows(fn, n * -(-c * h * w // 16), dcols.data_ptr(), dcols.stride(0), ste_ptr, ste_ld,
-                  c, h, w, oh, ow, out.data_ptr(), min_rows=64)
+    parallel_rows(fn, n * h * w, dcols.data_ptr(), dcols.stride(0), ste_ptr, ste_ld,
+                  c, h, w, oh, ow, out.data_ptr(), min_rows=16)
     return out
