@@ -103,6 +103,16 @@ def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: 
     return out
 
 
+def signed_row_sums(b: PackedBits, *, target: str | Target = "host") -> torch.Tensor:
+    """float32 ``sum_k (±1)[r, k]`` of each row of a packed ±1 matrix: ``2 popcount - k``
+    (the column sums of the dequantization epilogue, SPEC §4)."""
+    target = get_target(target)
+    vector_words = _vector_words(b.k, target)
+    words = _contract_words(b.k, vector_words)
+    _check_words("b.words", b.words, words)
+    return (2 * _row_popcounts(b.words.unsqueeze(0), words, vector_words, target) - b.k).float()
+
+
 def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_hw: int | None = None,
                 out: torch.Tensor | None = None, target: str | Target = "host",
@@ -208,7 +218,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
         raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
                          f"[{int(row_map.min())}, {int(row_map.max())}]")
     if colsum is None:
-        colsum = (2 * _row_popcounts(b.words.unsqueeze(0), words, vector_words, target) - k).float()
+        colsum = signed_row_sums(b, target=target)
     colsum = _check_vector("colsum", colsum, n, torch.float32)
     if out is None:
         out = torch.zeros(out_rows, n, dtype=torch.float32)

@@ -5,8 +5,9 @@ Each function has its op's schema (plus the keywords ``layer_name``, for statist
 the JIT kernels:
 
 forward      pack signs + STE bits of x -> im2col from the packed bits -> binary GEMM
-input grad   quantize G' per sample into bit planes (kept samples only) -> bit-plane GEMM
-             with sign(W) packed along output channels -> col2im + STE mask
+input grad   quantize G' per sample into bit planes (kept samples only) -> gather the code
+             words of each tap (a transposed convolution) -> bit-plane GEMM with sign(W)
+             packed along (tap, output channel) -> zero-point term + STE mask
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
 
@@ -16,16 +17,18 @@ and is recorded as ``weight_grad_float`` in the statistics.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ..ops import reference as ref
 from ..ops import registry
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import stats
-from .col2im import col2im_ste
-from .gemm import binary_gemm, bitplane_gemm
-from .pack import im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, unpack_mask, unpack_signs
-from .packed import PackedBits
+from .gemm import binary_gemm, bitplane_gemm, signed_row_sums
+from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
+                   unpack_mask, unpack_signs)
+from .packed import PackedBits, padded_words
 from .quantize import quantize_bitplanes
 
 
@@ -98,11 +101,12 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
                                   seed=seed, step=step, layer=layer, target=target)
 
 
-def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
+def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target, row_map=None, out=None):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map, out_rows=out_rows, target=target)
+                             row_map=q.row_map if row_map is None else row_map, out_rows=out_rows,
+                             out=out, target=target)
 
 
 def _float_weight_grad(layer_name, kind, *args):
@@ -115,19 +119,71 @@ def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return dw.view_as(weight) * ref.ste_mask(weight.detach())
 
 
+@lru_cache(maxsize=64)
+def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
+    """For each input position ``(y, x)`` and tap ``(i, j)``, the output position that
+    reads it, ``(y + p - i d) / s`` when that is a whole in-range position, else -1:
+    int64 ``[h * w, kh * kw]`` (the gather table of a transposed convolution)."""
+    ys = torch.arange(h).view(h, 1, 1, 1)
+    xs = torch.arange(w).view(1, w, 1, 1)
+    i = torch.arange(kh).view(1, 1, kh, 1)
+    j = torch.arange(kw).view(1, 1, 1, kw)
+    ny, nx = ys + padding[0] - i * dilation[0], xs + padding[1] - j * dilation[1]
+    oy, ox = torch.div(ny, stride[0], rounding_mode="floor"), torch.div(nx, stride[1], rounding_mode="floor")
+    valid = (ny % stride[0] == 0) & (nx % stride[1] == 0) & (oy >= 0) & (oy < oh) & (ox >= 0) & (ox < ow)
+    return torch.where(valid, oy * ow + ox, -1).reshape(h * w, kh * kw)
+
+
 @kernel("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
                       method, bits, layer, *, layer_name="?", target="host"):
+    """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
+    taps ``(i, j, o)``, columns ``c``. G' codes are gathered per tap as whole words (the
+    channel run of one output position), so no im2col-layout gradient (kh kw times the size
+    of dX) and no col2im exist. Dequantization: ``dX = s_n dot + z_n T[c, y, x]`` with
+    ``T = sum over valid taps of sum_o sign(W)`` (padding and stride holes have code 0 and
+    are not in T), then the STE mask; pruned samples are 0."""
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
-    q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, gprime.shape[2] * gprime.shape[3],
-                  rng_state, layer, target)
+    oh, ow = gprime.shape[2], gprime.shape[3]
+    q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target)
+    taps = _transposed_taps(h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
+    samples = q.row_map.view(-1, oh * ow)[:, 0] // (oh * ow) if q.row_map.numel() else q.row_map
+    kept = samples.numel()
+    chunk = (o + 63) // 64                       # words of one tap's channel run
     with stats.timed(layer_name, "pack"):
-        wt = pack_signs(weight.detach().reshape(o, -1).T, target=target)
-    dcols = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
-    with stats.timed(layer_name, "col2im"):
-        return col2im_ste(dcols, (n, c, h, w), (kh, kw), stride, padding, dilation,
-                          ste=PackedBits(x_ste_bits, c * h * w), target=target)
+        # sign(W) bits along (c, i, j), bit-transposed to rows (c, i, j) along o: the first
+        # `chunk` words of each row, C rows of kh*kw taps, are the B operand [C, (i, j, o)].
+        wt = transpose_bits(pack_signs(weight.detach().reshape(o, -1), target=target), target=target)
+        b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
+        b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
+        b = PackedBits(b_words, kh * kw * chunk * 64)
+        tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
+        t_term = (tap_sums.unsqueeze(1) * (taps >= 0).float().unsqueeze(0)).sum(2)   # [C, h*w]
+        rows = kept * h * w
+        planes = torch.zeros(bits, rows, b.ld, dtype=torch.int64)
+        if kept:
+            source = torch.cat([q.planes[:, :, :chunk],
+                                torch.zeros(bits, 1, chunk, dtype=torch.int64)], 1)
+            index = torch.where(taps >= 0, taps.unsqueeze(0) + (torch.arange(kept) * oh * ow).view(-1, 1, 1),
+                                q.planes.shape[1])
+            planes[:, :, :kh * kw * chunk] = source[:, index.view(-1)].view(bits, rows, kh * kw * chunk)
+    scale = q.row_scale.view(-1, oh * ow)[:, 0] if kept else q.row_scale
+    zero = q.row_zero.view(-1, oh * ow)[:, 0] if kept else q.row_zero
+    with stats.timed(layer_name, "input_grad", binary_macs=bits * rows * c * b.k):
+        dot = bitplane_gemm(planes, b, row_scale=scale.repeat_interleave(h * w), row_zero=torch.zeros(rows),
+                            row_map=torch.arange(rows), out_rows=rows, colsum=torch.zeros(c),
+                            out=torch.empty(rows, c), target=target)
+    with stats.timed(layer_name, "dequantize"):
+        dx_kept = dot.view(kept, h, w, c).permute(0, 3, 1, 2)
+        dx_kept = torch.addcmul(dx_kept, zero.view(-1, 1, 1, 1), t_term.view(1, c, h, w))
+        mask = unpack_mask(x_ste_bits.index_select(0, samples), c * h * w, (kept, c, h, w), target=target)
+        dx_kept = dx_kept.mul_(mask) if dx_kept.is_contiguous() else dx_kept * mask
+        if kept == n:
+            return dx_kept
+        dx = torch.zeros(n, c, h, w)
+        dx[samples] = dx_kept
+        return dx
 
 
 @kernel("aq_quantize_conv2d_weight_grad")
