@@ -13,8 +13,10 @@ with ``i`` a row within its sample. Its element has G' row ``r = n*HW + i`` and 
   float32 operations in the reference's order (``t = (v - z) * s``, ``floor(t + u)``, clamp;
   no fast-math flags, so LLVM neither reassociates nor contracts them into an FMA), then
   bit-plane packing: plane ``t`` of output row ``m`` is ``out[t, m, :]``.
+* ``quantize_pack_rows_ir``: the input path when rows are contiguous and channels strided
+  (NCHW): codes of 64 rows per channel, then 64x64 bit transposes (see its docstring).
 
-An output row is ``nseg`` segments of ``seg_len`` elements, packed back to back: the
+An output row of ``quantize_pack_ir`` is ``nseg`` segments of ``seg_len`` elements, packed back to back: the
 input-gradient path has one segment per row (a G' row, packed along ``o``); the
 weight-gradient path has one segment per sample (a channel's ``HW`` positions of sample
 ``n``, packed along ``r``). Per-row tables give each row's first element, first counter,
