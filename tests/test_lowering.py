@@ -128,14 +128,19 @@ def _check_step_on_kernels(model_fn, x, y):
     convs = [shapes for name, shapes in float_calls if "convolution" in name]
     assert convs and all(set(shapes) & float_conv_weights for shapes in convs), convs
     assert len([n for n, _ in float_calls if n in ("aten::mm", "aten::addmm")]) == 3 * n_float_linear
-    # Same seed on the reference backend: the forward is exact, so the same loss; gradients
-    # agree to float32 rounding. (Rounding differences of one layer's dequantized GEMM can
-    # move a later layer's stochastic rounding across a code boundary, so the check is on
-    # each gradient's norm-relative error, with a small batch where no code flips.)
+    # Same seed on the reference backend: the forward is exact, so the loss is equal. Each
+    # op agrees with its reference to float32 rounding (tests above), but a rounding
+    # difference in one layer's dX can move a later layer's stochastic rounding across a
+    # code boundary, so whole-model gradients are compared by direction and size: a layout
+    # or indexing bug gives a cosine near 0, one flipped code changes the fourth decimal.
     _, loss_r, grads_r, _, _ = _train_step(model_fn, x, y, "reference")
     assert loss_k == loss_r
     for name, g in grads_r.items():
-        assert (grads_k[name] - g).norm() <= 1e-4 * g.norm() + 1e-9, name
+        if g.norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
+            assert cos > 0.999 and abs(grads_k[name].norm() / g.norm() - 1) < 0.01, name
+        else:
+            assert grads_k[name].norm() == 0, name
     # Saved activations: sign + STE bits, at least 16x smaller than float32 inputs.
     for layer in binarized:
         saved = st[(layer.name, "forward")].saved_bytes
