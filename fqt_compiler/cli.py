@@ -86,26 +86,38 @@ def add_kernels(subparsers) -> None:
 
 def run_verify(args) -> int:
     from .codegen.targets import get_target
-    from .verify import table, verify
+    from .verify import odd_shapes, table, verify, verify_calls
+    target = get_target(args.target)
+    models = args.model or ([] if args.odd_shapes else DEFAULT_VERIFY_MODELS)
     ok = True
-    for spec in args.model:
+    for spec in models:
         torch.manual_seed(0)
-        results = verify(load_factory(spec)(), (torch.randn(args.input_shape),), args.target)
-        print(f"{spec}:")
-        print(table(results, get_target(args.target)))
+        results = verify(load_factory(spec)(), (torch.randn(args.input_shape),), target)
+        print(table(results, target, f"{spec} training step, input {args.input_shape}"))
+        ok &= all(r.passed for r in results)
+    if args.odd_shapes or not args.model:
+        results = verify_calls(odd_shapes(target), target)
+        print(table(results, target, "odd shapes (K = 1, 63, 64, 65; M or N = 1; stride 2, padding 1 and 2, "
+                                     "dilation 2)"))
         ok &= all(r.passed for r in results)
     return 0 if ok else 1
 
 
+DEFAULT_VERIFY_MODELS = ["fqt_compiler.zoo:resnet18_cifar", "fqt_compiler.zoo:vgg16_cifar"]
+
+
 def add_verify(subparsers) -> None:
     p = subparsers.add_parser("verify", help="run a training step's kernels built for a target "
-                              "(natively or under qemu) and compare them with the host bit for bit")
+                              "(natively or under qemu) and compare them with the host and with the "
+                              "pure-PyTorch reference, bit for bit")
     p.add_argument("--target", required=True)
     p.add_argument("--model", action="append", default=None,
-                   help="MODULE:FACTORY (repeatable; default: zoo resnet18_cifar and vgg16_cifar)")
+                   help="MODULE:FACTORY (repeatable; default: zoo resnet18_cifar and vgg16_cifar, "
+                        "then the odd-shape cases)")
+    p.add_argument("--odd-shapes", action="store_true",
+                   help="run the odd-shape cases (alone, or after the --model steps)")
     p.add_argument("--input-shape", type=shape, default=(2, 3, 32, 32))
-    p.set_defaults(run=lambda a: run_verify(a if a.model else argparse.Namespace(
-        **{**vars(a), "model": ["fqt_compiler.zoo:resnet18_cifar", "fqt_compiler.zoo:vgg16_cifar"]})))
+    p.set_defaults(run=run_verify)
 
 
 COMMANDS = [add_dump, add_kernels, add_verify]

@@ -8,10 +8,13 @@ the storage's bytes before the call (first use) and after it. A generated C harn
 the emitted target object, replays the same calls in the same order on buffers loaded from
 those bytes, and writes every pointed-to buffer after each call; it runs natively (x86
 targets this CPU can run) or under ``qemu-aarch64-static -cpu cortex-a72|cortex-a76``.
-Every buffer after every call must equal the host's bit for bit (integers, packed bits,
-codes and float epilogues alike). The host kernels themselves are checked against the
-pure-PyTorch reference by the kernel and lowering tests (tests/test_*_kernels.py,
-tests/test_lowering.py).
+Two comparisons per call, both bit for bit (integers, packed bits, codes and float
+epilogues alike): every buffer after the call against the host's, and against what the
+pure-PyTorch reference says the call must write given the buffers as the target had them
+before it (``kernel_reference``; the GEMMs' scratch matrix has no reference).
+
+Besides model steps, ``odd_shapes`` runs kernels at the shapes tails hide in: K = 1, 63, 64,
+65, M or N = 1, and conv layers with stride 2, padding 1 and 2, dilation 2.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from . import kernel_reference
 from .codegen import aot
 from .codegen.targets import Target, get_target, runs_on_host
 from .runtime import jit
@@ -69,6 +74,11 @@ def _watch_data_ptr(capture: Capture):
 def capture_step(model_or_compiled, example_inputs, target: Target):
     """Run one training step for ``target``, capturing every kernel call; returns (uses, capture)."""
     compiled = aot.compile_for(model_or_compiled, target)
+    return capture_calls(lambda: aot.training_step(compiled, example_inputs), target)
+
+
+def capture_calls(run, target: Target):
+    """Call ``run()`` (which requests kernels for ``target``), capturing every kernel call."""
     capture = Capture()
     uses: dict = {}
 
@@ -98,7 +108,7 @@ def capture_step(model_or_compiled, example_inputs, target: Target):
     try:
         with jit.kernel_hook(hook), _watch_data_ptr(capture), torch.random.fork_rng():
             torch.manual_seed(0)
-            aot.training_step(compiled, example_inputs)
+            run()
     finally:
         torch.set_num_threads(threads)
     ordered = sorted(uses, key=uses.get)
@@ -207,20 +217,29 @@ class Result:
     family: str
     calls: int = 0
     buffers: int = 0
-    mismatches: int = 0
+    mismatches: int = 0              # buffers differing from the host's
+    reference_mismatches: int = 0    # buffers differing from the reference's
+    has_reference: bool = True
 
     @property
     def passed(self) -> bool:
-        return self.calls > 0 and self.mismatches == 0
+        return self.calls > 0 and self.mismatches == 0 and self.reference_mismatches == 0
 
 
 def verify(model_or_compiled, example_inputs, target, work_dir=None) -> list[Result]:
     """Replay one training step's kernel calls on ``target``; one ``Result`` per kernel."""
     target = get_target(target)
-    gcc, run = aot.linker(target), runner(target)
-    if gcc is None or run is None:
+    compiled = aot.compile_for(model_or_compiled, target)
+    return verify_calls(lambda: aot.training_step(compiled, example_inputs), target, work_dir)
+
+
+def verify_calls(run, target, work_dir=None) -> list[Result]:
+    """Replay on ``target`` the kernel calls ``run()`` makes (kernels requested for ``target``)."""
+    target = get_target(target)
+    gcc, runner_cmd = aot.linker(target), runner(target)
+    if gcc is None or runner_cmd is None:
         raise RuntimeError(f"cannot build or run {target.name} code here: install {PACKAGES}")
-    uses, capture = capture_step(model_or_compiled, example_inputs, target)
+    uses, capture = capture_calls(run, target)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"fqt-verify-{target.name}-"))
     aot.write_kernels(uses, target, work)
     (work / "harness.c").write_text(harness_source(uses))
@@ -232,26 +251,102 @@ def verify(model_or_compiled, example_inputs, target, work_dir=None) -> list[Res
     for index, encoded, _ in capture.calls:
         lines.append(f"{index} {len(encoded)} " + " ".join(" ".join(map(str, e)) for e in encoded))
     (work / "script.txt").write_text("\n".join(lines) + "\n")
-    proc = subprocess.run(run + ["./harness"], cwd=work, capture_output=True, text=True)
+    proc = subprocess.run(runner_cmd + ["./harness"], cwd=work, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"harness failed on {target.name} ({' '.join(run) or 'native'}): "
+        raise RuntimeError(f"harness failed on {target.name} ({' '.join(runner_cmd) or 'native'}): "
                            f"{proc.returncode} {proc.stderr[-2000:]}")
     results = [Result(u.symbol, u.spec.family) for u in uses]
-    for c, (index, _, after) in enumerate(capture.calls):
+    names = [aot.parameter_names(u.spec) for u in uses]
+    state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}   # as the target has them
+    for c, (index, encoded, host_after) in enumerate(capture.calls):
         r = results[index]
         r.calls += 1
-        for b, host_bytes in after.items():
+        after = {b: (work / f"out_{c}_{b}.bin").read_bytes() for b in host_after}
+        for b, host_bytes in host_after.items():
             r.buffers += 1
-            r.mismatches += (work / f"out_{c}_{b}.bin").read_bytes() != host_bytes
+            r.mismatches += after[b] != host_bytes
+        spec = uses[index].spec
+        wrong = kernel_reference.check_call(spec.family, spec.params, dict(zip(names[index], map(_argument, encoded))),
+                                            {b: state[b] for b in after}, after)
+        if wrong is None:
+            r.has_reference = False
+        else:
+            r.reference_mismatches += wrong
+        state.update(after)
     return results
 
 
-def table(results: list[Result], target: Target) -> str:
-    lines = [f"verify {target.name} ({target.cpu}): every buffer after every call vs the host, bit for bit",
-             f"{'kernel':44s} {'family':14s} {'calls':>5s} {'buffers':>7s}  result"]
+class OddShapes(nn.Module):
+    """Binarized layers at the shapes tails hide in, between a float first conv and a float
+    last linear (the default plan keeps those float). On a 13x17 input: padding 2 with
+    dilation 2 (K = 72, 221 output rows: three 64-row tiles and a tail), stride 2 with
+    padding 1 (K = 45, a 7x9 map), 1x1 convs with N = 1 and K = 1, linears with K = 63, 64
+    and 65 and one with N = 1; at batch 1 the linears have M = 1 and their weight-gradient
+    GEMMs contract over K = 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 5, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(5, 7, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(7, 1, 1), nn.ReLU(),
+            nn.Conv2d(1, 63, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(63, 64), nn.ReLU(), nn.Linear(64, 65), nn.ReLU(),
+                                  nn.Linear(65, 1), nn.Linear(1, 10))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def odd_shapes(target):
+    """A callable running kernels for ``target`` at odd shapes: binary GEMMs (int32 and float
+    epilogues) with K in 1, 63, 64, 65 and M or N = 1, col2im+STE with stride 2 / padding 1
+    and padding 2 / dilation 2, then training steps of ``OddShapes`` at batch 3 (``aq_scq``)
+    and batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
+    import fqt_compiler as fqt
+    from .runtime import binary_gemm, col2im_ste, pack_signs, pack_signs_and_ste
+    target = get_target(target)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        steps = [(fqt.compile(OddShapes(), fqt.Config(method=method, target=target.name)),
+                  (torch.randn(batch, 3, 13, 17),)) for method, batch in (("aq_scq", 3), ("psq", 1))]
+
+    def run():
+        for k in (1, 63, 64, 65):
+            for m, n in ((1, 5), (3, 1), (4, 7)):
+                a = pack_signs(torch.randn(m, k), target=target)
+                b = pack_signs(torch.randn(k, n).T, target=target)
+                binary_gemm(a, b, target=target)
+                binary_gemm(a, b, scale=torch.rand(n), bias=torch.randn(n), target=target)
+        x = torch.randn(2, 5, 7, 9)
+        ste = pack_signs_and_ste(x.flatten(1), target=target)[1]
+        for stride, padding, dilation, (oh, ow) in ((2, 1, 1, (4, 5)), (1, 2, 2, (7, 9))):
+            dcols = torch.randn(2 * oh * ow, 5 * 9)
+            col2im_ste(dcols, x.shape, 3, stride, padding, dilation, ste=ste, target=target)
+        for compiled, inputs in steps:
+            aot.training_step(compiled, inputs)
+    return run
+
+
+def _argument(encoded):
+    kind, *value = encoded
+    if kind == "b":
+        return tuple(value)
+    if kind == "n":
+        return None
+    return float.fromhex(value[0]) if kind == "f" else value[0]
+
+
+def table(results: list[Result], target: Target, title: str = "") -> str:
+    lines = [f"verify {target.name} ({target.cpu}){': ' + title if title else ''}: every buffer after every "
+             f"call vs the host and vs the reference, bit for bit",
+             f"{'kernel':44s} {'family':14s} {'calls':>5s} {'buffers':>7s} {'host':>5s}  reference"]
     for r in results:
-        lines.append(f"{r.symbol:44s} {r.family:14s} {r.calls:5d} {r.buffers:7d}  "
-                     f"{'PASS' if r.passed else 'FAIL'}")
+        ref = (("exact" if not r.reference_mismatches else f"FAIL ({r.reference_mismatches})")
+               if r.has_reference else "none (no reference for this family)")
+        lines.append(f"{r.symbol:44s} {r.family:14s} {r.calls:5d} {r.buffers:7d} "
+                     f"{'exact' if not r.mismatches else 'FAIL':>5s}  {ref}")
     ok = all(r.passed for r in results)
     lines.append(f"{'PASS' if ok else 'FAIL'}: {sum(r.passed for r in results)}/{len(results)} kernels")
     return "\n".join(lines)

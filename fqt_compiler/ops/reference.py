@@ -226,9 +226,14 @@ def stochastic_codes(g2d, lo, hi, ids, bits, u):
     levels = float(2 ** bits - 1)
     rng_ = hi - lo
     s = torch.where(rng_ > 0, torch.tensor(levels, dtype=torch.float32) / rng_, torch.zeros(()))
-    t = (g2d - lo[ids]) * s[ids]
-    q = torch.floor(t + u.view_as(g2d))
-    return q.clamp_(0, levels).to(torch.uint8)
+    return rounded_codes(g2d, lo[ids], s[ids], bits, u.view_as(g2d))
+
+
+def rounded_codes(v, z, s, bits: int, u):
+    """The rounding step of ``stochastic_codes`` for elementwise zero points ``z``, scales
+    ``s = B / R`` and uniforms ``u``: ``clamp(floor((v - z) * s + u), 0, B)`` as uint8."""
+    q = torch.floor((v - z) * s + u)
+    return q.clamp_(0, float(2 ** bits - 1)).to(torch.uint8)
 
 
 def quantize_gradient(g2d: torch.Tensor, method: str, path: str, bits: int, *,

@@ -70,6 +70,11 @@ def draws_u64(key: int, start: int, count: int) -> np.ndarray:
 
 def uniform(seed: int, step: int, layer: int, stream: int, count: int, start: int = 0) -> torch.Tensor:
     """float32 uniforms in [0, 1) with 24 random bits each: ``(draw >> 40) * 2**-24``."""
-    d = draws_u64(stream_key(seed, step, layer, stream), start, count)
+    return uniform_of_key(stream_key(seed, step, layer, stream), count, start)
+
+
+def uniform_of_key(key: int, count: int, start: int = 0) -> torch.Tensor:
+    """``uniform`` of the stream with 64-bit ``key`` (what a kernel is given)."""
+    d = draws_u64(key, start, count)
     u = (d >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
     return torch.from_numpy(u)

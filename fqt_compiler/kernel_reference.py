@@ -1,0 +1,273 @@
+"""What one kernel call must write, computed with the pure-PyTorch reference (``ops.reference``).
+
+``check_call(spec, args, before, after)`` takes a call as the verification harness replayed
+it: the kernel's spec, its arguments by parameter name (integers, floats, and ``(buffer,
+byte offset)`` for pointers, None for null), the bytes of every buffer it was given before
+the call and after it. It decodes the inputs from ``before``, computes what the call must
+write with the reference (``pack_bits``, ``binary_gemm``, ``bitplane_gemm``,
+``rounded_codes`` with ``rng`` draws, ``F.unfold``, ``group_min_max``, ...), writes that into
+a copy of ``before`` and compares every buffer with ``after`` bit for bit, so a kernel that
+writes a wrong value, a nonzero padding bit or outside its rows fails. Float epilogues are
+computed with the kernels' float32 operations in their order (no contraction into FMAs), so
+they are compared bit for bit too.
+
+Checked this way: every kernel family; only the GEMMs' scratch matrix ``partial`` (int32
+partial sums between K blocks, internal) is not compared.
+The GEMMs take ``colsum`` (B's ±1 row sums) and ``rowpop`` as the call's inputs: those come
+from the ``rowpop`` kernel, which is checked on its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import reference, rng
+
+SCRATCH = {"binary": {"partial"}, "bitplane": {"partial"}}
+
+
+class Memory:
+    """Mutable copies of a call's buffers, viewed as tensors at pointer arguments."""
+
+    def __init__(self, before: dict):
+        self.bytes = {b: bytearray(data) for b, data in before.items()}
+
+    def at(self, ptr, dtype, count: int | None = None) -> torch.Tensor:
+        """A 1-D ``dtype`` view from a pointer argument ``(buffer, byte offset)`` (empty for
+        null: the data pointer of an empty tensor, in a call over an empty range)."""
+        if ptr is None:
+            return torch.empty(0, dtype=dtype)
+        buf, off = ptr
+        raw = torch.frombuffer(self.bytes[buf], dtype=torch.uint8) if self.bytes[buf] else torch.empty(0, dtype=torch.uint8)
+        size = torch.empty((), dtype=dtype).element_size()
+        n = (len(raw) - off) // size if count is None else count
+        return raw[off:off + n * size].view(dtype)
+
+    def rows(self, ptr, ld: int, rows: int, width: int, dtype=torch.int64) -> torch.Tensor:
+        """``rows x width`` of a row-major matrix with leading dimension ``ld`` (elements)."""
+        flat = self.at(ptr, dtype, (rows - 1) * ld + width if rows else 0)
+        return flat.as_strided((rows, width), (ld, 1))
+
+
+def _packed(bits: torch.Tensor, ld: int) -> torch.Tensor:
+    """``reference.pack_bits`` padded with zero words to ``ld`` words per row."""
+    words = reference.pack_bits(bits)
+    return F.pad(words, (0, ld - words.shape[-1]))
+
+
+def _unpacked(mem: Memory, ptr, ld: int, rows: int, k: int) -> torch.Tensor:
+    if rows == 0:
+        return torch.zeros(0, k, dtype=torch.bool)
+    return reference.unpack_bits(mem.rows(ptr, ld, rows, (k + 63) // 64).clone(), k)
+
+
+def _epilogue_index(a, m, n):
+    return (m // a["hw"]) * a["s_blk"] + (m % a["hw"]) * a["s_row"] + n * a["s_col"]
+
+
+def _binary(mem: Memory, a: dict, params) -> None:
+    m = torch.arange(a["m0"], a["m1"])
+    n = torch.arange(a["n0"], a["n1"])
+    abits = _unpacked(mem, a["a"], a["lda"], a["m1"], a["k"])[a["m0"]:]
+    bbits = _unpacked(mem, a["b"], a["ldb"], a["n1"], a["k"])[a["n0"]:]
+    dot = reference.binary_gemm(abits, bbits)
+    index = _epilogue_index(a, m.view(-1, 1), n.view(1, -1))
+    if params[1] == "int32":
+        mem.at(a["out"], torch.int32)[index] = dot
+        return
+    value = dot.float() * mem.at(a["scale"], torch.float32)[n]
+    if params[1] == "scale_bias":
+        value = value + mem.at(a["bias"], torch.float32)[n]
+    mem.at(a["out"], torch.float32)[index] = value
+
+
+def _codes_of_planes(mem: Memory, ptr, plane_stride: int, ld: int, planes: int, rows: int, k: int):
+    codes = torch.zeros(rows, k, dtype=torch.int64)
+    words = mem.at(ptr, torch.int64)
+    for t in range(planes):
+        plane = words[t * plane_stride:].as_strided((rows, (k + 63) // 64), (ld, 1))
+        codes += reference.unpack_bits(plane.clone(), k).to(torch.int64) << t
+    return codes
+
+
+def _bitplane(mem: Memory, a: dict, params) -> None:
+    bits, k = params[1], a["words"] * 64       # codes are 0 past K, so every word may count
+    codes = _codes_of_planes(mem, a["planes"], a["plane_stride"], a["lda"], bits, a["m1"], k)[a["m0"]:]
+    bbits = _unpacked(mem, a["b"], a["ldb"], a["n1"], k)[a["n0"]:]
+    dot = reference.bitplane_gemm(codes, bbits)
+    m = slice(a["m0"], a["m1"])
+    n = torch.arange(a["n0"], a["n1"])
+    row_map = mem.at(a["row_map"], torch.int64, a["m1"])[m]
+    scale = mem.at(a["row_scale"], torch.float32, a["m1"])[m].view(-1, 1)
+    zero = mem.at(a["row_zero"], torch.float32, a["m1"])[m].view(-1, 1)
+    colsum = mem.at(a["colsum"], torch.float32)[n].view(1, -1)
+    mem.at(a["out"], torch.float32)[row_map.view(-1, 1) * a["ldo"] + n.view(1, -1)] = scale * dot.float() + zero * colsum
+
+
+def _rowpop(mem: Memory, a: dict, params) -> None:
+    k = a["words"] * 64
+    codes = _codes_of_planes(mem, a["planes"], a["plane_stride"], a["ld"], a["nplanes"], a["rows"], k)
+    mem.at(a["out"], torch.int32, a["rows"])[:] = codes.sum(1).to(torch.int32)
+
+
+def _sign_pack(mem: Memory, a: dict, params) -> None:
+    r0, r1, k = a["row0"], a["row1"], a["k"]
+    x = mem.rows(a["x"], a["srow"], r1, k, torch.float32)[r0:]
+    mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(x > 0, a["ld"])
+    if params[0]:
+        mem.rows(a["ste_out"], a["ld"], r1, a["ld"])[r0:] = _packed(x.abs() < 1, a["ld"])
+
+
+def _unpack(mem: Memory, a: dict, params) -> None:
+    r0, r1, k = a["row0"], a["row1"], a["k"]
+    bits = _unpacked(mem, a["words"], a["ld"], r1, k)[r0:]
+    values = torch.where(bits, torch.tensor(a["one"]), torch.tensor(a["zero"]))
+    mem.rows(a["out"], a["sout"], r1, k, torch.float32)[r0:] = values
+
+
+def _padded_rows(mem: Memory, a: dict, params) -> None:
+    r0, r1, c, h, w, pad = a["row0"], a["row1"], a["C"], a["H"], a["W"], a["pad"]
+    r = torch.arange(r0, r1)
+    n, ch, ih = r // (c * h), r // h % c, r % h
+    if params[0] == "float":
+        x = mem.at(a["x"], torch.float32)
+        elems = (n * a["sn"] + ch * a["sc"] + ih * a["sh"]).view(-1, 1) + torch.arange(w)
+        bits = x[elems] > 0
+    else:
+        src = _unpacked(mem, a["src"], a["src_ld"], int(n.max()) + 1 if len(r) else 0, c * h * w)
+        bits = src[n.view(-1, 1), ((ch * h + ih) * w).view(-1, 1) + torch.arange(w)]
+    mem.rows(a["bm"], a["wpw"], r1, a["wpw"])[r0:] = _packed(F.pad(bits, (pad, pad)), a["wpw"])
+
+
+def _unfolded(mem: Memory, a: dict, params, samples: int) -> torch.Tensor:
+    """Bool ``[N, C*KH*KW, OH*OW]``: ``F.unfold`` of the ±1 signs the bitmap holds, the rows
+    padded above and below (padding is -1, SPEC §2)."""
+    (kh, kw), (sh, sw), (ph, _), (dh, dw), _ = params
+    c, h, oh, ow = a["C"], a["H"], a["OH"], a["OW"]
+    width = (ow - 1) * sw + (kw - 1) * dw + 1     # the bitmap columns any patch reads
+    bm = _unpacked(mem, a["bm"], a["wpw"], samples * c * h, width).view(samples, c, h, width)
+    signs = F.pad(bm.float() * 2 - 1, (0, 0, ph, ph), value=-1.0)
+    cols = F.unfold(signs, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    assert cols.shape[-1] == oh * ow
+    return cols > 0
+
+
+def _im2col_pack(mem: Memory, a: dict, params) -> None:
+    oh, ow = a["OH"], a["OW"]
+    samples = -(-a["blk1"] // oh)
+    rows = _unfolded(mem, a, params, samples).permute(0, 2, 1).reshape(samples * oh * ow, -1)
+    r0, r1 = a["blk0"] * ow, a["blk1"] * ow
+    mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(rows[r0:r1], a["ld"])
+
+
+def _im2col_pack_t(mem: Memory, a: dict, params) -> None:
+    cols = _unfolded(mem, a, params, a["N"]).permute(1, 0, 2).reshape(-1, a["N"] * a["OH"] * a["OW"])
+    r0, r1 = a["row0"], a["row1"]
+    mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(cols[r0:r1], a["ld"])
+
+
+def _transpose_bits(mem: Memory, a: dict, params) -> None:
+    r0, r1 = 64 * a["w0"], min(64 * a["w1"], a["K"])
+    src = _unpacked(mem, a["src"], a["ld"], a["R"], a["K"])
+    mem.rows(a["dst"], a["ld_out"], r1, a["ld_out"])[r0:] = _packed(src.T[r0:r1], a["ld_out"])
+
+
+def _times_alpha(mem: Memory, a: dict, v, channels):
+    return v if a["alpha"] is None else v * mem.at(a["alpha"], torch.float32)[channels]
+
+
+def _minmax(mem: Memory, a: dict, params) -> None:
+    p = torch.arange(a["p0"], a["p1"])
+    n, o = p // a["O"], p % a["O"]
+    elems = (n * a["sn"] + o * a["so"]).view(-1, 1) + torch.arange(a["HW"]) * a["si"]
+    v = _times_alpha(mem, a, mem.at(a["g"], torch.float32)[elems], o.view(-1, 1))
+    lo, hi = reference.group_min_max(v.T.contiguous(), "channel")   # one group per (n, o) pair
+    mem.at(a["lo"], torch.float32)[p] = lo
+    mem.at(a["hi"], torch.float32)[p] = hi
+
+
+def _codes(mem: Memory, a: dict, v, ctr, group, bits: int):
+    """Stochastic rounding codes of ``v`` at counters ``ctr`` in groups ``group``
+    (``reference.rounded_codes`` with the stream's uniforms)."""
+    u = rng.uniform_of_key(a["key"], int(ctr.max()) + 1 if ctr.numel() else 0)[ctr]
+    z = mem.at(a["zero"], torch.float32)[group]
+    s = mem.at(a["scale"], torch.float32)[group]
+    return reference.rounded_codes(v, z, s, bits, u).to(torch.int64)
+
+
+def _store_planes(mem: Memory, a: dict, codes, valid, out_rows, bits: int) -> None:
+    """Bit ``t`` of ``codes [rows, k]`` (``valid`` lanes only) to plane ``t`` of ``out``."""
+    planes = mem.at(a["out"], torch.int64).view(-1)
+    for t in range(bits):
+        words = _packed(((codes >> t) & 1).bool() & valid, a["ld"])
+        planes[(t * a["rows"] + out_rows).view(-1, 1) * a["ld"] + torch.arange(a["ld"])] = words
+
+
+def _quantize_pack(mem: Memory, a: dict, params) -> None:
+    bits = params[0]
+    m = torch.arange(a["m0"], a["m1"]).view(-1, 1, 1)
+    s = torch.arange(a["nseg"]).view(1, -1, 1)
+    j = torch.arange(a["seg_len"]).view(1, 1, -1)
+    table = {nm: mem.at(a[nm], torch.int64)[m] for nm in ("row_off", "row_ctr", "row_group", "row_ch")}
+    v = mem.at(a["g"], torch.float32)[table["row_off"] + s * a["seg_stride"] + j * a["elem_stride"]]
+    v = _times_alpha(mem, a, v, table["row_ch"] + j * a["ch_step"])
+    ctr = table["row_ctr"] + s * a["seg_ctr"] + j * a["elem_ctr"]
+    codes = _codes(mem, a, v, ctr, table["row_group"] + s * a["seg_group"], bits)
+    codes = codes.reshape(m.shape[0], -1)
+    _store_planes(mem, a, codes, torch.ones_like(codes, dtype=torch.bool), m.view(-1), bits)
+
+
+def _quantize_pack_rows(mem: Memory, a: dict, params) -> None:
+    bits, hw, channels = params[0], a["HW"], a["O"]
+    per_sample = -(-hw // 64)
+    tiles = torch.arange(a["t0"], a["t1"])
+    ks = tiles // per_sample
+    i = ((tiles % per_sample) * 64).view(-1, 1) + torch.arange(64)      # [tiles, 64] rows
+    valid = i < hw
+    i = torch.where(valid, i, 0)
+    n = mem.at(a["samples"], torch.int64)[ks].view(-1, 1)
+    group = mem.at(a["groups"], torch.int64)[ks].view(-1, 1, 1)
+    o = torch.arange(channels).view(1, 1, -1)
+    v = mem.at(a["g"], torch.float32)[(n * a["sn"] + i * a["si"]).unsqueeze(-1) + o * a["so"]]
+    v = _times_alpha(mem, a, v, o)
+    codes = _codes(mem, a, v, ((n * hw + i).unsqueeze(-1)) * channels + o, group, bits)
+    out_rows = (ks.view(-1, 1) * hw + i)[valid]
+    _store_planes(mem, a, codes[valid], torch.ones(out_rows.numel(), channels, dtype=torch.bool), out_rows, bits)
+
+
+def _col2im_ste(mem: Memory, a: dict, params) -> None:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = params
+    c, h, w, oh, ow = a["C"], a["H"], a["W"], a["OH"], a["OW"]
+    samples = -(-a["row1"] // (h * w))
+    d = mem.rows(a["d"], a["ldd"], samples * oh * ow, c * kh * kw, torch.float32)
+    d = d.reshape(samples, oh, ow, c, kh, kw)
+    acc = torch.zeros(samples, c, h + 2 * ph + sh * oh + dh * kh, w + 2 * pw + sw * ow + dw * kw)
+    # The kernel's summation order: kh, then kw (one term per offset reaches a pixel).
+    for i in range(kh):
+        for j in range(kw):
+            acc[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw] += d[..., i, j].permute(0, 3, 1, 2)
+    dx = acc[:, :, ph:ph + h, pw:pw + w]
+    if a["ste"] is not None:   # a multiply, as the reference's dx * ste_mask(x)
+        dx = dx * _unpacked(mem, a["ste"], a["ste_ld"], samples, c * h * w).view(dx.shape).float()
+    pixels = torch.arange(a["row0"], a["row1"])
+    n, p = (pixels // (h * w)).view(-1, 1), (pixels % (h * w)).view(-1, 1)
+    channel = torch.arange(c) * (h * w)
+    mem.at(a["out"], torch.float32)[n * (c * h * w) + channel + p] = dx.reshape(samples, -1)[n, channel + p]
+
+
+CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
+          "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
+          "transpose_bits": _transpose_bits, "minmax": _minmax, "pack": _quantize_pack,
+          "pack_rows": _quantize_pack_rows, "col2im_ste": _col2im_ste, "unpack": _unpack}
+
+
+def check_call(family: str, params, args: dict, before: dict, after: dict) -> int | None:
+    """Buffers of one call that differ from the reference (0: all exact); None when the family
+    has no reference here."""
+    check = CHECKS.get(family)
+    if check is None:
+        return None
+    mem = Memory(before)
+    check(mem, args, params)
+    skip = {args[name][0] for name in SCRATCH.get(family, ()) if args.get(name) is not None}
+    return sum(mem.bytes[b] != after[b] for b in after if b not in skip)
