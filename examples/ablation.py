@@ -50,6 +50,7 @@ METHODS = {
 }
 SCRATCH = ("qat", "psq_b1", "aq_scq_b4")
 OPTIMIZERS = ("adam", "sgd", "sgdm")
+OPT_COLORS = {"adam": "tab:blue", "sgd": "tab:orange", "sgdm": "tab:green"}
 LR = {"adam": 1e-3, "sgd": 0.05, "sgdm": 0.05}
 MODELS = {
     "vgg": lambda width: zoo.vgg_small(num_classes=5, in_channels=1, width=0.5 * width),
@@ -330,7 +331,10 @@ def markdown(summary, variance, pre, args, models, optimizers):
     lines = [f"# Ablation on digits (16x16): test accuracy, mean ± std over "
              f"{len(args.seed_list)} seed(s)", "",
              "Fine-tune: pretrained float32 + QAT on classes 0-4, then fine-tuned on classes 5-9 "
-             "(5-way, chance 0.20). Scratch: random init, Adam, classes 5-9.", ""]
+             "(5-way, chance 0.20). Scratch: random init, Adam, classes 5-9.",
+             f"Budget: {args.epochs} epochs fine-tune/scratch, {args.pretrain_epochs} epochs each "
+             f"for fp32 and QAT pretraining, batch {args.batch}, learning rates {LR} (SGD "
+             f"momentum 0.9 for sgdm), backend {args.backend}, width x{args.width}.", ""]
     cols = [(m, o) for m in models for o in optimizers
             if any(s["model"] == m and s["optimizer"] == o for s in summary)]
     lines.append("| protocol | method | " + " | ".join(f"{m} {o}" for m, o in cols) + " |")
@@ -342,7 +346,8 @@ def markdown(summary, variance, pre, args, models, optimizers):
             for m, o in cols:
                 s = index.get((m, protocol, name, o))
                 cells.append(f"{100 * s['mean_acc']:.1f} ± {100 * s['std_acc']:.1f}" if s else "")
-            lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
+            if any(cells):
+                lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "Upstream (classes 0-4) test accuracy after pretraining: " + "; ".join(
         f"{m} seed {s}: fp32 {100 * a:.1f}, QAT {100 * b:.1f}" for (m, s), (a, b) in pre.items())]
     if variance:
@@ -379,7 +384,8 @@ def plots(out, summary, losses, variance, models, optimizers):
                     xs.append(i + (j - (len(optimizers) - 1) / 2) * width)
                     ys.append(s["mean_acc"])
                     es.append(s["std_acc"])
-            ax.bar(xs, ys, width, yerr=es, label=o, capsize=2)
+            if xs:
+                ax.bar(xs, ys, width, yerr=es, label=o, capsize=2, color=OPT_COLORS[o])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n if p == "finetune" else f"{n}\n(scratch)" for p, n in names],
                            rotation=45, ha="right", fontsize=8)
@@ -409,6 +415,9 @@ def plots(out, summary, losses, variance, models, optimizers):
                 if k > 1:
                     t = F.avg_pool1d(t.view(1, 1, -1), k, stride=1).view(-1)
                 ax.plot(t.numpy(), label=n, lw=1)
+            if not ax.lines:   # this optimizer was not run for this model
+                ax.set_visible(False)
+                continue
             ax.set_title(f"{m}: {'scratch (adam)' if o == 'scratch' else 'fine-tune ' + o}",
                          fontsize=9)
             ax.set_xlabel("step")
@@ -456,6 +465,9 @@ def main(argv=None):
                         help="optimizers for the first (default) model")
     parser.add_argument("--other-optimizers", default="adam",
                         help="optimizers for the other models (keeps the full run short)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"subset of {', '.join(METHODS)} (scratch runs: those of "
+                             f"{', '.join(SCRATCH)} included)")
     parser.add_argument("--epochs", type=int, default=5, help="fine-tune / scratch epochs")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
@@ -475,6 +487,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     models = args.models.split(",")
     optimizers = args.optimizers.split(",")
+    methods = args.methods.split(",")
+    unknown = [n for n in methods if n not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     other_optimizers = [o for o in args.other_optimizers.split(",") if o in optimizers]
     args.seed_list = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
@@ -493,8 +509,8 @@ def main(argv=None):
                 rows, diffs[m] = measure_variance(m, state, seed, parts, args)
                 variance += rows
             opts = optimizers if m == models[0] else other_optimizers
-            runs = [("finetune", n, o) for n in METHODS for o in opts]
-            runs += [("scratch", n, "adam") for n in SCRATCH]
+            runs = [("finetune", n, o) for n in methods for o in opts]
+            runs += [("scratch", n, "adam") for n in SCRATCH if n in methods]
             for protocol, name, opt in runs:
                 acc, curve, seconds = train_method(m, state if protocol == "finetune" else None,
                                                    name, opt, seed, parts, args)
