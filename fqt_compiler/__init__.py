@@ -1,8 +1,12 @@
 """fqt-compiler: 1-bit fully quantized training on CPUs (``import fqt_compiler as fqt``)."""
-from . import ops
+from . import debug, ops
 from .codegen.aot import emit_kernels
 from .compiler import FQTModule, compile
 from .config import Config, Rule
 from .report import dump, summary
+from .checkpoint import load, save
 
-__all__ = ["Config", "FQTModule", "Rule", "compile", "dump", "emit_kernels", "ops", "summary"]
+debug.configure()
+
+__all__ = ["Config", "FQTModule", "Rule", "compile", "dump", "emit_kernels", "load", "ops", "save",
+           "summary"]

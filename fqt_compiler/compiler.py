@@ -2,17 +2,31 @@
 
 ``FQTModule`` wraps the unmodified model (its parameters are the model's) and a
 ``torch.compile`` of it whose backend is ``FQTModule._backend``. Each Dynamo graph (one per
-input shape, train/eval mode and grad mode; ``fullgraph=True``, static shapes) becomes a
-``CompiledGraph`` that keeps its plan, its per-pass records and its final ATen graphs.
+input shape, train/eval mode and grad mode and, where Dynamo cannot trace the forward whole,
+one per region between graph breaks; static shapes) becomes a ``CompiledGraph`` that keeps
+its plan, its per-pass records and its final ATen graphs. The graph breaks Dynamo reported
+are kept in ``FQTModule.fqt_graph_breaks``. Because a region cannot know whether a later one
+holds more layers, the first call runs the model eagerly once (no grad, buffers and RNG state
+restored) to learn the order the whole forward calls its Conv2d/Linear layers: the first and
+last layer exclusions (SPEC §2) are those of the whole forward, not of one region.
+
+Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
+in float32; a float64/float16/bfloat16 input is refused with a TypeError naming the argument,
+not cast, so no precision changes silently); any memory layout (non-contiguous,
+channels_last) is accepted; an empty batch is refused with a ValueError. The model's floating
+parameters must be float32 (``fqt.compile`` refuses others).
 
 RNG step: every call appends a fresh int64 tensor ``[seed, step]`` to the graph inputs
 (placeholder ``fqt.rng_state``); each fqt forward op saves it for the backward quantizers.
 ``step`` advances after each call made in training mode with grad enabled, so the graphs
-are never recompiled for it.
+are never recompiled for it. Under ``torch.distributed`` the seed is
+``rng.rank_seed(seed, rank)``, so each data-parallel rank draws its own stream.
 """
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -22,8 +36,9 @@ import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
+from . import debug
 from .config import Config, candidate_layers, resolve_plan
-from .ops import reference
+from .ops import reference, rng
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fuse_gradient_quantizers, insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
@@ -31,6 +46,7 @@ from .runtime import lowered  # noqa: F401  (registers the "kernels" backend's i
 
 
 RECOMPILE_LIMIT = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,24 +73,40 @@ class FQTModule(nn.Module):
         self.fqt_step = 0
         self.fqt_graphs: list[CompiledGraph] = []
         self.fqt_last: CompiledGraph | None = None   # the graph the last call ran
+        self.fqt_graph_breaks: list[str] = []          # Dynamo's reasons, in order seen
+        self.fqt_call_order: list[str] | None = None   # Conv2d/Linear layers as forward calls them
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
+        # fullgraph=False: a model Dynamo cannot trace whole still compiles, region by region.
         object.__setattr__(self, "_compiled", torch.compile(
-            model, backend=self._backend, fullgraph=True, dynamic=False))
+            model, backend=self._backend, fullgraph=False, dynamic=False))
 
     def forward(self, *args, **kwargs):
+        _check_inputs(args, kwargs)
+        if self.fqt_call_order is None:
+            self.fqt_call_order = _eager_call_order(self.module, args, kwargs)
+        breaks = _graph_break_reasons()
         # Dynamo's recompile limit counts graphs per code object across all instances; each
         # fqt.compile of the same model class adds its own (own backend), so lift it here.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             out = self._compiled(*args, **kwargs)
+        for reason, count in _graph_break_reasons().items():
+            if count > breaks.get(reason, 0):
+                self.fqt_graph_breaks.append(reason.strip().splitlines()[0])
+                log.warning("graph break in %s (the parts before and after it compile as "
+                            "separate graphs): %s", type(self.module).__name__, reason)
         if self.training and torch.is_grad_enabled():
             self.fqt_step += 1
         return out
 
     def _extra_inputs(self, extras: list) -> list:
-        return [torch.tensor([self.fqt_config.seed, self.fqt_step], dtype=torch.int64)
+        seed = self.fqt_config.seed
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            seed = rng.rank_seed(seed, torch.distributed.get_rank())
+        return [torch.tensor([seed, self.fqt_step], dtype=torch.int64)
                 if kind == "rng_state" else value for kind, value in extras]
 
     def _backend(self, gm: fx.GraphModule, example_inputs):
+        start = time.perf_counter()
         cg = CompiledGraph(training=self.module.training)
         self.fqt_graphs.append(cg)
         model, config = self.module, self.fqt_config
@@ -83,7 +115,8 @@ class FQTModule(nn.Module):
         gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
         gm = PassManager("capture", [
             partial(annotate_layers, model=model, example_inputs=example_inputs),
-            partial(apply_plan, model=model, config=config, plan_out=cg.plan),
+            partial(apply_plan, model=model, config=config, plan_out=cg.plan,
+                    model_order=self.fqt_call_order),
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
         ], cg.records)(gm)
         input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
@@ -104,12 +137,14 @@ class FQTModule(nn.Module):
                 *([fuse_gradient_quantizers] if config.backend == "kernels" else []),
                 partial(annotate_fqt_nodes, plan=cg.plan),
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
-                        target=config.target),
+                        target=config.target, check_finite=config.check_finite),
             ], cg.records, cg.names)(bgm)
+            debug.compiled_backward(self, cg)
             return make_boxed_func(cg.backward.forward)
 
         compiled = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(
             gm, list(example_inputs) + [value for _, value in cg.extras])
+        debug.compiled_graph(self, cg, time.perf_counter() - start)
 
         def run(*args):
             self.fqt_last = cg
@@ -118,10 +153,64 @@ class FQTModule(nn.Module):
         return run
 
 
+def _tensors(args, kwargs):
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    names = [f"argument {i}" for i in range(len(args))] + [f"argument {k!r}" for k in kwargs]
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            yield (names[i] if len(leaves) == len(names) else f"input tensor {i}"), leaf
+
+
+def _check_inputs(args, kwargs) -> None:
+    """Refuse what the compiled graphs cannot take before anything runs (nothing changes)."""
+    for name, t in _tensors(args, kwargs):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise TypeError(f"fqt: {name} has dtype {t.dtype}; fqt trains in float32 (the "
+                            f"binarized layers and their kernels compute in float32): pass "
+                            f"x.float(), or use autocast outside fqt only for float layers")
+        if t.dim() > 0 and t.shape[0] == 0:
+            raise ValueError(f"fqt: {name} is an empty batch (shape {tuple(t.shape)}); the "
+                             f"quantizers need at least one sample: skip empty batches")
+
+
+def _eager_call_order(model: nn.Module, args, kwargs) -> list[str]:
+    """The Conv2d/Linear layers in the order one eager forward calls them. Runs without grad
+    and restores the buffers (BatchNorm statistics) and the global RNG state it touched."""
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=n: order.append(name))
+             for n, m in candidate_layers(model)]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    rng_state = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        torch.set_rng_state(rng_state)
+    return list(dict.fromkeys(order))
+
+
+def _graph_break_reasons() -> dict[str, int]:
+    """Dynamo's global count of graph breaks per reason (diffed around a call)."""
+    from torch._dynamo.utils import counters
+    return dict(counters["graph_break"])
+
+
 def compile(model: nn.Module, config: Config | None = None) -> FQTModule:
     """Compile ``model`` for 1-bit FQT (SPEC §8). Layers with ``alpha="learned"`` get a new
     parameter ``fqt_alpha`` (initialised to mean |w|), so build the optimizer afterwards."""
     config = config or Config()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fqt.compile expects an nn.Module, got {type(model).__name__}")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise TypeError(f"fqt.compile: {name} is {p.dtype}; fqt trains float32 models "
+                            f"(binarized layers keep float32 latent weights): call "
+                            f"model.float() first")
     names = [n for n, _ in candidate_layers(model)]
     for layer in resolve_plan(model, config, names):  # validates the rules
         module = model.get_submodule(layer.name)

@@ -95,6 +95,9 @@ class Config:
     target: str = "host"
     alpha: str = "mean"
     rules: tuple = field(default=())
+    # Raise (naming the layer) when a gradient reaching a quantizer holds a NaN/Inf; without
+    # it a non-finite gradient propagates as in float training (never rounded to codes).
+    check_finite: bool = False
 
     def __init__(self, **options):
         _check_keys(Config, options)
@@ -107,6 +110,8 @@ class Config:
         _check_choice("Config", "alpha", self.alpha, ALPHAS)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"Config: seed={self.seed!r} must be an int in [0, 2**63)")
+        if not isinstance(self.check_finite, bool):
+            raise ValueError(f"Config: check_finite={self.check_finite!r} must be True or False")
         rules = tuple(r if isinstance(r, Rule) else Rule(**r) for r in self.rules)
         object.__setattr__(self, "rules", rules)
 
@@ -141,18 +146,24 @@ def check_rules(model: nn.Module, config: Config) -> None:
                              f"model's Conv2d/Linear layers are: {names}")
 
 
-def resolve_plan(model: nn.Module, config: Config, call_order: list[str]) -> list[LayerPlan]:
+def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
+                 model_order: list[str] | None = None) -> list[LayerPlan]:
     """Decide every Conv2d/Linear layer. ``call_order``: module names of the layers in the
-    order the captured graph calls them (first and last are the SPEC §2 exclusions)."""
+    order the captured graph calls them; ``model_order``: the order the whole forward calls
+    them, when Dynamo split it into several graphs at graph breaks (first and last of the
+    whole forward are the SPEC §2 exclusions, not those of one graph)."""
     check_rules(model, config)
     called = set(call_order)
-    first, last = (call_order[0], call_order[-1]) if call_order else (None, None)
+    order = model_order or call_order
+    first, last = (order[0], order[-1]) if order else (None, None)
     plan = []
     for index, (name, module) in enumerate(candidate_layers(model)):
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         groups = getattr(module, "groups", 1)
         if name not in called:
-            binarize, reason = False, "not called by forward"
+            binarize, reason = False, ("called in another graph region (graph break)"
+                                       if model_order and name in model_order else
+                                       "not called by forward")
         elif groups > 1:
             binarize, reason = False, f"groups={groups} > 1 (depthwise contraction too short)"
         elif name == first:

@@ -125,8 +125,13 @@ def summary(compiled: FQTModule) -> str:
            f"alpha={config.alpha} target={config.target}",
            f"backend requested: {config.backend}; ran: " + (", ".join(
                f"{op.split('::')[1]}={b}" for op, b in sorted(cg.ran.items())) or "nothing yet"),
-           f"graph: {'train' if cg.training else 'eval'} mode, step {compiled.fqt_step}",
-           line, "-" * len(line)]
+           f"graph: {'train' if cg.training else 'eval'} mode, step {compiled.fqt_step}"
+           + (f", one of {len(compiled.fqt_graphs)} compiled" if len(compiled.fqt_graphs) > 1 else "")]
+    if compiled.fqt_graph_breaks:
+        out.append(f"graph breaks: {len(compiled.fqt_graph_breaks)} (each region between them "
+                   f"is compiled on its own; layers of other regions show as such below)")
+        out += [f"  - {reason}" for reason in compiled.fqt_graph_breaks]
+    out += [line, "-" * len(line)]
     out += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
     tot = {k: sum(r.get(k, 0) for r in rows) for k in ("_binary", "_float", "_packed", "_f32")}
     n_bin = sum(layer.binarize for layer in cg.plan)

@@ -56,7 +56,9 @@ def _conv_out(size, k, s, p, d):
 
 def _binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer):
     y = ref.binary_conv2d(x, weight, torch.ones(weight.shape[0]), None, stride, padding, dilation)
-    return (y, *ref.pack_activation(x, "conv2d"))
+    # The fake says contiguous; a channels_last x makes conv2d answer channels_last, and the
+    # graph after this op (e.g. flatten lowered to aten.view) relies on the fake's strides.
+    return (y.contiguous(), *ref.pack_activation(x, "conv2d"))
 
 
 def _binary_conv2d_fake(x, weight, rng_state, stride, padding, dilation, layer):

@@ -270,7 +270,17 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
 
 def keep_groups(ranges: torch.Tensor, method: str, path: str, bits: int, *,
                 seed: int, step: int, layer: int):
-    """``(keep, prob)`` of the groups of one path from their ranges (see ``sample_groups``)."""
+    """``(keep, prob)`` of the groups of one path from their ranges (see ``sample_groups``).
+
+    A group whose range is NaN or Inf (its G' holds one) is always kept with p = 1, so the
+    non-finite value reaches the gradients through its scale and zero point, as it would in
+    float training, instead of being pruned away (the other groups draw as if its range
+    were 0)."""
+    bad = ~torch.isfinite(ranges)
+    if bad.any():
+        keep, prob = keep_groups(torch.where(bad, 0.0, ranges), method, path, bits, seed=seed,
+                                 step=step, layer=layer)
+        return keep | bad, torch.where(bad, 1.0, prob)
     n = ranges.numel()
     if method == "aq_scq":
         prob = aq_probabilities(ranges, bits)

@@ -78,3 +78,12 @@ def uniform_of_key(key: int, count: int, start: int = 0) -> torch.Tensor:
     d = draws_u64(key, start, count)
     u = (d >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
     return torch.from_numpy(u)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed a distributed rank draws with: ``seed`` itself on rank 0 (a single process
+    is unchanged), an unrelated one (below 2**63, an int64 graph input) on every other rank,
+    so that data-parallel replicas quantize their gradients independently."""
+    if rank == 0:
+        return seed
+    return mix64_int(seed ^ mix64_int(rank + GOLDEN)) >> 1

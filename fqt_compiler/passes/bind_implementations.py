@@ -7,6 +7,9 @@ stays readable as ``meta["fqt_op"]``), ``impl=<backend that ran>`` appended to i
 ``takes_layer_name`` also gets the keywords ``layer_name`` (its layer's module name) and
 ``target`` (the Config's kernel target) (a backend without an implementation
 of an op falls back to ``reference``).
+With ``check_finite``, each op that takes a layer's output gradient G' first (the gradient
+quantizers, and the float backward GEMMs of method ``none``) is wrapped by a check that
+raises ``FloatingPointError`` naming the layer when G' holds a NaN or an Inf.
 Invariants: the callable has the op's schema and semantics, so ``meta["val"]`` stays valid.
 This is the last pass: the lowering of an op to a kernel is a registry entry, not a pass.
 """
@@ -18,9 +21,30 @@ import torch.fx as fx
 from ..ops import registry
 from .infra import PassResult
 
+# Ops whose first argument is the G' of a layer (named gprime/g2d in their schemas);
+# mark_gradient and quantize_gradient see the same tensor as aq_sample, checked once there.
+_GRADIENT_CONSUMERS = ("aq_sample", "aq_quantize_", "conv2d_input_grad", "conv2d_weight_grad",
+                       "linear_input_grad", "linear_weight_grad")
+
+
+def finite_check(impl, layer_name: str):
+    """``impl`` preceded by a NaN/Inf check of its first argument. One sum over G' (NaN or
+    Inf iff an element is, or iff the finite sum overflows, which the exact test rules out)."""
+    def checked(g, *args, **kwargs):
+        if not torch.isfinite(g.sum()) and not torch.isfinite(g).all():
+            bad = int((~torch.isfinite(g)).sum())
+            raise FloatingPointError(
+                f"fqt: non-finite gradient at layer {layer_name!r}: {bad} of {g.numel()} "
+                f"elements of dL/dY are NaN or Inf (Config(check_finite=True)); lower the "
+                f"learning rate, check the loss, or set check_finite=False to let them "
+                f"propagate as in float training")
+        return impl(g, *args, **kwargs)
+    checked.__name__ = getattr(impl, "__name__", "impl")
+    return checked
+
 
 def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list,
-                         target: str = "host") -> PassResult:
+                         target: str = "host", check_finite: bool = False) -> PassResult:
     modified = False
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
@@ -29,11 +53,13 @@ def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: l
             ran[op] = used
             node.meta["fqt_op"] = node.target
             node.meta["fqt_note"] = (node.meta.get("fqt_note", "") + f"  impl={used}").strip()
+            layer = dict(zip((a.name for a in node.target._schema.arguments), node.args)).get("layer")
             if getattr(impl, "takes_layer_name", False):
                 # Kernel implementations record runtime statistics under the layer's name and
                 # run the kernels generated for the configured target.
-                layer = dict(zip((a.name for a in node.target._schema.arguments), node.args))["layer"]
                 node.kwargs = {**node.kwargs, "layer_name": plan[layer].name, "target": target}
+            if check_finite and layer is not None and op.split("::")[1].startswith(_GRADIENT_CONSUMERS):
+                impl = finite_check(impl, plan[layer].name)
             node.target = impl
             modified = True
     gm.recompile()

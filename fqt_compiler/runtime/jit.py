@@ -4,13 +4,17 @@ One ``compile_ir`` call builds one module for one target. Object code is cached 
 ``$FQT_CACHE_DIR`` (default ``~/.cache/fqt_compiler``) by the hash of (IR, target,
 llvmlite/LLVM version). Each entry stores a SHA-256 of its key and object bytes; an entry
 whose checksum or key does not match is rebuilt, never loaded. Writes go to a temporary
-file renamed into place, so concurrent processes never see a half-written entry.
+file renamed into place, so concurrent processes never see a half-written entry. A cache
+directory that another user owns or others may write is neither read nor written (a
+warning is logged once): its objects could have been planted.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -22,11 +26,14 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
+from .. import debug
 from ..codegen.targets import Target, get_target, runs_on_host
 
 _MAGIC = b"FQTOBJ1\n"
 _lock = threading.Lock()
 _memory: dict[str, "Library"] = {}
+_warned: set[Path] = set()
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path | None:
@@ -140,7 +147,13 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
             return _memory[key]
         directory = cache_dir()
         path = directory / f"{key}.o" if directory else None
-        obj = _read_entry(path, key) if path is not None and _safe_dir(directory) else None
+        safe = path is not None and _safe_dir(directory)
+        if path is not None and not safe and directory.exists() and directory not in _warned:
+            _warned.add(directory)
+            log.warning("kernel cache %s is not used: it must be a directory owned by this "
+                        "user and not writable by group or others (chmod 700 it, or set "
+                        "FQT_CACHE_DIR)", directory)
+        obj = _read_entry(path, key) if safe else None
         from_cache = obj is not None
         if obj is None:
             obj = compile_object(ir_text, target)
@@ -151,6 +164,8 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
         engine.finalize_object()
         lib = Library(key, target, engine, from_cache)
         _memory[key] = lib
+        symbols = "+".join(re.findall(r"^define [^@]*@([\w.]+)\(", ir_text, re.M)[:2]) or "module"
+        debug.kernel_compiled(ir_text, symbols, key, target, from_cache)
         return lib
 
 

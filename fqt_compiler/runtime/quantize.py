@@ -115,6 +115,13 @@ def _min_max(v: _View, kind: str, target: str):
     parallel_rows(_fn("minmax", target, lanes=lanes), pairs, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), v.channels,
                   v.rps, lo.data_ptr(), hi.data_ptr(), min_rows=8)
     lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
+    # The kernel's ordered compares skip NaN (an Inf does win them), so a group holding a NaN
+    # would get finite statistics and finite codes. One sum finds any NaN (the reference's
+    # amin/amax return NaN for that group; so must we, so the NaN reaches the gradient).
+    if torch.isnan(v.g.sum()) or (v.alpha is not None and torch.isnan(v.alpha.sum())):
+        g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
+        nan = torch.isnan(g).any(2)
+        lo, hi = lo.masked_fill(nan, float("nan")), hi.masked_fill(nan, float("nan"))
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1)
     dim = 1 if kind == "sample" else 0
