@@ -1,7 +1,7 @@
 """Train a small CNN on scikit-learn's bundled 8x8 digits with each FQT method.
 
     python examples/train_digits.py [--epochs 8] [--methods fp32,qat,psq,aq_scq]
-                                    [--backend reference] [--out digits_graphs]
+                                    [--backend kernels|reference] [--out digits_graphs]
 
 fp32: the plain PyTorch model (eager). qat: fqt method "none" (binary weights and
 activations, float gradients). psq: per-sample quantized gradients at b=1 (the 1-bit PSQ
@@ -106,7 +106,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--backend", default="reference", choices=("reference", "kernels"))
+    parser.add_argument("--backend", default="kernels", choices=("reference", "kernels"))
     parser.add_argument("--out", default="digits_graphs", help="where the aq_scq graphs go")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
