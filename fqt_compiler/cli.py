@@ -71,6 +71,13 @@ def run_kernels(args) -> int:
     emitted = fqt.emit_kernels(load_factory(args.model)(), (torch.randn(args.input_shape),),
                                target=args.target, out_dir=args.out)
     print(emitted.summary())
+    if args.report:
+        import shutil
+        from .codegen import aot
+        if not shutil.which(aot.LLVM_MCA):
+            print(f"--report: {aot.LLVM_MCA} not found (Debian: apt-get install llvm)")
+            return 1
+        print(aot.format_report(aot.mca_report(emitted), emitted.target))
     return 0
 
 
@@ -81,6 +88,8 @@ def add_kernels(subparsers) -> None:
     p.add_argument("--input-shape", type=shape, required=True, help="e.g. 128,3,32,32")
     p.add_argument("--target", required=True, help="rpi4, rpi5, aarch64, hygon, x86-64-v3, ...")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--report", action="store_true", help="llvm-mca estimate of each GEMM micro-kernel's "
+                   "inner loop: cycles, binary MACs per cycle, vs the CPU's fp32 FMA peak")
     p.set_defaults(run=run_kernels)
 
 

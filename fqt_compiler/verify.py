@@ -266,8 +266,8 @@ def verify_calls(run, target, work_dir=None) -> list[Result]:
             r.buffers += 1
             r.mismatches += after[b] != host_bytes
         spec = uses[index].spec
-        wrong = kernel_reference.check_call(spec.family, spec.params, dict(zip(names[index], map(_argument, encoded))),
-                                            {b: state[b] for b in after}, after)
+        args = dict(zip(names[index], map(call_argument, encoded)))
+        wrong = kernel_reference.check_call(spec.family, spec.params, args, {b: state[b] for b in after}, after)
         if wrong is None:
             r.has_reference = False
         else:
@@ -329,7 +329,8 @@ def odd_shapes(target):
     return run
 
 
-def _argument(encoded):
+def call_argument(encoded):
+    """A captured argument as ``kernel_reference.check_call`` takes it."""
     kind, *value = encoded
     if kind == "b":
         return tuple(value)

@@ -1,21 +1,37 @@
 """Cross-targeting (issue 5): emitted kernels for rpi4/rpi5/hygon, replayed on the target CPU
-(natively or under qemu) against the host kernels, and the hygon kernels in a normal step."""
+(natively or under qemu) against the host kernels and the pure-PyTorch reference, the hygon
+kernels in a normal training step, and the llvm-mca report."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
+import fqt_compiler as fqt
+from fqt_compiler import kernel_reference
 from fqt_compiler.codegen import aot
-from fqt_compiler.codegen.targets import get_target
-from fqt_compiler.verify import PACKAGES, verify
-from fqt_compiler.zoo import resnet18_cifar
+from fqt_compiler.codegen.targets import get_target, host_target, runs_on_host
+from fqt_compiler.ops import reference
+from fqt_compiler.runtime import jit
+from fqt_compiler.runtime.quantize import group_min_max
+from fqt_compiler.verify import (PACKAGES, OddShapes, call_argument, capture_calls, odd_shapes, verify,
+                                 verify_calls)
+from fqt_compiler.zoo import resnet18_cifar, vgg16_cifar
 
-needs_cross = pytest.mark.skipif(
+TARGETS = ["rpi4", "rpi5", "hygon"]
+
+_cross_tools = pytest.mark.skipif(
     not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-gcc")),
     reason=f"needs Debian packages {PACKAGES}")
+
+
+def needs_cross(test):
+    return pytest.mark.cross(_cross_tools(test))
+needs_hygon_cpu = pytest.mark.skipif(not runs_on_host(get_target("hygon")),
+                                     reason="this CPU cannot run the hygon (AVX2) kernels")
 
 
 def _x():
@@ -23,16 +39,116 @@ def _x():
     return (torch.randn(2, 3, 32, 32),)
 
 
-@needs_cross
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["rpi4", "rpi5", "hygon"])
-def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
-    results = verify(resnet18_cifar(), _x(), target, tmp_path)
+def _assert_verified(results, target, tmp_path):
     assert results and all(r.passed for r in results), [r for r in results if not r.passed]
+    assert all(r.has_reference for r in results), [r.family for r in results if not r.has_reference]
     asm = (tmp_path / "fqt_kernels.s").read_text()
-    if target == "rpi4":
-        assert "cnt\tv" in asm and "udot" not in asm and "sdot" not in asm
+    if target in ("rpi4", "rpi5"):
         out = subprocess.run(["file", str(tmp_path / "fqt_kernels.o")], capture_output=True, text=True)
         assert "aarch64" in out.stdout
+        assert "cnt\tv" in asm
+        # rpi4 (ARMv8.0) must not use dotprod; rpi5 does, for popcount sums.
+        assert ("udot" in asm) == (target == "rpi5") and "sdot" not in asm
     if target == "hygon":
-        assert "zmm" not in asm and "{%k" not in asm
+        assert "ymm" in asm and "zmm" not in asm and "{%k" not in asm
+
+
+@needs_cross
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
+    _assert_verified(verify(resnet18_cifar(), _x(), target, tmp_path), target, tmp_path)
+
+
+@needs_cross
+@pytest.mark.slow
+@pytest.mark.parametrize("target", TARGETS)
+def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
+    _assert_verified(verify(vgg16_cifar(), _x(), target, tmp_path), target, tmp_path)
+
+
+@needs_cross
+@pytest.mark.parametrize("target", TARGETS)
+def test_odd_shapes_verify_on_target(target, tmp_path):
+    results = verify_calls(odd_shapes(target), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    families = {r.family for r in results}
+    assert {"binary", "bitplane", "pack", "pack_rows", "col2im_ste", "im2col_pack", "im2col_pack_t"} <= families
+
+
+def test_reference_check_catches_one_flipped_bit():
+    """Each call of a small step matches the reference as the host computed it, and flipping
+    one bit the call wrote makes it fail (the check compares what kernels write)."""
+    target = host_target()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        compiled = fqt.compile(OddShapes(), fqt.Config(method="psq"))
+    uses, capture = capture_calls(lambda: aot.training_step(compiled, (torch.randn(1, 3, 13, 17),)), target)
+    names = [aot.parameter_names(u.spec) for u in uses]
+    state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
+    caught = set()
+    for index, encoded, after in capture.calls:
+        spec = uses[index].spec
+        args = dict(zip(names[index], map(call_argument, encoded)))
+        before = {b: state[b] for b in after}
+        assert kernel_reference.check_call(spec.family, spec.params, args, before, after) == 0, spec.family
+        for b in [b for b in after if after[b] != before[b]][:1]:
+            i = int(np.flatnonzero(np.frombuffer(after[b], np.uint8) != np.frombuffer(before[b], np.uint8))[0])
+            bad = bytearray(after[b])
+            bad[i] ^= 1
+            assert kernel_reference.check_call(spec.family, spec.params, args, before,
+                                               {**after, b: bytes(bad)}) == 1, spec.family
+            caught.add(spec.family)
+        state.update(after)
+    assert {"binary", "bitplane", "minmax", "pack", "sign_pack", "im2col_pack", "rowpop"} <= caught
+
+
+def test_group_min_max_zero_is_positive_zero():
+    """-0.0 and +0.0 in one group: min and max are +0.0 in the kernel and the reference (the
+    sign of a zero vector.reduce.fmin result differs between x86 and AArch64)."""
+    g = torch.tensor([[-0.0, 0.0, -0.0, 0.0], [0.0, -0.0, 0.0, 0.0], [-0.0, -0.0, -0.0, -0.0]]).view(3, 1, 2, 2)
+    for lo, hi in (group_min_max(g, "sample"), reference.group_min_max(reference.conv_rows(g), "sample", 4)):
+        assert torch.equal(torch.signbit(lo), torch.zeros(3, dtype=torch.bool))
+        assert torch.equal(torch.signbit(hi), torch.zeros(3, dtype=torch.bool))
+
+
+def _training_step(target: str):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = OddShapes()
+        compiled = fqt.compile(model, fqt.Config(target=target, seed=3))
+        x, y = torch.randn(3, 3, 13, 17), torch.randint(0, 10, (3,))
+        loss = torch.nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@needs_hygon_cpu
+def test_hygon_kernels_run_a_training_step_like_the_host_kernels():
+    requested = []
+
+    def hook(spec, load):
+        requested.append(spec.target.name)
+        return load(spec)
+
+    with jit.kernel_hook(hook):
+        loss, grads = _training_step("hygon")
+    assert requested and set(requested) == {"hygon"}
+    host_loss, host_grads = _training_step("host")
+    assert loss.item() == host_loss.item()
+    assert all(g is not None for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, host_grads[name], rtol=1.2e-7, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not shutil.which(aot.LLVM_MCA), reason=f"needs {aot.LLVM_MCA} (Debian: apt-get install llvm)")
+@pytest.mark.parametrize("target", TARGETS)
+def test_kernels_report_estimates_binary_macs_per_cycle(target, tmp_path):
+    emitted = aot.emit_kernels(resnet18_cifar(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
+    rows = aot.mca_report(emitted)
+    assert {r.family for r in rows} == {"binary", "bitplane"}
+    for r in rows:
+        assert r.cycles_per_iteration > 0 and r.binary_macs_per_iteration > 0
+        assert r.binary_macs_per_cycle == pytest.approx(r.binary_macs_per_iteration / r.cycles_per_iteration)
+    text = aot.format_report(rows, emitted.target)
+    assert aot.FMA_PEAK[emitted.target.cpu][0] > 0 and "binary MACs/cycle" in text
