@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def versions() -> dict:
-    return {"fqt": VERSION, "torch": torch.__version__, "llvmlite": llvmlite.__version__}
+    return {"fqt": VERSION, "torch": str(torch.__version__), "llvmlite": llvmlite.__version__}
 
 
 def _rule_dict(rule: Rule) -> dict:

@@ -91,7 +91,7 @@ class FQTModule(nn.Module):
             out = self._compiled(*args, **kwargs)
         for reason, count in _graph_break_reasons().items():
             if count > breaks.get(reason, 0):
-                self.fqt_graph_breaks.append(reason.strip().splitlines()[0])
+                self.fqt_graph_breaks.append(_short_reason(reason))
                 log.warning("graph break in %s (the parts before and after it compile as "
                             "separate graphs): %s", type(self.module).__name__, reason)
         if self.training and torch.is_grad_enabled():
@@ -192,6 +192,14 @@ def _eager_call_order(model: nn.Module, args, kwargs) -> list[str]:
                 b.copy_(saved)
         torch.set_rng_state(rng_state)
     return list(dict.fromkeys(order))
+
+
+def _short_reason(reason: str) -> str:
+    """Dynamo's headline and its explanation (which names the culprit), on one line."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    explanation = next((line.removeprefix("Explanation:").strip() for line in lines
+                        if line.startswith("Explanation:")), "")
+    return f"{lines[0]}: {explanation}" if explanation else lines[0]
 
 
 def _graph_break_reasons() -> dict[str, int]:

@@ -164,7 +164,7 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
         engine.finalize_object()
         lib = Library(key, target, engine, from_cache)
         _memory[key] = lib
-        symbols = "+".join(re.findall(r"^define [^@]*@([\w.]+)\(", ir_text, re.M)[:2]) or "module"
+        symbols = "+".join(re.findall(r'^define [^@]*@"?([\w.]+)"?\(', ir_text, re.M)[:2]) or "module"
         debug.kernel_compiled(ir_text, symbols, key, target, from_cache)
         return lib
 
