@@ -161,7 +161,8 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
         t_term = (tap_sums.unsqueeze(1) * (taps >= 0).float().unsqueeze(0)).sum(2)   # [C, h*w]
         rows = kept * h * w
-        planes = torch.zeros(bits, rows, b.ld, dtype=torch.int64)
+        planes = torch.empty(bits, rows, b.ld, dtype=torch.int64)
+        planes[:, :, kh * kw * chunk:] = 0          # the padding words; the rest is gathered
         if kept:
             source = torch.cat([q.planes[:, :, :chunk],
                                 torch.zeros(bits, 1, chunk, dtype=torch.int64)], 1)
@@ -175,14 +176,17 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
                             row_map=torch.arange(rows), out_rows=rows, colsum=torch.zeros(c),
                             out=torch.empty(rows, c), target=target)
     with stats.timed(layer_name, "dequantize"):
-        dx_kept = dot.view(kept, h, w, c).permute(0, 3, 1, 2)
-        dx_kept = torch.addcmul(dx_kept, zero.view(-1, 1, 1, 1), t_term.view(1, c, h, w))
-        mask = unpack_mask(x_ste_bits.index_select(0, samples), c * h * w, (kept, c, h, w), target=target)
-        dx_kept = dx_kept.mul_(mask) if dx_kept.is_contiguous() else dx_kept * mask
+        dx_kept = dot.view(kept, h * w, c).transpose(1, 2).contiguous().view(kept, c, h, w)
+        dx_kept.addcmul_(zero.view(-1, 1, 1, 1), t_term.view(1, c, h, w))
+        dx_kept.mul_(unpack_mask(x_ste_bits.index_select(0, samples), c * h * w, (kept, c, h, w),
+                                 target=target))
         if kept == n:
             return dx_kept
-        dx = torch.zeros(n, c, h, w)
-        dx[samples] = dx_kept
+        dx = torch.empty(n, c, h, w)
+        pruned = torch.ones(n, dtype=torch.bool)
+        pruned[samples] = False
+        dx[pruned] = 0
+        dx.index_copy_(0, samples, dx_kept)
         return dx
 
 
