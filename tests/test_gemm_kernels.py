@@ -140,6 +140,34 @@ def test_bitplane_gemm_empty_and_k_blocks(target):
     assert torch.equal(out, ref.bitplane_gemm(codes, b).float())
 
 
+PANEL_NS = (1, 7, 8, 9, 64, 65, 130)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_panel_kernel_exact(target):
+    """The across-N kernel (chosen for N <= 512 and K <= 80 words) at N around its vector
+    widths and K of 1..40 words, with edge rows (M not a multiple of mr), both families."""
+    gen = torch.Generator().manual_seed(6)
+    tile = codegen.default_panel_tile(target)
+    for i, n in enumerate(PANEL_NS):
+        for words in (1, 2, 3, 5, 9, 17, 31, 32, 33, 40)[i % 3::3] + (i + 1,):
+            k = 64 * words - (i % 2) * 13
+            m = 2 * tile.mr + 1 + i
+            a, b = bits(m, k, gen), bits(n, k, gen)
+            A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
+            expect = ref.binary_gemm(a, b)
+            for threads in (1, 2):
+                assert torch.equal(binary_gemm(A, B, target=target, threads=threads), expect), (n, k)
+                assert torch.equal(binary_gemm(A, B, target=target, threads=threads, tile=tile), expect)
+            codes = torch.randint(0, 16, (m, k), generator=gen)
+            row_map = torch.randperm(m + 1, generator=gen)[:m]
+            out = run_bitplane(codes, 4, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                               row_map=row_map, out_rows=m + 1, target=target, threads=2)
+            expect = torch.zeros(m + 1, n)
+            expect[row_map] = ref.bitplane_gemm(codes, b).float()
+            assert torch.equal(out, expect), (n, k)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(codegen.BITS),
        target=st.sampled_from(TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
@@ -171,8 +199,11 @@ def test_argument_errors_name_the_argument():
         binary_gemm(a, b, out_hw=2)
     with pytest.raises(ValueError, match="out must be a contiguous torch.int32"):
         binary_gemm(a, b, out=torch.empty(4, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="words per row"):  # the along-K kernel reads whole vectors
+        binary_gemm(PackedBits(a.words[:, :1].contiguous(), 64), PackedBits(b.words[:, :1].contiguous(), 64),
+                    tile=codegen.Tile(1, 8), target="x86-64-v3" if "x86-64-v3" in TARGETS else "host")
     with pytest.raises(ValueError, match="words per row"):
-        binary_gemm(PackedBits(a.words[:, :1].contiguous(), 64), PackedBits(b.words[:, :1].contiguous(), 64))
+        binary_gemm(PackedBits(a.words[:, :1].contiguous(), 65), PackedBits(b.words[:, :1].contiguous(), 65))
     planes = pack_planes(torch.zeros(3, 70, dtype=torch.int64), 2)
     kw = dict(row_scale=torch.ones(3), row_zero=torch.zeros(3), row_map=torch.arange(3), out_rows=3)
     with pytest.raises(ValueError, match="row_map values must lie in"):
@@ -209,6 +240,11 @@ def test_avx2_targets_emit_no_avx512(target):
         asm = assembly(target, ir_fn, **kw)
         assert not re.search(r"zmm|%k[0-7]|vpopcnt|vpternlog|\{1to", asm), ir_fn.__name__
         assert "vpshufb" in asm and "vpsadbw" in asm
+    panel = codegen.default_panel_tile(target)
+    for ir_fn, kw in ((codegen.binary_gemm_ir, {"epilogue": "scale_bias"}), (codegen.bitplane_gemm_ir, {"bits": 4})):
+        asm = assembly(target, ir_fn, tile=panel, **kw)
+        assert not re.search(r"zmm|%k[0-7]|vpopcnt|vpternlog|\{1to", asm), ir_fn.__name__
+        assert "vpshufb" in asm and "vpsadbw" in asm
 
 
 @pytest.mark.skipif(not get_target("host").native_vector_popcount, reason="host has no VPOPCNTDQ")
@@ -223,9 +259,24 @@ def test_host_avx512_inner_loop_is_vpopcntq_without_spills(ir_fn, kw, op):
     assert not spills, f"vector spill or reload in the inner loop: {spills}"
 
 
+@pytest.mark.skipif(not get_target("host").native_vector_popcount, reason="host has no VPOPCNTDQ")
+@pytest.mark.parametrize("ir_fn,kw,op", [(codegen.binary_gemm_ir, {}, "vpxorq"),
+                                         (codegen.bitplane_gemm_ir, {"bits": 4}, "vpandq")])
+def test_host_panel_inner_loop_broadcasts_without_reduction_or_spills(ir_fn, kw, op):
+    """Across N: one vpopcntq per accumulator and K word, A words broadcast, no shuffles."""
+    tile = codegen.default_panel_tile("host")
+    loop = innermost_popcount_loop(assembly("host", ir_fn, tile=tile, **kw))
+    assert loop.count("vpopcntq") == tile.mr * tile.nv
+    assert op in loop and "zmm" in loop
+    assert not re.search(r"vperm|vshuf|vpunpck|valign", loop)
+    spills = [line for line in loop.splitlines() if "(%rsp)" in line and "mm" in line]
+    assert not spills, f"vector spill or reload in the inner loop: {spills}"
+
+
 def test_aarch64_udot_only_with_dotprod():
     """Emitting a dotprod instruction for a CPU without it kills the process: guard on the target."""
-    assert "udot" in assembly("rpi5")
-    for target in ("rpi4", "aarch64"):
-        asm = assembly(target)
-        assert "udot" not in asm and "cnt" in asm and "uaddlp" in asm
+    for tile in (None, codegen.default_panel_tile("rpi5")):
+        assert "udot" in assembly("rpi5", tile=tile)
+        for target in ("rpi4", "aarch64"):
+            asm = assembly(target, tile=tile)
+            assert "udot" not in asm and "cnt" in asm and "uaddlp" in asm

@@ -73,6 +73,33 @@ def default_tile(target: str | Target) -> Tile:
     return Tile(4, 4)
 
 
+@dataclass(frozen=True)
+class PanelTile:
+    """Register tile of the across-N kernel: ``mr`` rows of A by ``nv`` vectors of columns
+    (``nv * lanes`` outputs, one 64-bit lane per output column)."""
+
+    mr: int
+    nv: int
+
+    def __post_init__(self):
+        if not (1 <= self.mr <= 16 and 1 <= self.nv <= 8):
+            raise ValueError(f"panel tile {self.mr}x{self.nv}: mr in 1..16, nv in 1..8")
+
+    def __str__(self) -> str:
+        return f"p{self.mr}x{self.nv}"
+
+
+def default_panel_tile(target: str | Target) -> PanelTile:
+    """Accumulators of the across-N kernel that fit the register file with the ``nv`` B
+    vectors of one K step: AVX-512 (32 registers, A words broadcast from memory) 24; AVX2
+    (16 registers, of which the byte-lookup popcount takes a table, a nibble mask and
+    temporaries) 6; NEON (32 registers) 16."""
+    t = get_target(target)
+    if t.is_x86:
+        return PanelTile(6, 4) if t.vector_bits == 512 else PanelTile(3, 2)
+    return PanelTile(4, 4)
+
+
 # --------------------------------------------------------------------------- popcount schemes
 
 def vector_word_choices(target: str | Target) -> tuple[int, ...]:
@@ -163,6 +190,14 @@ class _Popcount:
         l2 = b.call(_intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v4i32.v8i16", self.wide,
                                v8i16), [l1])
         return b.add(wide, l2)
+
+    def per_word(self, b: ir.IRBuilder, wide):
+        """A wide accumulator as one i64 lane per 64-bit word lane (NEON's i32 lanes hold the
+        halves of a word: one more pairwise widening add)."""
+        if wide.type == self.word_vec:
+            return wide
+        fn = _intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v2i64.v4i32", self.word_vec, self.wide)
+        return b.call(fn, [wide])
 
     def total(self, b: ir.IRBuilder, wide):
         et = self.wide.element
@@ -283,9 +318,12 @@ def _gemm_body(b: ir.IRBuilder, pop: _Popcount, tile: Tile, ops: _Operands, *, p
                     _tile_store(b, tile, ops, m, n, totals, first, last, epilogue)
 
 
-def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, k1, V, planes,
-                 combine):
-    wide = [[_alloca(b, pop.wide, f"acc{i}_{j}") for j in range(tile.nr)] for i in range(tile.mr)]
+def _plane_sums(b, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes: int, k0, k1,
+                words_per_step: int, k_steps):
+    """``rows x cols`` wide accumulators (allocas) of ``sum_t 2^t popcount`` over words
+    ``[k0, k1)``; ``k_steps(a_base, c0, c1, accs)`` emits the K loop over one plane into
+    ``accs``, narrow ones flushed every ``pop.chunk`` steps where the scheme needs it."""
+    wide = [[_alloca(b, pop.wide, f"acc{i}_{j}") for j in range(cols)] for i in range(rows)]
     for row in wide:
         for w in row:
             b.store(pop.zero(pop.wide), w)
@@ -298,20 +336,27 @@ def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, 
                     b.store(b.shl(b.load(w), _splat(pop.wide, 1)), w)
         a_base = b.gep(ops.a, [b.mul(ops.plane_stride, _const(t))], inbounds=True, source_etype=I64)
         if pop.chunk is None:
-            _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, wide)
-        else:
-            narrow = [[_alloca(b, pop.narrow, f"nacc{i}_{j}") for j in range(tile.nr)]
-                      for i in range(tile.mr)]
-            span = _const(pop.chunk * pop.words)
-            with _Loop(b, k0, k1, span, f"chunk{t}") as c0:
-                for row in narrow:
-                    for w in row:
-                        b.store(pop.zero(pop.narrow), w)
-                _k_steps(b, pop, tile, ops, a_base, rows, cols, c0, _smin(b, b.add(c0, span), k1), V,
-                         combine, narrow)
-                for i in range(tile.mr):
-                    for j in range(tile.nr):
-                        b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
+            k_steps(a_base, k0, k1, wide)
+            continue
+        narrow = [[_alloca(b, pop.narrow, f"nacc{i}_{j}") for j in range(cols)] for i in range(rows)]
+        span = _const(pop.chunk * words_per_step)
+        with _Loop(b, k0, k1, span, f"chunk{t}") as c0:
+            for row in narrow:
+                for w in row:
+                    b.store(pop.zero(pop.narrow), w)
+            k_steps(a_base, c0, _smin(b, b.add(c0, span), k1), narrow)
+            for i in range(rows):
+                for j in range(cols):
+                    b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
+    return wide
+
+
+def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, k1, V, planes,
+                 combine):
+    def k_steps(a_base, c0, c1, accs):
+        _k_steps(b, pop, tile, ops, a_base, rows, cols, c0, c1, V, combine, accs)
+
+    wide = _plane_sums(b, pop, ops, tile.mr, tile.nr, planes, k0, k1, pop.words, k_steps)
     lanes = pop.wide.count
     zero = pop.zero(pop.wide)
     totals = []
@@ -418,6 +463,59 @@ def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
                         _masked_store(b, full, ptr, mask)
 
 
+def _panel_body(b: ir.IRBuilder, pop: _Popcount, tile: PanelTile, ops: _Operands, *, planes: int,
+                combine: str, epilogue: _Epilogue):
+    """The across-N kernel: vectors hold ``L`` output columns (one 64-bit lane each) instead
+    of ``L`` words of one column, so a tile needs no horizontal reduction and a K of a few
+    words costs no padding. B's rows ``[n0, n1)`` are first transposed into the ``partial``
+    scratch as a panel ``[words][NP]`` (NP = ``n1 - n0`` rounded up to whole vectors, zero
+    columns past ``n1``): one contiguous vector load per K word and column vector. Each K
+    step broadcasts one word of each of the ``mr`` A rows (AVX-512 folds it into the
+    XOR/AND as a ``{1to8}`` memory operand) against ``nv`` B vectors. ``kc``, ``nc`` and
+    ``ldp`` are unused; ``words`` need not be a multiple of the vector width."""
+    L = pop.words
+    lanes = _const(L)
+    panel = ops.partial
+    width = b.sub(ops.n1, ops.n0)
+    NP = b.mul(b.sdiv(b.add(width, _const(L - 1)), lanes), lanes)
+    with _Loop(b, _const(0), NP, _const(1), "pj") as j:
+        inside = b.icmp_signed("<", j, width)
+        src_row = b.add(ops.n0, _smin(b, j, b.sub(width, _const(1))))
+        with _Loop(b, _const(0), ops.words, _const(1), "pk") as k:
+            word = b.load(_at(b, ops.b, b.add(b.mul(src_row, ops.ldb), k), I64), typ=I64)
+            b.store(b.select(inside, word, _const(0)), _at(b, panel, b.add(b.mul(k, NP), j), I64))
+    step = _const(tile.mr)
+    lane_ids = ir.Constant(_vec(L, I32), list(range(L)))
+    with _Loop(b, ops.m0, ops.m1, step, "m") as m:
+        rows = [_smin(b, b.add(m, _const(i)), b.sub(ops.m1, _const(1))) for i in range(tile.mr)]
+        with _Loop(b, _const(0), NP, _const(tile.nv * L), "nb") as nb:
+            # Column vectors past NP are clamped onto the last one: recomputed, stored twice.
+            cols = [_smin(b, b.add(nb, _const(j * L)), b.sub(NP, lanes)) for j in range(tile.nv)]
+
+            def k_steps(a_base, c0, c1, accs):
+                with _Loop(b, c0, c1, _const(1), "k") as k:
+                    row_k = b.mul(k, NP)
+                    bv = [b.load(_at(b, panel, b.add(row_k, c), I64), typ=pop.word_vec, align=8)
+                          for c in cols]
+                    for i, r in enumerate(rows):
+                        word = b.load(_at(b, a_base, b.add(b.mul(r, ops.lda), k), I64), typ=I64)
+                        av = _splat_value(b, word, L)
+                        for j in range(tile.nv):
+                            x = b.xor(av, bv[j]) if combine == "xor" else b.and_(av, bv[j])
+                            b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])
+
+            wide = _plane_sums(b, pop, ops, tile.mr, tile.nv, planes, _const(0), ops.words, 1, k_steps)
+            for i in range(tile.mr):
+                mi = b.add(m, _const(i))
+                with _if(b, b.icmp_signed("<", mi, ops.m1)):
+                    row = epilogue.row(b, mi)
+                    for j, c in enumerate(cols):
+                        n = b.add(ops.n0, c)
+                        left = _splat_value(b, b.trunc(b.sub(ops.n1, n), I32), L)
+                        total = _to_i32(b, pop.per_word(b, b.load(wide[i][j])))
+                        epilogue.store(b, row, n, total, b.icmp_signed("<", lane_ids, left))
+
+
 def _splat_value(b, x, lanes: int):
     v = b.insert_element(ir.Constant(_vec(lanes, x.type), None), x, ir.Constant(I32, 0))
     return b.shuffle_vector(v, v, ir.Constant(_vec(lanes, I32), [0] * lanes))
@@ -448,7 +546,11 @@ _RANGE = [("m0", I64), ("m1", I64), ("n0", I64), ("n1", I64)]
 
 # --------------------------------------------------------------------------- kernel families
 
-def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
+def _body(tile):
+    return _panel_body if isinstance(tile, PanelTile) else _gemm_body
+
+
+def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | None = None,
                    epilogue: str = "int32", vector_words: int | None = None) -> tuple[str, str]:
     """IR of the ±1 x ±1 GEMM kernel; returns ``(symbol, ir_text)``.
 
@@ -497,12 +599,12 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | None = None,
                              b.mul(ir.Constant(v64, list(range(lanes))), stride))
                 _masked_scatter(b, value, b.inttoptr(addr, _vec(lanes, PTR)), mask)
 
-    _gemm_body(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store))
+    _body(tile)(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store))
     b.ret_void()
     return name, str(module)
 
 
-def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | None = None,
+def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | PanelTile | None = None,
                      vector_words: int | None = None) -> tuple[str, str]:
     """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue; ``(symbol, ir_text)``.
 
@@ -530,21 +632,19 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | N
         return b.load(_at(b, base, idx, ty), typ=ty)
 
     def row(b, m):
-        lanes = pop.wide.count
-        return (_splat_value(b, load(p["rowpop"], m, I32), lanes),
-                _splat_value(b, load(p["row_scale"], m, F32), lanes),
-                _splat_value(b, load(p["row_zero"], m, F32), lanes),
+        return (load(p["rowpop"], m, I32), load(p["row_scale"], m, F32), load(p["row_zero"], m, F32),
                 b.mul(load(p["row_map"], m, I64), p["ldo"]))
 
     def store(b, row, n, pop_sum, mask):
-        rowpop, scale, zero, row_at = row
-        ftype = _vec(pop_sum.type.count, F32)
+        lanes = pop_sum.type.count
+        rowpop, scale, zero, row_at = [_splat_value(b, x, lanes) for x in row[:3]] + [row[3]]
+        ftype = _vec(lanes, F32)
         dot = b.sitofp(b.sub(b.shl(pop_sum, _splat(pop_sum.type, 1)), rowpop), ftype)
         colsum = _masked_load(b, ftype, _at(b, p["colsum"], n, F32), mask)
         value = b.fadd(b.fmul(scale, dot), b.fmul(zero, colsum))
         _masked_store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
 
-    _gemm_body(b, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
+    _body(tile)(b, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
     b.ret_void()
     return name, str(module)
 

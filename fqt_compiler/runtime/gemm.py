@@ -27,7 +27,7 @@ SINGLE_BLOCK_WORDS = 512  # up to 32768 bits of K: no K blocking, no partial-sum
 
 
 @lru_cache(maxsize=None)
-def _spec(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
+def _spec(kind: str, target: Target, tile, variant, vector_words: int | None = None):
     if kind == "binary":
         name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant, vector_words=vector_words)
         args = [_P, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_I, _P, _I, _I, _I, _I, _P, _P]
@@ -40,25 +40,45 @@ def _spec(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: 
     return jit.KernelSpec(kind, target, (tile, variant, vector_words), name, text, tuple(args), _spec)
 
 
-def _kernel(kind: str, target: Target, tile: codegen.Tile, variant, vector_words: int | None = None):
+def _kernel(kind: str, target: Target, tile, variant, vector_words: int | None = None):
     return jit.kernel(_spec(kind, target, tile, variant, vector_words))
 
 
-def _vector_words(k: int, target: Target) -> int:
+def _default_tile(m: int, n: int, k: int, target: Target):
+    return codegen.default_panel_tile(target) if _use_panel(m, n, k) else codegen.default_tile(target)
+
+
+def _plan(m: int, n: int, words: int, tile, threads: int):
+    """``(kc, nc, slices, scratch per slice)``: the along-K kernel's blocking and int32
+    partial-sum matrix (shared: slices are disjoint), or the panel kernel's B panels."""
+    slices = _slices(m, n, tile, threads)
+    if isinstance(tile, codegen.PanelTile):
+        return 0, 0, slices, _panel_scratch(words, slices)
+    kc, nc = _blocking(words, tile)
+    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+    return kc, nc, slices, [partial] * len(slices)
+
+
+def _vector_words(k: int, target: Target, tile=None) -> int:
     """The vector width that contracts ``k`` bits in the fewest datapath cycles, widest on ties.
 
     K is padded to whole vectors, so a short contraction (the input gradient contracts over
     64..512 channels; 576 bits is 9 words) can be mostly padding at 512 bits. Cost model: a
     step of ``w`` words takes ``max(w, 4) / 4`` cycles, as on 256-bit datapaths (AVX2 cores,
-    Zen 4 running 512-bit ops in two halves), where 128-bit ops waste half the pipe."""
+    Zen 4 running 512-bit ops in two halves), where 128-bit ops waste half the pipe.
+    The panel kernel's vectors run across N: always the widest."""
     words = max(1, (k + 63) // 64)
     choices = codegen.vector_word_choices(target)
+    if isinstance(tile, codegen.PanelTile):
+        return choices[-1]
     return min(reversed(choices), key=lambda w: -(-words // w) * max(w, 4))
 
 
-def _contract_words(k: int, vector_words: int) -> int:
+def _contract_words(k: int, vector_words: int, tile=None) -> int:
     """Words the kernels contract over: all words holding bits of ``k``, rounded up to whole
-    vectors (the padding words are zero, so they add nothing)."""
+    vectors for the along-K kernel (the padding words are zero, so they add nothing)."""
+    if isinstance(tile, codegen.PanelTile):
+        return max(1, (k + 63) // 64)
     return max(vector_words, -(-((k + 63) // 64) // vector_words) * vector_words)
 
 
@@ -87,10 +107,31 @@ def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
     return kc, nc
 
 
-def _slices(m: int, n: int, tile: codegen.Tile, threads: int) -> list[tuple[int, int, int, int]]:
-    if -(-m // tile.mr) >= threads or -(-n // tile.nr) < threads:
+# Across-N ("panel") kernel rule: B's transposed panel of words x N int64 must stay within L2
+# while every row tile streams it, and N must be narrow enough that the along-K kernel's
+# shuffle-tree reduction per tile dominates. Measured (benchmarks/bench_gemm.py, conv
+# training shapes): see the docstring of ``_use_panel``.
+PANEL_MAX_N = 512
+PANEL_MAX_WORDS = 80
+
+
+def _use_panel(m: int, n: int, k: int) -> bool:
+    """Whether the across-N kernel serves an ``M x N x K`` GEMM: N <= 512 outputs and K <=
+    80 words (5120 bits), i.e. every conv GEMM of VGG-16/ResNet-18 training (N = channels,
+    K = 9 x channels), not the M = N = 1024, K = 4096 case the along-K kernel is tuned for."""
+    return n <= PANEL_MAX_N and (k + 63) // 64 <= PANEL_MAX_WORDS
+
+
+def _panel_scratch(words: int, slices) -> list[torch.Tensor]:
+    """One int64 panel ``[words][n1 - n0 rounded up to 8]`` per slice (each thread packs its own)."""
+    return [torch.empty(words * (-(-(n1 - n0) // 8) * 8), dtype=torch.int64) for _, _, n0, n1 in slices]
+
+
+def _slices(m: int, n: int, tile, threads: int) -> list[tuple[int, int, int, int]]:
+    nr = tile.nr if isinstance(tile, codegen.Tile) else tile.nv * 8
+    if -(-m // tile.mr) >= threads or -(-n // nr) < threads:
         return [(lo, hi, 0, n) for lo, hi in pool.split(m, threads, tile.mr)]
-    return [(0, m, lo, hi) for lo, hi in pool.split(n, threads, tile.nr)]
+    return [(0, m, lo, hi) for lo, hi in pool.split(n, threads, nr)]
 
 
 def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: Target) -> torch.Tensor:
@@ -135,11 +176,13 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     if bias is not None and scale is None:
         raise ValueError("bias needs scale (pass scale=torch.ones(N) for a bias alone)")
     target = get_target(target)
-    tile = tile or codegen.default_tile(target)
-    nthreads = pool.num_threads(threads)
     m, n, k = a.rows, b.rows, a.k
-    vector_words = _vector_words(k, target)
-    words = _contract_words(k, vector_words)
+    # The panel kernel's NCHW stores are scatters (one per 8 outputs) until its tiles are
+    # stored transposed; the along-K kernel is faster there.
+    tile = tile or (_default_tile(m, n, k, target) if out_hw is None else codegen.default_tile(target))
+    nthreads = pool.num_threads(threads)
+    vector_words = _vector_words(k, target, tile)
+    words = _contract_words(k, vector_words, tile)
     _check_words("a.words", a.words, words)
     _check_words("b.words", b.words, words)
     if scale is not None:
@@ -162,17 +205,16 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
         return out
     epilogue = "int32" if scale is None else ("scale" if bias is None else "scale_bias")
     kernel = _kernel("binary", target, tile, epilogue, vector_words)
-    kc, nc = _blocking(words, tile)
-    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
     pointers = (scale.data_ptr() if scale is not None else None,
                 bias.data_ptr() if bias is not None else None)
 
-    def task(m0, m1, n0, n1):
+    def task(m0, m1, n0, n1, partial):
         return lambda: kernel(a.words.data_ptr(), a.words.stride(0), b.words.data_ptr(),
                               b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
                               n, k, out.data_ptr(), hw, s_blk, s_row, s_col, *pointers)
 
-    pool.run([task(*s) for s in _slices(m, n, tile, nthreads)])
+    pool.run([task(*s, p) for s, p in zip(slices, scratch)])
     return out
 
 
@@ -204,11 +246,11 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     if bits not in codegen.BITS:
         raise ValueError(f"planes has {bits} planes; expected one of {codegen.BITS}")
     target = get_target(target)
-    tile = tile or codegen.default_tile(target)
-    nthreads = pool.num_threads(threads)
     n, k = b.rows, b.k
-    vector_words = _vector_words(k, target)
-    words = _contract_words(k, vector_words)
+    tile = tile or _default_tile(m, n, k, target)
+    nthreads = pool.num_threads(threads)
+    vector_words = _vector_words(k, target, tile)
+    words = _contract_words(k, vector_words, tile)
     _check_words("planes", planes, words)
     _check_words("b.words", b.words, words)
     row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
@@ -227,16 +269,16 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
                          f"{tuple(out.shape)} {out.dtype}")
     if m == 0 or n == 0:
         return out
-    rowpop = _row_popcounts(planes, words, vector_words, target)
+    pop_words = _vector_words(k, target)
+    rowpop = _row_popcounts(planes, _contract_words(k, pop_words), pop_words, target)
     kernel = _kernel("bitplane", target, tile, bits, vector_words)
-    kc, nc = _blocking(words, tile)
-    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
 
-    def task(m0, m1, n0, n1):
+    def task(m0, m1, n0, n1, partial):
         return lambda: kernel(planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(),
                               b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
                               n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(),
                               row_zero.data_ptr(), rowpop.data_ptr(), colsum.data_ptr())
 
-    pool.run([task(*s) for s in _slices(m, n, tile, nthreads)])
+    pool.run([task(*s, p) for s, p in zip(slices, scratch)])
     return out
