@@ -129,7 +129,32 @@ def add_verify(subparsers) -> None:
     p.set_defaults(run=run_verify)
 
 
-COMMANDS = [add_dump, add_kernels, add_verify]
+BENCHMARKS = ("gemm", "preprocess", "train")
+
+
+def run_bench(args) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"bench_{args.which}.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: the benchmarks live in the source checkout "
+                         f"(install with pip install -e . from a clone to use fqt-compiler bench)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent.parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    return subprocess.call([sys.executable, str(script), *args.rest], env=env)
+
+
+def add_bench(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="run a benchmark from benchmarks/ (gemm: popcount GEMMs "
+                              "vs torch.mm; preprocess: packing/quantization GB/s; train: the paper's "
+                              "training-step protocol vs PyTorch fp32/bf16)")
+    p.add_argument("which", choices=BENCHMARKS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --quick)")
+    p.set_defaults(run=run_bench)
+
+
+COMMANDS = [add_dump, add_kernels, add_verify, add_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
