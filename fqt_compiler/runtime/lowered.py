@@ -27,7 +27,7 @@ from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import stats
 from .gemm import binary_gemm, bitplane_gemm, signed_row_sums
 from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
-                   unpack_mask, unpack_signs)
+                   unpack_mask)
 from .packed import PackedBits, padded_words
 from .quantize import quantize_bitplanes
 
@@ -101,12 +101,11 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
                                   seed=seed, step=step, layer=layer, target=target)
 
 
-def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target, row_map=None, out=None):
+def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map if row_map is None else row_map, out_rows=out_rows,
-                             out=out, target=target)
+                             row_map=q.row_map, out_rows=out_rows, target=target)
 
 
 def _float_weight_grad(layer_name, kind, *args):
@@ -230,5 +229,5 @@ def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, 
     g2 = gprime.reshape(-1, o)
     q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target)
     with stats.timed(layer_name, "pack"):
-        xt = pack_signs(unpack_signs(x_sign_bits, f, (g2.shape[0], f), target=target).T, target=target)
+        xt = transpose_bits(PackedBits(x_sign_bits, f), target=target)   # sign(X) along the rows
     return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
