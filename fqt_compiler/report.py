@@ -140,4 +140,29 @@ def summary(compiled: FQTModule) -> str:
             f"total: {n_bin}/{len(cg.plan)} layers binarized; binary MACs {_fmt(tot['_binary'])}, "
             f"float MACs {_fmt(tot['_float'])} ({share:.1%} binary, 3 GEMMs per layer); saved "
             f"layer inputs {_fmt(tot['_packed'])}B packed vs {_fmt(tot['_f32'])}B float32"]
+    out += _measured(cg.plan)
     return "\n".join(out)
+
+
+def _measured(plan) -> list[str]:
+    """What the kernels recorded for this plan's layers (``fqt.runtime.stats()`` since its
+    last reset), per call: binary MACs of each GEMM (the input/weight-gradient ones reflect the
+    groups AQ actually kept), kernel time, and bytes saved for backward."""
+    from .runtime.stats import stats
+    table = stats()
+    names = [layer.name for layer in plan if layer.binarize and (layer.name, "forward") in table]
+    if not names:
+        return []
+    out = ["", "measured on the kernels (fqt.runtime.stats(), per call, since the last reset; MACs as "
+               "executed, channel runs padded to whole 64-bit words):",
+           f"{'layer':<28} {'calls':>5} {'MACs fwd':>10} {'MACs dX':>10} {'MACs dW':>10} "
+           f"{'kernel ms':>9} {'saved':>9}"]
+    for name in names:
+        entries = {kind: e for (layer, kind), e in table.items() if layer == name}
+        calls = entries["forward"].calls
+        macs = [_fmt(entries[k].binary_macs / max(1, entries[k].calls)) if k in entries else "-"
+                for k in ("forward", "input_grad", "weight_grad")]
+        ms = sum(e.seconds for e in entries.values()) * 1e3 / calls
+        out.append(f"{name:<28} {calls:>5} {macs[0]:>10} {macs[1]:>10} {macs[2]:>10} {ms:>9.2f} "
+                   f"{_fmt(entries['forward'].saved_bytes / calls) + 'B':>9}")
+    return out

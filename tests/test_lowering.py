@@ -156,6 +156,11 @@ def test_vgg_training_step_runs_all_gemms_on_kernels():
     inputs = {"features.3": 4 * 32 * 16 * 16, "features.7": 4 * 32 * 8 * 8}
     for name, elements in inputs.items():
         assert elements * 4 / st[(name, "forward")].saved_bytes >= 16
+    # fqt.summary shows the measured numbers next to the plan
+    measured = fqt.summary(compiled).split("measured on the kernels")[1].splitlines()
+    for name in inputs:
+        row = next(line for line in measured if line.startswith(name + " "))
+        assert row.split()[1] == "1"          # one call since the reset
 
 
 @pytest.mark.slow
