@@ -110,6 +110,63 @@ def bitplane_case(m_kept, n, k, bits, gen):
     return planes, b, kw
 
 
+def conv_training_shapes(quick: bool) -> list[tuple[str, str, int, int, int, int]]:
+    """``(name, kind, M, N, K, out_hw)`` of the forward GEMMs (NCHW output, as the binary conv
+    writes it) and of the input-gradient 4-bit bit-plane GEMMs (rows = kept quarter of the
+    input positions, N = input channels, K = taps x output channels) of VGG-16 / ResNet-18."""
+    out, batch = [], 128
+    for model in ("vgg16", "resnet18"):
+        for name, m, n, k in conv_gemms(model, batch):
+            taps = 1 if "downsample" in name else 9
+            stride2 = "downsample" in name or (".0.conv1" in name and "layer1" not in name)
+            out.append((name, "fwd", m, n, k, m // batch))  # rows = batch x h' w'
+            rows = m // 4 * (4 if stride2 else 1)
+            out.append((name + " dX", "dX", rows, k // taps, taps * n, None))
+    if quick:
+        out = [s for s in out if s[0] in ("vgg16 features.1", "vgg16 features.1 dX", "resnet18 layer1.0.conv1")]
+    return out
+
+
+def conv_training_section(args, gen) -> None:
+    """Old (along-K, shuffle-tree reduction) vs new (across-N panel) kernel at the conv
+    training shapes, 1 thread, vs float32 torch.mm [M, K] x [K, N]."""
+    import torch
+    from common import median_time
+    from fqt_compiler.codegen import gemm as codegen
+    from fqt_compiler.runtime import binary_gemm, bitplane_gemm
+
+    torch.set_num_threads(1)
+    old, new = codegen.default_tile("host"), codegen.default_panel_tile("host")
+    repeats = 3 if args.quick else 5
+    print(f"\n-- conv training shapes, 1 thread, median of {repeats} (after a warm-up): old = along-K kernel "
+          f"{old}, new = across-N panel kernel {new}; fwd: float32 NCHW output with per-channel scale; "
+          f"dX: 4-bit bit-plane GEMM, float32 dequantized rows")
+    print(f"{'shape':<38} {'M':>7} {'N':>4} {'K':>5} {'old ms':>8} {'new ms':>8} {'speedup':>7} "
+          f"{'fp32 ms':>8} {'new x fp32':>10} {'new GMAC/s':>10}")
+    for name, kind, m, n, k, hw in conv_training_shapes(args.quick):
+        if kind == "fwd":
+            a, b = operands(m, n, k, gen)
+            scale = torch.rand(n, generator=gen)
+            out = torch.empty(m // hw, n, hw)
+
+            def run(tile):
+                return lambda: binary_gemm(a, b, scale=scale, out_hw=hw, out=out, threads=1, tile=tile)
+            macs = m * n * k
+        else:
+            planes, b, kw = bitplane_case(m, n, k, 4, gen)
+            kw = dict(kw, row_map=torch.arange(m), out_rows=m, out=torch.empty(m, n))
+
+            def run(tile):
+                return lambda: bitplane_gemm(planes, b, threads=1, tile=tile, **kw)
+            macs = 4 * m * n * k
+        t_old, t_new = (median_time(run(t), repeats=repeats) for t in (old, new))
+        x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        fp32 = median_time(lambda: torch.mm(x, w), repeats=repeats)
+        print(f"{name:<38} {m:>7} {n:>4} {k:>5} {t_old * 1e3:>8.2f} {t_new * 1e3:>8.2f} {t_old / t_new:>6.2f}x "
+              f"{fp32 * 1e3:>8.2f} {fp32 / t_new:>9.1f}x {macs / t_new / 1e9:>10.0f}")
+        del x, w
+
+
 def main_bench(args) -> None:
     import torch
     from common import banner, median_time
@@ -123,6 +180,9 @@ def main_bench(args) -> None:
     print("binary MACs/cycle/core = M N K / (time * clock * threads); bit-plane rows: 4-bit codes over 1/4 of the rows")
     repeats = 3 if args.quick else 5
     gen = torch.Generator().manual_seed(0)
+    conv_training_section(args, gen)
+    if args.conv_only:
+        return
     square = [("square", 1024, 1024, 4096)]
     layers = conv_gemms("resnet18") + conv_gemms("vgg16")
     if args.quick:
@@ -206,6 +266,7 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=None, help="the 'all threads' count (default: all cores)")
     parser.add_argument("--all-layers", action="store_true",
                         help="every distinct conv shape (default: those with at least 2^28 MACs)")
+    parser.add_argument("--conv-only", action="store_true", help="only the conv training shapes section")
     parser.add_argument("--avx2-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     avx2_child(args) if args.avx2_child else main_bench(args)

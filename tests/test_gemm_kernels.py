@@ -168,6 +168,25 @@ def test_panel_kernel_exact(target):
             assert torch.equal(out, expect), (n, k)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_panel_kernel_nchw_tiles(target):
+    """NCHW output of the panel kernel: tiles inside one sample are stored transposed (hw a
+    multiple of mr), tiles across samples or past M row by row; every epilogue."""
+    gen = torch.Generator().manual_seed(7)
+    tile = codegen.default_panel_tile(target)
+    for n, hw, samples, k in ((9, 4 * tile.mr, 3, 200), (64, 16, 5, 576), (130, 5, 3, 64), (7, 2 * tile.mr, 1, 1)):
+        a, b = bits(samples * hw, k, gen), bits(n, k, gen)
+        A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
+        dot = ref.binary_gemm(a, b)
+        scale, bias = torch.rand(n, generator=gen) + 0.1, torch.randn(n, generator=gen)
+        for threads in (1, 2):
+            out = binary_gemm(A, B, out_hw=hw, target=target, threads=threads, tile=tile)
+            assert torch.equal(out, dot.reshape(samples, hw, n).permute(0, 2, 1)), (n, hw)
+            rows = binary_gemm(A, B, scale=scale, bias=bias, target=target, threads=threads, tile=tile)
+            nchw = binary_gemm(A, B, scale=scale, bias=bias, out_hw=hw, target=target, threads=threads, tile=tile)
+            assert torch.equal(nchw, rows.reshape(samples, hw, n).permute(0, 2, 1)), (n, hw)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(codegen.BITS),
        target=st.sampled_from(TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))

@@ -24,6 +24,12 @@ totals, so the epilogue runs on whole vectors (a short K leaves few steps per ti
 amortize it). The vector width is a parameter: x86 kernels for a short K use 128- or 256-bit
 vectors instead of padding K to 512 bits.
 
+Across-N kernel (``PanelTile``, same signatures, same families): for narrow N and short K
+the vectors hold one K word of several output *columns* instead of several words of one
+column: B's rows are transposed into a small panel in the ``partial`` scratch, each A word
+is broadcast, and the accumulators end as per-column 64-bit lane sums with no reduction and
+no K padding (see ``_panel_body``).
+
 How one vector of words is popcounted and accumulated depends on the target (``_Popcount``):
 a 64-bit lane popcount where it is one instruction (AVX-512 VPOPCNTDQ); byte popcounts
 summed in byte lanes for up to 31 steps and then widened (``vpsadbw`` on x86, ``uaddlp`` on
@@ -90,13 +96,15 @@ class PanelTile:
 
 
 def default_panel_tile(target: str | Target) -> PanelTile:
-    """Accumulators of the across-N kernel that fit the register file with the ``nv`` B
-    vectors of one K step: AVX-512 (32 registers, A words broadcast from memory) 24; AVX2
-    (16 registers, of which the byte-lookup popcount takes a table, a nibble mask and
-    temporaries) 6; NEON (32 registers) 16."""
+    """Tile of the across-N kernel. ``mr`` is a power of two so that a conv's h' w' (a power
+    of two in VGG/ResNet) holds whole tiles and NCHW tiles are stored as transposed runs of
+    ``mr`` rows (8 floats = one 256-bit store on AVX-512). Measured on Zen 4 (1 thread,
+    conv training shapes): 8x2 (16 accumulators) within noise of 4x4, 8x3 and 6x4 in the
+    compute-bound shapes and fastest with NCHW stores; AVX2 (16 registers, the byte-lookup
+    popcount takes a table, a nibble mask and temporaries) 4x1; NEON (32 registers) 4x4."""
     t = get_target(target)
     if t.is_x86:
-        return PanelTile(6, 4) if t.vector_bits == 512 else PanelTile(3, 2)
+        return PanelTile(8, 2) if t.vector_bits == 512 else PanelTile(4, 1)
     return PanelTile(4, 4)
 
 
@@ -293,10 +301,13 @@ class _Operands:
 class _Epilogue:
     """``row(b, m)`` emits the per-row part once per tile row; ``store(b, row, n, acc, mask)``
     gets its result and the int32 vector of final accumulators (``sum_t 2^t popcount``) of
-    outputs ``(m, n + lane)``, lanes with a false ``mask`` bit being outside the output."""
+    outputs ``(m, n + lane)``, lanes with a false ``mask`` bit being outside the output.
+    ``tile``, if given, stores a whole panel tile itself (calling ``by_rows`` where it cannot)."""
 
     row: object
     store: object
+    tile: object = None     # panel kernel: ``tile(b, m, ns, totals, masks, by_rows)`` stores a
+                            # whole tile (``totals[i][j]``: row m + i, columns ns[j] + lane)
 
 
 def _gemm_body(b: ir.IRBuilder, pop: _Popcount, tile: Tile, ops: _Operands, *, planes: int,
@@ -505,15 +516,23 @@ def _panel_body(b: ir.IRBuilder, pop: _Popcount, tile: PanelTile, ops: _Operands
                             b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])
 
             wide = _plane_sums(b, pop, ops, tile.mr, tile.nv, planes, _const(0), ops.words, 1, k_steps)
-            for i in range(tile.mr):
-                mi = b.add(m, _const(i))
-                with _if(b, b.icmp_signed("<", mi, ops.m1)):
-                    row = epilogue.row(b, mi)
-                    for j, c in enumerate(cols):
-                        n = b.add(ops.n0, c)
-                        left = _splat_value(b, b.trunc(b.sub(ops.n1, n), I32), L)
-                        total = _to_i32(b, pop.per_word(b, b.load(wide[i][j])))
-                        epilogue.store(b, row, n, total, b.icmp_signed("<", lane_ids, left))
+            totals = [[_to_i32(b, pop.per_word(b, b.load(w))) for w in row] for row in wide]
+            ns = [b.add(ops.n0, c) for c in cols]
+            masks = [b.icmp_signed("<", lane_ids, _splat_value(b, b.trunc(b.sub(ops.n1, n), I32), L))
+                     for n in ns]
+
+            def by_rows():
+                for i in range(tile.mr):
+                    mi = b.add(m, _const(i))
+                    with _if(b, b.icmp_signed("<", mi, ops.m1)):
+                        row = epilogue.row(b, mi)
+                        for j, n in enumerate(ns):
+                            epilogue.store(b, row, n, totals[i][j], masks[j])
+
+            if epilogue.tile is None:
+                by_rows()
+            else:
+                epilogue.tile(b, m, ns, totals, masks, by_rows)
 
 
 def _splat_value(b, x, lanes: int):
@@ -576,30 +595,61 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
     def row(b, m):
         return b.add(b.mul(b.sdiv(m, p["hw"]), p["s_blk"]), b.mul(b.srem(m, p["hw"]), p["s_row"]))
 
-    def store(b, row_at, n, pop_sum, mask):
+    def value(b, n, pop_sum, mask):
         lanes = pop_sum.type.count
         k = _splat_value(b, b.trunc(p["k"], I32), lanes)
         dot = b.sub(k, b.shl(pop_sum, _splat(pop_sum.type, 1)))
         if epilogue == "int32":
-            value, elem = dot, I32
-        else:
-            ftype, elem = _vec(lanes, F32), F32
-            value = b.fmul(b.sitofp(dot, ftype), _masked_load(b, ftype, _at(b, p["scale"], n, F32), mask))
-            if epilogue == "scale_bias":
-                value = b.fadd(value, _masked_load(b, ftype, _at(b, p["bias"], n, F32), mask))
+            return dot
+        ftype = _vec(lanes, F32)
+        value = b.fmul(b.sitofp(dot, ftype), _masked_load(b, ftype, _at(b, p["scale"], n, F32), mask))
+        if epilogue == "scale_bias":
+            value = b.fadd(value, _masked_load(b, ftype, _at(b, p["bias"], n, F32), mask))
+        return value
+
+    def store(b, row_at, n, pop_sum, mask):
+        value_ = value(b, n, pop_sum, mask)
+        lanes, elem = pop_sum.type.count, value_.type.element
         first = _at(b, p["out"], b.add(row_at, b.mul(n, p["s_col"])), elem)
         # Row-major outputs are contiguous along n; the NCHW layout strides by h' w'.
         with b.if_else(b.icmp_signed("==", p["s_col"], _const(1))) as (contiguous, strided):
             with contiguous:
-                _masked_store(b, value, first, mask)
+                _masked_store(b, value_, first, mask)
             with strided:
                 v64 = _vec(lanes, I64)
                 stride = _splat_value(b, b.mul(p["s_col"], _const(4)), lanes)  # int32 and float32
                 addr = b.add(_splat_value(b, b.ptrtoint(first, I64), lanes),
                              b.mul(ir.Constant(v64, list(range(lanes))), stride))
-                _masked_scatter(b, value, b.inttoptr(addr, _vec(lanes, PTR)), mask)
+                _masked_scatter(b, value_, b.inttoptr(addr, _vec(lanes, PTR)), mask)
 
-    _body(tile)(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store))
+    def nchw_tile(b, m, ns, totals, masks, by_rows):
+        """NCHW: the tile's rows are consecutive h' w' positions of one sample, contiguous in
+        each output channel, so the mr x lanes block of each column vector is transposed in
+        registers and stored as lanes runs of mr elements instead of mr scatters (a scatter
+        writes one element per cycle at best). Rows crossing a sample or past m1: by rows."""
+        mr = len(totals)
+        hw = p["hw"]
+        fast = b.and_(b.and_(b.icmp_signed("!=", p["s_col"], _const(1)), b.icmp_signed("==", p["s_row"], _const(1))),
+                      b.and_(b.icmp_signed("<=", b.add(m, _const(mr)), p["m1"]),
+                             b.icmp_signed("<=", b.add(b.srem(m, hw), _const(mr)), hw)))
+        with b.if_else(fast) as (then, otherwise):
+            with then:
+                row_at = row(b, m)
+                for j, n in enumerate(ns):
+                    values = [value(b, n, totals[i][j], masks[j]) for i in range(mr)]
+                    lanes, elem = values[0].type.count, values[0].type.element
+                    for lane in range(lanes):
+                        run = ir.Constant(_vec(mr, elem), None)
+                        for i in range(mr):
+                            run = b.insert_element(run, b.extract_element(values[i], ir.Constant(I32, lane)),
+                                                   ir.Constant(I32, i))
+                        at = b.add(row_at, b.mul(b.add(n, _const(lane)), p["s_col"]))
+                        keep = _splat_value(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
+                        _masked_store(b, run, _at(b, p["out"], at, elem), keep)
+            with otherwise:
+                by_rows()
+
+    _body(tile)(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store, nchw_tile))
     b.ret_void()
     return name, str(module)
 

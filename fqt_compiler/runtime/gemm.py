@@ -8,6 +8,7 @@ slices on the persistent pool of ``runtime.threads``.
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import lru_cache
 
 import torch
@@ -107,10 +108,11 @@ def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
     return kc, nc
 
 
-# Across-N ("panel") kernel rule: B's transposed panel of words x N int64 must stay within L2
-# while every row tile streams it, and N must be narrow enough that the along-K kernel's
-# shuffle-tree reduction per tile dominates. Measured (benchmarks/bench_gemm.py, conv
-# training shapes): see the docstring of ``_use_panel``.
+# Across-N ("panel") kernel rule: every row tile streams B's transposed panel (words x N
+# int64, at most 80 x 512 x 8 = 320 KiB: within L2), and the along-K kernel's per-tile
+# shuffle-tree reduction and K padding cost most at narrow N and short K. Measured on Zen 4
+# (benchmarks/bench_gemm.py, conv training shapes): panel never slower at N <= 512, K <= 4608
+# bits, 2-3x faster at N = 64, K = 576; the square 1024 x 1024 x 4096 case keeps the along-K kernel.
 PANEL_MAX_N = 512
 PANEL_MAX_WORDS = 80
 
@@ -122,9 +124,25 @@ def _use_panel(m: int, n: int, k: int) -> bool:
     return n <= PANEL_MAX_N and (k + 63) // 64 <= PANEL_MAX_WORDS
 
 
+_scratch = threading.local()
+
+
 def _panel_scratch(words: int, slices) -> list[torch.Tensor]:
-    """One int64 panel ``[words][n1 - n0 rounded up to 8]`` per slice (each thread packs its own)."""
-    return [torch.empty(words * (-(-(n1 - n0) // 8) * 8), dtype=torch.int64) for _, _, n0, n1 in slices]
+    """One int64 panel ``[words][n1 - n0 rounded up to 8]`` per slice (each thread packs its
+    own). The buffers persist per calling thread and grow only: no allocation per call, and a
+    call's scratch never takes the address of a tensor freed during the step."""
+    buffers = getattr(_scratch, "panels", None)
+    if buffers is None:
+        buffers = _scratch.panels = []
+    out = []
+    for i, (_, _, n0, n1) in enumerate(slices):
+        need = words * (-(-(n1 - n0) // 8) * 8)
+        if i == len(buffers):
+            buffers.append(torch.empty(0, dtype=torch.int64))
+        if buffers[i].numel() < need:
+            buffers[i] = torch.empty(max(need, 2 * buffers[i].numel()), dtype=torch.int64)
+        out.append(buffers[i])
+    return out
 
 
 def _slices(m: int, n: int, tile, threads: int) -> list[tuple[int, int, int, int]]:
@@ -177,9 +195,7 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
         raise ValueError("bias needs scale (pass scale=torch.ones(N) for a bias alone)")
     target = get_target(target)
     m, n, k = a.rows, b.rows, a.k
-    # The panel kernel's NCHW stores are scatters (one per 8 outputs) until its tiles are
-    # stored transposed; the along-K kernel is faster there.
-    tile = tile or (_default_tile(m, n, k, target) if out_hw is None else codegen.default_tile(target))
+    tile = tile or _default_tile(m, n, k, target)
     nthreads = pool.num_threads(threads)
     vector_words = _vector_words(k, target, tile)
     words = _contract_words(k, vector_words, tile)
