@@ -73,10 +73,10 @@ def test_binary_gemm_epilogue_and_nchw_layout(target, with_bias):
     assert torch.equal(nchw, rows.reshape(samples, hw, n).permute(0, 2, 1))
 
 
-def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, target, threads):
+def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, target, threads, tile=None):
     return bitplane_gemm(pack_planes(codes, nbits), PackedBits.from_bool(b), row_scale=row_scale,
                          row_zero=row_zero, row_map=row_map, out_rows=out_rows, target=target,
-                         threads=threads)
+                         threads=threads, tile=tile)
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -145,8 +145,8 @@ PANEL_NS = (1, 7, 8, 9, 64, 65, 130)
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_panel_kernel_exact(target):
-    """The across-N kernel (chosen for N <= 512 and K <= 80 words) at N around its vector
-    widths and K of 1..40 words, with edge rows (M not a multiple of mr), both families."""
+    """The across-N kernel (runtime.gemm._use_panel) at N around its vector widths and K of
+    1..40 words, with edge rows (M not a multiple of mr), both families."""
     gen = torch.Generator().manual_seed(6)
     tile = codegen.default_panel_tile(target)
     for i, n in enumerate(PANEL_NS):
@@ -162,7 +162,7 @@ def test_panel_kernel_exact(target):
             codes = torch.randint(0, 16, (m, k), generator=gen)
             row_map = torch.randperm(m + 1, generator=gen)[:m]
             out = run_bitplane(codes, 4, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
-                               row_map=row_map, out_rows=m + 1, target=target, threads=2)
+                               row_map=row_map, out_rows=m + 1, target=target, threads=2, tile=tile)
             expect = torch.zeros(m + 1, n)
             expect[row_map] = ref.bitplane_gemm(codes, b).float()
             assert torch.equal(out, expect), (n, k)
@@ -201,6 +201,15 @@ def test_gemms_match_reference_property(m, n, k, nbits, target, threads, seed):
     out = run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                        row_map=torch.arange(m), out_rows=m, target=target, threads=threads)
     assert torch.equal(out, ref.bitplane_gemm(codes, b).float())
+
+
+def test_panel_rule():
+    """Narrow N and short K take the across-N kernel; the square case and few-row long-K
+    GEMMs (where packing B's panel per call does not pay) the along-K one."""
+    from fqt_compiler.runtime.gemm import _use_panel
+    assert _use_panel(131072, 64, 576) and _use_panel(512, 512, 4608) and _use_panel(128, 512, 256)
+    assert not _use_panel(1024, 1024, 4096) and not _use_panel(128, 512, 4608)
+    assert not _use_panel(4096, 64, 81 * 64)
 
 
 def test_argument_errors_name_the_argument():

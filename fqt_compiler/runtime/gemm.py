@@ -108,20 +108,26 @@ def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
     return kc, nc
 
 
-# Across-N ("panel") kernel rule: every row tile streams B's transposed panel (words x N
+# Across-N ("panel") kernel rule. Every row tile streams B's transposed panel (words x N
 # int64, at most 80 x 512 x 8 = 320 KiB: within L2), and the along-K kernel's per-tile
-# shuffle-tree reduction and K padding cost most at narrow N and short K. Measured on Zen 4
-# (benchmarks/bench_gemm.py, conv training shapes): panel never slower at N <= 512, K <= 4608
-# bits, 2-3x faster at N = 64, K = 576; the square 1024 x 1024 x 4096 case keeps the along-K kernel.
+# shuffle-tree reduction and K padding cost most at narrow N and short K. Each call first
+# transposes B into the panel (scalar, about N x words cycles), which a GEMM of few rows does
+# not amortize. Measured on Zen 4 at 1 thread (benchmarks/bench_gemm.py, conv training
+# shapes): panel 1.0-3.6x faster at N <= 512, K <= 4608 bits for M >= 256; at M = 32..128
+# with K >= 2304 bits 0.76-0.94x (the pack), with K <= 512 bits still 1.3-2x.
 PANEL_MAX_N = 512
 PANEL_MAX_WORDS = 80
+PANEL_MIN_ROWS = 256          # unless K is short
+PANEL_SHORT_WORDS = 16
 
 
 def _use_panel(m: int, n: int, k: int) -> bool:
-    """Whether the across-N kernel serves an ``M x N x K`` GEMM: N <= 512 outputs and K <=
-    80 words (5120 bits), i.e. every conv GEMM of VGG-16/ResNet-18 training (N = channels,
-    K = 9 x channels), not the M = N = 1024, K = 4096 case the along-K kernel is tuned for."""
-    return n <= PANEL_MAX_N and (k + 63) // 64 <= PANEL_MAX_WORDS
+    """Whether the across-N kernel serves an ``M x N x K`` GEMM: N <= 512 outputs, K <= 80
+    words (5120 bits) and M >= 256 rows or K <= 16 words: every conv GEMM of VGG-16 and
+    ResNet-18 training at batch 128 but the last stage's few-row, long-K ones, and not the
+    M = N = 1024, K = 4096 case the along-K kernel is tuned for."""
+    words = (k + 63) // 64
+    return n <= PANEL_MAX_N and words <= PANEL_MAX_WORDS and (m >= PANEL_MIN_ROWS or words <= PANEL_SHORT_WORDS)
 
 
 _scratch = threading.local()
