@@ -127,22 +127,24 @@ def conv_training_shapes(quick: bool) -> list[tuple[str, str, int, int, int, int
     return out
 
 
-def conv_training_section(args, gen) -> None:
+def conv_training_section(args, gen, ghz: float) -> None:
     """Old (along-K, shuffle-tree reduction) vs new (across-N panel) kernel at the conv
     training shapes, 1 thread, vs float32 torch.mm [M, K] x [K, N]."""
     import torch
     from common import median_time
     from fqt_compiler.codegen import gemm as codegen
     from fqt_compiler.runtime import binary_gemm, bitplane_gemm
+    from fqt_compiler.runtime.gemm import _use_panel
 
     torch.set_num_threads(1)
     old, new = codegen.default_tile("host"), codegen.default_panel_tile("host")
     repeats = 3 if args.quick else 5
     print(f"\n-- conv training shapes, 1 thread, median of {repeats} (after a warm-up): old = along-K kernel "
           f"{old}, new = across-N panel kernel {new}; fwd: float32 NCHW output with per-channel scale; "
-          f"dX: 4-bit bit-plane GEMM, float32 dequantized rows")
+          f"dX: 4-bit bit-plane GEMM, float32 dequantized rows; GMAC/s counts 4 binary MACs per "
+          f"4-bit code x sign; % port = of {PORT_LIMIT} x {ghz:.2f} GHz")
     print(f"{'shape':<38} {'M':>7} {'N':>4} {'K':>5} {'old ms':>8} {'new ms':>8} {'speedup':>7} "
-          f"{'fp32 ms':>8} {'new x fp32':>10} {'new GMAC/s':>10}")
+          f"{'fp32 ms':>8} {'new x fp32':>10} {'new GMAC/s':>10} {'% port':>6} {'runtime picks':>13}")
     for name, kind, m, n, k, hw in conv_training_shapes(args.quick):
         if kind == "fwd":
             a, b = operands(m, n, k, gen)
@@ -163,7 +165,8 @@ def conv_training_section(args, gen) -> None:
         x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
         fp32 = median_time(lambda: torch.mm(x, w), repeats=repeats)
         print(f"{name:<38} {m:>7} {n:>4} {k:>5} {t_old * 1e3:>8.2f} {t_new * 1e3:>8.2f} {t_old / t_new:>6.2f}x "
-              f"{fp32 * 1e3:>8.2f} {fp32 / t_new:>9.1f}x {macs / t_new / 1e9:>10.0f}")
+              f"{fp32 * 1e3:>8.2f} {fp32 / t_new:>9.1f}x {macs / t_new / 1e9:>10.0f} "
+              f"{100 * macs / t_new / (PORT_LIMIT * ghz * 1e9):>5.0f}% {'new' if _use_panel(m, n, k) else 'old':>13}")
         del x, w
 
 
@@ -180,7 +183,7 @@ def main_bench(args) -> None:
     print("binary MACs/cycle/core = M N K / (time * clock * threads); bit-plane rows: 4-bit codes over 1/4 of the rows")
     repeats = 3 if args.quick else 5
     gen = torch.Generator().manual_seed(0)
-    conv_training_section(args, gen)
+    conv_training_section(args, gen, ghz)
     if args.conv_only:
         return
     square = [("square", 1024, 1024, 4096)]
