@@ -115,7 +115,8 @@ def _float_weight_grad(layer_name, kind, *args):
 
 
 def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return dw.view_as(weight) * ref.ste_mask(weight.detach())
+    # ref.ste_mask(w) * dw in one pass: 1{|w| < 1} selects, nothing else is multiplied
+    return torch.where(weight.detach().abs() < 1, dw.view_as(weight), 0.0)
 
 
 @lru_cache(maxsize=64)
@@ -184,7 +185,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         dx = torch.empty(n, c, h, w)
         pruned = torch.ones(n, dtype=torch.bool)
         pruned[samples] = False
-        dx[pruned] = 0
+        dx.index_fill_(0, pruned.nonzero().view(-1), 0.0)   # a boolean-mask fill is far slower
         dx.index_copy_(0, samples, dx_kept)
         return dx
 
