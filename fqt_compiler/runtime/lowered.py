@@ -104,8 +104,13 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
 def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
+        # Kept rows are all written: zero only the pruned ones instead of the whole output.
+        out = torch.empty(out_rows, b.rows)
+        pruned = torch.ones(out_rows, dtype=torch.bool)
+        pruned[q.row_map] = False
+        out.index_fill_(0, pruned.nonzero().view(-1), 0.0)
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map, out_rows=out_rows, target=target)
+                             row_map=q.row_map, out_rows=out_rows, out=out, target=target)
 
 
 def _float_weight_grad(layer_name, kind, *args):
@@ -115,8 +120,9 @@ def _float_weight_grad(layer_name, kind, *args):
 
 
 def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # ref.ste_mask(w) * dw in one pass: 1{|w| < 1} selects, nothing else is multiplied
-    return torch.where(weight.detach().abs() < 1, dw.view_as(weight), 0.0)
+    # ref.ste_mask(w) * dw: 1{|w| < 1} selects; comparisons make no weight-sized float temporary
+    w = weight.detach()
+    return torch.where((w > -1) & (w < 1), dw.view_as(weight), 0.0)
 
 
 @lru_cache(maxsize=64)
