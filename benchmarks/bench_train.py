@@ -33,7 +33,7 @@ import torch.nn as nn  # noqa: E402
 import fqt_compiler as fqt  # noqa: E402
 from benchmarks.common import banner, median_time  # noqa: E402
 from fqt_compiler import zoo  # noqa: E402
-from fqt_compiler.runtime import stats  # noqa: E402
+from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "col2im", "weight_grad_float")

@@ -77,6 +77,7 @@ def train(name, options, data, args):
     net = model if options is None else fqt.compile(
         model, fqt.Config(seed=args.seed, backend=args.backend, **options))
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    fqt.runtime.reset_stats()   # the summary's measured columns then cover this run only
     # Drop the ragged last batch: every step then has one shape, so one compilation.
     steps = len(y_train) // args.batch
     gen = torch.Generator().manual_seed(args.seed)

@@ -148,7 +148,7 @@ def _measured(plan) -> list[str]:
     """What the kernels recorded for this plan's layers (``fqt.runtime.stats()`` since its
     last reset), per call: binary MACs of each GEMM (the input/weight-gradient ones reflect the
     groups AQ actually kept), kernel time, and bytes saved for backward."""
-    from .runtime.stats import stats
+    from .runtime.kernel_stats import stats
     table = stats()
     names = [layer.name for layer in plan if layer.binarize and (layer.name, "forward") in table]
     if not names:

@@ -23,7 +23,8 @@ from pathlib import Path
 import llvmlite.binding as llvm
 import torch
 
-from ..runtime import jit, stats
+from ..runtime import jit
+from ..runtime import kernel_stats as stats
 from .targets import Target, get_target, host_target, runs_on_host
 
 # LLVM IR types of kernel parameters -> C types (the wrappers pass int64 sizes, uint64 keys,

@@ -3,3 +3,4 @@ from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, t
                    unpack_mask, unpack_signs)
 from .quantize import BitplaneGradient, quantize_bitplanes, sample_groups
 from .col2im import col2im_ste
+from .kernel_stats import reset_stats, stats

@@ -24,7 +24,7 @@ import torch
 from ..ops import reference as ref
 from ..ops import registry
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
-from . import stats
+from . import kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, signed_row_sums
 from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
                    unpack_mask)
