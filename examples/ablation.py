@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import fqt_compiler as fqt
 from fqt_compiler import zoo
+from fqt_compiler.datasets import digits
 from fqt_compiler.ops import reference
 
 # name -> (fqt method, bits)
@@ -65,13 +65,9 @@ VARIANCE_METHODS = {"psq_b1": ("psq", 1), "aq_scq_b2": ("aq_scq", 2),
 def load_data(seed: int, limit: int | None = None):
     """Digits upsampled to 16x16, standardised; stratified 75/25 split; upstream = classes
     0-4, downstream = classes 5-9 relabelled 0-4. ``limit`` caps each training set."""
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(digits.target)
+    x, y = digits(16)
     tr, te = train_test_split(range(len(y)), test_size=0.25, random_state=seed,
-                              stratify=digits.target)
+                              stratify=y.numpy())
     tr, te = torch.tensor(tr), torch.tensor(te)
     parts = {}
     for part, lo in (("up", 0), ("down", 5)):

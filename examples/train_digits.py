@@ -16,11 +16,11 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import fqt_compiler as fqt
+from fqt_compiler.datasets import digits
 
 METHODS = {  # name -> Config options (None: eager float32)
     "fp32": None,
@@ -52,13 +52,9 @@ class DigitsCNN(nn.Module):
 
 
 def load_data(seed: int):
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
-    x = (x - x.mean()) / x.std()
-    y = torch.tensor(digits.target)
+    x, y = digits(16)
     idx_train, idx_test = train_test_split(range(len(y)), test_size=0.2, random_state=seed,
-                                           stratify=digits.target)
+                                           stratify=y.numpy())
     return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
 
 
