@@ -9,7 +9,6 @@ import torch.nn as nn
 import fqt_compiler as fqt
 from fqt_compiler.ops import fused  # noqa: F401
 from fqt_compiler.ops import library as L
-from fqt_compiler.ops import reference as R
 from fqt_compiler.ops import registry
 from fqt_compiler.runtime import lowered  # noqa: F401
 from fqt_compiler.zoo import vgg_small

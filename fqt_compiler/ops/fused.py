@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import reference as ref
-from .library import _define, _key, _conv_out
+from .library import _define, _key
 
 _CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
 _Q = "str method, int bits, int layer"
