@@ -40,7 +40,8 @@ from . import debug
 from .config import Config, candidate_layers, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
-                     bind_implementations, fuse_gradient_quantizers, insert_gradient_quantizers,
+                     bind_implementations, fold_alpha, fuse_gradient_quantizers,
+                     insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
 from .runtime import lowered  # noqa: F401  (registers the "kernels" backend's implementations)
 
@@ -121,9 +122,13 @@ class FQTModule(nn.Module):
         ], cg.records)(gm)
         input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
 
+        # Rewrites that only pay with kernels; the reference backend runs the graphs as derived.
+        kernel_passes = [fold_alpha] if config.backend == "kernels" else []
+
         def fw_compiler(fgm, _inputs):
             cg.forward = PassManager("forward", [
                 partial(name_placeholders, input_names=input_names, names=cg.names, plan=cg.plan),
+                *kernel_passes,
                 partial(annotate_fqt_nodes, plan=cg.plan),
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target),
@@ -135,6 +140,7 @@ class FQTModule(nn.Module):
                 partial(name_placeholders, input_names=None, names=cg.names, plan=cg.plan),
                 partial(insert_gradient_quantizers, plan=cg.plan),
                 *([fuse_gradient_quantizers] if config.backend == "kernels" else []),
+                *kernel_passes,
                 partial(annotate_fqt_nodes, plan=cg.plan),
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target, check_finite=config.check_finite),

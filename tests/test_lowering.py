@@ -169,3 +169,24 @@ def test_resnet18_training_step_runs_all_gemms_on_kernels():
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
     _check_step_on_kernels(lambda: torchvision.models.resnet18(num_classes=10), x, y)
+
+
+@pytest.mark.parametrize("alpha", ["mean", "learned"])
+def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
+    torch.manual_seed(0)
+    model = vgg_small(in_channels=1)
+    compiled = fqt.compile(model, fqt.Config(alpha=alpha))
+    nn.functional.cross_entropy(compiled(torch.randn(4, 1, 16, 16)), torch.randint(0, 10, (4,))).backward()
+    cg = compiled.fqt_graphs[-1]
+    fw_ops = {n.meta.get("fqt_op") for n in cg.forward.graph.nodes}
+    bw_alpha = [n for n in cg.backward.graph.nodes if "alpha" in n.kwargs]
+    binarized = [layer for layer in cg.plan if layer.binarize]
+    assert len(bw_alpha) == 2 * len(binarized)   # both SCQ paths read g and scale it in the kernel
+    if alpha == "mean":
+        assert torch.ops.fqt.binary_conv2d_scaled.default in fw_ops
+        assert torch.ops.fqt.binary_conv2d.default not in fw_ops
+    else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
+        assert torch.ops.fqt.binary_conv2d.default in fw_ops
+        assert torch.ops.fqt.binary_conv2d_scaled.default not in fw_ops
+        assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("fqt_alpha")
+                   and n.split(".fqt_alpha")[0] in {l.name for l in cg.plan if l.binarize})

@@ -64,13 +64,19 @@ def _opcheck_cases():
         (F.aq_quantize_conv2d_weight_grad, (g, RS, w.detach(), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
         (F.aq_quantize_linear_input_grad, (gl, RS, wl.detach(), mbl, list(xl.shape), "psq", 1, 2)),
         (F.aq_quantize_linear_weight_grad, (gl, RS, wl.detach(), sbl, list(xl.shape), "topk", 2, 2)),
+        # alpha folded in (passes/fold_alpha.py); the scaled forward ops exist only in
+        # partitioned forward graphs, after autograd, so they have no autograd formula
+        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
+                                           R.default_alpha(w).view(1, -1, 1, 1))),
+        (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
+        (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
     ]
     return cases
 
 
 def test_opcheck_every_op():
     cases = _opcheck_cases()
-    assert sorted(f"fqt::{op._name}" if hasattr(op, "_name") else str(op) for op, _ in cases) \
+    assert sorted({f"fqt::{op._name}" if hasattr(op, "_name") else str(op) for op, _ in cases}) \
         == registry.ops()
     for op, args in cases:
         torch.library.opcheck(op, args)

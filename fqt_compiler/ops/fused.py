@@ -14,10 +14,20 @@ from __future__ import annotations
 import torch
 
 from . import reference as ref
-from .library import _define, _key
+from .library import _binary_conv2d as ref_binary_conv2d
+from .library import _binary_conv2d_fake, _binary_linear_fake, _define, _key
+from .library import _binary_linear as ref_binary_linear
 
 _CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
-_Q = "str method, int bits, int layer"
+_Q = "str method, int bits, int layer, Tensor? alpha=None"
+
+
+def _scaled(gprime, alpha):
+    """``G' = alpha ⊙ g`` when the graph handed the op ``g`` and alpha separately."""
+    if alpha is None:
+        return gprime
+    shape = (1, -1, 1, 1) if gprime.dim() == 4 else (-1,)
+    return gprime * alpha.reshape(shape)
 
 
 def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
@@ -29,7 +39,8 @@ def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
 
 def _conv_path(path, grad_fn):
     def impl(gprime, rng_state, weight, bits_saved, x_shape, stride, padding, dilation,
-             method, bits, layer):
+             method, bits, layer, alpha=None):
+        gprime = _scaled(gprime, alpha)
         hw = gprime.shape[2] * gprime.shape[3]
         g2d = _quantized(ref.conv_rows(gprime), rng_state, method, path, bits, hw, layer)
         return grad_fn(ref.conv_unrows(g2d, gprime.shape), weight, bits_saved, x_shape,
@@ -38,7 +49,8 @@ def _conv_path(path, grad_fn):
 
 
 def _linear_path(path, grad_fn):
-    def impl(gprime, rng_state, weight, bits_saved, x_shape, method, bits, layer):
+    def impl(gprime, rng_state, weight, bits_saved, x_shape, method, bits, layer, alpha=None):
+        gprime = _scaled(gprime, alpha)
         g2d = _quantized(gprime.reshape(-1, gprime.shape[-1]), rng_state, method, path, bits, 1,
                          layer)
         return grad_fn(g2d.reshape(gprime.shape), weight, bits_saved, x_shape)
@@ -69,6 +81,42 @@ aq_quantize_linear_weight_grad = _define(
     f"aq_quantize_linear_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
     f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> Tensor",
     _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed), _like_w)
+
+
+
+# Forward ops with the per-channel scale folded in (``passes/fold_alpha.py``): the kernel
+# applies alpha in the GEMM epilogue instead of a float pass over the layer's output.
+
+def _binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer):
+    y, signs, mask = ref_binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
+    return y * alpha.reshape(1, -1, 1, 1), signs, mask
+
+
+def _binary_linear_scaled(x, weight, alpha, rng_state, layer):
+    y, signs, mask = ref_binary_linear(x, weight, rng_state, layer)
+    return y * alpha.reshape(-1), signs, mask
+
+
+def _scaled_fake(forward_fake):
+    def fake(x, weight, alpha, *rest):
+        return forward_fake(x, weight, *rest)
+    return fake
+
+
+binary_conv2d_scaled = _define(
+    "binary_conv2d_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int[] stride, "
+    "int[] padding, int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
+    _binary_conv2d_scaled, _scaled_fake(_binary_conv2d_fake))
+binary_linear_scaled = _define(
+    "binary_linear_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int layer) "
+    "-> (Tensor, Tensor, Tensor)",
+    _binary_linear_scaled, _scaled_fake(_binary_linear_fake))
+
+# forward op -> its alpha-folded op
+SCALED = {
+    torch.ops.fqt.binary_conv2d.default: torch.ops.fqt.binary_conv2d_scaled.default,
+    torch.ops.fqt.binary_linear.default: torch.ops.fqt.binary_linear_scaled.default,
+}
 
 # quantized-G' GEMM op -> its fused op
 FUSED = {

@@ -1,15 +1,17 @@
 """Graph passes, one per file, run in this order by ``compiler.py``:
 
 capture (Dynamo's torch-level graph): annotate_layers -> apply_plan -> rewrite_binary_layers
-forward (AOTAutograd's ATen graph):   name_placeholders -> annotate_fqt_nodes -> bind_implementations
+forward (AOTAutograd's ATen graph):   name_placeholders [-> fold_alpha, kernel backend]
+                                      -> annotate_fqt_nodes -> bind_implementations
 backward:                             name_placeholders -> insert_gradient_quantizers
-                                      [-> fuse_gradient_quantizers, kernel backend]
+                                      [-> fuse_gradient_quantizers -> fold_alpha, kernel backend]
                                       -> annotate_fqt_nodes -> bind_implementations
 """
 from .annotate_fqt_nodes import annotate_fqt_nodes
 from .annotate_layers import annotate_layers
 from .apply_plan import apply_plan
 from .bind_implementations import bind_implementations
+from .fold_alpha import fold_alpha
 from .fuse_gradient_quantizers import fuse_gradient_quantizers
 from .infra import PassManager, PassRecord, PassResult, graph_text
 from .insert_gradient_quantizers import insert_gradient_quantizers
@@ -17,5 +19,6 @@ from .name_placeholders import name_placeholders
 from .rewrite_binary_layers import rewrite_binary_layers
 
 __all__ = ["PassManager", "PassRecord", "PassResult", "graph_text", "annotate_fqt_nodes",
-           "annotate_layers", "apply_plan", "bind_implementations", "fuse_gradient_quantizers", "insert_gradient_quantizers",
-           "name_placeholders", "rewrite_binary_layers"]
+           "annotate_layers", "apply_plan", "bind_implementations", "fold_alpha",
+           "fuse_gradient_quantizers", "insert_gradient_quantizers", "name_placeholders",
+           "rewrite_binary_layers"]

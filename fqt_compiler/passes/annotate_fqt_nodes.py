@@ -33,6 +33,10 @@ def _note(node: fx.Node, plan: list) -> str:
     if op in ("binary_conv2d", "binary_linear"):
         layer = plan[args["layer"]]
         return f"layer {layer.index} {layer.name}: W1 A1 -> y_raw, packed x sign + STE bits"
+    if op in ("binary_conv2d_scaled", "binary_linear_scaled"):
+        layer = plan[args["layer"]]
+        return (f"layer {layer.index} {layer.name}: W1 A1 -> alpha * y_raw (alpha in the GEMM "
+                f"epilogue), packed x sign + STE bits")
     if op in ("aq_sample", "quantize_gradient"):
         layer = plan[args["layer"]]
         grouping = ref.grouping(args["method"], args["path"])

@@ -53,6 +53,11 @@ def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel scale as the contiguous float32 vector the kernels read."""
+    return None if alpha is None else alpha.detach().reshape(-1).float().contiguous()
+
+
 def _seed_step(rng_state: torch.Tensor) -> tuple[int, int]:
     seed, step = rng_state.tolist()
     return seed, step
@@ -60,9 +65,7 @@ def _seed_step(rng_state: torch.Tensor) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- forward
 
-@kernel("binary_conv2d")
-def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?",
-                  target="host"):
+def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, target):
     x = _float32(x)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -75,12 +78,24 @@ def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, lay
         b = pack_signs(weight.detach().reshape(o, -1), target=target)
     with stats.timed(layer_name, "forward", binary_macs=n * oh * ow * o * c * kh * kw,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(a, b, scale=_ones(o), out_hw=oh * ow, target=target)
+        y = binary_gemm(a, b, scale=scale, out_hw=oh * ow, target=target)
     return y.view(n, o, oh, ow), signs.words, mask.words
 
 
-@kernel("binary_linear")
-def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host"):
+@kernel("binary_conv2d")
+def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?",
+                  target="host"):
+    return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name,
+                         target)
+
+
+@kernel("binary_conv2d_scaled")
+def binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer, *,
+                         layer_name="?", target="host"):
+    return _conv_forward(x, weight, _channels(alpha), stride, padding, dilation, layer_name, target)
+
+
+def _linear_forward(x, weight, scale, layer_name, target):
     x2 = _float32(x).reshape(-1, x.shape[-1])
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
@@ -88,17 +103,28 @@ def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host")
         b = pack_signs(weight.detach(), target=target)
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(signs, b, scale=_ones(o), target=target)
+        y = binary_gemm(signs, b, scale=scale, target=target)
     return y.view(*x.shape[:-1], o), signs.words, mask.words
+
+
+@kernel("binary_linear")
+def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host"):
+    return _linear_forward(x, weight, _ones(weight.shape[0]), layer_name, target)
+
+
+@kernel("binary_linear_scaled")
+def binary_linear_scaled(x, weight, alpha, rng_state, layer, *, layer_name="?", target="host"):
+    return _linear_forward(x, weight, _channels(alpha), layer_name, target)
 
 
 # --------------------------------------------------------------------------- backward
 
-def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target):
+def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target, alpha):
     seed, step = _seed_step(rng_state)
     with stats.timed(layer_name, "quantize"):
         return quantize_bitplanes(_float32(g), method, path, bits, rows_per_sample=rows_per_sample,
-                                  seed=seed, step=step, layer=layer, target=target)
+                                  seed=seed, step=step, layer=layer, alpha=_channels(alpha),
+                                  target=target)
 
 
 def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
@@ -142,7 +168,7 @@ def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
 
 @kernel("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
-                      method, bits, layer, *, layer_name="?", target="host"):
+                      method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
     taps ``(i, j, o)``, columns ``c``. G' codes are gathered per tap as whole words (the
     channel run of one output position), so no im2col-layout gradient (kh kw times the size
@@ -152,7 +178,8 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     oh, ow = gprime.shape[2], gprime.shape[3]
-    q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target)
+    q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target,
+                  alpha)
     taps = _transposed_taps(h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
     samples = q.row_map.view(-1, oh * ow)[:, 0] // (oh * ow) if q.row_map.numel() else q.row_map
     kept = samples.numel()
@@ -198,14 +225,14 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
 
 @kernel("aq_quantize_conv2d_weight_grad")
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
-                       method, bits, layer, *, layer_name="?", target="host"):
+                       method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
         return _float_weight_grad(layer_name, "conv2d", gprime, rng_state, weight, x_sign_bits,
-                                  x_shape, stride, padding, dilation, method, bits, layer)
+                                  x_shape, stride, padding, dilation, method, bits, layer, alpha)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
-                  rng_state, layer, target)
+                  rng_state, layer, target, alpha)
     with stats.timed(layer_name, "pack"):
         xt = im2col_pack_t(PackedBits(x_sign_bits, c * h * w), (kh, kw), stride, padding, dilation,
                            input_shape=(n, c, h, w), target=target)
@@ -213,11 +240,11 @@ def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, 
 
 
 @kernel("aq_quantize_linear_input_grad")
-def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer, *,
-                      layer_name="?", target="host"):
+def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
+                      alpha=None, *, layer_name="?", target="host"):
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target)
+    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target, alpha)
     with stats.timed(layer_name, "pack"):
         wt = pack_signs(weight.detach().T, target=target)
     dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
@@ -227,14 +254,14 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
 
 
 @kernel("aq_quantize_linear_weight_grad")
-def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer, *,
-                       layer_name="?", target="host"):
+def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
+                       alpha=None, *, layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
         return _float_weight_grad(layer_name, "linear", gprime, rng_state, weight, x_sign_bits,
-                                  x_shape, method, bits, layer)
+                                  x_shape, method, bits, layer, alpha)
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target)
+    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target, alpha)
     with stats.timed(layer_name, "pack"):
         xt = transpose_bits(PackedBits(x_sign_bits, f), target=target)   # sign(X) along the rows
     return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
