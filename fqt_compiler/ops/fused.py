@@ -83,7 +83,6 @@ aq_quantize_linear_weight_grad = _define(
     _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed), _like_w)
 
 
-
 # Forward ops with the per-channel scale folded in (``passes/fold_alpha.py``): the kernel
 # applies alpha in the GEMM epilogue instead of a float pass over the layer's output.
 
