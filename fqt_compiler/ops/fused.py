@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from . import reference as ref
+from .rng import seed_and_step
 from .library import _binary_conv2d as ref_binary_conv2d
-from .library import _binary_conv2d_fake, _binary_linear_fake, _define, _key
+from .library import _binary_conv2d_fake, _binary_linear_fake, _define
 from .library import _binary_linear as ref_binary_linear
 
 _CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
@@ -31,7 +32,7 @@ def _scaled(gprime, alpha):
 
 
 def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
-    seed, step = _key(rng_state)
+    seed, step = seed_and_step(rng_state)
     q = ref.quantize_gradient(g2d, method, path, bits, rows_per_sample=rows_per_sample,
                               seed=seed, step=step, layer=layer)
     return q.dequantize()

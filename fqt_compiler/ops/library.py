@@ -28,6 +28,7 @@ import torch
 
 from . import reference as ref
 from . import registry
+from .rng import seed_and_step
 
 
 def _define(schema: str, reference_impl, fake_impl):
@@ -40,16 +41,7 @@ def _define(schema: str, reference_impl, fake_impl):
     return op
 
 
-def _key(rng_state: torch.Tensor) -> tuple[int, int]:
-    seed, step = rng_state.tolist()
-    return seed, step
-
-
 _words = ref.padded_words
-
-
-def _conv_out(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 # --------------------------------------------------------------------------- forward
@@ -64,8 +56,8 @@ def _binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer):
 def _binary_conv2d_fake(x, weight, rng_state, stride, padding, dilation, layer):
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    y = x.new_empty(n, o, _conv_out(h, kh, stride[0], padding[0], dilation[0]),
-                    _conv_out(w, kw, stride[1], padding[1], dilation[1]))
+    y = x.new_empty(n, o, ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+                    ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
     words = x.new_empty(n, _words(c * h * w), dtype=torch.int64)
     return y, words, torch.empty_like(words)
 
@@ -154,7 +146,7 @@ def _n_groups(g2d, method, path, rows_per_sample):
 
 
 def _aq_sample(g2d, rng_state, method, path, bits, rows_per_sample, layer):
-    seed, step = _key(rng_state)
+    seed, step = seed_and_step(rng_state)
     return ref.sample_groups(g2d, method, path, bits, rows_per_sample=rows_per_sample,
                              seed=seed, step=step, layer=layer)
 
@@ -173,7 +165,7 @@ aq_sample = _define(
 
 def _quantize_gradient(g2d, lo, hi, keep, prob, rng_state, method, path, bits,
                        rows_per_sample, layer):
-    seed, step = _key(rng_state)
+    seed, step = seed_and_step(rng_state)
     return ref.quantize_groups(g2d, lo, hi, keep, prob, method, path, bits,
                                rows_per_sample=rows_per_sample, seed=seed, step=step,
                                layer=layer)
@@ -196,8 +188,8 @@ quantize_gradient = _define(
 def _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding, dilation):
     n, _, h, w = x_shape
     _, _, kh, kw = weight.shape
-    ho = _conv_out(h, kh, stride[0], padding[0], dilation[0])
-    wo = _conv_out(w, kw, stride[1], padding[1], dilation[1])
+    ho = ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     g2d = ref.dequantize(codes, scale, zero, keep, grouping, ho * wo)
     return ref.conv_unrows(g2d, (n, weight.shape[0], ho, wo))
 

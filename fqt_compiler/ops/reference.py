@@ -86,6 +86,11 @@ def default_alpha(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(w, ord=1, dim=1) / w.shape[1]
 
 
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one axis (PyTorch's formula)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
 def binary_conv2d(x, weight, alpha, bias, stride, padding, dilation):
     """Binarized conv2d forward (SPEC §2): pad with zeros, then sign, so padding is -1."""
     xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))

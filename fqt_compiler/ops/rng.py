@@ -53,6 +53,12 @@ def stream_key(seed: int, step: int, layer: int, stream: int) -> int:
     return k
 
 
+def seed_and_step(rng_state) -> tuple[int, int]:
+    """``(seed, step)`` from the int64 ``[seed, step]`` tensor a compiled graph receives."""
+    seed, step = rng_state.tolist()
+    return seed, step
+
+
 def _mix64_np(z: np.ndarray) -> np.ndarray:
     z = z ^ (z >> np.uint64(30))
     z = z * np.uint64(MUL1)

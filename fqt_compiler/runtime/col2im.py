@@ -17,7 +17,8 @@ import torch
 from ..codegen.col2im import col2im_ste_ir
 from ..codegen.targets import get_target
 from .jit import KernelSpec, kernel
-from .pack import _pair, conv_output_size, parallel_rows
+from ..ops.reference import conv_output_size
+from .pack import _pair, parallel_rows
 from .packed import PackedBits
 
 _I64, _P = ctypes.c_int64, ctypes.c_void_p

@@ -23,6 +23,7 @@ import torch
 
 from ..ops import reference as ref
 from ..ops import registry
+from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, signed_row_sums
@@ -49,18 +50,9 @@ def _ones(n: int) -> torch.Tensor:
     return torch.ones(n, dtype=torch.float32)
 
 
-def _out_size(size, k, s, p, d):
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
     """A per-channel scale as the contiguous float32 vector the kernels read."""
     return None if alpha is None else alpha.detach().reshape(-1).float().contiguous()
-
-
-def _seed_step(rng_state: torch.Tensor) -> tuple[int, int]:
-    seed, step = rng_state.tolist()
-    return seed, step
 
 
 # --------------------------------------------------------------------------- forward
@@ -69,8 +61,8 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
     x = _float32(x)
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     with stats.timed(layer_name, "pack"):
         signs, mask = pack_signs_and_ste(x.view(n, -1), target=target)
         a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
@@ -120,7 +112,7 @@ def binary_linear_scaled(x, weight, alpha, rng_state, layer, *, layer_name="?", 
 # --------------------------------------------------------------------------- backward
 
 def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target, alpha):
-    seed, step = _seed_step(rng_state)
+    seed, step = seed_and_step(rng_state)
     with stats.timed(layer_name, "quantize"):
         return quantize_bitplanes(_float32(g), method, path, bits, rows_per_sample=rows_per_sample,
                                   seed=seed, step=step, layer=layer, alpha=_channels(alpha),

@@ -24,6 +24,7 @@ import torch
 from ..codegen import pack as gen
 from ..codegen.targets import get_target
 from . import threads as pool
+from ..ops.reference import conv_output_size
 from .jit import KernelSpec, kernel
 from .packed import PackedBits, padded_words
 
@@ -181,10 +182,6 @@ def _bitmap(x, input_shape, pad: tuple[int, int], target):
         parallel_rows(_fn("padded_rows", key, "float"), n * c * h, x.data_ptr(), x.stride(0), x.stride(1),
                       x.stride(2), c, h, w, pw, bm.data_ptr(), wpw, min_rows=64)
     return bm, wpw, (n, c, h, w)
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _conv_args(x, kernel_size, stride, padding, dilation, input_shape, target):
