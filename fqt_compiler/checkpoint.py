@@ -11,7 +11,6 @@ weights_only=True)`` reads it). Optimizer state is saved the usual torch way, ne
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import asdict, fields
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .compiler import FQTModule, compile
-from .config import Config, Rule, candidate_layers, resolve_plan
+from .config import Config, Rule, candidate_layers, import_object, resolve_plan
 
 FORMAT = "fqt-checkpoint/1"
 VERSION = "0.1.0"   # pyproject.toml's; the package may run uninstalled from a checkout
@@ -41,11 +40,7 @@ def _rule_dict(rule: Rule) -> dict:
 def _rule(d: dict) -> Rule:
     d = dict(d)
     if isinstance(d.get("type"), str) and ":" in d["type"]:
-        module, qualname = d["type"].split(":")
-        obj = importlib.import_module(module)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        d["type"] = obj
+        d["type"] = import_object(d["type"])
     return Rule(**d)
 
 

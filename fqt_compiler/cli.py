@@ -3,7 +3,6 @@ that declares its arguments and sets ``run``; list it in ``COMMANDS`` to add it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 import torch
@@ -11,13 +10,11 @@ import torch
 
 def load_factory(spec: str):
     """``pkg.module:factory`` -> the callable (called with no arguments to build the model)."""
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"expected MODULE:FACTORY (e.g. torchvision.models:resnet18), got {spec!r}")
-    factory = importlib.import_module(module_name)
-    for part in attr.split("."):
-        factory = getattr(factory, part)
-    return factory
+    from .config import import_object
+    try:
+        return import_object(spec)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def shape(text: str) -> tuple[int, ...]:

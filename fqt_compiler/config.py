@@ -11,6 +11,7 @@ earlier one. Each rule selects layers by exactly one of ``type`` (a class or cla
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
 from dataclasses import dataclass, field, fields
 
@@ -18,6 +19,18 @@ import torch.nn as nn
 
 from .ops import reference
 from .ops.registry import BACKENDS
+
+
+def import_object(spec: str):
+    """``pkg.module:qualname`` -> the object it names (model factories on the command line,
+    rule types in checkpoints)."""
+    module_name, _, qualname = spec.partition(":")
+    if not qualname:
+        raise ValueError(f"expected MODULE:NAME (e.g. torchvision.models:resnet18), got {spec!r}")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 METHODS = reference.METHODS
 ALPHAS = ("mean", "learned")
