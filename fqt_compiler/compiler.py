@@ -123,12 +123,14 @@ class FQTModule(nn.Module):
         input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
 
         # Rewrites that only pay with kernels; the reference backend runs the graphs as derived.
-        kernel_passes = [fold_alpha] if config.backend == "kernels" else []
+        kernels = config.backend == "kernels"
+        forward_kernel_passes = [fold_alpha] if kernels else []
+        backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha] if kernels else []
 
         def fw_compiler(fgm, _inputs):
             cg.forward = PassManager("forward", [
                 partial(name_placeholders, input_names=input_names, names=cg.names, plan=cg.plan),
-                *kernel_passes,
+                *forward_kernel_passes,
                 partial(annotate_fqt_nodes, plan=cg.plan),
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target),
@@ -139,8 +141,7 @@ class FQTModule(nn.Module):
             cg.backward = PassManager("backward", [
                 partial(name_placeholders, input_names=None, names=cg.names, plan=cg.plan),
                 partial(insert_gradient_quantizers, plan=cg.plan),
-                *([fuse_gradient_quantizers] if config.backend == "kernels" else []),
-                *kernel_passes,
+                *backward_kernel_passes,
                 partial(annotate_fqt_nodes, plan=cg.plan),
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target, check_finite=config.check_finite),
