@@ -7,7 +7,6 @@ Per layer (input x: N x C x H x W, gradient g: N x O x H' x W'):
   im2col_pack_t   saved sign bits -> X̂ᵀ packed along r vs  F.unfold(x) (float im2col)
   quantize input  g -> 4-bit AQ planes along o           vs  reference.quantize_gradient (torch)
   quantize weight g -> 4-bit AQ planes along r           vs  reference.quantize_gradient (torch)
-  col2im+STE      dX̂ columns -> dx                       vs  F.fold(...) * mask
 GB/s counts the bytes the kernel must read and write (floats 4 B, bits 1/8 B; output padding
 excluded). Median of repeats after a warm-up, kernel and torch side by side, same threads.
 
@@ -61,15 +60,13 @@ def layer_cases(n, c, hw, o, k, s, p, gen):
     import torch.nn.functional as F
 
     from fqt_compiler.ops import reference
-    from fqt_compiler.runtime import (col2im_ste, im2col_pack, im2col_pack_t, pack_signs_and_ste,
-                                      quantize_bitplanes)
+    from fqt_compiler.runtime import im2col_pack, im2col_pack_t, pack_signs_and_ste, quantize_bitplanes
 
     x = torch.randn(n, c, hw, hw, generator=gen)
     oh = (hw + 2 * p - k) // s + 1
     g = torch.randn(n, o, oh, oh, generator=gen)
     rows, kk = n * oh * oh, c * k * k
-    signs, mask = pack_signs_and_ste(x.flatten(1))
-    dcols = torch.randn(rows, kk, generator=gen)
+    signs, _ = pack_signs_and_ste(x.flatten(1))
     xb, gb = x.numel() * 4, g.numel() * 4
     key = dict(seed=0, step=0, layer=0)
 
@@ -89,9 +86,6 @@ def layer_cases(n, c, hw, o, k, s, p, gen):
          lambda: F.unfold(x, k, padding=p, stride=s), x.numel() // 8 + rows * kk // 8),
         ("quantize input", quant("input"), "reference", quant_ref("input"), gb + g.numel() // 8),
         ("quantize weight", quant("weight"), "reference", quant_ref("weight"), gb + g.numel() // 8),
-        ("col2im+STE", lambda: col2im_ste(dcols, x.shape, k, s, p, ste=mask), "F.fold*mask",
-         lambda: F.fold(dcols.view(n, oh * oh, kk).transpose(1, 2), (hw, hw), k, padding=p, stride=s)
-         * reference.ste_mask(x), rows * kk * 4 + xb + x.numel() // 8),
     ]
 
 

@@ -68,18 +68,18 @@ def _epilogue_index(a, m, n):
     return (m // a["hw"]) * a["s_blk"] + (m % a["hw"]) * a["s_row"] + n * a["s_col"]
 
 
-def _binary(mem: Memory, a: dict, params) -> None:
+def _binary(mem: Memory, a: dict, opts: dict) -> None:
     m = torch.arange(a["m0"], a["m1"])
     n = torch.arange(a["n0"], a["n1"])
     abits = _unpacked(mem, a["a"], a["lda"], a["m1"], a["k"])[a["m0"]:]
     bbits = _unpacked(mem, a["b"], a["ldb"], a["n1"], a["k"])[a["n0"]:]
     dot = reference.binary_gemm(abits, bbits)
     index = _epilogue_index(a, m.view(-1, 1), n.view(1, -1))
-    if params[1] == "int32":
+    if opts["epilogue"] == "int32":
         mem.at(a["out"], torch.int32)[index] = dot
         return
     value = dot.float() * mem.at(a["scale"], torch.float32)[n]
-    if params[1] == "scale_bias":
+    if opts["epilogue"] == "scale_bias":
         value = value + mem.at(a["bias"], torch.float32)[n]
     mem.at(a["out"], torch.float32)[index] = value
 
@@ -93,8 +93,8 @@ def _codes_of_planes(mem: Memory, ptr, plane_stride: int, ld: int, planes: int, 
     return codes
 
 
-def _bitplane(mem: Memory, a: dict, params) -> None:
-    bits, k = params[1], a["words"] * 64       # codes are 0 past K, so every word may count
+def _bitplane(mem: Memory, a: dict, opts: dict) -> None:
+    bits, k = opts["bits"], a["words"] * 64       # codes are 0 past K, so every word may count
     codes = _codes_of_planes(mem, a["planes"], a["plane_stride"], a["lda"], bits, a["m1"], k)[a["m0"]:]
     bbits = _unpacked(mem, a["b"], a["ldb"], a["n1"], k)[a["n0"]:]
     dot = reference.bitplane_gemm(codes, bbits)
@@ -108,32 +108,32 @@ def _bitplane(mem: Memory, a: dict, params) -> None:
     out[row_map.view(-1, 1) * a["ldo"] + n.view(1, -1)] = scale * dot.float() + zero * colsum
 
 
-def _rowpop(mem: Memory, a: dict, params) -> None:
+def _rowpop(mem: Memory, a: dict, opts: dict) -> None:
     k = a["words"] * 64
     codes = _codes_of_planes(mem, a["planes"], a["plane_stride"], a["ld"], a["nplanes"], a["rows"], k)
     mem.at(a["out"], torch.int32, a["rows"])[:] = codes.sum(1).to(torch.int32)
 
 
-def _sign_pack(mem: Memory, a: dict, params) -> None:
+def _sign_pack(mem: Memory, a: dict, opts: dict) -> None:
     r0, r1, k = a["row0"], a["row1"], a["k"]
     x = mem.rows(a["x"], a["srow"], r1, k, torch.float32)[r0:]
     mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(x > 0, a["ld"])
-    if params[0]:
+    if opts["with_ste"]:
         mem.rows(a["ste_out"], a["ld"], r1, a["ld"])[r0:] = _packed(x.abs() < 1, a["ld"])
 
 
-def _unpack(mem: Memory, a: dict, params) -> None:
+def _unpack(mem: Memory, a: dict, opts: dict) -> None:
     r0, r1, k = a["row0"], a["row1"], a["k"]
     bits = _unpacked(mem, a["words"], a["ld"], r1, k)[r0:]
     values = torch.where(bits, torch.tensor(a["one"]), torch.tensor(a["zero"]))
     mem.rows(a["out"], a["sout"], r1, k, torch.float32)[r0:] = values
 
 
-def _padded_rows(mem: Memory, a: dict, params) -> None:
+def _padded_rows(mem: Memory, a: dict, opts: dict) -> None:
     r0, r1, c, h, w, pad = a["row0"], a["row1"], a["C"], a["H"], a["W"], a["pad"]
     r = torch.arange(r0, r1)
     n, ch, ih = r // (c * h), r // h % c, r % h
-    if params[0] == "float":
+    if opts["source"] == "float":
         x = mem.at(a["x"], torch.float32)
         elems = (n * a["sn"] + ch * a["sc"] + ih * a["sh"]).view(-1, 1) + torch.arange(w)
         bits = x[elems] > 0
@@ -143,10 +143,10 @@ def _padded_rows(mem: Memory, a: dict, params) -> None:
     mem.rows(a["bm"], a["wpw"], r1, a["wpw"])[r0:] = _packed(F.pad(bits, (pad, pad)), a["wpw"])
 
 
-def _unfolded(mem: Memory, a: dict, params, samples: int) -> torch.Tensor:
+def _unfolded(mem: Memory, a: dict, opts: dict, samples: int) -> torch.Tensor:
     """Bool ``[N, C*KH*KW, OH*OW]``: ``F.unfold`` of the ±1 signs the bitmap holds, the rows
     padded above and below (padding is -1, SPEC §2)."""
-    (kh, kw), (sh, sw), (ph, _), (dh, dw), _ = params
+    (kh, kw), (sh, sw), (ph, _), (dh, dw) = (opts[n] for n in ("kernel_size", "stride", "padding", "dilation"))
     c, h, oh, ow = a["C"], a["H"], a["OH"], a["OW"]
     width = (ow - 1) * sw + (kw - 1) * dw + 1     # the bitmap columns any patch reads
     bm = _unpacked(mem, a["bm"], a["wpw"], samples * c * h, width).view(samples, c, h, width)
@@ -156,21 +156,21 @@ def _unfolded(mem: Memory, a: dict, params, samples: int) -> torch.Tensor:
     return cols > 0
 
 
-def _im2col_pack(mem: Memory, a: dict, params) -> None:
+def _im2col_pack(mem: Memory, a: dict, opts: dict) -> None:
     oh, ow = a["OH"], a["OW"]
     samples = -(-a["blk1"] // oh)
-    rows = _unfolded(mem, a, params, samples).permute(0, 2, 1).reshape(samples * oh * ow, -1)
+    rows = _unfolded(mem, a, opts, samples).permute(0, 2, 1).reshape(samples * oh * ow, -1)
     r0, r1 = a["blk0"] * ow, a["blk1"] * ow
     mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(rows[r0:r1], a["ld"])
 
 
-def _im2col_pack_t(mem: Memory, a: dict, params) -> None:
-    cols = _unfolded(mem, a, params, a["N"]).permute(1, 0, 2).reshape(-1, a["N"] * a["OH"] * a["OW"])
+def _im2col_pack_t(mem: Memory, a: dict, opts: dict) -> None:
+    cols = _unfolded(mem, a, opts, a["N"]).permute(1, 0, 2).reshape(-1, a["N"] * a["OH"] * a["OW"])
     r0, r1 = a["row0"], a["row1"]
     mem.rows(a["out"], a["ld"], r1, a["ld"])[r0:] = _packed(cols[r0:r1], a["ld"])
 
 
-def _transpose_bits(mem: Memory, a: dict, params) -> None:
+def _transpose_bits(mem: Memory, a: dict, opts: dict) -> None:
     r0, r1 = 64 * a["w0"], min(64 * a["w1"], a["K"])
     src = _unpacked(mem, a["src"], a["ld"], a["R"], a["K"])
     mem.rows(a["dst"], a["ld_out"], r1, a["ld_out"])[r0:] = _packed(src.T[r0:r1], a["ld_out"])
@@ -180,7 +180,7 @@ def _times_alpha(mem: Memory, a: dict, v, channels):
     return v if a["alpha"] is None else v * mem.at(a["alpha"], torch.float32)[channels]
 
 
-def _minmax(mem: Memory, a: dict, params) -> None:
+def _minmax(mem: Memory, a: dict, opts: dict) -> None:
     p = torch.arange(a["p0"], a["p1"])
     n, o = p // a["O"], p % a["O"]
     elems = (n * a["sn"] + o * a["so"]).view(-1, 1) + torch.arange(a["HW"]) * a["si"]
@@ -207,8 +207,8 @@ def _store_planes(mem: Memory, a: dict, codes, valid, out_rows, bits: int) -> No
         planes[(t * a["rows"] + out_rows).view(-1, 1) * a["ld"] + torch.arange(a["ld"])] = words
 
 
-def _quantize_pack(mem: Memory, a: dict, params) -> None:
-    bits = params[0]
+def _quantize_pack(mem: Memory, a: dict, opts: dict) -> None:
+    bits = opts["bits"]
     m = torch.arange(a["m0"], a["m1"]).view(-1, 1, 1)
     s = torch.arange(a["nseg"]).view(1, -1, 1)
     j = torch.arange(a["seg_len"]).view(1, 1, -1)
@@ -221,8 +221,8 @@ def _quantize_pack(mem: Memory, a: dict, params) -> None:
     _store_planes(mem, a, codes, torch.ones_like(codes, dtype=torch.bool), m.view(-1), bits)
 
 
-def _quantize_pack_rows(mem: Memory, a: dict, params) -> None:
-    bits, hw, channels = params[0], a["HW"], a["O"]
+def _quantize_pack_rows(mem: Memory, a: dict, opts: dict) -> None:
+    bits, hw, channels = opts["bits"], a["HW"], a["O"]
     per_sample = -(-hw // 64)
     tiles = torch.arange(a["t0"], a["t1"])
     ks = tiles // per_sample
@@ -239,30 +239,10 @@ def _quantize_pack_rows(mem: Memory, a: dict, params) -> None:
     _store_planes(mem, a, codes[valid], torch.ones(out_rows.numel(), channels, dtype=torch.bool), out_rows, bits)
 
 
-def _col2im_ste(mem: Memory, a: dict, params) -> None:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = params
-    c, h, w, oh, ow = a["C"], a["H"], a["W"], a["OH"], a["OW"]
-    samples = -(-a["row1"] // (h * w))
-    d = mem.rows(a["d"], a["ldd"], samples * oh * ow, c * kh * kw, torch.float32)
-    d = d.reshape(samples, oh, ow, c, kh, kw)
-    acc = torch.zeros(samples, c, h + 2 * ph + sh * oh + dh * kh, w + 2 * pw + sw * ow + dw * kw)
-    # The kernel's summation order: kh, then kw (one term per offset reaches a pixel).
-    for i in range(kh):
-        for j in range(kw):
-            acc[:, :, i * dh:i * dh + sh * oh:sh, j * dw:j * dw + sw * ow:sw] += d[..., i, j].permute(0, 3, 1, 2)
-    dx = acc[:, :, ph:ph + h, pw:pw + w]
-    if a["ste"] is not None:   # a multiply, as the reference's dx * ste_mask(x)
-        dx = dx * _unpacked(mem, a["ste"], a["ste_ld"], samples, c * h * w).view(dx.shape).float()
-    pixels = torch.arange(a["row0"], a["row1"])
-    n, p = (pixels // (h * w)).view(-1, 1), (pixels % (h * w)).view(-1, 1)
-    channel = torch.arange(c) * (h * w)
-    mem.at(a["out"], torch.float32)[n * (c * h * w) + channel + p] = dx.reshape(samples, -1)[n, channel + p]
-
-
 CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
           "transpose_bits": _transpose_bits, "minmax": _minmax, "pack": _quantize_pack,
-          "pack_rows": _quantize_pack_rows, "col2im_ste": _col2im_ste, "unpack": _unpack}
+          "pack_rows": _quantize_pack_rows, "unpack": _unpack}
 
 
 # Digests of what calls must write, by a digest of their inputs: targets whose kernels make
@@ -275,17 +255,18 @@ def _digest(data) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def check_call(family: str, params, args: dict, before: dict, after: dict) -> int | None:
-    """Buffers of one call that differ from the reference (0: all exact); None when the family
-    has no reference here."""
+def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
+    """Buffers of one call of ``spec`` (a ``jit.KernelSpec``) that differ from the reference
+    (0: all exact); None when the family has no reference here."""
+    family, opts = spec.family, dict(spec.options)
     check = CHECKS.get(family)
     if check is None:
         return None
-    key = _digest(repr((family, params, sorted(args.items()))).encode()
+    key = _digest(repr((family, spec.options, sorted(args.items()))).encode()
                   + b"".join(_digest(before[b]) for b in sorted(before)))
     if key not in _expected:
         mem = Memory(before)
-        check(mem, args, params)
+        check(mem, args, opts)
         scratch = {args[name][0] for name in SCRATCH.get(family, ()) if args.get(name) is not None}
         _expected[key] = {b: _digest(data) for b, data in mem.bytes.items() if b not in scratch}
     expected = _expected[key]

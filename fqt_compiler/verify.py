@@ -88,12 +88,12 @@ def capture_calls(run, target: Target):
 
         def call(*args):
             encoded = []
-            for a, t in zip(args, spec.argtypes):
-                if t is ctypes.c_void_p:
+            for a, p in zip(args, spec.abi.params):
+                if p.kind == "ptr":
                     encoded.append(("n",) if not a else ("b", *capture.buffer(a)))
-                elif t is ctypes.c_float:
+                elif p.kind == "f32":
                     encoded.append(("f", float(a).hex()))
-                elif t is ctypes.c_uint64:
+                elif p.kind == "u64":
                     encoded.append(("u", a))
                 else:
                     encoded.append(("i", a))
@@ -115,17 +115,13 @@ def capture_calls(run, target: Target):
     return [aot.KernelUse(s.for_target(target)) for s in ordered], capture
 
 
-_CAST = {"void *": "(void *)a[{j}]", "int64_t": "(int64_t)a[{j}]", "uint64_t": "(uint64_t)a[{j}]",
-         "int32_t": "(int32_t)a[{j}]", "float": "f[{j}]"}
+_CAST = {"ptr": "(void *)a[{j}]", "i64": "(int64_t)a[{j}]", "u64": "(uint64_t)a[{j}]", "f32": "f[{j}]"}
 
 
 def harness_source(uses) -> str:
     cases = []
     for i, use in enumerate(uses):
-        proto = aot.c_prototype(use)
-        types = [p.rsplit(" ", 1)[0].rstrip("*").strip() + (" *" if "*" in p else "")
-                 for p in proto[proto.index("(") + 1:-2].split(", ")]
-        args = ", ".join(_CAST[t].format(j=j) for j, t in enumerate(types))
+        args = ", ".join(_CAST[p.kind].format(j=j) for j, p in enumerate(use.spec.abi.params))
         cases.append(f"        case {i}: {use.symbol}({args}); break;")
     return HARNESS.replace("@CASES@", "\n".join(cases))
 
@@ -256,7 +252,6 @@ def verify_calls(run, target, work_dir=None) -> list[Result]:
         raise RuntimeError(f"harness failed on {target.name} ({' '.join(runner_cmd) or 'native'}): "
                            f"{proc.returncode} {proc.stderr[-2000:]}")
     results = [Result(u.symbol, u.spec.family) for u in uses]
-    names = [aot.parameter_names(u.spec) for u in uses]
     state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}   # as the target has them
     for c, (index, encoded, host_after) in enumerate(capture.calls):
         r = results[index]
@@ -266,8 +261,8 @@ def verify_calls(run, target, work_dir=None) -> list[Result]:
             r.buffers += 1
             r.mismatches += after[b] != host_bytes
         spec = uses[index].spec
-        args = dict(zip(names[index], map(call_argument, encoded)))
-        wrong = kernel_reference.check_call(spec.family, spec.params, args, {b: state[b] for b in after}, after)
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
+        wrong = kernel_reference.check_call(spec, args, {b: state[b] for b in after}, after)
         if wrong is None:
             r.has_reference = False
         else:
@@ -301,11 +296,10 @@ class OddShapes(nn.Module):
 
 def odd_shapes(target):
     """A callable running kernels for ``target`` at odd shapes: binary GEMMs (int32 and float
-    epilogues) with K in 1, 63, 64, 65 and M or N = 1, col2im+STE with stride 2 / padding 1
-    and padding 2 / dilation 2, then training steps of ``OddShapes`` at batch 3 (``aq_scq``)
-    and batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
+    epilogues) with K in 1, 63, 64, 65 and M or N = 1, then training steps of ``OddShapes``
+    at batch 3 (``aq_scq``) and batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
     import fqt_compiler as fqt
-    from .runtime import binary_gemm, col2im_ste, pack_signs, pack_signs_and_ste
+    from .runtime import binary_gemm, pack_signs
     target = get_target(target)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -319,11 +313,6 @@ def odd_shapes(target):
                 b = pack_signs(torch.randn(k, n).T, target=target)
                 binary_gemm(a, b, target=target)
                 binary_gemm(a, b, scale=torch.rand(n), bias=torch.randn(n), target=target)
-        x = torch.randn(2, 5, 7, 9)
-        ste = pack_signs_and_ste(x.flatten(1), target=target)[1]
-        for stride, padding, dilation, (oh, ow) in ((2, 1, 1, (4, 5)), (1, 2, 2, (7, 9))):
-            dcols = torch.randn(2 * oh * ow, 5 * 9)
-            col2im_ste(dcols, x.shape, 3, stride, padding, dilation, ste=ste, target=target)
         for compiled, inputs in steps:
             aot.training_step(compiled, inputs)
     return run

@@ -73,7 +73,7 @@ def test_odd_shapes_verify_on_target(target, tmp_path):
     results = verify_calls(odd_shapes(target), target, tmp_path)
     _assert_verified(results, target, tmp_path)
     families = {r.family for r in results}
-    assert {"binary", "bitplane", "pack", "pack_rows", "col2im_ste", "im2col_pack", "im2col_pack_t"} <= families
+    assert {"binary", "bitplane", "pack", "pack_rows", "im2col_pack", "im2col_pack_t"} <= families
 
 
 def test_reference_check_catches_one_flipped_bit():
@@ -84,20 +84,19 @@ def test_reference_check_catches_one_flipped_bit():
         torch.manual_seed(0)
         compiled = fqt.compile(OddShapes(), fqt.Config(method="psq"))
     uses, capture = capture_calls(lambda: aot.training_step(compiled, (torch.randn(1, 3, 13, 17),)), target)
-    names = [aot.parameter_names(u.spec) for u in uses]
     state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
     caught = set()
     for index, encoded, after in capture.calls:
         spec = uses[index].spec
-        args = dict(zip(names[index], map(call_argument, encoded)))
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
         before = {b: state[b] for b in after}
-        assert kernel_reference.check_call(spec.family, spec.params, args, before, after) == 0, spec.family
+        assert kernel_reference.check_call(spec, args, before, after) == 0, spec.family
         scratch = {args[n][0] for n in kernel_reference.SCRATCH.get(spec.family, ()) if args.get(n)}
         for b in [b for b in after if after[b] != before[b] and b not in scratch][:1]:
             i = int(np.flatnonzero(np.frombuffer(after[b], np.uint8) != np.frombuffer(before[b], np.uint8))[0])
             bad = bytearray(after[b])
             bad[i] ^= 1
-            assert kernel_reference.check_call(spec.family, spec.params, args, before,
+            assert kernel_reference.check_call(spec, args, before,
                                                {**after, b: bytes(bad)}) == 1, spec.family
             caught.add(spec.family)
         state.update(after)

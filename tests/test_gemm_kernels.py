@@ -249,8 +249,7 @@ def test_argument_errors_name_the_argument():
 # --------------------------------------------------------------------------- generated code
 
 def assembly(target, ir_fn=codegen.binary_gemm_ir, **kw):
-    _, text = ir_fn(target, **kw)
-    return jit.compile_assembly(text, get_target(target))
+    return jit.compile_assembly(ir_fn(target, **kw).text, get_target(target))
 
 
 def innermost_popcount_loop(asm: str) -> str:

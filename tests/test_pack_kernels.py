@@ -6,7 +6,7 @@ from hypothesis import assume, given, settings, strategies as st
 
 from fqt_compiler.codegen.targets import get_target, runs_on_host
 from fqt_compiler.ops import reference
-from fqt_compiler.runtime import col2im, pack
+from fqt_compiler.runtime import pack
 from fqt_compiler.runtime.packed import PackedBits
 
 TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
@@ -130,40 +130,19 @@ def test_errors():
         pack.pack_signs(torch.ones(3, 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
-def test_col2im_ste(target, conv):
-    """col2im is the adjoint of im2col: F.fold of the same columns, then the STE mask."""
-    n, c, h, w, ks, stride, padding, dilation = conv
-    x = data(n, c, h, w, seed=c)
-    oh = pack.conv_output_size(h, ks[0], stride[0], padding[0], dilation[0])
-    ow = pack.conv_output_size(w, ks[1], stride[1], padding[1], dilation[1])
-    dcols = data(n * oh * ow, c * ks[0] * ks[1], seed=1)
-    folded = F.fold(dcols.view(n, oh * ow, -1).transpose(1, 2), (h, w), ks, dilation=dilation,
-                    padding=padding, stride=stride)
-    _, mask = pack.pack_signs_and_ste(x.flatten(1), target=target)
-    got = col2im.col2im_ste(dcols, x.shape, ks, stride, padding, dilation, ste=mask, target=target)
-    torch.testing.assert_close(got, folded * reference.ste_mask(x), rtol=1e-6, atol=1e-6)
-    wide = torch.zeros(dcols.shape[0], dcols.shape[1] + 3)
-    wide[:, :dcols.shape[1]] = dcols                 # a row stride wider than the row
-    got = col2im.col2im_ste(wide[:, :dcols.shape[1]], x.shape, ks, stride, padding, dilation, target=target)
-    torch.testing.assert_close(got, folded, rtol=1e-6, atol=1e-6)
-
-
 def test_preprocessing_kernels_build_for_aarch64():
     """Every preprocessing generator emits an object for a NEON target (no x86-only intrinsic
-    leaks out of its Target.has guard); running it is issue 5's qemu check."""
-    from fqt_compiler.codegen import col2im as col2im_gen, pack as pack_gen, quantize as quantize_gen
+    leaks out of its Target.has guard); tests/test_cross.py runs them under qemu."""
+    from fqt_compiler.codegen import pack as pack_gen, quantize as quantize_gen
     from fqt_compiler.runtime.jit import compile_object
     t = get_target("rpi4")
     conv = ((3, 3), (2, 2), (1, 1), (2, 2))
     irs = [pack_gen.sign_pack_ir(t, with_ste=True), pack_gen.unpack_ir(t), pack_gen.padded_rows_ir(t, source="bits"),
            pack_gen.im2col_pack_ir(t, *conv, one_word=False), pack_gen.im2col_pack_t_ir(t, *conv, one_word=True),
            quantize_gen.group_minmax_ir(t, lanes=16), quantize_gen.quantize_pack_ir(t, bits=4),
-           quantize_gen.quantize_pack_rows_ir(t, bits=2), col2im_gen.col2im_ste_ir(t, *conv),
-           pack_gen.transpose_bits_ir(t)]
-    for ir_text in irs:
-        assert compile_object(ir_text, t).startswith(b"\x7fELF")
+           quantize_gen.quantize_pack_rows_ir(t, bits=2), pack_gen.transpose_bits_ir(t)]
+    for kernel in irs:
+        assert compile_object(kernel.text, t).startswith(b"\x7fELF")
 
 
 @pytest.mark.parametrize("target", TARGETS)

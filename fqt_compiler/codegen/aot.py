@@ -27,12 +27,6 @@ from ..runtime import jit
 from ..runtime import kernel_stats as stats
 from .targets import Target, get_target, host_target, runs_on_host
 
-# LLVM IR types of kernel parameters -> C types (the wrappers pass int64 sizes, uint64 keys,
-# float constants and pointers; nothing else appears in a kernel signature).
-_C_TYPES = {"ptr": "void *", "i64": "int64_t", "i32": "int32_t", "float": "float", "double": "double"}
-_CTYPES_C = {"c_void_p": "void *", "c_int64": "int64_t", "c_long": "int64_t", "c_uint64": "uint64_t",
-             "c_ulong": "uint64_t", "c_float": "float", "c_int32": "int32_t", "c_int": "int32_t"}
-
 # gcc that links shared libraries / static executables for a target architecture.
 LINKERS = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "gcc"}
 
@@ -49,10 +43,6 @@ class KernelUse:
     def symbol(self) -> str:
         """Unique exported name: specializations of one family share the generator's symbol."""
         return f"{self.spec.symbol}_{hashlib.sha256(self.spec.ir_text.encode()).hexdigest()[:10]}"
-
-
-def parameter_names(spec: jit.KernelSpec) -> list[str]:
-    return [a.name for a in llvm.parse_assembly(spec.ir_text).get_function(spec.symbol).arguments]
 
 
 def stand_in(spec: jit.KernelSpec, load):
@@ -90,11 +80,9 @@ def record_kernels(model_or_compiled, example_inputs, target) -> list[KernelUse]
             use.layers.append(layer)
         if layer in use.calls:
             return fn
-        names = parameter_names(spec)
-
         def first_call(*args):
-            use.calls.setdefault(layer, {n: a for n, a, t in zip(names, args, spec.argtypes)
-                                         if t.__name__ in ("c_int64", "c_long", "c_float")})
+            use.calls.setdefault(layer, {p.name: a for p, a in zip(spec.abi.params, args)
+                                         if p.kind in ("i64", "f32")})
             return fn(*args)
         return first_call
 
@@ -106,19 +94,8 @@ def record_kernels(model_or_compiled, example_inputs, target) -> list[KernelUse]
 
 
 def c_prototype(use: KernelUse) -> str:
-    """The C declaration of a kernel, from its IR signature (checked against the wrapper's
-    ctypes argument types, which is how the runtime calls it)."""
-    fn = llvm.parse_assembly(use.spec.ir_text).get_function(use.spec.symbol)
-    params = []
-    for arg, ctype in zip(fn.arguments, use.spec.argtypes, strict=True):
-        c = _C_TYPES[str(arg.type)]
-        if ctype.__name__ in ("c_uint64", "c_ulong") and c == "int64_t":
-            c = "uint64_t"          # LLVM integers carry no sign; the wrapper passes the key unsigned
-        if c != _CTYPES_C[ctype.__name__]:
-            raise AssertionError(f"{use.spec.symbol}: IR parameter {arg.name} is {arg.type}, "
-                                 f"the runtime passes {ctype.__name__}")
-        params.append(f"{c}{'' if c.endswith('*') else ' '}{arg.name}")
-    return f"void {use.symbol}({', '.join(params)});"
+    """The C declaration of a kernel under its unique exported symbol."""
+    return use.spec.abi.c_prototype(use.symbol)
 
 
 def combined_module(uses: list[KernelUse], target: Target) -> str:
@@ -212,7 +189,7 @@ def write_kernels(uses: list[KernelUse], target: Target, out_dir) -> Emitted:
 
 
 def _params(spec: jit.KernelSpec) -> str:
-    return ", ".join(str(p) for p in spec.params)
+    return ", ".join(f"{name}={value}" for name, value in spec.options)
 
 
 # --------------------------------------------------------------------------- static performance report

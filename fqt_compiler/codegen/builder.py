@@ -1,9 +1,14 @@
-"""Small llvmlite.ir building blocks for the preprocessing kernel generators.
+"""The one llvmlite.ir vocabulary every kernel generator builds with.
 
+Types, constants, vectors, intrinsics, masked memory operations and a ``Kernel`` (one
+``void`` function of a ``KernelABI`` with named arguments, mutable variables and loops).
 Loop counters and loop-carried state live in allocas of the entry block: LLVM's -O3
 pipeline (SROA/mem2reg) turns them into SSA registers, so the generators read like
 straight-line loops without hand-written phi nodes. Intrinsics with vector types are
 declared as plain functions because ``Module.declare_intrinsic`` rejects vector types.
+Masked loads, stores, gathers and scatters use LLVM's current signature (no alignment
+operand; the alignment is an ``align`` attribute of the pointer argument), so no call
+depends on LLVM's auto-upgrader.
 """
 from __future__ import annotations
 
@@ -11,9 +16,24 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
+from .abi import KernelABI, KernelIR
+from .targets import Target
+
 I1, I8, I32, I64, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 PTR = ir.PointerType()
 VOID = ir.VoidType()
+
+
+def new_module(target: Target, name: str = "") -> ir.Module:
+    """An empty module for ``target``'s triple."""
+    m = ir.Module(name=name)
+    m.triple = target.triple
+    return m
+
+
+def i64(v: int) -> ir.Constant:
+    """An i64 constant; values in [2^63, 2^64) are taken as their two's complement."""
+    return ir.Constant(I64, v - (1 << 64) if v >= 1 << 63 else v)
 
 
 def vec(n: int, elem=I64) -> ir.VectorType:
@@ -25,6 +45,11 @@ def const_vec(n: int, values, elem=I64) -> ir.Constant:
     return ir.Constant(vec(n, elem), values)
 
 
+def const_splat(ty: ir.VectorType, value) -> ir.Constant:
+    """A constant of vector type ``ty`` with every lane ``value``."""
+    return const_vec(ty.count, value, ty.element)
+
+
 def intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
     fn = module.globals.get(name)
     if fn is None:
@@ -32,16 +57,41 @@ def intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
     return fn
 
 
+def call(b: ir.IRBuilder, name: str, ret, args: list[ir.Value]) -> ir.Value:
+    """Call intrinsic ``name`` (declared on first use) with ``args``."""
+    return b.call(intrinsic(b.module, name, ret, *[a.type for a in args]), args)
+
+
+def splat(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
+    """``<n x T>`` with every lane ``value``."""
+    one = b.insert_element(ir.Constant(vec(n, value.type), ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(one, ir.Constant(vec(n, value.type), ir.Undefined),
+                            ir.Constant(vec(n, I32), [0] * n))
+
+
+def gep(b: ir.IRBuilder, base, index, elem=F32, *, inbounds: bool = False) -> ir.Value:
+    """``&base[index]`` for elements of type ``elem``."""
+    return b.gep(base, [index], inbounds=inbounds, source_etype=elem)
+
+
+def smin(b: ir.IRBuilder, x, y):
+    return b.select(b.icmp_signed("<", x, y), x, y)
+
+
 class Kernel:
-    """One ``void`` kernel function: named arguments, entry-block variables, loops.
+    """One ``void symbol(params)`` kernel function: named arguments, entry-block variables,
+    loops. ``params`` is ``[(name, kind), ...]`` (kinds of ``abi.KINDS``): the kernel's ABI,
+    written once, here.
 
-    ``k.arg["x"]`` is an argument; ``k.b`` the builder positioned in the body."""
+    ``k.arg["x"]`` is an argument; ``k.b`` the builder positioned in the body; ``finish()``
+    closes the function and returns the module as ``KernelIR``."""
 
-    def __init__(self, module: ir.Module, name: str, args: list[tuple[str, ir.Type]]):
+    def __init__(self, module: ir.Module, symbol: str, params):
         self.module = module
-        self.fn = ir.Function(module, ir.FunctionType(VOID, [t for _, t in args]), name)
+        self.abi = abi = KernelABI.of(symbol, params)
+        self.fn = ir.Function(module, abi.function_type, abi.symbol)
         self.arg = {}
-        for (n, _), a in zip(args, self.fn.args):
+        for n, a in zip(abi.names, self.fn.args):
             a.name = n
             self.arg[n] = a
         for a in self.fn.args:
@@ -68,8 +118,7 @@ class Kernel:
     def loop(self, start, stop, step=1):
         """``for i in range(start, stop, step)`` (signed i64, step > 0); yields ``i``."""
         b = self.b
-        start = start if isinstance(start, ir.Value) else ir.Constant(I64, start)
-        stop = stop if isinstance(stop, ir.Value) else ir.Constant(I64, stop)
+        start, stop, step = (v if isinstance(v, ir.Value) else ir.Constant(I64, v) for v in (start, stop, step))
         slot = self.var(I64, start)
         head = self.fn.append_basic_block("loop")
         body = self.fn.append_basic_block("loop.body")
@@ -80,12 +129,12 @@ class Kernel:
         b.cbranch(b.icmp_signed("<", i, stop), body, done)
         b.position_at_end(body)
         yield i
-        b.store(b.add(i, ir.Constant(I64, step)), slot)
+        b.store(b.add(i, step), slot)
         b.branch(head)
         b.position_at_end(done)
 
     def gep(self, base, index, elem=F32) -> ir.Value:
-        return self.b.gep(base, [index], source_etype=elem)
+        return gep(self.b, base, index, elem)
 
     def vgep(self, base: ir.Value, index: ir.Value, elem_bytes: int) -> ir.Value:
         """A vector of pointers ``base + index * elem_bytes`` (llvmlite's ``gep`` cannot
@@ -96,18 +145,16 @@ class Kernel:
         return b.inttoptr(b.add(start, b.mul(index, const_vec(n, elem_bytes))), vec(n, PTR))
 
     def splat(self, value: ir.Value, n: int) -> ir.Value:
-        b = self.b
-        one = b.insert_element(ir.Constant(vec(n, value.type), ir.Undefined), value, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, ir.Constant(vec(n, value.type), ir.Undefined),
-                                ir.Constant(vec(n, I32), [0] * n))
+        return splat(self.b, value, n)
 
     def call(self, name: str, ret, args: list[ir.Value]) -> ir.Value:
-        return self.b.call(intrinsic(self.module, name, ret, *[a.type for a in args]), args)
+        return call(self.b, name, ret, args)
 
-    def finish(self) -> None:
+    def finish(self) -> KernelIR:
         self.b.ret_void()
         with self.b.goto_block(self._entry):
             self.b.branch(self.fn.basic_blocks[1])
+        return KernelIR(self.abi, str(self.module))
 
 
 def vsuffix(t: ir.Type) -> str:
@@ -121,20 +168,41 @@ def vsuffix(t: ir.Type) -> str:
     return f"i{t.width}"
 
 
-def masked_load(k: Kernel, ptrs_or_base, mask: ir.Value, passthru: ir.Value, *, gather: bool) -> ir.Value:
-    """Load the lanes of ``mask`` from a base pointer (contiguous) or a vector of pointers."""
+def _aligned(instr, index: int, align: int | None, elem: ir.Type):
+    """Mark pointer argument ``index`` of a masked memory intrinsic call as ``align``-aligned
+    (default: the element size, what every tensor's data pointer guarantees)."""
+    attrs = ir.values.ArgumentAttributes()
+    attrs.align = align or (4 if isinstance(elem, ir.FloatType) else elem.width // 8)
+    instr.arg_attributes[index] = attrs
+    return instr
+
+
+def masked_load(b: ir.IRBuilder, ptr: ir.Value, mask: ir.Value, passthru: ir.Value, *,
+                align: int | None = None) -> ir.Value:
+    """The lanes of ``mask`` of a contiguous vector at ``ptr``, ``passthru`` elsewhere."""
     t = passthru.type
-    align = ir.Constant(I32, 4)
-    if gather:
-        name = f"llvm.masked.gather.{vsuffix(t)}.{vsuffix(ptrs_or_base.type)}"
-    else:
-        name = f"llvm.masked.load.{vsuffix(t)}.p0"
-    return k.call(name, t, [ptrs_or_base, align, mask, passthru])
+    return _aligned(call(b, f"llvm.masked.load.{vsuffix(t)}.p0", t, [ptr, mask, passthru]), 0, align, t.element)
 
 
-def masked_scatter(k: Kernel, value: ir.Value, ptrs: ir.Value, mask: ir.Value) -> None:
-    name = f"llvm.masked.scatter.{vsuffix(value.type)}.{vsuffix(ptrs.type)}"
-    k.call(name, VOID, [value, ptrs, ir.Constant(I32, 8), mask])
+def masked_gather(b: ir.IRBuilder, ptrs: ir.Value, mask: ir.Value, passthru: ir.Value, *,
+                  align: int | None = None) -> ir.Value:
+    """The lanes of ``mask`` loaded through a vector of pointers, ``passthru`` elsewhere."""
+    t = passthru.type
+    name = f"llvm.masked.gather.{vsuffix(t)}.{vsuffix(ptrs.type)}"
+    return _aligned(call(b, name, t, [ptrs, mask, passthru]), 0, align, t.element)
+
+
+def masked_store(b: ir.IRBuilder, value: ir.Value, ptr: ir.Value, mask: ir.Value, *,
+                 align: int | None = None) -> None:
+    t = value.type
+    _aligned(call(b, f"llvm.masked.store.{vsuffix(t)}.p0", VOID, [value, ptr, mask]), 1, align, t.element)
+
+
+def masked_scatter(b: ir.IRBuilder, value: ir.Value, ptrs: ir.Value, mask: ir.Value, *,
+                   align: int | None = None) -> None:
+    t = value.type
+    name = f"llvm.masked.scatter.{vsuffix(t)}.{vsuffix(ptrs.type)}"
+    _aligned(call(b, name, VOID, [value, ptrs, mask]), 1, align, t.element)
 
 
 def low_mask(k: Kernel, nbits: ir.Value) -> ir.Value:

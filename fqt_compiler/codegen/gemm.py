@@ -42,11 +42,10 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
+from .abi import KernelIR
+from .builder import (F32, I8, I32, I64, PTR, Kernel, const_splat, gep, i64, intrinsic, masked_load,
+                      masked_scatter, masked_store, new_module, smin, splat, vec)
 from .targets import Target, get_target
-
-I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-PTR = ir.PointerType()
-VOID = ir.VoidType()
 
 EPILOGUES = ("int32", "scale", "scale_bias")
 BITS = (1, 2, 4, 8)
@@ -120,21 +119,6 @@ def vector_word_choices(target: str | Target) -> tuple[int, ...]:
     return tuple(w for w in (2, 4, 8) if w * 64 <= max(128, t.vector_bits))
 
 
-def _vec(n: int, elem=I64) -> ir.VectorType:
-    return ir.VectorType(elem, n)
-
-
-def _intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
-    fn = module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(module, ir.FunctionType(ret, list(args)), name)
-    return fn
-
-
-def _splat(ty: ir.VectorType, value: int) -> ir.Constant:
-    return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
-
-
 class _Popcount:
     """Accumulates popcounts of ``words``-word vectors.
 
@@ -149,37 +133,37 @@ class _Popcount:
         self.words = words or allowed[-1]
         if self.words not in allowed:
             raise ValueError(f"vector_words={words}: target {target.name!r} takes one of {allowed}")
-        self.word_vec = _vec(self.words)
+        self.word_vec = vec(self.words)
         nbytes = self.words * 8
-        self.byte_vec = _vec(nbytes, I8)
+        self.byte_vec = vec(nbytes, I8)
         if target.native_vector_popcount:
             # vpopcntq: one instruction per 64-bit lane, accumulate lanes directly.
             self.kind, self.chunk = "lanes", None
             self.narrow = self.wide = self.word_vec
         elif target.is_aarch64 and target.has("dotprod"):
             self.kind, self.chunk = "udot", None
-            self.narrow = self.wide = _vec(4, I32)
+            self.narrow = self.wide = vec(4, I32)
         else:
             # A byte lane holds at most 255: 31 steps of at most 8 set bits.
             self.kind, self.chunk = "bytes", 31
             self.narrow = self.byte_vec
-            self.wide = self.word_vec if self.x86 else _vec(4, I32)
+            self.wide = self.word_vec if self.x86 else vec(4, I32)
 
     def zero(self, ty):
         return ir.Constant(ty, None)
 
     def step(self, b: ir.IRBuilder, acc, x):
         if self.kind == "lanes":
-            pop = b.call(_intrinsic(self.module, f"llvm.ctpop.v{self.words}i64", self.word_vec,
+            pop = b.call(intrinsic(self.module, f"llvm.ctpop.v{self.words}i64", self.word_vec,
                                     self.word_vec), [x])
             return b.add(acc, pop)
         bytes_ = b.bitcast(x, self.byte_vec)
-        pop = b.call(_intrinsic(self.module, f"llvm.ctpop.v{self.byte_vec.count}i8", self.byte_vec,
+        pop = b.call(intrinsic(self.module, f"llvm.ctpop.v{self.byte_vec.count}i8", self.byte_vec,
                                 self.byte_vec), [bytes_])
         if self.kind == "udot":
-            udot = _intrinsic(self.module, "llvm.aarch64.neon.udot.v4i32.v16i8", self.narrow,
+            udot = intrinsic(self.module, "llvm.aarch64.neon.udot.v4i32.v16i8", self.narrow,
                               self.narrow, self.byte_vec, self.byte_vec)
-            return b.call(udot, [acc, pop, _splat(self.byte_vec, 1)])
+            return b.call(udot, [acc, pop, const_splat(self.byte_vec, 1)])
         return b.add(acc, pop)
 
     def flush(self, b: ir.IRBuilder, wide, narrow):
@@ -189,13 +173,13 @@ class _Popcount:
             n = self.byte_vec.count
             name = {16: "llvm.x86.sse2.psad.bw", 32: "llvm.x86.avx2.psad.bw",
                     64: "llvm.x86.avx512.psad.bw.512"}[n]
-            sad = b.call(_intrinsic(self.module, name, self.word_vec, self.byte_vec, self.byte_vec),
+            sad = b.call(intrinsic(self.module, name, self.word_vec, self.byte_vec, self.byte_vec),
                          [narrow, self.zero(self.byte_vec)])
             return b.add(wide, sad)
-        v8i16 = _vec(8, ir.IntType(16))
-        l1 = b.call(_intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v8i16.v16i8", v8i16,
+        v8i16 = vec(8, ir.IntType(16))
+        l1 = b.call(intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v8i16.v16i8", v8i16,
                                self.byte_vec), [narrow])
-        l2 = b.call(_intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v4i32.v8i16", self.wide,
+        l2 = b.call(intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v4i32.v8i16", self.wide,
                                v8i16), [l1])
         return b.add(wide, l2)
 
@@ -204,62 +188,14 @@ class _Popcount:
         halves of a word: one more pairwise widening add)."""
         if wide.type == self.word_vec:
             return wide
-        fn = _intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v2i64.v4i32", self.word_vec, self.wide)
+        fn = intrinsic(self.module, "llvm.aarch64.neon.uaddlp.v2i64.v4i32", self.word_vec, self.wide)
         return b.call(fn, [wide])
 
     def total(self, b: ir.IRBuilder, wide):
         et = self.wide.element
-        red = b.call(_intrinsic(self.module, f"llvm.vector.reduce.add.v{self.wide.count}{et}", et,
+        red = b.call(intrinsic(self.module, f"llvm.vector.reduce.add.v{self.wide.count}{et}", et,
                                 self.wide), [wide])
         return red if et == I64 else b.zext(red, I64)
-
-
-# --------------------------------------------------------------------------- loop helpers
-
-class _Loop:
-    """``for i in range(start, stop, step)`` with the induction variable in an alloca
-    (SROA turns it into a phi); use as ``with _Loop(...) as i:``."""
-
-    def __init__(self, b: ir.IRBuilder, start, stop, step, name: str):
-        self.b, self.start, self.stop, self.step, self.name = b, start, stop, step, name
-
-    def __enter__(self):
-        b = self.b
-        fn = b.function
-        self.var = _alloca(b, I64, f"{self.name}.var")
-        b.store(self.start, self.var)
-        self.cond = fn.append_basic_block(f"{self.name}.cond")
-        self.body = fn.append_basic_block(f"{self.name}.body")
-        self.end = fn.append_basic_block(f"{self.name}.end")
-        b.branch(self.cond)
-        b.position_at_end(self.cond)
-        i = b.load(self.var)
-        b.cbranch(b.icmp_signed("<", i, self.stop), self.body, self.end)
-        b.position_at_end(self.body)
-        return b.load(self.var)
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            b = self.b
-            b.store(b.add(b.load(self.var), self.step), self.var)
-            b.branch(self.cond)
-            b.position_at_end(self.end)
-
-
-def _alloca(b: ir.IRBuilder, ty, name: str = ""):
-    # Allocas in the entry block are what SROA promotes to registers.
-    with b.goto_entry_block():
-        if b.block.instructions:
-            b.position_before(b.block.instructions[0])
-        return b.alloca(ty, name=name)
-
-
-def _smin(b, x, y):
-    return b.select(b.icmp_signed("<", x, y), x, y)
-
-
-def _const(v: int):
-    return ir.Constant(I64, v)
 
 
 def _load_words(b, pop: _Popcount, base, row, ld, word):
@@ -270,7 +206,7 @@ def _load_words(b, pop: _Popcount, base, row, ld, word):
 
 
 def _at(b, base, idx, elem):
-    return b.gep(base, [idx], inbounds=True, source_etype=elem)
+    return gep(b, base, idx, elem, inbounds=True)
 
 
 def _if(b: ir.IRBuilder, cond):
@@ -310,31 +246,33 @@ class _Epilogue:
                             # whole tile (``totals[i][j]``: row m + i, columns ns[j] + lane)
 
 
-def _gemm_body(b: ir.IRBuilder, pop: _Popcount, tile: Tile, ops: _Operands, *, planes: int,
+def _gemm_body(kern: Kernel, pop: _Popcount, tile: Tile, ops: _Operands, *, planes: int,
                combine: str, epilogue: _Epilogue):
     """Emit the blocked loop nest; ``combine`` is ``xor`` or ``and``."""
-    V = _const(pop.words)
-    with _Loop(b, _const(0), ops.words, ops.kc, "kb") as k0:
-        k1 = _smin(b, b.add(k0, ops.kc), ops.words)
-        first = b.icmp_signed("==", k0, _const(0))
+    b = kern.b
+    V = i64(pop.words)
+    with kern.loop(i64(0), ops.words, ops.kc) as k0:
+        k1 = smin(b, b.add(k0, ops.kc), ops.words)
+        first = b.icmp_signed("==", k0, i64(0))
         last = b.icmp_signed("==", k1, ops.words)
-        with _Loop(b, ops.n0, ops.n1, ops.nc, "nb") as nb:
-            nb1 = _smin(b, b.add(nb, ops.nc), ops.n1)
-            with _Loop(b, ops.m0, ops.m1, _const(tile.mr), "m") as m:
-                rows = [_smin(b, b.add(m, _const(i)), b.sub(ops.m1, _const(1))) for i in range(tile.mr)]
-                with _Loop(b, nb, nb1, _const(tile.nr), "n") as n:
-                    cols = [_smin(b, b.add(n, _const(j)), b.sub(ops.n1, _const(1)))
+        with kern.loop(ops.n0, ops.n1, ops.nc) as nb:
+            nb1 = smin(b, b.add(nb, ops.nc), ops.n1)
+            with kern.loop(ops.m0, ops.m1, i64(tile.mr)) as m:
+                rows = [smin(b, b.add(m, i64(i)), b.sub(ops.m1, i64(1))) for i in range(tile.mr)]
+                with kern.loop(nb, nb1, i64(tile.nr)) as n:
+                    cols = [smin(b, b.add(n, i64(j)), b.sub(ops.n1, i64(1)))
                             for j in range(tile.nr)]
-                    totals = _tile_kernel(b, pop, tile, ops, rows, cols, k0, k1, V, planes, combine)
+                    totals = _tile_kernel(kern, pop, tile, ops, rows, cols, k0, k1, V, planes, combine)
                     _tile_store(b, tile, ops, m, n, totals, first, last, epilogue)
 
 
-def _plane_sums(b, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes: int, k0, k1,
+def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes: int, k0, k1,
                 words_per_step: int, k_steps):
     """``rows x cols`` wide accumulators (allocas) of ``sum_t 2^t popcount`` over words
     ``[k0, k1)``; ``k_steps(a_base, c0, c1, accs)`` emits the K loop over one plane into
     ``accs``, narrow ones flushed every ``pop.chunk`` steps where the scheme needs it."""
-    wide = [[_alloca(b, pop.wide, f"acc{i}_{j}") for j in range(cols)] for i in range(rows)]
+    b = kern.b
+    wide = [[kern.var(pop.wide, name=f"acc{i}_{j}") for j in range(cols)] for i in range(rows)]
     for row in wide:
         for w in row:
             b.store(pop.zero(pop.wide), w)
@@ -344,30 +282,32 @@ def _plane_sums(b, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes:
         if t != planes - 1:
             for row in wide:
                 for w in row:
-                    b.store(b.shl(b.load(w), _splat(pop.wide, 1)), w)
-        a_base = b.gep(ops.a, [b.mul(ops.plane_stride, _const(t))], inbounds=True, source_etype=I64)
+                    b.store(b.shl(b.load(w), const_splat(pop.wide, 1)), w)
+        a_base = b.gep(ops.a, [b.mul(ops.plane_stride, i64(t))], inbounds=True, source_etype=I64)
         if pop.chunk is None:
             k_steps(a_base, k0, k1, wide)
             continue
-        narrow = [[_alloca(b, pop.narrow, f"nacc{i}_{j}") for j in range(cols)] for i in range(rows)]
-        span = _const(pop.chunk * words_per_step)
-        with _Loop(b, k0, k1, span, f"chunk{t}") as c0:
+        narrow = [[kern.var(pop.narrow, name=f"nacc{i}_{j}") for j in range(cols)] for i in range(rows)]
+        span = i64(pop.chunk * words_per_step)
+        with kern.loop(k0, k1, span) as c0:
             for row in narrow:
                 for w in row:
                     b.store(pop.zero(pop.narrow), w)
-            k_steps(a_base, c0, _smin(b, b.add(c0, span), k1), narrow)
+            k_steps(a_base, c0, smin(b, b.add(c0, span), k1), narrow)
             for i in range(rows):
                 for j in range(cols):
                     b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
     return wide
 
 
-def _tile_kernel(b, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, k1, V, planes,
+def _tile_kernel(kern: Kernel, pop: _Popcount, tile: Tile, ops: _Operands, rows, cols, k0, k1, V, planes,
                  combine):
-    def k_steps(a_base, c0, c1, accs):
-        _k_steps(b, pop, tile, ops, a_base, rows, cols, c0, c1, V, combine, accs)
+    b = kern.b
 
-    wide = _plane_sums(b, pop, ops, tile.mr, tile.nr, planes, k0, k1, pop.words, k_steps)
+    def k_steps(a_base, c0, c1, accs):
+        _k_steps(kern, pop, tile, ops, a_base, rows, cols, c0, c1, V, combine, accs)
+
+    wide = _plane_sums(kern, pop, ops, tile.mr, tile.nr, planes, k0, k1, pop.words, k_steps)
     lanes = pop.wide.count
     zero = pop.zero(pop.wide)
     totals = []
@@ -396,7 +336,7 @@ def _transpose_sum(b: ir.IRBuilder, vecs: list):
             else:
                 first.append(lanes + base + off - h)
                 second.append(lanes + base + off)
-        mask_a, mask_b = (ir.Constant(_vec(lanes, I32), m) for m in (first, second))
+        mask_a, mask_b = (ir.Constant(vec(lanes, I32), m) for m in (first, second))
         vecs = [b.add(b.shuffle_vector(x, y, mask_a), b.shuffle_vector(x, y, mask_b))
                 for x, y in zip(vecs[0::2], vecs[1::2])]
         h *= 2
@@ -404,35 +344,12 @@ def _transpose_sum(b: ir.IRBuilder, vecs: list):
 
 
 def _to_i32(b, v):
-    return v if v.type.element == I32 else b.trunc(v, _vec(v.type.count, I32))
+    return v if v.type.element == I32 else b.trunc(v, vec(v.type.count, I32))
 
 
-def _suffix(elem) -> str:
-    return "f32" if elem == F32 else str(elem)
-
-
-def _masked_load(b, ty: ir.VectorType, ptr, mask):
-    fn = _intrinsic(b.module, f"llvm.masked.load.v{ty.count}{_suffix(ty.element)}.p0", ty, PTR,
-                    mask.type, ty)
-    return b.call(fn, [ptr, mask, ir.Constant(ty, None)])
-
-
-def _masked_store(b, value, ptr, mask):
-    ty = value.type
-    fn = _intrinsic(b.module, f"llvm.masked.store.v{ty.count}{_suffix(ty.element)}.p0", VOID, ty,
-                    PTR, mask.type)
-    b.call(fn, [value, ptr, mask])
-
-
-def _masked_scatter(b, value, ptrs, mask):
-    ty = value.type
-    fn = _intrinsic(b.module, f"llvm.masked.scatter.v{ty.count}{_suffix(ty.element)}.v{ty.count}p0",
-                    VOID, ty, ptrs.type, mask.type)
-    b.call(fn, [value, ptrs, mask])
-
-
-def _k_steps(b, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, accs):
-    with _Loop(b, k0, k1, V, "k") as k:
+def _k_steps(kern: Kernel, pop, tile, ops, a_base, rows, cols, k0, k1, V, combine, accs):
+    b = kern.b
+    with kern.loop(k0, k1, V) as k:
         av = [_load_words(b, pop, a_base, r, ops.lda, k) for r in rows]
         for j, c in enumerate(cols):
             bv = _load_words(b, pop, ops.b, c, ops.ldb, k)
@@ -445,24 +362,24 @@ def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
     """Store the tile a vector of ``lanes`` outputs of a row at a time; masks drop the lanes
     past the tile's ``nr`` columns or past ``n1``; rows past ``m1`` are skipped."""
     lanes = totals[0][0].type.count
-    v32 = _vec(lanes, I32)
+    v32 = vec(lanes, I32)
     lane_ids = ir.Constant(v32, list(range(lanes)))
-    n1 = _splat_value(b, b.trunc(ops.n1, I32), lanes)
+    n1 = splat(b, b.trunc(ops.n1, I32), lanes)
     for i in range(tile.mr):
-        mi = b.add(m, _const(i))
+        mi = b.add(m, i64(i))
         with _if(b, b.icmp_signed("<", mi, ops.m1)):
             row = epilogue.row(b, mi)
             for g, total in enumerate(totals[i]):
-                ng = b.add(n, _const(g * lanes))
-                in_tile = b.icmp_signed("<", lane_ids, _splat(v32, tile.nr - g * lanes))
-                cols = b.add(_splat_value(b, b.trunc(ng, I32), lanes), lane_ids)
+                ng = b.add(n, i64(g * lanes))
+                in_tile = b.icmp_signed("<", lane_ids, const_splat(v32, tile.nr - g * lanes))
+                cols = b.add(splat(b, b.trunc(ng, I32), lanes), lane_ids)
                 mask = b.and_(in_tile, b.icmp_signed("<", cols, n1))
                 ptr = _at(b, ops.partial, b.add(b.mul(mi, ops.ldp), ng), I32)
                 with b.if_else(first) as (then, otherwise):
                     with then:
                         first_block = b.block
                     with otherwise:
-                        with_partial = b.add(total, _masked_load(b, v32, ptr, mask))
+                        with_partial = b.add(total, masked_load(b, ptr, mask, ir.Constant(v32, None)))
                         later_block = b.block
                 full = b.phi(v32)
                 full.add_incoming(total, first_block)
@@ -471,10 +388,10 @@ def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
                     with then:
                         epilogue.store(b, row, ng, full, mask)
                     with otherwise:
-                        _masked_store(b, full, ptr, mask)
+                        masked_store(b, full, ptr, mask)
 
 
-def _panel_body(b: ir.IRBuilder, pop: _Popcount, tile: PanelTile, ops: _Operands, *, planes: int,
+def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *, planes: int,
                 combine: str, epilogue: _Epilogue):
     """The across-N kernel: vectors hold ``L`` output columns (one 64-bit lane each) instead
     of ``L`` words of one column, so a tile needs no horizontal reduction and a K of a few
@@ -484,46 +401,47 @@ def _panel_body(b: ir.IRBuilder, pop: _Popcount, tile: PanelTile, ops: _Operands
     step broadcasts one word of each of the ``mr`` A rows (AVX-512 folds it into the
     XOR/AND as a ``{1to8}`` memory operand) against ``nv`` B vectors. ``kc``, ``nc`` and
     ``ldp`` are unused; ``words`` need not be a multiple of the vector width."""
+    b = kern.b
     L = pop.words
-    lanes = _const(L)
+    lanes = i64(L)
     panel = ops.partial
     width = b.sub(ops.n1, ops.n0)
-    NP = b.mul(b.sdiv(b.add(width, _const(L - 1)), lanes), lanes)
-    with _Loop(b, _const(0), NP, _const(1), "pj") as j:
+    NP = b.mul(b.sdiv(b.add(width, i64(L - 1)), lanes), lanes)
+    with kern.loop(i64(0), NP, i64(1)) as j:
         inside = b.icmp_signed("<", j, width)
-        src_row = b.add(ops.n0, _smin(b, j, b.sub(width, _const(1))))
-        with _Loop(b, _const(0), ops.words, _const(1), "pk") as k:
+        src_row = b.add(ops.n0, smin(b, j, b.sub(width, i64(1))))
+        with kern.loop(i64(0), ops.words, i64(1)) as k:
             word = b.load(_at(b, ops.b, b.add(b.mul(src_row, ops.ldb), k), I64), typ=I64)
-            b.store(b.select(inside, word, _const(0)), _at(b, panel, b.add(b.mul(k, NP), j), I64))
-    step = _const(tile.mr)
-    lane_ids = ir.Constant(_vec(L, I32), list(range(L)))
-    with _Loop(b, ops.m0, ops.m1, step, "m") as m:
-        rows = [_smin(b, b.add(m, _const(i)), b.sub(ops.m1, _const(1))) for i in range(tile.mr)]
-        with _Loop(b, _const(0), NP, _const(tile.nv * L), "nb") as nb:
+            b.store(b.select(inside, word, i64(0)), _at(b, panel, b.add(b.mul(k, NP), j), I64))
+    step = i64(tile.mr)
+    lane_ids = ir.Constant(vec(L, I32), list(range(L)))
+    with kern.loop(ops.m0, ops.m1, step) as m:
+        rows = [smin(b, b.add(m, i64(i)), b.sub(ops.m1, i64(1))) for i in range(tile.mr)]
+        with kern.loop(i64(0), NP, i64(tile.nv * L)) as nb:
             # Column vectors past NP are clamped onto the last one: recomputed, stored twice.
-            cols = [_smin(b, b.add(nb, _const(j * L)), b.sub(NP, lanes)) for j in range(tile.nv)]
+            cols = [smin(b, b.add(nb, i64(j * L)), b.sub(NP, lanes)) for j in range(tile.nv)]
 
             def k_steps(a_base, c0, c1, accs):
-                with _Loop(b, c0, c1, _const(1), "k") as k:
+                with kern.loop(c0, c1, i64(1)) as k:
                     row_k = b.mul(k, NP)
                     bv = [b.load(_at(b, panel, b.add(row_k, c), I64), typ=pop.word_vec, align=8)
                           for c in cols]
                     for i, r in enumerate(rows):
                         word = b.load(_at(b, a_base, b.add(b.mul(r, ops.lda), k), I64), typ=I64)
-                        av = _splat_value(b, word, L)
+                        av = splat(b, word, L)
                         for j in range(tile.nv):
                             x = b.xor(av, bv[j]) if combine == "xor" else b.and_(av, bv[j])
                             b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])
 
-            wide = _plane_sums(b, pop, ops, tile.mr, tile.nv, planes, _const(0), ops.words, 1, k_steps)
+            wide = _plane_sums(kern, pop, ops, tile.mr, tile.nv, planes, i64(0), ops.words, 1, k_steps)
             totals = [[_to_i32(b, pop.per_word(b, b.load(w))) for w in row] for row in wide]
             ns = [b.add(ops.n0, c) for c in cols]
-            masks = [b.icmp_signed("<", lane_ids, _splat_value(b, b.trunc(b.sub(ops.n1, n), I32), L))
+            masks = [b.icmp_signed("<", lane_ids, splat(b, b.trunc(b.sub(ops.n1, n), I32), L))
                      for n in ns]
 
             def by_rows():
                 for i in range(tile.mr):
-                    mi = b.add(m, _const(i))
+                    mi = b.add(m, i64(i))
                     with _if(b, b.icmp_signed("<", mi, ops.m1)):
                         row = epilogue.row(b, mi)
                         for j, n in enumerate(ns):
@@ -535,23 +453,11 @@ def _panel_body(b: ir.IRBuilder, pop: _Popcount, tile: PanelTile, ops: _Operands
                 epilogue.tile(b, m, ns, totals, masks, by_rows)
 
 
-def _splat_value(b, x, lanes: int):
-    v = b.insert_element(ir.Constant(_vec(lanes, x.type), None), x, ir.Constant(I32, 0))
-    return b.shuffle_vector(v, v, ir.Constant(_vec(lanes, I32), [0] * lanes))
-
-
-def _define(target: Target, name: str, params: list[tuple[str, ir.Type]], vector_words: int | None):
-    """A module holding one ``void name(params)`` kernel: ``(module, popcount scheme, builder
-    at the entry block, {param name: argument})``."""
-    module = ir.Module()
-    module.triple = target.triple
-    fn = ir.Function(module, ir.FunctionType(VOID, [t for _, t in params]), name)
-    for arg, (pname, _) in zip(fn.args, params):
-        arg.name = pname
-        if isinstance(arg.type, ir.PointerType):
-            arg.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-    return module, _Popcount(target, module, vector_words), b, {a.name: a for a in fn.args}
+def _define(target: Target, name: str, params: list[tuple[str, str]], vector_words: int | None):
+    """One ``void name(params)`` kernel in a new module: ``(kernel, popcount scheme, builder,
+    {param name: argument})``."""
+    kern = Kernel(new_module(target), name, params)
+    return kern, _Popcount(target, kern.module, vector_words), kern.b, kern.arg
 
 
 def _operands(p: dict, a, plane_stride) -> _Operands:
@@ -559,8 +465,8 @@ def _operands(p: dict, a, plane_stride) -> _Operands:
                      p["n1"], p["words"], p["kc"], p["nc"], p["partial"], p["ldp"])
 
 
-_BLOCKING = [("words", I64), ("kc", I64), ("nc", I64), ("partial", PTR), ("ldp", I64)]
-_RANGE = [("m0", I64), ("m1", I64), ("n0", I64), ("n1", I64)]
+_BLOCKING = [("words", "i64"), ("kc", "i64"), ("nc", "i64"), ("partial", "ptr"), ("ldp", "i64")]
+_RANGE = [("m0", "i64"), ("m1", "i64"), ("n0", "i64"), ("n1", "i64")]
 
 
 # --------------------------------------------------------------------------- kernel families
@@ -570,8 +476,8 @@ def _body(tile):
 
 
 def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | None = None,
-                   epilogue: str = "int32", vector_words: int | None = None) -> tuple[str, str]:
-    """IR of the ±1 x ±1 GEMM kernel; returns ``(symbol, ir_text)``.
+                   epilogue: str = "int32", vector_words: int | None = None) -> KernelIR:
+    """IR of the ±1 x ±1 GEMM kernel; returns its ``KernelIR``.
 
     ``void symbol(a, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial, ldp, k,
     out, hw, s_blk, s_row, s_col, scale, bias)`` computes outputs ``[m0, m1) x [n0, n1)`` of
@@ -586,25 +492,26 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue {epilogue!r}: expected one of {EPILOGUES}")
     name = f"fqt_binary_gemm_{epilogue}_{tile}_v{vector_words or vector_word_choices(target)[-1]}"
-    params = ([("a", PTR), ("lda", I64), ("b", PTR), ("ldb", I64)] + _RANGE + _BLOCKING
-              + [("k", I64), ("out", PTR), ("hw", I64), ("s_blk", I64), ("s_row", I64),
-                 ("s_col", I64), ("scale", PTR), ("bias", PTR)])
-    module, pop, b, p = _define(target, name, params, vector_words)
-    ops = _operands(p, p["a"], _const(0))
+    params = ([("a", "ptr"), ("lda", "i64"), ("b", "ptr"), ("ldb", "i64")] + _RANGE + _BLOCKING
+              + [("k", "i64"), ("out", "ptr"), ("hw", "i64"), ("s_blk", "i64"), ("s_row", "i64"),
+                 ("s_col", "i64"), ("scale", "ptr"), ("bias", "ptr")])
+    kern, pop, b, p = _define(target, name, params, vector_words)
+    ops = _operands(p, p["a"], i64(0))
 
     def row(b, m):
         return b.add(b.mul(b.sdiv(m, p["hw"]), p["s_blk"]), b.mul(b.srem(m, p["hw"]), p["s_row"]))
 
     def value(b, n, pop_sum, mask):
         lanes = pop_sum.type.count
-        k = _splat_value(b, b.trunc(p["k"], I32), lanes)
-        dot = b.sub(k, b.shl(pop_sum, _splat(pop_sum.type, 1)))
+        k = splat(b, b.trunc(p["k"], I32), lanes)
+        dot = b.sub(k, b.shl(pop_sum, const_splat(pop_sum.type, 1)))
         if epilogue == "int32":
             return dot
-        ftype = _vec(lanes, F32)
-        value = b.fmul(b.sitofp(dot, ftype), _masked_load(b, ftype, _at(b, p["scale"], n, F32), mask))
+        ftype = vec(lanes, F32)
+        none = ir.Constant(ftype, None)
+        value = b.fmul(b.sitofp(dot, ftype), masked_load(b, _at(b, p["scale"], n, F32), mask, none))
         if epilogue == "scale_bias":
-            value = b.fadd(value, _masked_load(b, ftype, _at(b, p["bias"], n, F32), mask))
+            value = b.fadd(value, masked_load(b, _at(b, p["bias"], n, F32), mask, none))
         return value
 
     def store(b, row_at, n, pop_sum, mask):
@@ -612,15 +519,15 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
         lanes, elem = pop_sum.type.count, value_.type.element
         first = _at(b, p["out"], b.add(row_at, b.mul(n, p["s_col"])), elem)
         # Row-major outputs are contiguous along n; the NCHW layout strides by h' w'.
-        with b.if_else(b.icmp_signed("==", p["s_col"], _const(1))) as (contiguous, strided):
+        with b.if_else(b.icmp_signed("==", p["s_col"], i64(1))) as (contiguous, strided):
             with contiguous:
-                _masked_store(b, value_, first, mask)
+                masked_store(b, value_, first, mask)
             with strided:
-                v64 = _vec(lanes, I64)
-                stride = _splat_value(b, b.mul(p["s_col"], _const(4)), lanes)  # int32 and float32
-                addr = b.add(_splat_value(b, b.ptrtoint(first, I64), lanes),
+                v64 = vec(lanes, I64)
+                stride = splat(b, b.mul(p["s_col"], i64(4)), lanes)  # int32 and float32
+                addr = b.add(splat(b, b.ptrtoint(first, I64), lanes),
                              b.mul(ir.Constant(v64, list(range(lanes))), stride))
-                _masked_scatter(b, value_, b.inttoptr(addr, _vec(lanes, PTR)), mask)
+                masked_scatter(b, value_, b.inttoptr(addr, vec(lanes, PTR)), mask)
 
     def nchw_tile(b, m, ns, totals, masks, by_rows):
         """NCHW: the tile's rows are consecutive h' w' positions of one sample, contiguous in
@@ -629,9 +536,9 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
         writes one element per cycle at best). Rows crossing a sample or past m1: by rows."""
         mr = len(totals)
         hw = p["hw"]
-        fast = b.and_(b.and_(b.icmp_signed("!=", p["s_col"], _const(1)), b.icmp_signed("==", p["s_row"], _const(1))),
-                      b.and_(b.icmp_signed("<=", b.add(m, _const(mr)), p["m1"]),
-                             b.icmp_signed("<=", b.add(b.srem(m, hw), _const(mr)), hw)))
+        fast = b.and_(b.and_(b.icmp_signed("!=", p["s_col"], i64(1)), b.icmp_signed("==", p["s_row"], i64(1))),
+                      b.and_(b.icmp_signed("<=", b.add(m, i64(mr)), p["m1"]),
+                             b.icmp_signed("<=", b.add(b.srem(m, hw), i64(mr)), hw)))
         with b.if_else(fast) as (then, otherwise):
             with then:
                 row_at = row(b, m)
@@ -639,24 +546,23 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
                     values = [value(b, n, totals[i][j], masks[j]) for i in range(mr)]
                     lanes, elem = values[0].type.count, values[0].type.element
                     for lane in range(lanes):
-                        run = ir.Constant(_vec(mr, elem), None)
+                        run = ir.Constant(vec(mr, elem), None)
                         for i in range(mr):
                             run = b.insert_element(run, b.extract_element(values[i], ir.Constant(I32, lane)),
                                                    ir.Constant(I32, i))
-                        at = b.add(row_at, b.mul(b.add(n, _const(lane)), p["s_col"]))
-                        keep = _splat_value(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
-                        _masked_store(b, run, _at(b, p["out"], at, elem), keep)
+                        at = b.add(row_at, b.mul(b.add(n, i64(lane)), p["s_col"]))
+                        keep = splat(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
+                        masked_store(b, run, _at(b, p["out"], at, elem), keep)
             with otherwise:
                 by_rows()
 
-    _body(tile)(b, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store, nchw_tile))
-    b.ret_void()
-    return name, str(module)
+    _body(tile)(kern, pop, tile, ops, planes=1, combine="xor", epilogue=_Epilogue(row, store, nchw_tile))
+    return kern.finish()
 
 
 def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | PanelTile | None = None,
-                     vector_words: int | None = None) -> tuple[str, str]:
-    """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue; ``(symbol, ir_text)``.
+                     vector_words: int | None = None) -> KernelIR:
+    """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue (``KernelIR``).
 
     ``void symbol(planes, plane_stride, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial,
     ldp, out, ldo, row_map, row_scale, row_zero, rowpop, colsum)``: A's plane ``t`` starts
@@ -671,11 +577,11 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
     if bits not in BITS:
         raise ValueError(f"bits={bits}: expected one of {BITS}")
     name = f"fqt_bitplane_gemm_{bits}b_{tile}_v{vector_words or vector_word_choices(target)[-1]}"
-    params = ([("planes", PTR), ("plane_stride", I64), ("lda", I64), ("b", PTR), ("ldb", I64)]
+    params = ([("planes", "ptr"), ("plane_stride", "i64"), ("lda", "i64"), ("b", "ptr"), ("ldb", "i64")]
               + _RANGE + _BLOCKING
-              + [("out", PTR), ("ldo", I64), ("row_map", PTR), ("row_scale", PTR),
-                 ("row_zero", PTR), ("rowpop", PTR), ("colsum", PTR)])
-    module, pop, b, p = _define(target, name, params, vector_words)
+              + [("out", "ptr"), ("ldo", "i64"), ("row_map", "ptr"), ("row_scale", "ptr"),
+                 ("row_zero", "ptr"), ("rowpop", "ptr"), ("colsum", "ptr")])
+    kern, pop, b, p = _define(target, name, params, vector_words)
     ops = _operands(p, p["planes"], p["plane_stride"])
 
     def load(base, idx, ty):
@@ -687,44 +593,42 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
 
     def store(b, row, n, pop_sum, mask):
         lanes = pop_sum.type.count
-        rowpop, scale, zero, row_at = [_splat_value(b, x, lanes) for x in row[:3]] + [row[3]]
-        ftype = _vec(lanes, F32)
-        dot = b.sitofp(b.sub(b.shl(pop_sum, _splat(pop_sum.type, 1)), rowpop), ftype)
-        colsum = _masked_load(b, ftype, _at(b, p["colsum"], n, F32), mask)
+        rowpop, scale, zero, row_at = [splat(b, x, lanes) for x in row[:3]] + [row[3]]
+        ftype = vec(lanes, F32)
+        dot = b.sitofp(b.sub(b.shl(pop_sum, const_splat(pop_sum.type, 1)), rowpop), ftype)
+        colsum = masked_load(b, _at(b, p["colsum"], n, F32), mask, ir.Constant(ftype, None))
         value = b.fadd(b.fmul(scale, dot), b.fmul(zero, colsum))
-        _masked_store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
+        masked_store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
 
-    _body(tile)(b, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
-    b.ret_void()
-    return name, str(module)
+    _body(tile)(kern, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
+    return kern.finish()
 
 
-def row_popcount_ir(target: str | Target = "host", *, vector_words: int | None = None) -> tuple[str, str]:
+def row_popcount_ir(target: str | Target = "host", *, vector_words: int | None = None) -> KernelIR:
     """IR of ``void symbol(planes, plane_stride, nplanes, ld, rows, words, out)``:
     int32 ``out[r] = sum_t 2^t popcount(plane t, row r)`` over ``words`` words (a multiple of
     the vector width); with one plane of ±1 bits, ``2 out[r] - k`` is the row's ±1 sum."""
     target = get_target(target)
     name = f"fqt_row_popcount_v{vector_words or vector_word_choices(target)[-1]}"
-    params = [("planes", PTR), ("plane_stride", I64), ("nplanes", I64), ("ld", I64),
-              ("rows", I64), ("words", I64), ("out", PTR)]
-    module, pop, b, p = _define(target, name, params, vector_words)
-    V = _const(pop.words)
-    with _Loop(b, _const(0), p["rows"], _const(1), "r") as r:
-        total = _alloca(b, I64, "total")
-        b.store(_const(0), total)
-        with _Loop(b, _const(0), p["nplanes"], _const(1), "t") as t:
+    params = [("planes", "ptr"), ("plane_stride", "i64"), ("nplanes", "i64"), ("ld", "i64"),
+              ("rows", "i64"), ("words", "i64"), ("out", "ptr")]
+    kern, pop, b, p = _define(target, name, params, vector_words)
+    V = i64(pop.words)
+    with kern.loop(i64(0), p["rows"], i64(1)) as r:
+        total = kern.var(I64, name="total")
+        b.store(i64(0), total)
+        with kern.loop(i64(0), p["nplanes"], i64(1)) as t:
             base = b.gep(p["planes"], [b.mul(t, p["plane_stride"])], inbounds=True, source_etype=I64)
-            wide = _alloca(b, pop.wide, "wide")
+            wide = kern.var(pop.wide, name="wide")
             b.store(pop.zero(pop.wide), wide)
-            span = _const((pop.chunk or 1 << 20) * pop.words)
-            with _Loop(b, _const(0), p["words"], span, "chunk") as c0:
-                acc = _alloca(b, pop.narrow, "acc")
+            span = i64((pop.chunk or 1 << 20) * pop.words)
+            with kern.loop(i64(0), p["words"], span) as c0:
+                acc = kern.var(pop.narrow, name="acc")
                 b.store(pop.zero(pop.narrow), acc)
-                with _Loop(b, c0, _smin(b, b.add(c0, span), p["words"]), V, "k") as k:
+                with kern.loop(c0, smin(b, b.add(c0, span), p["words"]), V) as k:
                     x = _load_words(b, pop, base, r, p["ld"], k)
                     b.store(pop.step(b, b.load(acc), x), acc)
                 b.store(pop.flush(b, b.load(wide), b.load(acc)), wide)
             b.store(b.add(b.load(total), b.shl(pop.total(b, b.load(wide)), t)), total)
         b.store(b.trunc(b.load(total), I32), b.gep(p["out"], [r], inbounds=True, source_etype=I32))
-    b.ret_void()
-    return name, str(module)
+    return kern.finish()

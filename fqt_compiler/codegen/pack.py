@@ -28,18 +28,13 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .builder import (F32, I1, I64, PTR, BitStream, Kernel, const_vec, low_mask, masked_load,
-                      masked_scatter, transpose64, vec)
+from .abi import KernelABI, KernelIR
+from .builder import (F32, I1, I64, BitStream, Kernel, const_vec, low_mask, masked_gather, masked_load,
+                      masked_scatter, masked_store, new_module, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64      # floats per packed word
 ROW_LANES = 8   # im2col output rows handled together (one 512-bit vector of words)
-
-
-def _module(target: Target) -> ir.Module:
-    m = ir.Module(name="fqt_pack")
-    m.triple = target.triple
-    return m
 
 
 def _word_lanes(k: Kernel, first: ir.Value) -> ir.Value:
@@ -55,21 +50,21 @@ def _load64(k: Kernel, base: ir.Value, first: ir.Value, count: ir.Value):
     """Elements ``first .. first+63`` of a float row and the mask of lanes before ``count``
     (the others read 0.0)."""
     mask = k.b.icmp_signed("<", _word_lanes(k, first), k.splat(count, LANES))
-    return masked_load(k, k.gep(base, first), mask, const_vec(LANES, 0.0, F32), gather=False), mask
+    return masked_load(k.b, k.gep(base, first), mask, const_vec(LANES, 0.0, F32)), mask
 
 
-def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> str:
+def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> KernelIR:
     """``fqt_sign_pack(x, srow, k, out, ld, [ste_out,] row0, row1)``.
 
     Row ``i`` of the float matrix ``x`` (element ``(i, j)`` at ``x[i*srow + j]``) becomes
     row ``i`` of ``out`` (bit = ``x > 0``); with ``with_ste`` the same pass also
     writes the straight-through mask ``|x| < 1`` to ``ste_out`` (same layout)."""
     t = get_target(target)
-    m = _module(t)
-    args = [("x", PTR), ("srow", I64), ("k", I64), ("out", PTR), ("ld", I64)]
+    m = new_module(t, "fqt_pack")
+    args = [("x", "ptr"), ("srow", "i64"), ("k", "i64"), ("out", "ptr"), ("ld", "i64")]
     if with_ste:
-        args.append(("ste_out", PTR))
-    k = Kernel(m, "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack", args + [("row0", I64), ("row1", I64)])
+        args.append(("ste_out", "ptr"))
+    k = Kernel(m, "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack", args + [("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     zero, one = const_vec(LANES, 0.0, F32), const_vec(LANES, 1.0, F32)
     with k.loop(a["row0"], a["row1"]) as row:
@@ -87,17 +82,16 @@ def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> st
             b.store(ir.Constant(I64, 0), k.gep(a["out"], b.add(out_row, w), I64))
             if with_ste:
                 b.store(ir.Constant(I64, 0), k.gep(a["ste_out"], b.add(out_row, w), I64))
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
-def unpack_ir(target: str | Target = "host") -> str:
+def unpack_ir(target: str | Target = "host") -> KernelIR:
     """``fqt_unpack_bits(words, ld, k, out, sout, one, zero, row0, row1)``: float row ``i`` of
     ``out`` (row stride ``sout``) gets ``one`` where bit ``j`` of packed row ``i`` is set, else ``zero``."""
     t = get_target(target)
-    m = _module(t)
-    k = Kernel(m, "fqt_unpack_bits", [("words", PTR), ("ld", I64), ("k", I64), ("out", PTR), ("sout", I64),
-                                      ("one", F32), ("zero", F32), ("row0", I64), ("row1", I64)])
+    m = new_module(t, "fqt_pack")
+    k = Kernel(m, "fqt_unpack_bits", [("words", "ptr"), ("ld", "i64"), ("k", "i64"), ("out", "ptr"), ("sout", "i64"),
+                                      ("one", "f32"), ("zero", "f32"), ("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     ones, zeros = k.splat(a["one"], LANES), k.splat(a["zero"], LANES)
     with k.loop(a["row0"], a["row1"]) as row:
@@ -109,10 +103,8 @@ def unpack_ir(target: str | Target = "host") -> str:
             bits = b.bitcast(b.load(k.gep(src, w, I64), typ=I64), vec(LANES, I1))
             mask = b.icmp_signed("<", _word_lanes(k, first), k.splat(a["k"], LANES))
             value = b.select(bits, ones, zeros)
-            k.call("llvm.masked.store.v64f32.p0", ir.VoidType(),
-                   [value, k.gep(dst, first), ir.Constant(ir.IntType(32), 4), mask])
-    k.finish()
-    return str(m)
+            masked_store(b, value, k.gep(dst, first), mask)
+    return k.finish()
 
 
 def bitmap_words(width: int, pad: int) -> int:
@@ -122,7 +114,7 @@ def bitmap_words(width: int, pad: int) -> int:
     return 1 if wp <= 64 else (wp - 1) // 64 + 2
 
 
-def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> str:
+def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> KernelIR:
     """The padded row bitmap ``bm[(n*C + c)*H + ih, 0:wpw]`` (bit ``pad + iw`` = sign bit of
     ``x[n, c, ih, iw]``), for rows ``row0..row1`` of ``N*C*H``.
 
@@ -133,12 +125,12 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
     if source not in ("float", "bits"):
         raise ValueError(f"source must be 'float' or 'bits', got {source!r}")
     t = get_target(target)
-    m = _module(t)
-    head = ([("x", PTR), ("sn", I64), ("sc", I64), ("sh", I64)] if source == "float"
-            else [("src", PTR), ("src_ld", I64)])
+    m = new_module(t, "fqt_pack")
+    head = ([("x", "ptr"), ("sn", "i64"), ("sc", "i64"), ("sh", "i64")] if source == "float"
+            else [("src", "ptr"), ("src_ld", "i64")])
     k = Kernel(m, f"fqt_padded_rows_{'f32' if source == 'float' else 'bits'}",
-               head + [("C", I64), ("H", I64), ("W", I64), ("pad", I64), ("bm", PTR), ("wpw", I64),
-                       ("row0", I64), ("row1", I64)])
+               head + [("C", "i64"), ("H", "i64"), ("W", "i64"), ("pad", "i64"), ("bm", "ptr"), ("wpw", "i64"),
+                       ("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     c64 = ir.Constant(I64, 64)
     # (n, c, ih) of the current row, advanced by carries: a few cycles of work per row on
@@ -159,7 +151,7 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
             valid = b.bitcast(valid_bits, vec(LANES, I1))
             if source == "float":
                 base = k.gep(a["x"], b.add(b.add(b.mul(n, a["sn"]), b.mul(c, a["sc"])), b.mul(ih, a["sh"])))
-                v = masked_load(k, k.gep(base, first), valid, const_vec(LANES, 0.0, F32), gather=False)
+                v = masked_load(k.b, k.gep(base, first), valid, const_vec(LANES, 0.0, F32))
                 word = _bits(k, b.fcmp_ordered(">", v, const_vec(LANES, 0.0, F32)))
             else:
                 src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
@@ -172,8 +164,7 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> s
         k.set(ih_v, b.select(next_row, ir.Constant(I64, 0), b.add(ih, one)))
         k.set(c_v, b.select(next_n, ir.Constant(I64, 0), next_c))
         k.set(n_v, b.select(next_n, b.add(n, one), n))
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
 def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
@@ -205,8 +196,8 @@ def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
         ptrs = k.vgep(row, idx, 8)
         every = const_vec(lanes, 1, I1)
         none = const_vec(lanes, 0)
-        lo = masked_load(k, ptrs, every, none, gather=True)
-        hi = masked_load(k, k.vgep(ptrs, const_vec(lanes, 1), 8), every, none, gather=True)
+        lo = masked_gather(k.b, ptrs, every, none)
+        hi = masked_gather(k.b, k.vgep(ptrs, const_vec(lanes, 1), 8), every, none)
     sh = b.and_(q, ir.Constant(I64, 63) if lanes == 1 else const_vec(lanes, 63))
     suffix = "i64" if lanes == 1 else f"v{lanes}i64"
     return k.call(f"llvm.fshr.{suffix}", q.type, [hi, lo, sh])
@@ -241,16 +232,16 @@ def _check_patch(kernel_size, stride, dilation) -> None:
         raise ValueError(f"kernel_size {kernel_size}, stride {stride}, dilation {dilation} must be >= 1")
 
 
-def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> str:
+def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> KernelIR:
     """``fqt_im2col_pack(bm, wpw, C, H, OH, OW, out, ld, blk0, blk1)``: output rows
     ``(n*OH + oh)*OW + ow`` for blocks ``n*OH + oh`` in ``blk0..blk1``; packed axis
     ``(c, kh, kw)`` (weight.flatten(1) order). ``one_word``: bitmap rows are one word."""
     t = get_target(target)
     _check_patch(kernel_size, stride, dilation)
     (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
-    m = _module(t)
-    k = Kernel(m, "fqt_im2col_pack", [("bm", PTR), ("wpw", I64), ("C", I64), ("H", I64), ("OH", I64),
-                                      ("OW", I64), ("out", PTR), ("ld", I64), ("blk0", I64), ("blk1", I64)])
+    m = new_module(t, "fqt_pack")
+    k = Kernel(m, "fqt_im2col_pack", [("bm", "ptr"), ("wpw", "i64"), ("C", "i64"), ("H", "i64"), ("OH", "i64"),
+                                      ("OW", "i64"), ("out", "ptr"), ("ld", "i64"), ("blk0", "i64"), ("blk1", "i64")])
     a, b = k.arg, k.b
     L = ROW_LANES
     lane = const_vec(L, range(L))
@@ -265,7 +256,7 @@ def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation,
             row_ptrs = k.vgep(a["out"], b.mul(rows, k.splat(a["ld"], L)), 8)
 
             def store(acc, word, row_ptrs=row_ptrs, valid=valid):
-                masked_scatter(k, acc, k.vgep(row_ptrs, k.splat(word, L), 8), valid)
+                masked_scatter(k.b, acc, k.vgep(row_ptrs, k.splat(word, L), 8), valid)
 
             stream = BitStream(k, L, store)
             field = k.var(vec(L))
@@ -282,21 +273,20 @@ def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation,
                             k.set(field, const_vec(L, 0))
                     stream.append(k.get(field, vec(L)), kw_)
             stream.finish(a["ld"])
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
-def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> str:
+def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> KernelIR:
     """``fqt_im2col_pack_t(bm, wpw, N, C, H, OH, OW, out, ld, row0, row1)``: output rows
     ``(c*KH + kh)*KW + kw`` in ``row0..row1``, packed axis ``r = (n, oh, ow)``."""
     t = get_target(target)
     _check_patch(kernel_size, stride, dilation)
     (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
     chunk = 64 if sw == 1 else 63 // sw + 1     # output bits per 64-bit span of the bitmap
-    m = _module(t)
-    k = Kernel(m, "fqt_im2col_pack_t", [("bm", PTR), ("wpw", I64), ("N", I64), ("C", I64), ("H", I64),
-                                        ("OH", I64), ("OW", I64), ("out", PTR), ("ld", I64),
-                                        ("row0", I64), ("row1", I64)])
+    m = new_module(t, "fqt_pack")
+    k = Kernel(m, "fqt_im2col_pack_t", [("bm", "ptr"), ("wpw", "i64"), ("N", "i64"), ("C", "i64"), ("H", "i64"),
+                                        ("OH", "i64"), ("OW", "i64"), ("out", "ptr"), ("ld", "i64"),
+                                        ("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     with k.loop(a["row0"], a["row1"]) as row:
         kw = b.srem(row, ir.Constant(I64, kw_))
@@ -328,20 +318,19 @@ def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilatio
                     with no:
                         stream.skip(a["OW"])
         stream.finish(a["ld"])
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
 
-def transpose_bits_ir(target: str | Target = "host") -> str:
+def transpose_bits_ir(target: str | Target = "host") -> KernelIR:
     """``fqt_transpose_bits(src, ld, R, K, dst, ld_out, w0, w1)``: the ``K x R`` transpose of a
     packed ``R x K`` bit matrix, for source word columns ``w0..w1`` (output rows ``64 w ..``).
     Each 64x64 block is gathered (64 rows, one word each), bit-transposed in registers and
     scattered as one word of 64 output rows."""
     t = get_target(target)
-    m = _module(t)
-    k = Kernel(m, "fqt_transpose_bits", [("src", PTR), ("ld", I64), ("R", I64), ("K", I64), ("dst", PTR),
-                                         ("ld_out", I64), ("w0", I64), ("w1", I64)])
+    m = new_module(t, "fqt_pack")
+    k = Kernel(m, "fqt_transpose_bits", [("src", "ptr"), ("ld", "i64"), ("R", "i64"), ("K", "i64"), ("dst", "ptr"),
+                                         ("ld_out", "i64"), ("w0", "i64"), ("w1", "i64")])
     a, b = k.arg, k.b
     lane = const_vec(LANES, range(LANES))
     c64 = ir.Constant(I64, LANES)
@@ -354,9 +343,8 @@ def transpose_bits_ir(target: str | Target = "host") -> str:
             rows = b.add(k.splat(b.mul(rb, c64), LANES), lane)
             inside = b.icmp_signed("<", rows, k.splat(a["R"], LANES))
             ptrs = k.vgep(a["src"], b.add(b.mul(rows, k.splat(a["ld"], LANES)), k.splat(w, LANES)), 8)
-            block = masked_load(k, ptrs, inside, const_vec(LANES, 0), gather=True)
-            masked_scatter(k, transpose64(k, block), k.vgep(out_ptrs, k.splat(rb, LANES), 8), out_valid)
+            block = masked_gather(k.b, ptrs, inside, const_vec(LANES, 0))
+            masked_scatter(k.b, transpose64(k, block), k.vgep(out_ptrs, k.splat(rb, LANES), 8), out_valid)
         with k.loop(blocks, a["ld_out"]) as pad:
-            masked_scatter(k, const_vec(LANES, 0), k.vgep(out_ptrs, k.splat(pad, LANES), 8), out_valid)
-    k.finish()
-    return str(m)
+            masked_scatter(k.b, const_vec(LANES, 0), k.vgep(out_ptrs, k.splat(pad, LANES), 8), out_valid)
+    return k.finish()

@@ -27,21 +27,12 @@ from __future__ import annotations
 from llvmlite import ir
 
 from ..ops import rng
-from .builder import (F32, I1, I32, I64, PTR, BitStream, Kernel, const_vec, masked_load, masked_scatter,
-                      transpose64, vec)
+from .abi import KernelIR
+from .builder import (F32, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load,
+                      masked_scatter, new_module, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64
-
-
-def _i64(v: int) -> ir.Constant:
-    return ir.Constant(I64, v - (1 << 64) if v >= 1 << 63 else v)
-
-
-def _module(target: Target, name: str) -> ir.Module:
-    m = ir.Module(name=name)
-    m.triple = target.triple
-    return m
 
 
 def _load_strided(k: Kernel, base, first, stride, mask, passthru):
@@ -51,11 +42,11 @@ def _load_strided(k: Kernel, base, first, stride, mask, passthru):
     out = k.var(passthru.type)
     with b.if_else(b.icmp_signed("==", stride, ir.Constant(I64, 1))) as (unit, strided):
         with unit:
-            k.set(out, masked_load(k, k.gep(base, first), mask, passthru, gather=False))
+            k.set(out, masked_load(k.b, k.gep(base, first), mask, passthru))
         with strided:
             idx = b.add(k.splat(first, n), const_vec(n, range(n)))
             ptrs = k.vgep(base, b.mul(idx, k.splat(stride, n)), 4)
-            k.set(out, masked_load(k, ptrs, mask, passthru, gather=True))
+            k.set(out, masked_gather(k.b, ptrs, mask, passthru))
     return k.get(out, passthru.type)
 
 
@@ -70,22 +61,22 @@ def _times_alpha(k: Kernel, v, alpha, ch, first, ch_step, mask):
             with same:
                 k.set(scaled, b.fmul(v, k.splat(b.load(a0, typ=F32), n)))
             with along:
-                av = masked_load(k, k.gep(a0, first), mask, const_vec(n, 0.0, F32), gather=False)
+                av = masked_load(k.b, k.gep(a0, first), mask, const_vec(n, 0.0, F32))
                 k.set(scaled, b.fmul(v, av))
         k.set(out, k.get(scaled, v.type))
     return k.get(out, v.type)
 
 
-def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> str:
+def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> KernelIR:
     """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, p0, p1)``: for pairs
     ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``,
     ``lanes`` positions at a time (few lanes for small HW: the per-pair horizontal reduction
     of a 64-lane vector costs more than a 4x4 spatial map)."""
     t = get_target(target)
-    m = _module(t, "fqt_quantize")
-    k = Kernel(m, "fqt_group_minmax", [("g", PTR), ("sn", I64), ("so", I64), ("si", I64), ("alpha", PTR),
-                                       ("O", I64), ("HW", I64), ("lo", PTR), ("hi", PTR),
-                                       ("p0", I64), ("p1", I64)])
+    m = new_module(t, "fqt_quantize")
+    k = Kernel(m, "fqt_group_minmax", [("g", "ptr"), ("sn", "i64"), ("so", "i64"), ("si", "i64"), ("alpha", "ptr"),
+                                       ("O", "i64"), ("HW", "i64"), ("lo", "ptr"), ("hi", "ptr"),
+                                       ("p0", "i64"), ("p1", "i64")])
     a, b = k.arg, k.b
     inf, ninf = const_vec(lanes, float("inf"), F32), const_vec(lanes, float("-inf"), F32)
     fv = vec(lanes, F32)
@@ -107,19 +98,18 @@ def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> str
             # AArch64 fminnmv orders -0 < +0); + 0.0 makes it +0 on every target, as the
             # reference (codes and keep decisions never depend on it).
             b.store(b.fadd(value, ir.Constant(F32, 0.0)), k.gep(a[name], p))
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
 def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:
     """``rng.uniform`` of counter ``index`` (per lane): SplitMix64 then the top 24 bits."""
     b = k.b
     n = LANES
-    z = b.add(k.splat(key, n), b.mul(b.add(index, const_vec(n, 1)), const_vec(n, _i64(rng.GOLDEN).constant)))
+    z = b.add(k.splat(key, n), b.mul(b.add(index, const_vec(n, 1)), const_vec(n, i64(rng.GOLDEN).constant)))
     z = b.xor(z, b.lshr(z, const_vec(n, 30)))
-    z = b.mul(z, const_vec(n, _i64(rng.MUL1).constant))
+    z = b.mul(z, const_vec(n, i64(rng.MUL1).constant))
     z = b.xor(z, b.lshr(z, const_vec(n, 27)))
-    z = b.mul(z, const_vec(n, _i64(rng.MUL2).constant))
+    z = b.mul(z, const_vec(n, i64(rng.MUL2).constant))
     z = b.xor(z, b.lshr(z, const_vec(n, 31)))
     top = b.trunc(b.lshr(z, const_vec(n, 40)), vec(n, I32))
     # 24-bit integers convert exactly and a power-of-two scale is exact: matches numpy.
@@ -149,7 +139,7 @@ def _plane_words(k: Kernel, code, mask, bits: int) -> list:
     return words
 
 
-def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
+def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
     """``fqt_quantize_pack(g, alpha, key, zero, scale, row_off, row_ctr, row_group, row_ch,
     nseg, seg_len, seg_stride, elem_stride, seg_ctr, elem_ctr, seg_group, ch_step,
     out, rows, ld, m0, m1)``.
@@ -160,19 +150,20 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
     minimum z) and ``scale`` (``B / R``, 0 for R = 0) give the code; bit ``t`` of the code goes
     to packed bit ``s*seg_len + j`` of ``out[t, m]`` (planes of ``rows x ld`` words)."""
     t = get_target(target)
-    m = _module(t, "fqt_quantize")
+    m = new_module(t, "fqt_quantize")
     names = ["g", "alpha", "key", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "nseg",
              "seg_len", "seg_stride", "elem_stride", "seg_ctr", "elem_ctr", "seg_group", "ch_step",
              "out", "rows", "ld", "m0", "m1"]
     ptrs = {"g", "alpha", "zero", "scale", "row_off", "row_ctr", "row_group", "row_ch", "out"}
-    k = Kernel(m, f"fqt_quantize_pack_b{bits}", [(nm, PTR if nm in ptrs else I64) for nm in names])
+    kinds = {nm: "ptr" for nm in ptrs} | {"key": "u64"}
+    k = Kernel(m, f"fqt_quantize_pack_b{bits}", [(nm, kinds.get(nm, "i64")) for nm in names])
     a, b = k.arg, k.b
     lane = const_vec(LANES, range(LANES))
     with k.loop(a["m0"], a["m1"]) as row:
-        def load_i64(name):
+        def loadi64(name):
             return b.load(k.gep(a[name], row, I64), typ=I64)
 
-        off, ctr, group, ch = (load_i64(nm) for nm in ("row_off", "row_ctr", "row_group", "row_ch"))
+        off, ctr, group, ch = (loadi64(nm) for nm in ("row_off", "row_ctr", "row_group", "row_ch"))
         plane_rows = const_vec(bits, [p for p in range(bits)]) if bits > 1 else None
 
         def store(acc, word, row=row):
@@ -181,7 +172,7 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
                 return
             prow = b.add(b.mul(plane_rows, k.splat(a["rows"], bits)), k.splat(row, bits))
             addr = b.add(b.mul(prow, k.splat(a["ld"], bits)), k.splat(word, bits))
-            masked_scatter(k, acc, k.vgep(a["out"], addr, 8), const_vec(bits, 1, I1))
+            masked_scatter(k.b, acc, k.vgep(a["out"], addr, 8), const_vec(bits, 1, I1))
 
         stream = BitStream(k, bits, store)
         with k.loop(0, a["nseg"]) as s:
@@ -207,11 +198,10 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> str:
                 length = b.select(b.icmp_signed("<", left, ir.Constant(I64, LANES)), left, ir.Constant(I64, LANES))
                 stream.append(field, length)
         stream.finish(a["ld"])
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
-def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
+def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
     """Input path with G' rows contiguous along ``i`` (an NCHW gradient):
     ``fqt_quantize_pack_rows_b{bits}(g, sn, so, si, alpha, key, zero, scale, samples, groups,
     O, HW, out, rows, ld, t0, t1)``.
@@ -222,10 +212,10 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
     giving one word per channel and plane; each 64x64 block is then bit-transposed so that
     each output row is packed along the channels, as the input-gradient GEMM contracts."""
     t = get_target(target)
-    m = _module(t, "fqt_quantize")
-    args = [("g", PTR), ("sn", I64), ("so", I64), ("si", I64), ("alpha", PTR), ("key", I64), ("zero", PTR),
-            ("scale", PTR), ("samples", PTR), ("groups", PTR), ("O", I64), ("HW", I64), ("out", PTR),
-            ("rows", I64), ("ld", I64), ("t0", I64), ("t1", I64)]
+    m = new_module(t, "fqt_quantize")
+    args = [("g", "ptr"), ("sn", "i64"), ("so", "i64"), ("si", "i64"), ("alpha", "ptr"), ("key", "u64"), ("zero", "ptr"),
+            ("scale", "ptr"), ("samples", "ptr"), ("groups", "ptr"), ("O", "i64"), ("HW", "i64"), ("out", "ptr"),
+            ("rows", "i64"), ("ld", "i64"), ("t0", "i64"), ("t1", "i64")]
     k = Kernel(m, f"fqt_quantize_pack_rows_b{bits}", args)
     a, b = k.arg, k.b
     c64 = ir.Constant(I64, LANES)
@@ -267,9 +257,8 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> str:
             for p in range(bits):
                 block = b.load(b.gep(tile, [ir.Constant(I32, 0), ir.Constant(I32, p * LANES)]), typ=vec(LANES),
                                align=8)
-                masked_scatter(k, transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(ob, LANES), 8), valid)
+                masked_scatter(k.b, transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(ob, LANES), 8), valid)
         with k.loop(channel_words, a["ld"]) as w:
             for p in range(bits):
-                masked_scatter(k, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), valid)
-    k.finish()
-    return str(m)
+                masked_scatter(k.b, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), valid)
+    return k.finish()

@@ -2,5 +2,4 @@ from .gemm import binary_gemm, bitplane_gemm
 from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
                    unpack_mask, unpack_signs)
 from .quantize import BitplaneGradient, quantize_bitplanes, sample_groups
-from .col2im import col2im_ste
 from .kernel_stats import reset_stats, stats

@@ -7,9 +7,7 @@ slices on the persistent pool of ``runtime.threads``.
 """
 from __future__ import annotations
 
-import ctypes
 import threading
-from functools import lru_cache
 
 import torch
 
@@ -18,8 +16,6 @@ from ..codegen.targets import Target, get_target
 from . import jit, threads as pool
 from .packed import PackedBits
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-
 # Cache sizes the blocking is chosen for (per core, conservative for Zen/Intel/Cortex-A7x):
 # an A panel plus a B tile of one K block stay in L1, the B block of one N block in L2.
 L1_BYTES = 32 * 1024
@@ -27,22 +23,12 @@ L2_BYTES = 512 * 1024
 SINGLE_BLOCK_WORDS = 512  # up to 32768 bits of K: no K blocking, no partial-sum scratch
 
 
-@lru_cache(maxsize=None)
-def _spec(kind: str, target: Target, tile, variant, vector_words: int | None = None):
-    if kind == "binary":
-        name, text = codegen.binary_gemm_ir(target, tile=tile, epilogue=variant, vector_words=vector_words)
-        args = [_P, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_I, _P, _I, _I, _I, _I, _P, _P]
-    elif kind == "bitplane":
-        name, text = codegen.bitplane_gemm_ir(target, bits=variant, tile=tile, vector_words=vector_words)
-        args = [_P, _I, _I, _P, _I] + [_I] * 4 + [_I, _I, _I, _P, _I] + [_P, _I, _P, _P, _P, _P, _P]
-    else:
-        name, text = codegen.row_popcount_ir(target, vector_words=vector_words)
-        args = [_P, _I, _I, _I, _I, _I, _P]
-    return jit.KernelSpec(kind, target, (tile, variant, vector_words), name, text, tuple(args), _spec)
+_GENERATORS = {"binary": codegen.binary_gemm_ir, "bitplane": codegen.bitplane_gemm_ir,
+               "rowpop": codegen.row_popcount_ir}
 
 
-def _kernel(kind: str, target: Target, tile, variant, vector_words: int | None = None):
-    return jit.kernel(_spec(kind, target, tile, variant, vector_words))
+def _kernel(family: str, target: Target, **options):
+    return jit.kernel(jit.spec(family, target, _GENERATORS[family], **options))
 
 
 def _default_tile(m: int, n: int, k: int, target: Target):
@@ -163,7 +149,7 @@ def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: 
     nplanes, rows, _ = planes.shape
     out = torch.empty(rows, dtype=torch.int32)
     if rows:
-        kernel = _kernel("rowpop", target, None, None, vector_words)
+        kernel = _kernel("rowpop", target, vector_words=vector_words)
         kernel(planes.data_ptr(), planes.stride(0), nplanes, planes.stride(1), rows, words, out.data_ptr())
     return out
 
@@ -226,7 +212,7 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     if m == 0 or n == 0:
         return out
     epilogue = "int32" if scale is None else ("scale" if bias is None else "scale_bias")
-    kernel = _kernel("binary", target, tile, epilogue, vector_words)
+    kernel = _kernel("binary", target, tile=tile, epilogue=epilogue, vector_words=vector_words)
     kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
     pointers = (scale.data_ptr() if scale is not None else None,
                 bias.data_ptr() if bias is not None else None)
@@ -293,7 +279,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
         return out
     pop_words = _vector_words(k, target)
     rowpop = _row_popcounts(planes, _contract_words(k, pop_words), pop_words, target)
-    kernel = _kernel("bitplane", target, tile, bits, vector_words)
+    kernel = _kernel("bitplane", target, bits=bits, tile=tile, vector_words=vector_words)
     kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
 
     def task(m0, m1, n0, n1, partial):

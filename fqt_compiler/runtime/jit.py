@@ -27,6 +27,7 @@ import llvmlite
 import llvmlite.binding as llvm
 
 from .. import debug
+from ..codegen.abi import KernelABI, KernelIR
 from ..codegen.targets import Target, get_target, runs_on_host
 
 _MAGIC = b"FQTOBJ1\n"
@@ -171,20 +172,45 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """One kernel a runtime wrapper asks for: its family and specialization parameters for a
-    target, the generated IR, the exported symbol and the ctypes argument types the wrapper
-    calls it with. ``builder(family, target, *params)`` regenerates it for another target."""
+    """One kernel a runtime wrapper asks for: its family and named specialization options for
+    a target, and the generated ``KernelIR`` (whose ABI gives the symbol and the ctypes
+    argument types the kernel is called with). ``for_target`` regenerates it for another
+    target."""
 
     family: str
     target: Target
-    params: tuple
-    symbol: str
-    ir_text: str = field(repr=False)
-    argtypes: tuple = field(repr=False)
-    builder: object = field(repr=False, compare=False, hash=False)
+    options: tuple                     # ((name, value), ...): the generator's keyword arguments
+    kernel: KernelIR = field(repr=False)
+    generate: object = field(repr=False, compare=False, hash=False)
+
+    @property
+    def symbol(self) -> str:
+        return self.kernel.abi.symbol
+
+    @property
+    def ir_text(self) -> str:
+        return self.kernel.text
+
+    @property
+    def abi(self) -> KernelABI:
+        return self.kernel.abi
+
+    @property
+    def argtypes(self) -> tuple:
+        return self.kernel.abi.argtypes
+
+    def option(self, name: str):
+        return dict(self.options)[name]
 
     def for_target(self, target: str | Target) -> "KernelSpec":
-        return self.builder(self.family, get_target(target), *self.params)
+        return spec(self.family, get_target(target), self.generate, **dict(self.options))
+
+
+@lru_cache(maxsize=None)
+def spec(family: str, target: Target, generate, **options) -> KernelSpec:
+    """The ``KernelSpec`` of ``generate(target, **options) -> KernelIR`` (one generator of
+    ``codegen``), cached: a wrapper asks for the same spec on every call."""
+    return KernelSpec(family, target, tuple(options.items()), generate(target, **options), generate)
 
 
 @lru_cache(maxsize=None)

@@ -16,8 +16,7 @@ The im2col functions take float NCHW ``x`` or the per-sample sign bits of
 """
 from __future__ import annotations
 
-import ctypes
-from functools import lru_cache, partial
+from functools import partial
 
 import torch
 
@@ -25,11 +24,8 @@ from ..codegen import pack as gen
 from ..codegen.targets import get_target
 from . import threads as pool
 from ..ops.reference import conv_output_size
-from .jit import KernelSpec, kernel
+from .jit import kernel, spec
 from .packed import PackedBits, padded_words
-
-_I64, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-
 
 def parallel_rows(fn, rows: int, *args, min_rows: int = 1) -> None:
     """Call ``fn(*args, row0, row1)`` over ``[0, rows)``, one slice of at least ``min_rows``
@@ -38,44 +34,13 @@ def parallel_rows(fn, rows: int, *args, min_rows: int = 1) -> None:
     pool.run([partial(fn, *args, lo, hi) for lo, hi in slices] or [partial(fn, *args, 0, 0)])
 
 
-def _key(target) -> str:
-    return get_target(target).name
+_GENERATORS = {"sign_pack": gen.sign_pack_ir, "unpack": gen.unpack_ir, "padded_rows": gen.padded_rows_ir,
+               "im2col_pack": gen.im2col_pack_ir, "im2col_pack_t": gen.im2col_pack_t_ir,
+               "transpose_bits": gen.transpose_bits_ir}
 
 
-def _fn(family: str, target: str, *params):
-    return kernel(_spec(family, get_target(target), *params))
-
-
-@lru_cache(maxsize=None)
-def _spec(family: str, target, *params):
-    if family == "sign_pack":
-        (with_ste,) = params
-        ir_text = gen.sign_pack_ir(target, with_ste=with_ste)
-        name = "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack"
-        argtypes = [_P, _I64, _I64, _P, _I64] + ([_P] if with_ste else []) + [_I64, _I64]
-    elif family == "unpack":
-        ir_text, name = gen.unpack_ir(target), "fqt_unpack_bits"
-        argtypes = [_P, _I64, _I64, _P, _I64, _F, _F, _I64, _I64]
-    elif family == "padded_rows":
-        (source,) = params
-        ir_text = gen.padded_rows_ir(target, source=source)
-        name = "fqt_padded_rows_f32" if source == "float" else "fqt_padded_rows_bits"
-        head = [_P, _I64, _I64, _I64] if source == "float" else [_P, _I64]
-        argtypes = head + [_I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
-    elif family == "im2col_pack":
-        *conv, one_word = params
-        ir_text, name = gen.im2col_pack_ir(target, *conv, one_word=one_word), "fqt_im2col_pack"
-        argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
-    elif family == "im2col_pack_t":
-        *conv, one_word = params
-        ir_text, name = gen.im2col_pack_t_ir(target, *conv, one_word=one_word), "fqt_im2col_pack_t"
-        argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _I64]
-    elif family == "transpose_bits":
-        ir_text, name = gen.transpose_bits_ir(target), "fqt_transpose_bits"
-        argtypes = [_P, _I64, _I64, _I64, _P, _I64, _I64, _I64]
-    else:
-        raise KeyError(family)
-    return KernelSpec(family, target, params, name, ir_text, tuple(argtypes), _spec)
+def _fn(family: str, target, **options):
+    return kernel(spec(family, get_target(target), _GENERATORS[family], **options))
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +55,7 @@ def transpose_bits(p: PackedBits, *, target="host") -> PackedBits:
     """The ``k x rows`` transpose of a packed ``rows x k`` bit matrix (same layout rules)."""
     words = p.words if p.words.is_contiguous() else p.words.contiguous()
     out = torch.empty(p.k, padded_words(p.rows), dtype=torch.int64)
-    parallel_rows(_fn("transpose_bits", _key(target)), (p.k + 63) // 64, words.data_ptr(), p.ld, p.rows, p.k,
+    parallel_rows(_fn("transpose_bits", target), (p.k + 63) // 64, words.data_ptr(), p.ld, p.rows, p.k,
                   out.data_ptr(), out.shape[1])
     return PackedBits(out, p.rows)
 
@@ -106,7 +71,7 @@ def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
         x2 = x2.contiguous()
     rows, k = x2.shape
     words = torch.empty(rows, padded_words(k), dtype=torch.int64)
-    fn = _fn("sign_pack", _key(target), False)
+    fn = _fn("sign_pack", target, with_ste=False)
     parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, words.data_ptr(), words.shape[1],
                   min_rows=16)
     return PackedBits(words, k)
@@ -120,7 +85,7 @@ def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, P
     rows, k = x2.shape
     signs = torch.empty(rows, padded_words(k), dtype=torch.int64)
     mask = torch.empty_like(signs)
-    fn = _fn("sign_pack", _key(target), True)
+    fn = _fn("sign_pack", target, with_ste=True)
     parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, signs.data_ptr(), signs.shape[1],
                   mask.data_ptr(), min_rows=16)
     return PackedBits(signs, k), PackedBits(mask, k)
@@ -136,7 +101,7 @@ def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target)
     if torch.Size(shape).numel() != rows * k:
         raise ValueError(f"shape {shape} does not hold {rows} rows of {k} elements")
     out = torch.empty(rows, k, dtype=torch.float32)
-    fn = _fn("unpack", _key(target))
+    fn = _fn("unpack", target)
     parallel_rows(fn, rows, words.data_ptr(), words.shape[1], k, out.data_ptr(), k, one, zero, min_rows=16)
     return out.view(shape)
 
@@ -174,12 +139,11 @@ def _bitmap(x, input_shape, pad: tuple[int, int], target):
         raise ValueError(f"padding {pad}: at most 63 supported")
     wpw = gen.bitmap_words(w, pw)
     bm = torch.empty(n * c * h, wpw, dtype=torch.int64)
-    key = _key(target)
     if isinstance(x, PackedBits):
-        parallel_rows(_fn("padded_rows", key, "bits"), n * c * h, x.words.data_ptr(), x.ld, c, h, w, pw,
+        parallel_rows(_fn("padded_rows", target, source="bits"), n * c * h, x.words.data_ptr(), x.ld, c, h, w, pw,
                       bm.data_ptr(), wpw, min_rows=64)
     else:
-        parallel_rows(_fn("padded_rows", key, "float"), n * c * h, x.data_ptr(), x.stride(0), x.stride(1),
+        parallel_rows(_fn("padded_rows", target, source="float"), n * c * h, x.data_ptr(), x.stride(0), x.stride(1),
                       x.stride(2), c, h, w, pw, bm.data_ptr(), wpw, min_rows=64)
     return bm, wpw, (n, c, h, w)
 
@@ -191,7 +155,8 @@ def _conv_args(x, kernel_size, stride, padding, dilation, input_shape, target):
     ow = conv_output_size(w, ks[1], st[1], pd[1], dl[1])
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel {ks} with dilation {dl} does not fit the padded input {h}x{w}")
-    return bm, wpw, (n, c, h, w, oh, ow), (ks, st, pd, dl, wpw == 1)
+    conv = {"kernel_size": ks, "stride": st, "padding": pd, "dilation": dl, "one_word": wpw == 1}
+    return bm, wpw, (n, c, h, w, oh, ow), conv
 
 
 def im2col_pack(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shape=None,
@@ -203,9 +168,9 @@ def im2col_pack(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shape=
 
 def _im2col_rows(bm, wpw, dims, conv, target) -> PackedBits:
     n, c, _, _, oh, ow = dims
-    k = c * conv[0][0] * conv[0][1]
+    k = c * conv["kernel_size"][0] * conv["kernel_size"][1]
     out = torch.empty(n * oh * ow, padded_words(k), dtype=torch.int64)
-    fn = _fn("im2col_pack", _key(target), *conv)
+    fn = _fn("im2col_pack", target, **conv)
     parallel_rows(fn, n * oh, bm.data_ptr(), wpw, dims[1], dims[2], oh, ow, out.data_ptr(), out.shape[1])
     return PackedBits(out, k)
 
@@ -223,9 +188,9 @@ def im2col_pack_t(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shap
     n, c, h, _, oh, ow = dims
     if ow < DIRECT_TRANSPOSE_MIN_WIDTH:
         return transpose_bits(_im2col_rows(bm, wpw, dims, conv, target), target=target)
-    k = c * conv[0][0] * conv[0][1]
+    k = c * conv["kernel_size"][0] * conv["kernel_size"][1]
     m = n * oh * ow
     out = torch.empty(k, padded_words(m), dtype=torch.int64)
-    fn = _fn("im2col_pack_t", _key(target), *conv)
+    fn = _fn("im2col_pack_t", target, **conv)
     parallel_rows(fn, k, bm.data_ptr(), wpw, n, c, h, oh, ow, out.data_ptr(), out.shape[1])
     return PackedBits(out, m)

@@ -13,38 +13,22 @@ in on the fly: ``G' = alpha ⊙ g``.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
-from .jit import KernelSpec, kernel
+from .jit import kernel, spec
 from .pack import parallel_rows
 from .packed import padded_words
 
-_I64, _P = ctypes.c_int64, ctypes.c_void_p
+_GENERATORS = {"minmax": gen.group_minmax_ir, "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
 
 
-def _fn(family: str, target: str, bits: int = 0, lanes: int = 0):
-    return kernel(_spec(family, get_target(target), bits, lanes))
-
-
-@lru_cache(maxsize=None)
-def _spec(family: str, target, bits: int = 0, lanes: int = 0):
-    if family == "minmax":
-        text, name = gen.group_minmax_ir(target, lanes=lanes), "fqt_group_minmax"
-        args = (_P, _I64, _I64, _I64, _P, _I64, _I64, _P, _P, _I64, _I64)
-    elif family == "pack_rows":
-        text, name = gen.quantize_pack_rows_ir(target, bits=bits), f"fqt_quantize_pack_rows_b{bits}"
-        args = (_P, _I64, _I64, _I64, _P, ctypes.c_uint64, *[_P] * 4, _I64, _I64, _P, _I64, _I64, _I64, _I64)
-    else:
-        text, name = gen.quantize_pack_ir(target, bits=bits), f"fqt_quantize_pack_b{bits}"
-        args = (_P, _P, ctypes.c_uint64, *[_P] * 6, *[_I64] * 8, _P, _I64, _I64, _I64, _I64)
-    return KernelSpec(family, target, (bits, lanes), name, text, args, _spec)
+def _fn(family: str, target, **options):
+    return kernel(spec(family, get_target(target), _GENERATORS[family], **options))
 
 
 @dataclass
@@ -202,7 +186,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             tiles = kept.numel() * -(-rps // 64)
             planes = torch.empty(bits, rows.numel(), padded_words(k), dtype=torch.int64)
             kept_groups = sample_group[kept].contiguous()
-            parallel_rows(_fn("pack_rows", tname, bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
+            parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
                           lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), kept_groups.data_ptr(),
                           channels, rps, planes.data_ptr(), rows.numel(), planes.shape[2], min_rows=2)
             return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
@@ -234,7 +218,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
     if m:
         tables = [t.contiguous() for t in tables]
-        parallel_rows(_fn("pack", tname, bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
+        parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
                       sr_scale.data_ptr(), *[t.data_ptr() for t in tables], *layout, planes.data_ptr(), m,
                       planes.shape[2], min_rows=4)
     return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
