@@ -1,6 +1,6 @@
 """fqt-compiler: 1-bit fully quantized training on CPUs (``import fqt_compiler as fqt``)."""
 from . import debug, ops
-from .codegen.aot import emit_kernels
+from .cross import emit_kernels
 from .compiler import FQTModule, compile
 from .config import Config, Rule
 from .report import dump, summary

@@ -70,11 +70,11 @@ def run_kernels(args) -> int:
     print(emitted.summary())
     if args.report:
         import shutil
-        from .codegen import aot
-        if not shutil.which(aot.LLVM_MCA):
-            print(f"--report: {aot.LLVM_MCA} not found (Debian: apt-get install llvm)")
+        from .cross import mca
+        if not shutil.which(mca.LLVM_MCA):
+            print(f"--report: {mca.LLVM_MCA} not found (Debian: apt-get install llvm)")
             return 1
-        print(aot.format_report(aot.mca_report(emitted), emitted.target))
+        print(mca.format_report(mca.mca_report(emitted), emitted.target))
     return 0
 
 
@@ -92,7 +92,7 @@ def add_kernels(subparsers) -> None:
 
 def run_verify(args) -> int:
     from .codegen.targets import get_target
-    from .verify import odd_shapes, table, verify, verify_calls
+    from .cross.verify import odd_shapes, table, verify, verify_calls
     target = get_target(args.target)
     models = args.model or ([] if args.odd_shapes else DEFAULT_VERIFY_MODELS)
     ok = True

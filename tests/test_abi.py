@@ -18,7 +18,7 @@ IR_TYPES = {"ptr": "ptr", "i64": "i64", "u64": "i64", "f32": "float"}
 
 def step_specs() -> set:
     """Every kernel spec one small training step (every kernel family) requests."""
-    from fqt_compiler.verify import OddShapes
+    from fqt_compiler.cross.verify import OddShapes
     seen = set()
 
     def hook(spec, load):

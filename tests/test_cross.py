@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import fqt_compiler as fqt
-from fqt_compiler import kernel_reference
-from fqt_compiler.codegen import aot
+from fqt_compiler.cross import mca, oracle
+from fqt_compiler.cross.emit import emit_kernels
+from fqt_compiler.cross.record import training_step
 from fqt_compiler.codegen.targets import get_target, host_target, runs_on_host
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import jit
 from fqt_compiler.runtime.quantize import group_min_max
-from fqt_compiler.verify import (PACKAGES, OddShapes, call_argument, capture_calls, odd_shapes, verify,
+from fqt_compiler.cross.verify import (PACKAGES, OddShapes, call_argument, capture_calls, odd_shapes, verify,
                                  verify_calls)
 from fqt_compiler.zoo import resnet18_cifar, vgg16_cifar
 
@@ -83,20 +84,20 @@ def test_reference_check_catches_one_flipped_bit():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         compiled = fqt.compile(OddShapes(), fqt.Config(method="psq"))
-    uses, capture = capture_calls(lambda: aot.training_step(compiled, (torch.randn(1, 3, 13, 17),)), target)
+    uses, capture = capture_calls(lambda: training_step(compiled, (torch.randn(1, 3, 13, 17),)), target)
     state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
     caught = set()
     for index, encoded, after in capture.calls:
         spec = uses[index].spec
         args = dict(zip(spec.abi.names, map(call_argument, encoded)))
         before = {b: state[b] for b in after}
-        assert kernel_reference.check_call(spec, args, before, after) == 0, spec.family
-        scratch = {args[n][0] for n in kernel_reference.SCRATCH.get(spec.family, ()) if args.get(n)}
+        assert oracle.check_call(spec, args, before, after) == 0, spec.family
+        scratch = {args[n][0] for n in oracle.SCRATCH.get(spec.family, ()) if args.get(n)}
         for b in [b for b in after if after[b] != before[b] and b not in scratch][:1]:
             i = int(np.flatnonzero(np.frombuffer(after[b], np.uint8) != np.frombuffer(before[b], np.uint8))[0])
             bad = bytearray(after[b])
             bad[i] ^= 1
-            assert kernel_reference.check_call(spec, args, before,
+            assert oracle.check_call(spec, args, before,
                                                {**after, b: bytes(bad)}) == 1, spec.family
             caught.add(spec.family)
         state.update(after)
@@ -141,14 +142,14 @@ def test_hygon_kernels_run_a_training_step_like_the_host_kernels():
         torch.testing.assert_close(grad, host_grads[name], rtol=1.2e-7, atol=1e-7, msg=name)
 
 
-@pytest.mark.skipif(not shutil.which(aot.LLVM_MCA), reason=f"needs {aot.LLVM_MCA} (Debian: apt-get install llvm)")
+@pytest.mark.skipif(not shutil.which(mca.LLVM_MCA), reason=f"needs {mca.LLVM_MCA} (Debian: apt-get install llvm)")
 @pytest.mark.parametrize("target", TARGETS)
 def test_kernels_report_estimates_binary_macs_per_cycle(target, tmp_path):
-    emitted = aot.emit_kernels(resnet18_cifar(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
-    rows = aot.mca_report(emitted)
+    emitted = emit_kernels(resnet18_cifar(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
+    rows = mca.mca_report(emitted)
     assert {r.family for r in rows} == {"binary", "bitplane"}
     for r in rows:
         assert r.cycles_per_iteration > 0 and r.binary_macs_per_iteration > 0
         assert r.binary_macs_per_cycle == pytest.approx(r.binary_macs_per_iteration / r.cycles_per_iteration)
-    text = aot.format_report(rows, emitted.target)
-    assert aot.FMA_PEAK[emitted.target.cpu][0] > 0 and "binary MACs/cycle" in text
+    text = mca.format_report(rows, emitted.target)
+    assert mca.FMA_PEAK[emitted.target.cpu][0] > 0 and "binary MACs/cycle" in text

@@ -1,9 +1,11 @@
-"""What one kernel call must write, computed with the pure-PyTorch reference (``ops.reference``).
+"""The kernel oracle: what one kernel call must write, computed with the pure-PyTorch
+reference (``ops.reference``).
 
 ``check_call(spec, args, before, after)`` takes a call as the verification harness replayed
 it: the kernel's spec, its arguments by parameter name (integers, floats, and ``(buffer,
 byte offset)`` for pointers, None for null), the bytes of every buffer it was given before
-the call and after it. It decodes the inputs from ``before``, computes what the call must
+the call and after it; argument names and specialization options come from the spec (its
+ABI and its named options). It decodes the inputs from ``before``, computes what the call must
 write with the reference (``pack_bits``, ``binary_gemm``, ``bitplane_gemm``,
 ``rounded_codes`` with ``rng`` draws, ``F.unfold``, ``group_min_max``, ...), writes that into
 a copy of ``before`` and compares every buffer with ``after`` bit for bit, so a kernel that
@@ -23,7 +25,7 @@ import hashlib
 import torch
 import torch.nn.functional as F
 
-from .ops import reference, rng
+from ..ops import reference, rng
 
 SCRATCH = {"binary": {"partial"}, "bitplane": {"partial"}}
 

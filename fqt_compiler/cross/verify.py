@@ -4,14 +4,16 @@ One training step of the model (compiled for the target, so every call uses the 
 specializations and argument convention) runs here with host builds standing in for the
 target kernels. Each call is captured: its symbol, its integer and float arguments, and for
 each pointer the tensor storage it points into (found by watching ``Tensor.data_ptr``), with
-the storage's bytes before the call (first use) and after it. A generated C harness links
-the emitted target object, replays the same calls in the same order on buffers loaded from
+the storage's bytes before the call (first use) and after it. A C harness links the emitted
+target object, replays the same calls in the same order on buffers loaded from
 those bytes, and writes every pointed-to buffer after each call; it runs natively (x86
 targets this CPU can run) or under ``qemu-aarch64-static -cpu cortex-a72|cortex-a76``.
 Two comparisons per call, both bit for bit (integers, packed bits, codes and float
 epilogues alike): every buffer after the call against the host's, and against what the
 pure-PyTorch reference says the call must write given the buffers as the target had them
-before it (``kernel_reference``; the GEMMs' scratch matrix has no reference).
+before it (``oracle``; the GEMMs' scratch matrix has no reference). The harness is
+``harness.c`` (package data) plus a generated ``harness_cases.h`` that calls each kernel with
+the argument types of its ABI.
 
 Besides model steps, ``odd_shapes`` runs kernels at the shapes tails hide in: K = 1, 63, 64,
 65, M or N = 1, and conv layers with stride 2, padding 1 and 2, dilation 2.
@@ -24,15 +26,19 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import kernel_reference
-from .codegen import aot
-from .codegen.targets import Target, get_target, runs_on_host
-from .runtime import jit
+from ..codegen.targets import Target, get_target, runs_on_host
+from ..compiler import compile
+from ..config import Config
+from ..runtime import binary_gemm, jit, pack_signs
+from . import oracle
+from .emit import linker, write_kernels
+from .record import KernelUse, compile_for, stand_in, training_step
 
 QEMU_CPU = {"cortex-a72": "cortex-a72", "cortex-a76": "cortex-a76", "generic": "cortex-a72"}
 PACKAGES = "qemu-user-static gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
@@ -73,8 +79,8 @@ def _watch_data_ptr(capture: Capture):
 
 def capture_step(model_or_compiled, example_inputs, target: Target):
     """Run one training step for ``target``, capturing every kernel call; returns (uses, capture)."""
-    compiled = aot.compile_for(model_or_compiled, target)
-    return capture_calls(lambda: aot.training_step(compiled, example_inputs), target)
+    compiled = compile_for(model_or_compiled, target)
+    return capture_calls(lambda: training_step(compiled, example_inputs), target)
 
 
 def capture_calls(run, target: Target):
@@ -83,7 +89,7 @@ def capture_calls(run, target: Target):
     uses: dict = {}
 
     def hook(spec, load):
-        fn = aot.stand_in(spec, load)
+        fn = stand_in(spec, load)
         index = uses.setdefault(spec, len(uses))
 
         def call(*args):
@@ -112,90 +118,22 @@ def capture_calls(run, target: Target):
     finally:
         torch.set_num_threads(threads)
     ordered = sorted(uses, key=uses.get)
-    return [aot.KernelUse(s.for_target(target)) for s in ordered], capture
+    return [KernelUse(s.for_target(target)) for s in ordered], capture
 
 
 _CAST = {"ptr": "(void *)a[{j}]", "i64": "(int64_t)a[{j}]", "u64": "(uint64_t)a[{j}]", "f32": "f[{j}]"}
 
 
-def harness_source(uses) -> str:
+def harness_cases(uses) -> str:
+    """``harness_cases.h``: ``call_kernel(sym, a, f)`` calls kernel ``sym`` (the index of its
+    use) with each argument cast to the C type of its ABI parameter."""
     cases = []
     for i, use in enumerate(uses):
         args = ", ".join(_CAST[p.kind].format(j=j) for j, p in enumerate(use.spec.abi.params))
-        cases.append(f"        case {i}: {use.symbol}({args}); break;")
-    return HARNESS.replace("@CASES@", "\n".join(cases))
-
-
-HARNESS = r"""
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include "fqt_kernels.h"
-
-static char *buf[1 << 16];
-static long size[1 << 16];
-
-static void dump(const char *path, const char *p, long n) {
-    FILE *o = fopen(path, "wb");
-    if (!o || fwrite(p, 1, n, o) != (size_t)n) { perror(path); exit(2); }
-    fclose(o);
-}
-
-int main(void) {
-    FILE *s = fopen("script.txt", "r");
-    int nbuf;
-    if (!s || fscanf(s, "%d", &nbuf) != 1) return 2;
-    for (int i = 0; i < nbuf; i++) {
-        char path[64];
-        if (fscanf(s, "%ld", &size[i]) != 1) return 2;
-        buf[i] = aligned_alloc(64, (size[i] + 64) / 64 * 64);
-        snprintf(path, sizeof path, "buf_%d.bin", i);
-        FILE *in = fopen(path, "rb");
-        if (!in || fread(buf[i], 1, size[i], in) != (size_t)size[i]) { perror(path); return 2; }
-        fclose(in);
-    }
-    int sym, nargs, call = 0;
-    while (fscanf(s, "%d %d", &sym, &nargs) == 2) {
-        uint64_t a[32] = {0};
-        float f[32] = {0};
-        int bi[32];
-        for (int j = 0; j < nargs; j++) {
-            char t, tok[64];
-            bi[j] = -1;
-            if (fscanf(s, " %c", &t) != 1) return 2;
-            if (t == 'b') {
-                long off;
-                if (fscanf(s, "%d %ld", &bi[j], &off) != 2) return 2;
-                a[j] = (uint64_t)(uintptr_t)(buf[bi[j]] + off);
-            } else if (t == 'i') {
-                long long v;
-                if (fscanf(s, "%lld", &v) != 1) return 2;
-                a[j] = (uint64_t)v;
-            } else if (t == 'u') {
-                unsigned long long v;
-                if (fscanf(s, "%llu", &v) != 1) return 2;
-                a[j] = v;
-            } else if (t == 'f') {
-                if (fscanf(s, "%63s", tok) != 1) return 2;
-                f[j] = strtof(tok, NULL);
-            }
-        }
-        switch (sym) {
-@CASES@
-        default: return 3;
-        }
-        for (int j = 0; j < nargs; j++) {
-            if (bi[j] < 0) continue;
-            char path[64];
-            snprintf(path, sizeof path, "out_%d_%d.bin", call, bi[j]);
-            dump(path, buf[bi[j]], size[bi[j]]);
-        }
-        call++;
-    }
-    printf("%d calls\n", call);
-    return 0;
-}
-"""
+        cases.append(f"    case {i}: {use.symbol}({args}); return 0;")
+    return ("static int call_kernel(int sym, const uint64_t *a, const float *f) {\n"
+            "    (void)a; (void)f;\n    switch (sym) {\n" + "\n".join(cases)
+            + "\n    default: return 3;\n    }\n}\n")
 
 
 def runner(target: Target) -> list[str] | None:
@@ -225,20 +163,21 @@ class Result:
 def verify(model_or_compiled, example_inputs, target, work_dir=None) -> list[Result]:
     """Replay one training step's kernel calls on ``target``; one ``Result`` per kernel."""
     target = get_target(target)
-    compiled = aot.compile_for(model_or_compiled, target)
-    return verify_calls(lambda: aot.training_step(compiled, example_inputs), target, work_dir)
+    compiled = compile_for(model_or_compiled, target)
+    return verify_calls(lambda: training_step(compiled, example_inputs), target, work_dir)
 
 
 def verify_calls(run, target, work_dir=None) -> list[Result]:
     """Replay on ``target`` the kernel calls ``run()`` makes (kernels requested for ``target``)."""
     target = get_target(target)
-    gcc, runner_cmd = aot.linker(target), runner(target)
+    gcc, runner_cmd = linker(target), runner(target)
     if gcc is None or runner_cmd is None:
         raise RuntimeError(f"cannot build or run {target.name} code here: install {PACKAGES}")
     uses, capture = capture_calls(run, target)
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"fqt-verify-{target.name}-"))
-    aot.write_kernels(uses, target, work)
-    (work / "harness.c").write_text(harness_source(uses))
+    write_kernels(uses, target, work)
+    (work / "harness.c").write_text(resources.files(__package__).joinpath("harness.c").read_text())
+    (work / "harness_cases.h").write_text(harness_cases(uses))
     subprocess.run([gcc, "-static", "-O1", "-o", str(work / "harness"), str(work / "harness.c"),
                     str(work / "fqt_kernels.o")], check=True, capture_output=True, text=True)
     lines = [str(len(capture.storages))] + [str(n) for _, n, _ in capture.storages]
@@ -262,7 +201,7 @@ def verify_calls(run, target, work_dir=None) -> list[Result]:
             r.mismatches += after[b] != host_bytes
         spec = uses[index].spec
         args = dict(zip(spec.abi.names, map(call_argument, encoded)))
-        wrong = kernel_reference.check_call(spec, args, {b: state[b] for b in after}, after)
+        wrong = oracle.check_call(spec, args, {b: state[b] for b in after}, after)
         if wrong is None:
             r.has_reference = False
         else:
@@ -298,12 +237,10 @@ def odd_shapes(target):
     """A callable running kernels for ``target`` at odd shapes: binary GEMMs (int32 and float
     epilogues) with K in 1, 63, 64, 65 and M or N = 1, then training steps of ``OddShapes``
     at batch 3 (``aq_scq``) and batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
-    import fqt_compiler as fqt
-    from .runtime import binary_gemm, pack_signs
     target = get_target(target)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        steps = [(fqt.compile(OddShapes(), fqt.Config(method=method, target=target.name)),
+        steps = [(compile(OddShapes(), Config(method=method, target=target.name)),
                   (torch.randn(batch, 3, 13, 17),)) for method, batch in (("aq_scq", 3), ("psq", 1))]
 
     def run():
@@ -314,12 +251,12 @@ def odd_shapes(target):
                 binary_gemm(a, b, target=target)
                 binary_gemm(a, b, scale=torch.rand(n), bias=torch.randn(n), target=target)
         for compiled, inputs in steps:
-            aot.training_step(compiled, inputs)
+            training_step(compiled, inputs)
     return run
 
 
 def call_argument(encoded):
-    """A captured argument as ``kernel_reference.check_call`` takes it."""
+    """A captured argument as ``oracle.check_call`` takes it."""
     kind, *value = encoded
     if kind == "b":
         return tuple(value)
