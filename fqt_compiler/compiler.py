@@ -36,7 +36,7 @@ import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-from . import debug
+from . import events
 from .config import Config, candidate_layers, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
@@ -146,12 +146,12 @@ class FQTModule(nn.Module):
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target, check_finite=config.check_finite),
             ], cg.records, cg.names)(bgm)
-            debug.compiled_backward(self, cg)
+            events.emit("backward_compiled", module=self, graph=cg)
             return make_boxed_func(cg.backward.forward)
 
         compiled = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(
             gm, list(example_inputs) + [value for _, value in cg.extras])
-        debug.compiled_graph(self, cg, time.perf_counter() - start)
+        events.emit("graph_compiled", module=self, graph=cg, seconds=time.perf_counter() - start)
 
         def run(*args):
             self.fqt_last = cg

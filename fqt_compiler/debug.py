@@ -18,12 +18,20 @@ FQT_DEBUG  what you get
 
 Without the variable, ``logging.getLogger("fqt_compiler").setLevel(logging.INFO)`` (or
 DEBUG) gives levels 1 and 2 through the application's own handlers.
+
+The ladder observes: it subscribes to the ``events`` the compiler and the runtime emit
+(``graph_compiled``, ``backward_compiled``, ``kernel_compiled``); neither imports it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
+
+from . import events
+from .report import dump
+from .runtime.jit import compile_assembly
 
 log = logging.getLogger("fqt_compiler")
 _handler: logging.Handler | None = None
@@ -54,28 +62,28 @@ def configure() -> None:
         log.addHandler(_handler)
 
 
-def compiled_graph(module, cg, seconds: float) -> None:
+def compiled_graph(module, graph, seconds: float) -> None:
     """Report one Dynamo graph just compiled (forward side; the backward comes lazily)."""
-    index = module.fqt_graphs.index(cg)
-    n_bin = sum(layer.binarize for layer in cg.plan)
-    called = [layer for layer in cg.plan if layer.shapes]
+    index = module.fqt_graphs.index(graph)
+    n_bin = sum(layer.binarize for layer in graph.plan)
+    called = [layer for layer in graph.plan if layer.shapes]
     log.info("compiled graph %d of %s: %s mode, %d/%d layers binarized (%d in this graph), "
              "backend=%s target=%s, %.2f s", index, type(module.module).__name__,
-             "train" if cg.training else "eval", n_bin, len(cg.plan), len(called),
+             "train" if graph.training else "eval", n_bin, len(graph.plan), len(called),
              module.fqt_config.backend, module.fqt_config.target, seconds)
     if log.isEnabledFor(logging.DEBUG):
-        for layer in cg.plan:
+        for layer in graph.plan:
             log.debug("  plan %-3d %-30s %-6s %s", layer.index, layer.name,
                       "binary" if layer.binarize else "float", layer.reason)
-        _log_passes(cg.records)
-    dump_graph(module, cg)
+        _log_passes(graph.records)
+    dump_graph(module, graph)
 
 
-def compiled_backward(module, cg) -> None:
-    log.info("compiled backward of graph %d", module.fqt_graphs.index(cg))
+def compiled_backward(module, graph) -> None:
+    log.info("compiled backward of graph %d", module.fqt_graphs.index(graph))
     if log.isEnabledFor(logging.DEBUG):
-        _log_passes([r for r in cg.records if r.stage == "backward"])
-    dump_graph(module, cg)
+        _log_passes([r for r in graph.records if r.stage == "backward"])
+    dump_graph(module, graph)
 
 
 def _log_passes(records) -> None:
@@ -83,24 +91,18 @@ def _log_passes(records) -> None:
         log.debug("  pass %-9s %-28s %7.1f ms", r.stage, r.name, r.seconds * 1e3)
 
 
-def dump_graph(module, cg) -> None:
+def dump_graph(module, graph) -> None:
     if level() < 3:
         return
-    from .report import dump
-    last, module.fqt_last = module.fqt_last, cg
-    try:
-        out = debug_dir() / f"graph{module.fqt_graphs.index(cg)}"
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # "no backward graph yet" before the first backward
-            dump(module, out)
-        log.info("dumped graph %d to %s", module.fqt_graphs.index(cg), out)
-    finally:
-        module.fqt_last = last
+    out = debug_dir() / f"graph{module.fqt_graphs.index(graph)}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "no backward graph yet" before the first backward
+        dump(module, out, graph=graph)
+    log.info("dumped graph %d to %s", module.fqt_graphs.index(graph), out)
 
 
 def kernel_compiled(ir_text: str, symbols: str, key: str, target, from_cache: bool) -> None:
-    """Called by ``runtime.jit`` for every kernel module it loads."""
+    """Every kernel module ``runtime.jit`` loads."""
     log.debug("kernel module %s %s for %s (%s)", symbols, key[:12], target.name,
               "from the disk cache" if from_cache else "compiled")
     lvl = level()
@@ -111,5 +113,9 @@ def kernel_compiled(ir_text: str, symbols: str, key: str, target, from_cache: bo
     stem = f"{symbols}-{key[:12]}"
     (out / f"{stem}.ll").write_text(ir_text)
     if lvl >= 4:
-        from .runtime.jit import compile_assembly
         (out / f"{stem}.s").write_text(compile_assembly(ir_text, target))
+
+
+events.subscribe("graph_compiled", compiled_graph)
+events.subscribe("backward_compiled", compiled_backward)
+events.subscribe("kernel_compiled", kernel_compiled)

@@ -1,8 +1,9 @@
 """Inspection: ``fqt.dump`` (graph text files) and ``fqt.summary`` (per-layer table).
 
-Both describe the graphs the compiled model's last call ran (one compilation per input
-shape and mode); call the compiled model once first, and ``.backward()`` once for the
-backward graph.
+Both describe one compiled graph of a compiled model (one compilation per input shape and
+mode): by default the one its last call ran (call the compiled model once first, and
+``.backward()`` once for the backward graph), or the ``graph=`` given, as the debug ladder
+does for each graph it is told was compiled.
 """
 from __future__ import annotations
 
@@ -13,24 +14,26 @@ from pathlib import Path
 
 from .compiler import CompiledGraph, FQTModule
 from .passes import graph_text
-from .passes.annotate_fqt_nodes import expected_kept
 from .ops import reference as ref
+from .runtime.kernel_stats import stats
 
 
-def _latest(compiled: FQTModule) -> CompiledGraph:
+def _graph(compiled: FQTModule, graph: CompiledGraph | None) -> CompiledGraph:
     if not isinstance(compiled, FQTModule):
         raise TypeError(f"expected the result of fqt.compile, got {type(compiled).__name__}")
+    if graph is not None:
+        return graph
     if compiled.fqt_last is None:
         raise RuntimeError("nothing compiled yet: call the compiled model once (compilation "
                            "happens at the first call, per input shape and mode)")
     return compiled.fqt_last
 
 
-def dump(compiled: FQTModule, directory) -> list[Path]:
+def dump(compiled: FQTModule, directory, *, graph: CompiledGraph | None = None) -> list[Path]:
     """Write forward.txt, backward.txt, summary.txt and one ``NN_stage_pass.txt`` per pass
     (plus forward.svg / backward.svg where pydot and graphviz are installed). Returns the
     paths written."""
-    cg = _latest(compiled)
+    cg = _graph(compiled, graph)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -51,7 +54,7 @@ def dump(compiled: FQTModule, directory) -> list[Path]:
             continue
         write(f"{name}.txt", graph_text(gm, cg.names))
         written += _render_svg(gm, out / f"{name}.svg")
-    write("summary.txt", summary(compiled))
+    write("summary.txt", summary(compiled, graph=cg))
     return written
 
 
@@ -99,7 +102,7 @@ def _layer_row(layer) -> dict:
     else:
         gbits = layer.bits
         groups = {"tensor": 1, "sample": x[0] if layer.kind == "conv2d" else rows, "channel": o}
-        kept = tuple(expected_kept(layer.method, gbits, groups[ref.grouping(layer.method, p)])
+        kept = tuple(ref.expected_kept(layer.method, gbits, groups[ref.grouping(layer.method, p)])
                      for p in (ref.PATH_INPUT, ref.PATH_WEIGHT))
         grad = tuple(f"{_fmt(macs * gbits * f)} b" for f in kept)
         binary, floating = macs + sum(macs * gbits * f for f in kept), 0
@@ -109,12 +112,12 @@ def _layer_row(layer) -> dict:
                   "_binary": binary, "_float": floating, "_packed": packed, "_f32": x_float}
 
 
-def summary(compiled: FQTModule) -> str:
+def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
     """A larq-style per-layer table: decision and reason, weight shape, W/A/G bits, expected
     kept fraction of groups per SCQ path, MACs of the three GEMMs (``b`` = binary/bit-plane
     MACs, i.e. bit-plane count × kept fraction × GEMM size; ``f`` = float32), bytes of the
     layer input saved for backward (packed bits vs float32), and totals."""
-    cg = _latest(compiled)
+    cg = _graph(compiled, graph)
     config = compiled.fqt_config
     rows = [_layer_row(layer) for layer in cg.plan]
     cols = ["#", "layer", "decision", "W/A/G", "kept in/w", "weight", "MACs fwd", "MACs dX",
@@ -148,7 +151,6 @@ def _measured(plan) -> list[str]:
     """What the kernels recorded for this plan's layers (``fqt.runtime.stats()`` since its
     last reset), per call: binary MACs of each GEMM (the input/weight-gradient ones reflect the
     groups AQ actually kept), kernel time, and bytes saved for backward."""
-    from .runtime.kernel_stats import stats
     table = stats()
     names = [layer.name for layer in plan if layer.binarize and (layer.name, "forward") in table]
     if not names:

@@ -275,6 +275,16 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
     return lo, hi, keep, prob
 
 
+def expected_kept(method: str, bits: int, groups: int) -> float:
+    """Expected fraction of ``groups`` groups an SCQ path keeps (docs/math.md §4): ``1/b`` for
+    aq_scq (capped at all), ``ceil(N/b)`` of ``N`` for topk, all for the other methods."""
+    if method == "aq_scq":
+        return min(1.0, 1.0 / bits)
+    if method == "topk":
+        return -(-groups // bits) / groups
+    return 1.0
+
+
 def keep_groups(ranges: torch.Tensor, method: str, path: str, bits: int, *,
                 seed: int, step: int, layer: int):
     """``(keep, prob)`` of the groups of one path from their ranges (see ``sample_groups``).

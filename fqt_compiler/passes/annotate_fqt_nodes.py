@@ -15,15 +15,6 @@ from ..ops import reference as ref
 from .infra import PassResult
 
 
-def expected_kept(method: str, bits: int, groups: int) -> float:
-    """Expected fraction of groups an SCQ path keeps (SPEC §4)."""
-    if method == "aq_scq":
-        return min(1.0, 1.0 / bits)
-    if method == "topk":
-        return -(-groups // bits) / groups
-    return 1.0
-
-
 def _note(node: fx.Node, plan: list) -> str:
     op = node.target._opname
     args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
@@ -44,7 +35,7 @@ def _note(node: fx.Node, plan: list) -> str:
         note = (f"layer {layer.index} {layer.name}: {args['path']} path, {args['method']}, "
                 f"b={args['bits']}, per-{grouping} groups")
         if groups is not None:
-            kept = expected_kept(args["method"], args["bits"], groups)
+            kept = ref.expected_kept(args["method"], args["bits"], groups)
             note += f", {groups} groups, kept fraction {kept:.3g} expected"
         return note
     if op.startswith("aq_quantize_"):
@@ -55,7 +46,7 @@ def _note(node: fx.Node, plan: list) -> str:
             path == ref.PATH_WEIGHT and grouping == "sample") else "bit-plane GEMM over kept groups"
         return (f"layer {layer.index} {layer.name}: {path} path, {args['method']}, b={args['bits']}, "
                 f"per-{grouping} groups, kept fraction "
-                f"{expected_kept(args['method'], args['bits'], 1 if grouping == 'tensor' else 2**30):.3g} "
+                f"{ref.expected_kept(args['method'], args['bits'], 1 if grouping == 'tensor' else 2**30):.3g} "
                 f"expected; AQ sampling + quantize + bit-plane pack fused, then {gemm}")
     if op.endswith("_grad_q"):
         return f"bit-plane GEMM over kept per-{args['grouping']} groups"

@@ -26,7 +26,7 @@ from pathlib import Path
 import llvmlite
 import llvmlite.binding as llvm
 
-from .. import debug
+from .. import events
 from ..codegen.abi import KernelABI, KernelIR
 from ..codegen.targets import Target, get_target, runs_on_host
 
@@ -166,7 +166,8 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
         lib = Library(key, target, engine, from_cache)
         _memory[key] = lib
         symbols = "+".join(re.findall(r'^define [^@]*@"?([\w.]+)"?\(', ir_text, re.M)[:2]) or "module"
-        debug.kernel_compiled(ir_text, symbols, key, target, from_cache)
+        events.emit("kernel_compiled", ir_text=ir_text, symbols=symbols, key=key, target=target,
+                    from_cache=from_cache)
         return lib
 
 
