@@ -1,4 +1,4 @@
-"""The paper's ablations on scikit-learn's bundled digits (issue 6).
+"""The paper's ablations on scikit-learn's bundled digits.
 
     python examples/ablation.py [--quick | --tiny] [--models vgg,resnet] [--seeds 0,1,2]
                                 [--epochs 5] [--backend kernels] [--out docs/results]

@@ -93,9 +93,9 @@ def _layer_row(layer) -> dict:
                       "MACs dX": f"{_fmt(macs)} f", "MACs dW": f"{_fmt(macs)} f",
                       "saved packed": _fmt(x_float), "saved f32": _fmt(x_float),
                       "_binary": 0, "_float": 3 * macs, "_packed": x_float, "_f32": x_float}
-    # reference.pack_activation's layout: sign + STE words per row
+    # reference.pack_activation's layout: sign + STE words per row, rows padded to whole vectors
     n_rows, width = (x[0], math.prod(x[1:])) if layer.kind == "conv2d" else (math.prod(x[:-1]), x[-1])
-    packed = 2 * 8 * n_rows * ((width + 63) // 64)
+    packed = 2 * 8 * n_rows * ref.padded_words(width)
     if layer.method == "none":
         gbits, kept, grad = 32, (1.0, 1.0), (f"{_fmt(macs)} f", f"{_fmt(macs)} f")
         binary, floating = macs, 2 * macs

@@ -1,4 +1,4 @@
-"""Cross-targeting (issue 5): emitted kernels for rpi4/rpi5/hygon, replayed on the target CPU
+"""Cross-targeting: emitted kernels for rpi4/rpi5/hygon, replayed on the target CPU
 (natively or under qemu) against the host kernels and the pure-PyTorch reference, the hygon
 kernels in a normal training step, and the llvm-mca report."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The kernels backend: each lowered op against its reference, and whole training steps that
-run every GEMM of every binarized layer on the JIT kernels (issue 4)."""
+run every GEMM of every binarized layer on the JIT kernels."""
 from __future__ import annotations
 
 import pytest

@@ -110,6 +110,19 @@ def test_summary_table_counts_macs_and_saved_bytes(dumped):
     assert "3/6 layers binarized" in text
 
 
+def test_summary_saved_bytes_match_the_saved_tensors_at_a_256_bit_row():
+    """A 256-bit row is 4 words, padded to a whole vector of 8: the summary counts the bytes
+    reference.pack_activation actually saves (2 x 3 rows x 8 words x 8 B), not 4 words."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Linear(256, 32), torch.nn.Linear(32, 10))
+    compiled = fqt.compile(model, fqt.Config(backend="reference"))
+    x = torch.randn(3, 16)
+    compiled(x)
+    signs, ste = fqt.ops.reference.pack_activation(model[0](x), "linear")
+    assert (signs.numel() + ste.numel()) * 8 == 384
+    row = next(l for l in fqt.summary(compiled).splitlines() if re.match(r"1\s+1\s", l))
+    assert "1/1/4" in row and " 384 " in row and "3.07k" in row
+
+
 def test_cli_dump(tmp_path, capsys):
     code = cli_main(["dump", "fqt_test_models:small_cnn", "--input-shape", "2,3,8,8",
                      "--out", str(tmp_path), "--backend", "reference", "--method", "psq",

@@ -97,10 +97,10 @@ class PanelTile:
 def default_panel_tile(target: str | Target) -> PanelTile:
     """Tile of the across-N kernel. ``mr`` is a power of two so that a conv's h' w' (a power
     of two in VGG/ResNet) holds whole tiles and NCHW tiles are stored as transposed runs of
-    ``mr`` rows (8 floats = one 256-bit store on AVX-512). Measured on Zen 4 (1 thread,
-    conv training shapes): 8x2 (16 accumulators) within noise of 4x4, 8x3 and 6x4 in the
-    compute-bound shapes and fastest with NCHW stores; AVX2 (16 registers, the byte-lookup
-    popcount takes a table, a nibble mask and temporaries) 4x1; NEON (32 registers) 4x4."""
+    ``mr`` rows (8 floats = one 256-bit store on AVX-512). AVX-512: 8x2 (16 accumulators),
+    chosen with benchmarks/bench_gemm.py on conv training shapes for its NCHW stores; AVX2
+    (16 registers, the byte-lookup popcount takes a table, a nibble mask and temporaries)
+    4x1; NEON (32 registers) 4x4."""
     t = get_target(target)
     if t.is_x86:
         return PanelTile(8, 2) if t.vector_bits == 512 else PanelTile(4, 1)

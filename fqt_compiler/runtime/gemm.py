@@ -98,9 +98,9 @@ def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
 # int64, at most 80 x 512 x 8 = 320 KiB: within L2), and the along-K kernel's per-tile
 # shuffle-tree reduction and K padding cost most at narrow N and short K. Each call first
 # transposes B into the panel (scalar, about N x words cycles), which a GEMM of few rows does
-# not amortize. Measured on Zen 4 at 1 thread (benchmarks/bench_gemm.py, conv training
-# shapes): panel 1.0-3.6x faster at N <= 512, K <= 4608 bits for M >= 256; at M = 32..128
-# with K >= 2304 bits 0.76-0.94x (the pack), with K <= 512 bits still 1.3-2x.
+# not amortize. The thresholds come from benchmarks/bench_gemm.py on conv training shapes:
+# the panel kernel wins at narrow N and short K for many rows, and at few rows only when K is
+# short enough for the pack to be cheap.
 PANEL_MAX_N = 512
 PANEL_MAX_WORDS = 80
 PANEL_MIN_ROWS = 256          # unless K is short

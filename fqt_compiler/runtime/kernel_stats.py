@@ -2,7 +2,7 @@
 
 Every kernel-backed op implementation records into one process-wide table; tests read it
 to prove that the three GEMMs of each binarized layer ran on kernels, and ``fqt.summary``
-shows it next to the plan. Phases other than GEMMs (pack, quantize, col2im, ...) are timed
+shows it next to the plan. Phases other than GEMMs (pack, quantize, ste_mask, ...) are timed
 too, so a benchmark can break a training step down.
 """
 from __future__ import annotations

@@ -240,7 +240,7 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
     with stats.timed(layer_name, "pack"):
         wt = pack_signs(weight.detach().T, target=target)
     dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
-    with stats.timed(layer_name, "col2im"):
+    with stats.timed(layer_name, "ste_mask"):
         dx *= unpack_mask(x_ste_bits, f, dx.shape, target=target)
     return dx.view(x_shape)
 
