@@ -23,13 +23,15 @@ def shape(text: str) -> tuple[int, ...]:
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The Config fields every model-taking subcommand accepts."""
-    from .config import ALPHAS, METHODS, TARGETS
+    from .codegen.targets import PRESET_NAMES
+    from .config import ALPHAS, METHODS
+    from .ops.reference import BITS
     from .ops.registry import BACKENDS
     p.add_argument("--method", default="aq_scq", choices=METHODS)
-    p.add_argument("--bits", type=int, default=4, choices=(1, 2, 4, 8))
+    p.add_argument("--bits", type=int, default=4, choices=BITS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="kernels", choices=BACKENDS)
-    p.add_argument("--target", default="host", choices=TARGETS)
+    p.add_argument("--target", default="host", choices=PRESET_NAMES)
     p.add_argument("--alpha", default="mean", choices=ALPHAS)
 
 
@@ -81,7 +83,7 @@ def run_kernels(args) -> int:
 def add_kernels(subparsers) -> None:
     p = subparsers.add_parser("kernels", help="emit the kernels one training step of a model "
                               "needs for a target: .o/.s, C header, manifest, shared library")
-    p.add_argument("model", help="MODULE:FACTORY, e.g. fqt_compiler.zoo:resnet18_cifar")
+    p.add_argument("model", help="MODULE:FACTORY, e.g. fqt_compiler.zoo:resnet18")
     p.add_argument("--input-shape", type=shape, required=True, help="e.g. 128,3,32,32")
     p.add_argument("--target", required=True, help="rpi4, rpi5, aarch64, hygon, x86-64-v3, ...")
     p.add_argument("--out", required=True, help="output directory")
@@ -109,7 +111,7 @@ def run_verify(args) -> int:
     return 0 if ok else 1
 
 
-DEFAULT_VERIFY_MODELS = ["fqt_compiler.zoo:resnet18_cifar", "fqt_compiler.zoo:vgg16_cifar"]
+DEFAULT_VERIFY_MODELS = ["fqt_compiler.zoo:resnet18", "fqt_compiler.zoo:vgg16_cifar"]
 
 
 def add_verify(subparsers) -> None:
@@ -118,7 +120,7 @@ def add_verify(subparsers) -> None:
                               "pure-PyTorch reference, bit for bit")
     p.add_argument("--target", required=True)
     p.add_argument("--model", action="append", default=None,
-                   help="MODULE:FACTORY (repeatable; default: zoo resnet18_cifar and vgg16_cifar, "
+                   help="MODULE:FACTORY (repeatable; default: zoo resnet18 and vgg16_cifar, "
                         "then the odd-shape cases)")
     p.add_argument("--odd-shapes", action="store_true",
                    help="run the odd-shape cases (alone, or after the --model steps)")

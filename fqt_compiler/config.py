@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch.nn as nn
 
+from .codegen.targets import PRESET_NAMES
 from .ops import reference
 from .ops.registry import BACKENDS
 
@@ -34,7 +35,6 @@ def import_object(spec: str):
 
 METHODS = reference.METHODS
 ALPHAS = ("mean", "learned")
-TARGETS = ("host", "x86-64-v3", "hygon", "x86-avx512", "rpi4", "rpi5", "aarch64")
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -119,7 +119,7 @@ class Config:
         _check_choice("Config", "method", self.method, METHODS)
         _check_choice("Config", "bits", self.bits, reference.BITS)
         _check_choice("Config", "backend", self.backend, BACKENDS)
-        _check_choice("Config", "target", self.target, TARGETS)
+        _check_choice("Config", "target", self.target, PRESET_NAMES)
         _check_choice("Config", "alpha", self.alpha, ALPHAS)
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"Config: seed={self.seed!r} must be an int in [0, 2**63)")

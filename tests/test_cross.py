@@ -20,7 +20,7 @@ from fqt_compiler.runtime import jit
 from fqt_compiler.runtime.quantize import group_min_max
 from fqt_compiler.cross.verify import (PACKAGES, OddShapes, call_argument, capture_calls, odd_shapes, verify,
                                  verify_calls)
-from fqt_compiler.zoo import resnet18_cifar, vgg16_cifar
+from fqt_compiler.zoo import resnet18, vgg16_cifar
 
 TARGETS = ["rpi4", "rpi5", "hygon"]
 
@@ -58,7 +58,7 @@ def _assert_verified(results, target, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
 def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
-    _assert_verified(verify(resnet18_cifar(), _x(), target, tmp_path), target, tmp_path)
+    _assert_verified(verify(resnet18(), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross
@@ -145,7 +145,7 @@ def test_hygon_kernels_run_a_training_step_like_the_host_kernels():
 @pytest.mark.skipif(not shutil.which(mca.LLVM_MCA), reason=f"needs {mca.LLVM_MCA} (Debian: apt-get install llvm)")
 @pytest.mark.parametrize("target", TARGETS)
 def test_kernels_report_estimates_binary_macs_per_cycle(target, tmp_path):
-    emitted = emit_kernels(resnet18_cifar(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
+    emitted = emit_kernels(resnet18(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
     rows = mca.mca_report(emitted)
     assert {r.family for r in rows} == {"binary", "bitplane"}
     for r in rows:

@@ -80,7 +80,7 @@ def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, tar
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("nbits", codegen.BITS)
+@pytest.mark.parametrize("nbits", ref.BITS)
 def test_bitplane_gemm_exact_dot(target, nbits):
     """Scale 1 and zero-point 0 expose the integer dot product (exact in float32 below 2^24)."""
     gen = torch.Generator().manual_seed(nbits)
@@ -188,7 +188,7 @@ def test_panel_kernel_nchw_tiles(target):
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(codegen.BITS),
+@given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(ref.BITS),
        target=st.sampled_from(TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
 def test_gemms_match_reference_property(m, n, k, nbits, target, threads, seed):
     gen = torch.Generator().manual_seed(seed)

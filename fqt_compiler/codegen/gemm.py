@@ -42,13 +42,13 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
+from ..ops.reference import BITS
 from .abi import KernelIR
 from .builder import (F32, I8, I32, I64, PTR, Kernel, const_splat, gep, i64, intrinsic, masked_load,
                       masked_scatter, masked_store, new_module, smin, splat, vec)
 from .targets import Target, get_target
 
 EPILOGUES = ("int32", "scale", "scale_bias")
-BITS = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)

@@ -39,26 +39,26 @@ def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
 
 
 def _conv_path(path, grad_fn):
-    def impl(gprime, rng_state, weight, bits_saved, x_shape, stride, padding, dilation,
+    def impl(gprime, rng_state, weight, saved_bits, x_shape, stride, padding, dilation,
              method, bits, layer, alpha=None):
         gprime = _scaled(gprime, alpha)
         hw = gprime.shape[2] * gprime.shape[3]
         g2d = _quantized(ref.conv_rows(gprime), rng_state, method, path, bits, hw, layer)
-        return grad_fn(ref.conv_unrows(g2d, gprime.shape), weight, bits_saved, x_shape,
+        return grad_fn(ref.conv_unrows(g2d, gprime.shape), weight, saved_bits, x_shape,
                        stride, padding, dilation)
     return impl
 
 
 def _linear_path(path, grad_fn):
-    def impl(gprime, rng_state, weight, bits_saved, x_shape, method, bits, layer, alpha=None):
+    def impl(gprime, rng_state, weight, saved_bits, x_shape, method, bits, layer, alpha=None):
         gprime = _scaled(gprime, alpha)
         g2d = _quantized(gprime.reshape(-1, gprime.shape[-1]), rng_state, method, path, bits, 1,
                          layer)
-        return grad_fn(g2d.reshape(gprime.shape), weight, bits_saved, x_shape)
+        return grad_fn(g2d.reshape(gprime.shape), weight, saved_bits, x_shape)
     return impl
 
 
-def _like_x(gprime, rng_state, weight, bits_saved, x_shape, *rest):
+def _like_x(gprime, rng_state, weight, saved_bits, x_shape, *rest):
     return gprime.new_empty(x_shape)
 
 

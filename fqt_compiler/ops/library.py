@@ -113,11 +113,11 @@ mark_gradient = _define(
     _mark_gradient, lambda gprime, rng_state, layer: torch.empty_like(gprime))
 
 
-def _grad_like_x(gprime, weight, bits, x_shape, *conv_args):
+def _grad_like_x(gprime, weight, saved_bits, x_shape, *conv_args):
     return gprime.new_empty(x_shape)
 
 
-def _grad_like_w(gprime, weight, bits, x_shape, *conv_args):
+def _grad_like_w(gprime, weight, saved_bits, x_shape, *conv_args):
     return torch.empty_like(weight)
 
 
@@ -224,7 +224,7 @@ def _linear_weight_grad_q(codes, scale, zero, keep, weight, x_sign_bits, x_shape
     return ref.linear_weight_grad_packed(g, weight, x_sign_bits, x_shape)
 
 
-def _q_like_x(codes, scale, zero, keep, weight, bits, x_shape, *rest):
+def _q_like_x(codes, scale, zero, keep, weight, saved_bits, x_shape, *rest):
     return scale.new_empty(x_shape)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..codegen import gemm as codegen
 from ..codegen.targets import Target, get_target
+from ..ops.reference import BITS
 from . import jit, threads as pool
 from .packed import PackedBits
 
@@ -251,8 +252,8 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
         raise TypeError(f"planes must be an int64 tensor [bits, M, ld], got "
                         f"{getattr(planes, 'dtype', type(planes).__name__)} {tuple(getattr(planes, 'shape', ()))}")
     bits, m, _ = planes.shape
-    if bits not in codegen.BITS:
-        raise ValueError(f"planes has {bits} planes; expected one of {codegen.BITS}")
+    if bits not in BITS:
+        raise ValueError(f"planes has {bits} planes; expected one of {BITS}")
     target = get_target(target)
     n, k = b.rows, b.k
     tile = tile or _default_tile(m, n, k, target)

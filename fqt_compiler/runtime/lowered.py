@@ -33,8 +33,9 @@ from .packed import PackedBits, padded_words
 from .quantize import quantize_bitplanes
 
 
-def kernel(op: str):
-    """Register the decorated function as ``fqt::op``'s kernel implementation."""
+def implements(op: str):
+    """Register the decorated function as ``fqt::op``'s implementation on the "kernels"
+    backend (``jit.kernel``, by contrast, turns one kernel spec into a callable)."""
     def wrap(fn):
         registry.register(f"fqt::{op}", "kernels", fn)
         fn.takes_layer_name = True
@@ -74,14 +75,14 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
     return y.view(n, o, oh, ow), signs.words, mask.words
 
 
-@kernel("binary_conv2d")
+@implements("binary_conv2d")
 def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?",
                   target="host"):
     return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name,
                          target)
 
 
-@kernel("binary_conv2d_scaled")
+@implements("binary_conv2d_scaled")
 def binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer, *,
                          layer_name="?", target="host"):
     return _conv_forward(x, weight, _channels(alpha), stride, padding, dilation, layer_name, target)
@@ -99,12 +100,12 @@ def _linear_forward(x, weight, scale, layer_name, target):
     return y.view(*x.shape[:-1], o), signs.words, mask.words
 
 
-@kernel("binary_linear")
+@implements("binary_linear")
 def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host"):
     return _linear_forward(x, weight, _ones(weight.shape[0]), layer_name, target)
 
 
-@kernel("binary_linear_scaled")
+@implements("binary_linear_scaled")
 def binary_linear_scaled(x, weight, alpha, rng_state, layer, *, layer_name="?", target="host"):
     return _linear_forward(x, weight, _channels(alpha), layer_name, target)
 
@@ -158,7 +159,7 @@ def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
     return torch.where(valid, oy * ow + ox, -1).reshape(h * w, kh * kw)
 
 
-@kernel("aq_quantize_conv2d_input_grad")
+@implements("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
                       method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
@@ -215,7 +216,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         return dx
 
 
-@kernel("aq_quantize_conv2d_weight_grad")
+@implements("aq_quantize_conv2d_weight_grad")
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
                        method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
@@ -231,7 +232,7 @@ def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, 
     return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
 
 
-@kernel("aq_quantize_linear_input_grad")
+@implements("aq_quantize_linear_input_grad")
 def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
                       alpha=None, *, layer_name="?", target="host"):
     o, f = weight.shape
@@ -245,7 +246,7 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
     return dx.view(x_shape)
 
 
-@kernel("aq_quantize_linear_weight_grad")
+@implements("aq_quantize_linear_weight_grad")
 def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
                        alpha=None, *, layer_name="?", target="host"):
     if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
