@@ -18,19 +18,11 @@ from fqt_compiler.codegen.targets import get_target, host_target, runs_on_host
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import jit
 from fqt_compiler.runtime.quantize import group_min_max
-from fqt_compiler.cross.verify import (PACKAGES, OddShapes, call_argument, capture_calls, odd_shapes, verify,
+from conftest import CROSS_TARGETS, needs_cross
+from fqt_compiler.cross.verify import (OddShapes, call_argument, capture_calls, odd_shapes, verify,
                                  verify_calls)
 from fqt_compiler.zoo import resnet18, vgg16_cifar
 
-TARGETS = ["rpi4", "rpi5", "hygon"]
-
-_cross_tools = pytest.mark.skipif(
-    not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-gcc")),
-    reason=f"needs Debian packages {PACKAGES}")
-
-
-def needs_cross(test):
-    return pytest.mark.cross(_cross_tools(test))
 needs_hygon_cpu = pytest.mark.skipif(not runs_on_host(get_target("hygon")),
                                      reason="this CPU cannot run the hygon (AVX2) kernels")
 
@@ -56,20 +48,20 @@ def _assert_verified(results, target, tmp_path):
 
 @needs_cross
 @pytest.mark.slow
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
     _assert_verified(verify(resnet18(), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross
 @pytest.mark.slow
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
     _assert_verified(verify(vgg16_cifar(), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_odd_shapes_verify_on_target(target, tmp_path):
     results = verify_calls(odd_shapes(target), target, tmp_path)
     _assert_verified(results, target, tmp_path)
@@ -143,7 +135,7 @@ def test_hygon_kernels_run_a_training_step_like_the_host_kernels():
 
 
 @pytest.mark.skipif(not shutil.which(mca.LLVM_MCA), reason=f"needs {mca.LLVM_MCA} (Debian: apt-get install llvm)")
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_kernels_report_estimates_binary_macs_per_cycle(target, tmp_path):
     emitted = emit_kernels(resnet18(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
     rows = mca.mca_report(emitted)

@@ -6,13 +6,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from fqt_compiler.codegen import gemm as codegen
-from fqt_compiler.codegen.targets import PRESET_NAMES, get_target, runs_on_host
+from conftest import HOST_TARGETS
+from fqt_compiler.codegen.targets import get_target
 from fqt_compiler.ops import reference as ref
 from fqt_compiler.runtime import binary_gemm, bitplane_gemm, jit
 from fqt_compiler.runtime.packed import PackedBits
 
-TARGETS = [t for t in PRESET_NAMES if runs_on_host(get_target(t))]
-AVX2_TARGETS = [t for t in ("hygon", "x86-64-v3") if t in TARGETS]
+AVX2_TARGETS = [t for t in ("hygon", "x86-64-v3") if t in HOST_TARGETS]
 KS = (1, 63, 64, 65, 127, 129, 1000)
 MN = ((1, 1), (1, 7), (13, 1), (7, 11), (31, 37))
 
@@ -29,7 +29,7 @@ def pm1(b: torch.Tensor) -> torch.Tensor:
     return b.double() * 2 - 1
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("k", KS)
 def test_binary_gemm_exact(target, k):
     gen = torch.Generator().manual_seed(k)
@@ -43,7 +43,7 @@ def test_binary_gemm_exact(target, k):
         assert torch.equal(results[1], results[0])
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_binary_gemm_k_blocks(target):
     """K past one cache block goes through the int32 partial-sum scratch."""
     gen = torch.Generator().manual_seed(1)
@@ -53,7 +53,7 @@ def test_binary_gemm_k_blocks(target):
         assert torch.equal(out, ref.binary_gemm(a, b))
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_binary_gemm_epilogue_and_nchw_layout(target, with_bias):
     gen = torch.Generator().manual_seed(2)
@@ -79,7 +79,7 @@ def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, tar
                          threads=threads, tile=tile)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 @pytest.mark.parametrize("nbits", ref.BITS)
 def test_bitplane_gemm_exact_dot(target, nbits):
     """Scale 1 and zero-point 0 expose the integer dot product (exact in float32 below 2^24)."""
@@ -98,7 +98,7 @@ def test_bitplane_gemm_exact_dot(target, nbits):
             assert torch.equal(outs[1], outs[0])
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_bitplane_gemm_dequantization_epilogue(target):
     """A quantized gradient from the reference quantizer, dequantized in the epilogue, equals the
     float matmul of the dequantized gradient with the ±1 operand, to float32 rounding."""
@@ -126,7 +126,7 @@ def test_bitplane_gemm_dequantization_epilogue(target):
     assert (out[~kept] == 0).all()
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_bitplane_gemm_empty_and_k_blocks(target):
     gen = torch.Generator().manual_seed(4)
     b = bits(5, 40_000, gen)
@@ -143,7 +143,7 @@ def test_bitplane_gemm_empty_and_k_blocks(target):
 PANEL_NS = (1, 7, 8, 9, 64, 65, 130)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_panel_kernel_exact(target):
     """The across-N kernel (runtime.gemm._use_panel) at N around its vector widths and K of
     1..40 words, with edge rows (M not a multiple of mr), both families."""
@@ -168,7 +168,7 @@ def test_panel_kernel_exact(target):
             assert torch.equal(out, expect), (n, k)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 def test_panel_kernel_nchw_tiles(target):
     """NCHW output of the panel kernel: tiles inside one sample are stored transposed (hw a
     multiple of mr), tiles across samples or past M row by row; every epilogue."""
@@ -189,7 +189,7 @@ def test_panel_kernel_nchw_tiles(target):
 
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(ref.BITS),
-       target=st.sampled_from(TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
+       target=st.sampled_from(HOST_TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
 def test_gemms_match_reference_property(m, n, k, nbits, target, threads, seed):
     gen = torch.Generator().manual_seed(seed)
     density = torch.rand((), generator=gen).item()
@@ -229,7 +229,7 @@ def test_argument_errors_name_the_argument():
         binary_gemm(a, b, out=torch.empty(4, 3, dtype=torch.int32))
     with pytest.raises(ValueError, match="words per row"):  # the along-K kernel reads whole vectors
         binary_gemm(PackedBits(a.words[:, :1].contiguous(), 64), PackedBits(b.words[:, :1].contiguous(), 64),
-                    tile=codegen.Tile(1, 8), target="x86-64-v3" if "x86-64-v3" in TARGETS else "host")
+                    tile=codegen.Tile(1, 8), target="x86-64-v3" if "x86-64-v3" in HOST_TARGETS else "host")
     with pytest.raises(ValueError, match="words per row"):
         binary_gemm(PackedBits(a.words[:, :1].contiguous(), 65), PackedBits(b.words[:, :1].contiguous(), 65))
     planes = pack_planes(torch.zeros(3, 70, dtype=torch.int64), 2)

@@ -1,8 +1,10 @@
 """The on-disk object cache of runtime.jit, seen from fresh processes: reused across
-processes, damaged entries rebuilt (never executed), unsafe directories ignored, concurrent
-writers safe. Each process compiles a tiny kernel ``x + C`` (one C per cache entry) and
+processes, damaged entries rebuilt (never executed), unsafe directories ignored (and warned
+about), concurrent writers safe. Each process compiles a tiny kernel ``x + C`` (one C per cache entry) and
 reports whether it came from the cache and what it computed."""
+import ctypes
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -107,3 +109,17 @@ def test_concurrent_processes_compile_the_same_kernel(tmp_path):
     assert files == [entry(tmp_path, 9).name]               # one entry, no temporary left over
     key = entry(tmp_path, 9).stem
     assert jit._read_entry(entry(tmp_path, 9), key) is not None
+
+
+def test_unsafe_cache_directory_is_not_used_and_warned_about(tmp_path, monkeypatch, caplog):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    monkeypatch.setenv("FQT_CACHE_DIR", str(open_dir))
+    ir = "define i64 @fqt_unsafe_probe(i64 %x) {\n  %y = add i64 %x, 4242\n  ret i64 %y\n}\n"
+    with caplog.at_level(logging.WARNING, logger="fqt_compiler"):
+        lib = jit.compile_ir(ir, "host")
+    assert lib.function("fqt_unsafe_probe", ctypes.c_int64, ctypes.c_int64)(1) == 4243
+    assert not lib.from_cache and list(open_dir.iterdir()) == []
+    assert any(str(open_dir) in r.getMessage() and "not used" in r.getMessage()
+               for r in caplog.records if r.name == "fqt_compiler.runtime.jit")

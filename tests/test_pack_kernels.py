@@ -4,12 +4,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
-from fqt_compiler.codegen.targets import get_target, runs_on_host
+from conftest import KERNEL_TARGETS, seeded_randn
+from fqt_compiler.codegen.targets import get_target
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import pack
 from fqt_compiler.runtime.packed import PackedBits
 
-TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
 
 
 def ref_words(bits: torch.Tensor) -> torch.Tensor:
@@ -17,8 +17,7 @@ def ref_words(bits: torch.Tensor) -> torch.Tensor:
 
 
 def data(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g) * 1.5
+    x = seeded_randn(*shape, seed=seed) * 1.5
     x.view(-1)[::7] = 0.0   # zero maps to bit 0 (SPEC §2)
     return x
 
@@ -30,7 +29,7 @@ def ref_im2col(x, ks, stride, padding, dilation):
     return cols.transpose(1, 2).reshape(-1, cols.shape[1]) > 0
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("rows,k", [(1, 1), (5, 1), (3, 63), (7, 64), (2, 65), (1, 200), (13, 127), (31, 513)])
 def test_pack_signs_and_unpack(target, rows, k):
     x = data(rows, k)
@@ -44,7 +43,7 @@ def test_pack_signs_and_unpack(target, rows, k):
     assert torch.equal(pack.unpack_mask(mask.words, k, (rows, k), target=target), reference.ste_mask(x))
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_pack_signs_views(target):
     w = data(37, 70)
     assert torch.equal(pack.pack_signs(w.T, target=target).words, ref_words(w.T > 0))   # via transpose_bits
@@ -72,7 +71,7 @@ CONVS = [  # (N, C, H, W, kernel, stride, padding, dilation)
 ]
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
 def test_im2col_pack(target, conv):
     n, c, h, w, ks, stride, padding, dilation = conv
@@ -145,7 +144,7 @@ def test_preprocessing_kernels_build_for_aarch64():
         assert compile_object(kernel.text, t).startswith(b"\x7fELF")
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("rows,k", [(1, 1), (1, 65), (64, 64), (63, 130), (65, 1), (130, 257)])
 def test_transpose_bits(target, rows, k):
     x = data(rows, k, seed=rows + k)

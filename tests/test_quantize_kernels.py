@@ -6,12 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fqt_compiler.codegen.targets import get_target, runs_on_host
+from conftest import KERNEL_TARGETS, seeded_randn
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import quantize
 from fqt_compiler.runtime.packed import PackedBits
 
-TARGETS = [t for t in ("host", "hygon") if runs_on_host(get_target(t))]
 METHODS = ("ptq", "psq", "aq_scq", "topk")
 PATHS = (reference.PATH_INPUT, reference.PATH_WEIGHT)
 KEY = dict(seed=3, step=11, layer=2)
@@ -53,13 +52,12 @@ def check(got: quantize.BitplaneGradient, ref: reference.QuantizedGradient, path
 
 
 def gradient(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
+    x = seeded_randn(*shape, seed=seed)
     x.view(-1)[::5] *= 30   # uneven group ranges, so AQ keeps some groups with certainty
     return x
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 70, 3, 5), (4, 1, 1, 1), (5, 130, 2, 3), (1, 64, 8, 8),
                                    (7, 3, 1, 13), (2, 130, 8, 9)])   # 72 rows a sample: tiles with tails
 def test_conv_gradient_all_methods(target, shape):
@@ -74,7 +72,7 @@ def test_conv_gradient_all_methods(target, shape):
         assert got.out_rows == (n * h * w if path == reference.PATH_INPUT else o)
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("rows,cols,rps", [(1, 1, 1), (6, 63, 1), (10, 64, 2), (9, 65, 3), (13, 127, 13), (4, 200, 1)])
 def test_matrix_gradient(target, rows, cols, rps):
     g = gradient(rows, cols, seed=rows * cols)

@@ -1,10 +1,9 @@
-"""Issue 7: bad input fails loudly and names the culprit with nothing lost; layouts, small
-batches, graph breaks and layers the kernels cannot take still train; non-finite gradients
-are raised on or propagated, never rounded away; unsafe kernel caches are refused; save and
-resume is bit-identical; runs are deterministic whatever the thread count; kernels may be
+"""Bad input fails loudly and names the culprit with nothing lost (Config values themselves:
+test_config.py); layouts, small batches, graph breaks and layers the kernels cannot take
+still train; non-finite gradients are raised on or propagated, never rounded away (unsafe
+kernel caches: test_jit_cache.py); save and resume is bit-identical; runs are deterministic whatever the thread count; kernels may be
 called from several Python threads; the FQT_DEBUG ladder and the fqt_compiler logger."""
 import copy
-import ctypes
 import logging
 import os
 import subprocess
@@ -18,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fqt_compiler as fqt
+from conftest import BACKENDS
 from fqt_compiler import runtime
 from fqt_compiler.runtime import jit
 from fqt_test_models import MLP, SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ("reference", "kernels")
 
 
 def snapshot(model, optimizer=None, compiled=None):
@@ -57,30 +56,6 @@ def trained_cnn(backend="kernels", **options):
 
 
 # --------------------------------------------------------------------------- Config values
-
-@pytest.mark.parametrize("options, culprit", [
-    ({"bits": 3}, "bits=3"),
-    ({"bits": 16}, "bits=16"),
-    ({"method": "sgd"}, "method='sgd'"),
-    ({"method": "bhq"}, "bhq"),
-    ({"backend": "cuda"}, "backend='cuda'"),
-    ({"target": "rpi3"}, "target='rpi3'"),
-    ({"seed": -1}, "seed=-1"),
-    ({"check_finite": "yes"}, "check_finite='yes'"),
-    ({"rules": [{"name": "fc1", "bits": 5}]}, "bits=5"),
-    ({"rules": [{"name": "fc1", "regex": "fc.*"}]}, "exactly one of"),
-])
-def test_invalid_config_values(options, culprit):
-    with pytest.raises(ValueError, match="expected|must|exactly one") as e:
-        fqt.Config(**options)
-    assert culprit in str(e.value)
-
-
-def test_misspelt_option_suggests_the_valid_one():
-    with pytest.raises(TypeError, match="'bits'") as e:
-        fqt.Config(bit=4)
-    assert "'bit'" in str(e.value)
-
 
 def test_rule_matching_nothing_names_the_rule_and_the_layers():
     model = SmallCNN()
@@ -275,22 +250,6 @@ def test_check_finite_raises_with_the_layer_name(backend):
     with pytest.raises(FloatingPointError, match=r"non-finite gradient at layer 'net\.5'.*check_finite"):
         (out.sum() * float("inf")).backward()
     assert_unchanged(before, snapshot(model, opt))
-
-
-# --------------------------------------------------------------------------- kernel cache
-
-def test_unsafe_cache_directory_is_not_used_and_warned_about(tmp_path, monkeypatch, caplog):
-    open_dir = tmp_path / "open"
-    open_dir.mkdir()
-    os.chmod(open_dir, 0o777)
-    monkeypatch.setenv("FQT_CACHE_DIR", str(open_dir))
-    ir = "define i64 @fqt_unsafe_probe(i64 %x) {\n  %y = add i64 %x, 4242\n  ret i64 %y\n}\n"
-    with caplog.at_level(logging.WARNING, logger="fqt_compiler"):
-        lib = jit.compile_ir(ir, "host")
-    assert lib.function("fqt_unsafe_probe", ctypes.c_int64, ctypes.c_int64)(1) == 4243
-    assert not lib.from_cache and list(open_dir.iterdir()) == []
-    assert any(str(open_dir) in r.getMessage() and "not used" in r.getMessage()
-               for r in caplog.records if r.name == "fqt_compiler.runtime.jit")
 
 
 # --------------------------------------------------------------------------- save / load
