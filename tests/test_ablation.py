@@ -5,6 +5,8 @@ import csv
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ablation.py"
 
 
@@ -13,6 +15,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_ablation_tiny(tmp_path):
     spec = importlib.util.spec_from_file_location("ablation", EXAMPLE)
     module = importlib.util.module_from_spec(spec)

@@ -61,6 +61,7 @@ def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
 
 
 @needs_cross
+@pytest.mark.slow
 @pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_odd_shapes_verify_on_target(target, tmp_path):
     results = verify_calls(odd_shapes(target), target, tmp_path)

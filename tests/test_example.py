@@ -4,9 +4,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
+@pytest.mark.slow
 def test_train_digits_short_run(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
