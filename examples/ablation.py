@@ -240,7 +240,7 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
 
         bound = sum_i [ (1/p_i - 1) ||G_i||^2 + d_i R_i^2 / (4 B^2 p_i) ]
 
-    (groups with p_i = 0 have R_i = 0 and contribute ||G_i||^2, their exact error)."""
+    (groups with p_i = 0 are all zero: no error)."""
     kind = reference.grouping(method, path)
     n, ids = reference.group_index(g2d, kind, rows_per_sample)
     lo, hi = reference.group_min_max(g2d, kind, rows_per_sample)
@@ -249,13 +249,12 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
                                                          torch.ones(g2d.numel(), dtype=torch.float64))
     sq = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                           g2d.double().reshape(-1) ** 2)
-    p = reference.aq_probabilities(hi - lo, bits).double() if method == "aq_scq" \
+    p = reference.aq_probabilities(reference.aq_scores(lo, hi), bits).double() if method == "aq_scq" \
         else torch.ones(n, dtype=torch.float64)
     levels = float(2 ** bits - 1)
     kept = p > 0
     pk = p[kept]
-    bound = ((1 / pk - 1) * sq[kept] + d[kept] * r[kept] ** 2 / (4 * levels ** 2 * pk)).sum()
-    return (bound + sq[~kept].sum()).item()
+    return ((1 / pk - 1) * sq[kept] + d[kept] * r[kept] ** 2 / (4 * levels ** 2 * pk)).sum().item()
 
 
 def measure_variance(model_name, state, seed, parts, args):

@@ -119,7 +119,7 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     kind = reference.grouping(method, path)
     lo, hi = group_min_max(g, kind, rows_per_sample=rows_per_sample, alpha=alpha, target=target)
-    keep, prob = reference.keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
+    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer)
     return lo, hi, keep, prob
 
 
