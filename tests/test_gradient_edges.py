@@ -92,7 +92,7 @@ def test_both_paths_are_unbiased_for_constant_groups(case, backend):
     kind, g, w, saved, geometry, expected = case()
     kw = {"layer_name": "layer", "target": "host"} if backend == "kernels" else {}
     for path, bits_saved, want in zip(("input", "weight"), saved, expected):
-        op = registry.lookup(f"fqt::aq_quantize_{kind}_{path}_grad", backend)[0]
+        op = registry.lookup(f"fqt::aq_quantize_{kind}_{path}_grad", backend)
         draws = torch.stack([op(g, torch.tensor([seed, 0]), w, bits_saved, *geometry, "aq_scq", 4, 0, **kw)
                              for seed in range(DRAWS)])
         assert want.abs().sum() > 0

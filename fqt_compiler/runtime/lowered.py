@@ -133,7 +133,7 @@ def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
 
 
 def _float_weight_grad(layer_name, kind, *args):
-    impl, _ = registry.lookup(f"fqt::aq_quantize_{kind}_weight_grad", "reference")
+    impl = registry.lookup(f"fqt::aq_quantize_{kind}_weight_grad", "reference")
     with stats.timed(layer_name, "weight_grad_float"):
         return impl(*args)
 
