@@ -291,3 +291,28 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
 
     pool.run([task(*s, p) for s, p in zip(slices, scratch)])
     return out
+
+
+def segmented_bitplane_gemm(planes: torch.Tensor, segments: list[PackedBits], *, row_scale: torch.Tensor,
+                            row_zero: torch.Tensor, target: str | Target = "host",
+                            threads: int | None = None) -> torch.Tensor:
+    """A bit-plane GEMM whose contraction is split into segments, each with its own
+    dequantization: float32 ``out[o, n] = sum_s row_scale[s*O + o] * dot_s[o, n] +
+    row_zero[s*O + o] * colsum_s[n]``, where ``dot_s`` contracts rows ``s*O .. s*O + O - 1`` of
+    ``planes`` (``[bits, S*O, ld]``) with ``segments[s]`` (N x k_s ±1 bits) and ``colsum_s``
+    is that segment's ±1 row sums. This is the weight gradient of per-sample groups (``psq``),
+    whose scale varies along the contraction over rows r and so cannot leave a single GEMM
+    (docs/math.md §3-4): one ``bitplane_gemm`` per sample segment, summed."""
+    if not segments or planes.shape[1] % len(segments):
+        raise ValueError(f"planes has {planes.shape[1]} rows, not a whole number of rows for each of "
+                         f"{len(segments)} segments")
+    o = planes.shape[1] // len(segments)
+    n = segments[0].rows
+    out, part = torch.zeros(o, n), torch.empty(o, n)
+    row_map = torch.arange(o)
+    for s, b in enumerate(segments):
+        rows = slice(s * o, (s + 1) * o)
+        bitplane_gemm(planes[:, rows], b, row_scale=row_scale[rows], row_zero=row_zero[rows], row_map=row_map,
+                      out_rows=o, out=part, target=target, threads=threads)
+        out += part
+    return out
