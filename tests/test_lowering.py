@@ -120,7 +120,7 @@ def _train_step(model_fn, x, y, backend, method, bits, seed=3):
     return compiled, losses[-1].item(), grads, fqt.runtime.stats(), calls
 
 
-KERNEL_PHASES = {"pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "col2im"}
+KERNEL_PHASES = {"pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask"}
 
 
 def _check_step_on_kernels(model_fn, x, y, method="aq_scq", bits=4):
