@@ -1,4 +1,4 @@
-"""Training-step speed and memory, the paper's protocol (SPEC §7).
+"""Training-step speed and memory, the paper's protocol (docs/math.md §7).
 
 VGG-16 (CIFAR variant: first conv and classifier float) and torchvision ResNet-18, input
 128x3x32x32, forward + backward timed with every preprocessing step inside the timed region

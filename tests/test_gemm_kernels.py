@@ -1,4 +1,4 @@
-"""Popcount GEMM kernels against the reference (SPEC §3, §4): exact integers, float32 epilogues."""
+"""Popcount GEMM kernels against the reference (docs/math.md §3, §4): exact integers, float32 epilogues."""
 import re
 
 import pytest

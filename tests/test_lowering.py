@@ -107,7 +107,7 @@ def _train_step(model_fn, x, y, backend, method, bits, seed=3):
     # Dynamo does not trace under a dispatch mode: compile both graphs with a first step.
     nn.functional.cross_entropy(compiled(x), y).backward()
     model.zero_grad(set_to_none=True)
-    fqt.runtime.reset_stats()   # the public API (SPEC §8)
+    fqt.runtime.reset_stats()   # the public API (docs/math.md §8)
     losses = []
 
     def step():

@@ -209,7 +209,7 @@ def test_layers_the_kernels_cannot_take_fall_back_to_float_with_a_reason():
     assert not plan["grouped"].binarize and "groups=2" in plan["grouped"].reason
     assert not plan["same"].binarize and "asymmetric" in plan["same"].reason
     # reflect/circular: nn.Conv2d pads in float (F.pad) and convolves with padding=0, which
-    # binarizes exactly (the pad happens before the sign, as for zero padding, SPEC §2)
+    # binarizes exactly (the pad happens before the sign, as for zero padding, docs/math.md §2)
     for name in ("reflect", "circular"):
         assert plan[name].binarize, plan[name].reason
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every fqt computation: the oracle the kernels must match.
 
-SPEC §2-§4 are implemented here literally and slowly. Integer results (binary and
+docs/math.md §2-§4 are implemented here literally and slowly. Integer results (binary and
 bit-plane dot products, quantization codes, keep decisions) are what kernels must
 reproduce bit for bit; floating results are matched to float32 rounding.
 
@@ -28,7 +28,7 @@ from . import rng
 # --------------------------------------------------------------------------- bits
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """sign(v) = +1 if v > 0 else -1 (zero maps to -1, SPEC §2)."""
+    """sign(v) = +1 if v > 0 else -1 (zero maps to -1, docs/math.md §2)."""
     return torch.where(x > 0, 1.0, -1.0).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
@@ -92,7 +92,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 
 def binary_conv2d(x, weight, alpha, bias, stride, padding, dilation):
-    """Binarized conv2d forward (SPEC §2): pad with zeros, then sign, so padding is -1."""
+    """Binarized conv2d forward (docs/math.md §2): pad with zeros, then sign, so padding is -1."""
     xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     y = F.conv2d(sign(xp), sign(weight), None, stride, 0, dilation)
     y = y * alpha.view(1, -1, 1, 1)
@@ -217,7 +217,7 @@ class QuantizedGradient:
 
     ``codes`` holds every element's code (0 in pruned groups); ``group_ids`` maps each
     element to its group. Dequantized value: ``scale[g] * code + zero[g]`` for kept groups,
-    0 for pruned ones, where ``scale = R / (B p)`` and ``zero = z / p`` (SPEC §4)."""
+    0 for pruned ones, where ``scale = R / (B p)`` and ``zero = z / p`` (docs/math.md §4)."""
 
     codes: torch.Tensor      # uint8 [rows, cols]
     kind: str                # "tensor" | "sample" | "channel"
@@ -259,7 +259,7 @@ def rounded_codes(v, z, s, bits: int, u):
 
 def quantize_gradient(g2d: torch.Tensor, method: str, path: str, bits: int, *,
                       rows_per_sample: int, seed: int, step: int, layer: int) -> QuantizedGradient:
-    """Quantize ``G'`` for one SCQ path with one method (SPEC §4).
+    """Quantize ``G'`` for one SCQ path with one method (docs/math.md §4).
 
     Two stages, each an op of the backward graph: ``sample_groups`` (statistics and AQ
     keep decisions) then ``quantize_groups`` (stochastic rounding of the kept groups)."""
@@ -392,7 +392,7 @@ def linear_weight_grad(gprime, weight, x):
 # its signs (bit = x > 0) and its STE mask (bit = |x| < 1). Layout, chosen so each row is one
 # contiguous run of words for the backward GEMMs:
 #   conv2d: one row per sample over the flattened (c, h, w) of the *unpadded* input
-#           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (SPEC §2);
+#           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (docs/math.md §2);
 #   linear: one row per input row over the features -> int64 [prod(leading dims), padded_words(F)].
 # Rows are padded with zero words to whole 512-bit vectors, the kernels' PackedBits layout.
 

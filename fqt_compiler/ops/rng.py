@@ -1,4 +1,4 @@
-"""Counter-based random numbers shared by the reference ops and the kernels (SPEC §4).
+"""Counter-based random numbers shared by the reference ops and the kernels (docs/math.md §4).
 
 Every stochastic choice (stochastic rounding, AQ group sampling) draws from a
 SplitMix64 stream keyed by ``(seed, step, layer, stream)`` and indexed by the

@@ -1,4 +1,4 @@
-"""Insert each binarized layer's gradient quantizers into the backward graph (SPEC §4).
+"""Insert each binarized layer's gradient quantizers into the backward graph (docs/math.md §4).
 
 Matches: ``fqt.mark_gradient(G', rng_state, layer)`` and its users, the float-G' GEMM ops
 ``fqt.{conv2d,linear}_{input,weight}_grad``.

@@ -157,7 +157,7 @@ def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: 
 
 def signed_row_sums(b: PackedBits, *, target: str | Target = "host") -> torch.Tensor:
     """float32 ``sum_k (±1)[r, k]`` of each row of a packed ±1 matrix: ``2 popcount - k``
-    (the column sums of the dequantization epilogue, SPEC §4)."""
+    (the column sums of the dequantization epilogue, docs/math.md §4)."""
     target = get_target(target)
     vector_words = _vector_words(b.k, target)
     words = _contract_words(b.k, vector_words)
@@ -232,7 +232,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
                   colsum: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   target: str | Target = "host", threads: int | None = None,
                   tile: codegen.Tile | None = None) -> torch.Tensor:
-    """Bit-plane GEMM with the dequantization epilogue of SPEC §4, over kept groups only.
+    """Bit-plane GEMM with the dequantization epilogue of docs/math.md §4, over kept groups only.
 
     ``planes``: int64 ``[bits, M, ld]`` (bits in 1, 2, 4, 8), plane ``t`` holding bit ``t`` of
     the b-bit codes of the M kept rows, packed along K like ``b`` (N x K, ±1 bits). Writes

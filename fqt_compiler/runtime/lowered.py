@@ -12,7 +12,7 @@ weight grad  quantize G' per channel into bit planes (kept channels only) -> bit
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
 
 Nothing here calls a float GEMM. ``psq`` on the weight path (a per-sample scale varies
-along that path's contraction, SPEC §4) runs a segmented bit-plane GEMM: one per sample
+along that path's contraction, docs/math.md §4) runs a segmented bit-plane GEMM: one per sample
 segment of the rows, against that sample's sign(X), each with its own scale, summed.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fused gradient quantizer on torch tensors (SPEC §4), draw for draw the reference's.
+"""The fused gradient quantizer on torch tensors (docs/math.md §4), draw for draw the reference's.
 
 ``G'`` is given either as the NCHW gradient of a conv output (read in place: element
 ``(n, o, h, w)`` is G' row ``r = (n*H + h)*W + w``, column ``o``, as ``reference.conv_rows``)
