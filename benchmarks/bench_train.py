@@ -1,4 +1,4 @@
-"""Training-step speed and memory, the paper's protocol (SPEC §7).
+"""Training-step speed and memory, the paper's protocol (docs/math.md §7).
 
 VGG-16 (CIFAR variant: first conv and classifier float) and torchvision ResNet-18, input
 128x3x32x32, forward + backward timed with every preprocessing step inside the timed region
@@ -36,7 +36,7 @@ from fqt_compiler import zoo  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask", "weight_grad_float")
+PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask")
 MODELS = {"vgg16": zoo.vgg16_cifar, "resnet18": zoo.resnet18}
 
 

@@ -11,7 +11,7 @@ Protocol (the paper's fine-tuning setting, scaled down to digits upsampled to 16
      SGD momentum 0.9);
   3. train from scratch on classes 5-9 (random init, Adam) for qat, psq b=1, aq_scq b=4;
   4. measure the per-layer gradient-quantizer variance E||Q(G') - G'||^2 over resampled
-     draws on one fixed downstream batch, next to the SPEC §4 bound (see ``variance_bound``).
+     draws on one fixed downstream batch, next to the docs/math.md §4 bound (see ``variance_bound``).
 
 Outputs in --out: results.csv (one row per run), summary.csv and results.md (mean ± std over
 seeds), losses.csv, variance.csv, accuracy.png, loss_curves.png, variance.png.
@@ -181,7 +181,7 @@ def train_method(model_name, state, method_name, opt_name, seed, parts, args):
 # --------------------------------------------------------------------------- variance
 
 def _ste_sign(v):
-    """sign (SPEC §2: 0 -> -1) with the straight-through gradient 1{|v| < 1}."""
+    """sign (docs/math.md §2: 0 -> -1) with the straight-through gradient 1{|v| < 1}."""
     hard = torch.where(v > 0, 1.0, -1.0).to(v.dtype)
     soft = v * (v.abs() < 1).to(v.dtype)
     return hard.detach() + soft - soft.detach()
@@ -190,7 +190,7 @@ def _ste_sign(v):
 def capture_gprime(model, layers, x, y):
     """G' = alpha * dL/dY of every binarized layer on one batch, in the binarized network.
 
-    An eager re-implementation of the SPEC §2 forward (sign of the zero-padded input and of
+    An eager re-implementation of the docs/math.md §2 forward (sign of the zero-padded input and of
     the weight, per-channel alpha = mean|w| treated as a constant, STE) via forward hooks;
     the gradient w.r.t. the un-scaled output Y_raw is exactly G'. Gradients are float (QAT),
     as every method's quantizer sees them at this point of training."""
@@ -231,7 +231,7 @@ def as_rows(g):
 
 
 def variance_bound(g2d, method, path, bits, rows_per_sample):
-    """SPEC §4 / Chen et al. 2020 bound on E||Q(G') - G'||^2 for one path.
+    """docs/math.md §4 / Chen et al. 2020 bound on E||Q(G') - G'||^2 for one path.
 
     Group i (a sample's rows or a channel's column) has d_i elements, range R_i, keep
     probability p_i (1 without AQ) and B = 2^b - 1 levels. Stochastic rounding to a grid of
@@ -240,7 +240,7 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
 
         bound = sum_i [ (1/p_i - 1) ||G_i||^2 + d_i R_i^2 / (4 B^2 p_i) ]
 
-    (groups with p_i = 0 have R_i = 0 and contribute ||G_i||^2, their exact error)."""
+    (groups with p_i = 0 are all zero: no error)."""
     kind = reference.grouping(method, path)
     n, ids = reference.group_index(g2d, kind, rows_per_sample)
     lo, hi = reference.group_min_max(g2d, kind, rows_per_sample)
@@ -249,13 +249,12 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
                                                          torch.ones(g2d.numel(), dtype=torch.float64))
     sq = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                           g2d.double().reshape(-1) ** 2)
-    p = reference.aq_probabilities(hi - lo, bits).double() if method == "aq_scq" \
+    p = reference.aq_probabilities(reference.aq_scores(lo, hi), bits).double() if method == "aq_scq" \
         else torch.ones(n, dtype=torch.float64)
     levels = float(2 ** bits - 1)
     kept = p > 0
     pk = p[kept]
-    bound = ((1 / pk - 1) * sq[kept] + d[kept] * r[kept] ** 2 / (4 * levels ** 2 * pk)).sum()
-    return (bound + sq[~kept].sum()).item()
+    return ((1 / pk - 1) * sq[kept] + d[kept] * r[kept] ** 2 / (4 * levels ** 2 * pk)).sum().item()
 
 
 def measure_variance(model_name, state, seed, parts, args):

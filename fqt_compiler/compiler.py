@@ -8,7 +8,7 @@ its plan, its per-pass records and its final ATen graphs. The graph breaks Dynam
 are kept in ``FQTModule.fqt_graph_breaks``. Because a region cannot know whether a later one
 holds more layers, the first call runs the model eagerly once (no grad, buffers and RNG state
 restored) to learn the order the whole forward calls its Conv2d/Linear layers: the first and
-last layer exclusions (SPEC §2) are those of the whole forward, not of one region.
+last layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
 
 Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
 in float32; a float64/float16/bfloat16 input is refused with a TypeError naming the argument,
@@ -216,7 +216,7 @@ def _graph_break_reasons() -> dict[str, int]:
 
 
 def compile(model: nn.Module, config: Config | None = None) -> FQTModule:
-    """Compile ``model`` for 1-bit FQT (SPEC §8). Layers with ``alpha="learned"`` get a new
+    """Compile ``model`` for 1-bit FQT (docs/math.md §8). Layers with ``alpha="learned"`` get a new
     parameter ``fqt_alpha`` (initialised to mean |w|), so build the optimizer afterwards."""
     config = config or Config()
     if not isinstance(model, nn.Module):

@@ -52,7 +52,7 @@ def _check_choice(owner: str, name: str, value, choices) -> None:
     if value is not None and value not in choices:
         extra = ""
         if name == "method" and value == "bhq":
-            extra = " (bhq, SPEC §4's optional block Householder quantizer, is not implemented)"
+            extra = " (bhq, docs/math.md §4's optional block Householder quantizer, is not implemented)"
         raise ValueError(f"{owner}: {name}={value!r} is not supported{extra}; "
                          f"expected one of {tuple(choices)}")
 
@@ -99,7 +99,7 @@ class Rule:
 
 @dataclass(frozen=True, init=False)
 class Config:
-    """What ``fqt.compile`` does (SPEC §8). ``rules``: a list of ``Rule`` or dicts of its fields."""
+    """What ``fqt.compile`` does (docs/math.md §8). ``rules``: a list of ``Rule`` or dicts of its fields."""
 
     method: str = "aq_scq"
     bits: int = 4
@@ -164,7 +164,7 @@ def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
     """Decide every Conv2d/Linear layer. ``call_order``: module names of the layers in the
     order the captured graph calls them; ``model_order``: the order the whole forward calls
     them, when Dynamo split it into several graphs at graph breaks (first and last of the
-    whole forward are the SPEC §2 exclusions, not those of one graph)."""
+    whole forward are the docs/math.md §2 exclusions, not those of one graph)."""
     check_rules(model, config)
     called = set(call_order)
     order = model_order or call_order

@@ -1,4 +1,4 @@
-"""Gradients of compiled models against SPEC §2-4 written out eagerly in this file."""
+"""Gradients of compiled models against docs/math.md §2-4 written out eagerly in this file."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +14,7 @@ from fqt_test_models import GPT, MLP, SmallCNN
 
 
 class SignSTE(torch.autograd.Function):
-    """sign(v) = +1 if v > 0 else -1; d/dv = 1{|v| < 1} (SPEC §2)."""
+    """sign(v) = +1 if v > 0 else -1; d/dv = 1{|v| < 1} (docs/math.md §2)."""
 
     @staticmethod
     def forward(ctx, v):

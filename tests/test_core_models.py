@@ -1,4 +1,4 @@
-"""Acceptance: unmodified models compile with the default plan and train (SPEC §8)."""
+"""Acceptance: unmodified models compile with the default plan and train (docs/math.md §8)."""
 from __future__ import annotations
 
 import math

@@ -4,10 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fqt_compiler as fqt
+from fqt_compiler import compiler
+
 from fqt_compiler.ops import fused as F
 from fqt_compiler.ops import library as L
 from fqt_compiler.ops import reference as R
 from fqt_compiler.ops import registry
+from fqt_compiler.passes.infra import PassResult
+from fqt_test_models import SmallCNN
 
 RS = torch.tensor([11, 5], dtype=torch.int64)
 GEOM = ([2, 1], [1, 0], [1, 2])  # stride, padding, dilation: asymmetric on purpose
@@ -146,10 +151,37 @@ def test_aq_keeps_n_over_b_groups_on_average(bits):
     assert torch.stack(kept).mean().item() == pytest.approx(1 / bits, abs=0.02)
 
 
-def test_registry_falls_back_to_reference_and_reports_it():
-    impl, ran = registry.lookup("fqt::binary_conv2d", "kernels")
-    assert ran in ("kernels", "reference")
-    if ran == "reference":
-        assert impl is registry.lookup("fqt::binary_conv2d", "reference")[0]
+def test_registry_never_falls_back():
+    kernel = registry.lookup("fqt::binary_conv2d", "kernels")
+    assert kernel is not registry.lookup("fqt::binary_conv2d", "reference")
+    with pytest.raises(KeyError, match=r"no 'kernels' implementation of fqt::aq_sample .*'reference'"):
+        registry.lookup("fqt::aq_sample", "kernels")
     with pytest.raises(ValueError, match="backend"):
-        registry.register("fqt::binary_conv2d", "gpu", impl)
+        registry.register("fqt::binary_conv2d", "gpu", kernel)
+
+
+def _train_step(method="aq_scq"):
+    torch.manual_seed(0)
+    compiled = fqt.compile(SmallCNN(), fqt.Config(backend="kernels", method=method))
+    compiled(torch.randn(2, 3, 8, 8)).sum().backward()
+    return compiled
+
+
+@pytest.mark.parametrize("op,layer", [("binary_linear_scaled", "fc1"),
+                                      ("aq_quantize_conv2d_weight_grad", "conv[12]")])
+def test_missing_kernel_raises_at_compile_time_naming_op_and_layer(monkeypatch, op, layer):
+    monkeypatch.delitem(registry._IMPLS, (f"fqt::{op}", "kernels"))
+    with pytest.raises(Exception, match=rf"fqt::{op} \(of layer '{layer}'\) has no 'kernels' implementation"):
+        _train_step()
+
+
+def test_unfused_quantizer_chain_raises_on_the_kernel_backend(monkeypatch):
+    monkeypatch.setattr(compiler, "fuse_gradient_quantizers", lambda gm: PassResult(gm, False))
+    with pytest.raises(RuntimeError, match=r"fqt::aq_sample \(of layer '(conv1|conv2|fc1)'\) has no 'kernels'"):
+        _train_step()
+
+
+def test_float_gradients_by_plan_run_on_the_reference_and_say_so():
+    ran = _train_step(method="none").fqt_last.ran
+    assert ran["fqt::binary_conv2d_scaled"] == "kernels"
+    assert ran["fqt::conv2d_input_grad"] == ran["fqt::linear_weight_grad"] == "reference"

@@ -18,7 +18,7 @@ def ref_words(bits: torch.Tensor) -> torch.Tensor:
 
 def data(*shape, seed=0):
     x = seeded_randn(*shape, seed=seed) * 1.5
-    x.view(-1)[::7] = 0.0   # zero maps to bit 0 (SPEC §2)
+    x.view(-1)[::7] = 0.0   # zero maps to bit 0 (docs/math.md §2)
     return x
 
 

@@ -17,38 +17,33 @@ KEY = dict(seed=3, step=11, layer=2)
 
 
 def expected_planes(ref: reference.QuantizedGradient, path: str, rows_per_sample: int):
-    """Bit planes of the kept rows of the path's operand (codes of G' rows packed along o,
-    or of G' columns packed along r) and the output rows they map to."""
+    """Bit planes of the kept rows of the path's operand (codes of G' rows packed along o, of
+    G' columns packed along r, or, for per-sample groups on the weight path, of each sample's
+    segment of each column), the output rows they map to and their groups."""
     codes = ref.codes.long()
+    _, ids = reference.group_index(ref.codes, ref.kind, rows_per_sample)
     if path == reference.PATH_INPUT:
-        _, ids = reference.group_index(ref.codes, ref.kind, rows_per_sample)
         rows = torch.nonzero(ref.keep[ids[:, 0]]).view(-1)
-        operand = codes[rows]
+        operand, groups = codes[rows], ids[rows, 0]
+    elif ref.kind == "sample":
+        n, channels = codes.shape[0] // rows_per_sample, codes.shape[1]
+        operand = codes.view(n, rows_per_sample, channels).transpose(1, 2).reshape(n * channels, rows_per_sample)
+        rows, groups = torch.arange(n * channels) % channels, torch.arange(n * channels) // channels
     else:
-        channels = codes.shape[1]
-        if ref.kind == "sample":
-            kept = torch.ones(channels, dtype=torch.bool)
-        else:
-            kept = ref.keep.expand(channels)
-        rows = torch.nonzero(kept).view(-1)
-        operand = codes.T[rows]
+        rows = torch.nonzero(ref.keep.expand(codes.shape[1])).view(-1)
+        operand, groups = codes.T[rows], ids[0, rows]
     planes = torch.stack([PackedBits.from_bool(((operand >> t) & 1).bool()).words
                           for t in range(ref.bits)])
-    return planes, rows
+    return planes, rows, groups
 
 
 def check(got: quantize.BitplaneGradient, ref: reference.QuantizedGradient, path, rows_per_sample):
     assert torch.equal(got.keep, ref.keep) and torch.equal(got.prob, ref.prob)
     assert torch.equal(got.scale, ref.scale) and torch.equal(got.zero, ref.zero)
-    planes, rows = expected_planes(ref, path, rows_per_sample)
+    planes, rows, groups = expected_planes(ref, path, rows_per_sample)
     assert torch.equal(got.row_map, rows)
     assert torch.equal(got.planes, planes)
-    if got.row_scale is not None:
-        _, ids = reference.group_index(ref.codes, ref.kind, rows_per_sample)
-        group = ids[rows, 0] if path == reference.PATH_INPUT else ids[0, rows]
-        assert torch.equal(got.row_scale, ref.scale[group]) and torch.equal(got.row_zero, ref.zero[group])
-    else:
-        assert path == reference.PATH_WEIGHT and ref.kind == "sample"
+    assert torch.equal(got.row_scale, ref.scale[groups]) and torch.equal(got.row_zero, ref.zero[groups])
 
 
 def gradient(*shape, seed=0):

@@ -1,4 +1,4 @@
-"""The reference semantics (SPEC §2-4) checked against first principles, not against itself."""
+"""The reference semantics (docs/math.md §2-4) checked against first principles, not against itself."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""LLVM IR for the two popcount GEMM families of SPEC §3 (one generator per family).
+"""LLVM IR for the two popcount GEMM families of docs/math.md §3 (one generator per family).
 
 Both families share one register-blocked micro-kernel: an ``mr x nr`` tile of output
 elements, each with its own vector accumulator held in a register across the K loop, over
@@ -10,7 +10,7 @@ is what makes the K tail exact without masks: the loop always runs over whole ve
   stored through an affine output layout, so a conv can write NCHW directly.
 * ``bitplane_gemm_ir``: ``bits`` planes of {0,1} codes x ±1,
   ``dot = 2 sum_t 2^t popcount(a_t AND b) - rowpop[m]``, with the dequantization epilogue of
-  SPEC §4 writing float32 row ``row_map[m]`` of the output.
+  docs/math.md §4 writing float32 row ``row_map[m]`` of the output.
 * ``row_popcount_ir``: ``sum_t 2^t popcount(row of plane t)``, the ``rowpop`` / column-sum
   input of the bit-plane epilogue.
 

@@ -1,4 +1,4 @@
-"""LLVM IR for the packing kernels of SPEC §6: sign+pack, unpack, im2col+sign+pack.
+"""LLVM IR for the packing kernels of docs/math.md §6: sign+pack, unpack, im2col+sign+pack.
 
 Every kernel writes ``PackedBits`` rows (``runtime.packed``): element ``k`` at bit ``k % 64``
 of word ``k // 64``, every bit past the packed length and every padding word up to ``ld``
@@ -9,10 +9,10 @@ Sign packing compares 64 floats at once (``fcmp ogt`` gives ``<64 x i1>``, which
 contiguous: a transposed view (``sign(W)`` packed along output channels) is packed along its
 contiguous axis and then bit-transposed (``transpose_bits_ir``: 64x64 blocks in registers,
 about 0.1 vector operation per bit, instead of a gather per word). ``sign`` maps 0 to bit 0
-(SPEC §2).
+(docs/math.md §2).
 
 im2col runs in two passes through a *padded row bitmap*: the sign bits of every input row
-``(n, c, ih)`` with ``pad`` zero bits on each side (padding is -1, SPEC §2), in ``wpw``
+``(n, c, ih)`` with ``pad`` zero bits on each side (padding is -1, docs/math.md §2), in ``wpw``
 words per row. From it, the ``KW`` bits of one patch row ``(c, kh)`` at output column ``ow``
 are one shift (a funnel shift when the padded row spans several words), so im2col costs
 about one vector operation per ``KW`` bits and 8 output rows, instead of a float compare

@@ -1,4 +1,4 @@
-"""LLVM IR for the fused gradient quantizer of SPEC §4 (two passes over ``G'``).
+"""LLVM IR for the fused gradient quantizer of docs/math.md §4 (two passes over ``G'``).
 
 ``G'`` is read in place as a strided 3-D view ``g[n, o, i]`` (sample, channel, position
 within the sample): an NCHW conv gradient with ``i = h*W + w``, or a ``[rows, O]`` matrix

@@ -1,4 +1,4 @@
-"""Target presets: the CPUs kernels are generated for (SPEC §6; the names are API).
+"""Target presets: the CPUs kernels are generated for (docs/math.md §6; the names are API).
 
 A ``Target`` is a triple, a CPU name and an LLVM feature string, plus the few facts the
 kernel generators branch on (vector width, native vector popcount, dot-product

@@ -147,7 +147,7 @@ def _padded_rows(mem: Memory, a: dict, opts: dict) -> None:
 
 def _unfolded(mem: Memory, a: dict, opts: dict, samples: int) -> torch.Tensor:
     """Bool ``[N, C*KH*KW, OH*OW]``: ``F.unfold`` of the ±1 signs the bitmap holds, the rows
-    padded above and below (padding is -1, SPEC §2)."""
+    padded above and below (padding is -1, docs/math.md §2)."""
     (kh, kw), (sh, sw), (ph, _), (dh, dw) = (opts[n] for n in ("kernel_size", "stride", "padding", "dilation"))
     c, h, oh, ow = a["C"], a["H"], a["OH"], a["OW"]
     width = (ow - 1) * sw + (kw - 1) * dw + 1     # the bitmap columns any patch reads

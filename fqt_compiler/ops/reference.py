@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of every fqt computation: the oracle the kernels must match.
 
-SPEC §2-§4 are implemented here literally and slowly. Integer results (binary and
+docs/math.md §2-§4 are implemented here literally and slowly. Integer results (binary and
 bit-plane dot products, quantization codes, keep decisions) are what kernels must
 reproduce bit for bit; floating results are matched to float32 rounding.
 
@@ -28,7 +28,7 @@ from . import rng
 # --------------------------------------------------------------------------- bits
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """sign(v) = +1 if v > 0 else -1 (zero maps to -1, SPEC §2)."""
+    """sign(v) = +1 if v > 0 else -1 (zero maps to -1, docs/math.md §2)."""
     return torch.where(x > 0, 1.0, -1.0).to(x.dtype if x.is_floating_point() else torch.float32)
 
 
@@ -92,7 +92,7 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 
 def binary_conv2d(x, weight, alpha, bias, stride, padding, dilation):
-    """Binarized conv2d forward (SPEC §2): pad with zeros, then sign, so padding is -1."""
+    """Binarized conv2d forward (docs/math.md §2): pad with zeros, then sign, so padding is -1."""
     xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     y = F.conv2d(sign(xp), sign(weight), None, stride, 0, dilation)
     y = y * alpha.view(1, -1, 1, 1)
@@ -162,15 +162,27 @@ def group_min_max(g2d: torch.Tensor, kind: str, rows_per_sample: int = 1):
     return lo + 0.0, hi + 0.0
 
 
-def aq_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
-    """Water-filling keep probabilities ``p_i = min(1, c R_i)`` with ``sum p = N / bits``.
+def aq_scores(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """AQ's per-group score (docs/math.md §4): the range ``R = hi - lo``, or ``|z|`` (z = lo)
+    for a constant group, so that only an all-zero group scores 0 and may be dropped for sure
+    (a nonzero constant group, e.g. every channel group of a batch-1 Linear layer, would
+    otherwise never be kept and its gradient would be lost)."""
+    ranges = hi - lo
+    return torch.where(ranges > 0, ranges, lo.abs())
 
-    Groups whose ``c R_i`` would exceed 1 are kept with certainty and the budget is
-    re-spread over the rest. A zero-range group gets p = 0 (SPEC §4 samples in proportion
-    to the range). When the budget covers every nonzero group they are all kept."""
-    n = ranges.numel()
+
+def aq_probabilities(scores: torch.Tensor, bits: int) -> torch.Tensor:
+    """Water-filling keep probabilities ``p_i = min(1, c s_i)`` with ``sum p = N / bits``.
+
+    Groups whose ``c s_i`` would exceed 1 are kept with certainty and the budget is
+    re-spread over the rest. A zero score gets p = 0; when the budget covers every group
+    with a nonzero score they are all kept. Every nonzero p is rounded up to a multiple of
+    ``2**-rng.KEEP_BITS``, the resolution of the keep draw (``rng.bernoulli``), so the
+    draw keeps the group at exactly rate p and the ``1/p`` rescale stays unbiased however
+    small p is (in float32, too: the rounded p is exactly representable)."""
+    n = scores.numel()
     budget = n / bits
-    r = ranges.double()
+    r = scores.double()
     p = torch.zeros(n, dtype=torch.float64)
     order = torch.argsort(r, descending=True, stable=True)
     sorted_r = r[order]
@@ -178,14 +190,16 @@ def aq_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
     for k in range(n):
         if tail[k] <= 0 or budget - k <= 0:
             p[order[:k]] = 1.0
-            return p.float()
+            break
         c = (budget - k) / tail[k]
         if c * sorted_r[k] <= 1.0:
             p[order[:k]] = 1.0
             p[order[k:]] = torch.clamp(c * sorted_r[k:], max=1.0)
-            return p.float()
-    p[:] = 1.0
-    return p.float()
+            break
+    else:
+        p[:] = 1.0
+    grid = float(2 ** rng.KEEP_BITS)
+    return (torch.ceil(p * grid) / grid).float()
 
 
 def topk_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:
@@ -203,7 +217,7 @@ class QuantizedGradient:
 
     ``codes`` holds every element's code (0 in pruned groups); ``group_ids`` maps each
     element to its group. Dequantized value: ``scale[g] * code + zero[g]`` for kept groups,
-    0 for pruned ones, where ``scale = R / (B p)`` and ``zero = z / p`` (SPEC §4)."""
+    0 for pruned ones, where ``scale = R / (B p)`` and ``zero = z / p`` (docs/math.md §4)."""
 
     codes: torch.Tensor      # uint8 [rows, cols]
     kind: str                # "tensor" | "sample" | "channel"
@@ -245,7 +259,7 @@ def rounded_codes(v, z, s, bits: int, u):
 
 def quantize_gradient(g2d: torch.Tensor, method: str, path: str, bits: int, *,
                       rows_per_sample: int, seed: int, step: int, layer: int) -> QuantizedGradient:
-    """Quantize ``G'`` for one SCQ path with one method (SPEC §4).
+    """Quantize ``G'`` for one SCQ path with one method (docs/math.md §4).
 
     Two stages, each an op of the backward graph: ``sample_groups`` (statistics and AQ
     keep decisions) then ``quantize_groups`` (stochastic rounding of the kept groups)."""
@@ -271,7 +285,7 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
     g2d = g2d.detach().float().contiguous()
     kind = grouping(method, path)
     lo, hi = group_min_max(g2d, kind, rows_per_sample)
-    keep, prob = keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
+    keep, prob = keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer)
     return lo, hi, keep, prob
 
 
@@ -285,24 +299,26 @@ def expected_kept(method: str, bits: int, groups: int) -> float:
     return 1.0
 
 
-def keep_groups(ranges: torch.Tensor, method: str, path: str, bits: int, *,
+def keep_groups(lo: torch.Tensor, hi: torch.Tensor, method: str, path: str, bits: int, *,
                 seed: int, step: int, layer: int):
-    """``(keep, prob)`` of the groups of one path from their ranges (see ``sample_groups``).
+    """``(keep, prob)`` of the groups of one path from their minima and maxima (see
+    ``sample_groups``).
 
     A group whose range is NaN or Inf (its G' holds one) is always kept with p = 1, so the
     non-finite value reaches the gradients through its scale and zero point, as it would in
-    float training, instead of being pruned away (the other groups draw as if its range
-    were 0)."""
+    float training, instead of being pruned away (the other groups draw as if it were all
+    zero)."""
+    ranges = hi - lo
     bad = ~torch.isfinite(ranges)
     if bad.any():
-        keep, prob = keep_groups(torch.where(bad, 0.0, ranges), method, path, bits, seed=seed,
-                                 step=step, layer=layer)
+        keep, prob = keep_groups(torch.where(bad, 0.0, lo), torch.where(bad, 0.0, hi), method,
+                                 path, bits, seed=seed, step=step, layer=layer)
         return keep | bad, torch.where(bad, 1.0, prob)
     n = ranges.numel()
     if method == "aq_scq":
-        prob = aq_probabilities(ranges, bits)
+        prob = aq_probabilities(aq_scores(lo, hi), bits)
         sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
-        keep = rng.uniform(seed, step, layer, sample_stream, n) < prob
+        keep = rng.keep_draws(seed, step, layer, sample_stream, prob)
     elif method == "topk":
         keep = topk_probabilities(ranges, bits) > 0
         prob = torch.ones(n)
@@ -376,7 +392,7 @@ def linear_weight_grad(gprime, weight, x):
 # its signs (bit = x > 0) and its STE mask (bit = |x| < 1). Layout, chosen so each row is one
 # contiguous run of words for the backward GEMMs:
 #   conv2d: one row per sample over the flattened (c, h, w) of the *unpadded* input
-#           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (SPEC §2);
+#           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (docs/math.md §2);
 #   linear: one row per input row over the features -> int64 [prod(leading dims), padded_words(F)].
 # Rows are padded with zero words to whole 512-bit vectors, the kernels' PackedBits layout.
 

@@ -7,8 +7,9 @@ pipeline (``passes/bind_implementations.py``) replaces every such node's target 
     registry.register("fqt::binary_conv2d", "kernels", my_kernel_impl)
 
 where the implementation takes the op's schema arguments in order and returns what the
-op returns. A backend with no entry for an op falls back to ``"reference"``, and
-``lookup`` says which one it chose, so a summary can report what actually ran.
+op returns. ``lookup`` never falls back to another backend: an op with no entry is an
+error, and only ``bind_implementations`` may run a layer's op on the reference, when the
+layer's plan asks for float (method ``none``).
 """
 from __future__ import annotations
 
@@ -27,12 +28,17 @@ def register(op: str, backend: str, impl: Callable) -> Callable:
     return impl
 
 
-def lookup(op: str, backend: str) -> tuple[Callable, str]:
-    """(implementation, backend it belongs to) for ``op``, preferring ``backend``."""
-    for candidate in (backend, "reference"):
-        if (op, candidate) in _IMPLS:
-            return _IMPLS[(op, candidate)], candidate
-    raise KeyError(f"no implementation of {op} is registered (backends: {BACKENDS})")
+def has(op: str, backend: str) -> bool:
+    """Whether ``op`` has an implementation on ``backend``."""
+    return (op, backend) in _IMPLS
+
+
+def lookup(op: str, backend: str) -> Callable:
+    """The implementation of ``op`` on ``backend``; a KeyError naming both if there is none."""
+    if (op, backend) not in _IMPLS:
+        have = [b for b in BACKENDS if (op, b) in _IMPLS]
+        raise KeyError(f"no {backend!r} implementation of {op} is registered (it has: {have or 'none'})")
+    return _IMPLS[(op, backend)]
 
 
 def ops() -> list[str]:

@@ -1,4 +1,4 @@
-"""Counter-based random numbers shared by the reference ops and the kernels (SPEC §4).
+"""Counter-based random numbers shared by the reference ops and the kernels (docs/math.md §4).
 
 Every stochastic choice (stochastic rounding, AQ group sampling) draws from a
 SplitMix64 stream keyed by ``(seed, step, layer, stream)`` and indexed by the
@@ -13,6 +13,12 @@ Definition (all arithmetic modulo 2**64):
                 for field_j in (step, layer, stream)
     draw(i)   = mix64(key + (i + 1) * G)          with G = 0x9E3779B97F4A7C15
     uniform(i)= (draw(i) >> 40) * 2**-24          a float32 in [0, 1), exact
+    keep(i)   = (draw(i) >> 11) < p_i * 2**53     a Bernoulli(p_i) draw with 53 random bits
+
+Stochastic rounding uses ``uniform`` (24 bits: its error is below float32's own rounding).
+An AQ keep draw needs more: with 24 bits a group with p < 2**-24 would be kept at rate
+2**-24 and then rescaled by 1/p. With 53 bits the rate is exactly p for every p on the
+2**-53 grid, which ``reference.aq_probabilities`` rounds p up to.
 
 Streams: which random numbers a draw is for (``STREAM_*`` below).
 """
@@ -31,6 +37,8 @@ STREAM_SR_INPUT = 0      # stochastic rounding, input-gradient path (per-sample 
 STREAM_SR_WEIGHT = 1     # stochastic rounding, weight-gradient path (per-channel groups)
 STREAM_SAMPLE_INPUT = 2  # AQ Bernoulli draw per sample group
 STREAM_SAMPLE_WEIGHT = 3  # AQ Bernoulli draw per channel group
+
+KEEP_BITS = 53  # random bits of a keep draw: the float64 mantissa, so p * 2**53 is exact
 
 
 def mix64_int(z: int) -> int:
@@ -84,6 +92,20 @@ def uniform_of_key(key: int, count: int, start: int = 0) -> torch.Tensor:
     d = draws_u64(key, start, count)
     u = (d >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)
     return torch.from_numpy(u)
+
+
+def bernoulli(draws: np.ndarray, prob: torch.Tensor) -> torch.Tensor:
+    """``keep[i] = (draws[i] >> 11) < prob[i] * 2**53`` for uint64 ``draws``: true for exactly
+    ``ceil(prob[i] * 2**53)`` of the 2**53 values of the draw's top bits, i.e. at rate
+    ``prob[i]`` when it is a multiple of ``2**-53``. Both sides are exact in float64."""
+    top = torch.from_numpy((draws >> np.uint64(64 - KEEP_BITS)).astype(np.float64))
+    return top < prob.double() * float(2 ** KEEP_BITS)
+
+
+def keep_draws(seed: int, step: int, layer: int, stream: int, prob: torch.Tensor) -> torch.Tensor:
+    """AQ keep decisions of the ``prob.numel()`` groups of one path: ``bernoulli`` of draws
+    ``0..N-1`` of the stream."""
+    return bernoulli(draws_u64(stream_key(seed, step, layer, stream), 0, prob.numel()), prob)
 
 
 def rank_seed(seed: int, rank: int) -> int:

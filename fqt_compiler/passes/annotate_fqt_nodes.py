@@ -42,7 +42,7 @@ def _note(node: fx.Node, plan: list) -> str:
         layer = plan[args["layer"]]
         path = ref.PATH_INPUT if "_input_" in op else ref.PATH_WEIGHT
         grouping = ref.grouping(args["method"], path)
-        gemm = "float GEMM (per-sample scale varies along r)" if (
+        gemm = "segmented bit-plane GEMM (a scale per sample segment of r)" if (
             path == ref.PATH_WEIGHT and grouping == "sample") else "bit-plane GEMM over kept groups"
         return (f"layer {layer.index} {layer.name}: {path} path, {args['method']}, b={args['bits']}, "
                 f"per-{grouping} groups, kept fraction "

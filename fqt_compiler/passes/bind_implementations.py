@@ -5,8 +5,10 @@ Produces: the node's target replaced by ``registry.lookup(op, backend)``'s calla
 stays readable as ``meta["fqt_op"]``), ``impl=<backend that ran>`` appended to its note, and
 ``ran[op] = backend that ran`` so summaries report it; an implementation marked
 ``takes_layer_name`` also gets the keywords ``layer_name`` (its layer's module name) and
-``target`` (the Config's kernel target) (a backend without an implementation
-of an op falls back to ``reference``).
+``target`` (the Config's kernel target). An op with no implementation on the backend
+raises, naming the op and its layer, unless the layer's plan chose float gradients (method
+``none``: its float-G' GEMMs run on the reference, noted as such); nothing falls back
+silently, e.g. an unfused quantizer chain left by a fusion that did not match.
 With ``check_finite``, each op that takes a layer's output gradient G' first (the gradient
 quantizers, and the float backward GEMMs of method ``none``) is wrapped by a check that
 raises ``FloatingPointError`` naming the layer when G' holds a NaN or an Inf.
@@ -43,17 +45,37 @@ def finite_check(impl, layer_name: str):
     return checked
 
 
+# The float-G' GEMMs, which only a layer with method "none" (QAT: float gradients) keeps.
+_FLOAT_GRADIENT_OPS = ("fqt::conv2d_input_grad", "fqt::conv2d_weight_grad", "fqt::linear_input_grad",
+                       "fqt::linear_weight_grad")
+
+
+def _implementation(op: str, backend: str, layer):
+    """``(callable, backend it belongs to)`` of ``op`` for ``layer`` (a LayerPlan or None)."""
+    if registry.has(op, backend):
+        return registry.lookup(op, backend), backend
+    if layer is not None and layer.method == "none" and op in _FLOAT_GRADIENT_OPS:
+        return registry.lookup(op, "reference"), "reference"
+    where = f"layer {layer.name!r}" if layer is not None else "no layer"
+    raise NotImplementedError(
+        f"fqt: {op} (of {where}) has no {backend!r} implementation, so it would silently run "
+        f"the pure-PyTorch reference; register one (ops/registry.register), use "
+        f"backend='reference', or keep the layer float with a rule (binarize=False or "
+        f"method='none')")
+
+
 def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list,
                          target: str = "host", check_finite: bool = False) -> PassResult:
     modified = False
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
             op = node.target._schema.name
-            impl, used = registry.lookup(op, backend)
+            args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
+            layer = args.get("layer", node.meta.get("fqt_layer_index"))
+            impl, used = _implementation(op, backend, plan[layer] if layer is not None else None)
             ran[op] = used
             node.meta["fqt_op"] = node.target
             node.meta["fqt_note"] = (node.meta.get("fqt_note", "") + f"  impl={used}").strip()
-            layer = dict(zip((a.name for a in node.target._schema.arguments), node.args)).get("layer")
             if getattr(impl, "takes_layer_name", False):
                 # Kernel implementations record runtime statistics under the layer's name and
                 # run the kernels generated for the configured target.

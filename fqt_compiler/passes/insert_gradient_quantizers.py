@@ -1,4 +1,4 @@
-"""Insert each binarized layer's gradient quantizers into the backward graph (SPEC §4).
+"""Insert each binarized layer's gradient quantizers into the backward graph (docs/math.md §4).
 
 Matches: ``fqt.mark_gradient(G', rng_state, layer)`` and its users, the float-G' GEMM ops
 ``fqt.{conv2d,linear}_{input,weight}_grad``.
@@ -8,7 +8,8 @@ Produces, for a layer whose method is not ``none``: ``G'`` in the ``[rows, O]`` 
 (b-bit codes + per-group scale/zero), feeding the path's quantized GEMM
 ``fqt.*_grad_q`` in place of the float one. Each path quantizes G' independently (input
 path: its method's input grouping, e.g. per sample; weight path: e.g. per channel). For
-method ``none`` the marker is removed and the float GEMMs read G' directly.
+method ``none`` the marker is removed and the float GEMMs read G' directly, their layer's
+index recorded as ``meta["fqt_layer_index"]``.
 Invariants: every new node has ``meta["val"]``; the float GEMMs and markers are erased.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: list) -> PassResult:
         layer = plan[index]
         gemms = list(marker.users)
         if layer.method == "none":
+            for gemm in gemms:   # their schemas have no layer argument
+                gemm.meta["fqt_layer_index"] = index
             marker.replace_all_uses_with(gprime)
             graph.erase_node(marker)
             continue

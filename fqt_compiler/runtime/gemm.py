@@ -157,7 +157,7 @@ def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: 
 
 def signed_row_sums(b: PackedBits, *, target: str | Target = "host") -> torch.Tensor:
     """float32 ``sum_k (±1)[r, k]`` of each row of a packed ±1 matrix: ``2 popcount - k``
-    (the column sums of the dequantization epilogue, SPEC §4)."""
+    (the column sums of the dequantization epilogue, docs/math.md §4)."""
     target = get_target(target)
     vector_words = _vector_words(b.k, target)
     words = _contract_words(b.k, vector_words)
@@ -232,7 +232,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
                   colsum: torch.Tensor | None = None, out: torch.Tensor | None = None,
                   target: str | Target = "host", threads: int | None = None,
                   tile: codegen.Tile | None = None) -> torch.Tensor:
-    """Bit-plane GEMM with the dequantization epilogue of SPEC §4, over kept groups only.
+    """Bit-plane GEMM with the dequantization epilogue of docs/math.md §4, over kept groups only.
 
     ``planes``: int64 ``[bits, M, ld]`` (bits in 1, 2, 4, 8), plane ``t`` holding bit ``t`` of
     the b-bit codes of the M kept rows, packed along K like ``b`` (N x K, ±1 bits). Writes
@@ -290,4 +290,29 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
                               row_zero.data_ptr(), rowpop.data_ptr(), colsum.data_ptr())
 
     pool.run([task(*s, p) for s, p in zip(slices, scratch)])
+    return out
+
+
+def segmented_bitplane_gemm(planes: torch.Tensor, segments: list[PackedBits], *, row_scale: torch.Tensor,
+                            row_zero: torch.Tensor, target: str | Target = "host",
+                            threads: int | None = None) -> torch.Tensor:
+    """A bit-plane GEMM whose contraction is split into segments, each with its own
+    dequantization: float32 ``out[o, n] = sum_s row_scale[s*O + o] * dot_s[o, n] +
+    row_zero[s*O + o] * colsum_s[n]``, where ``dot_s`` contracts rows ``s*O .. s*O + O - 1`` of
+    ``planes`` (``[bits, S*O, ld]``) with ``segments[s]`` (N x k_s ±1 bits) and ``colsum_s``
+    is that segment's ±1 row sums. This is the weight gradient of per-sample groups (``psq``),
+    whose scale varies along the contraction over rows r and so cannot leave a single GEMM
+    (docs/math.md §3-4): one ``bitplane_gemm`` per sample segment, summed."""
+    if not segments or planes.shape[1] % len(segments):
+        raise ValueError(f"planes has {planes.shape[1]} rows, not a whole number of rows for each of "
+                         f"{len(segments)} segments")
+    o = planes.shape[1] // len(segments)
+    n = segments[0].rows
+    out, part = torch.zeros(o, n), torch.empty(o, n)
+    row_map = torch.arange(o)
+    for s, b in enumerate(segments):
+        rows = slice(s * o, (s + 1) * o)
+        bitplane_gemm(planes[:, rows], b, row_scale=row_scale[rows], row_zero=row_zero[rows], row_map=row_map,
+                      out_rows=o, out=part, target=target, threads=threads)
+        out += part
     return out

@@ -11,9 +11,9 @@ input grad   quantize G' per sample into bit planes (kept samples only) -> gathe
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
 
-Nothing here calls a float GEMM. The one path the kernels cannot take, ``psq`` on the weight
-path (a per-sample scale varies along that path's contraction, SPEC §4), runs the reference
-and is recorded as ``weight_grad_float`` in the statistics.
+Nothing here calls a float GEMM. ``psq`` on the weight path (a per-sample scale varies
+along that path's contraction, docs/math.md §4) runs a segmented bit-plane GEMM: one per sample
+segment of the rows, against that sample's sign(X), each with its own scale, summed.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from ..ops import registry
 from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import kernel_stats as stats
-from .gemm import binary_gemm, bitplane_gemm, signed_row_sums
+from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_row_sums
 from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
                    unpack_mask)
 from .packed import PackedBits, padded_words
@@ -132,10 +132,17 @@ def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
                              row_map=q.row_map, out_rows=out_rows, out=out, target=target)
 
 
-def _float_weight_grad(layer_name, kind, *args):
-    impl, _ = registry.lookup(f"fqt::aq_quantize_{kind}_weight_grad", "reference")
-    with stats.timed(layer_name, "weight_grad_float"):
-        return impl(*args)
+def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target):
+    """The weight-gradient GEMM of ``q`` against sign(X) packed along the rows: ``segments``
+    holds one operand, or one per sample segment when ``q`` is segmented (``psq``)."""
+    o = weight.shape[0]
+    if q.segments == 1:
+        return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, segments[0], o, target), weight)
+    b = segments[0]
+    with stats.timed(layer_name, "weight_grad", binary_macs=q.bits * q.planes.shape[1] * b.rows * b.k):
+        dw = segmented_bitplane_gemm(q.planes, segments, row_scale=q.row_scale, row_zero=q.row_zero,
+                                     target=target)
+    return _weight_ste(dw, weight)
 
 
 def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -219,17 +226,15 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
 @implements("aq_quantize_conv2d_weight_grad")
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
                        method, bits, layer, alpha=None, *, layer_name="?", target="host"):
-    if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
-        return _float_weight_grad(layer_name, "conv2d", gprime, rng_state, weight, x_sign_bits,
-                                  x_shape, stride, padding, dilation, method, bits, layer, alpha)
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
                   rng_state, layer, target, alpha)
+    samples = [(x_sign_bits, n)] if q.segments == 1 else [(x_sign_bits[i:i + 1], 1) for i in range(n)]
     with stats.timed(layer_name, "pack"):
-        xt = im2col_pack_t(PackedBits(x_sign_bits, c * h * w), (kh, kw), stride, padding, dilation,
-                           input_shape=(n, c, h, w), target=target)
-    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
+        xt = [im2col_pack_t(PackedBits(bits_, c * h * w), (kh, kw), stride, padding, dilation,
+                            input_shape=(count, c, h, w), target=target) for bits_, count in samples]
+    return _weight_gemm(layer_name, q, xt, weight, target)
 
 
 @implements("aq_quantize_linear_input_grad")
@@ -249,12 +254,10 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
 @implements("aq_quantize_linear_weight_grad")
 def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
                        alpha=None, *, layer_name="?", target="host"):
-    if ref.grouping(method, ref.PATH_WEIGHT) == "sample":
-        return _float_weight_grad(layer_name, "linear", gprime, rng_state, weight, x_sign_bits,
-                                  x_shape, method, bits, layer, alpha)
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
     q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target, alpha)
-    with stats.timed(layer_name, "pack"):
-        xt = transpose_bits(PackedBits(x_sign_bits, f), target=target)   # sign(X) along the rows
-    return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, xt, o, target), weight)
+    rows = [x_sign_bits] if q.segments == 1 else x_sign_bits.split(1)
+    with stats.timed(layer_name, "pack"):   # sign(X) along the rows
+        xt = [transpose_bits(PackedBits(r, f), target=target) for r in rows]
+    return _weight_gemm(layer_name, q, xt, weight, target)

@@ -121,7 +121,7 @@ def _pair(v) -> tuple[int, int]:
 
 
 def _bitmap(x, input_shape, pad: tuple[int, int], target):
-    """The padded row bitmap of SPEC §2's ``sign(pad(x, 0))`` (see ``codegen.pack``)."""
+    """The padded row bitmap of docs/math.md §2's ``sign(pad(x, 0))`` (see ``codegen.pack``)."""
     if isinstance(x, PackedBits):
         if input_shape is None:
             raise ValueError("im2col from packed sign bits needs input_shape=(N, C, H, W)")

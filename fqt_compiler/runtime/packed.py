@@ -4,7 +4,7 @@
 packed axis at bit ``k % 64`` of word ``k // 64`` (``reference.pack_bits`` order). ``ld`` is
 a multiple of ``WORD_ALIGN`` so kernels can load whole 512-bit vectors; every bit past
 ``k`` (the tail of the last word and the padding words) is 0 in every operand, which is
-what makes the popcount identities of SPEC §3 exact without masking.
+what makes the popcount identities of docs/math.md §3 exact without masking.
 """
 from __future__ import annotations
 

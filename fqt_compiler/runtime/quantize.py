@@ -1,4 +1,4 @@
-"""The fused gradient quantizer on torch tensors (SPEC §4), draw for draw the reference's.
+"""The fused gradient quantizer on torch tensors (docs/math.md §4), draw for draw the reference's.
 
 ``G'`` is given either as the NCHW gradient of a conv output (read in place: element
 ``(n, o, h, w)`` is G' row ``r = (n*H + h)*W + w``, column ``o``, as ``reference.conv_rows``)
@@ -119,7 +119,7 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     kind = reference.grouping(method, path)
     lo, hi = group_min_max(g, kind, rows_per_sample=rows_per_sample, alpha=alpha, target=target)
-    keep, prob = reference.keep_groups(hi - lo, method, path, bits, seed=seed, step=step, layer=layer)
+    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer)
     return lo, hi, keep, prob
 
 
@@ -130,21 +130,25 @@ class BitplaneGradient:
     ``planes[t, m]`` holds bit ``t`` of the codes of kept row ``m``, packed along the path's
     contraction axis (``k`` bits: the O channels on the input path, the R rows on the weight
     path). Row ``m`` is output row ``row_map[m]`` (a G' row on the input path, a channel on
-    the weight path) of a ``[out_rows, ...]`` result. ``row_scale``/``row_zero`` (``R/(B p)``
-    and ``z/p`` of the row's group) are None when the groups are not constant along rows
-    (per-sample groups on the weight path, ``psq``): then use the per-group ``scale``/``zero``."""
+    the weight path) of a ``[out_rows, ...]`` result, dequantized with ``row_scale[m]`` and
+    ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
 
-    planes: torch.Tensor            # int64 [bits, rows, ld]
+    Per-sample groups on the weight path (``psq``) vary along its contraction, so there the
+    rows are segments: row ``m = s*O + o`` is channel ``o`` over the ``k`` = H'W' rows of
+    sample ``s`` only (``segments`` = N), for ``runtime.gemm.segmented_bitplane_gemm``."""
+
+    planes: torch.Tensor     # int64 [bits, rows, ld]
     k: int
-    row_map: torch.Tensor           # int64 [rows]
-    row_scale: torch.Tensor | None  # float32 [rows]
-    row_zero: torch.Tensor | None   # float32 [rows]
+    row_map: torch.Tensor    # int64 [rows]
+    row_scale: torch.Tensor  # float32 [rows]
+    row_zero: torch.Tensor   # float32 [rows]
     out_rows: int
     kind: str                       # grouping: "tensor" | "sample" | "channel"
     keep: torch.Tensor              # bool [groups]
     prob: torch.Tensor              # float32 [groups]
     scale: torch.Tensor             # float32 [groups]
     zero: torch.Tensor              # float32 [groups]
+    segments: int = 1
 
     @property
     def bits(self) -> int:
@@ -178,7 +182,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         kept = torch.nonzero(keep[sample_group]).view(-1)
         rows = (kept.view(-1, 1) * rps + torch.arange(rps)).view(-1)
         groups = sample_group[rows // rps]
-        k, out_rows, aligned = channels, n * rps, True
+        k, out_rows = channels, n * rps
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_INPUT)
         if src.stride(1) != 1 and src.stride(2) == 1 and rps >= 64:
             # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
@@ -189,7 +193,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
                           lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), kept_groups.data_ptr(),
                           channels, rps, planes.data_ptr(), rows.numel(), planes.shape[2], min_rows=2)
-            return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
+            return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
@@ -197,33 +201,49 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         sn, so, si = src.stride()
         tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, torch.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
+    elif kind == "sample":
+        # One segment per (sample, channel): channel o over the sample's rps rows, counters
+        # r*O + o of its rows r = s*rps + j, the sample's group.
+        sn, so, si = src.stride()
+        pairs = torch.arange(n * channels)
+        rows, groups = pairs % channels, pairs // channels
+        tables = (groups * sn + rows * so, groups * rps * channels + rows, groups, rows)
+        layout = (1, rps, 0, si, 0, channels, 0, 0)
+        key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
+        planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
+        return _result(planes, rps, rows, groups, channels, kind, keep, prob, scale, zero, segments=n)
     else:
         group = torch.arange(channels) if kind == "channel" else torch.zeros(channels, dtype=torch.int64)
-        row_kept = keep[group] if kind != "sample" else torch.ones(channels, dtype=torch.bool)
-        rows = torch.nonzero(row_kept).view(-1)
+        rows = torch.nonzero(keep[group]).view(-1)
         groups = group[rows]
-        k, out_rows, aligned = n * rps, channels, kind != "sample"
+        k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
-        if kind != "sample" and n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
+        if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
             # Samples shorter than a word would waste most vector lanes: copy G' so that
             # each channel's r axis is one contiguous run.
             src = src.permute(1, 0, 2).contiguous().permute(1, 0, 2)
         sn, so, si = src.stride()
-        if kind != "sample" and (n == 1 or sn == rps * si):
+        if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
         else:
-            layout = (n, rps, sn, si, rps * channels, channels, int(kind == "sample"), 0)
+            layout = (n, rps, sn, si, rps * channels, channels, 0, 0)
         tables = (rows * so, rows, groups, rows)
-    m = rows.numel()
+    planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
+    return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
+
+
+def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> torch.Tensor:
+    """``fqt_quantize_pack`` over the rows its ``tables`` describe: planes ``[bits, rows, ld]``."""
+    m = tables[0].numel()
     planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
     if m:
         tables = [t.contiguous() for t in tables]
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
                       sr_scale.data_ptr(), *[t.data_ptr() for t in tables], *layout, planes.data_ptr(), m,
                       planes.shape[2], min_rows=4)
-    return _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero)
+    return planes
 
 
-def _result(planes, k, rows, groups, aligned, out_rows, kind, keep, prob, scale, zero) -> BitplaneGradient:
-    return BitplaneGradient(planes, k, rows, scale[groups] if aligned else None,
-                            zero[groups] if aligned else None, out_rows, kind, keep, prob, scale, zero)
+def _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero, segments=1) -> BitplaneGradient:
+    return BitplaneGradient(planes, k, rows, scale[groups], zero[groups], out_rows, kind, keep, prob, scale, zero,
+                            segments)
