@@ -4,11 +4,16 @@
 ``torch.compile`` of it whose backend is ``FQTModule._backend``. Each Dynamo graph (one per
 input shape, train/eval mode and grad mode and, where Dynamo cannot trace the forward whole,
 one per region between graph breaks; static shapes) becomes a ``CompiledGraph`` that keeps
-its plan, its per-pass records and its final ATen graphs. The graph breaks Dynamo reported
-are kept in ``FQTModule.fqt_graph_breaks``. Because a region cannot know whether a later one
-holds more layers, the first call runs the model eagerly once (no grad, buffers and RNG state
-restored) to learn the order the whole forward calls its Conv2d/Linear layers: the first and
-last layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
+its plan, its per-pass records and its final ATen graphs. ``print`` and ``logging.Logger``
+calls (including methods libraries add to it, such as transformers' ``warning_once``) do not
+break the graph where Dynamo can move them after it (``reorderable_logging_functions``:
+called without keywords, on tensors, constants or format strings); they still run, after the
+region. The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_breaks``, and
+the regions the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and
+``fqt.dump`` describe). Because a region cannot know whether a later one holds more
+layers, the first call runs the model eagerly once (no grad, buffers and RNG state restored)
+to learn the order the whole forward calls its Conv2d/Linear layers: the first and last
+layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
 
 Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
 in float32; a float64/float16/bfloat16 input is refused with a TypeError naming the argument,
@@ -74,6 +79,8 @@ class FQTModule(nn.Module):
         self.fqt_step = 0
         self.fqt_graphs: list[CompiledGraph] = []
         self.fqt_last: CompiledGraph | None = None   # the graph the last call ran
+        self.fqt_last_call: list[CompiledGraph] = []   # every region the last call ran, in order
+        self._running: list[CompiledGraph] = []
         self.fqt_graph_breaks: list[str] = []          # Dynamo's reasons, in order seen
         self.fqt_call_order: list[str] | None = None   # Conv2d/Linear layers as forward calls them
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
@@ -86,15 +93,18 @@ class FQTModule(nn.Module):
         if self.fqt_call_order is None:
             self.fqt_call_order = _eager_call_order(self.module, args, kwargs)
         breaks = _graph_break_reasons()
+        self._running = []
         # Dynamo's recompile limit counts graphs per code object across all instances; each
         # fqt.compile of the same model class adds its own (own backend), so lift it here.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                        reorderable_logging_functions=_logging_functions()):
             out = self._compiled(*args, **kwargs)
         for reason, count in _graph_break_reasons().items():
             if count > breaks.get(reason, 0):
                 self.fqt_graph_breaks.append(_short_reason(reason))
                 log.warning("graph break in %s (the parts before and after it compile as "
                             "separate graphs): %s", type(self.module).__name__, reason)
+        self.fqt_last_call = self._running
         if self.training and torch.is_grad_enabled():
             self.fqt_step += 1
         return out
@@ -155,6 +165,8 @@ class FQTModule(nn.Module):
 
         def run(*args):
             self.fqt_last = cg
+            if not any(ran is cg for ran in self._running):
+                self._running.append(cg)
             return compiled(*args, *self._extra_inputs(cg.extras))
 
         return run
@@ -199,6 +211,17 @@ def _eager_call_order(model: nn.Module, args, kwargs) -> list[str]:
                 b.copy_(saved)
         torch.set_rng_state(rng_state)
     return list(dict.fromkeys(order))
+
+
+LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "critical",
+                  "warning_once", "info_once")   # the last two: added by transformers
+
+
+def _logging_functions() -> set:
+    """``print`` and the ``logging.Logger`` methods defined now (libraries add some on
+    import): side effects that would split the graph, and that Dynamo may run after it."""
+    methods = (getattr(logging.Logger, name, None) for name in LOGGER_METHODS)
+    return {print, *(m for m in methods if m is not None)}
 
 
 def _short_reason(reason: str) -> str:

@@ -36,6 +36,7 @@ def import_object(spec: str):
 METHODS = reference.METHODS
 ALPHAS = ("mean", "learned")
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
+OTHER_REGION = "called in another graph region (graph break)"   # a plan reason
 
 
 def _check_keys(cls, options: dict) -> None:
@@ -174,7 +175,7 @@ def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
         kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
         groups = getattr(module, "groups", 1)
         if name not in called:
-            binarize, reason = False, ("called in another graph region (graph break)"
+            binarize, reason = False, (OTHER_REGION
                                        if model_order and name in model_order else
                                        "not called by forward")
         elif groups > 1:

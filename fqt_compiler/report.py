@@ -1,9 +1,10 @@
 """Inspection: ``fqt.dump`` (graph text files) and ``fqt.summary`` (per-layer table).
 
-Both describe one compiled graph of a compiled model (one compilation per input shape and
-mode): by default the one its last call ran (call the compiled model once first, and
-``.backward()`` once for the backward graph), or the ``graph=`` given, as the debug ladder
-does for each graph it is told was compiled.
+Both describe, by default, the graphs the compiled model's last call ran (one compilation
+per input shape and mode; where the model has graph breaks, every region that call ran, so
+every layer of the whole model appears with its plan): call the compiled model once first,
+and ``.backward()`` once for the backward graphs. With ``graph=``, that one compiled graph,
+as the debug ladder does for each graph it is told was compiled.
 """
 from __future__ import annotations
 
@@ -13,49 +14,71 @@ import warnings
 from pathlib import Path
 
 from .compiler import CompiledGraph, FQTModule
+from .config import OTHER_REGION
 from .passes import graph_text
 from .ops import reference as ref
 from .runtime.kernel_stats import stats
 
 
-def _graph(compiled: FQTModule, graph: CompiledGraph | None) -> CompiledGraph:
+def _regions(compiled: FQTModule, graph: CompiledGraph | None) -> list[CompiledGraph]:
+    """``[graph]`` when given, else the graphs the last call ran, in order."""
     if not isinstance(compiled, FQTModule):
         raise TypeError(f"expected the result of fqt.compile, got {type(compiled).__name__}")
     if graph is not None:
-        return graph
+        return [graph]
     if compiled.fqt_last is None:
         raise RuntimeError("nothing compiled yet: call the compiled model once (compilation "
                            "happens at the first call, per input shape and mode)")
-    return compiled.fqt_last
+    return compiled.fqt_last_call or [compiled.fqt_last]
+
+
+def whole_plan(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> list:
+    """The whole model's plan as the last call ran it: one LayerPlan per Conv2d/Linear layer,
+    from the region that called it (every region's plan lists all the model's layers; the
+    others mark it as called in another region)."""
+    def called_here(layer):
+        # shapes: the region captured the call; a layer inside a higher-order op has none,
+        # but the region that called it gives its own reason
+        return bool(layer.shapes), layer.reason != OTHER_REGION
+
+    merged = {}
+    for cg in _regions(compiled, graph):
+        for layer in cg.plan:
+            if layer.index not in merged or called_here(layer) > called_here(merged[layer.index]):
+                merged[layer.index] = layer
+    return [merged[i] for i in sorted(merged)]
 
 
 def dump(compiled: FQTModule, directory, *, graph: CompiledGraph | None = None) -> list[Path]:
     """Write forward.txt, backward.txt, summary.txt and one ``NN_stage_pass.txt`` per pass
-    (plus forward.svg / backward.svg where pydot and graphviz are installed). Returns the
-    paths written."""
-    cg = _graph(compiled, graph)
+    (plus forward.svg / backward.svg where pydot and graphviz are installed); with graph
+    breaks, the graph files of each region in ``region<i>/`` and one summary of all of them.
+    Returns the paths written."""
+    regions = _regions(compiled, graph)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-
-    def write(name: str, text: str):
-        path = out / name
-        path.write_text(text)
-        written.append(path)
-
-    for i, record in enumerate(cg.records, 1):
-        write(f"{i:02d}_{record.stage}_{record.name}.txt",
-              f"# after pass {record.name} ({record.stage}, {record.seconds * 1e3:.1f} ms)\n"
-              + record.text)
-    for name, gm in (("forward", cg.forward), ("backward", cg.backward)):
-        if gm is None:
-            warnings.warn(f"no {name} graph yet: run the compiled model"
-                          + (" and call .backward() once" if name == "backward" else ""))
-            continue
-        write(f"{name}.txt", graph_text(gm, cg.names))
-        written += _render_svg(gm, out / f"{name}.svg")
-    write("summary.txt", summary(compiled, graph=cg))
+    for r, cg in enumerate(regions):
+        # one region: the files at the top; graph breaks: one folder per region, in order
+        folder = out / f"region{r}" if len(regions) > 1 else out
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, record in enumerate(cg.records, 1):
+            written.append(_write(folder / f"{i:02d}_{record.stage}_{record.name}.txt",
+                                  f"# after pass {record.name} ({record.stage}, "
+                                  f"{record.seconds * 1e3:.1f} ms)\n" + record.text))
+        for name, gm in (("forward", cg.forward), ("backward", cg.backward)):
+            if gm is None:
+                warnings.warn(f"no {name} graph yet in {folder}: run the compiled model"
+                              + (" and call .backward() once" if name == "backward" else ""))
+                continue
+            written.append(_write(folder / f"{name}.txt", graph_text(gm, cg.names)))
+            written += _render_svg(gm, folder / f"{name}.svg")
+    written.append(_write(out / "summary.txt", summary(compiled, graph=graph)))
     return written
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def _render_svg(gm, path: Path) -> list[Path]:
@@ -117,9 +140,11 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
     kept fraction of groups per SCQ path, MACs of the three GEMMs (``b`` = binary/bit-plane
     MACs, i.e. bit-plane count × kept fraction × GEMM size; ``f`` = float32), bytes of the
     layer input saved for backward (packed bits vs float32), and totals."""
-    cg = _graph(compiled, graph)
+    regions = _regions(compiled, graph)
+    plan = whole_plan(compiled, graph=graph)
+    ran = {op: b for cg in regions for op, b in cg.ran.items()}
     config = compiled.fqt_config
-    rows = [_layer_row(layer) for layer in cg.plan]
+    rows = [_layer_row(layer) for layer in plan]
     cols = ["#", "layer", "decision", "W/A/G", "kept in/w", "weight", "MACs fwd", "MACs dX",
             "MACs dW", "saved packed", "saved f32", "reason"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
@@ -127,23 +152,27 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
     out = [f"fqt summary: method={config.method} bits={config.bits} seed={config.seed} "
            f"alpha={config.alpha} target={config.target}",
            f"backend requested: {config.backend}; ran: " + (", ".join(
-               f"{op.split('::')[1]}={b}" for op, b in sorted(cg.ran.items())) or "nothing yet"),
-           f"graph: {'train' if cg.training else 'eval'} mode, step {compiled.fqt_step}"
-           + (f", one of {len(compiled.fqt_graphs)} compiled" if len(compiled.fqt_graphs) > 1 else "")]
+               f"{op.split('::')[1]}={b}" for op, b in sorted(ran.items())) or "nothing yet"),
+           f"graph: {'train' if regions[-1].training else 'eval'} mode, step {compiled.fqt_step}"
+           + (f", {len(regions)} regions" if len(regions) > 1 else "")
+           + (f", {len(regions)} of {len(compiled.fqt_graphs)} compiled graphs"
+              if len(compiled.fqt_graphs) > len(regions) else "")]
     if compiled.fqt_graph_breaks:
         out.append(f"graph breaks: {len(compiled.fqt_graph_breaks)} (each region between them "
-                   f"is compiled on its own; layers of other regions show as such below)")
+                   f"is compiled on its own; "
+                   + ("every region the last call ran is listed below)" if graph is None else
+                      "layers of other regions show as such below)"))
         out += [f"  - {reason}" for reason in compiled.fqt_graph_breaks]
     out += [line, "-" * len(line)]
     out += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols) for r in rows]
     tot = {k: sum(r.get(k, 0) for r in rows) for k in ("_binary", "_float", "_packed", "_f32")}
-    n_bin = sum(layer.binarize for layer in cg.plan)
+    n_bin = sum(layer.binarize for layer in plan)
     share = tot["_binary"] / max(1, tot["_binary"] + tot["_float"])
     out += ["-" * len(line),
-            f"total: {n_bin}/{len(cg.plan)} layers binarized; binary MACs {_fmt(tot['_binary'])}, "
+            f"total: {n_bin}/{len(plan)} layers binarized; binary MACs {_fmt(tot['_binary'])}, "
             f"float MACs {_fmt(tot['_float'])} ({share:.1%} binary, 3 GEMMs per layer); saved "
             f"layer inputs {_fmt(tot['_packed'])}B packed vs {_fmt(tot['_f32'])}B float32"]
-    out += _measured(cg.plan)
+    out += _measured(plan)
     return "\n".join(out)
 
 

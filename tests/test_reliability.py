@@ -6,6 +6,7 @@ called from several Python threads; the FQT_DEBUG ladder and the fqt_compiler lo
 import copy
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -138,8 +139,12 @@ def test_batches_smaller_than_b_train(batch):
 
 # --------------------------------------------------------------------------- graph breaks
 
+LIBRARY_LOG = logging.getLogger("fqt_test_model")   # module level, as libraries define them
+
+
 class Breaky(nn.Module):
-    """Two graph breaks: a print and a data-dependent branch on .item()."""
+    """Two graph breaks (an explicit one and a data-dependent branch on .item()) and the
+    logging side effects Dynamo can move after a graph instead of breaking it."""
 
     def __init__(self):
         super().__init__()
@@ -148,14 +153,27 @@ class Breaky(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.b(F.relu(self.a(x))))
-        print("fqt-test: a side effect Dynamo cannot trace")
+        print("fqt-test: printed from the compiled region")
+        LIBRARY_LOG.warning("fqt-test: a library %s", "warning")
+        LIBRARY_LOG.warning_once("fqt-test: warned once")
+        torch._dynamo.graph_break()
         if x.sum().item() > 0:
             x = x * 0.5
         return self.d(F.relu(self.c(x)))
 
 
-def test_graph_breaks_compile_region_by_region(capsys):
+@pytest.fixture
+def warning_once(monkeypatch):
+    """``logging.Logger.warning_once``, as transformers adds it on import."""
+    import functools
+    monkeypatch.setattr(logging.Logger, "warning_once",
+                        functools.lru_cache(lambda self, *args: self.warning(*args)),
+                        raising=False)
+
+
+def test_graph_breaks_compile_region_by_region(capsys, caplog, warning_once):
     torch.manual_seed(0)
+    runtime.reset_stats()
     model = Breaky()
     compiled = fqt.compile(model, fqt.Config(backend="kernels"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -163,23 +181,48 @@ def test_graph_breaks_compile_region_by_region(capsys):
         compiled(torch.randn(6, 8)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-    assert len(compiled.fqt_graph_breaks) >= 2
-    assert any("print" in r for r in compiled.fqt_graph_breaks)
+    assert len(compiled.fqt_graph_breaks) == 2, compiled.fqt_graph_breaks
+    assert any("graph_break" in r for r in compiled.fqt_graph_breaks)
     assert any("item()" in r for r in compiled.fqt_graph_breaks)
+    # print and logging did not break the graph, and still ran (eager once, then 2 calls)
+    assert capsys.readouterr().out.count("fqt-test: printed from the compiled region") == 3
+    assert caplog.text.count("fqt-test: a library warning") == 3
+    assert caplog.text.count("fqt-test: warned once") == 1
     decided = {}
     for cg in compiled.fqt_graphs:
         for layer in cg.plan:
             if layer.shapes:
                 decided[layer.name] = (layer.binarize, layer.reason)
     # first/last of the whole forward, not of each region
-    assert decided == {"a": (False, "first layer: sees the input"),
-                       "b": (True, "default: linear in the body"),
-                       "c": (True, "default: linear in the body"),
-                       "d": (False, "last layer: produces the output")}
+    expected = {"a": (False, "first layer: sees the input"),
+                "b": (True, "default: linear in the body"),
+                "c": (True, "default: linear in the body"),
+                "d": (False, "last layer: produces the output")}
+    assert decided == expected
     assert any(cg.ran.get(op) == "kernels" for cg in compiled.fqt_graphs
                for op in ("fqt::binary_linear", "fqt::binary_linear_scaled"))
+    # the summary covers every region the last call ran: each layer with its own plan
     text = fqt.summary(compiled)
-    assert "graph breaks:" in text and "print" in text and "called in another graph region" in text
+    assert "graph breaks: 2" in text and "item()" in text and "regions" in text
+    assert "called in another graph region" not in text
+    rows = {line.split()[1]: line for line in text.splitlines() if re.match(r"\d+\s+[a-d]\s", line)}
+    for name, (binary, reason) in expected.items():
+        assert ("binary" if binary else "float") in rows[name] and reason[:20] in rows[name]
+    assert "2/4 layers binarized" in text and "binary_linear_scaled=kernels" in text
+    assert re.search(r"^b\s+2\s", text, re.M) and re.search(r"^c\s+2\s", text, re.M)
+
+
+def test_dump_writes_every_region(tmp_path, warning_once):
+    compiled = fqt.compile(Breaky(), fqt.Config(backend="reference"))
+    compiled(torch.randn(6, 8)).square().mean().backward()
+    fqt.dump(compiled, tmp_path)
+    regions = sorted(p.name for p in tmp_path.glob("region*"))
+    assert len(regions) == len(compiled.fqt_last_call) >= 3
+    forwards = {r: (tmp_path / r / "forward.txt").read_text() for r in regions}
+    binarized = [r for r, text in forwards.items() if "fqt.binary_linear(" in text]
+    assert sum(forwards[r].count("fqt.binary_linear(") for r in binarized) == 2
+    assert all("fqt.aq_sample(" in (tmp_path / r / "backward.txt").read_text() for r in binarized)
+    assert "2/4 layers binarized" in (tmp_path / "summary.txt").read_text()
 
 
 # --------------------------------------------------------------------------- fallbacks

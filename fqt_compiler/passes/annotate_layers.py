@@ -8,6 +8,9 @@ Produces: ``meta["fqt_call"]`` on each, the call normalized to ``kind, x, weight
 stride, padding, dilation, groups`` (for ``call_module``, new ``get_attr`` nodes provide
 weight and bias), ``meta["fqt_layer"]`` = the module name that owns the weight, and
 ``meta["fqt_name"]`` on every placeholder = its parameter/buffer name (``input_<i>`` else).
+A higher-order op (e.g. ``torch.utils.checkpoint``'s ``tag_activation_checkpoint``) gets
+``meta["fqt_nested_layers"]``: the layers its bodies call, named through the operands it
+passes in; the layers stay float (``apply_plan`` says why), the op is left as it is.
 Invariants: the computation is unchanged; new nodes are ``get_attr`` only.
 """
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .infra import PassResult
+from .infra import PassResult, at_node
 
 
 def _conv_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -103,27 +106,56 @@ def annotate_layers(gm: fx.GraphModule, *, model: nn.Module, example_inputs) -> 
     module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     modified = False
     for node in list(gm.graph.nodes):
-        call = _normalize(gm, node)
-        if call is None:
-            continue
-        weight = call["weight"]
-        if weight.op == "get_attr":
-            modified = True
-            owner = weight.target.rsplit(".", 1)[0]
-            layer = module_names.get(id(gm.get_submodule(owner)), owner)
-        else:
-            layer = weight.meta.get("fqt_name", "").rsplit(".", 1)[0]
-        if call["kind"] == "conv2d":
-            geometry = _conv_geometry(call, _shape(weight, gm))
-            if isinstance(geometry, str):
-                call["unsupported"] = geometry
+        with at_node(node):
+            if isinstance(node.target, torch._ops.HigherOrderOperator):
+                node.meta["fqt_nested_layers"] = _nested_layers(gm, node)
+            call = _normalize(gm, node)
+            if call is None:
+                continue
+            weight = call["weight"]
+            if weight.op == "get_attr":
+                modified = True
+                owner = weight.target.rsplit(".", 1)[0]
+                layer = module_names.get(id(gm.get_submodule(owner)), owner)
             else:
-                call.update(geometry)
-        node.meta["fqt_call"] = call
-        node.meta["fqt_layer"] = layer
+                layer = weight.meta.get("fqt_name", "").rsplit(".", 1)[0]
+            if call["kind"] == "conv2d":
+                geometry = _conv_geometry(call, _shape(weight, gm))
+                if isinstance(geometry, str):
+                    call["unsupported"] = geometry
+                else:
+                    call.update(geometry)
+            node.meta["fqt_call"] = call
+            node.meta["fqt_layer"] = layer
     if modified:
         gm.recompile()
     return PassResult(gm, modified)
+
+
+def _nested_layers(gm: fx.GraphModule, node: fx.Node) -> list[str]:
+    """Layers called inside the bodies of a higher-order op ``node``. Each body's placeholders
+    take the op's non-body operands in order (as ``tag_activation_checkpoint(body, *operands)``
+    and ``cond``'s operand tuple do), which names the weights a body receives."""
+    bodies = [gm.get_submodule(a.target) for a in node.args
+              if isinstance(a, fx.Node) and a.op == "get_attr"]
+    operands = [a for a in _flat_nodes(node.args) if a.op != "get_attr"]
+    layers = []
+    for body in bodies:
+        if not isinstance(body, fx.GraphModule):
+            continue
+        names = {ph: op.meta.get("fqt_name", "") for ph, op in
+                 zip((n for n in body.graph.nodes if n.op == "placeholder"), operands)}
+        for inner in body.graph.nodes:
+            call = _normalize(body, inner)
+            if call is not None and names.get(call["weight"]):
+                layers.append(names[call["weight"]].rsplit(".", 1)[0])
+    return list(dict.fromkeys(layers))
+
+
+def _flat_nodes(args) -> list[fx.Node]:
+    nodes = []
+    fx.node.map_arg(args, nodes.append)
+    return nodes
 
 
 def _shape(weight: fx.Node, gm: fx.GraphModule):

@@ -3,11 +3,13 @@ the readable graph text that dumps are made of.
 
 Modelled on ``torch/fx/passes/infra/pass_manager.py``: a pass is ``GraphModule ->
 PassResult``; the manager runs a list of them, lints after each one and names the failing
-pass and the ones before it. Like TVM's ``DumpIR`` instrument, it records each pass's output
-as text (``records``) without the passes knowing.
+pass and the ones before it, and, when the failure is tied to a node (``at_node``), the
+model's source lines that produced that node. Like TVM's ``DumpIR`` instrument, it records
+each pass's output as text (``records``) without the passes knowing.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from dataclasses import dataclass, field
@@ -60,7 +62,8 @@ class PassManager:
             except Exception as e:
                 before = ", ".join(done) or "none"
                 raise RuntimeError(f"fqt {self.stage} pass {name!r} failed (passes run before "
-                                   f"it: {before}): {e}") from e
+                                   f"it: {before}): {e}{_origin(getattr(e, 'fqt_node', None))}"
+                                   ) from e
             done.append(name)
             if self.records is not None:
                 self.records.append(PassRecord(self.stage, name, graph_text(gm, self.names),
@@ -68,15 +71,44 @@ class PassManager:
         return gm
 
 
+@contextlib.contextmanager
+def at_node(node: fx.Node):
+    """Tie an exception raised while a pass handles ``node`` to it, so the PassManager's
+    error names the model code the node came from."""
+    try:
+        yield
+    except Exception as e:
+        if getattr(e, "fqt_node", None) is None:
+            e.fqt_node = node
+        raise
+
+
+def _origin(node: fx.Node | None) -> str:
+    """Where ``node`` came from: its name and target, and the model's source lines Dynamo
+    recorded for it (``meta["stack_trace"]``, innermost call last)."""
+    if node is None:
+        return ""
+    trace = (node.meta.get("stack_trace") or "").rstrip()
+    where = (f"; the model's code (innermost call last):\n{trace}" if trace else
+             "; Dynamo recorded no source line for it")
+    return f"\n  at node {node.name} ({node.op} {target_name(node)}){where}"
+
+
 def lint(gm: fx.GraphModule) -> None:
-    """FX's structural lint plus the invariant every pass keeps: each value node has a
-    fake-tensor ``meta["val"]`` (Dynamo graphs call it ``example_value``)."""
+    """FX's structural lint plus the invariant every pass keeps: each node whose value is
+    used has a fake-tensor ``meta["val"]`` (Dynamo graphs call it ``example_value``). A call
+    kept only for its side effect (no users, e.g. torchvision's ``_log_api_usage_once``)
+    may have none: Dynamo records no value for a call that returns None."""
     gm.graph.lint()
     for node in gm.graph.nodes:
-        if node.op in ("output", "get_attr"):
+        if node.op in ("output", "get_attr") or not node.users:
             continue
         if "val" not in node.meta and "example_value" not in node.meta:
-            raise AssertionError(f"node {node.name} ({node.op} {node.target}) has no meta['val']")
+            error = AssertionError(f"node {node.name} ({node.op} {target_name(node)}) is used "
+                                   f"by {', '.join(u.name for u in node.users)} but has no "
+                                   f"meta['val']")
+            error.fqt_node = node
+            raise error
 
 
 def set_val(node: fx.Node, keys=("val",)) -> None:

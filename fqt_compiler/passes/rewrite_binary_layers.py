@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..ops import library
-from .infra import PassResult, fake_mode_of, insert_call
+from .infra import PassResult, at_node, fake_mode_of, insert_call
 
 KEYS = ("val", "example_value")
 
@@ -52,7 +52,7 @@ def rewrite_binary_layers(gm: fx.GraphModule, *, model: nn.Module, extras_out: l
             alpha = _add_placeholder(gm, f"fqt_alpha_{layer.index}", f"{layer.name}.fqt_alpha",
                                      param, mode)
             extras_out.append(("alpha", param))
-        with gm.graph.inserting_before(node):
+        with gm.graph.inserting_before(node), at_node(node):
             if call["kind"] == "conv2d":
                 new = insert_call(gm.graph, library.binarized_conv2d,
                                   (call["x"], call["weight"], call["bias"], alpha, rng_state,
