@@ -310,7 +310,7 @@ def test_aarch64_udot_only_with_dotprod():
             assert "udot" not in asm and "cnt" in asm and "uaddlp" in asm
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", HOST_TARGETS)
 @settings(max_examples=15, deadline=None)
 @given(segments=st.integers(1, 5), o=st.integers(1, 9), n=st.integers(1, 70), k=st.sampled_from(KS[:5]),
        nbits=st.sampled_from(codegen.BITS), seed=st.integers(0, 2**16))
