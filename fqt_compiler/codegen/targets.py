@@ -61,12 +61,19 @@ class Target:
 
     def create_target_machine(self, *, jit: bool = False) -> llvm.TargetMachine:
         """A new TargetMachine. An ExecutionEngine takes ownership of the one it is given,
-        so every engine gets a fresh one."""
+        so every engine gets a fresh one.
+
+        ``jit=True`` is for code loaded into this process: the large code model with static
+        relocation, so every reference to a constant pool or another section is a 64-bit
+        absolute address. With the small model they are 32-bit PC-relative, and once the
+        process has mapped enough memory (torch does) the JIT's memory manager can place a
+        module's code and data more than 2 GiB apart: RuntimeDyld then aborts the process
+        on the relocation overflow instead of raising."""
         _init_llvm()
         t = llvm.Target.from_triple(self.triple)
         return t.create_target_machine(cpu=self.cpu, features=self.features, opt=3,
-                                       reloc="pic" if not jit else "default",
-                                       codemodel="jitdefault" if jit else "small")
+                                       reloc="static" if jit else "pic",
+                                       codemodel="large" if jit else "small")
 
 
 def _make(name, triple, cpu, features, description) -> Target:

@@ -57,7 +57,8 @@ def _safe_dir(path: Path) -> bool:
 
 def _cache_key(ir_text: str, target: Target) -> str:
     h = hashlib.sha256()
-    for part in (ir_text, target.key, llvmlite.__version__, ".".join(map(str, llvm.llvm_version_info))):
+    for part in (ir_text, target.key, "jit-large-static", llvmlite.__version__,
+                 ".".join(map(str, llvm.llvm_version_info))):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -103,10 +104,11 @@ def optimize(ir_text: str, target: Target) -> llvm.ModuleRef:
     return mod
 
 
-def compile_object(ir_text: str, target: Target) -> bytes:
-    """Relocatable object code for ``target`` (any target: used for AOT emission too)."""
+def compile_object(ir_text: str, target: Target, *, jit: bool = False) -> bytes:
+    """Relocatable object code for ``target`` (any target: used for AOT emission too);
+    ``jit=True`` for code this process loads (see ``Target.create_target_machine``)."""
     mod = optimize(ir_text, target)
-    return target.create_target_machine().emit_object(mod)
+    return target.create_target_machine(jit=jit).emit_object(mod)
 
 
 def compile_assembly(ir_text: str, target: Target) -> str:
@@ -157,7 +159,7 @@ def compile_ir(ir_text: str, target: str | Target = "host") -> Library:
         obj = _read_entry(path, key) if safe else None
         from_cache = obj is not None
         if obj is None:
-            obj = compile_object(ir_text, target)
+            obj = compile_object(ir_text, target, jit=True)
             if path is not None:
                 _write_entry(directory, path, key, obj)
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target.create_target_machine(jit=True))
