@@ -130,6 +130,7 @@ def test_step_advances_the_random_draws():
     assert len(compiled.fqt_graphs) == 1  # the step is an input, not a recompile
 
 
+@pytest.mark.slow
 def test_aq_scq_gradient_is_unbiased():
     torch.manual_seed(0)
     model, x = MLP(), torch.randn(16, 20)

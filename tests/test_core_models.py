@@ -26,7 +26,8 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", [
-    "resnet18", pytest.param("vgg16_bn", marks=pytest.mark.slow), "mobilenet_v2", "gpt", "mlp"])
+    pytest.param("resnet18", marks=pytest.mark.slow), pytest.param("vgg16_bn", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", marks=pytest.mark.slow), "gpt", "mlp"])
 def test_model_trains_with_default_plan(name):
     torch.manual_seed(0)
     model, x, y = MODELS[name]()

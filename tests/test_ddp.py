@@ -13,6 +13,7 @@ import torch.nn as nn
 import fqt_compiler as fqt
 from fqt_test_models import MLP
 
+pytestmark = pytest.mark.slow   # two processes training: end to end
 WORLD = 2
 
 
