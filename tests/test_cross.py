@@ -69,6 +69,19 @@ def test_odd_shapes_verify_on_target(target, tmp_path):
     assert {"binary", "bitplane", "pack", "pack_rows", "im2col_pack", "im2col_pack_t"} <= families
 
 
+@needs_cross
+@pytest.mark.parametrize("target", TARGETS)
+def test_fused_regions_verify_on_target(target, tmp_path):
+    """The fused BatchNorm/ReLU/max-pool kernels (train mode, odd maps, pooling an odd 15x15
+    map) on the target: equal to the host's bit for bit, to the unfused chain to float32
+    rounding; a wrong argmax byte or a wrong channel fails the check."""
+    from fqt_compiler.zoo import vgg_small
+    torch.manual_seed(0)
+    results = verify(vgg_small(in_channels=1, width=0.25), (torch.randn(3, 1, 15, 15),), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    assert {"region_forward", "region_backward"} <= {r.family for r in results}
+
+
 def test_reference_check_catches_one_flipped_bit():
     """Each call of a small step matches the reference as the host computed it, and flipping
     one bit the call wrote makes it fail (the check compares what kernels write)."""

@@ -128,8 +128,8 @@ def _same_direction(got, want, name):
         assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999, name
 
 
-def _step(model, x, y, backend):
-    compiled = fqt.compile(model, fqt.Config(backend=backend, seed=0))
+def _step(model, x, y, backend, **config):
+    compiled = fqt.compile(model, fqt.Config(backend=backend, seed=0, **config))
     compiled.train(model.training)
     loss = F.cross_entropy(compiled(x), y)
     loss.backward()
@@ -158,6 +158,7 @@ def test_vgg_regions_are_fused_and_keep_no_float_copies():
     st = fqt.runtime.stats()
     assert st[("features.4", "region_forward")].calls >= 1
     assert st[("features.4", "region_backward")].calls >= 1
+    assert "fused regions (6;" in fqt.summary(compiled)
     # dumps show the regions and the ops they replaced
     capture = [r.text for r in cg.records if r.stage == "capture" and r.name == "fuse_regions"][0]
     assert "fused region features.4 (train): batch_norm -> relu" in capture
@@ -214,12 +215,19 @@ def test_unfusible_float_ops_still_train():
 def test_resnet18_fused_step_matches_the_reference_backend():
     torchvision = pytest.importorskip("torchvision")
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+    # 64x64: layer4's maps are 2x2, so each BatchNorm sees 16 values per channel. At 32x32 and
+    # batch 2 they see 2: an integer GEMM output then often equals the batch mean exactly, and
+    # whether BN gives +0, -0 or a rounding residual there (what the next layer's sign keeps)
+    # depends on ATen's code path, not on the math (see the report in ARCHITECTURE.md).
+    x, y = torch.randn(4, 3, 64, 64, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    # psq at 8 bits: the fused BatchNorm backward agrees with ATen's to float32 rounding, not
+    # bit for bit, and under aq_scq such a difference can flip a whole sample's keep draw
+    # (p_i moves across the uniform) in a later layer; rounding codes move by 1/255 at most.
     grads = {}
     for backend in ("kernels", "reference"):
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)
-        compiled, loss = _step(model, x, y, backend)
+        compiled, loss = _step(model, x, y, backend, method="psq", bits=8)
         grads[backend] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
         if backend == "kernels":
             regions = compiled.fqt_graphs[-1].regions

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
-from .builder import F32, I8, I64, PTR, Kernel, vec, vsuffix
+from .abi import KernelIR
+from .builder import F32, I8, I64, Kernel, new_module, vec, vsuffix
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
@@ -89,24 +90,25 @@ ACTIVATIONS = ("none", "relu", "hardtanh", "leaky_relu")
 class Region:
     """``batch_stats``: normalize with this batch's statistics (training BatchNorm) and
     write them; otherwise read ``mean``/``invstd`` (eval BatchNorm: a per-channel affine).
-    ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None."""
+    ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None.
+    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen."""
 
     batch_stats: bool
     activation: Activation = Activation("none")
     pool: tuple | None = None
+    eps: float = 1e-5
 
 
-# The kernels' ABI, defined once: the runtime derives its ctypes signature from these.
+# The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
 FORWARD_SYMBOL = "fqt_region_forward"
-FORWARD_PARAMS = (("x", PTR), ("out", PTR), ("arg", PTR), ("gamma", PTR), ("beta", PTR),
-                  ("mean", PTR), ("var", PTR), ("invstd", PTR), ("N", I64), ("C", I64),
-                  ("H", I64), ("W", I64), ("OH", I64), ("OW", I64), ("eps", F64),
-                  ("c0", I64), ("c1", I64))
+FORWARD_PARAMS = (("x", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
+                  ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("N", "i64"), ("C", "i64"),
+                  ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
 BACKWARD_SYMBOL = "fqt_region_backward"
-BACKWARD_PARAMS = (("dy", PTR), ("x", PTR), ("arg", PTR), ("gamma", PTR), ("beta", PTR),
-                   ("mean", PTR), ("invstd", PTR), ("dx", PTR), ("dgamma", PTR), ("dbeta", PTR),
-                   ("N", I64), ("C", I64), ("H", I64), ("W", I64), ("OH", I64), ("OW", I64),
-                   ("c0", I64), ("c1", I64))
+BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
+                   ("mean", "ptr"), ("invstd", "ptr"), ("dx", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
+                   ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
+                   ("c0", "i64"), ("c1", "i64"))
 
 
 def _load(k: Kernel, base, index, lanes):
@@ -173,11 +175,9 @@ def _total(k: Kernel, acc: dict):
 
 
 def _kernel(target, symbol, params):
-    """The module, the kernel with its ABI, and the plane sizes ``H*W``, ``OH*OW``."""
-    m = ir.Module(name=symbol)
-    m.triple = get_target(target).triple
-    k = Kernel(m, symbol, list(params))
-    return m, k, k.b.mul(k.arg["H"], k.arg["W"]), k.b.mul(k.arg["OH"], k.arg["OW"])
+    """The kernel with its ABI, and the plane sizes ``H*W``, ``OH*OW``."""
+    k = Kernel(new_module(get_target(target), symbol), symbol, params)
+    return k, k.b.mul(k.arg["H"], k.arg["W"]), k.b.mul(k.arg["OH"], k.arg["OW"])
 
 
 def _window(region: Region, k: Kernel, oh, ow, i, j):
@@ -192,12 +192,12 @@ def _window(region: Region, k: Kernel, oh, ow, i, j):
     return h, w, inside
 
 
-def region_forward_ir(target: str | Target, region: Region) -> str:
+def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
     ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool) and ``arg`` (uint8
     window offsets, pool only). With ``batch_stats`` it writes ``mean``, the biased
     ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads ``mean``/``invstd``."""
-    m, k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
+    k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
         if region.batch_stats:
@@ -211,7 +211,8 @@ def region_forward_ir(target: str | Target, region: Region) -> str:
                 d = b.fsub(v, _splat(k, mean, lanes))
                 return b.fmul(d, d)
             var = b.fdiv(_channel_sum(k, c, hw, square), count)
-            invstd = b.fdiv(ir.Constant(F64, 1.0), k.call("llvm.sqrt.f64", F64, [b.fadd(var, a["eps"])]))
+            root = k.call("llvm.sqrt.f64", F64, [b.fadd(var, ir.Constant(F64, region.eps))])
+            invstd = b.fdiv(ir.Constant(F64, 1.0), root)
             invstd = b.fptrunc(invstd, F32)
             b.store(mean, k.gep(a["mean"], c))
             b.store(b.fptrunc(var, F32), k.gep(a["var"], c))
@@ -235,8 +236,7 @@ def region_forward_ir(target: str | Target, region: Region) -> str:
                                                         b.add(out_plane, i)))
             else:
                 _pool_forward(region, k, plane, out_plane, value)
-    k.finish()
-    return str(m)
+    return k.finish()
 
 
 def _pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
@@ -259,13 +259,13 @@ def _pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
         b.store(k.get(where, I8), k.gep(a["arg"], o, I8))
 
 
-def region_backward_ir(target: str | Target, region: Region) -> str:
+def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_backward``: channels ``c0..c1`` of ``dx`` (NCHW like ``x``) from ``dy``
     (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
     ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
     at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
     mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes."""
-    m, k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
+    k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
@@ -322,5 +322,4 @@ def region_backward_ir(target: str | Target, region: Region) -> str:
                                b.fmul(xhat, _splat(k, mean_gx, lanes)))
                 _store(k, b.fmul(g, _splat(k, scale, lanes)), a["dx"], index)
             _strided(k, hw, apply)
-    k.finish()
-    return str(m)
+    return k.finish()

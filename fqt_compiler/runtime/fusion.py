@@ -6,48 +6,28 @@ and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta
 """
 from __future__ import annotations
 
-import ctypes
-from functools import lru_cache
-
 import torch
 
 from ..codegen import fusion as gen
-from ..codegen.builder import F32, I64
-from ..codegen.fusion import F64
 from ..codegen.targets import get_target
-from ..ops import fused_regions  # noqa: F401  (defines the ops registered below)
+from ..ops import fused_regions   # also defines the ops registered below
 from . import kernel_stats as stats
-from .jit import KernelSpec, kernel
+from .jit import kernel, spec
 from .lowered import kernel as kernel_impl
 from .pack import parallel_rows
 
-_CTYPES = {I64: ctypes.c_int64, F32: ctypes.c_float, F64: ctypes.c_double}
+_GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.region_backward_ir}
 
 
-def _argtypes(params) -> tuple:
-    return tuple(_CTYPES.get(ty, ctypes.c_void_p) for _, ty in params)
-
-
-@lru_cache(maxsize=None)
-def _spec(family: str, target, region: gen.Region):
-    if family == "region_forward":
-        ir_text, symbol, params = gen.region_forward_ir(target, region), gen.FORWARD_SYMBOL, gen.FORWARD_PARAMS
-    elif family == "region_backward":
-        ir_text, symbol, params = gen.region_backward_ir(target, region), gen.BACKWARD_SYMBOL, gen.BACKWARD_PARAMS
-    else:
-        raise KeyError(family)
-    return KernelSpec(family, target, (region,), symbol, ir_text, _argtypes(params), _spec)
-
-
-def _fn(family: str, target, region):
-    return kernel(_spec(family, get_target(target), region))
+def _fn(family: str, target, region: gen.Region):
+    return kernel(spec(family, get_target(target), _GENERATORS[family], region=region))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
-def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, *, eps=1e-5,
+def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, *,
                    ceil_mode=False, target="host"):
     """Run ``region`` over NCHW ``x``. Without batch statistics ``mean``/``invstd`` are the
     per-channel values to normalize with (they are returned unchanged)."""
@@ -64,7 +44,7 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, *
     gamma, beta = _f32(gamma), _f32(beta)
     parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  var.data_ptr(), invstd.data_ptr(), n, c, h, w, oh, ow, float(eps))
+                  var.data_ptr(), invstd.data_ptr(), n, c, h, w, oh, ow)
     return out, arg, mean, var, invstd
 
 
@@ -86,17 +66,18 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, *
 
 # --------------------------------------------------------------------------- the fqt ops
 
-def _region(training, activation, act_params, pool) -> gen.Region:
-    return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None)
+def _region(training, activation, act_params, pool, eps) -> gen.Region:
+    return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None,
+                      float(eps))
 
 
 @kernel_impl("bn_region")
 def bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
               pool, ceil_mode, region, *, layer_name="?", target="host"):
-    r = _region(training, activation, act_params, pool)
+    r = _region(training, activation, act_params, pool, eps)
     with stats.timed(layer_name, "region_forward"):
         if training:
-            return region_forward(x, r, weight, bias, eps=eps, ceil_mode=ceil_mode, target=target)
+            return region_forward(x, r, weight, bias, ceil_mode=ceil_mode, target=target)
         # Eval BatchNorm is a per-channel affine of the running statistics (copied: an op's
         # outputs must not alias its inputs).
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
@@ -109,5 +90,5 @@ def bn_region(x, weight, bias, running_mean, running_var, training, eps, activat
 def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
                        act_params, pool, ceil_mode, region, *, layer_name="?", target="host"):
     with stats.timed(layer_name, "region_backward"):
-        return region_backward(dy, x, arg, _region(training, activation, act_params, pool),
+        return region_backward(dy, x, arg, _region(training, activation, act_params, pool, eps),
                                weight, bias, mean, invstd, target=target)
