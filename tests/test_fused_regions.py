@@ -104,15 +104,6 @@ def test_region_kernels_property(n, c, h, w, act, pool, training, seed):
     check_region((n, c, h, w), *act, pool, ceil_mode, training, seed)
 
 
-def test_window_offsets_round_trip():
-    v = torch.randn(2, 3, 7, 6)
-    pool = [3, 3, 2, 2, 1, 1]
-    _, idx = F.max_pool2d(v, 3, 2, 1, ceil_mode=True, return_indices=True)
-    offsets = fr.window_offsets(idx, 6, pool)
-    assert offsets.dtype == torch.uint8 and int(offsets.max()) < 9
-    assert torch.equal(fr.flat_indices(offsets, 6, pool), idx)
-
-
 # --------------------------------------------------------------------------- the pass
 
 def _fused_ops(cg):

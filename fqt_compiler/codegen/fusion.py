@@ -31,9 +31,8 @@ LANES = 8
 
 @dataclass(frozen=True)
 class Activation:
-    """A pointwise op of the table: ``forward(k, v, lanes)`` and the factor its backward
-    multiplies the gradient by, ``grad(k, v, lanes)``, both in IR on the pre-activation
-    ``v``; ``params`` are compile-time constants."""
+    """A pointwise op of the ``ACTIVATIONS`` table with its compile-time constants
+    (Hardtanh: ``(min, max)``; LeakyReLU: ``(slope,)``)."""
 
     name: str
     params: tuple = ()
@@ -43,47 +42,39 @@ def _c(lanes: int, value: float, ty=F32):
     return ir.Constant(ty, value) if lanes == 1 else ir.Constant(vec(lanes, ty), [value] * lanes)
 
 
-def _select(k, cond, a, b):
-    return k.b.select(cond, a, b)
+def _relu(b, v, p, lanes):
+    # v < 0 ? 0 : v keeps NaN and -0.0 as ATen's clamp_min does.
+    return b.select(b.fcmp_ordered("<", v, _c(lanes, 0.0)), _c(lanes, 0.0), v)
+
+
+def _hardtanh(b, v, p, lanes):
+    v = b.select(b.fcmp_ordered("<", v, _c(lanes, p[0])), _c(lanes, p[0]), v)
+    return b.select(b.fcmp_ordered(">", v, _c(lanes, p[1])), _c(lanes, p[1]), v)
+
+
+def _hardtanh_grad(b, v, g, p, lanes):
+    inside = b.and_(b.fcmp_ordered(">", v, _c(lanes, p[0])), b.fcmp_ordered("<", v, _c(lanes, p[1])))
+    return b.select(inside, g, _c(lanes, 0.0))
+
+
+# name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
+# pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
+# ops pick it (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``).
+ACTIVATIONS = {
+    "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
+    "relu": (_relu, lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, _c(n, 0.0))),
+    "hardtanh": (_hardtanh, _hardtanh_grad),
+    "leaky_relu": (lambda b, v, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), v, b.fmul(v, _c(n, p[0]))),
+                   lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, b.fmul(g, _c(n, p[0])))),
+}
 
 
 def _act_forward(k: Kernel, act: Activation, v, lanes):
-    b = k.b
-    if act.name == "none":
-        return v
-    if act.name == "relu":
-        # v < 0 ? 0 : v keeps NaN and -0.0 as ATen's clamp_min does.
-        return _select(k, b.fcmp_ordered("<", v, _c(lanes, 0.0)), _c(lanes, 0.0), v)
-    if act.name == "hardtanh":
-        lo, hi = act.params
-        v = _select(k, b.fcmp_ordered("<", v, _c(lanes, lo)), _c(lanes, lo), v)
-        return _select(k, b.fcmp_ordered(">", v, _c(lanes, hi)), _c(lanes, hi), v)
-    if act.name == "leaky_relu":
-        (slope,) = act.params
-        return _select(k, b.fcmp_ordered(">", v, _c(lanes, 0.0)), v, b.fmul(v, _c(lanes, slope)))
-    raise KeyError(act.name)
+    return ACTIVATIONS[act.name][0](k.b, v, act.params, lanes)
 
 
 def _act_grad(k: Kernel, act: Activation, v, g, lanes):
-    """``g`` times the activation's derivative at ``v``, as ATen's ``*_backward`` ops pick it
-    (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``)."""
-    b = k.b
-    zero = _c(lanes, 0.0)
-    if act.name == "none":
-        return g
-    if act.name == "relu":
-        return _select(k, b.fcmp_ordered(">", v, zero), g, zero)
-    if act.name == "hardtanh":
-        lo, hi = act.params
-        inside = b.and_(b.fcmp_ordered(">", v, _c(lanes, lo)), b.fcmp_ordered("<", v, _c(lanes, hi)))
-        return _select(k, inside, g, zero)
-    if act.name == "leaky_relu":
-        (slope,) = act.params
-        return _select(k, b.fcmp_ordered(">", v, zero), g, b.fmul(g, _c(lanes, slope)))
-    raise KeyError(act.name)
-
-
-ACTIVATIONS = ("none", "relu", "hardtanh", "leaky_relu")
+    return ACTIVATIONS[act.name][1](k.b, v, g, act.params, lanes)
 
 
 @dataclass(frozen=True)

@@ -307,7 +307,7 @@ def _region_expected(region, a, before: Memory):
 
 
 def _differs(got, want, channels, dim=1) -> bool:
-    got, want = got.narrow(dim, channels[0], channels[1] - channels[0]), want.narrow(dim, channels[0], channels[1] - channels[0])
+    got, want = (t.narrow(dim, channels[0], channels[1] - channels[0]) for t in (got, want))
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
     return not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
 
@@ -324,8 +324,7 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
         wrong = _differs(_region_tensors(mem_a, a, ("out",))[0], out, channels)
         if arg is not None:
             got = mem_a.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape)
-            wrong += not torch.equal(got.narrow(1, *channels[:1], channels[1] - channels[0]),
-                                     arg.narrow(1, *channels[:1], channels[1] - channels[0]))
+            wrong += not torch.equal(*(t.narrow(1, channels[0], channels[1] - channels[0]) for t in (got, arg)))
         if region.batch_stats:
             wrong += sum(_differs(_region_tensors(mem_a, a, (name,))[0], want, channels, 0)
                          for name, want in (("mean", mean), ("invstd", invstd)))

@@ -55,15 +55,6 @@ def window_offsets(indices: torch.Tensor, width: int, pool) -> torch.Tensor:
     return (i * kw + j).to(torch.uint8)
 
 
-def flat_indices(offsets: torch.Tensor, width: int, pool) -> torch.Tensor:
-    """Inverse of ``window_offsets``."""
-    kh, kw, sh, sw, ph, pw = pool
-    o = offsets.long()
-    oh = torch.arange(offsets.shape[2]).view(-1, 1)
-    ow = torch.arange(offsets.shape[3]).view(1, -1)
-    return (oh * sh - ph + o // kw) * width + (ow * sw - pw + o % kw)
-
-
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
                pool, ceil_mode, region):
     if training:

@@ -4,7 +4,7 @@ Matches, in the captured graph: ``F.batch_norm(x, running_mean, running_var, wei
 training, momentum, eps)`` on a 4-D float32 ``x`` with an affine (weight and bias), a float
 momentum (``momentum=None``, the cumulative average, breaks Dynamo's graph before it gets
 here) and, in eval mode, running statistics; then, each only if the previous value has no
-other user, one activation (``ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU) and one
+other user, one activation (``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU) and one
 ``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps).
 Produces: one ``fused_regions.batch_norm_region`` call in place of the chain (the fused op
 ``fqt::bn_region`` plus the running-statistics update), noted with the ops it replaced;
