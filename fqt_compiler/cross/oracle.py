@@ -292,7 +292,7 @@ def _region_tensors(mem: Memory, a: dict, names):
 
 
 def _region_expected(region, a, before: Memory):
-    from .ops.fused_regions import _chain, window_offsets
+    from ..ops.fused_regions import _chain, window_offsets
     x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"))
     ceil_mode = bool(region.pool) and a["OH"] != reference.conv_output_size(a["H"], region.pool[0], region.pool[2],
                                                                             region.pool[4], 1)
@@ -315,7 +315,7 @@ def _differs(got, want, channels, dim=1) -> bool:
 def check_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
     """Buffers of one fused-region call that differ from the reference beyond float32
     rounding (channels ``c0..c1``, the ones the call owns)."""
-    from .ops.fused_regions import _bn_region_backward
+    from ..ops.fused_regions import _bn_region_backward
     region, a = opts["region"], args
     mem_b, mem_a = Memory(before), Memory(after)
     channels = (a["c0"], a["c1"])

@@ -271,7 +271,7 @@ def table(results: list[Result], target: Target, title: str = "") -> str:
              f"to float32 rounding)",
              f"{'kernel':44s} {'family':14s} {'calls':>5s} {'buffers':>7s} {'host':>5s}  reference"]
     for r in results:
-        agree = "close" if r.family in kernel_reference.CLOSE_CHECKS else "exact"
+        agree = "close" if r.family in oracle.CLOSE_CHECKS else "exact"
         ref = ((agree if not r.reference_mismatches else f"FAIL ({r.reference_mismatches})")
                if r.has_reference else "none (no reference for this family)")
         lines.append(f"{r.symbol:44s} {r.family:14s} {r.calls:5d} {r.buffers:7d} "

@@ -13,7 +13,7 @@ from ..codegen.targets import get_target
 from ..ops import fused_regions   # also defines the ops registered below
 from . import kernel_stats as stats
 from .jit import kernel, spec
-from .lowered import kernel as kernel_impl
+from .lowered import implements
 from .pack import parallel_rows
 
 _GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.region_backward_ir}
@@ -71,7 +71,7 @@ def _region(training, activation, act_params, pool, eps) -> gen.Region:
                       float(eps))
 
 
-@kernel_impl("bn_region")
+@implements("bn_region")
 def bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
               pool, ceil_mode, region, *, layer_name="?", target="host"):
     r = _region(training, activation, act_params, pool, eps)
@@ -86,7 +86,7 @@ def bn_region(x, weight, bias, running_mean, running_var, training, eps, activat
         return out, arg, mean, var, invstd
 
 
-@kernel_impl("bn_region_backward")
+@implements("bn_region_backward")
 def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
                        act_params, pool, ceil_mode, region, *, layer_name="?", target="host"):
     with stats.timed(layer_name, "region_backward"):
