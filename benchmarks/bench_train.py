@@ -8,10 +8,12 @@ thread and at all threads. Contenders, measured side by side in one run:
   fp32   the unmodified model in eager PyTorch, float32
   bf16   the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``
   fqt    ``fqt.compile(model, Config(method="aq_scq", bits=4))`` on the JIT kernels
+  inductor  ``torch.compile(model)`` (Inductor), float32: what a user would try first
 
 in training-mode BN and in eval-mode BN (the paper timed the latter). Then a per-phase
-breakdown of one FQT step (from ``fqt.runtime.stats()``; "float ops" is the rest: BN, ReLU,
-pooling, the float layers, autograd), the bytes saved for backward (every tensor autograd
+breakdown of one FQT step (from ``fqt.runtime.stats()``; ``region_*`` are the fused
+BatchNorm/activation/pool kernels; "float ops" is the rest: unfused float ops, the float
+layers, autograd), the bytes saved for backward (every tensor autograd
 keeps, deduplicated by storage), and the ``hygon`` (AVX2) kernels vs float32 PyTorch limited
 to AVX2, in a subprocess whose oneDNN/MKL/ATen are capped before torch is imported.
 
@@ -36,7 +38,8 @@ from fqt_compiler import zoo  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask")
+PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask",
+          "region_forward", "region_backward")
 MODELS = {"vgg16": zoo.vgg16_cifar, "resnet18": zoo.resnet18}
 
 
@@ -76,6 +79,7 @@ def contenders(name, batch, train_bn, target="host"):
         "fp32": step_fn(model, model, x, y),
         "bf16": step_fn(model, model, x, y, autocast=True),
         "fqt": step_fn(model, compiled, x, y),
+        "inductor": step_fn(model, torch.compile(model), x, y),
     }
 
 
@@ -90,7 +94,8 @@ def run_speed(args, threads_list):
                 results[(name, train_bn, threads)] = times
                 bn = "train-BN" if train_bn else "eval-BN "
                 print(f"{name:<9} {bn} {threads:>2} thr  fp32 {times['fp32'] * 1e3:8.1f} ms  "
-                      f"bf16 {times['bf16'] * 1e3:8.1f} ms  fqt {times['fqt'] * 1e3:8.1f} ms   "
+                      f"bf16 {times['bf16'] * 1e3:8.1f} ms  inductor {times['inductor'] * 1e3:8.1f} ms  "
+                      f"fqt {times['fqt'] * 1e3:8.1f} ms   "
                       f"fqt vs fp32 {times['fp32'] / times['fqt']:5.2f}x   vs bf16 {times['bf16'] / times['fqt']:5.2f}x",
                       flush=True)
     return results

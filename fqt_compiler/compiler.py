@@ -46,9 +46,9 @@ from .config import Config, candidate_layers, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
-                     insert_gradient_quantizers,
+                     fuse_regions, insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
-from .runtime import lowered  # noqa: F401  (registers the "kernels" backend's implementations)
+from .runtime import fusion, lowered  # noqa: F401  (register the "kernels" backend's implementations)
 
 
 RECOMPILE_LIMIT = 256
@@ -64,6 +64,7 @@ class CompiledGraph:
     records: list = field(default_factory=list)
     names: dict = field(default_factory=dict)
     extras: list = field(default_factory=list)
+    regions: list = field(default_factory=list)   # fused regions, as fuse_regions describes them
     ran: dict = field(default_factory=dict)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
@@ -124,16 +125,17 @@ class FQTModule(nn.Module):
         # Dynamo still reads its graph after the backend returns, and AOTAutograd expects a
         # graph marked as Dynamo's to have only Dynamo's placeholders: rewrite a copy.
         gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        # Rewrites that only pay with kernels; the reference backend runs the graphs as derived.
+        kernels = config.backend == "kernels"
         gm = PassManager("capture", [
             partial(annotate_layers, model=model, example_inputs=example_inputs),
             partial(apply_plan, model=model, config=config, plan_out=cg.plan,
                     model_order=self.fqt_call_order),
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
+            *([partial(fuse_regions, regions_out=cg.regions)] if kernels else []),
         ], cg.records)(gm)
         input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
 
-        # Rewrites that only pay with kernels; the reference backend runs the graphs as derived.
-        kernels = config.backend == "kernels"
         forward_kernel_passes = [fold_alpha] if kernels else []
         backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha] if kernels else []
 

@@ -172,6 +172,11 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
             f"total: {n_bin}/{len(plan)} layers binarized; binary MACs {_fmt(tot['_binary'])}, "
             f"float MACs {_fmt(tot['_float'])} ({share:.1%} binary, 3 GEMMs per layer); saved "
             f"layer inputs {_fmt(tot['_packed'])}B packed vs {_fmt(tot['_f32'])}B float32"]
+    fused = [region for cg in regions for region in cg.regions]
+    if fused:
+        out.append(f"fused regions ({len(fused)}; each runs as one generated kernel per "
+                   f"direction, phases region_forward / region_backward in fqt.runtime.stats()):")
+        out += [f"  - {region}" for region in fused]
     out += _measured(plan)
     return "\n".join(out)
 

@@ -8,6 +8,7 @@ import fqt_compiler as fqt
 from fqt_compiler import compiler
 
 from fqt_compiler.ops import fused as F
+from fqt_compiler.ops import fused_regions as FR
 from fqt_compiler.ops import library as L
 from fqt_compiler.ops import reference as R
 from fqt_compiler.ops import registry
@@ -76,6 +77,19 @@ def _opcheck_cases():
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
     ]
+    torch.manual_seed(2)
+    xb = torch.randn(3, 5, 7, 6)
+    wb, bb = torch.rand(5) + 0.5, torch.randn(5)
+    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    pool = [3, 2, 2, 2, 1, 0]
+    for training, activation, params in ((True, "relu", []), (False, "leaky_relu", [0.1])):
+        args = (xb.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
+                rm, rv, training, 1e-5, activation, params, pool, True, "bn1")
+        cases.append((FR.bn_region, args))
+        _, arg, mean, _, invstd = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        out_shape = FR.pooled_shape(xb.shape, pool, True)
+        cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb, arg, wb, bb, mean, invstd,
+                                              training, 1e-5, activation, params, pool, True, "bn1")))
     return cases
 
 

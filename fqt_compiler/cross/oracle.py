@@ -13,8 +13,9 @@ writes a wrong value, a nonzero padding bit or outside its rows fails. Float epi
 computed with the kernels' float32 operations in their order (no contraction into FMAs), so
 they are compared bit for bit too.
 
-Checked this way: every kernel family; only the GEMMs' scratch matrix ``partial`` (int32
-partial sums between K blocks, internal) is not compared.
+Checked this way: every kernel family but the fused regions (``CLOSE_CHECKS``: compared
+with the unfused chain to float32 rounding, argmax bytes exactly); only the GEMMs' scratch
+matrix ``partial`` (int32 partial sums between K blocks, internal) is not compared.
 The GEMMs take ``colsum`` (B's ±1 row sums) and ``rowpop`` as the call's inputs: those come
 from the ``rowpop`` kernel, which is checked on its own.
 """
@@ -259,8 +260,11 @@ def _digest(data) -> bytes:
 
 def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
     """Buffers of one call of ``spec`` (a ``jit.KernelSpec``) that differ from the reference
-    (0: all exact); None when the family has no reference here."""
+    (0: all exact; fused regions: beyond float32 rounding); None when the family has no
+    reference here."""
     family, opts = spec.family, dict(spec.options)
+    if family in CLOSE_CHECKS:
+        return CLOSE_CHECKS[family](family, opts, args, before, after)
     check = CHECKS.get(family)
     if check is None:
         return None
@@ -273,3 +277,65 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
         _expected[key] = {b: _digest(data) for b, data in mem.bytes.items() if b not in scratch}
     expected = _expected[key]
     return sum(_digest(after[b]) != digest for b, digest in expected.items())
+
+
+# --------------------------------------------------------------------------- fused regions
+# A region's statistics are double sums in a lane order of the kernel's own; the reference
+# (``ops.fused_regions``: the unfused chain in ATen) agrees to float32 rounding, not bit for
+# bit, so these families are compared with a tolerance (argmax bytes exactly).
+
+def _region_tensors(mem: Memory, a: dict, names):
+    n, c, h, w, oh, ow = (a[k] for k in ("N", "C", "H", "W", "OH", "OW"))
+    shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow)}
+    return [mem.at(a[name], torch.float32, int(torch.Size(shapes.get(name, (c,))).numel()))
+            .view(shapes.get(name, (c,))) for name in names]
+
+
+def _region_expected(region, a, before: Memory):
+    from ..ops.fused_regions import _chain, window_offsets
+    x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"))
+    ceil_mode = bool(region.pool) and a["OH"] != reference.conv_output_size(a["H"], region.pool[0], region.pool[2],
+                                                                            region.pool[4], 1)
+    pool = list(region.pool or ())
+    if region.batch_stats:
+        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + region.eps)
+    out, indices = _chain(x, gamma, beta, mean, invstd, region.batch_stats, region.eps,
+                          region.activation.name, list(region.activation.params), pool, ceil_mode)
+    arg = window_offsets(indices, a["W"], pool) if pool else None
+    return x, gamma, beta, mean, invstd, out, arg, pool, ceil_mode
+
+
+def _differs(got, want, channels, dim=1) -> bool:
+    got, want = (t.narrow(dim, channels[0], channels[1] - channels[0]) for t in (got, want))
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    return not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def check_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
+    """Buffers of one fused-region call that differ from the reference beyond float32
+    rounding (channels ``c0..c1``, the ones the call owns)."""
+    from ..ops.fused_regions import _bn_region_backward
+    region, a = opts["region"], args
+    mem_b, mem_a = Memory(before), Memory(after)
+    channels = (a["c0"], a["c1"])
+    x, gamma, beta, mean, invstd, out, arg, pool, ceil_mode = _region_expected(region, a, mem_b)
+    if family == "region_forward":
+        wrong = _differs(_region_tensors(mem_a, a, ("out",))[0], out, channels)
+        if arg is not None:
+            got = mem_a.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape)
+            wrong += not torch.equal(*(t.narrow(1, channels[0], channels[1] - channels[0]) for t in (got, arg)))
+        if region.batch_stats:
+            wrong += sum(_differs(_region_tensors(mem_a, a, (name,))[0], want, channels, 0)
+                         for name, want in (("mean", mean), ("invstd", invstd)))
+        return wrong
+    dy, = _region_tensors(mem_b, a, ("dy",))
+    arg = mem_b.at(a["arg"], torch.uint8, dy.numel()).view(dy.shape) if pool else None
+    dx, dgamma, dbeta = _bn_region_backward(dy, x, arg, gamma, beta, mean, invstd, region.batch_stats,
+                                            region.eps, region.activation.name,
+                                            list(region.activation.params), pool, ceil_mode, "")
+    got = _region_tensors(mem_a, a, ("dx", "dgamma", "dbeta"))
+    return sum(_differs(g, w, channels, dim) for g, w, dim in zip(got, (dx, dgamma, dbeta), (1, 0, 0)))
+
+
+CLOSE_CHECKS = {"region_forward": check_region, "region_backward": check_region}

@@ -1,6 +1,7 @@
 """Graph passes, one per file, run in this order by ``compiler.py``:
 
 capture (Dynamo's torch-level graph): annotate_layers -> apply_plan -> rewrite_binary_layers
+                                      [-> fuse_regions, kernel backend]
 forward (AOTAutograd's ATen graph):   name_placeholders [-> fold_alpha, kernel backend]
                                       -> annotate_fqt_nodes -> bind_implementations
 backward:                             name_placeholders -> insert_gradient_quantizers
@@ -13,6 +14,7 @@ from .apply_plan import apply_plan
 from .bind_implementations import bind_implementations
 from .fold_alpha import fold_alpha
 from .fuse_gradient_quantizers import fuse_gradient_quantizers
+from .fuse_regions import fuse_regions
 from .infra import PassManager, PassRecord, PassResult, graph_text
 from .insert_gradient_quantizers import insert_gradient_quantizers
 from .name_placeholders import name_placeholders
@@ -20,5 +22,5 @@ from .rewrite_binary_layers import rewrite_binary_layers
 
 __all__ = ["PassManager", "PassRecord", "PassResult", "graph_text", "annotate_fqt_nodes",
            "annotate_layers", "apply_plan", "bind_implementations", "fold_alpha",
-           "fuse_gradient_quantizers", "insert_gradient_quantizers", "name_placeholders",
+           "fuse_gradient_quantizers", "fuse_regions", "insert_gradient_quantizers", "name_placeholders",
            "rewrite_binary_layers"]

@@ -5,7 +5,8 @@ Produces: the node's target replaced by ``registry.lookup(op, backend)``'s calla
 stays readable as ``meta["fqt_op"]``), ``impl=<backend that ran>`` appended to its note, and
 ``ran[op] = backend that ran`` so summaries report it; an implementation marked
 ``takes_layer_name`` also gets the keywords ``layer_name`` (its layer's module name) and
-``target`` (the Config's kernel target). An op with no implementation on the backend
+``target`` (the Config's kernel target; a fused region's ops get its ``region`` name as
+``layer_name``). An op with no implementation on the backend
 raises, naming the op and its layer, unless the layer's plan chose float gradients (method
 ``none``: its float-G' GEMMs run on the reference, noted as such); nothing falls back
 silently, e.g. an unfused quantizer chain left by a fusion that did not match.
@@ -77,9 +78,11 @@ def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: l
             node.meta["fqt_op"] = node.target
             node.meta["fqt_note"] = (node.meta.get("fqt_note", "") + f"  impl={used}").strip()
             if getattr(impl, "takes_layer_name", False):
-                # Kernel implementations record runtime statistics under the layer's name and
-                # run the kernels generated for the configured target.
-                node.kwargs = {**node.kwargs, "layer_name": plan[layer].name, "target": target}
+                # Kernel implementations record runtime statistics under the layer's name (a
+                # fused region's: the module it is rooted at) and run the kernels generated
+                # for the configured target.
+                name = plan[layer].name if layer is not None else args["region"]
+                node.kwargs = {**node.kwargs, "layer_name": name, "target": target}
             if check_finite and layer is not None and op.split("::")[1].startswith(_GRADIENT_CONSUMERS):
                 impl = finite_check(impl, plan[layer].name)
             node.target = impl

@@ -1,0 +1,316 @@
+"""LLVM IR for fused regions: the float work after a layer's GEMM as one loop nest.
+
+A ``Region`` is a small program over an NCHW tensor, rooted at a per-channel normalization:
+
+    x -> normalize (batch statistics or given mean/invstd) -> affine (gamma, beta)
+      -> pointwise activation (``ACTIVATIONS``, an op table) -> optional max pool
+
+``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
+channels; every reduction is per channel, so no atomics and a thread-count-independent
+summation order): for each channel, at most one reduction pass (sum and sum of squares in
+double) and one apply pass that writes the region's output and, with a pool, the argmax of
+each window as its offset ``i * kw + j`` (one byte). ``region_backward_ir`` is the mirror
+image: pool backward (scatter by the saved offsets), the activation's mask recomputed from
+``x`` (nothing float is saved but ``x``), one reduction pass (``sum g``, ``sum g * xhat``)
+and one apply pass (BatchNorm's input gradient). Sizes are run-time arguments: one kernel per
+region, not per shape. The math is docs/math.md (BatchNorm, the pooled masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+from .abi import KernelIR
+from .builder import F32, I8, I64, Kernel, new_module, vec, vsuffix
+from .targets import Target, get_target
+
+F64 = ir.DoubleType()
+LANES = 8
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A pointwise op of the ``ACTIVATIONS`` table with its compile-time constants
+    (Hardtanh: ``(min, max)``; LeakyReLU: ``(slope,)``)."""
+
+    name: str
+    params: tuple = ()
+
+
+def _c(lanes: int, value: float, ty=F32):
+    return ir.Constant(ty, value) if lanes == 1 else ir.Constant(vec(lanes, ty), [value] * lanes)
+
+
+def _relu(b, v, p, lanes):
+    # v < 0 ? 0 : v keeps NaN and -0.0 as ATen's clamp_min does.
+    return b.select(b.fcmp_ordered("<", v, _c(lanes, 0.0)), _c(lanes, 0.0), v)
+
+
+def _hardtanh(b, v, p, lanes):
+    v = b.select(b.fcmp_ordered("<", v, _c(lanes, p[0])), _c(lanes, p[0]), v)
+    return b.select(b.fcmp_ordered(">", v, _c(lanes, p[1])), _c(lanes, p[1]), v)
+
+
+def _hardtanh_grad(b, v, g, p, lanes):
+    inside = b.and_(b.fcmp_ordered(">", v, _c(lanes, p[0])), b.fcmp_ordered("<", v, _c(lanes, p[1])))
+    return b.select(inside, g, _c(lanes, 0.0))
+
+
+# name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
+# pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
+# ops pick it (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``).
+ACTIVATIONS = {
+    "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
+    "relu": (_relu, lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, _c(n, 0.0))),
+    "hardtanh": (_hardtanh, _hardtanh_grad),
+    "leaky_relu": (lambda b, v, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), v, b.fmul(v, _c(n, p[0]))),
+                   lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, b.fmul(g, _c(n, p[0])))),
+}
+
+
+def _act_forward(k: Kernel, act: Activation, v, lanes):
+    return ACTIVATIONS[act.name][0](k.b, v, act.params, lanes)
+
+
+def _act_grad(k: Kernel, act: Activation, v, g, lanes):
+    return ACTIVATIONS[act.name][1](k.b, v, g, act.params, lanes)
+
+
+@dataclass(frozen=True)
+class Region:
+    """``batch_stats``: normalize with this batch's statistics (training BatchNorm) and
+    write them; otherwise read ``mean``/``invstd`` (eval BatchNorm: a per-channel affine).
+    ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None.
+    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen."""
+
+    batch_stats: bool
+    activation: Activation = Activation("none")
+    pool: tuple | None = None
+    eps: float = 1e-5
+
+
+# The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
+FORWARD_SYMBOL = "fqt_region_forward"
+FORWARD_PARAMS = (("x", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
+                  ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("N", "i64"), ("C", "i64"),
+                  ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
+BACKWARD_SYMBOL = "fqt_region_backward"
+BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
+                   ("mean", "ptr"), ("invstd", "ptr"), ("dx", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
+                   ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
+                   ("c0", "i64"), ("c1", "i64"))
+
+
+def _load(k: Kernel, base, index, lanes):
+    ptr = k.gep(base, index)
+    return k.b.load(ptr, typ=F32 if lanes == 1 else vec(lanes, F32), align=4)
+
+
+def _store(k: Kernel, value, base, index):
+    k.b.store(value, k.gep(base, index), align=4)
+
+
+def _splat(k: Kernel, value, lanes):
+    return value if lanes == 1 else k.splat(value, lanes)
+
+
+def _affine(k: Kernel, x, scale, shift, lanes):
+    """``x * scale + shift`` with one rounding, as ATen's vectorized BatchNorm (``fmadd``)
+    computes it: at an ``x`` equal to the mean the sign of the result (what the next
+    binarized layer keeps) is then the reference's."""
+    ty = x.type
+    return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
+
+
+def _strided(k: Kernel, count, body) -> None:
+    """``body(i, lanes)`` over ``[0, count)``: ``LANES``-wide steps, then a scalar tail."""
+    b = k.b
+    main = b.and_(count, ir.Constant(I64, -LANES))
+    with k.loop(0, main, LANES) as i:
+        body(i, LANES)
+    with k.loop(main, count) as i:
+        body(i, 1)
+
+
+def _accumulate(k: Kernel, acc, value, lanes):
+    """``acc[lanes] += fpext(value)`` where ``acc`` is a dict ``{lanes: var}`` of doubles."""
+    b = k.b
+    ty = F64 if lanes == 1 else vec(lanes, F64)
+    k.set(acc[lanes], b.fadd(k.get(acc[lanes], ty), b.fpext(value, ty)))
+
+
+def _accumulator(k: Kernel) -> dict:
+    return {LANES: k.var(vec(LANES, F64), ir.Constant(vec(LANES, F64), [0.0] * LANES)),
+            1: k.var(F64, ir.Constant(F64, 0.0))}
+
+
+def _channel_sum(k: Kernel, c, hw, term):
+    """``sum over n, i of term(x[n, c, i])`` in double (``term`` maps float lanes to float)."""
+    a, b = k.arg, k.b
+    acc = _accumulator(k)
+    with k.loop(0, a["N"]) as n:
+        plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+        _strided(k, hw, lambda i, lanes: _accumulate(k, acc, term(_load(k, a["x"], b.add(plane, i), lanes),
+                                                                  lanes), lanes))
+    return _total(k, acc)
+
+
+def _total(k: Kernel, acc: dict):
+    b = k.b
+    v = k.get(acc[LANES], vec(LANES, F64))
+    s = k.get(acc[1], F64)
+    for lane in range(LANES):
+        s = b.fadd(s, b.extract_element(v, ir.Constant(I64, lane)))
+    return s
+
+
+def _kernel(target, symbol, params):
+    """The kernel with its ABI, and the plane sizes ``H*W``, ``OH*OW``."""
+    k = Kernel(new_module(get_target(target), symbol), symbol, params)
+    return k, k.b.mul(k.arg["H"], k.arg["W"]), k.b.mul(k.arg["OH"], k.arg["OW"])
+
+
+def _window(region: Region, k: Kernel, oh, ow, i, j):
+    """Input row/column of window tap ``(i, j)`` of output ``(oh, ow)``, and whether it is in
+    range (padded taps are never the max, as in ATen)."""
+    b, a = k.b, k.arg
+    _, _, sh, sw, ph, pw = region.pool
+    h = b.add(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, i - ph))
+    w = b.add(b.mul(ow, ir.Constant(I64, sw)), ir.Constant(I64, j - pw))
+    inside = b.and_(b.and_(b.icmp_signed(">=", h, ir.Constant(I64, 0)), b.icmp_signed("<", h, a["H"])),
+                    b.and_(b.icmp_signed(">=", w, ir.Constant(I64, 0)), b.icmp_signed("<", w, a["W"])))
+    return h, w, inside
+
+
+def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
+    """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
+    ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool) and ``arg`` (uint8
+    window offsets, pool only). With ``batch_stats`` it writes ``mean``, the biased
+    ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads ``mean``/``invstd``."""
+    k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
+    a, b = k.arg, k.b
+    with k.loop(a["c0"], a["c1"]) as c:
+        if region.batch_stats:
+            # ATen's order of operations, so that an x equal to the mean gives the same
+            # (sign of a) zero: the mean in double rounded to float, then the sum of the
+            # float squares (x - mean)^2 in double, invstd = 1/sqrt(var + eps) in double.
+            count = b.sitofp(b.mul(a["N"], hw), F64)
+            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, lambda v, lanes: v), count), F32)
+
+            def square(v, lanes):
+                d = b.fsub(v, _splat(k, mean, lanes))
+                return b.fmul(d, d)
+            var = b.fdiv(_channel_sum(k, c, hw, square), count)
+            root = k.call("llvm.sqrt.f64", F64, [b.fadd(var, ir.Constant(F64, region.eps))])
+            invstd = b.fdiv(ir.Constant(F64, 1.0), root)
+            invstd = b.fptrunc(invstd, F32)
+            b.store(mean, k.gep(a["mean"], c))
+            b.store(b.fptrunc(var, F32), k.gep(a["var"], c))
+            b.store(invstd, k.gep(a["invstd"], c))
+        else:
+            mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
+        # ATen's BatchNorm applies x * scale + shift with these two per-channel terms.
+        scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
+        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+
+        def value(index, lanes):
+            v = _load(k, a["x"], index, lanes)
+            v = _affine(k, v, scale, shift, lanes)
+            return _act_forward(k, region.activation, v, lanes)
+
+        with k.loop(0, a["N"]) as n:
+            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+            out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+            if region.pool is None:
+                _strided(k, hw, lambda i, lanes: _store(k, value(b.add(plane, i), lanes), a["out"],
+                                                        b.add(out_plane, i)))
+            else:
+                _pool_forward(region, k, plane, out_plane, value)
+    return k.finish()
+
+
+def _pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
+    a, b = k.arg, k.b
+    kh, kw = region.pool[:2]
+    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+        best = k.var(F32, ir.Constant(F32, float("-inf")))
+        where = k.var(I8, ir.Constant(I8, 0))
+        for i in range(kh):
+            for j in range(kw):
+                h, w, inside = _window(region, k, oh, ow, i, j)
+                with b.if_then(inside):
+                    v = value(b.add(plane, b.add(b.mul(h, a["W"]), w)), 1)
+                    # ATen's max pool: the first maximum in (i, j) order; NaN wins.
+                    with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
+                        k.set(best, v)
+                        k.set(where, ir.Constant(I8, i * kw + j))
+        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
+        b.store(k.get(best, F32), k.gep(a["out"], o))
+        b.store(k.get(where, I8), k.gep(a["arg"], o, I8))
+
+
+def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
+    """``fqt_region_backward``: channels ``c0..c1`` of ``dx`` (NCHW like ``x``) from ``dy``
+    (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
+    ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
+    at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
+    mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes."""
+    k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
+    a, b = k.arg, k.b
+    with k.loop(a["c0"], a["c1"]) as c:
+        mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
+        gamma = b.load(k.gep(a["gamma"], c), typ=F32)
+        scale = b.fmul(invstd, gamma)
+        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+        s1, s2 = _accumulator(k), _accumulator(k)
+        with k.loop(0, a["N"]) as n:
+            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+            if region.pool is not None:
+                kw = region.pool[1]
+                with k.loop(0, hw) as i:
+                    b.store(ir.Constant(F32, 0.0), k.gep(a["dx"], b.add(plane, i)))
+                out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+                with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+                    o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
+                    off = b.zext(b.load(k.gep(a["arg"], o, I8), typ=I8), I64)
+                    i = b.udiv(off, ir.Constant(I64, kw))
+                    j = b.urem(off, ir.Constant(I64, kw))
+                    _, _, sh, sw, ph, pw = region.pool
+                    h = b.sub(b.add(b.mul(oh, ir.Constant(I64, sh)), i), ir.Constant(I64, ph))
+                    w = b.sub(b.add(b.mul(ow, ir.Constant(I64, sw)), j), ir.Constant(I64, pw))
+                    dst = k.gep(a["dx"], b.add(plane, b.add(b.mul(h, a["W"]), w)))
+                    b.store(b.fadd(b.load(dst, typ=F32), b.load(k.gep(a["dy"], o), typ=F32)), dst)
+            source = a["dx"] if region.pool is not None else a["dy"]
+
+            def reduce(i, lanes):
+                index = b.add(plane, i)
+                xv = _load(k, a["x"], index, lanes)
+                v = _affine(k, xv, scale, shift, lanes)
+                g = _act_grad(k, region.activation, v, _load(k, source, index, lanes), lanes)
+                _store(k, g, a["dx"], index)
+                xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
+                _accumulate(k, s1, g, lanes)
+                _accumulate(k, s2, b.fmul(g, xhat), lanes)
+            _strided(k, hw, reduce)
+        sum_g, sum_gx = _total(k, s1), _total(k, s2)
+        b.store(b.fptrunc(sum_g, F32), k.gep(a["dbeta"], c))
+        b.store(b.fptrunc(sum_gx, F32), k.gep(a["dgamma"], c))
+        if region.batch_stats:
+            count = b.sitofp(b.mul(a["N"], hw), F64)
+            mean_g = b.fptrunc(b.fdiv(sum_g, count), F32)
+            mean_gx = b.fptrunc(b.fdiv(sum_gx, count), F32)
+        with k.loop(0, a["N"]) as n:
+            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+
+            def apply(i, lanes):
+                index = b.add(plane, i)
+                g = _load(k, a["dx"], index, lanes)
+                if region.batch_stats:
+                    xhat = b.fmul(b.fsub(_load(k, a["x"], index, lanes), _splat(k, mean, lanes)),
+                                  _splat(k, invstd, lanes))
+                    g = b.fsub(b.fsub(g, _splat(k, mean_g, lanes)),
+                               b.fmul(xhat, _splat(k, mean_gx, lanes)))
+                _store(k, b.fmul(g, _splat(k, scale, lanes)), a["dx"], index)
+            _strided(k, hw, apply)
+    return k.finish()

@@ -1,0 +1,143 @@
+"""Fuse BatchNorm -> activation -> max pool chains into one op (capture stage, kernel backend).
+
+Matches, in the captured graph: ``F.batch_norm(x, running_mean, running_var, weight, bias,
+training, momentum, eps)`` on a 4-D float32 ``x`` with an affine (weight and bias), a float
+momentum (``momentum=None``, the cumulative average, breaks Dynamo's graph before it gets
+here) and, in eval mode, running statistics; then, each only if the previous value has no
+other user, one activation (``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU) and one
+``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps).
+Produces: one ``fused_regions.batch_norm_region`` call in place of the chain (the fused op
+``fqt::bn_region`` plus the running-statistics update), noted with the ops it replaced;
+``regions_out`` receives one line per fused region. Anything else ends a region: it stays
+as captured, so correctness never depends on the match.
+Invariants: values are those of the unfused chain up to float32 rounding (the reference
+of ``fqt::bn_region`` is that chain); every new node has ``meta["val"]`` and the
+``nn_module_stack`` of the BatchNorm it replaces; the running statistics are mutated as
+``F.batch_norm`` mutates them.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..ops.fused_regions import batch_norm_region
+from .infra import PassResult, insert_call
+
+KEYS = ("val", "example_value")
+
+# Activation call -> (table name, its constant parameters from the bound call).
+_ACTIVATIONS = {
+    F.relu: ("relu", lambda a: ()),
+    torch.relu: ("relu", lambda a: ()),
+    torch.relu_: ("relu", lambda a: ()),
+    F.relu6: ("hardtanh", lambda a: (0.0, 6.0)),
+    F.hardtanh: ("hardtanh", lambda a: (float(a.get("min_val", -1.0)), float(a.get("max_val", 1.0)))),
+    F.leaky_relu: ("leaky_relu", lambda a: (float(a.get("negative_slope", 0.01)),)),
+}
+_SIGNATURES = {F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6,
+               F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu}
+
+
+def _bind(fn, node: fx.Node) -> dict | None:
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _val(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+
+
+def _only_user(node: fx.Node):
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
+
+
+def _pool(node: fx.Node):
+    """``(kh, kw, sh, sw, ph, pw), ceil_mode`` of a max pool the kernels take, else None."""
+    if node is None or node.op != "call_function" or node.target is not F.max_pool2d:
+        return None
+    a = _bind(F._max_pool2d, node)   # F.max_pool2d's signature (it is a dispatch wrapper)
+    if a is None or a["return_indices"] or _pair(a["dilation"]) != (1, 1):
+        return None
+    if any(isinstance(a[k], fx.Node) for k in ("kernel_size", "stride", "padding", "ceil_mode")):
+        return None
+    kernel = _pair(a["kernel_size"])
+    stride = _pair(a["stride"]) if a["stride"] not in (None, []) else kernel
+    padding = _pair(a["padding"])
+    if kernel[0] * kernel[1] > 255 or any(2 * p > k for p, k in zip(padding, kernel)):
+        return None
+    return (*kernel, *stride, *padding), bool(a["ceil_mode"])
+
+
+def _region_name(weight: fx.Node) -> str:
+    name = weight.meta.get("fqt_name", weight.name)
+    return name.removesuffix(".weight")
+
+
+def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
+    a = _bind(F.batch_norm, bn)
+    if a is None:
+        return False
+    x = _val(a["input"])
+    if x is None or x.dim() != 4 or x.dtype != torch.float32:
+        return False
+    if not isinstance(a["weight"], fx.Node) or not isinstance(a["bias"], fx.Node):
+        return False
+    training, momentum, eps = a["training"], a["momentum"], a["eps"]
+    if not isinstance(training, bool) or not isinstance(momentum, float) or not isinstance(eps, float):
+        return False
+    if not training and not isinstance(a["running_mean"], fx.Node):
+        return False
+    chain, last = [bn], bn
+    activation, params = "none", ()
+    act = _only_user(bn)
+    if act is not None and act.op == "call_function" and act.target in _ACTIVATIONS:
+        bound = _bind(_SIGNATURES[act.target], act)
+        if bound is not None and bound.get("input", bound.get("self")) is bn:
+            activation, get = _ACTIVATIONS[act.target]
+            params = get(bound)
+            chain.append(act)
+            last = act
+    pool, ceil_mode = (), False
+    found = _pool(_only_user(last))
+    if found is not None:
+        pool, ceil_mode = found
+        last = _only_user(last)
+        chain.append(last)
+    name = _region_name(a["weight"])
+    with gm.graph.inserting_before(last):
+        new = insert_call(gm.graph, batch_norm_region,
+                          (a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"],
+                           training, momentum, eps, activation, list(params), list(pool), ceil_mode,
+                           name), KEYS)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in bn.meta:
+            new.meta[key] = bn.meta[key]
+    replaced = " -> ".join(getattr(n.target, "__name__", str(n.target)) for n in chain)
+    mode = "train" if training else "eval"
+    new.meta["fqt_note"] = f"fused region {name} ({mode}): {replaced}"
+    regions_out.append(f"{name} ({mode}): {replaced}")
+    last.replace_all_uses_with(new)
+    for node in reversed(chain):
+        gm.graph.erase_node(node)
+    return True
+
+
+def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is F.batch_norm:
+            fused += _fuse(gm, node, regions_out)
+    if fused:
+        gm.recompile()
+    return PassResult(gm, bool(fused))
