@@ -7,11 +7,16 @@ Protocol (the paper's fine-tuning setting, scaled down to digits upsampled to 16
   1. pretrain the float32 model on classes 0-4 (upstream), then QAT (fqt method "none":
      binary forward, float gradients) on the same classes;
   2. fine-tune on classes 5-9 (downstream; fresh classifier) with every gradient method
-     (qat, ptq b=1, psq b=1, aq_scq b=2/4/8, topk b=4) and every optimizer (Adam, SGD,
-     SGD momentum 0.9);
-  3. train from scratch on classes 5-9 (random init, Adam) for qat, psq b=1, aq_scq b=4;
+     (qat, ptq b=1, psq b=1, aq_scq b=2/4/8, aq_opt b=2/4/8, topk b=4) and every optimizer
+     (Adam, SGD, SGD momentum 0.9);
+  3. train from scratch on classes 5-9 (random init, Adam) for qat, psq b=1, aq_scq b=4,
+     aq_opt b=4;
   4. measure the per-layer gradient-quantizer variance E||Q(G') - G'||^2 over resampled
-     draws on one fixed downstream batch, next to the SPEC §4 bound (see ``variance_bound``).
+     draws on one fixed downstream batch, next to the docs/math.md bound (``variance_bound``).
+
+Test accuracy is measured in eval mode after ``fqt.recalibrate_bn`` re-estimated the
+BatchNorm statistics on the training set with the final weights (``test_acc``), and before
+it, with the running statistics training left behind (``test_acc_running``).
 
 Outputs in --out: results.csv (one row per run), summary.csv and results.md (mean ± std over
 seeds), losses.csv, variance.csv, accuracy.png, loss_curves.png, variance.png.
@@ -46,9 +51,12 @@ METHODS = {
     "aq_scq_b2": ("aq_scq", 2),
     "aq_scq_b4": ("aq_scq", 4),
     "aq_scq_b8": ("aq_scq", 8),
+    "aq_opt_b2": ("aq_opt", 2),
+    "aq_opt_b4": ("aq_opt", 4),
+    "aq_opt_b8": ("aq_opt", 8),
     "topk_b4": ("topk", 4),
 }
-SCRATCH = ("qat", "psq_b1", "aq_scq_b4")
+SCRATCH = ("qat", "psq_b1", "aq_scq_b4", "aq_opt_b4")
 OPTIMIZERS = ("adam", "sgd", "sgdm")
 OPT_COLORS = {"adam": "tab:blue", "sgd": "tab:orange", "sgdm": "tab:green"}
 LR = {"adam": 1e-3, "sgd": 0.05, "sgdm": 0.05}
@@ -56,8 +64,8 @@ MODELS = {
     "vgg": lambda width: zoo.vgg_small(num_classes=5, in_channels=1, width=0.5 * width),
     "resnet": lambda width: zoo.resnet_small(num_classes=5, in_channels=1, width=width),
 }
-VARIANCE_METHODS = {"psq_b1": ("psq", 1), "aq_scq_b2": ("aq_scq", 2),
-                    "aq_scq_b4": ("aq_scq", 4), "aq_scq_b8": ("aq_scq", 8)}
+VARIANCE_METHODS = {name: METHODS[name] for name in ("psq_b1", "aq_scq_b2", "aq_scq_b4", "aq_scq_b8",
+                                                    "aq_opt_b2", "aq_opt_b4", "aq_opt_b8")}
 
 
 # --------------------------------------------------------------------------- data
@@ -120,6 +128,13 @@ def accuracy(net, x, y) -> float:
     return acc
 
 
+def recalibrated_accuracy(net, data, batch) -> float:
+    """Test accuracy after ``fqt.recalibrate_bn`` on the training set's full batches."""
+    x_train = data[0]
+    fqt.recalibrate_bn(net, [x_train[i:i + batch] for i in range(0, len(x_train) - batch + 1, batch)])
+    return accuracy(net, data[2], data[3])
+
+
 def fqt_config(method, bits, seed, args):
     return fqt.Config(method=method, bits=bits, seed=seed, backend=args.backend)
 
@@ -174,8 +189,9 @@ def train_method(model_name, state, method_name, opt_name, seed, parts, args):
     down = parts["down"]
     start = time.perf_counter()
     losses = run_training(net, model.parameters(), down, opt_name, args.epochs, args.batch, seed)
-    acc = accuracy(net, down[2], down[3])
-    return acc, losses, time.perf_counter() - start
+    running = accuracy(net, down[2], down[3])
+    acc = recalibrated_accuracy(net, down, args.batch)
+    return acc, running, losses, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- variance
@@ -240,17 +256,19 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
 
         bound = sum_i [ (1/p_i - 1) ||G_i||^2 + d_i R_i^2 / (4 B^2 p_i) ]
 
-    (groups with p_i = 0 have R_i = 0 and contribute ||G_i||^2, their exact error)."""
+    (groups with p_i = 0 contribute ||G_i||^2, their exact error). ``p_i`` are the method's
+    own keep probabilities (aq_scq: proportional to R_i; aq_opt: the ones minimizing this
+    bound)."""
     kind = reference.grouping(method, path)
     n, ids = reference.group_index(g2d, kind, rows_per_sample)
-    lo, hi = reference.group_min_max(g2d, kind, rows_per_sample)
+    lo, hi, _, prob = reference.sample_groups(g2d, method, path, bits, rows_per_sample=rows_per_sample,
+                                              seed=0, step=0, layer=0)
     r = (hi - lo).double()
     d = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                          torch.ones(g2d.numel(), dtype=torch.float64))
     sq = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                           g2d.double().reshape(-1) ** 2)
-    p = reference.aq_probabilities(hi - lo, bits).double() if method == "aq_scq" \
-        else torch.ones(n, dtype=torch.float64)
+    p = prob.double()
     levels = float(2 ** bits - 1)
     kept = p > 0
     pk = p[kept]
@@ -309,10 +327,12 @@ def mean_std(values):
 def summarize(results):
     groups = {}
     for r in results:
-        groups.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"]), []).append(
-            r["test_acc"])
+        groups.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"]), []).append(r)
     return [{"model": k[0], "protocol": k[1], "method": k[2], "optimizer": k[3],
-             "mean_acc": mean_std(v)[0], "std_acc": mean_std(v)[1], "n_seeds": len(v)}
+             "mean_acc": mean_std([r["test_acc"] for r in v])[0],
+             "std_acc": mean_std([r["test_acc"] for r in v])[1],
+             "mean_acc_running": mean_std([r["test_acc_running"] for r in v])[0],
+             "std_acc_running": mean_std([r["test_acc_running"] for r in v])[1], "n_seeds": len(v)}
             for k, v in groups.items()]
 
 
@@ -333,17 +353,23 @@ def markdown(summary, variance, pre, args, models, optimizers):
              f"momentum 0.9 for sgdm), backend {args.backend}, width x{args.width}.", ""]
     cols = [(m, o) for m in models for o in optimizers
             if any(s["model"] == m and s["optimizer"] == o for s in summary)]
-    lines.append("| protocol | method | " + " | ".join(f"{m} {o}" for m, o in cols) + " |")
-    lines.append("|---|---|" + "---|" * len(cols))
     index = {(s["model"], s["protocol"], s["method"], s["optimizer"]): s for s in summary}
-    for protocol, names in (("finetune", list(METHODS)), ("scratch", list(SCRATCH))):
-        for name in names:
-            cells = []
-            for m, o in cols:
-                s = index.get((m, protocol, name, o))
-                cells.append(f"{100 * s['mean_acc']:.1f} ± {100 * s['std_acc']:.1f}" if s else "")
-            if any(cells):
-                lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
+    for key, title in (("acc", "BatchNorm statistics recalibrated (`fqt.recalibrate_bn`) before "
+                               "evaluation"),
+                       ("acc_running", "without recalibration: the running statistics training "
+                                       "left behind")):
+        lines += [f"### {title}", "",
+                  "| protocol | method | " + " | ".join(f"{m} {o}" for m, o in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for protocol, names in (("finetune", list(METHODS)), ("scratch", list(SCRATCH))):
+            for name in names:
+                cells = []
+                for m, o in cols:
+                    s = index.get((m, protocol, name, o))
+                    cells.append(f"{100 * s['mean_' + key]:.1f} ± {100 * s['std_' + key]:.1f}" if s else "")
+                if any(cells):
+                    lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["", "Upstream (classes 0-4) test accuracy after pretraining: " + "; ".join(
         f"{m} seed {s}: fp32 {100 * a:.1f}, QAT {100 * b:.1f}" for (m, s), (a, b) in pre.items())]
     if variance:
@@ -429,7 +455,7 @@ def plots(out, summary, losses, variance, models, optimizers):
         for r, m in enumerate(models):
             for c, path in enumerate((reference.PATH_INPUT, reference.PATH_WEIGHT)):
                 ax = axes[r][c]
-                for label, color in (("psq_b1", "tab:red"), ("aq_scq_b4", "tab:blue")):
+                for label, color in (("psq_b1", "tab:red"), ("aq_scq_b4", "tab:blue"), ("aq_opt_b4", "tab:green")):
                     rows = [v for v in variance if v["model"] == m and v["path"] == path
                             and v["method"] == label and v["seed"] == variance[0]["seed"]]
                     layers = [v["layer"] for v in rows]
@@ -508,16 +534,18 @@ def main(argv=None):
             runs = [("finetune", n, o) for n in methods for o in opts]
             runs += [("scratch", n, "adam") for n in SCRATCH if n in methods]
             for protocol, name, opt in runs:
-                acc, curve, seconds = train_method(m, state if protocol == "finetune" else None,
-                                                   name, opt, seed, parts, args)
+                acc, running, curve, seconds = train_method(
+                    m, state if protocol == "finetune" else None, name, opt, seed, parts, args)
                 method, bits = METHODS[name]
                 results.append({"model": m, "protocol": protocol, "method": name,
                                 "fqt_method": method, "bits": bits, "optimizer": opt,
-                                "seed": seed, "test_acc": acc, "final_loss": curve[-1],
+                                "seed": seed, "test_acc": acc, "test_acc_running": running,
+                                "final_loss": curve[-1],
                                 "seconds": round(seconds, 2)})
                 losses[(m, protocol, name, opt, seed)] = curve
                 print(f"[{time.perf_counter() - t0:6.0f}s] {m} {protocol:8s} {name:9s} {opt:4s} "
-                      f"seed {seed}: acc {acc:.3f} loss {curve[-1]:.3f}", flush=True)
+                      f"seed {seed}: acc {acc:.3f} (running BN stats {running:.3f}) "
+                      f"loss {curve[-1]:.3f}", flush=True)
 
     summary = summarize(results)
     write_csv(out / "results.csv", results)
