@@ -319,6 +319,37 @@ def measure_variance(model_name, state, seed, parts, args):
 
 # --------------------------------------------------------------------------- reporting
 
+def _read_csv(path):
+    """Rows of a CSV this script wrote, numbers parsed (int, then float, else the string)."""
+    def parse(v):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def merged_runs(dirs):
+    """(results, losses, variance, pretraining accuracies, forward diffs) of several runs'
+    output directories (the same settings, different seeds), as one run would hold them."""
+    results, losses, variance, pre, diffs = [], {}, [], {}, {}
+    for d in map(Path, dirs):
+        results += _read_csv(d / "results.csv")
+        variance += _read_csv(d / "variance.csv")
+        for r in _read_csv(d / "losses.csv"):
+            losses.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"], r["seed"]), []).append(r["loss"])
+        for r in _read_csv(d / "pretrain.csv"):
+            pre[(r["model"], r["seed"])] = (r["fp32_acc"], r["qat_acc"])
+            if r["forward_diff"] != "":
+                diffs[r["model"]] = r["forward_diff"]
+    return results, losses, variance, pre, diffs
+
+
 def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
@@ -498,6 +529,12 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="cap training-set sizes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="kernels", choices=("kernels", "reference"))
+    parser.add_argument("--variance-seed", type=int, default=None,
+                        help="the seed whose G' the variance table measures (default: the first "
+                             "of --seeds; -1: none)")
+    parser.add_argument("--merge", default="",
+                        help="comma-separated --out directories of runs of the same settings on "
+                             "other seeds: combine their tables into --out, train nothing")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     if args.tiny or os.environ.get("FQT_ABLATION_TINY"):
@@ -515,19 +552,23 @@ def main(argv=None):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     other_optimizers = [o for o in args.other_optimizers.split(",") if o in optimizers]
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    variance_seed = args.seed_list[0] if args.variance_seed is None else args.variance_seed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     results, losses, variance, pre, diffs = [], {}, [], {}, {}
     t0 = time.perf_counter()
-    for seed in args.seed_list:
+    if args.merge:
+        results, losses, variance, pre, diffs = merged_runs(args.merge.split(","))
+        args.seed_list = sorted({r["seed"] for r in results})
+    for seed in [] if args.merge else args.seed_list:
         parts = load_data(seed, args.limit or None)
         for m in models:
             state, fp_acc, qat_acc = pretrain(m, seed, parts, args)
             pre[(m, seed)] = (fp_acc, qat_acc)
             print(f"[{time.perf_counter() - t0:6.0f}s] {m} seed {seed}: upstream fp32 "
                   f"{fp_acc:.3f} QAT {qat_acc:.3f}", flush=True)
-            if seed == args.seed_list[0]:
+            if seed == variance_seed:
                 rows, diffs[m] = measure_variance(m, state, seed, parts, args)
                 variance += rows
             opts = optimizers if m == models[0] else other_optimizers
@@ -555,6 +596,10 @@ def main(argv=None):
                                    for k, curve in losses.items() for i, v in enumerate(curve)])
     if variance:
         write_csv(out / "variance.csv", variance)
+    if pre:
+        write_csv(out / "pretrain.csv", [{"model": m, "seed": seed, "fp32_acc": a, "qat_acc": b,
+                                          "forward_diff": diffs.get(m) if seed == variance_seed else ""}
+                                         for (m, seed), (a, b) in pre.items()])
     md = markdown(summary, variance, pre, args, models, optimizers)
     md += "\nEager-vs-compiled binarized forward (eval), max |logit diff|: " + ", ".join(
         f"{m} {d:.2e}" for m, d in diffs.items()) + "\n"
