@@ -104,18 +104,16 @@ def test_reference_check_covers_the_sum_of_squares():
     g = torch.randn(3, 5, 9, 11, generator=torch.Generator().manual_seed(0))
     uses, capture = capture_calls(lambda: [sample_groups(g, "aq_opt", path, 4, seed=0, step=0, layer=0)
                                            for path in ("input", "weight")], target)
-    names = [aot.parameter_names(u.spec) for u in uses]
-    assert {u.spec.params[2] for u in uses} == {True}    # the sum_squares variant
+    assert {dict(u.spec.options)["sum_squares"] for u in uses} == {True}
     for index, encoded, after in capture.calls:
         spec = uses[index].spec
-        args = dict(zip(names[index], map(call_argument, encoded)))
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
         before = {b: capture.storages[b][2] for b in after}
-        assert kernel_reference.check_call(spec.family, spec.params, args, before, after) == 0
+        assert kernel_reference.check_call(spec, args, before, after) == 0
         buf, offset = args["ss"]
         bad = bytearray(after[buf])
         bad[offset] ^= 1
-        assert kernel_reference.check_call(spec.family, spec.params, args, before,
-                                           {**after, buf: bytes(bad)}) == 1
+        assert kernel_reference.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
 
 
 def test_group_min_max_zero_is_positive_zero():
