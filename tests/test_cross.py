@@ -98,7 +98,7 @@ def test_reference_check_catches_one_flipped_bit():
 
 def test_reference_check_covers_the_sum_of_squares():
     """aq_opt's statistics kernel (min/max plus sums of squares) replays against
-    kernel_reference, and one flipped bit of a sum of squares is caught."""
+    the oracle, and one flipped bit of a sum of squares is caught."""
     from fqt_compiler.runtime.quantize import sample_groups
     target = host_target()
     g = torch.randn(3, 5, 9, 11, generator=torch.Generator().manual_seed(0))
@@ -109,11 +109,11 @@ def test_reference_check_covers_the_sum_of_squares():
         spec = uses[index].spec
         args = dict(zip(spec.abi.names, map(call_argument, encoded)))
         before = {b: capture.storages[b][2] for b in after}
-        assert kernel_reference.check_call(spec, args, before, after) == 0
+        assert oracle.check_call(spec, args, before, after) == 0
         buf, offset = args["ss"]
         bad = bytearray(after[buf])
         bad[offset] ^= 1
-        assert kernel_reference.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
+        assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
 
 
 def test_group_min_max_zero_is_positive_zero():
