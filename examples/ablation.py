@@ -7,11 +7,16 @@ Protocol (the paper's fine-tuning setting, scaled down to digits upsampled to 16
   1. pretrain the float32 model on classes 0-4 (upstream), then QAT (fqt method "none":
      binary forward, float gradients) on the same classes;
   2. fine-tune on classes 5-9 (downstream; fresh classifier) with every gradient method
-     (qat, ptq b=1, psq b=1, aq_scq b=2/4/8, topk b=4) and every optimizer (Adam, SGD,
-     SGD momentum 0.9);
-  3. train from scratch on classes 5-9 (random init, Adam) for qat, psq b=1, aq_scq b=4;
+     (qat, ptq b=1, psq b=1, aq_scq b=2/4/8, aq_opt b=2/4/8, topk b=4) and every optimizer
+     (Adam, SGD, SGD momentum 0.9);
+  3. train from scratch on classes 5-9 (random init, Adam) for qat, psq b=1, aq_scq b=4,
+     aq_opt b=4;
   4. measure the per-layer gradient-quantizer variance E||Q(G') - G'||^2 over resampled
-     draws on one fixed downstream batch, next to the docs/math.md §4 bound (see ``variance_bound``).
+     draws on one fixed downstream batch, next to the docs/math.md §4 bound (``variance_bound``).
+
+Test accuracy is measured in eval mode after ``fqt.recalibrate_bn`` re-estimated the
+BatchNorm statistics on the training set with the final weights (``test_acc``), and before
+it, with the running statistics training left behind (``test_acc_running``).
 
 Outputs in --out: results.csv (one row per run), summary.csv and results.md (mean ± std over
 seeds), losses.csv, variance.csv, accuracy.png, loss_curves.png, variance.png.
@@ -46,9 +51,12 @@ METHODS = {
     "aq_scq_b2": ("aq_scq", 2),
     "aq_scq_b4": ("aq_scq", 4),
     "aq_scq_b8": ("aq_scq", 8),
+    "aq_opt_b2": ("aq_opt", 2),
+    "aq_opt_b4": ("aq_opt", 4),
+    "aq_opt_b8": ("aq_opt", 8),
     "topk_b4": ("topk", 4),
 }
-SCRATCH = ("qat", "psq_b1", "aq_scq_b4")
+SCRATCH = ("qat", "psq_b1", "aq_scq_b4", "aq_opt_b4")
 OPTIMIZERS = ("adam", "sgd", "sgdm")
 OPT_COLORS = {"adam": "tab:blue", "sgd": "tab:orange", "sgdm": "tab:green"}
 LR = {"adam": 1e-3, "sgd": 0.05, "sgdm": 0.05}
@@ -56,8 +64,8 @@ MODELS = {
     "vgg": lambda width: zoo.vgg_small(num_classes=5, in_channels=1, width=0.5 * width),
     "resnet": lambda width: zoo.resnet_small(num_classes=5, in_channels=1, width=width),
 }
-VARIANCE_METHODS = {"psq_b1": ("psq", 1), "aq_scq_b2": ("aq_scq", 2),
-                    "aq_scq_b4": ("aq_scq", 4), "aq_scq_b8": ("aq_scq", 8)}
+VARIANCE_METHODS = {name: METHODS[name] for name in ("psq_b1", "aq_scq_b2", "aq_scq_b4", "aq_scq_b8",
+                                                    "aq_opt_b2", "aq_opt_b4", "aq_opt_b8")}
 
 
 # --------------------------------------------------------------------------- data
@@ -120,6 +128,13 @@ def accuracy(net, x, y) -> float:
     return acc
 
 
+def recalibrated_accuracy(net, data, batch) -> float:
+    """Test accuracy after ``fqt.recalibrate_bn`` on the training set's full batches."""
+    x_train = data[0]
+    fqt.recalibrate_bn(net, [x_train[i:i + batch] for i in range(0, len(x_train) - batch + 1, batch)])
+    return accuracy(net, data[2], data[3])
+
+
 def fqt_config(method, bits, seed, args):
     return fqt.Config(method=method, bits=bits, seed=seed, backend=args.backend)
 
@@ -174,8 +189,9 @@ def train_method(model_name, state, method_name, opt_name, seed, parts, args):
     down = parts["down"]
     start = time.perf_counter()
     losses = run_training(net, model.parameters(), down, opt_name, args.epochs, args.batch, seed)
-    acc = accuracy(net, down[2], down[3])
-    return acc, losses, time.perf_counter() - start
+    running = accuracy(net, down[2], down[3])
+    acc = recalibrated_accuracy(net, down, args.batch)
+    return acc, running, losses, time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- variance
@@ -240,17 +256,19 @@ def variance_bound(g2d, method, path, bits, rows_per_sample):
 
         bound = sum_i [ (1/p_i - 1) ||G_i||^2 + d_i R_i^2 / (4 B^2 p_i) ]
 
-    (groups with p_i = 0 are all zero: no error)."""
+    (groups with p_i = 0 contribute ||G_i||^2, their exact error). ``p_i`` are the method's
+    own keep probabilities (aq_scq: proportional to R_i; aq_opt: the ones minimizing this
+    bound)."""
     kind = reference.grouping(method, path)
     n, ids = reference.group_index(g2d, kind, rows_per_sample)
-    lo, hi = reference.group_min_max(g2d, kind, rows_per_sample)
+    lo, hi, _, prob = reference.sample_groups(g2d, method, path, bits, rows_per_sample=rows_per_sample,
+                                              seed=0, step=0, layer=0)
     r = (hi - lo).double()
     d = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                          torch.ones(g2d.numel(), dtype=torch.float64))
     sq = torch.zeros(n, dtype=torch.float64).scatter_add_(0, ids.reshape(-1),
                                                           g2d.double().reshape(-1) ** 2)
-    p = reference.aq_probabilities(reference.aq_scores(lo, hi), bits).double() if method == "aq_scq" \
-        else torch.ones(n, dtype=torch.float64)
+    p = prob.double()
     levels = float(2 ** bits - 1)
     kept = p > 0
     pk = p[kept]
@@ -300,6 +318,37 @@ def measure_variance(model_name, state, seed, parts, args):
 
 # --------------------------------------------------------------------------- reporting
 
+def _read_csv(path):
+    """Rows of a CSV this script wrote, numbers parsed (int, then float, else the string)."""
+    def parse(v):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def merged_runs(dirs):
+    """(results, losses, variance, pretraining accuracies, forward diffs) of several runs'
+    output directories (the same settings, different seeds), as one run would hold them."""
+    results, losses, variance, pre, diffs = [], {}, [], {}, {}
+    for d in map(Path, dirs):
+        results += _read_csv(d / "results.csv")
+        variance += _read_csv(d / "variance.csv")
+        for r in _read_csv(d / "losses.csv"):
+            losses.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"], r["seed"]), []).append(r["loss"])
+        for r in _read_csv(d / "pretrain.csv"):
+            pre[(r["model"], r["seed"])] = (r["fp32_acc"], r["qat_acc"])
+            if r["forward_diff"] != "":
+                diffs[r["model"]] = r["forward_diff"]
+    return results, losses, variance, pre, diffs
+
+
 def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
@@ -308,10 +357,12 @@ def mean_std(values):
 def summarize(results):
     groups = {}
     for r in results:
-        groups.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"]), []).append(
-            r["test_acc"])
+        groups.setdefault((r["model"], r["protocol"], r["method"], r["optimizer"]), []).append(r)
     return [{"model": k[0], "protocol": k[1], "method": k[2], "optimizer": k[3],
-             "mean_acc": mean_std(v)[0], "std_acc": mean_std(v)[1], "n_seeds": len(v)}
+             "mean_acc": mean_std([r["test_acc"] for r in v])[0],
+             "std_acc": mean_std([r["test_acc"] for r in v])[1],
+             "mean_acc_running": mean_std([r["test_acc_running"] for r in v])[0],
+             "std_acc_running": mean_std([r["test_acc_running"] for r in v])[1], "n_seeds": len(v)}
             for k, v in groups.items()]
 
 
@@ -332,17 +383,23 @@ def markdown(summary, variance, pre, args, models, optimizers):
              f"momentum 0.9 for sgdm), backend {args.backend}, width x{args.width}.", ""]
     cols = [(m, o) for m in models for o in optimizers
             if any(s["model"] == m and s["optimizer"] == o for s in summary)]
-    lines.append("| protocol | method | " + " | ".join(f"{m} {o}" for m, o in cols) + " |")
-    lines.append("|---|---|" + "---|" * len(cols))
     index = {(s["model"], s["protocol"], s["method"], s["optimizer"]): s for s in summary}
-    for protocol, names in (("finetune", list(METHODS)), ("scratch", list(SCRATCH))):
-        for name in names:
-            cells = []
-            for m, o in cols:
-                s = index.get((m, protocol, name, o))
-                cells.append(f"{100 * s['mean_acc']:.1f} ± {100 * s['std_acc']:.1f}" if s else "")
-            if any(cells):
-                lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
+    for key, title in (("acc", "BatchNorm statistics recalibrated (`fqt.recalibrate_bn`) before "
+                               "evaluation"),
+                       ("acc_running", "without recalibration: the running statistics training "
+                                       "left behind")):
+        lines += [f"### {title}", "",
+                  "| protocol | method | " + " | ".join(f"{m} {o}" for m, o in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for protocol, names in (("finetune", list(METHODS)), ("scratch", list(SCRATCH))):
+            for name in names:
+                cells = []
+                for m, o in cols:
+                    s = index.get((m, protocol, name, o))
+                    cells.append(f"{100 * s['mean_' + key]:.1f} ± {100 * s['std_' + key]:.1f}" if s else "")
+                if any(cells):
+                    lines.append(f"| {protocol} | {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["", "Upstream (classes 0-4) test accuracy after pretraining: " + "; ".join(
         f"{m} seed {s}: fp32 {100 * a:.1f}, QAT {100 * b:.1f}" for (m, s), (a, b) in pre.items())]
     if variance:
@@ -428,7 +485,7 @@ def plots(out, summary, losses, variance, models, optimizers):
         for r, m in enumerate(models):
             for c, path in enumerate((reference.PATH_INPUT, reference.PATH_WEIGHT)):
                 ax = axes[r][c]
-                for label, color in (("psq_b1", "tab:red"), ("aq_scq_b4", "tab:blue")):
+                for label, color in (("psq_b1", "tab:red"), ("aq_scq_b4", "tab:blue"), ("aq_opt_b4", "tab:green")):
                     rows = [v for v in variance if v["model"] == m and v["path"] == path
                             and v["method"] == label and v["seed"] == variance[0]["seed"]]
                     layers = [v["layer"] for v in rows]
@@ -471,6 +528,12 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0, help="cap training-set sizes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="kernels", choices=("kernels", "reference"))
+    parser.add_argument("--variance-seed", type=int, default=None,
+                        help="the seed whose G' the variance table measures (default: the first "
+                             "of --seeds; -1: none)")
+    parser.add_argument("--merge", default="",
+                        help="comma-separated --out directories of runs of the same settings on "
+                             "other seeds: combine their tables into --out, train nothing")
     parser.add_argument("--out", default="docs/results")
     args = parser.parse_args(argv)
     if args.tiny or os.environ.get("FQT_ABLATION_TINY"):
@@ -488,35 +551,41 @@ def main(argv=None):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     other_optimizers = [o for o in args.other_optimizers.split(",") if o in optimizers]
     args.seed_list = [int(s) for s in args.seeds.split(",")]
+    variance_seed = args.seed_list[0] if args.variance_seed is None else args.variance_seed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     results, losses, variance, pre, diffs = [], {}, [], {}, {}
     t0 = time.perf_counter()
-    for seed in args.seed_list:
+    if args.merge:
+        results, losses, variance, pre, diffs = merged_runs(args.merge.split(","))
+        args.seed_list = sorted({r["seed"] for r in results})
+    for seed in [] if args.merge else args.seed_list:
         parts = load_data(seed, args.limit or None)
         for m in models:
             state, fp_acc, qat_acc = pretrain(m, seed, parts, args)
             pre[(m, seed)] = (fp_acc, qat_acc)
             print(f"[{time.perf_counter() - t0:6.0f}s] {m} seed {seed}: upstream fp32 "
                   f"{fp_acc:.3f} QAT {qat_acc:.3f}", flush=True)
-            if seed == args.seed_list[0]:
+            if seed == variance_seed:
                 rows, diffs[m] = measure_variance(m, state, seed, parts, args)
                 variance += rows
             opts = optimizers if m == models[0] else other_optimizers
             runs = [("finetune", n, o) for n in methods for o in opts]
             runs += [("scratch", n, "adam") for n in SCRATCH if n in methods]
             for protocol, name, opt in runs:
-                acc, curve, seconds = train_method(m, state if protocol == "finetune" else None,
-                                                   name, opt, seed, parts, args)
+                acc, running, curve, seconds = train_method(
+                    m, state if protocol == "finetune" else None, name, opt, seed, parts, args)
                 method, bits = METHODS[name]
                 results.append({"model": m, "protocol": protocol, "method": name,
                                 "fqt_method": method, "bits": bits, "optimizer": opt,
-                                "seed": seed, "test_acc": acc, "final_loss": curve[-1],
+                                "seed": seed, "test_acc": acc, "test_acc_running": running,
+                                "final_loss": curve[-1],
                                 "seconds": round(seconds, 2)})
                 losses[(m, protocol, name, opt, seed)] = curve
                 print(f"[{time.perf_counter() - t0:6.0f}s] {m} {protocol:8s} {name:9s} {opt:4s} "
-                      f"seed {seed}: acc {acc:.3f} loss {curve[-1]:.3f}", flush=True)
+                      f"seed {seed}: acc {acc:.3f} (running BN stats {running:.3f}) "
+                      f"loss {curve[-1]:.3f}", flush=True)
 
     summary = summarize(results)
     write_csv(out / "results.csv", results)
@@ -526,6 +595,10 @@ def main(argv=None):
                                    for k, curve in losses.items() for i, v in enumerate(curve)])
     if variance:
         write_csv(out / "variance.csv", variance)
+    if pre:
+        write_csv(out / "pretrain.csv", [{"model": m, "seed": seed, "fp32_acc": a, "qat_acc": b,
+                                          "forward_diff": diffs.get(m) if seed == variance_seed else ""}
+                                         for (m, seed), (a, b) in pre.items()])
     md = markdown(summary, variance, pre, args, models, optimizers)
     md += "\nEager-vs-compiled binarized forward (eval), max |logit diff|: " + ", ".join(
         f"{m} {d:.2e}" for m, d in diffs.items()) + "\n"

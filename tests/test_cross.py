@@ -112,6 +112,26 @@ def test_reference_check_catches_one_flipped_bit():
     assert {"binary", "bitplane", "minmax", "pack", "sign_pack", "im2col_pack", "rowpop"} <= caught
 
 
+def test_reference_check_covers_the_sum_of_squares():
+    """aq_opt's statistics kernel (min/max plus sums of squares) replays against
+    the oracle, and one flipped bit of a sum of squares is caught."""
+    from fqt_compiler.runtime.quantize import sample_groups
+    target = host_target()
+    g = torch.randn(3, 5, 9, 11, generator=torch.Generator().manual_seed(0))
+    uses, capture = capture_calls(lambda: [sample_groups(g, "aq_opt", path, 4, seed=0, step=0, layer=0)
+                                           for path in ("input", "weight")], target)
+    assert {dict(u.spec.options)["sum_squares"] for u in uses} == {True}
+    for index, encoded, after in capture.calls:
+        spec = uses[index].spec
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
+        before = {b: capture.storages[b][2] for b in after}
+        assert oracle.check_call(spec, args, before, after) == 0
+        buf, offset = args["ss"]
+        bad = bytearray(after[buf])
+        bad[offset] ^= 1
+        assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
+
+
 def test_group_min_max_zero_is_positive_zero():
     """-0.0 and +0.0 in one group: min and max are +0.0 in the kernel and the reference (the
     sign of a zero vector.reduce.fmin result differs between x86 and AArch64)."""

@@ -9,15 +9,28 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
-@pytest.mark.slow
-def test_train_digits_short_run(tmp_path, capsys):
+def _example():
     spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--epochs", "1", "--methods", "qat,aq_scq", "--out", str(tmp_path)])
+    return module
+
+
+@pytest.mark.slow
+def test_train_digits_short_run(tmp_path, capsys):
+    results = _example().main(["--epochs", "1", "--methods", "qat,aq_scq", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert [r[0] for r in results] == ["qat", "aq_scq"]
     for name, acc, _, _ in results:
-        assert acc > 0.3, (name, acc)  # 10 classes: chance is 0.1
+        assert set(acc) == {"running", "recalibrated", "batch"}
+        assert acc["recalibrated"] > 0.3, (name, acc)  # 10 classes: chance is 0.1
         assert name in printed.split("test acc")[-1]
     assert (tmp_path / "backward.txt").exists() and str(tmp_path) in printed
+
+
+@pytest.mark.slow
+def test_recalibrated_eval_matches_batch_statistics(tmp_path):
+    """The full default run of the noisiest method (1-bit PSQ) and of aq_opt: after
+    fqt.recalibrate_bn, eval-mode accuracy is within 2 points of batch-statistics accuracy."""
+    for name, acc, _, _ in _example().main(["--methods", "psq,aq_opt", "--out", str(tmp_path)]):
+        assert abs(acc["recalibrated"] - acc["batch"]) <= 0.02, (name, acc)

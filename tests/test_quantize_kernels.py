@@ -11,7 +11,7 @@ from fqt_compiler.ops import reference
 from fqt_compiler.runtime import quantize
 from fqt_compiler.runtime.packed import PackedBits
 
-METHODS = ("ptq", "psq", "aq_scq", "topk")
+METHODS = ("ptq", "psq", "aq_scq", "aq_opt", "topk")
 PATHS = (reference.PATH_INPUT, reference.PATH_WEIGHT)
 KEY = dict(seed=3, step=11, layer=2)
 
@@ -134,3 +134,21 @@ def test_errors():
         quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "psq", "input", 4, rows_per_sample=3, **KEY)
     with pytest.raises(ValueError, match="quantizes no groups"):
         quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "none", "input", 4, **KEY)
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 3, 9, 15), (4, 6, 1, 1), (2, 4, 1, 3)])
+def test_sum_of_squares_in_the_reference_order(target, shape):
+    # Magnitudes 1e-3..1e4 mixed: float64 sums taken in another order round differently, so
+    # only the reference's order (lanes, then halving) matches bit for bit.
+    n, o, h, w = shape
+    g = gradient(*shape, seed=7) * 10.0 ** torch.randint(-3, 5, shape, generator=torch.Generator().manual_seed(1))
+    alpha = torch.rand(o) + 0.5
+    g2d = reference.conv_rows(g * alpha.view(1, -1, 1, 1))
+    for path in PATHS:
+        kind = reference.grouping("aq_opt", path)
+        want = reference.pair_sum_squares(reference.statistics_view(g2d, kind, h * w))
+        _, _, got = quantize._statistics(g, kind, None, alpha, target, sum_squares=True)
+        assert torch.equal(got, want)
+    assert not torch.equal(want, reference.statistics_view(g2d, kind, h * w).double().pow(2).sum(2)) \
+        or h * w < 4, "the data should tell summation orders apart"

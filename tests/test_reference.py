@@ -110,13 +110,14 @@ def test_stochastic_rounding_codes_in_range_and_exact_for_endpoints():
     assert torch.allclose(q.dequantize()[0, [0, 2]], torch.tensor([-1.0, 3.0]))
 
 
+@pytest.mark.parametrize("method", ["aq_scq", "aq_opt"])
 @pytest.mark.parametrize("path,rows", [("input", 4), ("weight", 4)])
-def test_aq_scq_is_unbiased_and_keeps_n_over_b(path, rows):
+def test_aq_is_unbiased_and_keeps_n_over_b(method, path, rows):
     g = torch.randn(32, 12, generator=torch.Generator().manual_seed(1))
     draws, kept = 3000, []
     total = torch.zeros_like(g, dtype=torch.float64)
     for s in range(draws):
-        q = ref.quantize_gradient(g, "aq_scq", path, 4, rows_per_sample=rows, seed=3, step=s, layer=2)
+        q = ref.quantize_gradient(g, method, path, 4, rows_per_sample=rows, seed=3, step=s, layer=2)
         total += q.dequantize().double()
         kept.append(q.keep.float().mean().item())
     assert abs(np.mean(kept) - 1 / 4) < 0.02, "kept fraction must average N/b groups"
@@ -124,11 +125,67 @@ def test_aq_scq_is_unbiased_and_keeps_n_over_b(path, rows):
     # from the per-element standard deviation estimated on fresh draws.
     sq = torch.zeros_like(total)
     for s in range(draws, draws + 300):
-        d = ref.quantize_gradient(g, "aq_scq", path, 4, rows_per_sample=rows, seed=3, step=s, layer=2).dequantize().double()
+        d = ref.quantize_gradient(g, method, path, 4, rows_per_sample=rows, seed=3, step=s, layer=2).dequantize().double()
         sq += (d - g.double()) ** 2
     sigma = (sq / 300).sqrt() / math.sqrt(draws)
     err = (total / draws - g.double()).abs()
     assert (err <= 5 * sigma + 1e-6).float().mean() > 0.995
+
+
+def _bound(sq, d, r, p, bits):
+    """docs/math.md's variance bound of one path, from first principles."""
+    levels = 2 ** bits - 1
+    return float(((1 / p - 1) * sq + d * r ** 2 / (4 * levels ** 2 * p)).sum())
+
+
+def test_aq_opt_probabilities_minimize_the_bound():
+    # Channel groups of very different energy at equal range: the range score cannot tell
+    # them apart, the bound can.
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(40, 16, generator=gen).clamp(-2, 2)
+    g[:, :8] = torch.sign(g[:, :8]) * 2.0            # same range 4, 4x the energy
+    g[0, 8:], g[1, 8:] = 2.0, -2.0
+    bits = 4
+    sq = g.double().pow(2).sum(0)
+    r = (g.max(0).values - g.min(0).values).double()
+    d = torch.full((16,), 40.0, dtype=torch.float64)
+    _, _, _, p_opt = ref.sample_groups(g, "aq_opt", "weight", bits, rows_per_sample=1, seed=0, step=0, layer=0)
+    _, _, _, p_scq = ref.sample_groups(g, "aq_scq", "weight", bits, rows_per_sample=1, seed=0, step=0, layer=0)
+    p_opt, p_scq = p_opt.double(), p_scq.double()
+    assert abs(p_opt.sum() - 16 / bits) < 1e-5 and p_opt.max() <= 1
+    score = torch.sqrt(sq + d * r ** 2 / (4 * (2 ** bits - 1) ** 2))
+    assert torch.allclose(p_opt, score / score.sum() * (16 / bits), rtol=1e-6)   # no cap active here
+    best = _bound(sq, d, r, p_opt, bits)
+    assert best < 0.97 * _bound(sq, d, r, p_scq, bits)
+    # Any other feasible p (same budget, within (0, 1]) is no better.
+    for seed in range(50):
+        step = torch.randn(16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        step -= step.mean()
+        p = p_opt + 0.02 * step
+        assert _bound(sq, d, r, p, bits) >= best
+
+
+def test_aq_opt_keeps_constant_nonzero_groups():
+    g = torch.zeros(8, 6)
+    g[:, 0] = 0.5                                   # R = 0, z != 0: its error would be biased
+    g[:, 1] = torch.linspace(-1, 1, 8)
+    _, _, _, prob = ref.sample_groups(g, "aq_opt", "weight", 4, rows_per_sample=1, seed=0, step=0, layer=0)
+    assert prob[0] > 0 and prob[1] > 0 and (prob[2:] == 0).all()
+
+
+def test_sum_of_squares_order_is_fixed():
+    # Magnitudes far apart: float64 sums in different orders round differently, so only a
+    # fixed order lets a kernel match bit for bit; the value still is the sum of squares.
+    g = torch.tensor([1e8, 1.0, 3e-4, 1.0] * 40, dtype=torch.float32).view(1, 1, -1)
+    got = ref.pair_sum_squares(g)
+    assert torch.allclose(got, g.double().pow(2).sum(-1), rtol=1e-15)
+    lanes = torch.zeros(64, dtype=torch.float64)
+    for i, v in enumerate(g.view(-1).double().tolist()):
+        lanes[i % 64] += v * v
+    while lanes.numel() > 1:
+        lanes = lanes[:lanes.numel() // 2] + lanes[lanes.numel() // 2:]
+    assert got.item() == lanes.item()
+    assert ref.halving_sum(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), 0).item() == 7.0
 
 
 def test_topk_is_deterministic_and_biased():
@@ -144,6 +201,8 @@ def test_topk_is_deterministic_and_biased():
 def test_groupings_follow_scq():
     assert ref.grouping("aq_scq", "input") == "sample"
     assert ref.grouping("aq_scq", "weight") == "channel"
+    assert ref.grouping("aq_opt", "input") == "sample"
+    assert ref.grouping("aq_opt", "weight") == "channel"
     assert ref.grouping("psq", "weight") == "sample"
     with pytest.raises(ValueError, match="method 'none'"):
         ref.grouping("none", "input")

@@ -19,7 +19,8 @@ from llvmlite import ir
 from .abi import KernelABI, KernelIR
 from .targets import Target
 
-I1, I8, I32, I64, F32 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+I1, I8, I32, I64, F32, F64 = (ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType(),
+                             ir.DoubleType())
 PTR = ir.PointerType()
 VOID = ir.VoidType()
 

@@ -28,7 +28,7 @@ from llvmlite import ir
 
 from ..ops import rng
 from .abi import KernelIR
-from .builder import (F32, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load,
+from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load,
                       masked_scatter, new_module, transpose64, vec)
 from .targets import Target, get_target
 
@@ -67,23 +67,26 @@ def _times_alpha(k: Kernel, v, alpha, ch, first, ch_step, mask):
     return k.get(out, v.type)
 
 
-def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> KernelIR:
-    """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, p0, p1)``: for pairs
+def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES, sum_squares: bool = False) -> KernelIR:
+    """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, ss, p0, p1)``: for pairs
     ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``,
     ``lanes`` positions at a time (few lanes for small HW: the per-pair horizontal reduction
-    of a 64-lane vector costs more than a 4x4 spatial map)."""
+    of a 64-lane vector costs more than a 4x4 spatial map). With ``sum_squares`` (aq_opt) it
+    also writes ``ss[p] = sum_i G'[n, o, i]^2`` (float64) in ``reference.pair_sum_squares``'
+    order: ``lanes`` float64 accumulators, folded in halves (``ss`` is ignored otherwise)."""
     t = get_target(target)
     m = new_module(t, "fqt_quantize")
     k = Kernel(m, "fqt_group_minmax", [("g", "ptr"), ("sn", "i64"), ("so", "i64"), ("si", "i64"), ("alpha", "ptr"),
-                                       ("O", "i64"), ("HW", "i64"), ("lo", "ptr"), ("hi", "ptr"),
+                                       ("O", "i64"), ("HW", "i64"), ("lo", "ptr"), ("hi", "ptr"), ("ss", "ptr"),
                                        ("p0", "i64"), ("p1", "i64")])
     a, b = k.arg, k.b
     inf, ninf = const_vec(lanes, float("inf"), F32), const_vec(lanes, float("-inf"), F32)
-    fv = vec(lanes, F32)
+    fv, dv = vec(lanes, F32), vec(lanes, F64)
     with k.loop(a["p0"], a["p1"]) as p:
         n, o = b.sdiv(p, a["O"]), b.srem(p, a["O"])
         base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(o, a["so"])))
         lo, hi = k.var(fv, inf), k.var(fv, ninf)
+        ss = k.var(dv, const_vec(lanes, 0.0, F64)) if sum_squares else None
         with k.loop(0, a["HW"], lanes) as first:
             idx = b.add(k.splat(first, lanes), const_vec(lanes, range(lanes)))
             mask = b.icmp_signed("<", idx, k.splat(a["HW"], lanes))
@@ -92,13 +95,31 @@ def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES) -> Ker
             cur_lo, cur_hi = k.get(lo, fv), k.get(hi, fv)
             k.set(lo, b.select(b.and_(mask, b.fcmp_ordered("<", v, cur_lo)), v, cur_lo))
             k.set(hi, b.select(b.and_(mask, b.fcmp_ordered(">", v, cur_hi)), v, cur_hi))
+            if sum_squares:
+                # Masked-off lanes hold 0.0 (the load's passthru), whose square adds nothing.
+                d = b.fpext(v, dv)
+                k.set(ss, b.fadd(k.get(ss, dv), b.fmul(d, d)))
         for name, acc, red in (("lo", lo, "fmin"), ("hi", hi, "fmax")):
             value = k.call(f"llvm.vector.reduce.{red}.v{lanes}f32", F32, [k.get(acc, fv)])
             # The sign of a zero result is unspecified (LangRef: x86 minps returns an operand,
             # AArch64 fminnmv orders -0 < +0); + 0.0 makes it +0 on every target, as the
             # reference (codes and keep decisions never depend on it).
             b.store(b.fadd(value, ir.Constant(F32, 0.0)), k.gep(a[name], p))
+        if sum_squares:
+            b.store(_halving_sum(k, k.get(ss, dv)), k.gep(a["ss"], p, F64))
     return k.finish()
+
+
+def _halving_sum(k: Kernel, acc: ir.Value) -> ir.Value:
+    """Lane ``j`` += lane ``j + w/2`` for ``w = lanes, ..., 2``, then lane 0: the fixed order
+    of ``reference.pair_sum_squares`` (no fast-math flag, so LLVM keeps it)."""
+    b, width = k.b, acc.type.count
+    while width > 1:
+        width //= 2
+        low = b.shuffle_vector(acc, acc, const_vec(width, range(width), I32))
+        high = b.shuffle_vector(acc, acc, const_vec(width, range(width, 2 * width), I32))
+        acc = b.fadd(low, high)
+    return b.extract_element(acc, ir.Constant(I32, 0))
 
 
 def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:

@@ -191,6 +191,8 @@ def _minmax(mem: Memory, a: dict, opts: dict) -> None:
     lo, hi = reference.group_min_max(v.T.contiguous(), "channel")   # one group per (n, o) pair
     mem.at(a["lo"], torch.float32)[p] = lo
     mem.at(a["hi"], torch.float32)[p] = hi
+    if opts.get("sum_squares"):
+        mem.at(a["ss"], torch.float64)[p] = reference.pair_sum_squares(v.unsqueeze(0))[0]
 
 
 def _codes(mem: Memory, a: dict, v, ctr, group, bits: int):

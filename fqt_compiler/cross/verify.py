@@ -236,12 +236,14 @@ class OddShapes(nn.Module):
 def odd_shapes(target):
     """A callable running kernels for ``target`` at odd shapes: binary GEMMs (int32 and float
     epilogues) with K in 1, 63, 64, 65 and M or N = 1, then training steps of ``OddShapes``
-    at batch 3 (``aq_scq``) and batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
+    at batch 3 (``aq_scq``, and ``aq_opt`` for the statistics kernel's sums of squares) and
+    batch 1 (``psq``, which prunes no group, so every GEMM runs)."""
     target = get_target(target)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         steps = [(compile(OddShapes(), Config(method=method, target=target.name)),
-                  (torch.randn(batch, 3, 13, 17),)) for method, batch in (("aq_scq", 3), ("psq", 1))]
+                  (torch.randn(batch, 3, 13, 17),))
+                 for method, batch in (("aq_scq", 3), ("aq_opt", 3), ("psq", 1))]
 
     def run():
         for k in (1, 63, 64, 65):

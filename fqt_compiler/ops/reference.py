@@ -116,7 +116,8 @@ def ste_mask(v: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- quantizers
 
-METHODS = ("none", "ptq", "psq", "aq_scq", "topk")
+METHODS = ("none", "ptq", "psq", "aq_scq", "aq_opt", "topk")
+SAMPLED = ("aq_scq", "aq_opt")   # AQ methods: random keep draws, kept groups rescaled by 1/p
 BITS = (1, 2, 4, 8)
 PATH_INPUT = "input"    # gradient w.r.t. the layer input: contracts over channels o
 PATH_WEIGHT = "weight"  # gradient w.r.t. the weight: contracts over rows r
@@ -125,13 +126,13 @@ PATH_WEIGHT = "weight"  # gradient w.r.t. the weight: contracts over rows r
 def grouping(method: str, path: str) -> str:
     """Which groups a method quantizes on one path: ``"tensor"``, ``"sample"`` or ``"channel"``.
 
-    SCQ (aq_scq, topk) uses per-sample groups for the input path and per-channel groups for
+    SCQ (aq_scq, aq_opt, topk) uses per-sample groups for the input path and per-channel groups for
     the weight path, the only groupings whose scale factors out of that path's contraction."""
     if method == "ptq":
         return "tensor"
     if method == "psq":
         return "sample"
-    if method in ("aq_scq", "topk"):
+    if method in (*SAMPLED, "topk"):
         return "sample" if path == PATH_INPUT else "channel"
     raise ValueError(f"method {method!r} quantizes no groups; expected one of {METHODS[1:]}")
 
@@ -169,6 +170,70 @@ def aq_scores(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     otherwise never be kept and its gradient would be lost)."""
     ranges = hi - lo
     return torch.where(ranges > 0, ranges, lo.abs())
+
+
+LANES = 64   # lanes of the sum-of-squares accumulator (``pair_sum_squares``)
+
+
+def statistics_view(g2d: torch.Tensor, kind: str, rows_per_sample: int) -> torch.Tensor:
+    """``G'`` as ``[n, o, i]`` (sample, channel, row within the sample): the pairs the
+    statistics pass reduces. Samples have ``rows_per_sample`` rows, except that on the channel
+    grouping samples of one row (a Linear layer's) are merged into one sample of all rows,
+    so that a pair is a long run, not a single element."""
+    rows, cols = g2d.shape
+    rps = rows if kind == "channel" and rows_per_sample == 1 else rows_per_sample
+    if kind not in ("sample", "channel") or rows % rps:
+        raise ValueError(f"no (sample, channel) pairs for grouping {kind!r} with {rows} rows in "
+                         f"samples of {rows_per_sample}")
+    return g2d.view(rows // rps, rps, cols).permute(0, 2, 1)
+
+
+def pair_sum_squares(g3: torch.Tensor) -> torch.Tensor:
+    """``sum_i g3[n, o, i]^2`` per pair ``(n, o)`` as float64, in the one order a vector
+    kernel also follows, so the two agree bit for bit: squares in float64 (exact for a
+    float32), accumulated in ``LANES`` lanes (position ``i`` goes to lane ``i % LANES``,
+    chunks of ``LANES`` positions added in order), then the lanes folded in halves
+    (lane ``j`` += lane ``j + w/2`` for ``w = LANES, ..., 2``). Padding with zeros changes no
+    sum, so a kernel using fewer lanes for short pairs (all of whose positions fit) agrees."""
+    n, o, hw = g3.shape
+    chunks = max(1, -(-hw // LANES))
+    sq = torch.zeros(n, o, chunks * LANES, dtype=torch.float64)
+    sq[:, :, :hw] = g3.double() ** 2
+    sq = sq.view(n, o, chunks, LANES)
+    acc = sq[:, :, 0]
+    for c in range(1, chunks):
+        acc = acc + sq[:, :, c]
+    return halving_sum(acc, 2)
+
+
+def halving_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over ``dim`` as a fixed binary tree (padded with zeros to a power of two, then
+    the lower half plus the upper half, repeatedly): one order, whatever the hardware."""
+    width = 1 << max(0, (x.shape[dim] - 1).bit_length())
+    pad = list(x.shape)
+    pad[dim] = width - x.shape[dim]
+    x = torch.cat([x, x.new_zeros(pad)], dim)
+    while width > 1:
+        width //= 2
+        x = x.narrow(dim, 0, width) + x.narrow(dim, width, width)
+    return x.squeeze(dim)
+
+
+def group_sum_squares(pairs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-group ``||G_i||^2`` (float64) from the ``[n, o]`` pair sums of ``pair_sum_squares``:
+    a sample group sums its channels, a channel group its samples (``halving_sum``)."""
+    return halving_sum(pairs, 1 if kind == "sample" else 0)
+
+
+def opt_scores(ranges: torch.Tensor, sum_squares: torch.Tensor, sizes: int, bits: int) -> torch.Tensor:
+    """``aq_opt``'s sampling score ``sqrt(||G_i||^2 + d_i R_i^2 / (4 B^2))`` (float64).
+
+    docs/math.md: the variance bound ``sum_i (1/p_i - 1) ||G_i||^2 + d_i R_i^2 / (4 B^2 p_i)``
+    under ``sum p_i = N/b``, ``p_i <= 1`` is minimized by ``p_i`` proportional to this score
+    (Lagrange), water-filled like AQ's range score (``aq_probabilities``)."""
+    levels = float(2 ** bits - 1)
+    r = ranges.double()
+    return torch.sqrt(sum_squares + sizes * r * r / (4.0 * levels * levels))
 
 
 def aq_probabilities(scores: torch.Tensor, bits: int) -> torch.Tensor:
@@ -278,45 +343,60 @@ def sample_groups(g2d: torch.Tensor, method: str, path: str, bits: int, *,
     """Group statistics and keep decisions: ``(lo, hi, keep, prob)`` per group.
 
     ``prob`` is the probability the dequantization divides by: the AQ keep probability for
-    ``aq_scq``, 1 for every other method (``topk`` is biased on purpose, as in the authors'
+    ``aq_scq`` and ``aq_opt``, 1 for every other method (``topk`` is biased on purpose, as in the authors'
     code; ``ptq``/``psq`` keep every group)."""
     if bits not in BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {BITS}")
     g2d = g2d.detach().float().contiguous()
     kind = grouping(method, path)
     lo, hi = group_min_max(g2d, kind, rows_per_sample)
-    keep, prob = keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer)
+    pairs = pair_sum_squares(statistics_view(g2d, kind, rows_per_sample)) if method == "aq_opt" else None
+    scores = sampling_scores(method, bits, lo, hi, pairs, kind, g2d.numel())
+    keep, prob = keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
     return lo, hi, keep, prob
 
 
 def expected_kept(method: str, bits: int, groups: int) -> float:
     """Expected fraction of ``groups`` groups an SCQ path keeps (docs/math.md §4): ``1/b`` for
-    aq_scq (capped at all), ``ceil(N/b)`` of ``N`` for topk, all for the other methods."""
-    if method == "aq_scq":
+    aq_scq and aq_opt (capped at all), ``ceil(N/b)`` of ``N`` for topk, all for the other methods."""
+    if method in SAMPLED:
         return min(1.0, 1.0 / bits)
     if method == "topk":
         return -(-groups // bits) / groups
     return 1.0
 
 
-def keep_groups(lo: torch.Tensor, hi: torch.Tensor, method: str, path: str, bits: int, *,
-                seed: int, step: int, layer: int):
-    """``(keep, prob)`` of the groups of one path from their minima and maxima (see
-    ``sample_groups``).
+def sampling_scores(method: str, bits: int, lo, hi, pair_sums, kind: str, elements: int) -> torch.Tensor:
+    """What the keep probabilities are proportional to: ``aq_scores`` (the paper's range, or
+    ``|z|`` for a constant group), or for ``aq_opt`` the ``opt_scores`` of the ranges and of the
+    group sums of squares, reduced from the statistics pass's ``[n, o]`` pair sums
+    (``pair_sum_squares``)."""
+    if method != "aq_opt":
+        return aq_scores(lo, hi)
+    return opt_scores(hi - lo, group_sum_squares(pair_sums, kind), elements // lo.numel(), bits)
 
-    A group whose range is NaN or Inf (its G' holds one) is always kept with p = 1, so the
+
+def keep_groups(lo: torch.Tensor, hi: torch.Tensor, method: str, path: str, bits: int, *,
+                seed: int, step: int, layer: int, scores: torch.Tensor | None = None):
+    """``(keep, prob)`` of the groups of one path from their minima and maxima and their
+    ``sampling_scores`` (default: ``aq_scores(lo, hi)``; see ``sample_groups``).
+
+    A group whose score is NaN or Inf (its G' holds one) is always kept with p = 1, so the
     non-finite value reaches the gradients through its scale and zero point, as it would in
     float training, instead of being pruned away (the other groups draw as if it were all
     zero)."""
     ranges = hi - lo
-    bad = ~torch.isfinite(ranges)
+    if scores is None:
+        scores = aq_scores(lo, hi)
+    bad = ~torch.isfinite(ranges) | ~torch.isfinite(scores)
     if bad.any():
         keep, prob = keep_groups(torch.where(bad, 0.0, lo), torch.where(bad, 0.0, hi), method,
-                                 path, bits, seed=seed, step=step, layer=layer)
+                                 path, bits, seed=seed, step=step, layer=layer,
+                                 scores=torch.where(bad, 0.0, scores))
         return keep | bad, torch.where(bad, 1.0, prob)
     n = ranges.numel()
-    if method == "aq_scq":
-        prob = aq_probabilities(aq_scores(lo, hi), bits)
+    if method in SAMPLED:
+        prob = aq_probabilities(scores, bits)
         sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
         keep = rng.keep_draws(seed, step, layer, sample_stream, prob)
     elif method == "topk":

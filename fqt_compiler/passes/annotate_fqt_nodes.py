@@ -2,7 +2,7 @@
 
 Matches: call nodes whose target is an op of the ``fqt`` namespace.
 Produces: ``meta["fqt_note"]``: layer index and name, bits, grouping, and for ``aq_sample``
-the expected kept fraction of groups (``N/b`` of ``N`` for aq_scq, ``ceil(N/b)`` for topk,
+the expected kept fraction of groups (``N/b`` of ``N`` for aq_scq and aq_opt, ``ceil(N/b)`` for topk,
 all otherwise).
 Invariants: metadata only.
 """

@@ -5,8 +5,9 @@
 or as a 2-D ``[rows, O]`` matrix; ``alpha`` (per output channel), when given, is multiplied
 in on the fly: ``G' = alpha ⊙ g``.
 
-1. ``sample_groups``: the min/max kernel, then ranges -> keep probabilities and the keep
-   draws on the N groups in Python (``reference.keep_groups``; tiny).
+1. ``sample_groups``: the min/max kernel (which also sums the squares for ``aq_opt``), then
+   scores -> keep probabilities and the keep draws on the N groups in Python
+   (``reference.keep_groups``; tiny).
 2. ``quantize_bitplanes``: stochastic rounding of the kept groups only, bit-plane packed
    along the contraction axis of the path, as ``runtime.gemm.bitplane_gemm`` consumes it:
    ``out[row_map[m], :] = row_scale[m] * dot(m) + row_zero[m] * colsum``.
@@ -67,9 +68,14 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
             g3 = g.view(n, o, h * w)
         except RuntimeError:
             g3 = g.contiguous().view(n, o, h * w)
+        if kind == "channel" and h * w == 1:
+            # Samples of one row are one sample on the channel grouping (reference.statistics_view).
+            g3 = g3.permute(2, 1, 0)
     elif g.dim() == 2:
         rows, o = g.shape
         rps = rows_per_sample if kind == "sample" else rows
+        if kind == "channel" and rows_per_sample not in (None, 1):
+            rps = rows_per_sample   # the (sample, channel) pairs of reference.statistics_view
         if not rps or rows % rps:
             raise ValueError(f"{rows} rows do not split into samples of {rows_per_sample} rows")
         g3 = g.view(rows // rps, rps, o).permute(0, 2, 1)
@@ -85,20 +91,34 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
 def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = None,
                   alpha: torch.Tensor | None = None, target="host"):
     """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass."""
+    lo, hi, _ = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=False)
+    return lo, hi
+
+
+def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool):
+    """Per-group ``(lo, hi)`` and, with ``sum_squares``, the ``[n, o]`` pair sums of squares
+    (``reference.pair_sum_squares``), from one kernel pass."""
     if kind not in ("tensor", "sample", "channel"):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
-    return _min_max(v, kind, get_target(target).name)
+    lo, hi, ss = _min_max(v, get_target(target).name, sum_squares)
+    if kind == "tensor":
+        return lo.amin().view(1), hi.amax().view(1), ss
+    dim = 1 if kind == "sample" else 0
+    return lo.amin(dim), hi.amax(dim), ss
 
 
-def _min_max(v: _View, kind: str, target: str):
+def _min_max(v: _View, target: str, sum_squares: bool):
     pairs = v.n * v.channels
     lo, hi = torch.empty(pairs), torch.empty(pairs)
+    ss = torch.empty(pairs, dtype=torch.float64) if sum_squares else None
     sn, so, si = v.g.stride()
     lanes = min(gen.LANES, 1 << max(2, (v.rps - 1).bit_length()))
-    parallel_rows(_fn("minmax", target, lanes=lanes), pairs, v.g.data_ptr(), sn, so, si, v.alpha_ptr(), v.channels,
-                  v.rps, lo.data_ptr(), hi.data_ptr(), min_rows=8)
+    parallel_rows(_fn("minmax", target, lanes=lanes, sum_squares=sum_squares), pairs, v.g.data_ptr(), sn, so, si,
+                  v.alpha_ptr(), v.channels, v.rps, lo.data_ptr(), hi.data_ptr(),
+                  ss.data_ptr() if sum_squares else None, min_rows=8)
     lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
+    ss = ss.view(v.n, v.channels) if sum_squares else None
     # The kernel's ordered compares skip NaN (an Inf does win them), so a group holding a NaN
     # would get finite statistics and finite codes. One sum finds any NaN (the reference's
     # amin/amax return NaN for that group; so must we, so the NaN reaches the gradient).
@@ -106,10 +126,7 @@ def _min_max(v: _View, kind: str, target: str):
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         nan = torch.isnan(g).any(2)
         lo, hi = lo.masked_fill(nan, float("nan")), hi.masked_fill(nan, float("nan"))
-    if kind == "tensor":
-        return lo.amin().view(1), hi.amax().view(1)
-    dim = 1 if kind == "sample" else 0
-    return lo.amin(dim), hi.amax(dim)
+    return lo, hi, ss
 
 
 def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_per_sample: int | None = None,
@@ -118,8 +135,10 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     kind = reference.grouping(method, path)
-    lo, hi = group_min_max(g, kind, rows_per_sample=rows_per_sample, alpha=alpha, target=target)
-    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer)
+    lo, hi, pairs = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=method == "aq_opt")
+    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, g.numel())
+    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer,
+                                       scores=scores)
     return lo, hi, keep, prob
 
 
