@@ -164,7 +164,7 @@ def _short_reason(reason: str) -> str:
 def train(case: Case) -> dict:
     """Compile ``case`` with the default Config (kernels) and train ``case.steps`` steps;
     check finite loss and gradients, that some binarized layer (if any) ran its three GEMMs
-    on the kernels, and that ``fqt.summary`` lists every Conv2d/Linear layer. Returns the
+    on the kernels, and that ``fqt.summary`` lists every Conv1d/Conv2d/Linear layer. Returns the
     table row; a failed check raises ``AssertionError``."""
     import fqt_compiler as fqt
     from fqt_compiler.config import candidate_layers
@@ -195,7 +195,7 @@ def train(case: Case) -> dict:
         f"no binarized layer ran its three GEMMs on the kernels ({len(binarized)} binarized)")
     text = fqt.summary(compiled)
     listed = {line.split()[1] for line in text.splitlines() if re.match(r"\d+\s+\S", line)}
-    missing = [name for name, _ in candidate_layers(model) if name not in listed]
+    missing = [c.name for c in candidate_layers(model) if c.kind and c.name not in listed]
     assert not missing, f"fqt.summary does not list {missing[:5]}"
     floats: dict[str, list[str]] = {}
     for layer in plan:
