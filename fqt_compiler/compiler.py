@@ -94,7 +94,11 @@ class FQTModule(nn.Module):
     def forward(self, *args, **kwargs):
         _check_inputs(args, kwargs)
         if self.fqt_call_order is None:
-            self.fqt_call_order = _eager_call_order(self.module, args, kwargs)
+            order = _eager_call_order(self.module, args, kwargs)
+            # Now the layers are known: a rule that selects none of them raises here, as a
+            # ValueError, not wrapped in Dynamo's error from inside the backend.
+            resolve_plan(self.module, self.fqt_config, order)
+            self.fqt_call_order = order
         breaks = _graph_break_reasons()
         self._running = []
         # Dynamo's recompile limit counts graphs per code object across all instances; each
