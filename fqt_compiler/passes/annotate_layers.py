@@ -157,7 +157,8 @@ def module_path(node: fx.Node) -> str:
     """The innermost module a node was traced in, as a model name (``h.0.attn``)."""
     stack = node.meta.get("nn_module_stack") or {}
     path = list(stack.values())[-1][0] if stack else ""
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    # the root is L['self'], or L['args'][0] when a decorator on forward passes self on
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])*\.?", "", path)
     return re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
 
 
