@@ -25,6 +25,8 @@ from .pack import parallel_rows
 from .packed import padded_words
 
 _GENERATORS = {"minmax": gen.group_minmax_ir, "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
+# Shorter contiguous runs per (sample, channel) pair go to torch's reductions (_min_max).
+MIN_KERNEL_RUN = 64
 
 
 def _fn(family: str, target, **options):
@@ -92,6 +94,22 @@ def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = N
 
 
 def _min_max(v: _View, kind: str, target: str):
+    if v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1:
+        # A [rows, O] gradient (a linear layer's): the kernel would reduce runs of one
+        # element (per-row groups) or strided columns; torch's reductions vectorize across
+        # the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
+        # so the statistics are the reference's.
+        g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
+        dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
+        return g.amin(dims).view(-1), g.amax(dims).view(-1)
+    lo, hi = _min_max_kernel(v, target)
+    if kind == "tensor":
+        return lo.amin().view(1), hi.amax().view(1)
+    dim = 1 if kind == "sample" else 0
+    return lo.amin(dim), hi.amax(dim)
+
+
+def _min_max_kernel(v: _View, target: str):
     pairs = v.n * v.channels
     lo, hi = torch.empty(pairs), torch.empty(pairs)
     sn, so, si = v.g.stride()
@@ -106,10 +124,7 @@ def _min_max(v: _View, kind: str, target: str):
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         nan = torch.isnan(g).any(2)
         lo, hi = lo.masked_fill(nan, float("nan")), hi.masked_fill(nan, float("nan"))
-    if kind == "tensor":
-        return lo.amin().view(1), hi.amax().view(1)
-    dim = 1 if kind == "sample" else 0
-    return lo.amin(dim), hi.amax(dim)
+    return lo, hi
 
 
 def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_per_sample: int | None = None,
