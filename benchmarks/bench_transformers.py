@@ -92,7 +92,7 @@ def run(args):
         steps, compiled = contenders(name, args.batch)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            t = {k: median_time(f, repeats=args.repeats, warmup=2) for k, f in steps.items()}
+            t = {k: median_time(f, repeats=args.repeats, warmup=1) for k, f in steps.items()}
             print(f"{name:<5} {threads} thr  " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items())
                   + f"   fqt vs fp32 {t['fp32'] / t['fqt']:4.2f}x  vs bf16 {t['bf16'] / t['fqt']:4.2f}x"
                   f"  vs compiled {t['compiled'] / t['fqt']:4.2f}x", flush=True)
