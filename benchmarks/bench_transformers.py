@@ -99,9 +99,9 @@ def run(args):
         torch.set_num_threads(1)
         stats.reset_stats()
         total = median_time(steps["fqt"], repeats=1, warmup=0)
-        plan = [layer for cg in compiled.fqt_graphs for layer in cg.plan if layer.shapes]
+        plan = {layer.name: layer for cg in compiled.fqt_graphs for layer in cg.plan if layer.shapes}
         print(f"\n-- {name}: one FQT step, 1 thread: {total * 1e3:.1f} ms; "
-              f"{sum(layer.binarize for layer in plan)}/{len(plan)} layers binarized")
+              f"{sum(layer.binarize for layer in plan.values())}/{len(plan)} layers binarized")
         print_phases(stats.stats().by_kind(), total)
         print()
 
