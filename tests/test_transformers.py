@@ -91,9 +91,6 @@ def test_bert_trains_on_the_kernels():
     _check_trains_on_kernels(compiled, losses, stats, body + ["cls.predictions.transform.dense"])
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.BackendCompilerFailed,
-                   reason="capture lint rejects the side-effect node _log_api_usage_once (no "
-                          "meta['val']): issue 14 fixes the capture passes; remove this mark then")
 def test_llama_trains_on_the_kernels():
     compiled, losses, stats = _train(llama)
     plan = _layers(compiled)

@@ -86,7 +86,8 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
 
 def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = None,
                   alpha: torch.Tensor | None = None, target="host"):
-    """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass."""
+    """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass,
+    or torch's reductions where each group's contiguous runs are short (``_min_max``)."""
     if kind not in ("tensor", "sample", "channel"):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
@@ -98,10 +99,10 @@ def _min_max(v: _View, kind: str, target: str):
         # A [rows, O] gradient (a linear layer's): the kernel would reduce runs of one
         # element (per-row groups) or strided columns; torch's reductions vectorize across
         # the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
-        # so the statistics are the reference's.
+        # so the statistics are the reference's (a zero as +0.0, as there).
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
-        return g.amin(dims).view(-1), g.amax(dims).view(-1)
+        return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0
     lo, hi = _min_max_kernel(v, target)
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1)
