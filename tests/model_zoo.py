@@ -129,8 +129,8 @@ _TRANSFORMERS = [
         _SMALL | dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=16, num_labels=2),
         "classify"), "2x8 tokens", "slow"),
-    # GPT-2's attention and MLP projections are transformers' Conv1D, not nn.Linear: only
-    # lm_head is a candidate layer here (binarizing Conv1D is a separate issue).
+    # GPT-2's attention and MLP projections are transformers' Conv1D, not nn.Linear: layers
+    # by their call (addmm with the weight transposed).
     Case("gpt2", "transformers", _transformers(
         "GPT2LMHeadModel", "GPT2Config",
         _SMALL | dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
