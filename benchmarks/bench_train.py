@@ -111,15 +111,7 @@ def run_breakdown(args):
         total = median_time(fqt_step, repeats=1, warmup=0)
         by_kind = stats.stats().by_kind()
         print(f"\n-- {name}: one FQT step, 1 thread, train-BN: {total * 1e3:.1f} ms")
-        kernel_time = 0.0
-        for kind in PHASES:
-            if kind in by_kind:
-                e = by_kind[kind]
-                kernel_time += e.seconds
-                macs = f"{e.binary_macs / e.seconds / 1e9:8.1f} G binary MAC/s" if e.binary_macs else ""
-                print(f"   {kind:<18} {e.seconds * 1e3:8.1f} ms  {100 * e.seconds / total:5.1f}%  {macs}")
-        rest = total - kernel_time
-        print(f"   {'float ops + rest':<18} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
+        print_phases(by_kind, total)
         fp32 = saved_bytes(steps["fp32"])
         q = saved_bytes(fqt_step)
         binarized_in = sum(e.saved_bytes for (layer, kind), e in stats.stats().items() if kind == "forward")
@@ -128,6 +120,20 @@ def run_breakdown(args):
         compression = binarized_layer_compression(name, args.batch)
         print(f"   binarized layers' saved inputs: float32 {compression[0] / 2**20:.1f} MiB vs packed sign+STE "
               f"bits {compression[1] / 2**20:.2f} MiB = {compression[0] / compression[1]:.1f}x smaller")
+
+
+def print_phases(by_kind, total: float) -> None:
+    """Kernel time per phase of one FQT step (``stats().by_kind()``) and the rest ("float
+    ops + rest": the float layers and ops, autograd, glue), as ms and share of ``total``."""
+    kernel_time = 0.0
+    for kind in PHASES:
+        if kind in by_kind:
+            e = by_kind[kind]
+            kernel_time += e.seconds
+            macs = f"{e.binary_macs / e.seconds / 1e9:8.1f} G binary MAC/s" if e.binary_macs else ""
+            print(f"   {kind:<18} {e.seconds * 1e3:8.1f} ms  {100 * e.seconds / total:5.1f}%  {macs}")
+    rest = total - kernel_time
+    print(f"   {'float ops + rest':<18} {rest * 1e3:8.1f} ms  {100 * rest / total:5.1f}%")
 
 
 def binarized_layer_compression(name, batch):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .compiler import FQTModule, compile
-from .config import Config, Rule, candidate_layers, import_object, resolve_plan
+from .config import Config, Rule, import_object, resolve_plan
 
 FORMAT = "fqt-checkpoint/1"
 VERSION = "0.1.0"   # pyproject.toml's; the package may run uninstalled from a checkout
@@ -90,14 +90,15 @@ def load(path, model: nn.Module) -> FQTModule:
     order = ckpt["call_order"]
     if order is not None:
         compiled.fqt_call_order = list(order)
-        for layer, old in zip(resolve_plan(model, config, order), ckpt["plan"]):
+        plan = resolve_plan(model, config, order)
+        for layer, old in zip(plan, ckpt["plan"]):
             # apply_plan's own downgrades ("unsupported call") depend on the traced call form
             if (layer.name, layer.binarize) != (old["name"], old["binarize"]) \
                     and not old["reason"].startswith("unsupported call"):
                 log.warning("%s: layer %s is now %s (%s), was %s (%s)", path, layer.name,
                             "binary" if layer.binarize else "float", layer.reason,
                             "binary" if old["binarize"] else "float", old["reason"])
-    if len(ckpt["plan"]) not in (0, len(candidate_layers(model))):
-        log.warning("%s: saved plan has %d layers, the model has %d Conv2d/Linear layers", path,
-                    len(ckpt["plan"]), len(candidate_layers(model)))
+        if len(ckpt["plan"]) not in (0, len(plan)):
+            log.warning("%s: saved plan has %d layers, the model has %d", path,
+                        len(ckpt["plan"]), len(plan))
     return compiled

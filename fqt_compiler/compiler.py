@@ -12,7 +12,7 @@ region. The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_break
 the regions the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and
 ``fqt.dump`` describe). Because a region cannot know whether a later one holds more
 layers, the first call runs the model eagerly once (no grad, buffers and RNG state restored)
-to learn the order the whole forward calls its Conv2d/Linear layers: the first and last
+to learn the order the whole forward calls its layers (GEMM weights): the first and last
 layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
 
 Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
@@ -40,14 +40,16 @@ import torch.fx as fx
 import torch.nn as nn
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
+from torch.overrides import TorchFunctionMode
 
 from . import events
-from .config import Config, candidate_layers, resolve_plan
+from .config import Config, candidate_layers, layer_name, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
                      fuse_regions, insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
+from .passes.annotate_layers import linear_call
 from .runtime import fusion, lowered  # noqa: F401  (register the "kernels" backend's implementations)
 
 
@@ -65,6 +67,7 @@ class CompiledGraph:
     names: dict = field(default_factory=dict)
     extras: list = field(default_factory=list)
     regions: list = field(default_factory=list)   # fused regions, as fuse_regions describes them
+    float_ops: list = field(default_factory=list)   # (module path, op, reason) kept float
     ran: dict = field(default_factory=dict)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
@@ -83,7 +86,7 @@ class FQTModule(nn.Module):
         self.fqt_last_call: list[CompiledGraph] = []   # every region the last call ran, in order
         self._running: list[CompiledGraph] = []
         self.fqt_graph_breaks: list[str] = []          # Dynamo's reasons, in order seen
-        self.fqt_call_order: list[str] | None = None   # Conv2d/Linear layers as forward calls them
+        self.fqt_call_order: list[str] | None = None   # layers as the forward calls them
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
         # fullgraph=False: a model Dynamo cannot trace whole still compiles, region by region.
         object.__setattr__(self, "_compiled", torch.compile(
@@ -92,7 +95,11 @@ class FQTModule(nn.Module):
     def forward(self, *args, **kwargs):
         _check_inputs(args, kwargs)
         if self.fqt_call_order is None:
-            self.fqt_call_order = _eager_call_order(self.module, args, kwargs)
+            order = _eager_call_order(self.module, args, kwargs)
+            # Now the layers are known: a rule that selects none of them raises here, as a
+            # ValueError, not wrapped in Dynamo's error from inside the backend.
+            resolve_plan(self.module, self.fqt_config, order)
+            self.fqt_call_order = order
         breaks = _graph_break_reasons()
         self._running = []
         # Dynamo's recompile limit counts graphs per code object across all instances; each
@@ -128,34 +135,36 @@ class FQTModule(nn.Module):
         # Rewrites that only pay with kernels; the reference backend runs the graphs as derived.
         kernels = config.backend == "kernels"
         gm = PassManager("capture", [
-            partial(annotate_layers, model=model, example_inputs=example_inputs),
+            partial(annotate_layers, model=model, example_inputs=example_inputs,
+                    float_out=cg.float_ops),
             partial(apply_plan, model=model, config=config, plan_out=cg.plan,
                     model_order=self.fqt_call_order),
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
             *([partial(fuse_regions, regions_out=cg.regions)] if kernels else []),
         ], cg.records)(gm)
         input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
+        layers = {layer.index: layer for layer in cg.plan}   # what the ops' `layer` argument names
 
         forward_kernel_passes = [fold_alpha] if kernels else []
         backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha] if kernels else []
 
         def fw_compiler(fgm, _inputs):
             cg.forward = PassManager("forward", [
-                partial(name_placeholders, input_names=input_names, names=cg.names, plan=cg.plan),
+                partial(name_placeholders, input_names=input_names, names=cg.names, plan=layers),
                 *forward_kernel_passes,
-                partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
+                partial(annotate_fqt_nodes, plan=layers),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=layers,
                         target=config.target),
             ], cg.records, cg.names)(fgm)
             return make_boxed_func(cg.forward.forward)
 
         def bw_compiler(bgm, _inputs):
             cg.backward = PassManager("backward", [
-                partial(name_placeholders, input_names=None, names=cg.names, plan=cg.plan),
-                partial(insert_gradient_quantizers, plan=cg.plan),
+                partial(name_placeholders, input_names=None, names=cg.names, plan=layers),
+                partial(insert_gradient_quantizers, plan=layers),
                 *backward_kernel_passes,
-                partial(annotate_fqt_nodes, plan=cg.plan),
-                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
+                partial(annotate_fqt_nodes, plan=layers),
+                partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=layers,
                         target=config.target, check_finite=config.check_finite),
             ], cg.records, cg.names)(bgm)
             events.emit("backward_compiled", module=self, graph=cg)
@@ -194,25 +203,37 @@ def _check_inputs(args, kwargs) -> None:
                              f"quantizers need at least one sample: skip empty batches")
 
 
+class _LayerCalls(TorchFunctionMode):
+    """Records the layers (``annotate_layers.linear_call`` forms whose weight is one of
+    ``layers``' parameters) in the order an eager forward calls them."""
+
+    def __init__(self, layers: dict[int, str]):
+        super().__init__()
+        self.layers, self.order = layers, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = linear_call(func, args, kwargs)
+        if call is not None and id(call["weight"]) in self.layers:
+            self.order.append(self.layers[id(call["weight"])])
+        return func(*args, **kwargs)
+
+
 def _eager_call_order(model: nn.Module, args, kwargs) -> list[str]:
-    """The Conv2d/Linear layers in the order one eager forward calls them. Runs without grad
-    and restores the buffers (BatchNorm statistics) and the global RNG state it touched."""
-    order = []
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=n: order.append(name))
-             for n, m in candidate_layers(model)]
+    """The layers in the order one eager forward calls them. Runs without grad and restores
+    the buffers (BatchNorm statistics) and the global RNG state it touched."""
+    recorder = _LayerCalls({id(p): layer_name(n) for n, p in model.named_parameters()})
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng_state = torch.get_rng_state()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorder:
             model(*args, **kwargs)
     finally:
-        for h in hooks:
-            h.remove()
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
         torch.set_rng_state(rng_state)
-    return list(dict.fromkeys(order))
+    return list(dict.fromkeys(recorder.order))
 
 
 LOGGER_METHODS = ("debug", "info", "warning", "warn", "error", "critical",
@@ -251,10 +272,12 @@ def compile(model: nn.Module, config: Config | None = None) -> FQTModule:
             raise TypeError(f"fqt.compile: {name} is {p.dtype}; fqt trains float32 models "
                             f"(binarized layers keep float32 latent weights): call "
                             f"model.float() first")
-    names = [n for n, _ in candidate_layers(model)]
-    for layer in resolve_plan(model, config, names):  # validates the rules
-        module = model.get_submodule(layer.name)
-        if layer.alpha == "learned" and getattr(module, "groups", 1) == 1 \
+    candidates = candidate_layers(model)
+    # Validates the rules against every parameter that may be a GEMM weight (the graph tells
+    # which are); only LAYER_TYPES modules' weights can get a learned alpha this early.
+    for layer, (_, module, kind) in zip(resolve_plan(model, config, [c.name for c in candidates]),
+                                        candidates):
+        if kind and layer.alpha == "learned" and getattr(module, "groups", 1) == 1 \
                 and not hasattr(module, "fqt_alpha"):
             module.register_parameter(
                 "fqt_alpha", nn.Parameter(reference.default_alpha(module.weight).clone()))

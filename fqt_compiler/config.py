@@ -3,10 +3,15 @@
 Options are registered fields: a misspelt key is an error that names it and suggests the
 closest valid one, as TVM's PassContext does for its config keys.
 
-Rules are applied in order over the model's Conv2d/Linear layers; a later rule overrides an
-earlier one. Each rule selects layers by exactly one of ``type`` (a class or class name),
-``name`` (a module name) or ``regex`` (``re.fullmatch`` on the module name), and sets any of
-``binarize``, ``method``, ``bits``, ``alpha``. A rule that selects no layer is an error.
+A layer is a GEMM weight: a parameter the forward passes as the weight of a linear-like call
+(``annotate_layers`` recognises them in the traced graph: ``F.linear``, ``addmm`` with the
+weight transposed as in transformers' GPT-2 ``Conv1D``, ``conv1d``, ``conv2d``), whatever
+module owns it. It is named by its module when the parameter is the module's ``weight``,
+else by the parameter's full name. Rules are applied in order over the layers; a later rule
+overrides an earlier one. Each rule selects layers by exactly one of ``type`` (the owning
+module's class or class name), ``name`` (the layer name) or ``regex`` (``re.fullmatch`` on
+it), and sets any of ``binarize``, ``method``, ``bits``, ``alpha``. A rule that selects no
+layer is an error.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import difflib
 import importlib
 import re
 from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import torch.nn as nn
 
@@ -35,7 +41,10 @@ def import_object(spec: str):
 
 METHODS = reference.METHODS
 ALPHAS = ("mean", "learned")
-LAYER_TYPES = (nn.Conv2d, nn.Linear)
+# Modules whose weight is a GEMM weight by construction: listed in the plan even when the
+# forward does not call them, and the only ones fqt.compile gives an alpha="learned"
+# parameter (created before any graph shows how another module uses its weight).
+LAYER_TYPES = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
 OTHER_REGION = "called in another graph region (graph break)"   # a plan reason
 
 
@@ -132,12 +141,12 @@ class Config:
 
 @dataclass
 class LayerPlan:
-    """One Conv2d/Linear layer: ``index`` is its RNG layer id (position among the model's
-    Conv2d/Linear modules, stable across recompiles)."""
+    """One layer (a GEMM weight): ``index`` is its RNG layer id (position of the weight among
+    the model's parameters of two or more dimensions, stable across recompiles)."""
 
     index: int
     name: str
-    kind: str                 # "conv2d" | "linear"
+    kind: str                 # "conv2d" | "conv1d" | "linear" (by module type, then by the call)
     binarize: bool
     reason: str
     method: str
@@ -146,34 +155,65 @@ class LayerPlan:
     shapes: dict = field(default_factory=dict)   # filled at capture: x, weight, y
 
 
-def candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+class Candidate(NamedTuple):
+    """A parameter that may be a GEMM weight: its layer name, owning module, and the kind
+    its module type implies (``None`` when only the traced call can tell)."""
+
+    name: str
+    module: nn.Module
+    kind: str | None
 
 
-def check_rules(model: nn.Module, config: Config) -> None:
-    """Raise if a rule selects none of the model's Conv2d/Linear layers."""
-    layers = candidate_layers(model)
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind a ``LAYER_TYPES`` module's weight has, else None."""
+    return next((kind for t, kind in LAYER_TYPES.items() if isinstance(module, t)), None)
+
+
+def layer_name(parameter: str) -> str:
+    """The layer a weight parameter names (see the module docstring)."""
+    owner, _, attr = parameter.rpartition(".")
+    return owner if attr == "weight" else parameter
+
+
+def candidate_layers(model: nn.Module) -> list[Candidate]:
+    """Every parameter of two or more dimensions, in ``named_parameters`` order (a tied
+    weight once, under its first name)."""
+    out = []
+    for pname, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        module = model.get_submodule(pname.rpartition(".")[0])
+        kind = layer_kind(module) if pname.rpartition(".")[2] == "weight" else None
+        out.append(Candidate(layer_name(pname), module, kind))
+    return out
+
+
+def check_rules(config: Config, layers: list[Candidate]) -> None:
+    """Raise if a rule selects none of ``layers``."""
     for i, rule in enumerate(config.rules):
-        if not any(rule.selects(n, m) for n, m in layers):
-            names = ", ".join(n for n, _ in layers[:12]) + (", ..." if len(layers) > 12 else "")
+        if not any(rule.selects(n, m) for n, m, _ in layers):
+            names = ", ".join(n for n, _, _ in layers[:12]) + (", ..." if len(layers) > 12 else "")
             raise ValueError(f"Config.rules[{i}] ({rule.describe()}) selects no layer; the "
-                             f"model's Conv2d/Linear layers are: {names}")
+                             f"model's layers (GEMM weights) are: {names}")
 
 
 def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
                  model_order: list[str] | None = None) -> list[LayerPlan]:
-    """Decide every Conv2d/Linear layer. ``call_order``: module names of the layers in the
-    order the captured graph calls them; ``model_order``: the order the whole forward calls
-    them, when Dynamo split it into several graphs at graph breaks (first and last of the
-    whole forward are the docs/math.md §2 exclusions, not those of one graph)."""
-    check_rules(model, config)
+    """Decide every layer. ``call_order``: names of the layers in the order the captured
+    graph calls them; ``model_order``: the order the whole forward calls them, when Dynamo
+    split it into several graphs at graph breaks (first and last of the whole forward are
+    the docs/math.md §2 exclusions, not those of one graph). The plan lists the ``LAYER_TYPES``
+    modules and every other parameter either order uses as a GEMM weight."""
     called = set(call_order)
     order = model_order or call_order
+    used = called | set(order)
     first, last = (order[0], order[-1]) if order else (None, None)
+    candidates = candidate_layers(model)
+    layers = [(i, c) for i, c in enumerate(candidates) if c.kind or c.name in used]
+    check_rules(config, [c for _, c in layers])
     plan = []
-    for index, (name, module) in enumerate(candidate_layers(model)):
-        kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-        groups = getattr(module, "groups", 1)
+    for index, (name, module, kind) in layers:
+        groups = getattr(module, "groups", 1) if kind else 1
         if name not in called:
             binarize, reason = False, (OTHER_REGION
                                        if model_order and name in model_order else
@@ -185,9 +225,9 @@ def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
         elif name == last:
             binarize, reason = False, "last layer: produces the output"
         else:
-            binarize, reason = True, f"default: {kind} in the body"
-        layer = LayerPlan(index, name, kind, binarize, reason, config.method, config.bits,
-                          config.alpha)
+            binarize, reason = True, f"default: {kind or 'GEMM weight'} in the body"
+        layer = LayerPlan(index, name, kind or "linear", binarize, reason, config.method,
+                          config.bits, config.alpha)
         for i, rule in enumerate(config.rules):
             if not rule.selects(name, module):
                 continue
@@ -200,5 +240,9 @@ def resolve_plan(model: nn.Module, config: Config, call_order: list[str],
             for attr in ("method", "bits", "alpha"):
                 if getattr(rule, attr) is not None:
                     setattr(layer, attr, getattr(rule, attr))
+        if layer.alpha == "learned" and not kind:
+            layer.alpha = "mean"
+            layer.reason += (f"; alpha='learned' needs an nn.{'/'.join(t.__name__ for t in LAYER_TYPES)}"
+                             f" weight (fqt.compile creates fqt_alpha before tracing), mean |w| used")
         plan.append(layer)
     return plan

@@ -33,7 +33,7 @@ def _regions(compiled: FQTModule, graph: CompiledGraph | None) -> list[CompiledG
 
 
 def whole_plan(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> list:
-    """The whole model's plan as the last call ran it: one LayerPlan per Conv2d/Linear layer,
+    """The whole model's plan as the last call ran it: one LayerPlan per layer,
     from the region that called it (every region's plan lists all the model's layers; the
     others mark it as called in another region)."""
     def called_here(layer):
@@ -108,7 +108,8 @@ def _layer_row(layer) -> dict:
         return row | {"W/A/G": "-", "kept in/w": "-", "MACs fwd": "-", "MACs dX": "-",
                       "MACs dW": "-", "saved packed": "-", "saved f32": "-"}
     o, k = w[0], math.prod(w[1:])
-    rows = math.prod(y) // o if layer.kind == "conv2d" else math.prod(y[:-1])
+    conv = layer.kind != "linear"
+    rows = math.prod(y) // o if conv else math.prod(y[:-1])
     macs = rows * k * o
     x_float = 4 * math.prod(x)
     if not layer.binarize:
@@ -117,14 +118,14 @@ def _layer_row(layer) -> dict:
                       "saved packed": _fmt(x_float), "saved f32": _fmt(x_float),
                       "_binary": 0, "_float": 3 * macs, "_packed": x_float, "_f32": x_float}
     # reference.pack_activation's layout: sign + STE words per row, rows padded to whole vectors
-    n_rows, width = (x[0], math.prod(x[1:])) if layer.kind == "conv2d" else (math.prod(x[:-1]), x[-1])
+    n_rows, width = (x[0], math.prod(x[1:])) if conv else (math.prod(x[:-1]), x[-1])
     packed = 2 * 8 * n_rows * ref.padded_words(width)
     if layer.method == "none":
         gbits, kept, grad = 32, (1.0, 1.0), (f"{_fmt(macs)} f", f"{_fmt(macs)} f")
         binary, floating = macs, 2 * macs
     else:
         gbits = layer.bits
-        groups = {"tensor": 1, "sample": x[0] if layer.kind == "conv2d" else rows, "channel": o}
+        groups = {"tensor": 1, "sample": x[0] if conv else rows, "channel": o}
         kept = tuple(ref.expected_kept(layer.method, gbits, groups[ref.grouping(layer.method, p)])
                      for p in (ref.PATH_INPUT, ref.PATH_WEIGHT))
         grad = tuple(f"{_fmt(macs * gbits * f)} b" for f in kept)
@@ -177,8 +178,22 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
         out.append(f"fused regions ({len(fused)}; each runs as one generated kernel per "
                    f"direction, phases region_forward / region_backward in fqt.runtime.stats()):")
         out += [f"  - {region}" for region in fused]
+    out += _kept_float([op for cg in regions for op in cg.float_ops])
     out += _measured(plan)
     return "\n".join(out)
+
+
+def _kept_float(float_ops) -> list[str]:
+    """The products and softmaxes ``annotate_layers`` found outside the layers, one line per
+    (module, op) with its count and why it stays float."""
+    counts = {}
+    for entry in float_ops:
+        counts[entry] = counts.get(entry, 0) + 1
+    if not counts:
+        return []
+    return ["", "kept float (not layers):"] + [
+        f"  {path or '(model)'}: {op}{f' x{n}' if n > 1 else ''}: {reason}"
+        for (path, op, reason), n in counts.items()]
 
 
 def _measured(plan) -> list[str]:

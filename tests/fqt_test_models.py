@@ -8,6 +8,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class SignSTE(torch.autograd.Function):
+    """sign(v) = +1 if v > 0 else -1; d/dv = 1{|v| < 1} (docs/math.md §2)."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return torch.where(v > 0, 1.0, -1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return g * (v.abs() < 1)
+
+
 class SmallCNN(nn.Module):
     """conv (first) -> two body convs (one strided, with bias) -> depthwise conv -> linear
     body layer -> linear (last); BatchNorm and ReLU between."""

@@ -129,8 +129,8 @@ _TRANSFORMERS = [
         _SMALL | dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=64, max_position_embeddings=16, num_labels=2),
         "classify"), "2x8 tokens", "slow"),
-    # GPT-2's attention and MLP projections are transformers' Conv1D, not nn.Linear: only
-    # lm_head is a candidate layer here (binarizing Conv1D is a separate issue).
+    # GPT-2's attention and MLP projections are transformers' Conv1D, not nn.Linear: layers
+    # by their call (addmm with the weight transposed).
     Case("gpt2", "transformers", _transformers(
         "GPT2LMHeadModel", "GPT2Config",
         _SMALL | dict(n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
@@ -164,7 +164,7 @@ def _short_reason(reason: str) -> str:
 def train(case: Case) -> dict:
     """Compile ``case`` with the default Config (kernels) and train ``case.steps`` steps;
     check finite loss and gradients, that some binarized layer (if any) ran its three GEMMs
-    on the kernels, and that ``fqt.summary`` lists every Conv2d/Linear layer. Returns the
+    on the kernels, and that ``fqt.summary`` lists every Conv1d/Conv2d/Linear layer. Returns the
     table row; a failed check raises ``AssertionError``."""
     import fqt_compiler as fqt
     from fqt_compiler.config import candidate_layers
@@ -195,7 +195,7 @@ def train(case: Case) -> dict:
         f"no binarized layer ran its three GEMMs on the kernels ({len(binarized)} binarized)")
     text = fqt.summary(compiled)
     listed = {line.split()[1] for line in text.splitlines() if re.match(r"\d+\s+\S", line)}
-    missing = [name for name, _ in candidate_layers(model) if name not in listed]
+    missing = [c.name for c in candidate_layers(model) if c.kind and c.name not in listed]
     assert not missing, f"fqt.summary does not list {missing[:5]}"
     floats: dict[str, list[str]] = {}
     for layer in plan:

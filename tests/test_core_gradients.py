@@ -10,21 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fqt_compiler as fqt
-from fqt_test_models import GPT, MLP, SmallCNN
-
-
-class SignSTE(torch.autograd.Function):
-    """sign(v) = +1 if v > 0 else -1; d/dv = 1{|v| < 1} (docs/math.md §2)."""
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return torch.where(v > 0, 1.0, -1.0)
-
-    @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return g * (v.abs() < 1)
+from fqt_test_models import GPT, MLP, SignSTE, SmallCNN
 
 
 def _binary_forward(self, x):

@@ -81,6 +81,17 @@ def test_matrix_gradient(target, rows, cols, rps):
     check(got, ref, reference.PATH_INPUT, rps)
 
 
+@pytest.mark.parametrize("rows,cols,rps", [(6, 63, 1), (130, 70, 65), (64, 3, 64)])
+def test_matrix_gradient_with_alpha(rows, cols, rps):
+    """A linear layer's G' with alpha folded in (``G' = alpha ⊙ g`` in the statistics)."""
+    g = gradient(rows, cols, seed=rows)
+    alpha = torch.rand(cols) + 0.1
+    for method, path in itertools.product(METHODS, PATHS):
+        ref = reference.quantize_gradient(g * alpha, method, path, 4, rows_per_sample=rps, **KEY)
+        got = quantize.quantize_bitplanes(g, method, path, 4, rows_per_sample=rps, alpha=alpha, **KEY)
+        check(got, ref, path, rps)
+
+
 def test_non_contiguous_conv_gradient_and_zero_ranges():
     g = gradient(4, 6, 5, 10)[:, :, :, ::2]        # W not mergeable with H: copied once
     g[1] = 0.5                                     # a constant sample: R = 0, codes 0

@@ -97,6 +97,43 @@ def test_water_filling_budget_and_caps(bits):
         assert (c * r[~free] >= 1 - 1e-5).all()
 
 
+def _water_filling_loop(ranges, bits):
+    """docs/math.md §4's water-filling as the literal loop: keep the k widest groups with
+    p = 1, spread the rest of the budget N/b as c R over the others, for the first k where
+    that gives the (k+1)-th widest group c R <= 1 or nothing is left to spread; each p
+    then rounded up to the keep draw's grid."""
+    r = [float(v) for v in ranges.double()]
+    order = sorted(range(len(r)), key=lambda i: -r[i])        # stable, widest first
+    grid = 2 ** rng.KEEP_BITS
+    return [math.ceil(v * grid) / grid for v in _spread(r, order, len(r) / bits)]
+
+
+def _spread(r, order, budget):
+    p = [0.0] * len(r)
+    for k in range(len(r)):
+        tail = math.fsum(r[i] for i in order[k:])
+        for i in order[:k]:
+            p[i] = 1.0
+        if tail <= 0 or budget - k <= 0:
+            return p
+        c = (budget - k) / tail
+        if c * r[order[k]] <= 1.0:
+            for i in order[k:]:
+                p[i] = min(1.0, c * r[i])
+            return p
+    return [1.0] * len(r)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ranges=st.lists(st.sampled_from([0.0, 1e-3, 0.5, 1.0, 2.0, 30.0, 1e4]) | st.floats(0, 100),
+                       min_size=1, max_size=40),
+       bits=st.sampled_from(ref.BITS))
+def test_water_filling_equals_the_literal_loop(ranges, bits):
+    r = torch.tensor(ranges, dtype=torch.float32)
+    want = torch.tensor(_water_filling_loop(r, bits), dtype=torch.float64).float()
+    torch.testing.assert_close(ref.aq_probabilities(r, bits), want, rtol=1e-6, atol=1e-7)
+
+
 def test_water_filling_keeps_all_nonzero_when_budget_suffices():
     p = ref.aq_probabilities(torch.tensor([3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]), 4)
     assert p.tolist() == [1.0] + [0.0] * 7

@@ -55,6 +55,16 @@ def window_offsets(indices: torch.Tensor, width: int, pool) -> torch.Tensor:
     return (i * kw + j).to(torch.uint8)
 
 
+def flat_indices(arg: torch.Tensor, width: int, pool) -> torch.Tensor:
+    """``window_offsets`` inverted: the offset ``i * kw + j`` inside each window back to
+    ATen's flat index ``h * W + w`` (int64)."""
+    kh, kw, sh, sw, ph, pw = pool
+    oh = torch.arange(arg.shape[2]).view(-1, 1)
+    ow = torch.arange(arg.shape[3]).view(1, -1)
+    offset = arg.long()
+    return (offset // kw + oh * sh - ph) * width + (offset % kw + ow * sw - pw)
+
+
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
                pool, ceil_mode, region):
     if training:
@@ -110,9 +120,10 @@ def _bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, a
          if not training else F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
     a = ACTIVATIONS[activation](v, act_params)
     if pool:
+        # The pool's gradient goes where the forward's argmax bytes say, not where a
+        # recomputed max would be: at a tie within float rounding the two may differ.
         kh, kw, sh, sw, ph, pw = pool
-        _, indices = F.max_pool2d(a, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil_mode,
-                                  return_indices=True)
+        indices = flat_indices(arg, x.shape[3], pool)
         dy = torch.ops.aten.max_pool2d_with_indices_backward(
             dy, a, [kh, kw], [sh, sw], [ph, pw], [1, 1], ceil_mode, indices)
     dv = ACTIVATION_GRADS[activation](dy, v, act_params)

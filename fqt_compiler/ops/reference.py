@@ -252,17 +252,21 @@ def aq_probabilities(scores: torch.Tensor, bits: int) -> torch.Tensor:
     order = torch.argsort(r, descending=True, stable=True)
     sorted_r = r[order]
     tail = torch.flip(torch.cumsum(torch.flip(sorted_r, [0]), 0), [0])  # sum of sorted_r[k:]
-    for k in range(n):
-        if tail[k] <= 0 or budget - k <= 0:
-            p[order[:k]] = 1.0
-            break
-        c = (budget - k) / tail[k]
-        if c * sorted_r[k] <= 1.0:
-            p[order[:k]] = 1.0
-            p[order[k:]] = torch.clamp(c * sorted_r[k:], max=1.0)
-            break
-    else:
+    # Keeping the k widest groups with certainty leaves budget - k for the rest, spread as
+    # c_k R with c_k = (budget - k) / tail[k]. The first k where nothing is left to spread,
+    # or where c_k R of the next group is at most 1, decides (all k at once, not a loop).
+    k = torch.arange(n, dtype=torch.float64)
+    left = budget - k
+    c = left / tail
+    exhausted = (tail <= 0) | (left <= 0)
+    stops = torch.nonzero(exhausted | (c * sorted_r <= 1.0)).view(-1)
+    if not stops.numel():
         p[:] = 1.0
+    else:
+        first = int(stops[0])
+        p[order[:first]] = 1.0
+        if not exhausted[first]:
+            p[order[first:]] = torch.clamp(c[first] * sorted_r[first:], max=1.0)
     grid = float(2 ** rng.KEEP_BITS)
     return (torch.ceil(p * grid) / grid).float()
 

@@ -15,7 +15,7 @@ from ..ops import reference as ref
 from .infra import PassResult
 
 
-def _note(node: fx.Node, plan: list) -> str:
+def _note(node: fx.Node, plan: dict) -> str:
     op = node.target._opname
     args = dict(zip((a.name for a in node.target._schema.arguments), node.args))
     if op == "mark_gradient":
@@ -55,7 +55,7 @@ def _note(node: fx.Node, plan: list) -> str:
     return ""
 
 
-def annotate_fqt_nodes(gm: fx.GraphModule, *, plan: list) -> PassResult:
+def annotate_fqt_nodes(gm: fx.GraphModule, *, plan: dict) -> PassResult:
     for node in gm.graph.nodes:
         if isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "fqt":
             node.meta["fqt_note"] = _note(node, plan)

@@ -1,12 +1,13 @@
-"""Decide every Conv2d/Linear layer (``config.resolve_plan``) and attach the decisions.
+"""Decide every layer (``config.resolve_plan``) and attach the decisions.
 
 Matches: call nodes carrying ``meta["fqt_call"]`` (from ``annotate_layers``).
 Produces: the resolved plan (appended to ``plan_out``; ``model_order``, the call order of
 the whole forward when given, else that of the graph, decides the first/last-layer
-exclusions), ``meta["fqt_plan"]`` = the node's LayerPlan with its
-input/weight/output shapes recorded; a layer whose call form cannot be binarized (e.g.
-asymmetric 'same' padding), or that a higher-order op calls (``meta["fqt_nested_layers"]``,
-e.g. inside activation checkpointing), is kept float with that reason.
+exclusions), ``meta["fqt_plan"]`` = the node's LayerPlan with the call's kind and its
+input/weight/output shapes recorded (the weight as ``[out, in, ...]``, also when the call
+uses it transposed); a layer whose call form cannot be binarized (e.g. asymmetric 'same'
+padding), or that a higher-order op calls (``meta["fqt_nested_layers"]``, e.g. inside
+activation checkpointing), is kept float with that reason.
 Invariants: the graph is not changed (metadata only).
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def apply_plan(gm: fx.GraphModule, *, model: nn.Module, config: Config, plan_out
     plan = resolve_plan(model, config, list(dict.fromkeys(order)), model_order)
     by_name = {layer.name: layer for layer in plan}
     for name, node in nested.items():
-        if name not in by_name:   # not a Conv2d/Linear module (a functional call's weight)
+        if name not in by_name:   # a weight of fewer than two dimensions: not a layer
             continue
         by_name[name].binarize = False
         by_name[name].reason = (f"called inside {target_name(node)} (e.g. activation "
@@ -49,8 +50,10 @@ def apply_plan(gm: fx.GraphModule, *, model: nn.Module, config: Config, plan_out
             call = node.meta["fqt_call"]
             if layer.binarize and "unsupported" in call:
                 layer.binarize, layer.reason = False, f"unsupported call: {call['unsupported']}"
-            layer.shapes = {"x": _shape(call["x"]), "weight": _shape(call["weight"]) or
-                            tuple(model.get_submodule(layer.name).weight.shape), "y": _shape(node)}
+            weight = _shape(call["weight"]) or tuple(model.get_submodule(layer.name).weight.shape)
+            layer.kind = call["kind"]
+            layer.shapes = {"x": _shape(call["x"]), "weight": weight[::-1] if call["transposed"]
+                            else weight, "y": _shape(node)}
             node.meta["fqt_plan"] = layer
     plan_out[:] = plan
     return PassResult(gm, False)

@@ -65,7 +65,7 @@ def _implementation(op: str, backend: str, layer):
         f"method='none')")
 
 
-def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: list,
+def bind_implementations(gm: fx.GraphModule, *, backend: str, ran: dict, plan: dict,
                          target: str = "host", check_finite: bool = False) -> PassResult:
     modified = False
     for node in gm.graph.nodes:

@@ -35,7 +35,7 @@ def _rows(graph: fx.Graph, gprime: fx.Node, kind: str) -> tuple[fx.Node, int]:
     return insert_call(graph, aten.reshape.default, (gprime, [-1, shape[-1]])), 1
 
 
-def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: list) -> PassResult:
+def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: dict) -> PassResult:
     graph = gm.graph
     markers = [n for n in graph.nodes if n.target is fqt.mark_gradient.default]
     for marker in markers:
@@ -49,7 +49,8 @@ def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: list) -> PassResult:
             graph.erase_node(marker)
             continue
         with graph.inserting_before(marker):
-            g2d, rows_per_sample = _rows(graph, gprime, layer.kind)
+            # the op's kind, not the layer's: a conv1d layer runs the conv2d ops
+            g2d, rows_per_sample = _rows(graph, gprime, GRAD_OPS[gemms[0].target][0])
         for gemm in gemms:
             kind, path, quantized_op = GRAD_OPS[gemm.target]
             grouping = ref.grouping(layer.method, path)

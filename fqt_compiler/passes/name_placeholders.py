@@ -21,7 +21,7 @@ _SAVED = {1: "x_sign_bits", 2: "x_ste_bits"}
 
 
 def name_placeholders(gm: fx.GraphModule, *, input_names: list | None, names: dict,
-                      plan: list) -> PassResult:
+                      plan: dict) -> PassResult:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if input_names is not None:
         for node, name in zip(placeholders, input_names):

@@ -1,9 +1,11 @@
-"""Rewrite the selected conv2d/linear calls of a captured graph into fqt ops.
+"""Rewrite the selected layer calls of a captured graph into fqt ops.
 
 Matches: call nodes whose ``meta["fqt_plan"]`` says ``binarize``.
 Produces: one ``binarized_conv2d`` / ``binarized_linear`` call each (``ops/library.py``: the
 ``fqt.binary_*`` forward op, then alpha and bias as float ops, which AOTAutograd traces
-through); a new trailing placeholder ``fqt.rng_state`` (int64 ``[seed, step]``, fed fresh
+through); a weight used transposed (``addmm``) is passed as ``weight.t()``, a conv1d as a
+conv2d over a height-1 image (``unsqueeze(2)`` of input and weight, ``squeeze(2)`` of the
+result); a new trailing placeholder ``fqt.rng_state`` (int64 ``[seed, step]``, fed fresh
 every call) and, per layer with ``alpha="learned"``, a placeholder for that layer's
 ``fqt_alpha`` parameter. ``extras_out`` receives, in placeholder order, what the compiled
 wrapper must append to the inputs: ``("rng_state", example)`` or ``("alpha", parameter)``
@@ -35,6 +37,22 @@ def _add_placeholder(gm: fx.GraphModule, name: str, display: str, value: torch.T
     return node
 
 
+def _binarized_call(graph: fx.Graph, call: dict, alpha, rng_state, index: int) -> fx.Node:
+    x, weight = call["x"], call["weight"]
+    if call["transposed"]:
+        weight = insert_call(graph, torch.t, (weight,), KEYS)
+    if call["kind"] == "linear":
+        return insert_call(graph, library.binarized_linear,
+                           (x, weight, call["bias"], alpha, rng_state, index), KEYS)
+    one_d = call["kind"] == "conv1d"
+    if one_d:
+        x, weight = (insert_call(graph, torch.unsqueeze, (v, 2), KEYS) for v in (x, weight))
+    y = insert_call(graph, library.binarized_conv2d,
+                    (x, weight, call["bias"], alpha, rng_state, call["stride"], call["padding"],
+                     call["dilation"], index), KEYS)
+    return insert_call(graph, torch.squeeze, (y, 2), KEYS) if one_d else y
+
+
 def rewrite_binary_layers(gm: fx.GraphModule, *, model: nn.Module, extras_out: list) -> PassResult:
     targets = [n for n in gm.graph.nodes if getattr(n.meta.get("fqt_plan"), "binarize", False)]
     if not targets:
@@ -53,15 +71,7 @@ def rewrite_binary_layers(gm: fx.GraphModule, *, model: nn.Module, extras_out: l
                                      param, mode)
             extras_out.append(("alpha", param))
         with gm.graph.inserting_before(node), at_node(node):
-            if call["kind"] == "conv2d":
-                new = insert_call(gm.graph, library.binarized_conv2d,
-                                  (call["x"], call["weight"], call["bias"], alpha, rng_state,
-                                   call["stride"], call["padding"], call["dilation"], layer.index),
-                                  KEYS)
-            else:
-                new = insert_call(gm.graph, library.binarized_linear,
-                                  (call["x"], call["weight"], call["bias"], alpha, rng_state,
-                                   layer.index), KEYS)
+            new = _binarized_call(gm.graph, call, alpha, rng_state, layer.index)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "fqt_plan", "fqt_layer"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]

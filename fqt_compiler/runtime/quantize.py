@@ -26,6 +26,8 @@ from .pack import parallel_rows
 from .packed import padded_words
 
 _GENERATORS = {"minmax": gen.group_minmax_ir, "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
+# Shorter contiguous runs per (sample, channel) pair go to torch's reductions (_min_max).
+MIN_KERNEL_RUN = 64
 
 
 def _fn(family: str, target, **options):
@@ -90,7 +92,8 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
 
 def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = None,
                   alpha: torch.Tensor | None = None, target="host"):
-    """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass."""
+    """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass,
+    or torch's reductions where each group's contiguous runs are short."""
     lo, hi, _ = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=False)
     return lo, hi
 
@@ -101,6 +104,15 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool):
     if kind not in ("tensor", "sample", "channel"):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
+    if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1):
+        # A [rows, O] gradient (a linear layer's): the kernel would reduce runs of one
+        # element (per-row groups) or strided columns; torch's reductions vectorize across
+        # the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
+        # so the statistics are the reference's (a zero as +0.0, as there). aq_opt's sums
+        # of squares keep the kernel: their summation order is part of the definition.
+        g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
+        dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
+        return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0, None
     lo, hi, ss = _min_max(v, get_target(target).name, sum_squares)
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1), ss

@@ -1,0 +1,124 @@
+"""Training-step speed of transformers: a BERT-style encoder and timm's ViT-tiny.
+
+Models (random init, no download):
+
+  bert  transformers ``BertForSequenceClassification`` from ``BertConfig(hidden_size=512,
+        num_hidden_layers=4, num_attention_heads=8, intermediate_size=2048)``, batch 32 x 128
+        tokens (the issue's encoder; dropout on, as in training)
+  vit   timm ``vit_tiny_patch16_224`` at 64x64 (``img_size=64``, 10 classes), batch 32
+
+One step = forward + cross-entropy + backward + SGD step, every contender on its own copy of
+the same weights, measured side by side in one run at 1 and 2 threads, warm-up (and
+compilation) excluded, median of repeats:
+
+  fp32      eager PyTorch, float32
+  bf16      eager under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+  compiled  ``torch.compile`` (Inductor), float32
+  fqt       ``fqt.compile(model, Config(method="aq_scq", bits=4))`` on the JIT kernels
+
+Then the per-phase breakdown of one FQT step at 1 thread (``fqt.runtime.stats()``; "float
+ops + rest" is LayerNorm, GELU, softmax and attention's products, dropout, residual adds,
+the float first/last layers, autograd and glue).
+
+    python benchmarks/bench_transformers.py [--models bert,vit] [--repeats 3] [--threads 1,2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from contextlib import nullcontext
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import fqt_compiler as fqt  # noqa: E402
+from benchmarks.bench_train import print_phases  # noqa: E402
+from benchmarks.common import banner, median_time  # noqa: E402
+from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
+
+
+def bert(batch):
+    import transformers
+    config = transformers.BertConfig(hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                                     intermediate_size=2048, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    return model, torch.randint(0, config.vocab_size, (batch, 128)), torch.randint(0, 2, (batch,))
+
+
+def vit(batch):
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=10)
+    return model, torch.randn(batch, 3, 64, 64), torch.randint(0, 10, (batch,))
+
+
+MODELS = {"bert": bert, "vit": vit}
+
+
+def step_fn(model, runner, x, y, autocast=False):
+    """One forward + backward + SGD step of ``runner`` (which trains ``model``'s parameters)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+            out = runner(x)
+            logits = out.logits if hasattr(out, "logits") else out
+            loss = nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def contenders(name, batch):
+    torch.manual_seed(0)
+    model, x, y = MODELS[name](batch)
+    model.train()
+    inductor, quantized = copy.deepcopy(model), copy.deepcopy(model)
+    compiled = fqt.compile(quantized, fqt.Config(method="aq_scq", bits=4, seed=0))
+    return {
+        "fp32": step_fn(model, model, x, y),
+        "bf16": step_fn(model, model, x, y, autocast=True),
+        "compiled": step_fn(inductor, torch.compile(inductor), x, y),
+        "fqt": step_fn(quantized, compiled, x, y),
+    }, compiled
+
+
+def run(args):
+    for name in args.models:
+        steps, compiled = contenders(name, args.batch)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            t = {k: median_time(f, repeats=args.repeats, warmup=1) for k, f in steps.items()}
+            print(f"{name:<5} {threads} thr  " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items())
+                  + f"   fqt vs fp32 {t['fp32'] / t['fqt']:4.2f}x  vs bf16 {t['bf16'] / t['fqt']:4.2f}x"
+                  f"  vs compiled {t['compiled'] / t['fqt']:4.2f}x", flush=True)
+        torch.set_num_threads(1)
+        stats.reset_stats()
+        total = median_time(steps["fqt"], repeats=1, warmup=0)
+        plan = {layer.name: layer for cg in compiled.fqt_graphs for layer in cg.plan if layer.shapes}
+        print(f"\n-- {name}: one FQT step, 1 thread: {total * 1e3:.1f} ms; "
+              f"{sum(layer.binarize for layer in plan.values())}/{len(plan)} layers binarized")
+        print_phases(stats.stats().by_kind(), total)
+        print()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="bert,vit")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", default="1,2")
+    args = p.parse_args()
+    args.models = args.models.split(",")
+    args.threads = [int(t) for t in args.threads.split(",")]
+    banner(f"transformer training step (forward + backward + SGD), batch {args.batch}, "
+           f"median of {args.repeats}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
