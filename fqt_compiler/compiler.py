@@ -44,7 +44,7 @@ from torch._dynamo.backends.common import aot_autograd
 from . import events
 from .config import Config, candidate_layers, resolve_plan
 from .ops import reference, rng
-from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
+from .passes import (PassManager, is_symbolic, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
                      fuse_regions, insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
@@ -68,6 +68,8 @@ class CompiledGraph:
     ran: dict = field(default_factory=dict)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
+    dynamic: dict = field(default_factory=dict)   # input name -> its symbolic dims {dim: symbol}
+    registered: bool = False
 
 
 class FQTModule(nn.Module):
@@ -87,7 +89,8 @@ class FQTModule(nn.Module):
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
         # fullgraph=False: a model Dynamo cannot trace whole still compiles, region by region.
         object.__setattr__(self, "_compiled", torch.compile(
-            model, backend=self._backend, fullgraph=False, dynamic=False))
+            model, backend=self._backend, fullgraph=False,
+            dynamic=None if config.dynamic == "auto" else config.dynamic))
 
     def forward(self, *args, **kwargs):
         _check_inputs(args, kwargs)
@@ -120,7 +123,6 @@ class FQTModule(nn.Module):
     def _backend(self, gm: fx.GraphModule, example_inputs):
         start = time.perf_counter()
         cg = CompiledGraph(training=self.module.training)
-        self.fqt_graphs.append(cg)
         model, config = self.module, self.fqt_config
         # Dynamo still reads its graph after the backend returns, and AOTAutograd expects a
         # graph marked as Dynamo's to have only Dynamo's placeholders: rewrite a copy.
@@ -134,7 +136,9 @@ class FQTModule(nn.Module):
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
             *([partial(fuse_regions, regions_out=cg.regions)] if kernels else []),
         ], cg.records)(gm)
-        input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        input_names = [n.meta["fqt_name"] for n in placeholders]
+        cg.dynamic = _dynamic_dims(placeholders)
 
         forward_kernel_passes = [fold_alpha] if kernels else []
         backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha] if kernels else []
@@ -158,20 +162,44 @@ class FQTModule(nn.Module):
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=cg.plan,
                         target=config.target, check_finite=config.check_finite),
             ], cg.records, cg.names)(bgm)
-            events.emit("backward_compiled", module=self, graph=cg)
+            if cg.registered:   # else (a dynamic graph compiles its backward at once) at its first run
+                events.emit("backward_compiled", module=self, graph=cg)
             return make_boxed_func(cg.backward.forward)
 
+        # The extras' placeholders hold static fakes: given the real tensors, AOTAutograd
+        # would make their sizes symbolic in a dynamic graph.
+        extras = [n.meta["val"] for n in placeholders[len(example_inputs):]]
         compiled = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(
-            gm, list(example_inputs) + [value for _, value in cg.extras])
-        events.emit("graph_compiled", module=self, graph=cg, seconds=time.perf_counter() - start)
+            gm, list(example_inputs) + extras)
+        seconds = time.perf_counter() - start
 
         def run(*args):
+            # Registered when it first runs: Dynamo may discard a graph its backend compiled
+            # and trace the frame again (e.g. to specialize a float it had made symbolic).
+            if not cg.registered:
+                cg.registered = True
+                self.fqt_graphs.append(cg)
+                events.emit("graph_compiled", module=self, graph=cg, seconds=seconds)
+                if cg.backward is not None:
+                    events.emit("backward_compiled", module=self, graph=cg)
             self.fqt_last = cg
             if not any(ran is cg for ran in self._running):
                 self._running.append(cg)
             return compiled(*args, *self._extra_inputs(cg.extras))
 
         return run
+
+
+def _dynamic_dims(placeholders) -> dict[str, dict[int, str]]:
+    """The symbolic dimensions of a captured graph's tensor inputs: ``{name: {dim: symbol}}``."""
+    dims = {}
+    for node in placeholders:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.Tensor):
+            symbolic = {d: str(s) for d, s in enumerate(val.shape) if is_symbolic(s)}
+            if symbolic:
+                dims[node.meta["fqt_name"]] = symbolic
+    return dims
 
 
 def _tensors(args, kwargs):
