@@ -2,18 +2,31 @@
 
 ``FQTModule`` wraps the unmodified model (its parameters are the model's) and a
 ``torch.compile`` of it whose backend is ``FQTModule._backend``. Each Dynamo graph (one per
-input shape, train/eval mode and grad mode and, where Dynamo cannot trace the forward whole,
-one per region between graph breaks; static shapes) becomes a ``CompiledGraph`` that keeps
-its plan, its per-pass records and its final ATen graphs. ``print`` and ``logging.Logger``
-calls (including methods libraries add to it, such as transformers' ``warning_once``) do not
+train/eval mode, grad mode and input shape and, where Dynamo cannot trace the forward whole,
+one per region between graph breaks) becomes a ``CompiledGraph`` that keeps its plan, its
+per-pass records and its final ATen graphs. ``print`` and ``logging.Logger`` calls
+(including methods libraries add to it, such as transformers' ``warning_once``) do not
 break the graph where Dynamo can move them after it (``reorderable_logging_functions``:
 called without keywords, on tensors, constants or format strings); they still run, after the
-region. The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_breaks``, and
-the regions the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and
-``fqt.dump`` describe). Because a region cannot know whether a later one holds more
-layers, the first call runs the model eagerly once (no grad, buffers and RNG state restored)
-to learn the order the whole forward calls its Conv2d/Linear layers: the first and last
-layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
+region.
+
+Shapes (``Config.dynamic``): ``False`` compiles a static graph per input shape; ``"auto"``
+(Dynamo's automatic dynamic shapes) compiles the first shape statically and, when a size
+changes, one graph in which the sizes that changed are symbolic (SymInts through the capture
+passes, AOTAutograd, the fqt ops' fake implementations and the backward passes), which then
+serves every size; ``True`` makes every input size symbolic from the first call. Weights,
+channels and kernel sizes stay static. Dynamo specializes sizes 0 and 1, so a batch of 1
+gets a static graph of its own. The kernels take M, N and K at run time and pick their tile
+and variant per call, so a dynamic graph runs the same kernels at every size; the quantizer
+draws are keyed by element index, not by a compile-time size, so they match a static
+compile's draw for draw. ``CompiledGraph.dynamic`` names each input's symbolic dimensions.
+
+The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_breaks``, and the regions
+the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and ``fqt.dump``
+describe). Because a region cannot know whether a later one holds more layers, the first
+call runs the model eagerly once (no grad, buffers and RNG state restored) to learn the
+order the whole forward calls its Conv2d/Linear layers: the first and last layer exclusions
+(docs/math.md §2) are those of the whole forward, not of one region.
 
 Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
 in float32; a float64/float16/bfloat16 input is refused with a TypeError naming the argument,
