@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -204,14 +205,17 @@ class FQTModule(nn.Module):
 
 
 def _dynamic_dims(placeholders) -> dict[str, dict[int, str]]:
-    """The symbolic dimensions of a captured graph's tensor inputs: ``{name: {dim: symbol}}``."""
+    """The symbolic dimensions of a captured graph's tensor inputs: ``{name: {dim: symbol}}``,
+    named by the forward's argument (``x``, ``input_ids``) where Dynamo recorded it."""
     dims = {}
     for node in placeholders:
         val = node.meta.get("example_value", node.meta.get("val"))
         if isinstance(val, torch.Tensor):
             symbolic = {d: str(s) for d, s in enumerate(val.shape) if is_symbolic(s)}
             if symbolic:
-                dims[node.meta["fqt_name"]] = symbolic
+                source = getattr(node.meta.get("grapharg"), "source", None)
+                argument = re.fullmatch(r"L\['(\w+)'\]", source.name) if source else None
+                dims[argument.group(1) if argument else node.meta["fqt_name"]] = symbolic
     return dims
 
 
