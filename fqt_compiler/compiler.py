@@ -214,7 +214,8 @@ def _dynamic_dims(placeholders) -> dict[str, dict[int, str]]:
             symbolic = {d: str(s) for d, s in enumerate(val.shape) if is_symbolic(s)}
             if symbolic:
                 source = getattr(node.meta.get("grapharg"), "source", None)
-                argument = re.fullmatch(r"L\['(\w+)'\]", source.name) if source else None
+                # L['x'], or L['kwargs']['input_ids'] under a decorator taking **kwargs
+                argument = re.search(r"\['(\w+)'\]$", source.name) if source else None
                 dims[argument.group(1) if argument else node.meta["fqt_name"]] = symbolic
     return dims
 
