@@ -17,7 +17,7 @@ passes, AOTAutograd, the fqt ops' fake implementations and the backward passes),
 serves every size; ``True`` makes every input size symbolic from the first call. Weights,
 channels and kernel sizes stay static. Dynamo specializes sizes 0 and 1, so a batch of 1
 gets a static graph of its own. The kernels take M, N and K at run time and pick their tile
-and variant per call, so a dynamic graph runs the same kernels at every size; the quantizer
+and variant per call, so a dynamic graph needs no kernel per size; the quantizer
 draws are keyed by element index, not by a compile-time size, so they match a static
 compile's draw for draw. ``CompiledGraph.dynamic`` names each input's symbolic dimensions.
 

@@ -10,12 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fqt_compiler as fqt
-from fqt_compiler.codegen import aot
+from conftest import needs_cross
+from fqt_compiler.cross.record import training_step
+from fqt_compiler.cross.verify import OddShapes, verify_calls
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import jit
-from fqt_compiler.verify import OddShapes, verify_calls
 from fqt_test_models import SmallCNN
-from test_cross import needs_cross
 
 # 10 batch sizes: 1 (Dynamo specializes size 1: its own graph) and primes among them.
 BATCHES = [4, 6, 1, 7, 2, 13, 3, 8, 5, 11]
@@ -206,7 +206,7 @@ def test_kernels_for_a_new_batch_size_are_the_same_kernels():
             return call
 
         with jit.kernel_hook(hook):
-            aot.training_step(compiled, (torch.randn(batch, 3, 8, 8),))
+            training_step(compiled, (torch.randn(batch, 3, 8, 8),))
         requested[batch] = specs, sizes
 
     # Not 3 or 8: Dynamo gives equal sizes one symbol, and C = 3 and H = W = 8 are fixed.
@@ -229,7 +229,7 @@ def test_dynamic_graph_kernels_verify_on_rpi4(tmp_path):
 
     def run():
         for batch in (5, 2):    # not 3: Dynamo would give it the channels' symbol (C = 3)
-            aot.training_step(compiled, (torch.randn(batch, 3, 13, 17),))
+            training_step(compiled, (torch.randn(batch, 3, 13, 17),))
 
     results = verify_calls(run, "rpi4", tmp_path)
     assert results and all(r.passed for r in results), [r for r in results if not r.passed]
