@@ -22,13 +22,6 @@ BATCHES = [4, 6, 1, 7, 2, 13, 3, 8, 5, 11]
 SEQUENCES = [16, 9, 1, 23, 2, 31, 12, 5, 20, 7]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Dynamo remembers per forward code object (so across instances) which sizes changed:
-    start each test as a new process would, whatever ran these models before."""
-    torch._dynamo.reset()
-
-
 @pytest.fixture
 def draws(monkeypatch):
     """Every quantizer draw of the reference backend: (layer, path, keep, codes) per call."""
