@@ -64,7 +64,8 @@ def save(compiled: FQTModule, path) -> None:
     torch.save({"format": FORMAT, "state_dict": compiled.module.state_dict(),
                 "config": config_dict(compiled.fqt_config), "step": compiled.fqt_step,
                 "call_order": compiled.fqt_call_order,
-                "plan": [{k: v for k, v in asdict(layer).items() if k != "shapes"} for layer in plan],
+                "plan": [{k: v for k, v in asdict(layer).items() if k not in ("shapes", "dynamic")}
+                         for layer in plan],
                 "versions": versions()}, path)
 
 

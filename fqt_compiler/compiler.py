@@ -2,18 +2,31 @@
 
 ``FQTModule`` wraps the unmodified model (its parameters are the model's) and a
 ``torch.compile`` of it whose backend is ``FQTModule._backend``. Each Dynamo graph (one per
-input shape, train/eval mode and grad mode and, where Dynamo cannot trace the forward whole,
-one per region between graph breaks; static shapes) becomes a ``CompiledGraph`` that keeps
-its plan, its per-pass records and its final ATen graphs. ``print`` and ``logging.Logger``
-calls (including methods libraries add to it, such as transformers' ``warning_once``) do not
+train/eval mode, grad mode and input shape and, where Dynamo cannot trace the forward whole,
+one per region between graph breaks) becomes a ``CompiledGraph`` that keeps its plan, its
+per-pass records and its final ATen graphs. ``print`` and ``logging.Logger`` calls
+(including methods libraries add to it, such as transformers' ``warning_once``) do not
 break the graph where Dynamo can move them after it (``reorderable_logging_functions``:
 called without keywords, on tensors, constants or format strings); they still run, after the
-region. The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_breaks``, and
-the regions the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and
-``fqt.dump`` describe). Because a region cannot know whether a later one holds more
-layers, the first call runs the model eagerly once (no grad, buffers and RNG state restored)
-to learn the order the whole forward calls its layers (GEMM weights): the first and last
-layer exclusions (docs/math.md §2) are those of the whole forward, not of one region.
+region.
+
+Shapes (``Config.dynamic``): ``False`` compiles a static graph per input shape; ``"auto"``
+(Dynamo's automatic dynamic shapes) compiles the first shape statically and, when a size
+changes, one graph in which the sizes that changed are symbolic (SymInts through the capture
+passes, AOTAutograd, the fqt ops' fake implementations and the backward passes), which then
+serves every size; ``True`` makes every input size symbolic from the first call. Weights,
+channels and kernel sizes stay static. Dynamo specializes sizes 0 and 1, so a batch of 1
+gets a static graph of its own. The kernels take M, N and K at run time and pick their tile
+and variant per call, so a dynamic graph needs no kernel per size; the quantizer
+draws are keyed by element index, not by a compile-time size, so they match a static
+compile's draw for draw. ``CompiledGraph.dynamic`` names each input's symbolic dimensions.
+
+The graph breaks Dynamo reported are kept in ``FQTModule.fqt_graph_breaks``, and the regions
+the last call ran in ``FQTModule.fqt_last_call`` (what ``fqt.summary`` and ``fqt.dump``
+describe). Because a region cannot know whether a later one holds more layers, the first
+call runs the model eagerly once (no grad, buffers and RNG state restored) to learn the
+order the whole forward calls its layers (GEMM weights): the first and last layer exclusions
+(docs/math.md §2) are those of the whole forward, not of one region.
 
 Inputs: floating-point tensors must be float32 (the binarized layers and the kernels compute
 in float32; a float64/float16/bfloat16 input is refused with a TypeError naming the argument,
@@ -31,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,7 +59,7 @@ from torch.overrides import TorchFunctionMode
 from . import events
 from .config import Config, candidate_layers, layer_name, resolve_plan
 from .ops import reference, rng
-from .passes import (PassManager, annotate_fqt_nodes, annotate_layers, apply_plan,
+from .passes import (PassManager, is_symbolic, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
                      fuse_regions, insert_gradient_quantizers,
                      name_placeholders, rewrite_binary_layers)
@@ -71,6 +85,8 @@ class CompiledGraph:
     ran: dict = field(default_factory=dict)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
+    dynamic: dict = field(default_factory=dict)   # input name -> its symbolic dims {dim: symbol}
+    registered: bool = False
 
 
 class FQTModule(nn.Module):
@@ -90,7 +106,8 @@ class FQTModule(nn.Module):
         # Not a submodule: the OptimizedModule would list the model's parameters twice.
         # fullgraph=False: a model Dynamo cannot trace whole still compiles, region by region.
         object.__setattr__(self, "_compiled", torch.compile(
-            model, backend=self._backend, fullgraph=False, dynamic=False))
+            model, backend=self._backend, fullgraph=False,
+            dynamic=None if config.dynamic == "auto" else config.dynamic))
 
     def forward(self, *args, **kwargs):
         _check_inputs(args, kwargs)
@@ -127,7 +144,6 @@ class FQTModule(nn.Module):
     def _backend(self, gm: fx.GraphModule, example_inputs):
         start = time.perf_counter()
         cg = CompiledGraph(training=self.module.training)
-        self.fqt_graphs.append(cg)
         model, config = self.module, self.fqt_config
         # Dynamo still reads its graph after the backend returns, and AOTAutograd expects a
         # graph marked as Dynamo's to have only Dynamo's placeholders: rewrite a copy.
@@ -142,7 +158,9 @@ class FQTModule(nn.Module):
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
             *([partial(fuse_regions, regions_out=cg.regions)] if kernels else []),
         ], cg.records)(gm)
-        input_names = [n.meta["fqt_name"] for n in gm.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        input_names = [n.meta["fqt_name"] for n in placeholders]
+        cg.dynamic = _dynamic_dims(placeholders)
         layers = {layer.index: layer for layer in cg.plan}   # what the ops' `layer` argument names
 
         forward_kernel_passes = [fold_alpha] if kernels else []
@@ -167,20 +185,48 @@ class FQTModule(nn.Module):
                 partial(bind_implementations, backend=config.backend, ran=cg.ran, plan=layers,
                         target=config.target, check_finite=config.check_finite),
             ], cg.records, cg.names)(bgm)
-            events.emit("backward_compiled", module=self, graph=cg)
+            if cg.registered:   # else (a dynamic graph compiles its backward at once) at its first run
+                events.emit("backward_compiled", module=self, graph=cg)
             return make_boxed_func(cg.backward.forward)
 
+        # The extras' placeholders hold static fakes: given the real tensors, AOTAutograd
+        # would make their sizes symbolic in a dynamic graph.
+        extras = [n.meta["val"] for n in placeholders[len(example_inputs):]]
         compiled = aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)(
-            gm, list(example_inputs) + [value for _, value in cg.extras])
-        events.emit("graph_compiled", module=self, graph=cg, seconds=time.perf_counter() - start)
+            gm, list(example_inputs) + extras)
+        seconds = time.perf_counter() - start
 
         def run(*args):
+            # Registered when it first runs: Dynamo may discard a graph its backend compiled
+            # and trace the frame again (e.g. to specialize a float it had made symbolic).
+            if not cg.registered:
+                cg.registered = True
+                self.fqt_graphs.append(cg)
+                events.emit("graph_compiled", module=self, graph=cg, seconds=seconds)
+                if cg.backward is not None:
+                    events.emit("backward_compiled", module=self, graph=cg)
             self.fqt_last = cg
             if not any(ran is cg for ran in self._running):
                 self._running.append(cg)
             return compiled(*args, *self._extra_inputs(cg.extras))
 
         return run
+
+
+def _dynamic_dims(placeholders) -> dict[str, dict[int, str]]:
+    """The symbolic dimensions of a captured graph's tensor inputs: ``{name: {dim: symbol}}``,
+    named by the forward's argument (``x``, ``input_ids``) where Dynamo recorded it."""
+    dims = {}
+    for node in placeholders:
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.Tensor):
+            symbolic = {d: str(s) for d, s in enumerate(val.shape) if is_symbolic(s)}
+            if symbolic:
+                source = getattr(node.meta.get("grapharg"), "source", None)
+                # L['x'], or L['kwargs']['input_ids'] under a decorator taking **kwargs
+                argument = re.search(r"\['(\w+)'\]$", source.name) if source else None
+                dims[argument.group(1) if argument else node.meta["fqt_name"]] = symbolic
+    return dims
 
 
 def _tensors(args, kwargs):

@@ -46,6 +46,7 @@ ALPHAS = ("mean", "learned")
 # parameter (created before any graph shows how another module uses its weight).
 LAYER_TYPES = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Linear: "linear"}
 OTHER_REGION = "called in another graph region (graph break)"   # a plan reason
+DYNAMIC = ("auto", True, False)
 
 
 def _check_keys(cls, options: dict) -> None:
@@ -121,6 +122,10 @@ class Config:
     # Raise (naming the layer) when a gradient reaching a quantizer holds a NaN/Inf; without
     # it a non-finite gradient propagates as in float training (never rounded to codes).
     check_finite: bool = False
+    # Input sizes: "auto" compiles the first shape statically and, from the first call with
+    # another size, one graph whose changed dimensions are symbolic (as torch.compile does);
+    # True makes every input dimension symbolic from the start; False compiles per shape.
+    dynamic: bool | str = "auto"
 
     def __init__(self, **options):
         _check_keys(Config, options)
@@ -135,6 +140,9 @@ class Config:
             raise ValueError(f"Config: seed={self.seed!r} must be an int in [0, 2**63)")
         if not isinstance(self.check_finite, bool):
             raise ValueError(f"Config: check_finite={self.check_finite!r} must be True or False")
+        if self.dynamic not in DYNAMIC or not isinstance(self.dynamic, (bool, str)):
+            raise ValueError(f"Config: dynamic={self.dynamic!r} is not supported; expected one "
+                             f"of {DYNAMIC}")
         rules = tuple(r if isinstance(r, Rule) else Rule(**r) for r in self.rules)
         object.__setattr__(self, "rules", rules)
 
@@ -153,6 +161,7 @@ class LayerPlan:
     bits: int
     alpha: str
     shapes: dict = field(default_factory=dict)   # filled at capture: x, weight, y
+    dynamic: dict = field(default_factory=dict)  # symbolic dims of x, y: {"x": {0: "s0"}}
 
 
 class Candidate(NamedTuple):

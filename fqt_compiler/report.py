@@ -1,10 +1,11 @@
 """Inspection: ``fqt.dump`` (graph text files) and ``fqt.summary`` (per-layer table).
 
 Both describe, by default, the graphs the compiled model's last call ran (one compilation
-per input shape and mode; where the model has graph breaks, every region that call ran, so
-every layer of the whole model appears with its plan): call the compiled model once first,
-and ``.backward()`` once for the backward graphs. With ``graph=``, that one compiled graph,
-as the debug ladder does for each graph it is told was compiled.
+per input shape and mode, where a dynamic graph serves every size of its symbolic
+dimensions; where the model has graph breaks, every region that call ran, so every layer of
+the whole model appears with its plan): call the compiled model once first, and
+``.backward()`` once for the backward graphs. With ``graph=``, that one compiled graph, as
+the debug ladder does for each graph it is told was compiled.
 """
 from __future__ import annotations
 
@@ -99,10 +100,16 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _dims(shape, symbolic: dict) -> str:
+    """``4xs27x128``: a shape with its symbolic (dynamic) sizes shown as their symbols."""
+    return "x".join(symbolic.get(d, str(size)) for d, size in enumerate(shape))
+
+
 def _layer_row(layer) -> dict:
     x, w, y = layer.shapes.get("x"), layer.shapes.get("weight"), layer.shapes.get("y")
     row = {"#": layer.index, "layer": layer.name,
            "decision": "binary" if layer.binarize else "float", "reason": layer.reason,
+           "input": _dims(x, layer.dynamic.get("x", {})) if x else "-",
            "weight": "x".join(map(str, w)) if w else "-"}
     if not (x and w and y):
         return row | {"W/A/G": "-", "kept in/w": "-", "MACs fwd": "-", "MACs dX": "-",
@@ -140,13 +147,15 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
     """A larq-style per-layer table: decision and reason, weight shape, W/A/G bits, expected
     kept fraction of groups per SCQ path, MACs of the three GEMMs (``b`` = binary/bit-plane
     MACs, i.e. bit-plane count × kept fraction × GEMM size; ``f`` = float32), bytes of the
-    layer input saved for backward (packed bits vs float32), and totals."""
+    layer input saved for backward (packed bits vs float32), and totals. In a dynamic graph
+    (``Config.dynamic``) the input shapes show the symbolic dimensions by their symbols, and
+    a header line lists which dimensions of the graphs' inputs are dynamic."""
     regions = _regions(compiled, graph)
     plan = whole_plan(compiled, graph=graph)
     ran = {op: b for cg in regions for op, b in cg.ran.items()}
     config = compiled.fqt_config
     rows = [_layer_row(layer) for layer in plan]
-    cols = ["#", "layer", "decision", "W/A/G", "kept in/w", "weight", "MACs fwd", "MACs dX",
+    cols = ["#", "layer", "decision", "W/A/G", "kept in/w", "input", "weight", "MACs fwd", "MACs dX",
             "MACs dW", "saved packed", "saved f32", "reason"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     line = "  ".join(c.ljust(widths[c]) for c in cols)
@@ -158,6 +167,14 @@ def summary(compiled: FQTModule, *, graph: CompiledGraph | None = None) -> str:
            + (f", {len(regions)} regions" if len(regions) > 1 else "")
            + (f", {len(regions)} of {len(compiled.fqt_graphs)} compiled graphs"
               if len(compiled.fqt_graphs) > len(regions) else "")]
+    dynamic = [(r, cg) for r, cg in enumerate(regions) if cg.dynamic]
+    if dynamic:
+        # input names are per region: with graph breaks, each region's are prefixed with it
+        dims = ", ".join((f"region{r}." if len(regions) > 1 else "") + f"{name}[{d}]={symbol}"
+                         for r, cg in dynamic for name, symbolic in cg.dynamic.items()
+                         for d, symbol in symbolic.items())
+        out.append(f"dynamic dimensions: {dims} (one graph for every size; MACs and bytes "
+                   f"below are per call at the sizes of the call that compiled it)")
     if compiled.fqt_graph_breaks:
         out.append(f"graph breaks: {len(compiled.fqt_graph_breaks)} (each region between them "
                    f"is compiled on its own; "

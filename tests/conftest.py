@@ -1,5 +1,5 @@
-"""What the test modules share: the targets they run kernels on, seeded data and the
-cross-tool skip. Import the constants with ``from conftest import ...``
+"""What the test modules share: the targets they run kernels on, seeded data, a fresh Dynamo
+state per test and the cross-tool skip. Import the constants with ``from conftest import ...``
 (pytest puts this directory on ``sys.path``).
 
 Tiers: ``pytest -m "not slow"`` is the fast loop; ``pytest`` (the README's command, what CI
@@ -26,6 +26,15 @@ CROSS_TARGETS = ["rpi4", "rpi5", "hygon"]
 _cross_tools = pytest.mark.skipif(
     not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-gcc")),
     reason=f"needs Debian packages {PACKAGES}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Dynamo remembers per forward code object (so across instances and fqt.compile calls)
+    which input sizes changed, and under ``Config(dynamic="auto")`` a model class another
+    test already ran at other sizes would compile dynamic from its first call: start every
+    test as a new process would, so no test's graphs depend on the tests run before it."""
+    torch._dynamo.reset()
 
 
 def needs_cross(test):

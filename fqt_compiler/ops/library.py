@@ -159,7 +159,7 @@ def _aq_sample_fake(g2d, rng_state, method, path, bits, rows_per_sample, layer):
 
 aq_sample = _define(
     "aq_sample(Tensor g2d, Tensor rng_state, str method, str path, int bits, "
-    "int rows_per_sample, int layer) -> (Tensor, Tensor, Tensor, Tensor)",
+    "SymInt rows_per_sample, int layer) -> (Tensor, Tensor, Tensor, Tensor)",
     _aq_sample, _aq_sample_fake)
 
 
@@ -178,7 +178,7 @@ def _quantize_gradient_fake(g2d, lo, hi, keep, prob, rng_state, method, path, bi
 
 quantize_gradient = _define(
     "quantize_gradient(Tensor g2d, Tensor lo, Tensor hi, Tensor keep, Tensor prob, "
-    "Tensor rng_state, str method, str path, int bits, int rows_per_sample, int layer) "
+    "Tensor rng_state, str method, str path, int bits, SymInt rows_per_sample, int layer) "
     "-> (Tensor, Tensor, Tensor)",
     _quantize_gradient, _quantize_gradient_fake)
 

@@ -15,12 +15,12 @@ from .bind_implementations import bind_implementations
 from .fold_alpha import fold_alpha
 from .fuse_gradient_quantizers import fuse_gradient_quantizers
 from .fuse_regions import fuse_regions
-from .infra import PassManager, PassRecord, PassResult, graph_text
+from .infra import PassManager, PassRecord, PassResult, graph_text, is_symbolic
 from .insert_gradient_quantizers import insert_gradient_quantizers
 from .name_placeholders import name_placeholders
 from .rewrite_binary_layers import rewrite_binary_layers
 
-__all__ = ["PassManager", "PassRecord", "PassResult", "graph_text", "annotate_fqt_nodes",
+__all__ = ["PassManager", "PassRecord", "PassResult", "graph_text", "is_symbolic", "annotate_fqt_nodes",
            "annotate_layers", "apply_plan", "bind_implementations", "fold_alpha",
            "fuse_gradient_quantizers", "fuse_regions", "insert_gradient_quantizers", "name_placeholders",
            "rewrite_binary_layers"]

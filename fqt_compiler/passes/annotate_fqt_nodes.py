@@ -2,8 +2,8 @@
 
 Matches: call nodes whose target is an op of the ``fqt`` namespace.
 Produces: ``meta["fqt_note"]``: layer index and name, bits, grouping, and for ``aq_sample``
-the expected kept fraction of groups (``N/b`` of ``N`` for aq_scq and aq_opt, ``ceil(N/b)`` for topk,
-all otherwise).
+the expected kept fraction of groups (``N/b`` of ``N`` for aq_scq and aq_opt, ``ceil(N/b)`` for
+topk, all otherwise); a symbolic N (dynamic shapes) is shown as its expression.
 Invariants: metadata only.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..ops import reference as ref
-from .infra import PassResult
+from .infra import PassResult, is_symbolic
 
 
 def _note(node: fx.Node, plan: dict) -> str:
@@ -35,8 +35,10 @@ def _note(node: fx.Node, plan: dict) -> str:
         note = (f"layer {layer.index} {layer.name}: {args['path']} path, {args['method']}, "
                 f"b={args['bits']}, per-{grouping} groups")
         if groups is not None:
-            kept = ref.expected_kept(args["method"], args["bits"], groups)
-            note += f", {groups} groups, kept fraction {kept:.3g} expected"
+            # A symbolic group count (dynamic shapes) is printed, never evaluated (a guard).
+            kept = (f"ceil(N/{args['bits']})/N" if is_symbolic(groups) and args["method"] == "topk"
+                    else f"{ref.expected_kept(args['method'], args['bits'], groups):.3g}")
+            note += f", {groups} groups, kept fraction {kept} expected"
         return note
     if op.startswith("aq_quantize_"):
         layer = plan[args["layer"]]

@@ -8,7 +8,8 @@ Matches, in the backward graph: a fused ``fqt.aq_quantize_*_grad`` whose ``G'`` 
 ``aten.mul(g, alpha)``; produces the same op reading ``g`` with ``alpha=`` given, applied
 inside the quantizer kernel (``G' = alpha ⊙ g`` with the same single float multiply).
 Invariants: values are unchanged (the same float32 products); every node keeps its
-``meta["val"]``; multiplies left without users are erased.
+``meta["val"]``; multiplies left without users are erased; symbolic sizes are compared
+without adding guards (only shapes provably equal at every size fold).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ..ops.fused import FUSED, SCALED
 from .infra import PassResult
@@ -28,7 +30,7 @@ def _channel_scale(mul: fx.Node, full: fx.Node, channels: int):
     """The operand of ``mul`` other than ``full``, if it is a per-channel vector (numel O)."""
     other = mul.args[1] if mul.args[0] is full else mul.args[0]
     val = other.meta.get("val") if isinstance(other, fx.Node) else None
-    return other if val is not None and val.numel() == channels else None
+    return other if val is not None and statically_known_true(val.numel() == channels) else None
 
 
 def _fold_forward(graph: fx.Graph, node: fx.Node, order: dict) -> bool:
@@ -65,7 +67,8 @@ def _fold_backward(node: fx.Node) -> bool:
         return False
     channels = node.args[2].meta["val"].shape[0]
     for g in gprime.args:
-        if isinstance(g, fx.Node) and g.meta["val"].shape == gprime.meta["val"].shape:
+        if isinstance(g, fx.Node) and statically_known_true(
+                sym_eq(g.meta["val"].shape, gprime.meta["val"].shape)):
             alpha = _channel_scale(gprime, g, channels)
             if alpha is not None:
                 node.args = (g, *node.args[1:])

@@ -10,6 +10,7 @@ each pass's output as text (``records``) without the passes knowing.
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 
 @dataclass
@@ -153,6 +155,28 @@ def insert_call(graph: fx.Graph, target, args, keys=("val",)) -> fx.Node:
             item.meta[key] = v
         items.append(item)
     return tuple(items)
+
+
+def is_symbolic(size) -> bool:
+    """A size that varies between calls of a dynamic graph (a SymInt not fixed by a guard)."""
+    return isinstance(size, torch.SymInt) and not is_concrete_int(size)
+
+
+def size_product(graph: fx.Graph, node: fx.Node, dims) -> int | fx.Node:
+    """The product of ``node``'s sizes along ``dims`` as an argument for a new node: an int
+    when static, else ``sym_size`` nodes and their product, read at run time (a symbolic
+    size cannot be a constant of the graph: it would be wrong at the next shape)."""
+    shape = node.meta["val"].shape
+    total = math.prod(int(shape[d]) for d in dims if not is_symbolic(shape[d]))
+    for d in (d for d in dims if is_symbolic(shape[d])):
+        size = insert_call(graph, torch.ops.aten.sym_size.int, (node, d))
+        if total != 1:
+            product = graph.call_function(operator.mul, (total, size))
+            product.meta["val"] = (total.meta["val"] if isinstance(total, fx.Node) else total) \
+                * size.meta["val"]
+            size = product
+        total = size
+    return total
 
 
 # --------------------------------------------------------------------------- text

@@ -10,7 +10,9 @@ Produces, for a layer whose method is not ``none``: ``G'`` in the ``[rows, O]`` 
 path: its method's input grouping, e.g. per sample; weight path: e.g. per channel). For
 method ``none`` the marker is removed and the float GEMMs read G' directly, their layer's
 index recorded as ``meta["fqt_layer_index"]``.
-Invariants: every new node has ``meta["val"]``; the float GEMMs and markers are erased.
+Invariants: every new node has ``meta["val"]``; the float GEMMs and markers are erased; a
+symbolic size (dynamic shapes) is never baked in as a constant: the rows per sample of a
+conv whose H or W is symbolic are computed in the graph (``aten.sym_size``).
 """
 from __future__ import annotations
 
@@ -19,20 +21,21 @@ import torch.fx as fx
 
 from ..ops import reference as ref
 from ..ops.library import GRAD_OPS
-from .infra import PassResult, insert_call
+from .infra import PassResult, insert_call, size_product
 
 aten = torch.ops.aten
 fqt = torch.ops.fqt
 
 
-def _rows(graph: fx.Graph, gprime: fx.Node, kind: str) -> tuple[fx.Node, int]:
-    """(G' as [rows, O], rows per sample) in reference.conv_rows' layout."""
+def _rows(graph: fx.Graph, gprime: fx.Node, kind: str) -> tuple[fx.Node, int | fx.Node]:
+    """(G' as [rows, O], rows per sample) in reference.conv_rows' layout. The channel count
+    is static; the rows per sample of a graph with symbolic H, W are read at run time."""
     shape = gprime.meta["val"].shape
     if kind == "conv2d":
         nhwc = insert_call(graph, aten.permute.default, (gprime, [0, 2, 3, 1]))
-        g2d = insert_call(graph, aten.reshape.default, (nhwc, [-1, shape[1]]))
-        return g2d, shape[2] * shape[3]
-    return insert_call(graph, aten.reshape.default, (gprime, [-1, shape[-1]])), 1
+        g2d = insert_call(graph, aten.reshape.default, (nhwc, [-1, int(shape[1])]))
+        return g2d, size_product(graph, gprime, (2, 3))
+    return insert_call(graph, aten.reshape.default, (gprime, [-1, int(shape[-1])])), 1
 
 
 def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: dict) -> PassResult:
