@@ -57,7 +57,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.overrides import TorchFunctionMode
 
 from . import events
-from .config import Config, candidate_layers, layer_name, resolve_plan
+from .config import Config, candidate_layers, layer_name, parameter_names, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, is_symbolic, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
@@ -268,7 +268,7 @@ class _LayerCalls(TorchFunctionMode):
 def _eager_call_order(model: nn.Module, args, kwargs) -> list[str]:
     """The layers in the order one eager forward calls them. Runs without grad and restores
     the buffers (BatchNorm statistics) and the global RNG state it touched."""
-    recorder = _LayerCalls({id(p): layer_name(n) for n, p in model.named_parameters()})
+    recorder = _LayerCalls({key: layer_name(n) for key, n in parameter_names(model).items()})
     buffers = [(b, b.clone()) for b in model.buffers()]
     rng_state = torch.get_rng_state()
     try:

@@ -7,7 +7,9 @@ A layer is a GEMM weight: a parameter the forward passes as the weight of a line
 (``annotate_layers`` recognises them in the traced graph: ``F.linear``, ``addmm`` with the
 weight transposed as in transformers' GPT-2 ``Conv1D``, ``conv1d``, ``conv2d``), whatever
 module owns it. It is named by its module when the parameter is the module's ``weight``,
-else by the parameter's full name. Rules are applied in order over the layers; a later rule
+else by the parameter's full name; a weight tied under several names (``parameter_names``)
+is named after the GEMM layer that uses it (a language model's ``lm_head``, not the
+embedding it shares its weight with). Rules are applied in order over the layers; a later rule
 overrides an earlier one. Each rule selects layers by exactly one of ``type`` (the owning
 module's class or class name), ``name`` (the layer name) or ``regex`` (``re.fullmatch`` on
 it), and sets any of ``binarize``, ``method``, ``bits``, ``alpha``. A rule that selects no
@@ -184,11 +186,27 @@ def layer_name(parameter: str) -> str:
     return owner if attr == "weight" else parameter
 
 
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` with one name per parameter. A tied weight (one tensor under
+    several names, e.g. a language model's embedding and output head) takes the first of its
+    names whose module is a ``LAYER_TYPES`` layer, the one that computes a GEMM with it
+    (``lm_head``, not the ``wte`` embedding), else its first name."""
+    names = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owner, _, attr = pname.rpartition(".")
+        gemm = attr == "weight" and layer_kind(model.get_submodule(owner)) is not None
+        if id(p) not in names or (gemm and not names[id(p)][1]):
+            names[id(p)] = (pname, gemm)
+    return {key: name for key, (name, _) in names.items()}
+
+
 def candidate_layers(model: nn.Module) -> list[Candidate]:
     """Every parameter of two or more dimensions, in ``named_parameters`` order (a tied
-    weight once, under its first name)."""
+    weight once, under the name ``parameter_names`` gives it)."""
     out = []
-    for pname, p in model.named_parameters():
+    names = parameter_names(model)
+    for p in model.parameters():
+        pname = names[id(p)]
         if p.dim() < 2:
             continue
         module = model.get_submodule(pname.rpartition(".")[0])

@@ -86,3 +86,19 @@ def test_summary_reports_requested_and_running_backend():
     assert ran["fqt::binary_conv2d_scaled"] == "kernels"
     for op, backend in ran.items():
         assert f"{op.split('::')[1]}={backend}" in text
+
+
+def test_tied_weight_is_named_after_the_layer_that_computes_with_it():
+    """A language model whose head shares the embedding's weight (GPT-2, T5): the layer is
+    the head, so a rule naming it selects it, whatever order the modules register in."""
+    from fqt_test_models import GPT
+    torch.manual_seed(0)
+    model = GPT(vocab=20, layers=1)
+    model.lm_head.weight = model.tok.weight   # tied, registered under `tok` first
+    compiled = fqt.compile(model, fqt.Config(backend="reference",
+                                             rules=[{"name": "lm_head", "binarize": True}]))
+    compiled(torch.randint(0, 20, (2, 8))).sum().backward()
+    plan = {layer.name: layer for cg in compiled.fqt_graphs for layer in cg.plan}
+    assert "tok" not in plan
+    assert plan["lm_head"].binarize and "rules[0]" in plan["lm_head"].reason
+    assert model.tok.weight.grad is not None

@@ -18,7 +18,7 @@ Produces: ``meta["fqt_call"]`` on each layer call, normalized to ``kind, x, weig
 transposed`` (the weight is ``[in, out]``) and, for convolutions, 2-D ``stride, padding,
 dilation, groups`` (a conv1d's as ``(1, s)``, ``(0, p)``, ``(1, d)``) or ``unsupported`` =
 why the kernels cannot take it; ``meta["fqt_layer"]`` = the layer name
-(``config.layer_name`` of the weight's first parameter name); ``meta["fqt_name"]`` on every
+(``config.layer_name`` of the weight's ``config.parameter_names`` name); ``meta["fqt_name"]`` on every
 placeholder = its parameter/buffer name (``input_<i>`` else); ``float_out`` receives one
 ``(module path, op, reason)`` per product or softmax kept float.
 A higher-order op (e.g. ``torch.utils.checkpoint``'s ``tag_activation_checkpoint``) gets
@@ -37,7 +37,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import layer_kind, layer_name
+from ..config import layer_kind, layer_name, parameter_names
 from .infra import PassResult, at_node
 
 aten = torch.ops.aten
@@ -177,7 +177,7 @@ def annotate_layers(gm: fx.GraphModule, *, model: nn.Module, example_inputs,
                     float_out: list | None = None) -> PassResult:
     tensor_names = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
     tensor_names.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
-    layers = {id(p): layer_name(n) for n, p in model.named_parameters()}   # first name of a tied weight
+    layers = {key: layer_name(n) for key, n in parameter_names(model).items()}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = {}   # placeholder -> layer name of the parameter it holds
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
