@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -245,30 +246,33 @@ def aq_probabilities(scores: torch.Tensor, bits: int) -> torch.Tensor:
     ``2**-rng.KEEP_BITS``, the resolution of the keep draw (``rng.bernoulli``), so the
     draw keeps the group at exactly rate p and the ``1/p`` rescale stays unbiased however
     small p is (in float32, too: the rounded p is exactly representable)."""
-    n = scores.numel()
+    # numpy, not torch: these are a dozen ops on at most a few thousand groups, run per
+    # layer and path every step, where torch's per-op dispatch would cost more than the work.
+    # Same float64 arithmetic in the same order (cumsum is a sequential scan in both).
+    r = scores.detach().double().numpy()
+    n = r.size
     budget = n / bits
-    r = scores.double()
-    p = torch.zeros(n, dtype=torch.float64)
-    order = torch.argsort(r, descending=True, stable=True)
+    p = np.zeros(n)
+    order = np.argsort(-r, kind="stable")   # descending; equal scores keep their order
     sorted_r = r[order]
-    tail = torch.flip(torch.cumsum(torch.flip(sorted_r, [0]), 0), [0])  # sum of sorted_r[k:]
+    tail = np.cumsum(sorted_r[::-1])[::-1]   # sum of sorted_r[k:]
     # Keeping the k widest groups with certainty leaves budget - k for the rest, spread as
     # c_k R with c_k = (budget - k) / tail[k]. The first k where nothing is left to spread,
     # or where c_k R of the next group is at most 1, decides (all k at once, not a loop).
-    k = torch.arange(n, dtype=torch.float64)
-    left = budget - k
-    c = left / tail
+    left = budget - np.arange(n, dtype=np.float64)
     exhausted = (tail <= 0) | (left <= 0)
-    stops = torch.nonzero(exhausted | (c * sorted_r <= 1.0)).view(-1)
-    if not stops.numel():
+    with np.errstate(divide="ignore", invalid="ignore"):   # 0/0 and inf*0 where exhausted
+        c = left / tail
+        stops = np.flatnonzero(exhausted | (c * sorted_r <= 1.0))
+    if not stops.size:
         p[:] = 1.0
     else:
         first = int(stops[0])
         p[order[:first]] = 1.0
         if not exhausted[first]:
-            p[order[first:]] = torch.clamp(c[first] * sorted_r[first:], max=1.0)
+            p[order[first:]] = np.minimum(c[first] * sorted_r[first:], 1.0)
     grid = float(2 ** rng.KEEP_BITS)
-    return (torch.ceil(p * grid) / grid).float()
+    return torch.from_numpy(np.ceil(p * grid) / grid).float()
 
 
 def topk_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:

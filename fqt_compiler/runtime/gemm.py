@@ -29,7 +29,7 @@ _GENERATORS = {"binary": codegen.binary_gemm_ir, "bitplane": codegen.bitplane_ge
 
 
 def _kernel(family: str, target: Target, **options):
-    return jit.kernel(jit.spec(family, target, _GENERATORS[family], **options))
+    return jit.kernel_of(family, target, _GENERATORS[family], **options)
 
 
 def _default_tile(m: int, n: int, k: int, target: Target):

@@ -233,6 +233,23 @@ def kernel(spec: KernelSpec):
     return _load(spec)
 
 
+_memo: dict = {}
+
+
+def kernel_of(family: str, target: str | Target, generate, **options):
+    """``kernel(spec(family, get_target(target), generate, **options))``, memoized on these
+    arguments as given: wrappers ask for their kernel on every call, once per layer and step,
+    and building and hashing a ``Target`` and a ``KernelSpec`` each time is fixed cost on
+    small layers. While a ``kernel_hook`` is active every request goes to the hook."""
+    if _hooks:
+        return kernel(spec(family, get_target(target), generate, **options))
+    key = (family, target, generate, *options.items())
+    fn = _memo.get(key)
+    if fn is None:
+        fn = _memo[key] = kernel(spec(family, get_target(target), generate, **options))
+    return fn
+
+
 @contextmanager
 def kernel_hook(hook):
     """Route kernel requests through ``hook(spec, load) -> callable`` inside the block."""

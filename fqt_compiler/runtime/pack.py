@@ -21,10 +21,9 @@ from functools import partial
 import torch
 
 from ..codegen import pack as gen
-from ..codegen.targets import get_target
 from . import threads as pool
 from ..ops.reference import conv_output_size
-from .jit import kernel, spec
+from .jit import kernel_of
 from .packed import PackedBits, padded_words
 
 def parallel_rows(fn, rows: int, *args, min_rows: int = 1) -> None:
@@ -40,7 +39,7 @@ _GENERATORS = {"sign_pack": gen.sign_pack_ir, "unpack": gen.unpack_ir, "padded_r
 
 
 def _fn(family: str, target, **options):
-    return kernel(spec(family, get_target(target), _GENERATORS[family], **options))
+    return kernel_of(family, target, _GENERATORS[family], **options)
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:

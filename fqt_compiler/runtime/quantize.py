@@ -21,7 +21,7 @@ import torch
 from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
-from .jit import kernel, spec
+from .jit import kernel_of
 from .pack import parallel_rows
 from .packed import padded_words
 
@@ -31,7 +31,7 @@ MIN_KERNEL_RUN = 64
 
 
 def _fn(family: str, target, **options):
-    return kernel(spec(family, get_target(target), _GENERATORS[family], **options))
+    return kernel_of(family, target, _GENERATORS[family], **options)
 
 
 @dataclass
