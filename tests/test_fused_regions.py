@@ -140,6 +140,59 @@ def test_packed_window_offsets_round_trip(pool, oh, ow):
     assert not changed[torch.arange(3) != 1].any() and not changed[1, torch.arange(5) != 2].any()
 
 
+CONVS = [((3, 3, 11, 9), (6, 3, 3, 3), True, [1, 1], [1, 1], [1, 1]),
+         ((1, 2, 9, 8), (70, 2, 3, 2), False, [2, 1], [0, 1], [1, 2]),
+         ((2, 3, 16, 16), (5, 3, 7, 7), False, [2, 2], [3, 3], [1, 1])]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool,ceil_mode", [([], False), ([3, 3, 2, 2, 1, 1], True), ([2, 2, 2, 2, 0, 0], False)])
+@pytest.mark.parametrize("x_shape,w_shape,has_bias,stride,padding,dilation", CONVS)
+def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias, stride, padding, dilation,
+                                                      pool, ceil_mode, training):
+    """A float conv feeding a region: the op recomputes the conv output in backward; outputs,
+    statistics, argmax, the running statistics and the gradients of input, conv weight, conv
+    bias and the affine equal the literal chain conv2d -> BN -> ReLU -> max pool."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(x_shape, generator=gen), torch.randn(w_shape, generator=gen) * 0.3
+    cb = torch.randn(w_shape[0], generator=gen) if has_bias else None
+    c = w_shape[0]
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
+    rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
+    conv = (stride, padding, dilation, 1)
+    args = (x, w, cb, *conv, weight, bias, rmean, rvar, training, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    kern, ref = _ops("conv2d_bn_region")
+    got, want = kern(*args), ref(*args)
+    assert torch.equal(got[1], want[1])   # argmax bits
+    for name, g, v in zip(("out", "mean", "var", "invstd"), got[:1] + got[2:], want[:1] + want[2:]):
+        _close(g, v, name)
+    leaf = [t.clone().requires_grad_() for t in (x, w, weight, bias)] + ([cb.clone().requires_grad_()] if has_bias else [])
+    rm, rv = rmean.clone(), rvar.clone()
+    y = F.conv2d(leaf[0], leaf[1], leaf[4] if has_bias else None, stride, padding, dilation)
+    v = F.relu(F.batch_norm(y, rm, rv, leaf[2], leaf[3], training, 0.1, 1e-5))
+    if pool:
+        v = F.max_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode)
+    _close(want[0], v.detach(), "reference out")
+    dy = torch.randn(v.shape, generator=gen)
+    v.backward(dy)
+    out, arg, mean, _, invstd = want
+    bargs = (dy, x, w, cb, *conv, arg, weight, bias, mean, invstd, training, 1e-5, "relu", [], pool, ceil_mode,
+             "bn", True)
+    kern_b, ref_b = _ops("conv2d_bn_region_backward")
+    names = ("dinput", "dconv_weight", "dconv_bias", "dweight", "dbias")
+    chains = (leaf[0], leaf[1], leaf[4] if has_bias else None, leaf[2], leaf[3])
+    for name, g, r, chain in zip(names, kern_b(*bargs), ref_b(*bargs), chains):
+        if chain is None:
+            assert g.numel() == r.numel() == 0, name
+            continue
+        _close(g, r, name, 1e-4)
+        _close(r, chain.grad, f"reference {name}", 1e-4)
+    rm2, rv2 = rmean.clone(), rvar.clone()
+    fr.conv2d_region(x, w, cb, *conv, rm2, rv2, weight, bias, training, 0.1, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    _close(rm2, rm, "running_mean")
+    _close(rv2, rv, "running_var")
+
+
 @pytest.mark.parametrize("act,params", ACTS)
 def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True)
@@ -276,7 +329,11 @@ def test_resnet18_fused_step_matches_the_reference_backend():
         grads[backend] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
         if backend == "kernels":
             regions = compiled.fqt_graphs[-1].regions
-            assert "bn1 (train): batch_norm -> relu -> max_pool2d" in regions   # the stem, 3x3/2 pad 1
+            # the stem: float conv1 recomputed in backward, max pool 3x3/2 pad 1
+            assert ("bn1 (train): batch_norm -> relu -> max_pool2d; input: float conv2d conv1, recomputed "
+                    "in backward") in regions
+            # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
+            assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
             assert len(regions) == 20
     (loss_k, gk), (loss_r, gr) = grads["kernels"], grads["reference"]
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)

@@ -95,6 +95,18 @@ def _opcheck_cases():
         cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb if raw is None else saved, arg, wb, bb,
                                               mean, invstd, training, 1e-5, activation, params, pool, True,
                                               "bn1", *(raw or ())[:1])))
+    # a float conv feeding a region (the conv output recomputed in backward)
+    xc, wc, cbias = torch.randn(2, 3, 9, 8), torch.randn(5, 3, 3, 3), torch.randn(5)
+    conv = ([2, 1], [1, 0], [1, 1], 1)
+    for training, bias in ((True, cbias), (False, None)):
+        args = (xc.clone().requires_grad_(), wc.clone().requires_grad_(),
+                None if bias is None else bias.clone().requires_grad_(), *conv, wb.clone().requires_grad_(),
+                bb.clone().requires_grad_(), rm, rv, training, 1e-5, "relu", [], pool, True, "bn1")
+        cases.append((FR.conv2d_bn_region, args))
+        out, arg, mean, _, invstd = FR.conv2d_bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
+                                                     mean, invstd, training, 1e-5, "relu", [], pool, True, "bn1",
+                                                     training)))
     return cases
 
 

@@ -16,7 +16,10 @@ raw GEMM result is exact in int16 when its contraction length K < 32768 (``|Y_ra
 docs/math.md §4b), so ``raw`` returns it as int16 (int32 for longer contractions) and the
 backward keeps that, recomputing ``alpha * Y_raw`` bit for bit, instead of a float32 copy.
 The backward then returns the gradient at ``Y_raw``, ``alpha ⊙ dL/dx``: the binarized
-layer's ``G'``.
+layer's ``G'``. When a float conv feeds it (``conv2d_region``: the first layer, kept float),
+``fqt::conv2d_bn_region`` takes the conv's input and weight and recomputes the conv output
+in its backward (``fqt::conv2d_bn_region_backward``, which also returns the conv's
+gradients), so no float32 copy of that output is kept either.
 
 Reference implementations: exactly the unfused chain (``F.batch_norm``, the activation,
 ``F.max_pool2d``; the backward is ATen's backward formula of each link of that chain), so
@@ -245,12 +248,17 @@ def batch_norm_region(x, running_mean, running_var, weight, bias, training, mome
     out, _, mean, var, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
                                         activation, act_params, pool, ceil_mode, region, alpha,
                                         contraction)
+    _update_running_stats(x.numel() // x.shape[1], running_mean, running_var, mean, var, training, momentum)
+    return out
+
+
+def _update_running_stats(count, running_mean, running_var, mean, var, training, momentum):
+    """``F.batch_norm``'s in-place update from the batch statistics of ``count`` values per
+    channel (the running variance takes the unbiased variance)."""
     if training and running_mean is not None:
-        count = x.numel() // x.shape[1]
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
-    return out
 
 
 def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, layer, running_mean,
@@ -264,3 +272,105 @@ def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, l
     return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
                              activation, act_params, pool, ceil_mode, region, alpha,
                              conv_weight[0].numel())
+
+
+# --------------------------------------------------------------------------- float conv -> region
+# A float conv (the first layer, kept float by the plan) feeding a region: its output is the
+# BatchNorm input the backward needs, a float32 tensor as large as any in the network. The op
+# below takes the conv's input and weight instead, which the conv's own backward keeps anyway,
+# and recomputes the conv output in backward: one more float conv per step, no float32 copy.
+
+_CONV = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+def _conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+                      running_mean, running_var, training, eps, activation, act_params, pool, ceil_mode,
+                      region):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return _bn_region(y, weight, bias, running_mean, running_var, training, eps, activation, act_params,
+                      pool, ceil_mode, region)[:5]
+
+
+def _conv2d_bn_region_fake(input, conv_weight, conv_bias, stride, padding, dilation, groups, *rest):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return _bn_region_fake(y, *rest)[:5]
+
+
+conv2d_bn_region = _define(
+    f"conv2d_bn_region(Tensor input, Tensor conv_weight, Tensor? conv_bias, {_CONV}, Tensor weight, "
+    "Tensor bias, Tensor? running_mean, Tensor? running_var, bool training, float eps, "
+    f"{_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _conv2d_bn_region, _conv2d_bn_region_fake)
+
+
+def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, stride, padding, dilation,
+                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, **kw):
+    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed,
+    ``region_backward`` (``bn_region_backward``'s reference or kernel) at it, then ATen's
+    convolution backward; gradients not asked for (input, a missing bias) are empty."""
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    dy, dweight, dbias = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
+    mask = [input_grad, True, conv_bias is not None]
+    dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
+        dy, input, conv_weight, None if conv_bias is None else list(conv_bias.shape), stride, padding,
+        dilation, False, [0, 0], groups, mask)
+    return (input.new_empty(0) if dinput is None else dinput, dconv_weight,
+            input.new_empty(0) if dconv_bias is None else dconv_bias, dweight, dbias)
+
+
+def _conv2d_bn_region_backward(dy, input, conv_weight, conv_bias, stride, padding, dilation, groups, arg,
+                               weight, bias, mean, invstd, training, eps, activation, act_params, pool,
+                               ceil_mode, region, input_grad):
+    return conv2d_region_backward(_bn_region_backward, dy, input, conv_weight, conv_bias, stride, padding,
+                                  dilation, groups, arg, weight, bias, mean, invstd, training, eps,
+                                  activation, act_params, pool, ceil_mode, region, input_grad=input_grad)
+
+
+def _conv2d_bn_region_backward_fake(dy, input, conv_weight, conv_bias, *rest):
+    input_grad, weight = rest[-1], rest[5]
+    return (torch.empty_like(input) if input_grad else input.new_empty(0), torch.empty_like(conv_weight),
+            input.new_empty(0) if conv_bias is None else torch.empty_like(conv_bias),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+conv2d_bn_region_backward = _define(
+    f"conv2d_bn_region_backward(Tensor dy, Tensor input, Tensor conv_weight, Tensor? conv_bias, {_CONV}, "
+    "Tensor arg, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, bool training, float eps, "
+    f"{_ARGS}, bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _conv2d_bn_region_backward, _conv2d_bn_region_backward_fake)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, _, _, *static = inputs
+    _, arg, mean, _, invstd = output
+    ctx.save_for_backward(input, conv_weight, conv_bias, arg, weight, bias, mean, invstd)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.static = tuple(static)
+
+
+def _conv_backward(ctx, dy, *_unused):
+    input, conv_weight, conv_bias, arg, weight, bias, mean, invstd = ctx.saved_tensors
+    grads = conv2d_bn_region_backward(dy, input, conv_weight, conv_bias, *ctx.conv, arg, weight, bias,
+                                      mean, invstd, *ctx.static, ctx.needs_input_grad[0])
+    dinput, dconv_weight, dconv_bias, dweight, dbias = grads
+    return (dinput if ctx.needs_input_grad[0] else None, dconv_weight,
+            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 9)
+
+
+conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def conv2d_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, running_mean,
+                  running_var, weight, bias, training, momentum, eps, activation, act_params, pool,
+                  ceil_mode, region):
+    """A float ``F.conv2d`` followed by ``batch_norm_region``, as one op that recomputes the
+    conv output in backward instead of keeping it."""
+    out, _, mean, var, _ = conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups,
+                                            weight, bias, running_mean, running_var, training, eps,
+                                            activation, act_params, pool, ceil_mode, region)
+    n, _, h, w = input.shape
+    kh, kw = conv_weight.shape[2:]
+    count = (n * ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+             * ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    _update_running_stats(count, running_mean, running_var, mean, var, training, momentum)
+    return out

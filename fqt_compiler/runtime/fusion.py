@@ -8,6 +8,7 @@ see ``ops/fused_regions.py`` for the op semantics and its reference (the unfused
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..codegen import fusion as gen
 from ..codegen.targets import get_target
@@ -113,3 +114,19 @@ def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, ac
     r = _region(training, activation, act_params, pool, eps, None if alpha is None else x.dtype)
     with stats.timed(layer_name, "region_backward"):
         return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, target=target)
+
+
+# A float conv (run by ATen, as float layers are on both backends) feeding a region.
+
+@implements("conv2d_bn_region")
+def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
+                     layer_name="?", target="host"):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
+
+
+@implements("conv2d_bn_region_backward")
+def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
+    *args, input_grad = args
+    return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
+                                                layer_name=layer_name, target=target)
