@@ -249,13 +249,24 @@ def test_vgg_regions_are_fused_and_keep_no_float_copies():
     for unfused in ("aten.native_batch_norm_backward.default", "aten.threshold_backward.default",
                     "aten.max_pool2d_with_indices_backward.default"):
         assert unfused not in bw
-    # no int64 pool indices are saved for backward
+    # no int64 pool indices are saved for backward, and no float32 activation map but the
+    # model's input (which the float first conv keeps for its weight gradient): the binarized
+    # convs' raw GEMM results are kept as int16, the float conv's output is recomputed
     saved = [n.meta["val"] for n in cg.backward.graph.nodes if n.op == "placeholder"]
     assert not any(v.dtype == torch.int64 and v.dim() == 4 for v in saved)
+    float_maps = [tuple(v.shape) for v in saved if v.dtype == torch.float32 and v.dim() == 4 and v.shape[0] == 3]
+    assert float_maps == [(3, 1, 15, 15)]
+    assert sum(v.dtype == torch.int16 and v.dim() == 4 for v in saved) == 5   # one per binarized conv
+    # pool argmax: 2 bits per 2x2 window output, each channel plane from its own byte
+    assert (3, 32, 13) in [tuple(v.shape) for v in saved if v.dtype == torch.uint8]   # 7x7 outputs, 98 bits
     st = fqt.runtime.stats()
     assert st[("features.4", "region_forward")].calls >= 1
     assert st[("features.4", "region_backward")].calls >= 1
-    assert "fused regions (6;" in fqt.summary(compiled)
+    summary = fqt.summary(compiled)
+    assert "fused regions (6;" in summary
+    assert "features.4 (train): batch_norm -> relu -> max_pool2d; input: layer 1's raw GEMM result, saved as " \
+           "int16 (K=288)" in summary
+    assert "features.1 (train): batch_norm -> relu; input: float conv2d features.0, recomputed in backward" in summary
     # dumps show the regions and the ops they replaced
     capture = [r.text for r in cg.records if r.stage == "capture" and r.name == "fuse_regions"][0]
     assert "fused region features.4 (train): batch_norm -> relu" in capture
