@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..codegen import fusion as gen
-from ..codegen.targets import get_target
 from ..ops import fused_regions   # also defines the ops registered below
 from . import kernel_stats as stats
-from .jit import kernel, spec
+from .jit import kernel_of
 from .lowered import implements
 from .pack import parallel_rows
 
@@ -22,7 +21,7 @@ _GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.r
 
 
 def _fn(family: str, target, region: gen.Region):
-    return kernel(spec(family, get_target(target), _GENERATORS[family], region=region))
+    return kernel_of(family, target, _GENERATORS[family], region=region)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
