@@ -13,9 +13,11 @@ thread and at all threads. Contenders, measured side by side in one run:
 in training-mode BN and in eval-mode BN (the paper timed the latter). Then a per-phase
 breakdown of one FQT step (from ``fqt.runtime.stats()``; ``region_*`` are the fused
 BatchNorm/activation/pool kernels; "float ops" is the rest: unfused float ops, the float
-layers, autograd), the bytes saved for backward (every tensor autograd
-keeps, deduplicated by storage), and the ``hygon`` (AVX2) kernels vs float32 PyTorch limited
-to AVX2, in a subprocess whose oneDNN/MKL/ATen are capped before torch is imported.
+layers, autograd), the bytes saved for backward (every tensor autograd keeps, deduplicated
+by storage; once in all and once without the model's parameters, which both contenders keep
+resident anyway and which dominate at small batches), and the ``hygon`` (AVX2) kernels vs
+float32 PyTorch limited to AVX2, in a subprocess whose oneDNN/MKL/ATen are capped before
+torch is imported.
 
     python benchmarks/bench_train.py [--quick] [--models vgg16,resnet18] [--batch 128]
 """
@@ -53,8 +55,9 @@ def step_fn(model, runner, x, y, autocast=False):
     return step
 
 
-def saved_bytes(step) -> int:
-    """Bytes of every tensor autograd saves for backward during ``step``, each storage once."""
+def saved_bytes(step, parameters=()) -> tuple[int, int]:
+    """Bytes of every tensor autograd saves for backward during ``step``, each storage once:
+    ``(all, all but the storages of parameters)``."""
     seen = {}
 
     def pack(t):
@@ -65,7 +68,8 @@ def saved_bytes(step) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
-    return sum(seen.values())
+    params = {p.untyped_storage().data_ptr() for p in parameters}
+    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in params)
 
 
 def contenders(name, batch, train_bn, target="host"):
@@ -75,7 +79,7 @@ def contenders(name, batch, train_bn, target="host"):
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     compiled = fqt.compile(model, fqt.Config(method="aq_scq", bits=4, seed=0, target=target))
     compiled.train(train_bn)
-    return {
+    return model, {
         "fp32": step_fn(model, model, x, y),
         "bf16": step_fn(model, model, x, y, autocast=True),
         "fqt": step_fn(model, compiled, x, y),
@@ -87,7 +91,7 @@ def run_speed(args, threads_list):
     results = {}
     for name in args.models:
         for train_bn in (True, False):
-            steps = contenders(name, args.batch, train_bn)
+            _, steps = contenders(name, args.batch, train_bn)
             for threads in threads_list:
                 torch.set_num_threads(threads)
                 times = {k: median_time(f, repeats=args.repeats, warmup=2) for k, f in steps.items()}
@@ -104,7 +108,7 @@ def run_speed(args, threads_list):
 def run_breakdown(args):
     torch.set_num_threads(1)
     for name in args.models:
-        steps = contenders(name, args.batch, True)
+        model, steps = contenders(name, args.batch, True)
         fqt_step = steps["fqt"]
         fqt_step()                                   # compile
         stats.reset_stats()
@@ -112,11 +116,12 @@ def run_breakdown(args):
         by_kind = stats.stats().by_kind()
         print(f"\n-- {name}: one FQT step, 1 thread, train-BN: {total * 1e3:.1f} ms")
         print_phases(by_kind, total)
-        fp32 = saved_bytes(steps["fp32"])
-        q = saved_bytes(fqt_step)
+        (fp32, fp32_act), (q, q_act) = (saved_bytes(steps[k], list(model.parameters())) for k in ("fp32", "fqt"))
         binarized_in = sum(e.saved_bytes for (layer, kind), e in stats.stats().items() if kind == "forward")
         print(f"   saved for backward: fp32 {fp32 / 2**20:.1f} MiB, fqt {q / 2**20:.1f} MiB "
-              f"({fp32 / q:.2f}x less); packed inputs of binarized layers {binarized_in / 2**20:.2f} MiB")
+              f"({fp32 / q:.2f}x less); without parameters: fp32 {fp32_act / 2**20:.1f} MiB, fqt "
+              f"{q_act / 2**20:.1f} MiB ({fp32_act / q_act:.2f}x less); packed inputs of binarized layers "
+              f"{binarized_in / 2**20:.2f} MiB")
         compression = binarized_layer_compression(name, args.batch)
         print(f"   binarized layers' saved inputs: float32 {compression[0] / 2**20:.1f} MiB vs packed sign+STE "
               f"bits {compression[1] / 2**20:.2f} MiB = {compression[0] / compression[1]:.1f}x smaller")
@@ -160,7 +165,7 @@ def avx2_child(args):
     """Runs in a subprocess with AVX2_ENV: fp32 PyTorch capped at AVX2 vs fqt's hygon kernels."""
     torch.set_num_threads(1)
     for name in args.models:
-        steps = contenders(name, args.batch, True, target="hygon")
+        _, steps = contenders(name, args.batch, True, target="hygon")
         t32 = median_time(steps["fp32"], repeats=args.repeats, warmup=2)
         tq = median_time(steps["fqt"], repeats=args.repeats, warmup=2)
         print(f"{name:<9} train-BN  1 thr  fp32(AVX2) {t32 * 1e3:8.1f} ms  fqt(hygon kernels) {tq * 1e3:8.1f} ms"

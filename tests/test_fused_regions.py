@@ -32,48 +32,71 @@ def _close(got, want, what, tol=1e-5):
     assert torch.allclose(got, want, rtol=tol, atol=tol * scale), (what, (got - want).abs().max())
 
 
-def _inputs(shape, seed):
+def _inputs(shape, seed, contraction=0):
+    """Region inputs; with a ``contraction`` length, ``x`` is a raw ±1 GEMM result (integers
+    in ``[-K, K]`` of K's parity) and ``alpha`` a per-channel scale, else ``alpha`` is None."""
     gen = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
     x = torch.randn(shape, generator=gen) * 2 + 0.5
     weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
     rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
+    alpha = None
+    if contraction:
+        x = (contraction - 2 * torch.randint(0, contraction + 1, shape, generator=gen)).float()
+        alpha = torch.rand(c, generator=gen) * 0.05 + 1e-3
+        rmean = rmean * contraction * 0.05
+        rvar = rvar * (contraction * 0.05) ** 2
     dy_seed = seed + 1
-    return x, weight, bias, rmean, rvar, dy_seed
+    return x, weight, bias, rmean, rvar, alpha, dy_seed
 
 
-def check_region(shape, act, params, pool, ceil_mode, training, seed=0):
-    """Kernel == reference for one region (forward outputs, statistics, argmax bytes exactly,
-    gradients), and reference == the literal unfused chain differentiated by autograd."""
-    x, weight, bias, rmean, rvar, dy_seed = _inputs(shape, seed)
+def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0):
+    """Kernel == reference for one region (forward outputs, statistics, argmax bits and the
+    saved raw GEMM result exactly, gradients), and reference == the literal unfused chain
+    (with ``contraction``: the binarized layer's ``alpha ⊙ Y_raw`` first) differentiated by
+    autograd."""
+    x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction)
     if training and shape[0] * shape[2] * shape[3] == 1:
         return   # BatchNorm refuses one value per channel in training
-    args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, ceil_mode, "bn")
+    args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, ceil_mode, "bn", alpha,
+            contraction)
     kern, ref = _ops("bn_region")
     got, want = kern(*args), ref(*args)
-    for name, g, w in zip(("out", "arg", "mean", "var", "invstd"), got, want):
-        if name == "arg":
-            assert torch.equal(g, w)
+    for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw"), got, want):
+        if name in ("arg", "raw"):
+            assert g.dtype == w.dtype and torch.equal(g, w), name
         else:
             _close(g, w, name)
-    # The reference is the unfused chain: F.batch_norm -> activation -> F.max_pool2d.
+    raw = want[5]
+    if contraction:   # the exact integer copy, as narrow as the contraction allows
+        assert raw.dtype == (torch.int16 if contraction < 32768 else torch.int32)
+        assert torch.equal(raw.double(), x.double())
+    else:
+        assert raw.numel() == 0
+    if pool:          # offset_bits per output, each channel plane from its own byte
+        bits = {4: 2, 9: 4, 6: 4}[pool[0] * pool[1]]
+        assert want[1].shape == (*want[0].shape[:2], -(-want[0].shape[2] * want[0].shape[3] * bits // 8))
+    # The reference is the unfused chain: [alpha * Y_raw ->] F.batch_norm -> activation -> F.max_pool2d.
     leaf = [t.clone().requires_grad_() for t in (x, weight, bias)]
     rm, rv = rmean.clone(), rvar.clone()
-    v = fr.ACTIVATIONS[act](F.batch_norm(leaf[0], rm, rv, leaf[1], leaf[2], training, 0.1, 1e-5), params)
+    inp = leaf[0] if alpha is None else leaf[0] * alpha.view(1, -1, 1, 1)
+    v = fr.ACTIVATIONS[act](F.batch_norm(inp, rm, rv, leaf[1], leaf[2], training, 0.1, 1e-5), params)
     if pool:
         v = F.max_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode)
     _close(want[0], v.detach(), "reference out")
     dy = torch.randn(v.shape, generator=torch.Generator().manual_seed(dy_seed))
     v.backward(dy)
-    out, arg, mean, _, invstd = want
-    bargs = (dy, x, arg, weight, bias, mean, invstd, training, 1e-5, act, params, pool, ceil_mode, "bn")
+    out, arg, mean, _, invstd, _ = want
+    bargs = (dy, x if alpha is None else raw, arg, weight, bias, mean, invstd, training, 1e-5, act, params,
+             pool, ceil_mode, "bn", alpha)
     kern_b, ref_b = _ops("bn_region_backward")
     for name, g, w, chain in zip(("dx", "dweight", "dbias"), kern_b(*bargs), ref_b(*bargs), leaf):
         _close(g, w, name, 1e-4)
         _close(w, chain.grad, f"reference {name}", 1e-4)
     # Running statistics: the fused layer's update equals F.batch_norm's.
     rm2, rv2 = rmean.clone(), rvar.clone()
-    fr.batch_norm_region(x, rm2, rv2, weight, bias, training, 0.1, 1e-5, act, params, pool, ceil_mode, "bn")
+    fr.batch_norm_region(x, rm2, rv2, weight, bias, training, 0.1, 1e-5, act, params, pool, ceil_mode, "bn",
+                         alpha, contraction)
     _close(rm2, rm, "running_mean")
     _close(rv2, rv, "running_var")
 
@@ -87,6 +110,89 @@ def test_region_kernels_match_the_unfused_chain(shape, pool, ceil_mode, training
     check_region(shape, "relu", [], pool, ceil_mode, training)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool,ceil_mode", POOLS[:4])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("contraction", [4608, 40000])
+def test_raw_input_regions_match_the_unfused_chain(contraction, shape, pool, ceil_mode, training):
+    """Regions fed a binarized conv's raw GEMM result: int16 saved below K = 32768, int32 at
+    and above it (K = 40000)."""
+    if pool and (shape[2] + 2 * pool[4] < pool[0] or shape[3] + 2 * pool[5] < pool[1]):
+        pytest.skip("window larger than the padded input")
+    check_region(shape, "relu", [], pool, ceil_mode, training, contraction=contraction)
+
+
+@pytest.mark.parametrize("pool", [[1, 1, 1, 1, 0, 0], [2, 2, 2, 2, 0, 0], [2, 3, 1, 1, 0, 0],
+                                  [3, 3, 2, 2, 1, 1], [4, 4, 1, 1, 0, 0], [5, 5, 1, 1, 2, 2]])
+@pytest.mark.parametrize("oh,ow", [(1, 1), (3, 5), (4, 4)])
+def test_packed_window_offsets_round_trip(pool, oh, ow):
+    taps = pool[0] * pool[1]
+    bits = fr.offset_bits(pool)
+    assert bits == {1: 1, 4: 2, 6: 4, 9: 4, 16: 4, 25: 8}[taps]
+    codes = torch.randint(0, taps, (3, 5, oh, ow), dtype=torch.uint8)
+    packed = fr.pack_offsets(codes, pool)
+    assert packed.shape == (3, 5, -(-oh * ow * bits // 8))
+    assert torch.equal(fr.unpack_offsets(packed, pool, oh, ow), codes)
+    # planes do not share bytes: changing one plane's codes leaves the others' bytes alone
+    other = codes.clone()
+    other[1, 2] = (other[1, 2] + 1) % taps if taps > 1 else other[1, 2]
+    changed = (fr.pack_offsets(other, pool) != packed).any(2)
+    assert not changed[torch.arange(3) != 1].any() and not changed[1, torch.arange(5) != 2].any()
+
+
+CONVS = [((3, 3, 11, 9), (6, 3, 3, 3), True, [1, 1], [1, 1], [1, 1]),
+         ((1, 2, 9, 8), (70, 2, 3, 2), False, [2, 1], [0, 1], [1, 2]),
+         ((2, 3, 16, 16), (5, 3, 7, 7), False, [2, 2], [3, 3], [1, 1])]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool,ceil_mode", [([], False), ([3, 3, 2, 2, 1, 1], True), ([2, 2, 2, 2, 0, 0], False)])
+@pytest.mark.parametrize("x_shape,w_shape,has_bias,stride,padding,dilation", CONVS)
+def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias, stride, padding, dilation,
+                                                      pool, ceil_mode, training):
+    """A float conv feeding a region: the op recomputes the conv output in backward; outputs,
+    statistics, argmax, the running statistics and the gradients of input, conv weight, conv
+    bias and the affine equal the literal chain conv2d -> BN -> ReLU -> max pool."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(x_shape, generator=gen), torch.randn(w_shape, generator=gen) * 0.3
+    cb = torch.randn(w_shape[0], generator=gen) if has_bias else None
+    c = w_shape[0]
+    weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
+    rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
+    conv = (stride, padding, dilation, 1)
+    args = (x, w, cb, *conv, weight, bias, rmean, rvar, training, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    kern, ref = _ops("conv2d_bn_region")
+    got, want = kern(*args), ref(*args)
+    assert torch.equal(got[1], want[1])   # argmax bits
+    for name, g, v in zip(("out", "mean", "var", "invstd"), got[:1] + got[2:], want[:1] + want[2:]):
+        _close(g, v, name)
+    leaf = [t.clone().requires_grad_() for t in (x, w, weight, bias)] + ([cb.clone().requires_grad_()] if has_bias else [])
+    rm, rv = rmean.clone(), rvar.clone()
+    y = F.conv2d(leaf[0], leaf[1], leaf[4] if has_bias else None, stride, padding, dilation)
+    v = F.relu(F.batch_norm(y, rm, rv, leaf[2], leaf[3], training, 0.1, 1e-5))
+    if pool:
+        v = F.max_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode)
+    _close(want[0], v.detach(), "reference out")
+    dy = torch.randn(v.shape, generator=gen)
+    v.backward(dy)
+    out, arg, mean, _, invstd = want
+    bargs = (dy, x, w, cb, *conv, arg, weight, bias, mean, invstd, training, 1e-5, "relu", [], pool, ceil_mode,
+             "bn", True)
+    kern_b, ref_b = _ops("conv2d_bn_region_backward")
+    names = ("dinput", "dconv_weight", "dconv_bias", "dweight", "dbias")
+    chains = (leaf[0], leaf[1], leaf[4] if has_bias else None, leaf[2], leaf[3])
+    for name, g, r, chain in zip(names, kern_b(*bargs), ref_b(*bargs), chains):
+        if chain is None:
+            assert g.numel() == r.numel() == 0, name
+            continue
+        _close(g, r, name, 1e-4)
+        _close(r, chain.grad, f"reference {name}", 1e-4)
+    rm2, rv2 = rmean.clone(), rvar.clone()
+    fr.conv2d_region(x, w, cb, *conv, rm2, rv2, weight, bias, training, 0.1, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    _close(rm2, rm, "running_mean")
+    _close(rv2, rv, "running_var")
+
+
 @pytest.mark.parametrize("act,params", ACTS)
 def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True)
@@ -96,12 +202,12 @@ def test_region_activations_match_the_unfused_chain(act, params):
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 70), h=st.integers(2, 9), w=st.integers(2, 9),
        act=st.sampled_from(ACTS), pool=st.sampled_from(POOLS), training=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_region_kernels_property(n, c, h, w, act, pool, training, seed):
+       seed=st.integers(0, 1000), contraction=st.sampled_from([0, 0, 576, 36864]))
+def test_region_kernels_property(n, c, h, w, act, pool, training, seed, contraction):
     (pool, ceil_mode) = pool
     if pool and (h + 2 * pool[4] < pool[0] or w + 2 * pool[5] < pool[1]):
         return
-    check_region((n, c, h, w), *act, pool, ceil_mode, training, seed)
+    check_region((n, c, h, w), *act, pool, ceil_mode, training, seed, contraction)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -143,13 +249,24 @@ def test_vgg_regions_are_fused_and_keep_no_float_copies():
     for unfused in ("aten.native_batch_norm_backward.default", "aten.threshold_backward.default",
                     "aten.max_pool2d_with_indices_backward.default"):
         assert unfused not in bw
-    # no int64 pool indices are saved for backward
+    # no int64 pool indices are saved for backward, and no float32 activation map but the
+    # model's input (which the float first conv keeps for its weight gradient): the binarized
+    # convs' raw GEMM results are kept as int16, the float conv's output is recomputed
     saved = [n.meta["val"] for n in cg.backward.graph.nodes if n.op == "placeholder"]
     assert not any(v.dtype == torch.int64 and v.dim() == 4 for v in saved)
+    float_maps = [tuple(v.shape) for v in saved if v.dtype == torch.float32 and v.dim() == 4 and v.shape[0] == 3]
+    assert float_maps == [(3, 1, 15, 15)]
+    assert sum(v.dtype == torch.int16 and v.dim() == 4 for v in saved) == 5   # one per binarized conv
+    # pool argmax: 2 bits per 2x2 window output, each channel plane from its own byte
+    assert (3, 32, 13) in [tuple(v.shape) for v in saved if v.dtype == torch.uint8]   # 7x7 outputs, 98 bits
     st = fqt.runtime.stats()
     assert st[("features.4", "region_forward")].calls >= 1
     assert st[("features.4", "region_backward")].calls >= 1
-    assert "fused regions (6;" in fqt.summary(compiled)
+    summary = fqt.summary(compiled)
+    assert "fused regions (6;" in summary
+    assert "features.4 (train): batch_norm -> relu -> max_pool2d; input: layer 1's raw GEMM result, saved as " \
+           "int16 (K=288)" in summary
+    assert "features.1 (train): batch_norm -> relu; input: float conv2d features.0, recomputed in backward" in summary
     # dumps show the regions and the ops they replaced
     capture = [r.text for r in cg.records if r.stage == "capture" and r.name == "fuse_regions"][0]
     assert "fused region features.4 (train): batch_norm -> relu" in capture
@@ -223,7 +340,11 @@ def test_resnet18_fused_step_matches_the_reference_backend():
         grads[backend] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
         if backend == "kernels":
             regions = compiled.fqt_graphs[-1].regions
-            assert "bn1 (train): batch_norm -> relu -> max_pool2d" in regions   # the stem, 3x3/2 pad 1
+            # the stem: float conv1 recomputed in backward, max pool 3x3/2 pad 1
+            assert ("bn1 (train): batch_norm -> relu -> max_pool2d; input: float conv2d conv1, recomputed "
+                    "in backward") in regions
+            # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
+            assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
             assert len(regions) == 20
     (loss_k, gk), (loss_r, gr) = grads["kernels"], grads["reference"]
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)

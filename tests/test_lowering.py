@@ -212,12 +212,22 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
     cg = compiled.fqt_graphs[-1]
     fw_ops = {n.meta.get("fqt_op") for n in cg.forward.graph.nodes}
     bw_alpha = [n for n in cg.backward.graph.nodes if "alpha" in n.kwargs]
+    # bn_region_backward(dy, x, arg, ..., region, alpha): alpha is its 15th argument
+    raw_regions = [n for n in cg.backward.graph.nodes if n.meta.get("fqt_op") is torch.ops.fqt.bn_region_backward.default
+                   and len(n.args) > 14 and n.args[14] is not None]
     binarized = [layer for layer in cg.plan if layer.binarize]
-    assert len(bw_alpha) == 2 * len(binarized)   # both SCQ paths read g and scale it in the kernel
     if alpha == "mean":
-        assert torch.ops.fqt.binary_conv2d_scaled.default in fw_ops
-        assert torch.ops.fqt.binary_conv2d.default not in fw_ops
+        # Every binarized conv of this model feeds a BatchNorm, whose fused region takes the
+        # raw GEMM result and alpha: alpha * Y_raw in registers, G' = alpha ⊙ dx in the
+        # region's backward kernel; Y_raw goes to the region alone.
+        assert len(raw_regions) == len(binarized) and not bw_alpha
+        convs = [n for n in cg.forward.graph.nodes if n.meta.get("fqt_op") is torch.ops.fqt.binary_conv2d.default]
+        assert len(convs) == len(binarized)
+        for conv in convs:
+            y_raw = next(u for u in conv.users if u.args[1] == 0)
+            assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
+        assert len(bw_alpha) == 2 * len(binarized) and not raw_regions   # both SCQ paths scale g
         assert torch.ops.fqt.binary_conv2d.default in fw_ops
         assert torch.ops.fqt.binary_conv2d_scaled.default not in fw_ops
         assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("fqt_alpha")

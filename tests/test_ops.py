@@ -82,14 +82,31 @@ def _opcheck_cases():
     wb, bb = torch.rand(5) + 0.5, torch.randn(5)
     rm, rv = torch.randn(5), torch.rand(5) + 0.5
     pool = [3, 2, 2, 2, 1, 0]
-    for training, activation, params in ((True, "relu", []), (False, "leaky_relu", [0.1])):
-        args = (xb.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
-                rm, rv, training, 1e-5, activation, params, pool, True, "bn1")
+    y_raw = (45 - 2 * torch.randint(0, 46, xb.shape)).float()   # a raw GEMM result, K = 45
+    alpha = torch.rand(5) * 0.1
+    for training, activation, params, raw in ((True, "relu", [], None), (False, "leaky_relu", [0.1], None),
+                                              (True, "relu", [], (alpha, 45)), (False, "relu", [], (alpha, 45))):
+        x_in = xb if raw is None else y_raw
+        args = (x_in.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
+                rm, rv, training, 1e-5, activation, params, pool, True, "bn1", *(raw or ()))
         cases.append((FR.bn_region, args))
-        _, arg, mean, _, invstd = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        _, arg, mean, _, invstd, saved = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
         out_shape = FR.pooled_shape(xb.shape, pool, True)
-        cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb, arg, wb, bb, mean, invstd,
-                                              training, 1e-5, activation, params, pool, True, "bn1")))
+        cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb if raw is None else saved, arg, wb, bb,
+                                              mean, invstd, training, 1e-5, activation, params, pool, True,
+                                              "bn1", *(raw or ())[:1])))
+    # a float conv feeding a region (the conv output recomputed in backward)
+    xc, wc, cbias = torch.randn(2, 3, 9, 8), torch.randn(5, 3, 3, 3), torch.randn(5)
+    conv = ([2, 1], [1, 0], [1, 1], 1)
+    for training, bias in ((True, cbias), (False, None)):
+        args = (xc.clone().requires_grad_(), wc.clone().requires_grad_(),
+                None if bias is None else bias.clone().requires_grad_(), *conv, wb.clone().requires_grad_(),
+                bb.clone().requires_grad_(), rm, rv, training, 1e-5, "relu", [], pool, True, "bn1")
+        cases.append((FR.conv2d_bn_region, args))
+        out, arg, mean, _, invstd = FR.conv2d_bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
+                                                     mean, invstd, training, 1e-5, "relu", [], pool, True, "bn1",
+                                                     training)))
     return cases
 
 

@@ -9,11 +9,16 @@ A ``Region`` is a small program over an NCHW tensor, rooted at a per-channel nor
 channels; every reduction is per channel, so no atomics and a thread-count-independent
 summation order): for each channel, at most one reduction pass (sum and sum of squares in
 double) and one apply pass that writes the region's output and, with a pool, the argmax of
-each window as its offset ``i * kw + j`` (one byte). ``region_backward_ir`` is the mirror
-image: pool backward (scatter by the saved offsets), the activation's mask recomputed from
-``x`` (nothing float is saved but ``x``), one reduction pass (``sum g``, ``sum g * xhat``)
-and one apply pass (BatchNorm's input gradient). Sizes are run-time arguments: one kernel per
-region, not per shape. The math is docs/math.md (BatchNorm, the pooled masks).
+each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
+3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
+backward (scatter by the saved offsets), the activation's mask recomputed from the saved
+input, one reduction pass (``sum g``, ``sum g * xhat``) and one apply pass (BatchNorm's
+input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a
+binarized conv: the forward first stores ``Y_raw`` as int16 (or int32) and every pass of
+both kernels recomputes ``alpha * Y_raw`` from it in registers, so the backward keeps two
+bytes per input instead of a float32 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
+arguments: one kernel per region, not per shape. The math is docs/math.md (BatchNorm, the
+pooled masks, §4b).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 
+from ..ops.fused_regions import offset_bits
 from .abi import KernelIR
 from .builder import F32, I8, I64, Kernel, new_module, vec, vsuffix
 from .targets import Target, get_target
@@ -82,22 +88,29 @@ class Region:
     """``batch_stats``: normalize with this batch's statistics (training BatchNorm) and
     write them; otherwise read ``mean``/``invstd`` (eval BatchNorm: a per-channel affine).
     ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None.
-    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen."""
+    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen.
+    ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
+    ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
+    float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
+    from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``."""
 
     batch_stats: bool
     activation: Activation = Activation("none")
     pool: tuple | None = None
     eps: float = 1e-5
+    raw_bits: int = 0
 
 
 # The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
 FORWARD_SYMBOL = "fqt_region_forward"
 FORWARD_PARAMS = (("x", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
-                  ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("N", "i64"), ("C", "i64"),
+                  ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("raw", "ptr"),
+                  ("N", "i64"), ("C", "i64"),
                   ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
 BACKWARD_SYMBOL = "fqt_region_backward"
 BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
-                   ("mean", "ptr"), ("invstd", "ptr"), ("dx", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
+                   ("mean", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("dx", "ptr"), ("dgamma", "ptr"),
+                   ("dbeta", "ptr"),
                    ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
                    ("c0", "i64"), ("c1", "i64"))
 
@@ -113,6 +126,38 @@ def _store(k: Kernel, value, base, index):
 
 def _splat(k: Kernel, value, lanes):
     return value if lanes == 1 else k.splat(value, lanes)
+
+
+def _lanes(ty, lanes):
+    return ty if lanes == 1 else vec(lanes, ty)
+
+
+def _input(k: Kernel, region: Region, base, c):
+    """``load(index, lanes)``: the region's float input at ``index`` of channel ``c``, read
+    from ``base``: float32, or ``alpha[c] * Y_raw`` from int ``raw_bits`` (the product
+    ``binarized_conv2d`` rounds, so the same float)."""
+    if not region.raw_bits:
+        return lambda index, lanes: _load(k, base, index, lanes)
+    b, ity = k.b, ir.IntType(region.raw_bits)
+    alpha = b.load(k.gep(k.arg["alpha"], c), typ=F32)
+
+    def load(index, lanes):
+        raw = b.load(k.gep(base, index, ity), typ=_lanes(ity, lanes), align=region.raw_bits // 8)
+        return b.fmul(b.sitofp(raw, _lanes(F32, lanes)), _splat(k, alpha, lanes))
+    return load
+
+
+def _store_raw(k: Kernel, region: Region, c, hw) -> None:
+    """``raw[n, c] = int(x[n, c])`` for every sample: exact, ``|Y_raw| <= K`` fits."""
+    a, b, ity = k.arg, k.b, ir.IntType(region.raw_bits)
+    with k.loop(0, a["N"]) as n:
+        plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+
+        def convert(i, lanes):
+            index = b.add(plane, i)
+            raw = b.fptosi(_load(k, a["x"], index, lanes), _lanes(ity, lanes))
+            b.store(raw, k.gep(a["raw"], index, ity), align=region.raw_bits // 8)
+        _strided(k, hw, convert)
 
 
 def _affine(k: Kernel, x, scale, shift, lanes):
@@ -145,14 +190,15 @@ def _accumulator(k: Kernel) -> dict:
             1: k.var(F64, ir.Constant(F64, 0.0))}
 
 
-def _channel_sum(k: Kernel, c, hw, term):
-    """``sum over n, i of term(x[n, c, i])`` in double (``term`` maps float lanes to float)."""
+def _channel_sum(k: Kernel, c, hw, load, term):
+    """``sum over n, i of term(input[n, c, i])`` in double (``load`` as ``_input`` returns it,
+    ``term`` maps float lanes to float)."""
     a, b = k.arg, k.b
     acc = _accumulator(k)
     with k.loop(0, a["N"]) as n:
         plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
-        _strided(k, hw, lambda i, lanes: _accumulate(k, acc, term(_load(k, a["x"], b.add(plane, i), lanes),
-                                                                  lanes), lanes))
+        _strided(k, hw, lambda i, lanes: _accumulate(k, acc, term(load(b.add(plane, i), lanes), lanes),
+                                                     lanes))
     return _total(k, acc)
 
 
@@ -185,23 +231,27 @@ def _window(region: Region, k: Kernel, oh, ow, i, j):
 
 def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
-    ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool) and ``arg`` (uint8
-    window offsets, pool only). With ``batch_stats`` it writes ``mean``, the biased
-    ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads ``mean``/``invstd``."""
+    ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool) and ``arg`` (window
+    offsets packed per channel plane, pool only). With ``batch_stats`` it writes ``mean``,
+    the biased ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads
+    ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
+        if region.raw_bits:
+            _store_raw(k, region, c, hw)
+        load = _input(k, region, a["raw"] if region.raw_bits else a["x"], c)
         if region.batch_stats:
             # ATen's order of operations, so that an x equal to the mean gives the same
             # (sign of a) zero: the mean in double rounded to float, then the sum of the
             # float squares (x - mean)^2 in double, invstd = 1/sqrt(var + eps) in double.
             count = b.sitofp(b.mul(a["N"], hw), F64)
-            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, lambda v, lanes: v), count), F32)
+            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), count), F32)
 
             def square(v, lanes):
                 d = b.fsub(v, _splat(k, mean, lanes))
                 return b.fmul(d, d)
-            var = b.fdiv(_channel_sum(k, c, hw, square), count)
+            var = b.fdiv(_channel_sum(k, c, hw, load, square), count)
             root = k.call("llvm.sqrt.f64", F64, [b.fadd(var, ir.Constant(F64, region.eps))])
             invstd = b.fdiv(ir.Constant(F64, 1.0), root)
             invstd = b.fptrunc(invstd, F32)
@@ -215,8 +265,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
         shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
 
         def value(index, lanes):
-            v = _load(k, a["x"], index, lanes)
-            v = _affine(k, v, scale, shift, lanes)
+            v = _affine(k, load(index, lanes), scale, shift, lanes)
             return _act_forward(k, region.activation, v, lanes)
 
         with k.loop(0, a["N"]) as n:
@@ -226,13 +275,30 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                 _strided(k, hw, lambda i, lanes: _store(k, value(b.add(plane, i), lanes), a["out"],
                                                         b.add(out_plane, i)))
             else:
-                _pool_forward(region, k, plane, out_plane, value)
+                _pool_forward(region, k, plane, b.add(b.mul(n, a["C"]), c), ohw, value)
     return k.finish()
 
 
-def _pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
+def _code_slot(region: Region, k: Kernel, nc, ohw, o):
+    """Byte address and bit shift of output ``o``'s packed argmax in plane ``nc``."""
+    b, bits = k.b, offset_bits(region.pool)
+    bit = b.mul(o, ir.Constant(I64, bits))
+    byte = b.add(b.mul(nc, _plane_bytes(region, k, ohw)), b.lshr(bit, ir.Constant(I64, 3)))
+    return k.gep(k.arg["arg"], byte, I8), b.trunc(b.and_(bit, ir.Constant(I64, 7)), I8)
+
+
+def _plane_bytes(region: Region, k: Kernel, ohw):
+    bits = ir.Constant(I64, offset_bits(region.pool))
+    return k.b.lshr(k.b.add(k.b.mul(ohw, bits), ir.Constant(I64, 7)), ir.Constant(I64, 3))
+
+
+def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
     a, b = k.arg, k.b
+    out_plane = b.mul(nc, ohw)
     kh, kw = region.pool[:2]
+    nbytes = _plane_bytes(region, k, ohw)
+    with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
+        b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
     with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
         best = k.var(F32, ir.Constant(F32, float("-inf")))
         where = k.var(I8, ir.Constant(I8, 0))
@@ -245,9 +311,10 @@ def _pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
                     with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
                         k.set(best, v)
                         k.set(where, ir.Constant(I8, i * kw + j))
-        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
-        b.store(k.get(best, F32), k.gep(a["out"], o))
-        b.store(k.get(where, I8), k.gep(a["arg"], o, I8))
+        o = b.add(b.mul(oh, a["OW"]), ow)
+        b.store(k.get(best, F32), k.gep(a["out"], b.add(out_plane, o)))
+        slot, at = _code_slot(region, k, nc, ohw, o)
+        b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
 
 def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
@@ -255,10 +322,13 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
     ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
     at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
-    mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes."""
+    mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes.
+    With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
+    ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
+        load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
         gamma = b.load(k.gep(a["gamma"], c), typ=F32)
         scale = b.fmul(invstd, gamma)
@@ -270,10 +340,13 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                 kw = region.pool[1]
                 with k.loop(0, hw) as i:
                     b.store(ir.Constant(F32, 0.0), k.gep(a["dx"], b.add(plane, i)))
-                out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+                nc = b.add(b.mul(n, a["C"]), c)
+                mask = ir.Constant(I8, (1 << offset_bits(region.pool)) - 1)
                 with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
-                    o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
-                    off = b.zext(b.load(k.gep(a["arg"], o, I8), typ=I8), I64)
+                    o = b.add(b.mul(oh, a["OW"]), ow)
+                    slot, at = _code_slot(region, k, nc, ohw, o)
+                    off = b.zext(b.and_(b.lshr(b.load(slot, typ=I8), at), mask), I64)
+                    o = b.add(b.mul(nc, ohw), o)
                     i = b.udiv(off, ir.Constant(I64, kw))
                     j = b.urem(off, ir.Constant(I64, kw))
                     _, _, sh, sw, ph, pw = region.pool
@@ -285,7 +358,7 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
 
             def reduce(i, lanes):
                 index = b.add(plane, i)
-                xv = _load(k, a["x"], index, lanes)
+                xv = load(index, lanes)
                 v = _affine(k, xv, scale, shift, lanes)
                 g = _act_grad(k, region.activation, v, _load(k, source, index, lanes), lanes)
                 _store(k, g, a["dx"], index)
@@ -300,6 +373,7 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
             count = b.sitofp(b.mul(a["N"], hw), F64)
             mean_g = b.fptrunc(b.fdiv(sum_g, count), F32)
             mean_gx = b.fptrunc(b.fdiv(sum_gx, count), F32)
+        alpha = b.load(k.gep(a["alpha"], c), typ=F32) if region.raw_bits else None
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
 
@@ -307,10 +381,13 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                 index = b.add(plane, i)
                 g = _load(k, a["dx"], index, lanes)
                 if region.batch_stats:
-                    xhat = b.fmul(b.fsub(_load(k, a["x"], index, lanes), _splat(k, mean, lanes)),
+                    xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)),
                                   _splat(k, invstd, lanes))
                     g = b.fsub(b.fsub(g, _splat(k, mean_g, lanes)),
                                b.fmul(xhat, _splat(k, mean_gx, lanes)))
-                _store(k, b.fmul(g, _splat(k, scale, lanes)), a["dx"], index)
+                g = b.fmul(g, _splat(k, scale, lanes))
+                if region.raw_bits:   # the gradient at Y_raw: G' = alpha ⊙ dx
+                    g = b.fmul(g, _splat(k, alpha, lanes))
+                _store(k, g, a["dx"], index)
             _strided(k, hw, apply)
     return k.finish()

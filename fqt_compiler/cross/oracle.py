@@ -14,8 +14,9 @@ computed with the kernels' float32 operations in their order (no contraction int
 they are compared bit for bit too.
 
 Checked this way: every kernel family but the fused regions (``CLOSE_CHECKS``: compared
-with the unfused chain to float32 rounding, argmax bytes exactly); only the GEMMs' scratch
-matrix ``partial`` (int32 partial sums between K blocks, internal) is not compared.
+with the unfused chain to float32 rounding, argmax bits and raw copies exactly); only the
+GEMMs' scratch matrix ``partial`` (int32 partial sums between K blocks, internal) is not
+compared.
 The GEMMs take ``colsum`` (B's ±1 row sums) and ``rowpop`` as the call's inputs: those come
 from the ``rowpop`` kernel, which is checked on its own.
 """
@@ -284,28 +285,39 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
 # --------------------------------------------------------------------------- fused regions
 # A region's statistics are double sums in a lane order of the kernel's own; the reference
 # (``ops.fused_regions``: the unfused chain in ATen) agrees to float32 rounding, not bit for
-# bit, so these families are compared with a tolerance (argmax bytes exactly).
+# bit, so these families are compared with a tolerance (argmax bits and raw copies exactly).
 
-def _region_tensors(mem: Memory, a: dict, names):
+def _region_tensors(mem: Memory, a: dict, names, dtypes=None):
     n, c, h, w, oh, ow = (a[k] for k in ("N", "C", "H", "W", "OH", "OW"))
-    shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow)}
-    return [mem.at(a[name], torch.float32, int(torch.Size(shapes.get(name, (c,))).numel()))
+    shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "raw": (n, c, h, w), "out": (n, c, oh, ow),
+              "dy": (n, c, oh, ow)}
+    dtypes = dtypes or {}
+    return [mem.at(a[name], dtypes.get(name, torch.float32), int(torch.Size(shapes.get(name, (c,))).numel()))
             .view(shapes.get(name, (c,))) for name in names]
 
 
-def _region_expected(region, a, before: Memory):
-    from ..ops.fused_regions import _chain, window_offsets
-    x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"))
+def _region_expected(region, family, a, before: Memory):
+    """The reference's view of one call: the saved input (float ``x``, or with ``raw_bits``
+    the raw GEMM result: float in the forward, int in the backward), ``alpha`` (None without
+    ``raw_bits``), and what the forward writes (``arg`` packed, ``raw`` None without)."""
+    from ..ops.fused_regions import _chain, _region_input, pack_offsets, window_offsets
+    raw_dtype = {16: torch.int16, 32: torch.int32}.get(region.raw_bits)
+    saved = raw_dtype if raw_dtype and family == "region_backward" else torch.float32
+    x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"),
+                                                   {"x": saved})
+    alpha = _region_tensors(before, a, ("alpha",))[0] if raw_dtype else None
+    inp = _region_input(x, alpha)
     ceil_mode = bool(region.pool) and a["OH"] != reference.conv_output_size(a["H"], region.pool[0], region.pool[2],
                                                                             region.pool[4], 1)
     pool = list(region.pool or ())
     if region.batch_stats:
-        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        var, mean = torch.var_mean(inp, (0, 2, 3), correction=0)
         invstd = torch.rsqrt(var + region.eps)
-    out, indices = _chain(x, gamma, beta, mean, invstd, region.batch_stats, region.eps,
+    out, indices = _chain(inp, gamma, beta, mean, invstd, region.batch_stats, region.eps,
                           region.activation.name, list(region.activation.params), pool, ceil_mode)
-    arg = window_offsets(indices, a["W"], pool) if pool else None
-    return x, gamma, beta, mean, invstd, out, arg, pool, ceil_mode
+    arg = pack_offsets(window_offsets(indices, a["W"], pool), pool) if pool else None
+    raw = x.to(raw_dtype) if raw_dtype else None
+    return x, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode
 
 
 def _differs(got, want, channels, dim=1) -> bool:
@@ -314,28 +326,33 @@ def _differs(got, want, channels, dim=1) -> bool:
     return not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
 
 
+def _unequal(got, want, channels) -> bool:
+    return not torch.equal(*(t.narrow(1, channels[0], channels[1] - channels[0]) for t in (got, want)))
+
+
 def check_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
     """Buffers of one fused-region call that differ from the reference beyond float32
-    rounding (channels ``c0..c1``, the ones the call owns)."""
+    rounding (channels ``c0..c1``, the ones the call owns; argmax bits and raw exactly)."""
     from ..ops.fused_regions import _bn_region_backward
     region, a = opts["region"], args
     mem_b, mem_a = Memory(before), Memory(after)
     channels = (a["c0"], a["c1"])
-    x, gamma, beta, mean, invstd, out, arg, pool, ceil_mode = _region_expected(region, a, mem_b)
+    x, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode = _region_expected(region, family, a, mem_b)
     if family == "region_forward":
         wrong = _differs(_region_tensors(mem_a, a, ("out",))[0], out, channels)
         if arg is not None:
-            got = mem_a.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape)
-            wrong += not torch.equal(*(t.narrow(1, channels[0], channels[1] - channels[0]) for t in (got, arg)))
+            wrong += _unequal(mem_a.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape), arg, channels)
+        if raw is not None:
+            wrong += _unequal(_region_tensors(mem_a, a, ("raw",), {"raw": raw.dtype})[0], raw, channels)
         if region.batch_stats:
             wrong += sum(_differs(_region_tensors(mem_a, a, (name,))[0], want, channels, 0)
                          for name, want in (("mean", mean), ("invstd", invstd)))
         return wrong
     dy, = _region_tensors(mem_b, a, ("dy",))
-    arg = mem_b.at(a["arg"], torch.uint8, dy.numel()).view(dy.shape) if pool else None
+    arg = mem_b.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape) if pool else None
     dx, dgamma, dbeta = _bn_region_backward(dy, x, arg, gamma, beta, mean, invstd, region.batch_stats,
                                             region.eps, region.activation.name,
-                                            list(region.activation.params), pool, ceil_mode, "")
+                                            list(region.activation.params), pool, ceil_mode, "", alpha)
     got = _region_tensors(mem_a, a, ("dx", "dgamma", "dbeta"))
     return sum(_differs(g, w, channels, dim) for g, w, dim in zip(got, (dx, dgamma, dbeta), (1, 0, 0)))
 

@@ -3,12 +3,23 @@
 ``passes/fuse_regions.py`` replaces such a chain of the captured graph by
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
 running statistics with the graph's momentum, as ``F.batch_norm`` does. The op returns the
-region's output, the max pool's argmax as one byte per output (the offset ``i * kw + j``
-inside the window, not an int64 index), and the per-channel ``mean``, biased ``var`` and
-``invstd``. Its backward (``fqt::bn_region_backward``) keeps only ``x``, the argmax bytes
-and the two per-channel vectors: the activation mask is recomputed from ``x``, the float
-BatchNorm output, activation output and int64 pool indices of the unfused chain are never
-saved.
+region's output, the max pool's argmax packed as ``offset_bits(pool)`` bits per output (the
+offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3), the
+per-channel ``mean``, biased ``var`` and ``invstd``, and ``raw`` (below). Its backward
+(``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and the two
+per-channel vectors: the activation mask is recomputed from the input; the float BatchNorm
+output, activation output and int64 pool indices of the unfused chain are never saved.
+
+When a binarized conv feeds the BatchNorm (``binary_conv2d_region``), the region's input is
+``alpha ⊙ Y_raw`` and the op takes ``Y_raw`` (integers in float32) and ``alpha`` instead: the
+raw GEMM result is exact in int16 when its contraction length K < 32768 (``|Y_raw| <= K``,
+docs/math.md §4b), so ``raw`` returns it as int16 (int32 for longer contractions) and the
+backward keeps that, recomputing ``alpha * Y_raw`` bit for bit, instead of a float32 copy.
+The backward then returns the gradient at ``Y_raw``, ``alpha ⊙ dL/dx``: the binarized
+layer's ``G'``. When a float conv feeds it (``conv2d_region``: the first layer, kept float),
+``fqt::conv2d_bn_region`` takes the conv's input and weight and recomputes the conv output
+in its backward (``fqt::conv2d_bn_region_backward``, which also returns the conv's
+gradients), so no float32 copy of that output is kept either.
 
 Reference implementations: exactly the unfused chain (``F.batch_norm``, the activation,
 ``F.max_pool2d``; the backward is ATen's backward formula of each link of that chain), so
@@ -19,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import library
+from . import reference as ref
 from .library import _define
 
 # Activation name -> the float op it fuses (params: Hardtanh (min, max), LeakyReLU (slope,)).
@@ -45,6 +58,46 @@ def _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
     return F.max_pool2d(v, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil_mode, return_indices=True)
 
 
+def offset_bits(pool) -> int:
+    """Bits per packed argmax code of a ``kh x kw`` window: the smallest of 1, 2, 4, 8 that
+    holds ``kh * kw`` offsets, so that no code straddles a byte."""
+    taps = pool[0] * pool[1]
+    return next(b for b in (1, 2, 4, 8) if taps <= 1 << b)
+
+
+def raw_dtype(contraction: int) -> torch.dtype:
+    """The integer type that holds a ±1 GEMM result of this contraction length exactly."""
+    return torch.int16 if contraction < 1 << 15 else torch.int32
+
+
+def packed_offsets_shape(shape, pool):
+    """``[N, C, bytes]``: each channel plane's codes start on a byte, so threads that own
+    channels never write the same byte."""
+    n, c, oh, ow = shape
+    return [n, c, (oh * ow * offset_bits(pool) + 7) // 8]
+
+
+def pack_offsets(codes: torch.Tensor, pool) -> torch.Tensor:
+    """Window offsets ``[N, C, OH, OW]`` (uint8) -> ``packed_offsets_shape``: code ``i`` of a
+    plane in bits ``[i*b % 8, i*b % 8 + b)`` of byte ``i*b // 8`` (``b = offset_bits``)."""
+    bits, per_byte = offset_bits(pool), 8 // offset_bits(pool)
+    n, c = codes.shape[:2]
+    flat = codes.reshape(n, c, -1).to(torch.int32)
+    nbytes = packed_offsets_shape(codes.shape, pool)[2]
+    flat = F.pad(flat, (0, nbytes * per_byte - flat.shape[2])).view(n, c, nbytes, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (flat << shifts).sum(3).to(torch.uint8)
+
+
+def unpack_offsets(packed: torch.Tensor, pool, oh: int, ow: int) -> torch.Tensor:
+    """``pack_offsets`` inverted: ``[N, C, OH, OW]`` uint8 window offsets."""
+    bits, per_byte = offset_bits(pool), 8 // offset_bits(pool)
+    n, c, nbytes = packed.shape
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(3) >> shifts) & ((1 << bits) - 1)
+    return codes.view(n, c, nbytes * per_byte)[:, :, :oh * ow].reshape(n, c, oh, ow).to(torch.uint8)
+
+
 def window_offsets(indices: torch.Tensor, width: int, pool) -> torch.Tensor:
     """ATen's flat argmax ``h * W + w`` as the offset ``i * kw + j`` inside its window."""
     kh, kw, sh, sw, ph, pw = pool
@@ -65,8 +118,16 @@ def flat_indices(arg: torch.Tensor, width: int, pool) -> torch.Tensor:
     return (offset // kw + oh * sh - ph) * width + (offset % kw + ow * sw - pw)
 
 
+def _region_input(x, alpha):
+    """The region's float input: ``x`` itself, or ``alpha ⊙ Y_raw`` when ``x`` is the raw GEMM
+    result (float or integer), the product ``binarized_conv2d`` computes."""
+    return x if alpha is None else x.float() * alpha.view(1, -1, 1, 1)
+
+
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-               pool, ceil_mode, region):
+               pool, ceil_mode, region, alpha=None, contraction=0):
+    raw = x.to(raw_dtype(contraction)) if alpha is not None else x.new_empty(0, dtype=torch.int16)
+    x = _region_input(x, alpha)
     if training:
         var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
     else:
@@ -74,8 +135,9 @@ def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activa
     invstd = torch.rsqrt(var + eps)
     out, indices = _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
                           pool, ceil_mode)
-    arg = window_offsets(indices, x.shape[3], pool) if pool else x.new_empty(0, dtype=torch.uint8)
-    return out.contiguous(), arg, mean, var, invstd
+    arg = (pack_offsets(window_offsets(indices, x.shape[3], pool), pool) if pool
+           else x.new_empty(0, dtype=torch.uint8))
+    return out.contiguous(), arg, mean, var, invstd, raw
 
 
 def pooled_shape(x_shape, pool, ceil_mode):
@@ -94,36 +156,44 @@ def _pool_out(size, k, s, p, ceil_mode):
 
 
 def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, activation,
-                    act_params, pool, ceil_mode, region):
+                    act_params, pool, ceil_mode, region, alpha=None, contraction=0):
     shape = pooled_shape(x.shape, pool, ceil_mode)
     out = x.new_empty(shape)
-    arg = x.new_empty(shape if pool else [0], dtype=torch.uint8)
+    arg = x.new_empty(packed_offsets_shape(shape, pool) if pool else [0], dtype=torch.uint8)
+    raw = (x.new_empty(x.shape, dtype=raw_dtype(contraction)) if alpha is not None
+           else x.new_empty(0, dtype=torch.int16))
     c = x.shape[1]
-    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c)
+    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw
 
 
 _ARGS = "str activation, float[] act_params, int[] pool, bool ceil_mode, str region"
 
 bn_region = _define(
     "bn_region(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
-    f"bool training, float eps, {_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _bn_region, _bn_region_fake)
 
 
 def _bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                        act_params, pool, ceil_mode, region):
+                        act_params, pool, ceil_mode, region, alpha=None):
     # The unfused chain's backward, ATen's formula for each link (what autograd runs for it),
     # written out: an op implementation runs below the autograd dispatch key, where nested
-    # autograd would not record.
+    # autograd would not record. With alpha, x is the saved raw GEMM result.
+    if alpha is not None:
+        dx, dweight, dbias = _bn_region_backward(dy, _region_input(x, alpha), arg, weight, bias, mean,
+                                                 invstd, training, eps, activation, act_params, pool,
+                                                 ceil_mode, region)
+        return dx * alpha.view(1, -1, 1, 1), dweight, dbias
     shape = (1, -1, 1, 1)
     v = ((x - mean.view(shape)) * invstd.view(shape) * weight.view(shape) + bias.view(shape)
          if not training else F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
     a = ACTIVATIONS[activation](v, act_params)
     if pool:
-        # The pool's gradient goes where the forward's argmax bytes say, not where a
+        # The pool's gradient goes where the forward's saved argmax says, not where a
         # recomputed max would be: at a tie within float rounding the two may differ.
         kh, kw, sh, sw, ph, pw = pool
-        indices = flat_indices(arg, x.shape[3], pool)
+        indices = flat_indices(unpack_offsets(arg, pool, *dy.shape[2:]), x.shape[3], pool)
         dy = torch.ops.aten.max_pool2d_with_indices_backward(
             dy, a, [kh, kw], [sh, sw], [ph, pw], [1, 1], ceil_mode, indices)
     dv = ACTIVATION_GRADS[activation](dy, v, act_params)
@@ -145,38 +215,162 @@ ACTIVATION_GRADS = {
 
 bn_region_backward = _define(
     "bn_region_backward(Tensor dy, Tensor x, Tensor arg, Tensor weight, Tensor bias, Tensor mean, "
-    f"Tensor invstd, bool training, float eps, {_ARGS}) -> (Tensor, Tensor, Tensor)",
+    f"Tensor invstd, bool training, float eps, {_ARGS}, Tensor? alpha=None) "
+    "-> (Tensor, Tensor, Tensor)",
     _bn_region_backward,
-    lambda dy, x, arg, weight, *rest: (torch.empty_like(x), torch.empty_like(weight),
+    lambda dy, x, arg, weight, *rest: (dy.new_empty(x.shape), torch.empty_like(weight),
                                        torch.empty_like(weight)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, eps, activation, act_params, pool, ceil_mode, region = inputs
-    _, arg, mean, _, invstd = output
-    ctx.save_for_backward(x, arg, weight, bias, mean, invstd)
+    x, weight, bias, _, _, training, eps, activation, act_params, pool, ceil_mode, region, alpha, _ = inputs
+    _, arg, mean, _, invstd, raw = output
+    ctx.save_for_backward(x if alpha is None else raw, arg, weight, bias, mean, invstd, alpha)
     ctx.static = (training, eps, activation, act_params, pool, ceil_mode, region)
 
 
 def _backward(ctx, dy, *_unused):
-    x, arg, weight, bias, mean, invstd = ctx.saved_tensors
-    dx, dweight, dbias = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static)
-    return dx, dweight, dbias, *[None] * 9
+    x, arg, weight, bias, mean, invstd, alpha = ctx.saved_tensors
+    dx, dweight, dbias = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static,
+                                            alpha=alpha)
+    return dx, dweight, dbias, *[None] * 11
 
 
 bn_region.register_autograd(_backward, setup_context=_setup_context)
 
 
 def batch_norm_region(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                      activation, act_params, pool, ceil_mode, region):
+                      activation, act_params, pool, ceil_mode, region, alpha=None, contraction=0):
     """What ``passes/fuse_regions.py`` puts in place of ``F.batch_norm -> activation ->
     max pool``: the fused op, then the running statistics updated in place with ``momentum``
-    and the unbiased batch variance, as ``F.batch_norm`` updates them."""
-    out, _, mean, var, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
-                                     activation, act_params, pool, ceil_mode, region)
+    and the unbiased batch variance, as ``F.batch_norm`` updates them. With ``alpha``, ``x``
+    is a raw GEMM result of that ``contraction`` length (see ``binary_conv2d_region``)."""
+    out, _, mean, var, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
+                                        activation, act_params, pool, ceil_mode, region, alpha,
+                                        contraction)
+    _update_running_stats(x.numel() // x.shape[1], running_mean, running_var, mean, var, training, momentum)
+    return out
+
+
+def _update_running_stats(count, running_mean, running_var, mean, var, training, momentum):
+    """``F.batch_norm``'s in-place update from the batch statistics of ``count`` values per
+    channel (the running variance takes the unbiased variance)."""
     if training and running_mean is not None:
-        count = x.numel() // x.shape[1]
         with torch.no_grad():
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
+
+
+def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, layer, running_mean,
+                         running_var, weight, bias, training, momentum, eps, activation, act_params,
+                         pool, ceil_mode, region):
+    """``library.binarized_conv2d`` (default alpha, no bias) followed by ``batch_norm_region``,
+    with the multiply by alpha moved into the region: the region gets the raw GEMM result and
+    keeps it for backward as int16 (``raw_dtype``) instead of the float32 ``alpha ⊙ Y_raw``."""
+    y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
+    alpha = ref.default_alpha(conv_weight)
+    return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
+                             activation, act_params, pool, ceil_mode, region, alpha,
+                             conv_weight[0].numel())
+
+
+# --------------------------------------------------------------------------- float conv -> region
+# A float conv (the first layer, kept float by the plan) feeding a region: its output is the
+# BatchNorm input the backward needs, a float32 tensor as large as any in the network. The op
+# below takes the conv's input and weight instead, which the conv's own backward keeps anyway,
+# and recomputes the conv output in backward: one more float conv per step, no float32 copy.
+
+_CONV = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+def _conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+                      running_mean, running_var, training, eps, activation, act_params, pool, ceil_mode,
+                      region):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return _bn_region(y, weight, bias, running_mean, running_var, training, eps, activation, act_params,
+                      pool, ceil_mode, region)[:5]
+
+
+def _conv2d_bn_region_fake(input, conv_weight, conv_bias, stride, padding, dilation, groups, *rest):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return _bn_region_fake(y, *rest)[:5]
+
+
+conv2d_bn_region = _define(
+    f"conv2d_bn_region(Tensor input, Tensor conv_weight, Tensor? conv_bias, {_CONV}, Tensor weight, "
+    "Tensor bias, Tensor? running_mean, Tensor? running_var, bool training, float eps, "
+    f"{_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _conv2d_bn_region, _conv2d_bn_region_fake)
+
+
+def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, stride, padding, dilation,
+                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, **kw):
+    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed,
+    ``region_backward`` (``bn_region_backward``'s reference or kernel) at it, then ATen's
+    convolution backward; gradients not asked for (input, a missing bias) are empty."""
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    dy, dweight, dbias = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
+    mask = [input_grad, True, conv_bias is not None]
+    dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
+        dy, input, conv_weight, None if conv_bias is None else list(conv_bias.shape), stride, padding,
+        dilation, False, [0, 0], groups, mask)
+    return (input.new_empty(0) if dinput is None else dinput, dconv_weight,
+            input.new_empty(0) if dconv_bias is None else dconv_bias, dweight, dbias)
+
+
+def _conv2d_bn_region_backward(dy, input, conv_weight, conv_bias, stride, padding, dilation, groups, arg,
+                               weight, bias, mean, invstd, training, eps, activation, act_params, pool,
+                               ceil_mode, region, input_grad):
+    return conv2d_region_backward(_bn_region_backward, dy, input, conv_weight, conv_bias, stride, padding,
+                                  dilation, groups, arg, weight, bias, mean, invstd, training, eps,
+                                  activation, act_params, pool, ceil_mode, region, input_grad=input_grad)
+
+
+def _conv2d_bn_region_backward_fake(dy, input, conv_weight, conv_bias, *rest):
+    input_grad, weight = rest[-1], rest[5]
+    return (torch.empty_like(input) if input_grad else input.new_empty(0), torch.empty_like(conv_weight),
+            input.new_empty(0) if conv_bias is None else torch.empty_like(conv_bias),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+conv2d_bn_region_backward = _define(
+    f"conv2d_bn_region_backward(Tensor dy, Tensor input, Tensor conv_weight, Tensor? conv_bias, {_CONV}, "
+    "Tensor arg, Tensor weight, Tensor bias, Tensor mean, Tensor invstd, bool training, float eps, "
+    f"{_ARGS}, bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _conv2d_bn_region_backward, _conv2d_bn_region_backward_fake)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, _, _, *static = inputs
+    _, arg, mean, _, invstd = output
+    ctx.save_for_backward(input, conv_weight, conv_bias, arg, weight, bias, mean, invstd)
+    ctx.conv = (stride, padding, dilation, groups)
+    ctx.static = tuple(static)
+
+
+def _conv_backward(ctx, dy, *_unused):
+    input, conv_weight, conv_bias, arg, weight, bias, mean, invstd = ctx.saved_tensors
+    grads = conv2d_bn_region_backward(dy, input, conv_weight, conv_bias, *ctx.conv, arg, weight, bias,
+                                      mean, invstd, *ctx.static, ctx.needs_input_grad[0])
+    dinput, dconv_weight, dconv_bias, dweight, dbias = grads
+    return (dinput if ctx.needs_input_grad[0] else None, dconv_weight,
+            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 9)
+
+
+conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+def conv2d_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, running_mean,
+                  running_var, weight, bias, training, momentum, eps, activation, act_params, pool,
+                  ceil_mode, region):
+    """A float ``F.conv2d`` followed by ``batch_norm_region``, as one op that recomputes the
+    conv output in backward instead of keeping it."""
+    out, _, mean, var, _ = conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups,
+                                            weight, bias, running_mean, running_var, training, eps,
+                                            activation, act_params, pool, ceil_mode, region)
+    n, _, h, w = input.shape
+    kh, kw = conv_weight.shape[2:]
+    count = (n * ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+             * ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
+    _update_running_stats(count, running_mean, running_var, mean, var, training, momentum)
     return out

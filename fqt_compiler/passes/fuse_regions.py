@@ -8,8 +8,17 @@ other user, one activation (``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU) 
 ``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps).
 Produces: one ``fused_regions.batch_norm_region`` call in place of the chain (the fused op
 ``fqt::bn_region`` plus the running-statistics update), noted with the ops it replaced;
-``regions_out`` receives one line per fused region. Anything else ends a region: it stays
-as captured, so correctness never depends on the match.
+``regions_out`` receives one line per fused region. When the BatchNorm's input is a
+``binarized_conv2d`` (from ``rewrite_binary_layers``) with the default alpha, no bias and no
+other user, that call joins the region (``fused_regions.binary_conv2d_region``): the region
+reads the raw GEMM result and alpha, and backward keeps the raw result as int16 (int32 when
+the contraction is 32768 or longer; the note and region line say which) instead of a
+float32 copy. When its input is a float ``conv2d`` (a layer the plan keeps float, e.g. the
+first) with no other user, that conv joins the region instead
+(``fused_regions.conv2d_region``): the backward keeps the conv's input and weight, which
+the conv's own backward keeps anyway, and recomputes the conv output rather than keeping
+it. Anything else ends a region: it stays as captured, so correctness never depends on the
+match.
 Invariants: values are those of the unfused chain up to float32 rounding (the reference
 of ``fqt::bn_region`` is that chain); every new node has ``meta["val"]`` and the
 ``nn_module_stack`` of the BatchNorm it replaces; the running statistics are mutated as
@@ -23,7 +32,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ops.fused_regions import batch_norm_region
+from ..ops import library
+from ..ops.fused_regions import batch_norm_region, binary_conv2d_region, conv2d_region, raw_dtype
+from .annotate_layers import linear_call
 from .infra import PassResult, insert_call
 
 KEYS = ("val", "example_value")
@@ -84,6 +95,29 @@ def _region_name(weight: fx.Node) -> str:
     return name.removesuffix(".weight")
 
 
+def _raw_input(node) -> dict | None:
+    """The bound arguments of a ``binarized_conv2d`` whose raw GEMM result a region can take:
+    default alpha (a learned one needs ``Y_raw`` for its gradient), no bias, one user."""
+    if not isinstance(node, fx.Node) or node.target is not library.binarized_conv2d or len(node.users) != 1:
+        return None
+    conv = _bind(library.binarized_conv2d, node)
+    return conv if conv is not None and conv["bias"] is None and conv["alpha"] is None else None
+
+
+def _float_conv(node) -> dict | None:
+    """The bound arguments of a float ``conv2d`` only the BatchNorm reads, with constant int
+    geometry (not ``padding="same"``), geometry as int pairs."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or len(node.users) != 1:
+        return None
+    call = linear_call(node.target, node.args, node.kwargs)
+    if call is None or call["kind"] != "conv2d" or not isinstance(call["weight"], fx.Node):
+        return None
+    geometry = [call[k] for k in ("stride", "padding", "dilation", "groups")]
+    if any(isinstance(v, (str, fx.Node)) for v in geometry) or _val(call["weight"]).dim() != 4:
+        return None
+    return {**call, **{k: list(_pair(call[k])) for k in ("stride", "padding", "dilation")}}
+
+
 def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
     a = _bind(F.batch_norm, bn)
     if a is None:
@@ -115,21 +149,40 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
         last = _only_user(last)
         chain.append(last)
     name = _region_name(a["weight"])
+    region_args = (a["running_mean"], a["running_var"], a["weight"], a["bias"], training, momentum, eps,
+                   activation, list(params), list(pool), ceil_mode, name)
+    conv = _raw_input(a["input"])
+    float_conv = _float_conv(a["input"]) if conv is None else None
     with gm.graph.inserting_before(last):
-        new = insert_call(gm.graph, batch_norm_region,
-                          (a["input"], a["running_mean"], a["running_var"], a["weight"], a["bias"],
-                           training, momentum, eps, activation, list(params), list(pool), ceil_mode,
-                           name), KEYS)
+        if conv is not None:
+            new = insert_call(gm.graph, binary_conv2d_region,
+                              (conv["x"], conv["weight"], conv["rng_state"], conv["stride"], conv["padding"],
+                               conv["dilation"], conv["layer"], *region_args), KEYS)
+        elif float_conv is not None:
+            new = insert_call(gm.graph, conv2d_region,
+                              (float_conv["x"], float_conv["weight"], float_conv["bias"], float_conv["stride"],
+                               float_conv["padding"], float_conv["dilation"], float_conv["groups"],
+                               *region_args), KEYS)
+        else:
+            new = insert_call(gm.graph, batch_norm_region, (a["input"], *region_args), KEYS)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in bn.meta:
             new.meta[key] = bn.meta[key]
     replaced = " -> ".join(getattr(n.target, "__name__", str(n.target)) for n in chain)
+    if conv is not None:
+        contraction = _val(conv["weight"])[0].numel()
+        replaced += (f"; input: layer {conv['layer']}'s raw GEMM result, saved as "
+                     f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
+    elif float_conv is not None:
+        replaced += f"; input: float conv2d {_region_name(float_conv['weight'])}, recomputed in backward"
     mode = "train" if training else "eval"
     new.meta["fqt_note"] = f"fused region {name} ({mode}): {replaced}"
     regions_out.append(f"{name} ({mode}): {replaced}")
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         gm.graph.erase_node(node)
+    if conv is not None or float_conv is not None:
+        gm.graph.erase_node(a["input"])
     return True
 
 

@@ -1,18 +1,19 @@
 """Fused regions on torch tensors: the kernels of ``codegen/fusion.py``, split over channels.
 
-``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd)``
-and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta)``; see
-``ops/fused_regions.py`` for the op semantics and its reference (the unfused chain).
+``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd,
+raw)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta)``
+(with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for backward);
+see ``ops/fused_regions.py`` for the op semantics and its reference (the unfused chain).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..codegen import fusion as gen
-from ..codegen.targets import get_target
 from ..ops import fused_regions   # also defines the ops registered below
 from . import kernel_stats as stats
-from .jit import kernel, spec
+from .jit import kernel_of
 from .lowered import implements
 from .pack import parallel_rows
 
@@ -20,22 +21,34 @@ _GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.r
 
 
 def _fn(family: str, target, region: gen.Region):
-    return kernel(spec(family, get_target(target), _GENERATORS[family], region=region))
+    return kernel_of(family, target, _GENERATORS[family], region=region)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
-def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, *,
+_INT = {16: torch.int16, 32: torch.int32}
+
+
+def _alpha(alpha, region: gen.Region) -> torch.Tensor:
+    """alpha as the kernels read it; an empty buffer when the region has no raw input."""
+    return _f32(alpha) if region.raw_bits else torch.empty(0)
+
+
+def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, alpha=None, *,
                    ceil_mode=False, target="host"):
-    """Run ``region`` over NCHW ``x``. Without batch statistics ``mean``/``invstd`` are the
-    per-channel values to normalize with (they are returned unchanged)."""
+    """Run ``region`` over NCHW ``x`` (with ``raw_bits``: the raw GEMM result, scaled by the
+    per-channel ``alpha``). Without batch statistics ``mean``/``invstd`` are the per-channel
+    values to normalize with (they are returned unchanged)."""
     x = _f32(x)
     n, c, h, w = x.shape
-    oh, ow = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode)[2:]
-    out = torch.empty(n, c, oh, ow)
-    arg = torch.empty(n, c, oh, ow, dtype=torch.uint8) if region.pool else torch.empty(0, dtype=torch.uint8)
+    shape = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode)
+    out = torch.empty(shape)
+    arg = torch.empty(fused_regions.packed_offsets_shape(shape, region.pool) if region.pool else [0],
+                      dtype=torch.uint8)
+    raw = torch.empty(x.shape if region.raw_bits else [0], dtype=_INT.get(region.raw_bits, torch.int16))
+    alpha = _alpha(alpha, region)
     var = torch.empty(c)
     if region.batch_stats:
         mean, invstd = torch.empty(c), torch.empty(c)
@@ -44,51 +57,75 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, *
     gamma, beta = _f32(gamma), _f32(beta)
     parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  var.data_ptr(), invstd.data_ptr(), n, c, h, w, oh, ow)
-    return out, arg, mean, var, invstd
+                  var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(),
+                  n, c, h, w, shape[2], shape[3])
+    return out, arg, mean, var, invstd, raw
 
 
-def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, *, target="host"):
-    """``(dx, dgamma, dbeta)`` of ``region`` at ``x`` for the output gradient ``dy``."""
-    x, dy = _f32(x), _f32(dy)
+def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, alpha=None, *,
+                    target="host"):
+    """``(dx, dgamma, dbeta)`` of ``region`` at ``x`` (with ``raw_bits``: the int raw GEMM
+    result, and ``dx`` is then the gradient at it) for the output gradient ``dy``."""
+    x = x.contiguous() if region.raw_bits else _f32(x)
+    dy = _f32(dy)
     n, c, h, w = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape)
     dgamma, dbeta = torch.empty(c), torch.empty(c)
     arg = arg.contiguous()
     mean, invstd, gamma, beta = _f32(mean), _f32(invstd), _f32(gamma), _f32(beta)
+    alpha = _alpha(alpha, region)
     parallel_rows(_fn("region_backward", target, region), c, dy.data_ptr(), x.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  invstd.data_ptr(), dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(),
-                  n, c, h, w, oh, ow)
+                  invstd.data_ptr(), alpha.data_ptr(), dx.data_ptr(), dgamma.data_ptr(),
+                  dbeta.data_ptr(), n, c, h, w, oh, ow)
     return dx, dgamma, dbeta
 
 
 # --------------------------------------------------------------------------- the fqt ops
 
-def _region(training, activation, act_params, pool, eps) -> gen.Region:
+def _region(training, activation, act_params, pool, eps, raw_dtype=None) -> gen.Region:
+    raw_bits = {None: 0, torch.int16: 16, torch.int32: 32}[raw_dtype]
     return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None,
-                      float(eps))
+                      float(eps), raw_bits)
 
 
 @implements("bn_region")
 def bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-              pool, ceil_mode, region, *, layer_name="?", target="host"):
-    r = _region(training, activation, act_params, pool, eps)
+              pool, ceil_mode, region, alpha=None, contraction=0, *, layer_name="?", target="host"):
+    r = _region(training, activation, act_params, pool, eps,
+                None if alpha is None else fused_regions.raw_dtype(contraction))
     with stats.timed(layer_name, "region_forward"):
         if training:
-            return region_forward(x, r, weight, bias, ceil_mode=ceil_mode, target=target)
+            return region_forward(x, r, weight, bias, alpha=alpha, ceil_mode=ceil_mode, target=target)
         # Eval BatchNorm is a per-channel affine of the running statistics (copied: an op's
         # outputs must not alias its inputs).
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
-        out, arg, _, _, invstd = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
-                                                ceil_mode=ceil_mode, target=target)
-        return out, arg, mean, var, invstd
+        out, arg, _, _, invstd, raw = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
+                                                     alpha, ceil_mode=ceil_mode, target=target)
+        return out, arg, mean, var, invstd, raw
 
 
 @implements("bn_region_backward")
 def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                       act_params, pool, ceil_mode, region, *, layer_name="?", target="host"):
+                       act_params, pool, ceil_mode, region, alpha=None, *, layer_name="?",
+                       target="host"):
+    r = _region(training, activation, act_params, pool, eps, None if alpha is None else x.dtype)
     with stats.timed(layer_name, "region_backward"):
-        return region_backward(dy, x, arg, _region(training, activation, act_params, pool, eps),
-                               weight, bias, mean, invstd, target=target)
+        return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, target=target)
+
+
+# A float conv (run by ATen, as float layers are on both backends) feeding a region.
+
+@implements("conv2d_bn_region")
+def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
+                     layer_name="?", target="host"):
+    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
+
+
+@implements("conv2d_bn_region_backward")
+def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
+    *args, input_grad = args
+    return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
+                                                layer_name=layer_name, target=target)
