@@ -20,6 +20,8 @@ float32 PyTorch limited to AVX2, in a subprocess whose oneDNN/MKL/ATen are cappe
 torch is imported.
 
     python benchmarks/bench_train.py [--quick] [--models vgg16,resnet18] [--batch 128]
+        [--contenders fp32,bf16,inductor,fqt] [--threads 1,2] [--bn train,eval]
+        [--sections speed,breakdown,avx2]
 """
 from __future__ import annotations
 
@@ -83,25 +85,27 @@ def contenders(name, batch, train_bn, target="host"):
         "fp32": step_fn(model, model, x, y),
         "bf16": step_fn(model, model, x, y, autocast=True),
         "fqt": step_fn(model, compiled, x, y),
-        "inductor": step_fn(model, torch.compile(model), x, y),
+        "inductor": step_fn(model, torch.compile(model), x, y),   # Inductor compiles on first call
     }
+
+
+CONTENDERS = ("fp32", "bf16", "inductor", "fqt")
 
 
 def run_speed(args, threads_list):
     results = {}
     for name in args.models:
-        for train_bn in (True, False):
+        for train_bn in args.bn:
             _, steps = contenders(name, args.batch, train_bn)
             for threads in threads_list:
                 torch.set_num_threads(threads)
-                times = {k: median_time(f, repeats=args.repeats, warmup=2) for k, f in steps.items()}
+                times = {k: median_time(steps[k], repeats=args.repeats, warmup=2) for k in args.contenders}
                 results[(name, train_bn, threads)] = times
                 bn = "train-BN" if train_bn else "eval-BN "
-                print(f"{name:<9} {bn} {threads:>2} thr  fp32 {times['fp32'] * 1e3:8.1f} ms  "
-                      f"bf16 {times['bf16'] * 1e3:8.1f} ms  inductor {times['inductor'] * 1e3:8.1f} ms  "
-                      f"fqt {times['fqt'] * 1e3:8.1f} ms   "
-                      f"fqt vs fp32 {times['fp32'] / times['fqt']:5.2f}x   vs bf16 {times['bf16'] / times['fqt']:5.2f}x",
-                      flush=True)
+                row = "  ".join(f"{k} {t * 1e3:8.1f} ms" for k, t in times.items())
+                ratios = "".join(f"   fqt vs {k} {t / times['fqt']:5.2f}x" for k, t in times.items()
+                                 if k != "fqt" and "fqt" in times)
+                print(f"{name:<9} {bn} {threads:>2} thr  {row}{ratios}", flush=True)
     return results
 
 
@@ -178,19 +182,33 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="batch 32, 3 repeats")
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help="which of fp32,bf16,inductor,fqt to time (bf16 is slow on CPUs without bfloat16 "
+                        "arithmetic; inductor compiles for minutes)")
+    p.add_argument("--threads", default="", help="thread counts, e.g. 1,2 (default: 1 and all cores)")
+    p.add_argument("--bn", default="train,eval", help="BatchNorm modes to time: train,eval")
+    p.add_argument("--sections", default="speed,breakdown,avx2", help="which parts to run")
     p.add_argument("--avx2-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.models = args.models.split(",")
+    args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    args.bn = [mode == "train" for mode in args.bn.split(",")]
+    sections = args.sections.split(",")
     if args.quick:
         args.batch, args.repeats = 32, 3
     if args.avx2_child:
         return avx2_child(args)
     banner(f"training step, batch {args.batch}x3x32x32, forward + backward, median of {args.repeats}")
     all_threads = os.cpu_count() or 1
-    threads = [1] if all_threads == 1 else [1, all_threads]
+    threads = ([int(t) for t in args.threads.split(",")] if args.threads
+               else [1] if all_threads == 1 else [1, all_threads])
     print(f"threads: {threads} (torch and fqt kernels use the same count)\n")
-    run_speed(args, threads)
-    run_breakdown(args)
+    if "speed" in sections:
+        run_speed(args, threads)
+    if "breakdown" in sections:
+        run_breakdown(args)
+    if "avx2" not in sections:
+        return
     print("\n-- hygon (AVX2) kernels vs float32 PyTorch limited to AVX2 "
           f"({' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())})")
     cmd = [sys.executable, os.path.abspath(__file__), "--avx2-child", "--models", ",".join(args.models),
