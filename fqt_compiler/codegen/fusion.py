@@ -1,30 +1,24 @@
 """LLVM IR for fused regions: the float work after a layer's GEMM as one loop nest.
 
-A ``Region`` is a small program over an NCHW tensor, rooted at a normalization:
+A ``Region`` is a small program over an NCHW tensor, rooted at a per-channel normalization:
 
     x -> normalize (batch statistics or given mean/invstd) -> affine (gamma, beta)
       -> pointwise activation (``ACTIVATIONS``, an op table) -> optional max pool
 
-The normalization axis is the region's ``axis``: ``"channel"`` (BatchNorm: statistics of
-each channel over N, H, W, the affine per channel) or ``"row"`` (LayerNorm: statistics of
-each row of the last dimension, the affine per feature). A row region runs as the NCHW
-region of a ``[1, rows, 1, D]`` tensor (a row is a channel of one sample and one image
-row), so both share the statistics, the loops and the ABI.
-
 ``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
-channels; every statistic is per channel, so no atomics and a thread-count-independent
+channels; every reduction is per channel, so no atomics and a thread-count-independent
 summation order): for each channel, at most one reduction pass (sum and sum of squares in
 double) and one apply pass that writes the region's output and, with a pool, the argmax of
 each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
 backward (scatter by the saved offsets), the activation's mask recomputed from the saved
-input, one reduction pass (``sum g``, ``sum g * xhat``) and one apply pass (the
-normalization's input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙
-Y_raw`` of a binarized conv: the forward first stores ``Y_raw`` as int16 (or int32) and every
-pass of both kernels recomputes ``alpha * Y_raw`` from it in registers, so the backward keeps
-two bytes per input instead of a float32 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
+input, one reduction pass (``sum g``, ``sum g * xhat``) and one apply pass (BatchNorm's
+input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a
+binarized conv: the forward first stores ``Y_raw`` as int16 (or int32) and every pass of
+both kernels recomputes ``alpha * Y_raw`` from it in registers, so the backward keeps two
+bytes per input instead of a float32 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
 arguments: one kernel per region, not per shape. The math is docs/math.md (BatchNorm, the
-pooled masks, LayerNorm: §4b).
+pooled masks, §4b).
 """
 from __future__ import annotations
 
@@ -34,15 +28,11 @@ from llvmlite import ir
 
 from ..ops.fused_regions import offset_bits
 from .abi import KernelIR
-from .builder import F32, I8, I64, Kernel, erf, exp, new_module, tanh, vec, vsuffix
+from .builder import F32, I8, I64, Kernel, new_module, vec, vsuffix
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
 LANES = 8
-# A row region's backward adds the column sums dgamma, dbeta of each block of ROW_BLOCK rows
-# into its own row of partial sums; threads own whole blocks, so the sums (the blocks are
-# added up afterwards, in order) do not depend on the thread count.
-ROW_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -73,55 +63,15 @@ def _hardtanh_grad(b, v, g, p, lanes):
     return b.select(inside, g, _c(lanes, 0.0))
 
 
-# GELU as ATen's CPU kernels compute it (``GeluKernelImpl`` / ``GeluBackwardKernelImpl``).
-_SQRT1_2, _INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
-_SQRT_2_PI, _KAPPA = 0.7978845608028654, 0.044715
-
-
-def _gelu(b, v, p, n):
-    # v/2 (1 + erf(v / sqrt 2))
-    return b.fmul(b.fmul(v, _c(n, 0.5)), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)))))
-
-
-def _gelu_grad(b, v, g, p, n):
-    # g (Phi(v) + v phi(v))
-    cdf = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)))))
-    pdf = b.fmul(exp(b, b.fmul(b.fmul(v, v), _c(n, -0.5))), _c(n, _INV_SQRT_2PI))
-    return b.fmul(g, b.fadd(cdf, b.fmul(v, pdf)))
-
-
-def _gelu_tanh_inner(b, v, n):
-    square = b.fmul(v, v)
-    inner = b.fmul(_c(n, _SQRT_2_PI), b.fadd(v, b.fmul(_c(n, _KAPPA), b.fmul(square, v))))
-    return square, tanh(b, inner)
-
-
-def _gelu_tanh(b, v, p, n):
-    # v/2 (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
-    _, t = _gelu_tanh_inner(b, v, n)
-    return b.fmul(b.fmul(_c(n, 0.5), v), b.fadd(_c(n, 1.0), t))
-
-
-def _gelu_tanh_grad(b, v, g, p, n):
-    square, t = _gelu_tanh_inner(b, v, n)
-    left = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), t))
-    inner_grad = b.fmul(_c(n, _SQRT_2_PI), b.fadd(_c(n, 1.0), b.fmul(_c(n, 3 * _KAPPA), square)))
-    right = b.fmul(b.fmul(b.fmul(_c(n, 0.5), v), b.fsub(_c(n, 1.0), b.fmul(t, t))), inner_grad)
-    return b.fmul(g, b.fadd(left, right))
-
-
 # name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
 # pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
 # ops pick it (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``).
-# GELU's erf, exp and tanh are the polynomials of ``builder`` (no libm call).
 ACTIVATIONS = {
     "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
     "relu": (_relu, lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, _c(n, 0.0))),
     "hardtanh": (_hardtanh, _hardtanh_grad),
     "leaky_relu": (lambda b, v, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), v, b.fmul(v, _c(n, p[0]))),
                    lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, b.fmul(g, _c(n, p[0])))),
-    "gelu": (_gelu, _gelu_grad),
-    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
 }
 
 
@@ -138,28 +88,17 @@ class Region:
     """``batch_stats``: normalize with this batch's statistics (training BatchNorm) and
     write them; otherwise read ``mean``/``invstd`` (eval BatchNorm: a per-channel affine).
     ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None.
-    ``eps``: the normalization's epsilon, a double constant of the kernel as in ATen.
+    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen.
     ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
-    from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``.
-    ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
-    always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
-    rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
-    partial sums)."""
+    from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``."""
 
     batch_stats: bool
     activation: Activation = Activation("none")
     pool: tuple | None = None
     eps: float = 1e-5
     raw_bits: int = 0
-    axis: str = "channel"
-
-    def __post_init__(self):
-        if self.axis not in ("channel", "row"):
-            raise ValueError(f"Region axis {self.axis!r}: expected 'channel' or 'row'")
-        if self.axis == "row" and (self.pool is not None or not self.batch_stats or self.raw_bits):
-            raise ValueError("a row region (LayerNorm) has its own statistics, a float input and no pool")
 
 
 # The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
@@ -183,10 +122,6 @@ def _load(k: Kernel, base, index, lanes):
 
 def _store(k: Kernel, value, base, index):
     k.b.store(value, k.gep(base, index), align=4)
-
-
-def _add_to(k: Kernel, base, index, value, lanes):
-    _store(k, k.b.fadd(_load(k, base, index, lanes), value), base, index)
 
 
 def _splat(k: Kernel, value, lanes):
@@ -225,27 +160,12 @@ def _store_raw(k: Kernel, region: Region, c, hw) -> None:
         _strided(k, hw, convert)
 
 
-def _affine(k: Kernel, region: Region, c, mean, invstd):
-    """``affine(x, i, lanes)``: the normalized, scaled and shifted ``x`` at position ``i`` of
-    channel ``c``'s plane, as ATen computes it, so that at an ``x`` equal to the mean the sign
-    of the result (what the next binarized layer keeps) is the reference's. BatchNorm:
-    ``x * scale + shift`` with one rounding (ATen's vectorized ``fmadd``), ``scale = invstd *
-    gamma[c]``; LayerNorm: ``(x * invstd + (-mean * invstd)) * gamma[i] + beta[i]``."""
-    a, b = k.arg, k.b
-    if region.axis == "row":
-        shift = b.fneg(b.fmul(mean, invstd))
-
-        def row(x, i, lanes):
-            v = b.fadd(b.fmul(x, _splat(k, invstd, lanes)), _splat(k, shift, lanes))
-            return b.fadd(b.fmul(v, _load(k, a["gamma"], i, lanes)), _load(k, a["beta"], i, lanes))
-        return row
-    scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
-    shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
-
-    def channel(x, i, lanes):
-        ty = x.type
-        return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
-    return channel
+def _affine(k: Kernel, x, scale, shift, lanes):
+    """``x * scale + shift`` with one rounding, as ATen's vectorized BatchNorm (``fmadd``)
+    computes it: at an ``x`` equal to the mean the sign of the result (what the next
+    binarized layer keeps) is then the reference's."""
+    ty = x.type
+    return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
 
 
 def _strided(k: Kernel, count, body) -> None:
@@ -340,17 +260,19 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             b.store(invstd, k.gep(a["invstd"], c))
         else:
             mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        affine = _affine(k, region, c, mean, invstd)
+        # ATen's BatchNorm applies x * scale + shift with these two per-channel terms.
+        scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
+        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
 
-        def value(plane, i, lanes):
-            v = affine(load(b.add(plane, i), lanes), i, lanes)
+        def value(index, lanes):
+            v = _affine(k, load(index, lanes), scale, shift, lanes)
             return _act_forward(k, region.activation, v, lanes)
 
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
             out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
             if region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(plane, i, lanes), a["out"],
+                _strided(k, hw, lambda i, lanes: _store(k, value(b.add(plane, i), lanes), a["out"],
                                                         b.add(out_plane, i)))
             else:
                 _pool_forward(region, k, plane, b.add(b.mul(n, a["C"]), c), ohw, value)
@@ -384,7 +306,7 @@ def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
             for j in range(kw):
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
-                    v = value(plane, b.add(b.mul(h, a["W"]), w), 1)
+                    v = value(b.add(plane, b.add(b.mul(h, a["W"]), w)), 1)
                     # ATen's max pool: the first maximum in (i, j) order; NaN wins.
                     with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
                         k.set(best, v)
@@ -398,23 +320,19 @@ def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
 def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_backward``: channels ``c0..c1`` of ``dx`` (NCHW like ``x``) from ``dy``
     (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
-    ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel (a row region: adds them per
-    feature into its block's partial sums), ``g`` being the gradient at the affine's output.
-    Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
-    ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
-    with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes.
+    ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
+    at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
+    mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes.
     With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
     ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
-    rows = region.axis == "row"
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        affine = _affine(k, region, c, mean, invstd)
-        # the factor of the apply pass: invstd (LayerNorm: gamma is inside g'), invstd gamma
-        scale = invstd if rows else b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
-        block = b.mul(b.udiv(c, ir.Constant(I64, ROW_BLOCK)), a["W"]) if rows else None
+        gamma = b.load(k.gep(a["gamma"], c), typ=F32)
+        scale = b.fmul(invstd, gamma)
+        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
         s1, s2 = _accumulator(k), _accumulator(k)
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
@@ -441,21 +359,16 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
             def reduce(i, lanes):
                 index = b.add(plane, i)
                 xv = load(index, lanes)
-                grad_out = _load(k, source, index, lanes)
-                g = _act_grad(k, region.activation, affine(xv, i, lanes), grad_out, lanes)
-                xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
-                if rows:
-                    _add_to(k, a["dbeta"], b.add(block, i), g, lanes)
-                    _add_to(k, a["dgamma"], b.add(block, i), b.fmul(g, xhat), lanes)
-                    g = b.fmul(g, _load(k, a["gamma"], i, lanes))
+                v = _affine(k, xv, scale, shift, lanes)
+                g = _act_grad(k, region.activation, v, _load(k, source, index, lanes), lanes)
                 _store(k, g, a["dx"], index)
+                xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
                 _accumulate(k, s1, g, lanes)
                 _accumulate(k, s2, b.fmul(g, xhat), lanes)
             _strided(k, hw, reduce)
         sum_g, sum_gx = _total(k, s1), _total(k, s2)
-        if not rows:
-            b.store(b.fptrunc(sum_g, F32), k.gep(a["dbeta"], c))
-            b.store(b.fptrunc(sum_gx, F32), k.gep(a["dgamma"], c))
+        b.store(b.fptrunc(sum_g, F32), k.gep(a["dbeta"], c))
+        b.store(b.fptrunc(sum_gx, F32), k.gep(a["dgamma"], c))
         if region.batch_stats:
             count = b.sitofp(b.mul(a["N"], hw), F64)
             mean_g = b.fptrunc(b.fdiv(sum_g, count), F32)
