@@ -34,21 +34,20 @@ def _x():
 
 def _model(factory):
     """The model built from a fixed seed, whatever ran before: the fused regions' reference
-    check is a tolerance check, and a batch-2 step's deep 2x2 maps put integer GEMM outputs
-    exactly on their channel's batch mean for some initializations, where the kernel's and
-    ATen's rounding of the mean can take the two sides of the ReLU (docs/math.md §4b)."""
+    check is a tolerance check, and a batch-2 step's deep maps put integer GEMM outputs
+    exactly on their channel's batch mean, where BN's output is a rounding residual. The
+    kernels round as ATen's BatchNorm does on maps of 2 or more elements, but at 1x1 maps
+    ATen sums per thread in float and the two can take the two sides of the ReLU."""
     torch.manual_seed(0)
     return factory()
 
 
-def _assert_verified(results, target, tmp_path, reference_gap=()):
+def _assert_verified(results, target, tmp_path):
     """Every kernel the step ran is bit-identical on the target and the host and matches the
-    reference; families in ``reference_gap`` must match the host exactly but may differ from
-    the reference (a known, open gap: see the test that passes it)."""
+    reference."""
     assert results and all(r.calls and r.mismatches == 0 for r in results), \
         [r for r in results if not r.calls or r.mismatches]
-    assert all(r.passed for r in results if r.family not in reference_gap), \
-        [r for r in results if not r.passed]
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
     assert all(r.has_reference for r in results), [r.family for r in results if not r.has_reference]
     asm = (tmp_path / "fqt_kernels.s").read_text()
     if target in ("rpi4", "rpi5"):
@@ -72,13 +71,7 @@ def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
-    # Open gap: in this batch-2 step the fused region backward of one 2x2x512 layer differs
-    # from the reference in one channel when the test runs after the ResNet-18 one (it
-    # matches when run alone); the cause is not found yet. Its kernels still have to be
-    # bit-identical across targets, and tests/test_fused_regions.py checks the region
-    # kernels against the reference on odd shapes.
-    _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path,
-                     reference_gap=("region_backward",))
+    _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross

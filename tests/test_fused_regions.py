@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 import fqt_compiler as fqt
 from fqt_compiler.ops import fused_regions as fr
 from fqt_compiler.ops import registry
-from fqt_compiler.runtime import fusion  # noqa: F401  (registers the kernels)
+from fqt_compiler.codegen import fusion as gen
+from fqt_compiler.runtime import fusion   # also registers the kernels
 from fqt_compiler.zoo import vgg_small
 
 ACTS = [("relu", []), ("hardtanh", [0.0, 6.0]), ("hardtanh", [-0.5, 0.25]), ("leaky_relu", [0.2]),
@@ -32,12 +33,17 @@ def _close(got, want, what, tol=1e-5):
     assert torch.allclose(got, want, rtol=tol, atol=tol * scale), (what, (got - want).abs().max())
 
 
-def _inputs(shape, seed, contraction=0):
+def _inputs(shape, seed, contraction=0, ties=False):
     """Region inputs; with a ``contraction`` length, ``x`` is a raw ±1 GEMM result (integers
-    in ``[-K, K]`` of K's parity) and ``alpha`` a per-channel scale, else ``alpha`` is None."""
+    in ``[-K, K]`` of K's parity) and ``alpha`` a per-channel scale, else ``alpha`` is None;
+    with ``ties``, ``x`` is integer-valued times a scale, as a binarized GEMM's output is, so
+    that many inputs equal their channel's batch mean exactly."""
     gen = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
-    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    if ties:
+        x = torch.randint(-4, 5, shape, generator=gen).float() * 0.0371
+    else:
+        x = torch.randn(shape, generator=gen) * 2 + 0.5
     weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
     rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
     alpha = None
@@ -50,12 +56,12 @@ def _inputs(shape, seed, contraction=0):
     return x, weight, bias, rmean, rvar, alpha, dy_seed
 
 
-def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0):
+def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0, ties=False):
     """Kernel == reference for one region (forward outputs, statistics, argmax bits and the
     saved raw GEMM result exactly, gradients), and reference == the literal unfused chain
     (with ``contraction``: the binarized layer's ``alpha ⊙ Y_raw`` first) differentiated by
     autograd."""
-    x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction)
+    x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction, ties)
     if training and shape[0] * shape[2] * shape[3] == 1:
         return   # BatchNorm refuses one value per channel in training
     args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, ceil_mode, "bn", alpha,
@@ -197,6 +203,23 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
 def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True)
     check_region((2, 9, 4, 4), act, params, [], False, False)
+
+
+@pytest.mark.parametrize("shape", [(2, 512, 2, 2), (3, 70, 1, 2), (1, 33, 3, 3), (2, 5, 1, 3)])
+def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
+    """Where an input equals its channel's batch mean, BatchNorm's output is a rounding
+    residual whose sign the next ReLU or sign keeps. The kernel's mean, invstd and output are
+    ATen's bit for bit (its contiguous-input path, H*W > 1: at 1x1 ATen accumulates in float
+    per thread), so the fused backward masks the same ReLU inputs as the unfused chain."""
+    x, weight, bias, *_ = _inputs(shape, 0, ties=True)
+    out, _, mean, _, invstd, _ = fusion.region_forward(x, gen.Region(True), weight, bias)
+    want, want_mean, want_invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None,
+                                                                    True, 0.0, 1e-5)
+    assert (x == mean.view(1, -1, 1, 1)).any()
+    assert torch.equal(mean, want_mean) and torch.equal(invstd, want_invstd)
+    assert torch.equal(out, want)
+    check_region(shape, "relu", [], [], False, True, ties=True)
+    check_region(shape, "relu", [], [2, 2, 2, 1, 0, 0], True, True, ties=True)
 
 
 @settings(max_examples=25, deadline=None)

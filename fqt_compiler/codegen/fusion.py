@@ -168,6 +168,17 @@ def _affine(k: Kernel, x, scale, shift, lanes):
     return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
 
 
+def _scale_shift(k: Kernel, c, mean, invstd):
+    """Channel ``c``'s ``scale = invstd * gamma`` and ``shift = beta - mean * scale``, the
+    two terms ATen's BatchNorm applies ``x * scale + shift`` with; its build contracts the
+    shift into one fused multiply-add, so this one does too (a separately rounded
+    ``mean * scale`` flips the sign of the result at some ``x`` equal to the mean)."""
+    a, b = k.arg, k.b
+    scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
+    beta = b.load(k.gep(a["beta"], c), typ=F32)
+    return scale, k.call("llvm.fma.f32", F32, [b.fneg(mean), scale, beta])
+
+
 def _strided(k: Kernel, count, body) -> None:
     """``body(i, lanes)`` over ``[0, count)``: ``LANES``-wide steps, then a scalar tail."""
     b = k.b
@@ -242,27 +253,27 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             _store_raw(k, region, c, hw)
         load = _input(k, region, a["raw"] if region.raw_bits else a["x"], c)
         if region.batch_stats:
-            # ATen's order of operations, so that an x equal to the mean gives the same
-            # (sign of a) zero: the mean in double rounded to float, then the sum of the
-            # float squares (x - mean)^2 in double, invstd = 1/sqrt(var + eps) in double.
-            count = b.sitofp(b.mul(a["N"], hw), F64)
-            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), count), F32)
+            # ATen's order of operations (its contiguous-input path), so that an x equal to
+            # the mean gives the same (sign of a) zero: the mean in double rounded to float;
+            # the sum of the float squares (x - mean)^2 in double, rounded to float and
+            # divided by the count in float; invstd = 1/sqrt(var + eps) in double. A var
+            # kept in double gives an invstd one float ulp off ATen's for some inputs, and
+            # then the rounding residual at x == mean can take the other sign.
+            count = b.mul(a["N"], hw)
+            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), b.sitofp(count, F64)), F32)
 
             def square(v, lanes):
                 d = b.fsub(v, _splat(k, mean, lanes))
                 return b.fmul(d, d)
-            var = b.fdiv(_channel_sum(k, c, hw, load, square), count)
-            root = k.call("llvm.sqrt.f64", F64, [b.fadd(var, ir.Constant(F64, region.eps))])
-            invstd = b.fdiv(ir.Constant(F64, 1.0), root)
-            invstd = b.fptrunc(invstd, F32)
+            var = b.fdiv(b.fptrunc(_channel_sum(k, c, hw, load, square), F32), b.sitofp(count, F32))
+            root = k.call("llvm.sqrt.f64", F64, [b.fadd(b.fpext(var, F64), ir.Constant(F64, region.eps))])
+            invstd = b.fptrunc(b.fdiv(ir.Constant(F64, 1.0), root), F32)
             b.store(mean, k.gep(a["mean"], c))
-            b.store(b.fptrunc(var, F32), k.gep(a["var"], c))
+            b.store(var, k.gep(a["var"], c))
             b.store(invstd, k.gep(a["invstd"], c))
         else:
             mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        # ATen's BatchNorm applies x * scale + shift with these two per-channel terms.
-        scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
-        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+        scale, shift = _scale_shift(k, c, mean, invstd)
 
         def value(index, lanes):
             v = _affine(k, load(index, lanes), scale, shift, lanes)
@@ -330,9 +341,7 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        gamma = b.load(k.gep(a["gamma"], c), typ=F32)
-        scale = b.fmul(invstd, gamma)
-        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+        scale, shift = _scale_shift(k, c, mean, invstd)
         s1, s2 = _accumulator(k), _accumulator(k)
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)

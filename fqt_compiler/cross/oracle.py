@@ -300,7 +300,7 @@ def _region_expected(region, family, a, before: Memory):
     """The reference's view of one call: the saved input (float ``x``, or with ``raw_bits``
     the raw GEMM result: float in the forward, int in the backward), ``alpha`` (None without
     ``raw_bits``), and what the forward writes (``arg`` packed, ``raw`` None without)."""
-    from ..ops.fused_regions import _chain, _region_input, pack_offsets, window_offsets
+    from ..ops.fused_regions import _chain, _region_input, batch_statistics, pack_offsets, window_offsets
     raw_dtype = {16: torch.int16, 32: torch.int32}.get(region.raw_bits)
     saved = raw_dtype if raw_dtype and family == "region_backward" else torch.float32
     x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"),
@@ -311,8 +311,7 @@ def _region_expected(region, family, a, before: Memory):
                                                                             region.pool[4], 1)
     pool = list(region.pool or ())
     if region.batch_stats:
-        var, mean = torch.var_mean(inp, (0, 2, 3), correction=0)
-        invstd = torch.rsqrt(var + region.eps)
+        mean, _, invstd = batch_statistics(inp, region.eps)
     out, indices = _chain(inp, gamma, beta, mean, invstd, region.batch_stats, region.eps,
                           region.activation.name, list(region.activation.params), pool, ceil_mode)
     arg = pack_offsets(window_offsets(indices, a["W"], pool), pool) if pool else None

@@ -124,15 +124,24 @@ def _region_input(x, alpha):
     return x if alpha is None else x.float() * alpha.view(1, -1, 1, 1)
 
 
+def batch_statistics(x: torch.Tensor, eps: float):
+    """Training BatchNorm's per-channel ``mean``, biased ``var`` and ``invstd``; ``mean`` and
+    ``invstd`` are the ones ATen's BatchNorm normalizes with (``torch.rsqrt(var + eps)`` can
+    be one ulp off them, and at an ``x`` equal to the mean that can flip the sign of the
+    normalized value, so the reference's backward would mask another ReLU input)."""
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, torch.var(x, (0, 2, 3), correction=0), invstd
+
+
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
                pool, ceil_mode, region, alpha=None, contraction=0):
     raw = x.to(raw_dtype(contraction)) if alpha is not None else x.new_empty(0, dtype=torch.int16)
     x = _region_input(x, alpha)
     if training:
-        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        mean, var, invstd = batch_statistics(x, eps)
     else:
         mean, var = running_mean.clone(), running_var.clone()
-    invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + eps)
     out, indices = _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
                           pool, ceil_mode)
     arg = (pack_offsets(window_offsets(indices, x.shape[3], pool), pool) if pool
