@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import fqt_compiler as fqt
 from fqt_compiler.cross import mca, oracle
@@ -21,7 +22,7 @@ from fqt_compiler.runtime.quantize import group_min_max
 from conftest import CROSS_TARGETS, needs_cross
 from fqt_compiler.cross.verify import (OddShapes, call_argument, capture_calls, odd_shapes, verify,
                                  verify_calls)
-from fqt_compiler.zoo import resnet18, vgg16_cifar, vgg_small
+from fqt_compiler.zoo import resnet18, resnet_small, vgg16_cifar, vgg_small
 
 needs_hygon_cpu = pytest.mark.skipif(not runs_on_host(get_target("hygon")),
                                      reason="this CPU cannot run the hygon (AVX2) kernels")
@@ -96,6 +97,33 @@ def test_fused_regions_verify_on_target(target, tmp_path):
     torch.manual_seed(0)
     results = verify(vgg_small(in_channels=1, width=0.5), (torch.randn(3, 1, 15, 15),), target, tmp_path)
     _assert_verified(results, target, tmp_path)
+    assert {"region_forward", "region_backward"} <= {r.family for r in results}
+
+
+def _pooling_net():
+    """BatchNorm regions with every average pool: 3x3/2 with padding, ceil_mode and without
+    the padding in the divisor; 2x2/2; the mean of the plane (the head)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Conv2d(12, 9, 3, padding=1), nn.BatchNorm2d(9), nn.Hardtanh(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(9, 10))
+
+
+@needs_cross
+@pytest.mark.parametrize("target", CROSS_TARGETS)
+def test_residual_and_average_pool_regions_verify_on_target(target, tmp_path):
+    """The region kernels with a residual add (a small ResNet: blocks' ``bn2 + shortcut``,
+    odd 15x15 and 8x8 maps, the head's mean pool) and with average pools, on the target:
+    equal to the host's bit for bit, to the unfused chain to float32 rounding, the
+    residual's gradient included."""
+    torch.manual_seed(0)
+    resnet = resnet_small(in_channels=1, width=0.5)
+    results = verify(resnet, (torch.randn(3, 1, 15, 15),), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    results = verify(_pooling_net(), (torch.randn(3, 1, 15, 15),), target, tmp_path / "pools")
+    _assert_verified(results, target, tmp_path / "pools")
     assert {"region_forward", "region_backward"} <= {r.family for r in results}
 
 
