@@ -190,8 +190,9 @@ def test_vgg_training_step_runs_all_gemms_on_kernels(method, bits):
 def test_resnet18_training_step_runs_all_gemms_on_kernels():
     torchvision = pytest.importorskip("torchvision")
     gen = torch.Generator().manual_seed(0)
-    # Fused regions (BatchNorm + residual add + ReLU, the stem's max pool, the head's mean)
-    # round as ATen does on maps of 2+ elements, so the loss is the reference's exactly. 64x64:
+    # Fused regions (BatchNorm + residual add + ReLU, the stem's max pool, the head's mean):
+    # BatchNorm rounds as ATen's on maps of 2+ elements and the head's mean (a double sum)
+    # agrees to float rounding, here exactly, so the loss is the reference's. 64x64:
     # at 32x32 the last stage's maps are 1x1, where ATen's BatchNorm sums in float per
     # thread, and with batch 2 values on their batch mean are common enough to flip signs.
     x, y = torch.randn(2, 3, 64, 64, generator=gen), torch.randint(0, 10, (2,), generator=gen)
