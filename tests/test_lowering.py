@@ -208,9 +208,9 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
     cg = compiled.fqt_graphs[-1]
     fw_ops = {n.meta.get("fqt_op") for n in cg.forward.graph.nodes}
     bw_alpha = [n for n in cg.backward.graph.nodes if "alpha" in n.kwargs]
-    # bn_region_backward(dy, x, arg, ..., region, alpha): alpha is its 15th argument
+    # bn_region_backward(dy, x, arg, ..., region, alpha, residual): alpha is its 16th argument
     raw_regions = [n for n in cg.backward.graph.nodes if n.meta.get("fqt_op") is torch.ops.fqt.bn_region_backward.default
-                   and len(n.args) > 14 and n.args[14] is not None]
+                   and len(n.args) > 15 and n.args[15] is not None]
     binarized = [layer for layer in cg.plan if layer.binarize]
     if alpha == "mean":
         # Every binarized conv of this model feeds a BatchNorm, whose fused region takes the
