@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import fqt_compiler as fqt
 from fqt_compiler.cross import mca, oracle
@@ -21,7 +22,7 @@ from fqt_compiler.runtime.quantize import group_min_max
 from conftest import CROSS_TARGETS, needs_cross
 from fqt_compiler.cross.verify import (OddShapes, call_argument, capture_calls, odd_shapes, verify,
                                  verify_calls)
-from fqt_compiler.zoo import resnet18, vgg16_cifar, vgg_small
+from fqt_compiler.zoo import resnet18, resnet_small, vgg16_cifar, vgg_small
 
 needs_hygon_cpu = pytest.mark.skipif(not runs_on_host(get_target("hygon")),
                                      reason="this CPU cannot run the hygon (AVX2) kernels")
@@ -34,21 +35,20 @@ def _x():
 
 def _model(factory):
     """The model built from a fixed seed, whatever ran before: the fused regions' reference
-    check is a tolerance check, and a batch-2 step's deep 2x2 maps put integer GEMM outputs
-    exactly on their channel's batch mean for some initializations, where the kernel's and
-    ATen's rounding of the mean can take the two sides of the ReLU (docs/math.md §4b)."""
+    check is a tolerance check, and a batch-2 step's deep maps put integer GEMM outputs
+    exactly on their channel's batch mean, where BN's output is a rounding residual. The
+    kernels round as ATen's BatchNorm does on maps of 2 or more elements, but at 1x1 maps
+    ATen sums per thread in float and the two can take the two sides of the ReLU."""
     torch.manual_seed(0)
     return factory()
 
 
-def _assert_verified(results, target, tmp_path, reference_gap=()):
+def _assert_verified(results, target, tmp_path):
     """Every kernel the step ran is bit-identical on the target and the host and matches the
-    reference; families in ``reference_gap`` must match the host exactly but may differ from
-    the reference (a known, open gap: see the test that passes it)."""
+    reference."""
     assert results and all(r.calls and r.mismatches == 0 for r in results), \
         [r for r in results if not r.calls or r.mismatches]
-    assert all(r.passed for r in results if r.family not in reference_gap), \
-        [r for r in results if not r.passed]
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
     assert all(r.has_reference for r in results), [r.family for r in results if not r.has_reference]
     asm = (tmp_path / "fqt_kernels.s").read_text()
     if target in ("rpi4", "rpi5"):
@@ -72,13 +72,7 @@ def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
-    # Open gap: in this batch-2 step the fused region backward of one 2x2x512 layer differs
-    # from the reference in one channel when the test runs after the ResNet-18 one (it
-    # matches when run alone); the cause is not found yet. Its kernels still have to be
-    # bit-identical across targets, and tests/test_fused_regions.py checks the region
-    # kernels against the reference on odd shapes.
-    _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path,
-                     reference_gap=("region_backward",))
+    _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross
@@ -96,13 +90,39 @@ def test_odd_shapes_verify_on_target(target, tmp_path):
 def test_fused_regions_verify_on_target(target, tmp_path):
     """The fused BatchNorm/ReLU/max-pool kernels (train mode, odd maps, pooling an odd 15x15
     map) on the target: equal to the host's bit for bit, to the unfused chain to float32
-    rounding; a wrong argmax byte or a wrong channel fails the check. Known limit of the
-    tolerance check: where an input equals its channel's batch mean exactly, ATen's small-plane
-    path and the kernel's fused multiply-add round BN's zero differently, the ReLU mask differs
-    there and the check fails (width 0.25 of this model at seed 0 has such a tie, 3x3 maps)."""
+    rounding; a wrong argmax byte or a wrong channel fails the check. At width 0.25 and seed 0
+    an input of a 3x3 map equals its channel's batch mean exactly: BN's output there is a
+    rounding residual, and the ReLU mask agrees only if the kernel rounds as ATen does."""
     torch.manual_seed(0)
-    results = verify(vgg_small(in_channels=1, width=0.5), (torch.randn(3, 1, 15, 15),), target, tmp_path)
+    results = verify(vgg_small(in_channels=1, width=0.25), (torch.randn(3, 1, 15, 15),), target, tmp_path)
     _assert_verified(results, target, tmp_path)
+    assert {"region_forward", "region_backward"} <= {r.family for r in results}
+
+
+def _pooling_net():
+    """BatchNorm regions with every average pool: 3x3/2 with padding, ceil_mode and without
+    the padding in the divisor; 2x2/2; the mean of the plane (the head)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Conv2d(12, 9, 3, padding=1), nn.BatchNorm2d(9), nn.Hardtanh(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(9, 10))
+
+
+@needs_cross
+@pytest.mark.parametrize("target", CROSS_TARGETS)
+def test_residual_and_average_pool_regions_verify_on_target(target, tmp_path):
+    """The region kernels with a residual add (a small ResNet: blocks' ``bn2 + shortcut``,
+    odd 15x15 and 8x8 maps, the head's mean pool) and with average pools, on the target:
+    equal to the host's bit for bit, to the unfused chain to float32 rounding, the
+    residual's gradient included."""
+    torch.manual_seed(0)
+    resnet = resnet_small(in_channels=1, width=0.5)
+    results = verify(resnet, (torch.randn(3, 1, 15, 15),), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    results = verify(_pooling_net(), (torch.randn(3, 1, 15, 15),), target, tmp_path / "pools")
+    _assert_verified(results, target, tmp_path / "pools")
     assert {"region_forward", "region_backward"} <= {r.family for r in results}
 
 

@@ -1,4 +1,4 @@
-"""Fused regions (BatchNorm -> activation -> max pool): the kernels against the unfused chain,
+"""Fused regions (BatchNorm -> residual add -> activation -> pool): the kernels against the unfused chain,
 the pass that fuses them, and whole training steps with them (issue 12)."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings, strategies as st
 import fqt_compiler as fqt
 from fqt_compiler.ops import fused_regions as fr
 from fqt_compiler.ops import registry
-from fqt_compiler.runtime import fusion  # noqa: F401  (registers the kernels)
+from fqt_compiler.codegen import fusion as gen
+from fqt_compiler.runtime import fusion   # also registers the kernels
 from fqt_compiler.zoo import vgg_small
 
 ACTS = [("relu", []), ("hardtanh", [0.0, 6.0]), ("hardtanh", [-0.5, 0.25]), ("leaky_relu", [0.2]),
@@ -19,6 +20,10 @@ ACTS = [("relu", []), ("hardtanh", [0.0, 6.0]), ("hardtanh", [-0.5, 0.25]), ("le
 POOLS = [([], False), ([2, 2, 2, 2, 0, 0], False), ([3, 3, 2, 2, 1, 1], False),
          ([3, 3, 2, 2, 1, 1], True), ([2, 2, 2, 2, 1, 1], True), ([3, 3, 1, 1, 1, 1], False),
          ([2, 3, 1, 2, 0, 1], True)]
+# Average pools (window, ceil_mode, count_include_pad): 2x2 and 3x3, stride 1 and 2, padding.
+AVG_POOLS = [([2, 2, 2, 2, 0, 0], False, True), ([3, 3, 2, 2, 1, 1], True, True),
+             ([3, 3, 2, 2, 1, 1], True, False), ([3, 3, 1, 1, 1, 1], False, False),
+             ([2, 2, 1, 1, 1, 1], True, True), ([2, 3, 2, 1, 1, 0], True, False)]
 SHAPES = [(1, 5, 7, 9), (3, 70, 5, 3), (2, 1, 1, 1), (3, 3, 9, 8)]
 
 
@@ -32,12 +37,17 @@ def _close(got, want, what, tol=1e-5):
     assert torch.allclose(got, want, rtol=tol, atol=tol * scale), (what, (got - want).abs().max())
 
 
-def _inputs(shape, seed, contraction=0):
+def _inputs(shape, seed, contraction=0, ties=False):
     """Region inputs; with a ``contraction`` length, ``x`` is a raw ±1 GEMM result (integers
-    in ``[-K, K]`` of K's parity) and ``alpha`` a per-channel scale, else ``alpha`` is None."""
+    in ``[-K, K]`` of K's parity) and ``alpha`` a per-channel scale, else ``alpha`` is None;
+    with ``ties``, ``x`` is integer-valued times a scale, as a binarized GEMM's output is, so
+    that many inputs equal their channel's batch mean exactly."""
     gen = torch.Generator().manual_seed(seed)
     n, c, h, w = shape
-    x = torch.randn(shape, generator=gen) * 2 + 0.5
+    if ties:
+        x = torch.randint(-4, 5, shape, generator=gen).float() * 0.0371
+    else:
+        x = torch.randn(shape, generator=gen) * 2 + 0.5
     weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
     rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
     alpha = None
@@ -50,16 +60,29 @@ def _inputs(shape, seed, contraction=0):
     return x, weight, bias, rmean, rvar, alpha, dy_seed
 
 
-def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0):
+def _unfused_pool(v, pool, mode, ceil_mode):
+    if mode == "mean":
+        return F.adaptive_avg_pool2d(v, (1, 1))
+    if not pool:
+        return v
+    if mode == "max":
+        return F.max_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode)
+    return F.avg_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode, count_include_pad=mode == "avg")
+
+
+def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0, ties=False,
+                 residual=False, mode="max"):
     """Kernel == reference for one region (forward outputs, statistics, argmax bits and the
-    saved raw GEMM result exactly, gradients), and reference == the literal unfused chain
-    (with ``contraction``: the binarized layer's ``alpha ⊙ Y_raw`` first) differentiated by
+    saved raw GEMM result exactly, gradients, the residual's included), and reference == the
+    literal unfused chain (with ``contraction``: the binarized layer's ``alpha ⊙ Y_raw``
+    first; then ``F.batch_norm``, ``+ residual``, the activation, the pool) differentiated by
     autograd."""
-    x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction)
+    x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction, ties)
+    res = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)) if residual else None
     if training and shape[0] * shape[2] * shape[3] == 1:
         return   # BatchNorm refuses one value per channel in training
-    args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, ceil_mode, "bn", alpha,
-            contraction)
+    args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, mode, ceil_mode, "bn", alpha,
+            contraction, res)
     kern, ref = _ops("bn_region")
     got, want = kern(*args), ref(*args)
     for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw"), got, want):
@@ -73,30 +96,31 @@ def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contract
         assert torch.equal(raw.double(), x.double())
     else:
         assert raw.numel() == 0
-    if pool:          # offset_bits per output, each channel plane from its own byte
+    if pool and mode == "max":   # offset_bits per output, each channel plane from its own byte
         bits = {4: 2, 9: 4, 6: 4}[pool[0] * pool[1]]
         assert want[1].shape == (*want[0].shape[:2], -(-want[0].shape[2] * want[0].shape[3] * bits // 8))
     # The reference is the unfused chain: [alpha * Y_raw ->] F.batch_norm -> activation -> F.max_pool2d.
-    leaf = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    leaf = [t.clone().requires_grad_() for t in (x, weight, bias, *([res] if residual else []))]
     rm, rv = rmean.clone(), rvar.clone()
     inp = leaf[0] if alpha is None else leaf[0] * alpha.view(1, -1, 1, 1)
-    v = fr.ACTIVATIONS[act](F.batch_norm(inp, rm, rv, leaf[1], leaf[2], training, 0.1, 1e-5), params)
-    if pool:
-        v = F.max_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode)
+    v = F.batch_norm(inp, rm, rv, leaf[1], leaf[2], training, 0.1, 1e-5)
+    v = _unfused_pool(fr.ACTIVATIONS[act](v + leaf[3] if residual else v, params), pool, mode, ceil_mode)
     _close(want[0], v.detach(), "reference out")
     dy = torch.randn(v.shape, generator=torch.Generator().manual_seed(dy_seed))
     v.backward(dy)
     out, arg, mean, _, invstd, _ = want
     bargs = (dy, x if alpha is None else raw, arg, weight, bias, mean, invstd, training, 1e-5, act, params,
-             pool, ceil_mode, "bn", alpha)
+             pool, mode, ceil_mode, "bn", alpha, res)
     kern_b, ref_b = _ops("bn_region_backward")
-    for name, g, w, chain in zip(("dx", "dweight", "dbias"), kern_b(*bargs), ref_b(*bargs), leaf):
+    got_b, want_b = kern_b(*bargs), ref_b(*bargs)
+    assert (got_b[3].numel() > 0) == residual
+    for name, g, w, chain in zip(("dx", "dweight", "dbias", "dresidual"), got_b, want_b, leaf):
         _close(g, w, name, 1e-4)
         _close(w, chain.grad, f"reference {name}", 1e-4)
     # Running statistics: the fused layer's update equals F.batch_norm's.
     rm2, rv2 = rmean.clone(), rvar.clone()
-    fr.batch_norm_region(x, rm2, rv2, weight, bias, training, 0.1, 1e-5, act, params, pool, ceil_mode, "bn",
-                         alpha, contraction)
+    fr.batch_norm_region(x, rm2, rv2, weight, bias, training, 0.1, 1e-5, act, params, pool, mode, ceil_mode,
+                         "bn", alpha, contraction, res)
     _close(rm2, rm, "running_mean")
     _close(rv2, rv, "running_var")
 
@@ -160,7 +184,7 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     weight, bias = torch.rand(c, generator=gen) + 0.5, torch.randn(c, generator=gen) * 0.5
     rmean, rvar = torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.2
     conv = (stride, padding, dilation, 1)
-    args = (x, w, cb, *conv, weight, bias, rmean, rvar, training, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    args = (x, w, cb, *conv, weight, bias, rmean, rvar, training, 1e-5, "relu", [], pool, "max", ceil_mode, "bn")
     kern, ref = _ops("conv2d_bn_region")
     got, want = kern(*args), ref(*args)
     assert torch.equal(got[1], want[1])   # argmax bits
@@ -176,8 +200,8 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     dy = torch.randn(v.shape, generator=gen)
     v.backward(dy)
     out, arg, mean, _, invstd = want
-    bargs = (dy, x, w, cb, *conv, arg, weight, bias, mean, invstd, training, 1e-5, "relu", [], pool, ceil_mode,
-             "bn", True)
+    bargs = (dy, x, w, cb, *conv, arg, weight, bias, mean, invstd, training, 1e-5, "relu", [], pool, "max",
+             ceil_mode, "bn", True)
     kern_b, ref_b = _ops("conv2d_bn_region_backward")
     names = ("dinput", "dconv_weight", "dconv_bias", "dweight", "dbias")
     chains = (leaf[0], leaf[1], leaf[4] if has_bias else None, leaf[2], leaf[3])
@@ -188,9 +212,31 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
         _close(g, r, name, 1e-4)
         _close(r, chain.grad, f"reference {name}", 1e-4)
     rm2, rv2 = rmean.clone(), rvar.clone()
-    fr.conv2d_region(x, w, cb, *conv, rm2, rv2, weight, bias, training, 0.1, 1e-5, "relu", [], pool, ceil_mode, "bn")
+    fr.conv2d_region(x, w, cb, *conv, rm2, rv2, weight, bias, training, 0.1, 1e-5, "relu", [], pool, "max",
+                     ceil_mode, "bn")
     _close(rm2, rm, "running_mean")
     _close(rv2, rv, "running_var")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pool,ceil_mode,include_pad", AVG_POOLS)
+@pytest.mark.parametrize("shape", [(1, 5, 7, 9), (3, 70, 5, 3), (3, 3, 2, 3)])
+def test_average_pool_regions_match_the_unfused_chain(shape, pool, ceil_mode, include_pad, training):
+    if shape[2] + 2 * pool[4] < pool[0] or shape[3] + 2 * pool[5] < pool[1]:
+        pytest.skip("window larger than the padded input")
+    check_region(shape, "relu", [], pool, ceil_mode, training, mode="avg" if include_pad else "avg_valid")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_residual_and_mean_regions_match_the_unfused_chain(shape, training):
+    """ResNet's ``relu(bn2(x) + identity)``, with and without the head's mean pool, and a
+    residual before a max pool."""
+    check_region(shape, "relu", [], [], False, training, residual=True)
+    check_region(shape, "relu", [], [], False, training, residual=True, mode="mean")
+    check_region(shape, "none", [], [], False, training, mode="mean")
+    if shape[2] > 1:
+        check_region(shape, "hardtanh", [0.0, 6.0], [2, 2, 2, 2, 0, 0], True, training, residual=True)
 
 
 @pytest.mark.parametrize("act,params", ACTS)
@@ -199,15 +245,33 @@ def test_region_activations_match_the_unfused_chain(act, params):
     check_region((2, 9, 4, 4), act, params, [], False, False)
 
 
+@pytest.mark.parametrize("shape", [(2, 512, 2, 2), (3, 70, 1, 2), (1, 33, 3, 3), (2, 5, 1, 3)])
+def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
+    """Where an input equals its channel's batch mean, BatchNorm's output is a rounding
+    residual whose sign the next ReLU or sign keeps. The kernel's mean, invstd and output are
+    ATen's bit for bit (its contiguous-input path, H*W > 1: at 1x1 ATen accumulates in float
+    per thread), so the fused backward masks the same ReLU inputs as the unfused chain."""
+    x, weight, bias, *_ = _inputs(shape, 0, ties=True)
+    out, _, mean, _, invstd, _ = fusion.region_forward(x, gen.Region(True), weight, bias)
+    want, want_mean, want_invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None,
+                                                                    True, 0.0, 1e-5)
+    assert (x == mean.view(1, -1, 1, 1)).any()
+    assert torch.equal(mean, want_mean) and torch.equal(invstd, want_invstd)
+    assert torch.equal(out, want)
+    check_region(shape, "relu", [], [], False, True, ties=True)
+    check_region(shape, "relu", [], [2, 2, 2, 1, 0, 0], True, True, ties=True)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), c=st.integers(1, 70), h=st.integers(2, 9), w=st.integers(2, 9),
-       act=st.sampled_from(ACTS), pool=st.sampled_from(POOLS), training=st.booleans(),
-       seed=st.integers(0, 1000), contraction=st.sampled_from([0, 0, 576, 36864]))
-def test_region_kernels_property(n, c, h, w, act, pool, training, seed, contraction):
-    (pool, ceil_mode) = pool
+       act=st.sampled_from(ACTS), pool=st.sampled_from([(*p, "max") for p in POOLS] + [
+           (p, ceil, "avg" if pad else "avg_valid") for p, ceil, pad in AVG_POOLS] + [([], False, "mean")]),
+       training=st.booleans(), residual=st.booleans(), seed=st.integers(0, 1000))
+def test_region_kernels_property(n, c, h, w, act, pool, training, residual, seed):
+    (pool, ceil_mode, mode) = pool
     if pool and (h + 2 * pool[4] < pool[0] or w + 2 * pool[5] < pool[1]):
         return
-    check_region((n, c, h, w), *act, pool, ceil_mode, training, seed, contraction)
+    check_region((n, c, h, w), *act, pool, ceil_mode, training, seed, residual=residual, mode=mode)
 
 
 # --------------------------------------------------------------------------- the pass
@@ -319,6 +383,58 @@ def test_unfusible_float_ops_still_train():
         _same_direction(p.grad, q.grad, name)
 
 
+class _Adds(nn.Module):
+    """Residual adds and pools the pass must fuse, and near misses it must leave alone."""
+
+    def __init__(self):
+        super().__init__()
+        # no conv bias: before a BatchNorm its gradient is zero up to rounding noise
+        self.convs = nn.ModuleList(nn.Conv2d(2, 6, 3, padding=1, bias=False) for _ in range(7))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(6) for _ in range(7))
+        self.shift = nn.Parameter(torch.randn(1, 6, 1, 1))
+
+    def forward(self, x):
+        r = self.convs[0](x)
+        b = [bn(conv(x)) for conv, bn in zip(self.convs[1:], self.bns[1:])]
+        fused = torch.relu(r + b[0])                              # residual, operand order r + bn
+        fused_pool = F.avg_pool2d(torch.add(b[1], r), 3, 2, 1, ceil_mode=True)
+        scaled = torch.add(b[2], r, alpha=2.0)                    # alpha != 1: BN alone
+        mutated = r.clone()
+        mutated += b[3]                                           # mutates the residual: BN alone
+        broadcast = b[4] + self.shift                             # not x's shape: BN alone
+        divisor = F.avg_pool2d(F.relu(b[5]), 2, divisor_override=3)   # BN -> relu only
+        mean = F.adaptive_avg_pool2d(self.bns[0](r), 1)          # the plane's mean: fused
+        rest = [scaled, mutated, broadcast]
+        return (fused.mean((2, 3)) + fused_pool.mean((2, 3)) + sum(t.mean((2, 3)) for t in rest)
+                + divisor.mean((2, 3)) + mean.flatten(1))
+
+
+def test_pass_fuses_residuals_and_pools_only_where_the_kernels_compute_them():
+    x, y = torch.randn(3, 2, 7, 9), torch.tensor([0, 3, 5])
+    models = []
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = _Adds()
+        compiled, loss = _step(model, x, y, backend, method="none")
+        models.append((model, loss, compiled))
+    regions = models[0][2].fqt_graphs[-1].regions
+    assert sorted(r.split(";")[0] for r in regions) == sorted([
+        "bns.0 (train): batch_norm -> adaptive_avg_pool2d",
+        "bns.1 (train): batch_norm -> add -> relu",
+        "bns.2 (train): batch_norm -> add -> avg_pool2d",
+        "bns.3 (train): batch_norm", "bns.4 (train): batch_norm", "bns.5 (train): batch_norm",
+        "bns.6 (train): batch_norm -> relu"]), regions
+    # fqt.summary and the dump of the pass name each region and the ops it replaced
+    compiled = models[0][2]
+    assert "  - bns.1 (train): batch_norm -> add -> relu" in fqt.summary(compiled)
+    capture = [r.text for r in compiled.fqt_graphs[-1].records if r.stage == "capture" and r.name == "fuse_regions"][0]
+    assert "fused region bns.2 (train): batch_norm -> add -> avg_pool2d" in capture
+    (m_k, loss_k, _), (m_r, loss_r, _) = models
+    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
+    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
+        _same_direction(p.grad, q.grad, name)
+
+
 @pytest.mark.slow
 def test_resnet18_fused_step_matches_the_reference_backend():
     torchvision = pytest.importorskip("torchvision")
@@ -346,6 +462,19 @@ def test_resnet18_fused_step_matches_the_reference_backend():
             # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
             assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
             assert len(regions) == 20
+            # every block's bn2 takes the residual add and its ReLU, the last one the head's pool
+            assert any(r.startswith("layer1.0.bn2 (train): batch_norm -> iadd -> relu;") for r in regions)
+            assert any(r.startswith("layer2.0.downsample.1 (train): batch_norm;") for r in regions)
+            assert any(r.startswith("layer4.1.bn2 (train): batch_norm -> iadd -> relu -> adaptive_avg_pool2d;")
+                       for r in regions)
+            assert sum("iadd -> relu" in r for r in regions) == 8
+            cg = compiled.fqt_graphs[-1]
+            fw, bw = _fused_ops(cg)
+            assert "aten.relu.default" not in fw and "aten.mean.dim" not in fw
+            assert "aten.threshold_backward.default" not in bw
+            # no float add of feature maps is left (the adds left update BN's counters)
+            assert not [n for n in cg.forward.graph.nodes if str(n.target) == "aten.add.Tensor"
+                        and n.meta["val"].dim() == 4]
     (loss_k, gk), (loss_r, gr) = grads["kernels"], grads["reference"]
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
     for name, g in gr.items():

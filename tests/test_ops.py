@@ -84,29 +84,32 @@ def _opcheck_cases():
     pool = [3, 2, 2, 2, 1, 0]
     y_raw = (45 - 2 * torch.randint(0, 46, xb.shape)).float()   # a raw GEMM result, K = 45
     alpha = torch.rand(5) * 0.1
-    for training, activation, params, raw in ((True, "relu", [], None), (False, "leaky_relu", [0.1], None),
-                                              (True, "relu", [], (alpha, 45)), (False, "relu", [], (alpha, 45))):
+    rb = torch.randn(xb.shape)   # a residual
+    for training, activation, params, raw, res, pl, mode in (
+            (True, "relu", [], None, None, pool, "max"), (False, "leaky_relu", [0.1], None, rb, pool, "avg_valid"),
+            (True, "relu", [], (alpha, 45), rb, [], "mean"), (False, "relu", [], (alpha, 45), None, pool, "max")):
         x_in = xb if raw is None else y_raw
+        r = None if res is None else res.clone().requires_grad_()
         args = (x_in.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
-                rm, rv, training, 1e-5, activation, params, pool, True, "bn1", *(raw or ()))
+                rm, rv, training, 1e-5, activation, params, pl, mode, True, "bn1", *(raw or (None, 0)), r)
         cases.append((FR.bn_region, args))
         _, arg, mean, _, invstd, saved = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
-        out_shape = FR.pooled_shape(xb.shape, pool, True)
+        out_shape = FR.pooled_shape(xb.shape, pl, True, mode)
         cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb if raw is None else saved, arg, wb, bb,
-                                              mean, invstd, training, 1e-5, activation, params, pool, True,
-                                              "bn1", *(raw or ())[:1])))
+                                              mean, invstd, training, 1e-5, activation, params, pl, mode, True,
+                                              "bn1", None if raw is None else raw[0], res)))
     # a float conv feeding a region (the conv output recomputed in backward)
     xc, wc, cbias = torch.randn(2, 3, 9, 8), torch.randn(5, 3, 3, 3), torch.randn(5)
     conv = ([2, 1], [1, 0], [1, 1], 1)
     for training, bias in ((True, cbias), (False, None)):
         args = (xc.clone().requires_grad_(), wc.clone().requires_grad_(),
                 None if bias is None else bias.clone().requires_grad_(), *conv, wb.clone().requires_grad_(),
-                bb.clone().requires_grad_(), rm, rv, training, 1e-5, "relu", [], pool, True, "bn1")
+                bb.clone().requires_grad_(), rm, rv, training, 1e-5, "relu", [], pool, "max", True, "bn1")
         cases.append((FR.conv2d_bn_region, args))
         out, arg, mean, _, invstd = FR.conv2d_bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
         cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
-                                                     mean, invstd, training, 1e-5, "relu", [], pool, True, "bn1",
-                                                     training)))
+                                                     mean, invstd, training, 1e-5, "relu", [], pool, "max", True,
+                                                     "bn1", training)))
     return cases
 
 

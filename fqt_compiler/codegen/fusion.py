@@ -3,17 +3,19 @@
 A ``Region`` is a small program over an NCHW tensor, rooted at a per-channel normalization:
 
     x -> normalize (batch statistics or given mean/invstd) -> affine (gamma, beta)
-      -> pointwise activation (``ACTIVATIONS``, an op table) -> optional max pool
+      -> optional residual add -> pointwise activation (``ACTIVATIONS``, an op table)
+      -> optional pool (``POOL_MODES``: max, average, the mean of the plane)
 
 ``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
 channels; every reduction is per channel, so no atomics and a thread-count-independent
 summation order): for each channel, at most one reduction pass (sum and sum of squares in
-double) and one apply pass that writes the region's output and, with a pool, the argmax of
-each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
+double) and one apply pass that writes the region's output and, with a max pool, the argmax
+of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
-backward (scatter by the saved offsets), the activation's mask recomputed from the saved
-input, one reduction pass (``sum g``, ``sum g * xhat``) and one apply pass (BatchNorm's
-input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a
+backward (a max pool scatters by the saved offsets, an average pool spreads each output's
+gradient over its window), the activation's mask recomputed from the saved input and the
+residual, one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
+``g``, the residual's gradient) and one apply pass (BatchNorm's input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a
 binarized conv: the forward first stores ``Y_raw`` as int16 (or int32) and every pass of
 both kernels recomputes ``alpha * Y_raw`` from it in registers, so the backward keeps two
 bytes per input instead of a float32 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
@@ -83,12 +85,21 @@ def _act_grad(k: Kernel, act: Activation, v, g, lanes):
     return ACTIVATIONS[act.name][1](k.b, v, g, act.params, lanes)
 
 
+# How a region pools after its activation: with a window ``pool``, "max" (argmax codes
+# saved), "avg" (divisor: the window clipped to the padded input, count_include_pad) or
+# "avg_valid" (the taps inside the input); without one, "mean" is the mean of each plane
+# (adaptive average pooling to 1x1).
+POOL_MODES = ("max", "avg", "avg_valid", "mean")
+
+
 @dataclass(frozen=True)
 class Region:
     """``batch_stats``: normalize with this batch's statistics (training BatchNorm) and
     write them; otherwise read ``mean``/``invstd`` (eval BatchNorm: a per-channel affine).
-    ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a max pool after the activation, or None.
-    ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen.
+    ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a window pool after the activation, or None;
+    ``pool_mode``: one of ``POOL_MODES`` ("mean" takes no ``pool``; "max" without a
+    ``pool`` means no pooling). ``residual``: a tensor shaped like ``x`` (``res``) is added
+    after the affine. ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen.
     ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
@@ -99,18 +110,26 @@ class Region:
     pool: tuple | None = None
     eps: float = 1e-5
     raw_bits: int = 0
+    residual: bool = False
+    pool_mode: str = "max"
+
+    def __post_init__(self):
+        if (self.pool_mode not in POOL_MODES or (self.pool is not None and self.pool_mode == "mean")
+                or (self.pool is None and self.pool_mode.startswith("avg"))):
+            raise ValueError(f"Region: pool_mode {self.pool_mode!r} with pool {self.pool}; "
+                             f"modes {POOL_MODES}, 'mean' without a pool, the others with one")
 
 
 # The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
 FORWARD_SYMBOL = "fqt_region_forward"
-FORWARD_PARAMS = (("x", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
+FORWARD_PARAMS = (("x", "ptr"), ("res", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
                   ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("raw", "ptr"),
                   ("N", "i64"), ("C", "i64"),
                   ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
 BACKWARD_SYMBOL = "fqt_region_backward"
-BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
-                   ("mean", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("dx", "ptr"), ("dgamma", "ptr"),
-                   ("dbeta", "ptr"),
+BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("res", "ptr"), ("arg", "ptr"), ("gamma", "ptr"),
+                   ("beta", "ptr"), ("mean", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("dx", "ptr"),
+                   ("dres", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
                    ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
                    ("c0", "i64"), ("c1", "i64"))
 
@@ -166,6 +185,17 @@ def _affine(k: Kernel, x, scale, shift, lanes):
     binarized layer keeps) is then the reference's."""
     ty = x.type
     return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
+
+
+def _scale_shift(k: Kernel, c, mean, invstd):
+    """Channel ``c``'s ``scale = invstd * gamma`` and ``shift = beta - mean * scale``, the
+    two terms ATen's BatchNorm applies ``x * scale + shift`` with; its build contracts the
+    shift into one fused multiply-add, so this one does too (a separately rounded
+    ``mean * scale`` flips the sign of the result at some ``x`` equal to the mean)."""
+    a, b = k.arg, k.b
+    scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
+    beta = b.load(k.gep(a["beta"], c), typ=F32)
+    return scale, k.call("llvm.fma.f32", F32, [b.fneg(mean), scale, beta])
 
 
 def _strided(k: Kernel, count, body) -> None:
@@ -231,8 +261,9 @@ def _window(region: Region, k: Kernel, oh, ow, i, j):
 
 def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
-    ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool) and ``arg`` (window
-    offsets packed per channel plane, pool only). With ``batch_stats`` it writes ``mean``,
+    ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool, ``1, 1`` for "mean") and
+    ``arg`` (window offsets packed per channel plane, max pool only); ``res`` (like ``x``) is
+    read with ``residual``. With ``batch_stats`` it writes ``mean``,
     the biased ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads
     ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
@@ -242,41 +273,91 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             _store_raw(k, region, c, hw)
         load = _input(k, region, a["raw"] if region.raw_bits else a["x"], c)
         if region.batch_stats:
-            # ATen's order of operations, so that an x equal to the mean gives the same
-            # (sign of a) zero: the mean in double rounded to float, then the sum of the
-            # float squares (x - mean)^2 in double, invstd = 1/sqrt(var + eps) in double.
-            count = b.sitofp(b.mul(a["N"], hw), F64)
-            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), count), F32)
+            # ATen's order of operations (its contiguous-input path), so that an x equal to
+            # the mean gives the same (sign of a) zero: the mean in double rounded to float;
+            # the sum of the float squares (x - mean)^2 in double, rounded to float and
+            # divided by the count in float; invstd = 1/sqrt(var + eps) in double. A var
+            # kept in double gives an invstd one float ulp off ATen's for some inputs, and
+            # then the rounding residual at x == mean can take the other sign.
+            count = b.mul(a["N"], hw)
+            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), b.sitofp(count, F64)), F32)
 
             def square(v, lanes):
                 d = b.fsub(v, _splat(k, mean, lanes))
                 return b.fmul(d, d)
-            var = b.fdiv(_channel_sum(k, c, hw, load, square), count)
-            root = k.call("llvm.sqrt.f64", F64, [b.fadd(var, ir.Constant(F64, region.eps))])
-            invstd = b.fdiv(ir.Constant(F64, 1.0), root)
-            invstd = b.fptrunc(invstd, F32)
+            var = b.fdiv(b.fptrunc(_channel_sum(k, c, hw, load, square), F32), b.sitofp(count, F32))
+            root = k.call("llvm.sqrt.f64", F64, [b.fadd(b.fpext(var, F64), ir.Constant(F64, region.eps))])
+            invstd = b.fptrunc(b.fdiv(ir.Constant(F64, 1.0), root), F32)
             b.store(mean, k.gep(a["mean"], c))
-            b.store(b.fptrunc(var, F32), k.gep(a["var"], c))
+            b.store(var, k.gep(a["var"], c))
             b.store(invstd, k.gep(a["invstd"], c))
         else:
             mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        # ATen's BatchNorm applies x * scale + shift with these two per-channel terms.
-        scale = b.fmul(invstd, b.load(k.gep(a["gamma"], c), typ=F32))
-        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+        scale, shift = _scale_shift(k, c, mean, invstd)
 
         def value(index, lanes):
-            v = _affine(k, load(index, lanes), scale, shift, lanes)
-            return _act_forward(k, region.activation, v, lanes)
+            return _act_forward(k, region.activation,
+                                _pre_activation(region, k, load, index, scale, shift, lanes), lanes)
 
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
             out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
-            if region.pool is None:
+            if region.pool_mode == "mean":
+                acc = _accumulator(k)
+                _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(b.add(plane, i), lanes), lanes))
+                mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
+                b.store(mean_v, k.gep(a["out"], out_plane))
+            elif region.pool is None:
                 _strided(k, hw, lambda i, lanes: _store(k, value(b.add(plane, i), lanes), a["out"],
                                                         b.add(out_plane, i)))
-            else:
+            elif region.pool_mode == "max":
                 _pool_forward(region, k, plane, b.add(b.mul(n, a["C"]), c), ohw, value)
+            else:
+                _avg_pool_forward(region, k, plane, out_plane, value)
     return k.finish()
+
+
+def _pre_activation(region: Region, k: Kernel, load, index, scale, shift, lanes):
+    """The activation's input at ``index``: the affine of the input, plus ``res`` with a
+    residual (rounded after the affine, as the unfused ``bn(x) + r`` is)."""
+    v = _affine(k, load(index, lanes), scale, shift, lanes)
+    return k.b.fadd(v, _load(k, k.arg["res"], index, lanes)) if region.residual else v
+
+
+def _avg_divisor(region: Region, k: Kernel, oh, ow):
+    """ATen's divisor of average-pool output ``(oh, ow)`` (float32): the window clipped to
+    the padded input ("avg", count_include_pad), or to the input ("avg_valid")."""
+    a, b = k.arg, k.b
+    kh, kw, sh, sw, ph, pw = region.pool
+
+    def extent(o, kernel, stride, pad, size):
+        lo = b.sub(b.mul(o, ir.Constant(I64, stride)), ir.Constant(I64, pad))
+        hi = b.add(lo, ir.Constant(I64, kernel))
+        padded_end = b.add(size, ir.Constant(I64, pad))
+        hi = b.select(b.icmp_signed("<", hi, padded_end), hi, padded_end)
+        if region.pool_mode == "avg_valid":
+            zero = ir.Constant(I64, 0)
+            lo = b.select(b.icmp_signed(">", lo, zero), lo, zero)
+            hi = b.select(b.icmp_signed("<", hi, size), hi, size)
+        return b.sub(hi, lo)
+    taps = b.mul(extent(oh, kh, sh, ph, a["H"]), extent(ow, kw, sw, pw, a["W"]))
+    return b.sitofp(taps, F32)
+
+
+def _avg_pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
+    """ATen's average pool: the float sum of the window's taps inside the input in (i, j)
+    order, divided by ``_avg_divisor``."""
+    a, b = k.arg, k.b
+    kh, kw = region.pool[:2]
+    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+        total = k.var(F32, ir.Constant(F32, 0.0))
+        for i in range(kh):
+            for j in range(kw):
+                h, w, inside = _window(region, k, oh, ow, i, j)
+                with b.if_then(inside):
+                    k.set(total, b.fadd(k.get(total, F32), value(b.add(plane, b.add(b.mul(h, a["W"]), w)), 1)))
+        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
+        b.store(b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), k.gep(a["out"], o))
 
 
 def _code_slot(region: Region, k: Kernel, nc, ohw, o):
@@ -317,51 +398,84 @@ def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
 
+def _max_pool_backward(region: Region, k: Kernel, plane, nc, ohw) -> None:
+    """``dx[window tap of the saved code] += dy`` for each output of plane ``nc`` (``dx``
+    zeroed)."""
+    a, b = k.arg, k.b
+    _, kw, sh, sw, ph, pw = region.pool
+    mask = ir.Constant(I8, (1 << offset_bits(region.pool)) - 1)
+    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+        o = b.add(b.mul(oh, a["OW"]), ow)
+        slot, at = _code_slot(region, k, nc, ohw, o)
+        off = b.zext(b.and_(b.lshr(b.load(slot, typ=I8), at), mask), I64)
+        o = b.add(b.mul(nc, ohw), o)
+        i = b.udiv(off, ir.Constant(I64, kw))
+        j = b.urem(off, ir.Constant(I64, kw))
+        h = b.sub(b.add(b.mul(oh, ir.Constant(I64, sh)), i), ir.Constant(I64, ph))
+        w = b.sub(b.add(b.mul(ow, ir.Constant(I64, sw)), j), ir.Constant(I64, pw))
+        dst = k.gep(a["dx"], b.add(plane, b.add(b.mul(h, a["W"]), w)))
+        b.store(b.fadd(b.load(dst, typ=F32), b.load(k.gep(a["dy"], o), typ=F32)), dst)
+
+
+def _avg_pool_backward(region: Region, k: Kernel, plane, out_plane) -> None:
+    """ATen's average-pool backward: ``dy / divisor`` added to each tap of the window inside
+    the input, outputs in order (``dx`` zeroed)."""
+    a, b = k.arg, k.b
+    kh, kw = region.pool[:2]
+    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
+        delta = b.fdiv(b.load(k.gep(a["dy"], o), typ=F32), _avg_divisor(region, k, oh, ow))
+        for i in range(kh):
+            for j in range(kw):
+                h, w, inside = _window(region, k, oh, ow, i, j)
+                with b.if_then(inside):
+                    dst = k.gep(a["dx"], b.add(plane, b.add(b.mul(h, a["W"]), w)))
+                    b.store(b.fadd(b.load(dst, typ=F32), delta), dst)
+
+
 def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_backward``: channels ``c0..c1`` of ``dx`` (NCHW like ``x``) from ``dy``
     (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
     ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
     at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
     mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes.
-    With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
+    With ``residual`` it reads ``res`` and writes ``dres = g`` (the add passes its gradient
+    to both inputs). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
     ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        gamma = b.load(k.gep(a["gamma"], c), typ=F32)
-        scale = b.fmul(invstd, gamma)
-        shift = b.fsub(b.load(k.gep(a["beta"], c), typ=F32), b.fmul(mean, scale))
+        scale, shift = _scale_shift(k, c, mean, invstd)
         s1, s2 = _accumulator(k), _accumulator(k)
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+            nc = b.add(b.mul(n, a["C"]), c)
             if region.pool is not None:
-                kw = region.pool[1]
                 with k.loop(0, hw) as i:
                     b.store(ir.Constant(F32, 0.0), k.gep(a["dx"], b.add(plane, i)))
-                nc = b.add(b.mul(n, a["C"]), c)
-                mask = ir.Constant(I8, (1 << offset_bits(region.pool)) - 1)
-                with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
-                    o = b.add(b.mul(oh, a["OW"]), ow)
-                    slot, at = _code_slot(region, k, nc, ohw, o)
-                    off = b.zext(b.and_(b.lshr(b.load(slot, typ=I8), at), mask), I64)
-                    o = b.add(b.mul(nc, ohw), o)
-                    i = b.udiv(off, ir.Constant(I64, kw))
-                    j = b.urem(off, ir.Constant(I64, kw))
-                    _, _, sh, sw, ph, pw = region.pool
-                    h = b.sub(b.add(b.mul(oh, ir.Constant(I64, sh)), i), ir.Constant(I64, ph))
-                    w = b.sub(b.add(b.mul(ow, ir.Constant(I64, sw)), j), ir.Constant(I64, pw))
-                    dst = k.gep(a["dx"], b.add(plane, b.add(b.mul(h, a["W"]), w)))
-                    b.store(b.fadd(b.load(dst, typ=F32), b.load(k.gep(a["dy"], o), typ=F32)), dst)
-            source = a["dx"] if region.pool is not None else a["dy"]
+                if region.pool_mode == "max":
+                    _max_pool_backward(region, k, plane, nc, ohw)
+                else:
+                    _avg_pool_backward(region, k, plane, b.mul(nc, ohw))
+            if region.pool_mode == "mean":
+                # mean's backward, as autograd runs it: dy / (H * W) at every input
+                spread = b.fdiv(b.load(k.gep(a["dy"], nc), typ=F32), b.sitofp(hw, F32))
+
+            def upstream(index, lanes):
+                if region.pool_mode == "mean":
+                    return _splat(k, spread, lanes)
+                return _load(k, a["dx"] if region.pool is not None else a["dy"], index, lanes)
 
             def reduce(i, lanes):
                 index = b.add(plane, i)
                 xv = load(index, lanes)
-                v = _affine(k, xv, scale, shift, lanes)
-                g = _act_grad(k, region.activation, v, _load(k, source, index, lanes), lanes)
+                v = _pre_activation(region, k, load, index, scale, shift, lanes)
+                g = _act_grad(k, region.activation, v, upstream(index, lanes), lanes)
                 _store(k, g, a["dx"], index)
+                if region.residual:
+                    _store(k, g, a["dres"], index)
                 xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
                 _accumulate(k, s1, g, lanes)
                 _accumulate(k, s2, b.fmul(g, xhat), lanes)

@@ -289,8 +289,8 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
 
 def _region_tensors(mem: Memory, a: dict, names, dtypes=None):
     n, c, h, w, oh, ow = (a[k] for k in ("N", "C", "H", "W", "OH", "OW"))
-    shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "raw": (n, c, h, w), "out": (n, c, oh, ow),
-              "dy": (n, c, oh, ow)}
+    shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "raw": (n, c, h, w), "res": (n, c, h, w),
+              "dres": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow)}
     dtypes = dtypes or {}
     return [mem.at(a[name], dtypes.get(name, torch.float32), int(torch.Size(shapes.get(name, (c,))).numel()))
             .view(shapes.get(name, (c,))) for name in names]
@@ -300,24 +300,25 @@ def _region_expected(region, family, a, before: Memory):
     """The reference's view of one call: the saved input (float ``x``, or with ``raw_bits``
     the raw GEMM result: float in the forward, int in the backward), ``alpha`` (None without
     ``raw_bits``), and what the forward writes (``arg`` packed, ``raw`` None without)."""
-    from ..ops.fused_regions import _chain, _region_input, pack_offsets, window_offsets
+    from ..ops.fused_regions import _chain, _region_input, batch_statistics, pack_offsets, window_offsets
     raw_dtype = {16: torch.int16, 32: torch.int32}.get(region.raw_bits)
     saved = raw_dtype if raw_dtype and family == "region_backward" else torch.float32
     x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"),
                                                    {"x": saved})
     alpha = _region_tensors(before, a, ("alpha",))[0] if raw_dtype else None
+    res = _region_tensors(before, a, ("res",))[0] if region.residual else None
     inp = _region_input(x, alpha)
     ceil_mode = bool(region.pool) and a["OH"] != reference.conv_output_size(a["H"], region.pool[0], region.pool[2],
                                                                             region.pool[4], 1)
     pool = list(region.pool or ())
     if region.batch_stats:
-        var, mean = torch.var_mean(inp, (0, 2, 3), correction=0)
-        invstd = torch.rsqrt(var + region.eps)
+        mean, _, invstd = batch_statistics(inp, region.eps)
     out, indices = _chain(inp, gamma, beta, mean, invstd, region.batch_stats, region.eps,
-                          region.activation.name, list(region.activation.params), pool, ceil_mode)
-    arg = pack_offsets(window_offsets(indices, a["W"], pool), pool) if pool else None
+                          region.activation.name, list(region.activation.params), pool, region.pool_mode,
+                          ceil_mode, res)
+    arg = pack_offsets(window_offsets(indices, a["W"], pool), pool) if indices is not None else None
     raw = x.to(raw_dtype) if raw_dtype else None
-    return x, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode
+    return x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode
 
 
 def _differs(got, want, channels, dim=1) -> bool:
@@ -337,7 +338,8 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
     region, a = opts["region"], args
     mem_b, mem_a = Memory(before), Memory(after)
     channels = (a["c0"], a["c1"])
-    x, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode = _region_expected(region, family, a, mem_b)
+    x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode = _region_expected(region, family, a,
+                                                                                                 mem_b)
     if family == "region_forward":
         wrong = _differs(_region_tensors(mem_a, a, ("out",))[0], out, channels)
         if arg is not None:
@@ -349,12 +351,15 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
                          for name, want in (("mean", mean), ("invstd", invstd)))
         return wrong
     dy, = _region_tensors(mem_b, a, ("dy",))
-    arg = mem_b.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape) if pool else None
-    dx, dgamma, dbeta = _bn_region_backward(dy, x, arg, gamma, beta, mean, invstd, region.batch_stats,
-                                            region.eps, region.activation.name,
-                                            list(region.activation.params), pool, ceil_mode, "", alpha)
-    got = _region_tensors(mem_a, a, ("dx", "dgamma", "dbeta"))
-    return sum(_differs(g, w, channels, dim) for g, w, dim in zip(got, (dx, dgamma, dbeta), (1, 0, 0)))
+    arg = mem_b.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape) if arg is not None else None
+    want = _bn_region_backward(dy, x, arg, gamma, beta, mean, invstd, region.batch_stats, region.eps,
+                               region.activation.name, list(region.activation.params), pool, region.pool_mode,
+                               ceil_mode, "", alpha, res)
+    names, dims = ("dx", "dgamma", "dbeta", "dres"), (1, 0, 0, 1)
+    if not region.residual:
+        names, dims = names[:3], dims[:3]
+    got = _region_tensors(mem_a, a, names)
+    return sum(_differs(g, w, channels, dim) for g, w, dim in zip(got, want, dims))
 
 
 CLOSE_CHECKS = {"region_forward": check_region, "region_backward": check_region}

@@ -1,4 +1,4 @@
-"""Fused float regions: BatchNorm -> activation -> max pool as one op (kernel backend).
+"""Fused float regions: BatchNorm -> residual add -> activation -> pool as one op (kernel backend).
 
 ``passes/fuse_regions.py`` replaces such a chain of the captured graph by
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
@@ -7,8 +7,12 @@ region's output, the max pool's argmax packed as ``offset_bits(pool)`` bits per 
 offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3), the
 per-channel ``mean``, biased ``var`` and ``invstd``, and ``raw`` (below). Its backward
 (``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and the two
-per-channel vectors: the activation mask is recomputed from the input; the float BatchNorm
-output, activation output and int64 pool indices of the unfused chain are never saved.
+per-channel vectors (and the residual input, if any): the activation mask is recomputed from
+them; the float BatchNorm output, sum, activation output and int64 pool indices of the
+unfused chain are never saved. With a residual it also returns the residual's gradient.
+
+Pooling (``pool_mode``): "max", "avg" (``F.avg_pool2d`` with count_include_pad), "avg_valid"
+(without), each with a window ``pool``, or "mean" (``F.adaptive_avg_pool2d`` to 1x1).
 
 When a binarized conv feeds the BatchNorm (``binary_conv2d_region``), the region's input is
 ``alpha ⊙ Y_raw`` and the op takes ``Y_raw`` (integers in float32) and ``alpha`` instead: the
@@ -21,8 +25,8 @@ layer's ``G'``. When a float conv feeds it (``conv2d_region``: the first layer, 
 in its backward (``fqt::conv2d_bn_region_backward``, which also returns the conv's
 gradients), so no float32 copy of that output is kept either.
 
-Reference implementations: exactly the unfused chain (``F.batch_norm``, the activation,
-``F.max_pool2d``; the backward is ATen's backward formula of each link of that chain), so
+Reference implementations: exactly the unfused chain (``F.batch_norm``, ``+ residual``, the
+activation, the pool; the backward is ATen's backward formula of each link of that chain), so
 the reference of a fused op is the computation it replaced. The math is docs/math.md (BatchNorm).
 """
 from __future__ import annotations
@@ -43,19 +47,35 @@ ACTIVATIONS = {
 }
 
 
-def _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params, pool, ceil_mode):
-    """The unfused chain: BatchNorm (batch statistics when training, else ``mean``/``invstd``),
-    the activation, the max pool; returns the output and ATen's int64 pool indices."""
+def _pre_activation(x, weight, bias, mean, invstd, training, eps, residual):
+    """BatchNorm (batch statistics when training, else ``mean``/``invstd``) plus the residual."""
     if training:
         v = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     else:
         shape = (1, -1, 1, 1)
         v = (x - mean.view(shape)) * invstd.view(shape) * weight.view(shape) + bias.view(shape)
-    v = ACTIVATIONS[activation](v, act_params)
+    return v if residual is None else v + residual
+
+
+def _pool(v, pool, pool_mode, ceil_mode):
+    """The unfused pool after the activation: its output and, for a max pool, ATen's int64
+    indices (else None)."""
+    if pool_mode == "mean":
+        return F.adaptive_avg_pool2d(v, 1), None
     if not pool:
         return v, None
     kh, kw, sh, sw, ph, pw = pool
-    return F.max_pool2d(v, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil_mode, return_indices=True)
+    if pool_mode == "max":
+        return F.max_pool2d(v, (kh, kw), (sh, sw), (ph, pw), ceil_mode=ceil_mode, return_indices=True)
+    return F.avg_pool2d(v, (kh, kw), (sh, sw), (ph, pw), ceil_mode, pool_mode == "avg"), None
+
+
+def _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params, pool, pool_mode,
+           ceil_mode, residual=None):
+    """The unfused chain: BatchNorm, the residual add, the activation, the pool; returns the
+    output and ATen's int64 max-pool indices (None for other pools)."""
+    v = _pre_activation(x, weight, bias, mean, invstd, training, eps, residual)
+    return _pool(ACTIVATIONS[activation](v, act_params), pool, pool_mode, ceil_mode)
 
 
 def offset_bits(pool) -> int:
@@ -124,27 +144,38 @@ def _region_input(x, alpha):
     return x if alpha is None else x.float() * alpha.view(1, -1, 1, 1)
 
 
+def batch_statistics(x: torch.Tensor, eps: float):
+    """Training BatchNorm's per-channel ``mean``, biased ``var`` and ``invstd``; ``mean`` and
+    ``invstd`` are the ones ATen's BatchNorm normalizes with (``torch.rsqrt(var + eps)`` can
+    be one ulp off them, and at an ``x`` equal to the mean that can flip the sign of the
+    normalized value, so the reference's backward would mask another ReLU input)."""
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, torch.var(x, (0, 2, 3), correction=0), invstd
+
+
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-               pool, ceil_mode, region, alpha=None, contraction=0):
+               pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None):
     raw = x.to(raw_dtype(contraction)) if alpha is not None else x.new_empty(0, dtype=torch.int16)
     x = _region_input(x, alpha)
     if training:
-        var, mean = torch.var_mean(x, (0, 2, 3), correction=0)
+        mean, var, invstd = batch_statistics(x, eps)
     else:
         mean, var = running_mean.clone(), running_var.clone()
-    invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + eps)
     out, indices = _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
-                          pool, ceil_mode)
-    arg = (pack_offsets(window_offsets(indices, x.shape[3], pool), pool) if pool
+                          pool, pool_mode, ceil_mode, residual)
+    arg = (pack_offsets(window_offsets(indices, x.shape[3], pool), pool) if indices is not None
            else x.new_empty(0, dtype=torch.uint8))
     return out.contiguous(), arg, mean, var, invstd, raw
 
 
-def pooled_shape(x_shape, pool, ceil_mode):
+def pooled_shape(x_shape, pool, ceil_mode, pool_mode="max"):
+    n, c, h, w = x_shape
+    if pool_mode == "mean":
+        return [n, c, 1, 1]
     if not pool:
         return list(x_shape)
     kh, kw, sh, sw, ph, pw = pool
-    n, c, h, w = x_shape
     return [n, c, _pool_out(h, kh, sh, ph, ceil_mode), _pool_out(w, kw, sw, pw, ceil_mode)]
 
 
@@ -156,52 +187,64 @@ def _pool_out(size, k, s, p, ceil_mode):
 
 
 def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, activation,
-                    act_params, pool, ceil_mode, region, alpha=None, contraction=0):
-    shape = pooled_shape(x.shape, pool, ceil_mode)
+                    act_params, pool, pool_mode, ceil_mode, region, alpha=None, contraction=0,
+                    residual=None):
+    shape = pooled_shape(x.shape, pool, ceil_mode, pool_mode)
     out = x.new_empty(shape)
-    arg = x.new_empty(packed_offsets_shape(shape, pool) if pool else [0], dtype=torch.uint8)
+    arg = x.new_empty(packed_offsets_shape(shape, pool) if pool and pool_mode == "max" else [0],
+                      dtype=torch.uint8)
     raw = (x.new_empty(x.shape, dtype=raw_dtype(contraction)) if alpha is not None
            else x.new_empty(0, dtype=torch.int16))
     c = x.shape[1]
     return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw
 
 
-_ARGS = "str activation, float[] act_params, int[] pool, bool ceil_mode, str region"
+_ARGS = "str activation, float[] act_params, int[] pool, str pool_mode, bool ceil_mode, str region"
 
 bn_region = _define(
     "bn_region(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
-    f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0) "
+    f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0, Tensor? residual=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _bn_region, _bn_region_fake)
 
 
+def _pool_backward(dy, a, arg, pool, pool_mode, ceil_mode):
+    """ATen's backward of ``_pool`` at its input ``a``."""
+    if pool_mode == "mean":
+        return dy.expand(a.shape) / (a.shape[2] * a.shape[3])
+    if not pool:
+        return dy
+    kh, kw, sh, sw, ph, pw = pool
+    if pool_mode != "max":
+        return torch.ops.aten.avg_pool2d_backward(dy, a, [kh, kw], [sh, sw], [ph, pw], ceil_mode,
+                                                  pool_mode == "avg", None)
+    # The pool's gradient goes where the forward's saved argmax says, not where a recomputed
+    # max would be: at a tie within float rounding the two may differ.
+    indices = flat_indices(unpack_offsets(arg, pool, *dy.shape[2:]), a.shape[3], pool)
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        dy, a, [kh, kw], [sh, sw], [ph, pw], [1, 1], ceil_mode, indices)
+
+
 def _bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                        act_params, pool, ceil_mode, region, alpha=None):
+                        act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None):
     # The unfused chain's backward, ATen's formula for each link (what autograd runs for it),
     # written out: an op implementation runs below the autograd dispatch key, where nested
     # autograd would not record. With alpha, x is the saved raw GEMM result.
     if alpha is not None:
-        dx, dweight, dbias = _bn_region_backward(dy, _region_input(x, alpha), arg, weight, bias, mean,
-                                                 invstd, training, eps, activation, act_params, pool,
-                                                 ceil_mode, region)
-        return dx * alpha.view(1, -1, 1, 1), dweight, dbias
+        dx, dweight, dbias, dres = _bn_region_backward(
+            dy, _region_input(x, alpha), arg, weight, bias, mean, invstd, training, eps, activation,
+            act_params, pool, pool_mode, ceil_mode, region, residual=residual)
+        return dx * alpha.view(1, -1, 1, 1), dweight, dbias, dres
     shape = (1, -1, 1, 1)
-    v = ((x - mean.view(shape)) * invstd.view(shape) * weight.view(shape) + bias.view(shape)
-         if not training else F.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
-    a = ACTIVATIONS[activation](v, act_params)
-    if pool:
-        # The pool's gradient goes where the forward's saved argmax says, not where a
-        # recomputed max would be: at a tie within float rounding the two may differ.
-        kh, kw, sh, sw, ph, pw = pool
-        indices = flat_indices(unpack_offsets(arg, pool, *dy.shape[2:]), x.shape[3], pool)
-        dy = torch.ops.aten.max_pool2d_with_indices_backward(
-            dy, a, [kh, kw], [sh, sw], [ph, pw], [1, 1], ceil_mode, indices)
+    v = _pre_activation(x, weight, bias, mean, invstd, training, eps, residual)
+    dy = _pool_backward(dy, ACTIVATIONS[activation](v, act_params), arg, pool, pool_mode, ceil_mode)
     dv = ACTIVATION_GRADS[activation](dy, v, act_params)
+    dres = dv.clone() if residual is not None else x.new_empty(0, dtype=torch.float32)
     if training:
-        return torch.ops.aten.native_batch_norm_backward(
-            dv, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
+        return (*torch.ops.aten.native_batch_norm_backward(
+            dv, x, weight, None, None, mean, invstd, True, eps, [True, True, True]), dres)
     xhat = (x - mean.view(shape)) * invstd.view(shape)
-    return (dv * (invstd * weight).view(shape), (dv * xhat).sum((0, 2, 3)), dv.sum((0, 2, 3)))
+    return dv * (invstd * weight).view(shape), (dv * xhat).sum((0, 2, 3)), dv.sum((0, 2, 3)), dres
 
 
 # Activation name -> ATen's backward of it, as a function of (grad, input, params).
@@ -213,41 +256,47 @@ ACTIVATION_GRADS = {
 }
 
 
+def _bn_region_backward_fake(dy, x, arg, weight, bias, mean, invstd, training, eps, activation, act_params,
+                             pool, pool_mode, ceil_mode, region, alpha=None, residual=None):
+    return (dy.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight),
+            dy.new_empty(residual.shape if residual is not None else [0]))
+
+
 bn_region_backward = _define(
     "bn_region_backward(Tensor dy, Tensor x, Tensor arg, Tensor weight, Tensor bias, Tensor mean, "
-    f"Tensor invstd, bool training, float eps, {_ARGS}, Tensor? alpha=None) "
-    "-> (Tensor, Tensor, Tensor)",
-    _bn_region_backward,
-    lambda dy, x, arg, weight, *rest: (dy.new_empty(x.shape), torch.empty_like(weight),
-                                       torch.empty_like(weight)))
+    f"Tensor invstd, bool training, float eps, {_ARGS}, Tensor? alpha=None, Tensor? residual=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _bn_region_backward, _bn_region_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, training, eps, activation, act_params, pool, ceil_mode, region, alpha, _ = inputs
+    x, weight, bias, _, _, *static, alpha, _, residual = inputs
     _, arg, mean, _, invstd, raw = output
-    ctx.save_for_backward(x if alpha is None else raw, arg, weight, bias, mean, invstd, alpha)
-    ctx.static = (training, eps, activation, act_params, pool, ceil_mode, region)
+    ctx.save_for_backward(x if alpha is None else raw, arg, weight, bias, mean, invstd, alpha, residual)
+    ctx.static = tuple(static)
 
 
 def _backward(ctx, dy, *_unused):
-    x, arg, weight, bias, mean, invstd, alpha = ctx.saved_tensors
-    dx, dweight, dbias = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static,
-                                            alpha=alpha)
-    return dx, dweight, dbias, *[None] * 11
+    x, arg, weight, bias, mean, invstd, alpha, residual = ctx.saved_tensors
+    dx, dweight, dbias, dres = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static,
+                                                  alpha=alpha, residual=residual)
+    return dx, dweight, dbias, *[None] * 12, dres if residual is not None else None
 
 
 bn_region.register_autograd(_backward, setup_context=_setup_context)
 
 
 def batch_norm_region(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                      activation, act_params, pool, ceil_mode, region, alpha=None, contraction=0):
-    """What ``passes/fuse_regions.py`` puts in place of ``F.batch_norm -> activation ->
-    max pool``: the fused op, then the running statistics updated in place with ``momentum``
-    and the unbiased batch variance, as ``F.batch_norm`` updates them. With ``alpha``, ``x``
-    is a raw GEMM result of that ``contraction`` length (see ``binary_conv2d_region``)."""
+                      activation, act_params, pool, pool_mode, ceil_mode, region, alpha=None,
+                      contraction=0, residual=None):
+    """What ``passes/fuse_regions.py`` puts in place of ``F.batch_norm -> (+ residual) ->
+    activation -> pool``: the fused op, then the running statistics updated in place with
+    ``momentum`` and the unbiased batch variance, as ``F.batch_norm`` updates them. With
+    ``alpha``, ``x`` is a raw GEMM result of that ``contraction`` length (see
+    ``binary_conv2d_region``)."""
     out, _, mean, var, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
-                                        activation, act_params, pool, ceil_mode, region, alpha,
-                                        contraction)
+                                        activation, act_params, pool, pool_mode, ceil_mode, region,
+                                        alpha, contraction, residual)
     _update_running_stats(x.numel() // x.shape[1], running_mean, running_var, mean, var, training, momentum)
     return out
 
@@ -263,15 +312,15 @@ def _update_running_stats(count, running_mean, running_var, mean, var, training,
 
 def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, layer, running_mean,
                          running_var, weight, bias, training, momentum, eps, activation, act_params,
-                         pool, ceil_mode, region):
+                         pool, pool_mode, ceil_mode, region, residual=None):
     """``library.binarized_conv2d`` (default alpha, no bias) followed by ``batch_norm_region``,
     with the multiply by alpha moved into the region: the region gets the raw GEMM result and
     keeps it for backward as int16 (``raw_dtype``) instead of the float32 ``alpha ⊙ Y_raw``."""
     y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
     alpha = ref.default_alpha(conv_weight)
     return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
-                             activation, act_params, pool, ceil_mode, region, alpha,
-                             conv_weight[0].numel())
+                             activation, act_params, pool, pool_mode, ceil_mode, region, alpha,
+                             conv_weight[0].numel(), residual)
 
 
 # --------------------------------------------------------------------------- float conv -> region
@@ -284,11 +333,11 @@ _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
 
 
 def _conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
-                      running_mean, running_var, training, eps, activation, act_params, pool, ceil_mode,
-                      region):
+                      running_mean, running_var, training, eps, activation, act_params, pool, pool_mode,
+                      ceil_mode, region):
     y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return _bn_region(y, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-                      pool, ceil_mode, region)[:5]
+                      pool, pool_mode, ceil_mode, region)[:5]
 
 
 def _conv2d_bn_region_fake(input, conv_weight, conv_bias, stride, padding, dilation, groups, *rest):
@@ -309,7 +358,7 @@ def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, s
     ``region_backward`` (``bn_region_backward``'s reference or kernel) at it, then ATen's
     convolution backward; gradients not asked for (input, a missing bias) are empty."""
     y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    dy, dweight, dbias = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
+    dy, dweight, dbias, _ = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
     mask = [input_grad, True, conv_bias is not None]
     dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
         dy, input, conv_weight, None if conv_bias is None else list(conv_bias.shape), stride, padding,
@@ -320,10 +369,11 @@ def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, s
 
 def _conv2d_bn_region_backward(dy, input, conv_weight, conv_bias, stride, padding, dilation, groups, arg,
                                weight, bias, mean, invstd, training, eps, activation, act_params, pool,
-                               ceil_mode, region, input_grad):
+                               pool_mode, ceil_mode, region, input_grad):
     return conv2d_region_backward(_bn_region_backward, dy, input, conv_weight, conv_bias, stride, padding,
                                   dilation, groups, arg, weight, bias, mean, invstd, training, eps,
-                                  activation, act_params, pool, ceil_mode, region, input_grad=input_grad)
+                                  activation, act_params, pool, pool_mode, ceil_mode, region,
+                                  input_grad=input_grad)
 
 
 def _conv2d_bn_region_backward_fake(dy, input, conv_weight, conv_bias, *rest):
@@ -354,7 +404,7 @@ def _conv_backward(ctx, dy, *_unused):
                                       mean, invstd, *ctx.static, ctx.needs_input_grad[0])
     dinput, dconv_weight, dconv_bias, dweight, dbias = grads
     return (dinput if ctx.needs_input_grad[0] else None, dconv_weight,
-            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 9)
+            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 10)
 
 
 conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -362,12 +412,12 @@ conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_con
 
 def conv2d_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, running_mean,
                   running_var, weight, bias, training, momentum, eps, activation, act_params, pool,
-                  ceil_mode, region):
+                  pool_mode, ceil_mode, region):
     """A float ``F.conv2d`` followed by ``batch_norm_region``, as one op that recomputes the
     conv output in backward instead of keeping it."""
     out, _, mean, var, _ = conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups,
                                             weight, bias, running_mean, running_var, training, eps,
-                                            activation, act_params, pool, ceil_mode, region)
+                                            activation, act_params, pool, pool_mode, ceil_mode, region)
     n, _, h, w = input.shape
     kh, kw = conv_weight.shape[2:]
     count = (n * ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])

@@ -1,11 +1,15 @@
-"""Fuse BatchNorm -> activation -> max pool chains into one op (capture stage, kernel backend).
+"""Fuse BatchNorm -> residual add -> activation -> pool chains into one op (capture stage,
+kernel backend).
 
 Matches, in the captured graph: ``F.batch_norm(x, running_mean, running_var, weight, bias,
 training, momentum, eps)`` on a 4-D float32 ``x`` with an affine (weight and bias), a float
 momentum (``momentum=None``, the cumulative average, breaks Dynamo's graph before it gets
 here) and, in eval mode, running statistics; then, each only if the previous value has no
-other user, one activation (``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU) and one
-``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps).
+other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alpha 1) of a
+float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
+identity may be another BatchNorm's output); one activation (``_ACTIVATIONS``: ReLU, ReLU6,
+Hardtanh, LeakyReLU); one pool: ``F.max_pool2d`` (dilation 1, no indices returned, window of
+at most 255 taps), ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1.
 Produces: one ``fused_regions.batch_norm_region`` call in place of the chain (the fused op
 ``fqt::bn_region`` plus the running-statistics update), noted with the ops it replaced;
 ``regions_out`` receives one line per fused region. When the BatchNorm's input is a
@@ -14,7 +18,7 @@ other user, that call joins the region (``fused_regions.binary_conv2d_region``):
 reads the raw GEMM result and alpha, and backward keeps the raw result as int16 (int32 when
 the contraction is 32768 or longer; the note and region line say which) instead of a
 float32 copy. When its input is a float ``conv2d`` (a layer the plan keeps float, e.g. the
-first) with no other user, that conv joins the region instead
+first) with no other user and the region has no residual, that conv joins the region instead
 (``fused_regions.conv2d_region``): the backward keeps the conv's input and weight, which
 the conv's own backward keeps anyway, and recomputes the conv output rather than keeping
 it. Anything else ends a region: it stays as captured, so correctness never depends on the
@@ -27,10 +31,12 @@ of ``fqt::bn_region`` is that chain); every new node has ``meta["val"]`` and the
 from __future__ import annotations
 
 import inspect
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ..ops import library
 from ..ops.fused_regions import batch_norm_region, binary_conv2d_region, conv2d_region, raw_dtype
@@ -50,6 +56,13 @@ _ACTIVATIONS = {
 }
 _SIGNATURES = {F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6,
                F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None):
+    """``F.avg_pool2d``'s signature (a builtin, which ``inspect`` cannot read)."""
+
 
 
 def _bind(fn, node: fx.Node) -> dict | None:
@@ -74,11 +87,24 @@ def _pair(v):
 
 
 def _pool(node: fx.Node):
-    """``(kh, kw, sh, sw, ph, pw), ceil_mode`` of a max pool the kernels take, else None."""
-    if node is None or node.op != "call_function" or node.target is not F.max_pool2d:
+    """``(kh, kw, sh, sw, ph, pw), pool_mode, ceil_mode`` of a pool the kernels take (the
+    window is empty for "mean"), else None."""
+    if node is None or node.op != "call_function":
         return None
-    a = _bind(F._max_pool2d, node)   # F.max_pool2d's signature (it is a dispatch wrapper)
-    if a is None or a["return_indices"] or _pair(a["dilation"]) != (1, 1):
+    if node.target is F.adaptive_avg_pool2d:
+        a = _bind(F.adaptive_avg_pool2d, node)
+        return ((), "mean", False) if a is not None and a["output_size"] in (1, (1, 1), [1, 1]) else None
+    if node.target is F.max_pool2d:
+        a = _bind(F._max_pool2d, node)   # F.max_pool2d's signature (it is a dispatch wrapper)
+        if a is None or a["return_indices"] or _pair(a["dilation"]) != (1, 1):
+            return None
+        mode = "max"
+    elif node.target is F.avg_pool2d:
+        a = _bind(_avg_pool2d, node)
+        if a is None or a["divisor_override"] is not None or not isinstance(a["count_include_pad"], bool):
+            return None
+        mode = "avg" if a["count_include_pad"] else "avg_valid"
+    else:
         return None
     if any(isinstance(a[k], fx.Node) for k in ("kernel_size", "stride", "padding", "ceil_mode")):
         return None
@@ -87,7 +113,24 @@ def _pool(node: fx.Node):
     padding = _pair(a["padding"])
     if kernel[0] * kernel[1] > 255 or any(2 * p > k for p, k in zip(padding, kernel)):
         return None
-    return (*kernel, *stride, *padding), bool(a["ceil_mode"])
+    return (*kernel, *stride, *padding), mode, bool(a["ceil_mode"])
+
+
+def _residual(add: fx.Node | None, bn: fx.Node, x):
+    """The other operand of a residual add ``bn + r`` (either order), else None."""
+    if add is None or add.op != "call_function" or add.target not in _ADDS or len(add.args) != 2:
+        return None
+    if set(add.kwargs) - {"alpha"} or add.kwargs.get("alpha", 1) != 1:
+        return None
+    # ``r += bn`` would mutate r, which others may read: only ``bn += r`` is the region's.
+    if add.args.count(bn) != 1 or (add.target is operator.iadd and add.args[0] is not bn):
+        return None
+    other = add.args[1] if add.args[0] is bn else add.args[0]
+    r = _val(other)
+    # a shape test that adds no guard to a dynamic graph
+    if r is None or r.dtype != torch.float32 or not statically_known_true(sym_eq(r.shape, x.shape)):
+        return None
+    return other
 
 
 def _region_name(weight: fx.Node) -> str:
@@ -133,38 +176,44 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
     if not training and not isinstance(a["running_mean"], fx.Node):
         return False
     chain, last = [bn], bn
+    residual = _residual(_only_user(bn), bn, x)
+    if residual is not None:
+        last = _only_user(bn)
+        chain.append(last)
     activation, params = "none", ()
-    act = _only_user(bn)
+    act = _only_user(last)
     if act is not None and act.op == "call_function" and act.target in _ACTIVATIONS:
         bound = _bind(_SIGNATURES[act.target], act)
-        if bound is not None and bound.get("input", bound.get("self")) is bn:
+        if bound is not None and bound.get("input", bound.get("self")) is last:
             activation, get = _ACTIVATIONS[act.target]
             params = get(bound)
             chain.append(act)
             last = act
-    pool, ceil_mode = (), False
+    pool, pool_mode, ceil_mode = (), "max", False
     found = _pool(_only_user(last))
     if found is not None:
-        pool, ceil_mode = found
+        pool, pool_mode, ceil_mode = found
         last = _only_user(last)
         chain.append(last)
     name = _region_name(a["weight"])
     region_args = (a["running_mean"], a["running_var"], a["weight"], a["bias"], training, momentum, eps,
-                   activation, list(params), list(pool), ceil_mode, name)
+                   activation, list(params), list(pool), pool_mode, ceil_mode, name)
     conv = _raw_input(a["input"])
-    float_conv = _float_conv(a["input"]) if conv is None else None
+    # conv2d_region takes no residual: with one, a float conv stays outside the region
+    float_conv = _float_conv(a["input"]) if conv is None and residual is None else None
     with gm.graph.inserting_before(last):
         if conv is not None:
             new = insert_call(gm.graph, binary_conv2d_region,
                               (conv["x"], conv["weight"], conv["rng_state"], conv["stride"], conv["padding"],
-                               conv["dilation"], conv["layer"], *region_args), KEYS)
+                               conv["dilation"], conv["layer"], *region_args, residual), KEYS)
         elif float_conv is not None:
             new = insert_call(gm.graph, conv2d_region,
                               (float_conv["x"], float_conv["weight"], float_conv["bias"], float_conv["stride"],
                                float_conv["padding"], float_conv["dilation"], float_conv["groups"],
                                *region_args), KEYS)
         else:
-            new = insert_call(gm.graph, batch_norm_region, (a["input"], *region_args), KEYS)
+            new = insert_call(gm.graph, batch_norm_region, (a["input"], *region_args, None, 0, residual),
+                              KEYS)
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
         if key in bn.meta:
             new.meta[key] = bn.meta[key]

@@ -1,7 +1,7 @@
 """Fused regions on torch tensors: the kernels of ``codegen/fusion.py``, split over channels.
 
 ``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd,
-raw)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta)``
+raw)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta, dres)``
 (with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for backward);
 see ``ops/fused_regions.py`` for the op semantics and its reference (the unfused chain).
 """
@@ -36,17 +36,32 @@ def _alpha(alpha, region: gen.Region) -> torch.Tensor:
     return _f32(alpha) if region.raw_bits else torch.empty(0)
 
 
+def _residual(region: gen.Region, residual, like: torch.Tensor) -> torch.Tensor | None:
+    if not region.residual:
+        return None
+    if residual is None or residual.shape != like.shape:
+        raise ValueError(f"fused region with a residual: needs a residual tensor shaped like its "
+                         f"input {list(like.shape)}, got {None if residual is None else list(residual.shape)}")
+    return _f32(residual)
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, alpha=None, *,
-                   ceil_mode=False, target="host"):
+                   residual=None, ceil_mode=False, target="host"):
     """Run ``region`` over NCHW ``x`` (with ``raw_bits``: the raw GEMM result, scaled by the
-    per-channel ``alpha``). Without batch statistics ``mean``/``invstd`` are the per-channel
-    values to normalize with (they are returned unchanged)."""
+    per-channel ``alpha``; with ``Region.residual`` plus ``residual``, shaped like ``x``).
+    Without batch statistics ``mean``/``invstd`` are the per-channel values to normalize with
+    (they are returned unchanged)."""
     x = _f32(x)
+    res = _residual(region, residual, x)
     n, c, h, w = x.shape
-    shape = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode)
+    shape = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode, region.pool_mode)
     out = torch.empty(shape)
-    arg = torch.empty(fused_regions.packed_offsets_shape(shape, region.pool) if region.pool else [0],
-                      dtype=torch.uint8)
+    arg = torch.empty(fused_regions.packed_offsets_shape(shape, region.pool)
+                      if region.pool and region.pool_mode == "max" else [0], dtype=torch.uint8)
     raw = torch.empty(x.shape if region.raw_bits else [0], dtype=_INT.get(region.raw_bits, torch.int16))
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
@@ -55,7 +70,7 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     else:
         mean, invstd = _f32(mean), _f32(invstd)
     gamma, beta = _f32(gamma), _f32(beta)
-    parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), out.data_ptr(),
+    parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), _ptr(res), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
                   var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(),
                   n, c, h, w, shape[2], shape[3])
@@ -63,56 +78,65 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
 
 
 def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, alpha=None, *,
-                    target="host"):
-    """``(dx, dgamma, dbeta)`` of ``region`` at ``x`` (with ``raw_bits``: the int raw GEMM
-    result, and ``dx`` is then the gradient at it) for the output gradient ``dy``."""
+                    residual=None, target="host"):
+    """``(dx, dgamma, dbeta, dres)`` of ``region`` at ``x`` (with ``raw_bits``: the int raw
+    GEMM result, and ``dx`` is then the gradient at it; with a residual, ``dres`` is its
+    gradient, else empty) for the output gradient ``dy``."""
     x = x.contiguous() if region.raw_bits else _f32(x)
     dy = _f32(dy)
+    res = _residual(region, residual, x)
     n, c, h, w = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
     dx = torch.empty(x.shape)
+    dres = torch.empty(x.shape if res is not None else [0])
     dgamma, dbeta = torch.empty(c), torch.empty(c)
     arg = arg.contiguous()
     mean, invstd, gamma, beta = _f32(mean), _f32(invstd), _f32(gamma), _f32(beta)
     alpha = _alpha(alpha, region)
-    parallel_rows(_fn("region_backward", target, region), c, dy.data_ptr(), x.data_ptr(),
+    parallel_rows(_fn("region_backward", target, region), c, dy.data_ptr(), x.data_ptr(), _ptr(res),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  invstd.data_ptr(), alpha.data_ptr(), dx.data_ptr(), dgamma.data_ptr(),
+                  invstd.data_ptr(), alpha.data_ptr(), dx.data_ptr(), dres.data_ptr(), dgamma.data_ptr(),
                   dbeta.data_ptr(), n, c, h, w, oh, ow)
-    return dx, dgamma, dbeta
+    return dx, dgamma, dbeta, dres
 
 
 # --------------------------------------------------------------------------- the fqt ops
 
-def _region(training, activation, act_params, pool, eps, raw_dtype=None) -> gen.Region:
+def _region(training, activation, act_params, pool, pool_mode, eps, raw_dtype=None,
+            residual=None) -> gen.Region:
     raw_bits = {None: 0, torch.int16: 16, torch.int32: 32}[raw_dtype]
     return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None,
-                      float(eps), raw_bits)
+                      float(eps), raw_bits, residual is not None, pool_mode)
 
 
 @implements("bn_region")
 def bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-              pool, ceil_mode, region, alpha=None, contraction=0, *, layer_name="?", target="host"):
-    r = _region(training, activation, act_params, pool, eps,
-                None if alpha is None else fused_regions.raw_dtype(contraction))
+              pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None, *,
+              layer_name="?", target="host"):
+    r = _region(training, activation, act_params, pool, pool_mode, eps,
+                None if alpha is None else fused_regions.raw_dtype(contraction), residual)
     with stats.timed(layer_name, "region_forward"):
         if training:
-            return region_forward(x, r, weight, bias, alpha=alpha, ceil_mode=ceil_mode, target=target)
+            return region_forward(x, r, weight, bias, alpha=alpha, residual=residual, ceil_mode=ceil_mode,
+                                  target=target)
         # Eval BatchNorm is a per-channel affine of the running statistics (copied: an op's
         # outputs must not alias its inputs).
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
         out, arg, _, _, invstd, raw = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
-                                                     alpha, ceil_mode=ceil_mode, target=target)
+                                                     alpha, residual=residual, ceil_mode=ceil_mode,
+                                                     target=target)
         return out, arg, mean, var, invstd, raw
 
 
 @implements("bn_region_backward")
 def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                       act_params, pool, ceil_mode, region, alpha=None, *, layer_name="?",
-                       target="host"):
-    r = _region(training, activation, act_params, pool, eps, None if alpha is None else x.dtype)
+                       act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None, *,
+                       layer_name="?", target="host"):
+    r = _region(training, activation, act_params, pool, pool_mode, eps,
+                None if alpha is None else x.dtype, residual)
     with stats.timed(layer_name, "region_backward"):
-        return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, target=target)
+        return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, residual=residual,
+                               target=target)
 
 
 # A float conv (run by ATen, as float layers are on both backends) feeding a region.
