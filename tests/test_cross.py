@@ -126,6 +126,21 @@ def test_residual_and_average_pool_regions_verify_on_target(target, tmp_path):
     assert {"region_forward", "region_backward"} <= {r.family for r in results}
 
 
+@needs_cross
+@pytest.mark.parametrize("target", CROSS_TARGETS)
+def test_layer_norm_regions_verify_on_target(target, tmp_path):
+    """The fused LayerNorm -> GELU (exact, tanh) row kernels, 87 rows (two row blocks) of
+    odd widths, on the target: equal to the host's bit for bit, to the unfused chain to
+    float32 rounding (their erf/exp/tanh are polynomials: no libm call to link)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 40),
+                                torch.nn.LayerNorm(40), torch.nn.GELU(), torch.nn.Linear(40, 24),
+                                torch.nn.LayerNorm(24), torch.nn.GELU("tanh"), torch.nn.Linear(24, 3))
+    results = verify(model, (torch.randn(3, 29, 24),), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    assert {"region_forward", "region_backward"} <= {r.family for r in results}
+
+
 def test_reference_check_catches_one_flipped_bit():
     """Each call of a small step matches the reference as the host computed it, and flipping
     one bit the call wrote makes it fail (the check compares what kernels write)."""

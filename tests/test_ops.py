@@ -110,6 +110,14 @@ def _opcheck_cases():
         cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
                                                      mean, invstd, training, 1e-5, "relu", [], pool, "max", True,
                                                      "bn1", training)))
+    # LayerNorm regions (over the last dimension of a 3-D input), GELU both ways
+    xn, wn, bn = torch.randn(2, 3, 7), torch.rand(7) + 0.5, torch.randn(7)
+    for activation in ("gelu", "gelu_tanh"):
+        cases.append((FR.ln_region, (xn.clone().requires_grad_(), wn.clone().requires_grad_(),
+                                     bn.clone().requires_grad_(), 1e-5, activation, [], "ln")))
+        _, mean, invstd = FR.ln_region(xn, wn, bn, 1e-5, activation, [], "ln")
+        cases.append((FR.ln_region_backward, (torch.randn(xn.shape), xn, wn, bn, mean, invstd, 1e-5, activation,
+                                              [], "ln")))
     return cases
 
 

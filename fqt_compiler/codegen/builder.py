@@ -290,3 +290,64 @@ class BitStream:
         zero = ir.Constant(self.ty, 0 if self.lanes == 1 else [0] * self.lanes)
         with k.loop(k.get(self.word), ld) as w:
             self.store(zero, w)
+
+
+# --------------------------------------------------------------------------- float math
+# exp, erf and tanh of float32 lanes from arithmetic, floor, fabs and copysign only: LLVM has
+# no erf intrinsic, and llvm.exp/llvm.tanh become libm calls that the JIT or a cross-target
+# link may not resolve (and that do not vectorize).
+
+def fconst(ty: ir.Type, value) -> ir.Constant:
+    """A constant of scalar or vector type ``ty`` (every lane ``value``)."""
+    return const_splat(ty, value) if isinstance(ty, ir.VectorType) else ir.Constant(ty, value)
+
+
+def _clamp(b: ir.IRBuilder, x, lo: float, hi: float):
+    x = b.select(b.fcmp_ordered("<", x, fconst(x.type, lo)), fconst(x.type, lo), x)
+    return b.select(b.fcmp_ordered(">", x, fconst(x.type, hi)), fconst(x.type, hi), x)
+
+
+def _poly(b: ir.IRBuilder, x, coefficients):
+    """``c[0] x^(n-1) + ... + c[n-1]`` by Horner's rule."""
+    acc = fconst(x.type, coefficients[0])
+    for c in coefficients[1:]:
+        acc = b.fadd(b.fmul(acc, x), fconst(x.type, c))
+    return acc
+
+
+def exp(b: ir.IRBuilder, x):
+    """``e^x`` (Cephes ``expf``: ``x = n ln2 + r`` with ln2 split in two, a degree-7
+    polynomial in ``r``, ``2^n`` built in the exponent bits; relative error about 2e-7).
+    Below -87 it returns 0 (the true value is below 1.6e-38); ``x`` is clamped to 88.7."""
+    ty = x.type
+    ity = vec(ty.count, I32) if isinstance(ty, ir.VectorType) else I32
+    underflow = b.fcmp_ordered("<", x, fconst(ty, -87.0))
+    x = _clamp(b, x, -87.0, 88.7)
+    n = call(b, f"llvm.floor.{vsuffix(ty)}", ty, [b.fadd(b.fmul(x, fconst(ty, 1.44269504088896341)),
+                                                        fconst(ty, 0.5))])
+    r = b.fsub(b.fsub(x, b.fmul(n, fconst(ty, 0.693359375))), b.fmul(n, fconst(ty, -2.12194440e-4)))
+    p = _poly(b, r, (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                     1.6666665459e-1, 5.0000001201e-1))
+    y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), fconst(ty, 1.0))
+    scale = b.shl(b.add(b.fptosi(n, ity), fconst(ity, 127)), fconst(ity, 23))
+    return b.select(underflow, fconst(ty, 0.0), b.fmul(y, b.bitcast(scale, ty)))
+
+
+def erf(b: ir.IRBuilder, x):
+    """``erf(x)`` by Abramowitz & Stegun 7.1.26 (``1 - t P(t) e^{-x^2}``, ``t = 1/(1 + p|x|)``;
+    absolute error at most 1.5e-7, plus float32 rounding), the formula ATen's vectorized
+    ``erf`` uses too."""
+    ty = x.type
+    a = call(b, f"llvm.fabs.{vsuffix(ty)}", ty, [x])
+    t = b.fdiv(fconst(ty, 1.0), b.fadd(b.fmul(a, fconst(ty, 0.3275911)), fconst(ty, 1.0)))
+    p = b.fmul(_poly(b, t, (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)), t)
+    y = b.fsub(fconst(ty, 1.0), b.fmul(p, exp(b, b.fneg(b.fmul(a, a)))))
+    return call(b, f"llvm.copysign.{vsuffix(ty)}", ty, [y, x])
+
+
+def tanh(b: ir.IRBuilder, x):
+    """``tanh(x) = 1 - 2 / (e^{2x} + 1)``, ``x`` clamped to [-10, 10] (beyond 9.01 tanh rounds
+    to +-1 in float32, and so does this formula); absolute error a few float32 ulps of 1."""
+    ty = x.type
+    e = exp(b, b.fmul(_clamp(b, x, -10.0, 10.0), fconst(ty, 2.0)))
+    return b.fsub(fconst(ty, 1.0), b.fdiv(fconst(ty, 2.0), b.fadd(e, fconst(ty, 1.0))))

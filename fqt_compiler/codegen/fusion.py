@@ -1,13 +1,19 @@
 """LLVM IR for fused regions: the float work after a layer's GEMM as one loop nest.
 
-A ``Region`` is a small program over an NCHW tensor, rooted at a per-channel normalization:
+A ``Region`` is a small program over an NCHW tensor, rooted at a normalization:
 
     x -> normalize (batch statistics or given mean/invstd) -> affine (gamma, beta)
       -> optional residual add -> pointwise activation (``ACTIVATIONS``, an op table)
       -> optional pool (``POOL_MODES``: max, average, the mean of the plane)
 
+The normalization axis is the region's ``axis``: ``"channel"`` (BatchNorm: statistics of
+each channel over N, H, W, the affine per channel) or ``"row"`` (LayerNorm: statistics of
+each row of the last dimension, the affine per feature). A row region runs as the NCHW
+region of a ``[1, rows, 1, D]`` tensor (a row is a channel of one sample and one image
+row), so both share the statistics, the loops and the ABI.
+
 ``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
-channels; every reduction is per channel, so no atomics and a thread-count-independent
+channels; every statistic is per channel, so no atomics and a thread-count-independent
 summation order): for each channel, at most one reduction pass (sum and sum of squares in
 double) and one apply pass that writes the region's output and, with a max pool, the argmax
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
@@ -15,12 +21,13 @@ of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 f
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input and the
 residual, one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
-``g``, the residual's gradient) and one apply pass (BatchNorm's input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a
-binarized conv: the forward first stores ``Y_raw`` as int16 (or int32) and every pass of
-both kernels recomputes ``alpha * Y_raw`` from it in registers, so the backward keeps two
-bytes per input instead of a float32 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
+``g``, the residual's gradient) and one apply pass (the normalization's input gradient). With
+``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
+first stores ``Y_raw`` as int16 (or int32) and every pass of both kernels recomputes ``alpha *
+Y_raw`` from it in registers, so the backward keeps two bytes per input instead of a float32
+copy, and returns ``alpha ⊙ dx``. Sizes are run-time
 arguments: one kernel per region, not per shape. The math is docs/math.md (BatchNorm, the
-pooled masks, §4b).
+pooled masks, LayerNorm: §4b).
 """
 from __future__ import annotations
 
@@ -30,11 +37,15 @@ from llvmlite import ir
 
 from ..ops.fused_regions import offset_bits
 from .abi import KernelIR
-from .builder import F32, I8, I64, Kernel, new_module, vec, vsuffix
+from .builder import F32, I8, I64, Kernel, erf, exp, new_module, tanh, vec, vsuffix
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
 LANES = 8
+# A row region's backward adds the column sums dgamma, dbeta of each block of ROW_BLOCK rows
+# into its own row of partial sums; threads own whole blocks, so the sums (the blocks are
+# added up afterwards, in order) do not depend on the thread count.
+ROW_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -65,15 +76,55 @@ def _hardtanh_grad(b, v, g, p, lanes):
     return b.select(inside, g, _c(lanes, 0.0))
 
 
+# GELU as ATen's CPU kernels compute it (``GeluKernelImpl`` / ``GeluBackwardKernelImpl``).
+_SQRT1_2, _INV_SQRT_2PI = 0.7071067811865476, 0.3989422804014327
+_SQRT_2_PI, _KAPPA = 0.7978845608028654, 0.044715
+
+
+def _gelu(b, v, p, n):
+    # v/2 (1 + erf(v / sqrt 2))
+    return b.fmul(b.fmul(v, _c(n, 0.5)), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)))))
+
+
+def _gelu_grad(b, v, g, p, n):
+    # g (Phi(v) + v phi(v))
+    cdf = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)))))
+    pdf = b.fmul(exp(b, b.fmul(b.fmul(v, v), _c(n, -0.5))), _c(n, _INV_SQRT_2PI))
+    return b.fmul(g, b.fadd(cdf, b.fmul(v, pdf)))
+
+
+def _gelu_tanh_inner(b, v, n):
+    square = b.fmul(v, v)
+    inner = b.fmul(_c(n, _SQRT_2_PI), b.fadd(v, b.fmul(_c(n, _KAPPA), b.fmul(square, v))))
+    return square, tanh(b, inner)
+
+
+def _gelu_tanh(b, v, p, n):
+    # v/2 (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3)))
+    _, t = _gelu_tanh_inner(b, v, n)
+    return b.fmul(b.fmul(_c(n, 0.5), v), b.fadd(_c(n, 1.0), t))
+
+
+def _gelu_tanh_grad(b, v, g, p, n):
+    square, t = _gelu_tanh_inner(b, v, n)
+    left = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), t))
+    inner_grad = b.fmul(_c(n, _SQRT_2_PI), b.fadd(_c(n, 1.0), b.fmul(_c(n, 3 * _KAPPA), square)))
+    right = b.fmul(b.fmul(b.fmul(_c(n, 0.5), v), b.fsub(_c(n, 1.0), b.fmul(t, t))), inner_grad)
+    return b.fmul(g, b.fadd(left, right))
+
+
 # name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
 # pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
 # ops pick it (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``).
+# GELU's erf, exp and tanh are the polynomials of ``builder`` (no libm call).
 ACTIVATIONS = {
     "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
     "relu": (_relu, lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, _c(n, 0.0))),
     "hardtanh": (_hardtanh, _hardtanh_grad),
     "leaky_relu": (lambda b, v, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), v, b.fmul(v, _c(n, p[0]))),
                    lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, b.fmul(g, _c(n, p[0])))),
+    "gelu": (_gelu, _gelu_grad),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
 }
 
 
@@ -99,11 +150,16 @@ class Region:
     ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a window pool after the activation, or None;
     ``pool_mode``: one of ``POOL_MODES`` ("mean" takes no ``pool``; "max" without a
     ``pool`` means no pooling). ``residual``: a tensor shaped like ``x`` (``res``) is added
-    after the affine. ``eps``: BatchNorm's epsilon, a double constant of the kernel as in ATen.
+    after the affine. ``eps``: the normalization's epsilon, a double constant of the kernel
+    as in ATen.
     ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
-    from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``."""
+    from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``.
+    ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
+    always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
+    rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
+    partial sums)."""
 
     batch_stats: bool
     activation: Activation = Activation("none")
@@ -112,12 +168,19 @@ class Region:
     raw_bits: int = 0
     residual: bool = False
     pool_mode: str = "max"
+    axis: str = "channel"
 
     def __post_init__(self):
         if (self.pool_mode not in POOL_MODES or (self.pool is not None and self.pool_mode == "mean")
                 or (self.pool is None and self.pool_mode.startswith("avg"))):
             raise ValueError(f"Region: pool_mode {self.pool_mode!r} with pool {self.pool}; "
                              f"modes {POOL_MODES}, 'mean' without a pool, the others with one")
+        if self.axis not in ("channel", "row"):
+            raise ValueError(f"Region axis {self.axis!r}: expected 'channel' or 'row'")
+        if self.axis == "row" and (self.pool is not None or self.pool_mode != "max" or not self.batch_stats
+                                   or self.raw_bits or self.residual):
+            raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
+                             "no residual and no pool")
 
 
 # The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
@@ -141,6 +204,10 @@ def _load(k: Kernel, base, index, lanes):
 
 def _store(k: Kernel, value, base, index):
     k.b.store(value, k.gep(base, index), align=4)
+
+
+def _add_to(k: Kernel, base, index, value, lanes):
+    _store(k, k.b.fadd(_load(k, base, index, lanes), value), base, index)
 
 
 def _splat(k: Kernel, value, lanes):
@@ -179,12 +246,28 @@ def _store_raw(k: Kernel, region: Region, c, hw) -> None:
         _strided(k, hw, convert)
 
 
-def _affine(k: Kernel, x, scale, shift, lanes):
-    """``x * scale + shift`` with one rounding, as ATen's vectorized BatchNorm (``fmadd``)
-    computes it: at an ``x`` equal to the mean the sign of the result (what the next
-    binarized layer keeps) is then the reference's."""
-    ty = x.type
-    return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
+def _affine(k: Kernel, region: Region, c, mean, invstd):
+    """``(affine, scale)``: ``affine(x, i, lanes)`` is the normalized, scaled and shifted
+    ``x`` at position ``i`` of channel ``c``'s plane, as ATen computes it, so that at an ``x``
+    equal to the mean the sign of the result (what the next binarized layer keeps) is the
+    reference's; ``scale`` is the per-channel factor of the backward's apply pass. BatchNorm:
+    ``x * scale + shift`` with one rounding (ATen's vectorized ``fmadd``), ``scale = invstd *
+    gamma[c]`` (``_scale_shift``); LayerNorm: ``(x * invstd + (-mean * invstd)) * gamma[i] +
+    beta[i]``, ``scale = invstd`` (the backward multiplies ``gamma[i]`` into ``g``)."""
+    a, b = k.arg, k.b
+    if region.axis == "row":
+        shift = b.fneg(b.fmul(mean, invstd))
+
+        def row(x, i, lanes):
+            v = b.fadd(b.fmul(x, _splat(k, invstd, lanes)), _splat(k, shift, lanes))
+            return b.fadd(b.fmul(v, _load(k, a["gamma"], i, lanes)), _load(k, a["beta"], i, lanes))
+        return row, invstd
+    scale, shift = _scale_shift(k, c, mean, invstd)
+
+    def channel(x, i, lanes):
+        ty = x.type
+        return k.call(f"llvm.fma.{vsuffix(ty)}", ty, [x, _splat(k, scale, lanes), _splat(k, shift, lanes)])
+    return channel, scale
 
 
 def _scale_shift(k: Kernel, c, mean, invstd):
@@ -293,22 +376,22 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             b.store(invstd, k.gep(a["invstd"], c))
         else:
             mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        scale, shift = _scale_shift(k, c, mean, invstd)
+        affine, _ = _affine(k, region, c, mean, invstd)
 
-        def value(index, lanes):
-            return _act_forward(k, region.activation,
-                                _pre_activation(region, k, load, index, scale, shift, lanes), lanes)
+        def value(plane, i, lanes):
+            return _act_forward(k, region.activation, _pre_activation(region, k, load, affine, b.add(plane, i), i, lanes),
+                                lanes)
 
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
             out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
             if region.pool_mode == "mean":
                 acc = _accumulator(k)
-                _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(b.add(plane, i), lanes), lanes))
+                _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(plane, i, lanes), lanes))
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
                 b.store(mean_v, k.gep(a["out"], out_plane))
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(b.add(plane, i), lanes), a["out"],
+                _strided(k, hw, lambda i, lanes: _store(k, value(plane, i, lanes), a["out"],
                                                         b.add(out_plane, i)))
             elif region.pool_mode == "max":
                 _pool_forward(region, k, plane, b.add(b.mul(n, a["C"]), c), ohw, value)
@@ -317,10 +400,11 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     return k.finish()
 
 
-def _pre_activation(region: Region, k: Kernel, load, index, scale, shift, lanes):
-    """The activation's input at ``index``: the affine of the input, plus ``res`` with a
-    residual (rounded after the affine, as the unfused ``bn(x) + r`` is)."""
-    v = _affine(k, load(index, lanes), scale, shift, lanes)
+def _pre_activation(region: Region, k: Kernel, load, affine, index, i, lanes):
+    """The activation's input at ``index`` (position ``i`` of its plane): the affine of the
+    input, plus ``res`` with a residual (rounded after the affine, as the unfused ``bn(x) + r``
+    is)."""
+    v = affine(load(index, lanes), i, lanes)
     return k.b.fadd(v, _load(k, k.arg["res"], index, lanes)) if region.residual else v
 
 
@@ -355,7 +439,7 @@ def _avg_pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> Non
             for j in range(kw):
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
-                    k.set(total, b.fadd(k.get(total, F32), value(b.add(plane, b.add(b.mul(h, a["W"]), w)), 1)))
+                    k.set(total, b.fadd(k.get(total, F32), value(plane, b.add(b.mul(h, a["W"]), w), 1)))
         o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
         b.store(b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), k.gep(a["out"], o))
 
@@ -387,7 +471,7 @@ def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
             for j in range(kw):
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
-                    v = value(b.add(plane, b.add(b.mul(h, a["W"]), w)), 1)
+                    v = value(plane, b.add(b.mul(h, a["W"]), w), 1)
                     # ATen's max pool: the first maximum in (i, j) order; NaN wins.
                     with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
                         k.set(best, v)
@@ -436,18 +520,22 @@ def _avg_pool_backward(region: Region, k: Kernel, plane, out_plane) -> None:
 def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_backward``: channels ``c0..c1`` of ``dx`` (NCHW like ``x``) from ``dy``
     (``[N, C, OH, OW]``), the saved ``x``, ``arg``, ``mean``, ``invstd``; writes
-    ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel, ``g`` being the gradient
-    at the affine's output. Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat
-    mean(g xhat))``; eval: ``dx = gamma invstd g``. ``dx`` holds ``g`` between the passes.
+    ``dgamma = sum g * xhat`` and ``dbeta = sum g`` per channel (a row region: adds them per
+    feature into its block's partial sums), ``g`` being the gradient at the affine's output.
+    Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
+    ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
+    with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes.
     With ``residual`` it reads ``res`` and writes ``dres = g`` (the add passes its gradient
     to both inputs). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
     ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
+    rows = region.axis == "row"
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
-        scale, shift = _scale_shift(k, c, mean, invstd)
+        affine, scale = _affine(k, region, c, mean, invstd)
+        block = b.mul(b.udiv(c, ir.Constant(I64, ROW_BLOCK)), a["W"]) if rows else None
         s1, s2 = _accumulator(k), _accumulator(k)
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
@@ -471,18 +559,23 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
             def reduce(i, lanes):
                 index = b.add(plane, i)
                 xv = load(index, lanes)
-                v = _pre_activation(region, k, load, index, scale, shift, lanes)
+                v = _pre_activation(region, k, load, affine, index, i, lanes)
                 g = _act_grad(k, region.activation, v, upstream(index, lanes), lanes)
-                _store(k, g, a["dx"], index)
                 if region.residual:
                     _store(k, g, a["dres"], index)
                 xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
+                if rows:
+                    _add_to(k, a["dbeta"], b.add(block, i), g, lanes)
+                    _add_to(k, a["dgamma"], b.add(block, i), b.fmul(g, xhat), lanes)
+                    g = b.fmul(g, _load(k, a["gamma"], i, lanes))
+                _store(k, g, a["dx"], index)
                 _accumulate(k, s1, g, lanes)
                 _accumulate(k, s2, b.fmul(g, xhat), lanes)
             _strided(k, hw, reduce)
         sum_g, sum_gx = _total(k, s1), _total(k, s2)
-        b.store(b.fptrunc(sum_g, F32), k.gep(a["dbeta"], c))
-        b.store(b.fptrunc(sum_gx, F32), k.gep(a["dgamma"], c))
+        if not rows:
+            b.store(b.fptrunc(sum_g, F32), k.gep(a["dbeta"], c))
+            b.store(b.fptrunc(sum_gx, F32), k.gep(a["dgamma"], c))
         if region.batch_stats:
             count = b.sitofp(b.mul(a["N"], hw), F64)
             mean_g = b.fptrunc(b.fdiv(sum_g, count), F32)

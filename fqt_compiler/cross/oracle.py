@@ -285,15 +285,48 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
 # --------------------------------------------------------------------------- fused regions
 # A region's statistics are double sums in a lane order of the kernel's own; the reference
 # (``ops.fused_regions``: the unfused chain in ATen) agrees to float32 rounding, not bit for
-# bit, so these families are compared with a tolerance (argmax bits and raw copies exactly).
+# bit, so these families are compared with a tolerance (argmax bits and raw copies exactly). A
+# row region (LayerNorm over ``W`` features of ``C`` rows) has per-feature gamma/beta and
+# per-block partial sums ``dgamma``/``dbeta`` (``fusion.ROW_BLOCK`` rows each).
 
-def _region_tensors(mem: Memory, a: dict, names, dtypes=None):
+def _region_tensors(mem: Memory, a: dict, names, dtypes=None, region=None):
+    from ..codegen.fusion import ROW_BLOCK
     n, c, h, w, oh, ow = (a[k] for k in ("N", "C", "H", "W", "OH", "OW"))
     shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "raw": (n, c, h, w), "res": (n, c, h, w),
               "dres": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow)}
+    if region is not None and region.axis == "row":
+        blocks = (-(-c // ROW_BLOCK), w)
+        shapes.update(gamma=(w,), beta=(w,), dgamma=blocks, dbeta=blocks)
     dtypes = dtypes or {}
     return [mem.at(a[name], dtypes.get(name, torch.float32), int(torch.Size(shapes.get(name, (c,))).numel()))
             .view(shapes.get(name, (c,))) for name in names]
+
+
+def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory) -> int:
+    """``check_region`` for a row region (LayerNorm): rows ``c0..c1`` (whole blocks)."""
+    from ..codegen.fusion import ROW_BLOCK
+    from ..ops.fused_regions import _ln_region, _ln_region_backward
+    rows = slice(a["c0"], a["c1"])
+    x, gamma, beta = _region_tensors(mem_b, a, ("x", "gamma", "beta"), region=region)
+    x = x.view(a["C"], a["W"])[rows]
+    act = (region.eps, region.activation.name, list(region.activation.params), "")
+    out, mean, invstd = _ln_region(x, gamma, beta, *act)
+    if family == "region_forward":
+        got = _region_tensors(mem_a, a, ("out", "mean", "invstd"), region=region)
+        return sum(_differs(g.reshape(-1, *w.shape[1:])[rows], w, (0, len(w)), 0)
+                   for g, w in zip(got, (out, mean, invstd)))
+    dy, = _region_tensors(mem_b, a, ("dy",), region=region)
+    dy = dy.view(a["C"], a["W"])[rows]
+    dx, dgamma, dbeta = _region_tensors(mem_a, a, ("dx", "dgamma", "dbeta"), region=region)
+    want_dx = _ln_region_backward(dy, x, gamma, beta, mean, invstd, *act)[0]
+    wrong = _differs(dx.view(a["C"], a["W"])[rows], want_dx, (0, a["c1"] - a["c0"]), 0)
+    for block in range(a["c0"] // ROW_BLOCK, -(-a["c1"] // ROW_BLOCK)):
+        part = slice(block * ROW_BLOCK - a["c0"], (block + 1) * ROW_BLOCK - a["c0"])
+        _, want_gamma, want_beta = _ln_region_backward(dy[part], x[part], gamma, beta, mean[part],
+                                                       invstd[part], *act)
+        wrong += _differs(dgamma[block], want_gamma, (0, a["W"]), 0)
+        wrong += _differs(dbeta[block], want_beta, (0, a["W"]), 0)
+    return wrong
 
 
 def _region_expected(region, family, a, before: Memory):
@@ -337,6 +370,8 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
     from ..ops.fused_regions import _bn_region_backward
     region, a = opts["region"], args
     mem_b, mem_a = Memory(before), Memory(after)
+    if region.axis == "row":
+        return check_row_region(family, region, a, mem_b, mem_a)
     channels = (a["c0"], a["c1"])
     x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode = _region_expected(region, family, a,
                                                                                                  mem_b)

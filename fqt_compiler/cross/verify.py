@@ -49,11 +49,13 @@ class Capture:
     storages: list = field(default_factory=list)     # (base, nbytes, initial bytes)
     calls: list = field(default_factory=list)        # (use index, [arg], {buffer: bytes after})
     tensors: list = field(default_factory=list)
+    known: dict = field(default_factory=dict)        # buffer: bytes the last kernel call left
 
     def buffer(self, ptr: int) -> tuple[int, int]:
-        for i, (base, nbytes, _) in enumerate(self.storages):
+        for i in reversed(range(len(self.storages))):
+            base, nbytes, _ = self.storages[i]
             if base <= ptr < base + max(nbytes, 1):
-                return i, ptr - base
+                return self._current(i), ptr - base
         for t in self.tensors:
             s = t.untyped_storage()
             base, nbytes = s.data_ptr(), s.nbytes()
@@ -61,6 +63,17 @@ class Capture:
                 self.storages.append((base, nbytes, ctypes.string_at(base, nbytes)))
                 return len(self.storages) - 1, ptr - base
         raise LookupError(f"kernel pointer {ptr:#x} is in no tensor the wrapper passed")
+
+    def _current(self, i: int) -> int:
+        """Buffer ``i``, or a new buffer holding the storage's bytes now if torch wrote into it
+        since a kernel last did (an in-place STE mask between the GEMM that wrote a gradient
+        and the region kernel that reads it): the harness replays kernel calls only."""
+        base, nbytes, initial = self.storages[i]
+        now = ctypes.string_at(base, nbytes)
+        if now == self.known.get(i, initial):
+            return i
+        self.storages.append((base, nbytes, now))
+        return len(self.storages) - 1
 
 
 @contextlib.contextmanager
@@ -106,6 +119,7 @@ def capture_calls(run, target: Target):
             fn(*args)
             after = {e[1]: ctypes.string_at(capture.storages[e[1]][0], capture.storages[e[1]][1])
                      for e in encoded if e[0] == "b"}
+            capture.known.update(after)
             capture.calls.append((index, encoded, after))
         return call
 

@@ -1,4 +1,5 @@
-"""Fused float regions: BatchNorm -> residual add -> activation -> pool as one op (kernel backend).
+"""Fused float regions: BatchNorm -> residual add -> activation -> pool, and LayerNorm ->
+activation, each as one op (kernel backend).
 
 ``passes/fuse_regions.py`` replaces such a chain of the captured graph by
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
@@ -28,6 +29,12 @@ gradients), so no float32 copy of that output is kept either.
 Reference implementations: exactly the unfused chain (``F.batch_norm``, ``+ residual``, the
 activation, the pool; the backward is ATen's backward formula of each link of that chain), so
 the reference of a fused op is the computation it replaced. The math is docs/math.md (BatchNorm).
+
+``fqt::ln_region`` is the row-wise counterpart (``layer_norm_region``): LayerNorm over the
+last dimension (any number of leading dimensions) with weight and bias, then an activation
+(GELU exact or tanh among them); it returns the output and the per-row ``mean`` and
+``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
+per-row vectors. The math is docs/math.md §4b.
 """
 from __future__ import annotations
 
@@ -44,6 +51,8 @@ ACTIVATIONS = {
     "relu": lambda v, p: F.relu(v),
     "hardtanh": lambda v, p: F.hardtanh(v, p[0], p[1]),
     "leaky_relu": lambda v, p: F.leaky_relu(v, p[0]),
+    "gelu": lambda v, p: F.gelu(v),
+    "gelu_tanh": lambda v, p: F.gelu(v, approximate="tanh"),
 }
 
 
@@ -253,6 +262,8 @@ ACTIVATION_GRADS = {
     "relu": lambda d, v, p: torch.ops.aten.threshold_backward(d, v, 0),
     "hardtanh": lambda d, v, p: torch.ops.aten.hardtanh_backward(d, v, p[0], p[1]),
     "leaky_relu": lambda d, v, p: torch.ops.aten.leaky_relu_backward(d, v, p[0], False),
+    "gelu": lambda d, v, p: torch.ops.aten.gelu_backward(d, v),
+    "gelu_tanh": lambda d, v, p: torch.ops.aten.gelu_backward(d, v, approximate="tanh"),
 }
 
 
@@ -424,3 +435,62 @@ def conv2d_region(input, conv_weight, conv_bias, stride, padding, dilation, grou
              * ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
     _update_running_stats(count, running_mean, running_var, mean, var, training, momentum)
     return out
+
+
+# --------------------------------------------------------------------------- LayerNorm regions
+
+def _ln_normalized(x, weight, bias, mean, invstd):
+    """LayerNorm's output from its per-row statistics, in ATen's order of operations
+    (``(x * rstd + (-rstd * mean)) * gamma + beta``)."""
+    m, r = mean.unsqueeze(-1), invstd.unsqueeze(-1)
+    return (x * r + (-r * m)) * weight + bias
+
+
+def _ln_region(x, weight, bias, eps, activation, act_params, region):
+    v, mean, rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
+    out = ACTIVATIONS[activation](v, act_params)
+    return out.contiguous(), mean.squeeze(-1), rstd.squeeze(-1)
+
+
+_LN_ARGS = "float eps, str activation, float[] act_params, str region"
+
+ln_region = _define(
+    f"ln_region(Tensor x, Tensor weight, Tensor bias, {_LN_ARGS}) -> (Tensor, Tensor, Tensor)",
+    _ln_region,
+    lambda x, weight, bias, *rest: (x.new_empty(x.shape), x.new_empty(x.shape[:-1]),
+                                    x.new_empty(x.shape[:-1])))
+
+
+def _ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_params, region):
+    # ATen's backward of each link of the unfused chain, as autograd would run it.
+    dv = ACTIVATION_GRADS[activation](dy, _ln_normalized(x, weight, bias, mean, invstd), act_params)
+    return torch.ops.aten.native_layer_norm_backward(
+        dv, x, [x.shape[-1]], mean.unsqueeze(-1), invstd.unsqueeze(-1), weight, bias, [True, True, True])
+
+
+ln_region_backward = _define(
+    "ln_region_backward(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor mean, "
+    f"Tensor invstd, {_LN_ARGS}) -> (Tensor, Tensor, Tensor)",
+    _ln_region_backward,
+    lambda dy, x, weight, *rest: (torch.empty_like(x), torch.empty_like(weight),
+                                  torch.empty_like(weight)))
+
+
+def _ln_setup_context(ctx, inputs, output):
+    x, weight, bias, *static = inputs
+    _, mean, invstd = output
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.static = static
+
+
+def _ln_backward(ctx, dy, *_unused):
+    dx, dweight, dbias = ln_region_backward(dy, *ctx.saved_tensors, *ctx.static)
+    return dx, dweight, dbias, None, None, None, None
+
+
+ln_region.register_autograd(_ln_backward, setup_context=_ln_setup_context)
+
+
+def layer_norm_region(x, weight, bias, eps, activation, act_params, region):
+    """What ``passes/fuse_regions.py`` puts in place of ``F.layer_norm -> activation``."""
+    return ln_region(x, weight, bias, eps, activation, act_params, region)[0]

@@ -1,5 +1,5 @@
-"""Fuse BatchNorm -> residual add -> activation -> pool chains into one op (capture stage,
-kernel backend).
+"""Fuse normalization -> [residual add ->] activation [-> pool] chains into one op (capture
+stage, kernel backend).
 
 Matches, in the captured graph: ``F.batch_norm(x, running_mean, running_var, weight, bias,
 training, momentum, eps)`` on a 4-D float32 ``x`` with an affine (weight and bias), a float
@@ -8,11 +8,16 @@ here) and, in eval mode, running statistics; then, each only if the previous val
 other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alpha 1) of a
 float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
 identity may be another BatchNorm's output); one activation (``_ACTIVATIONS``: ReLU, ReLU6,
-Hardtanh, LeakyReLU); one pool: ``F.max_pool2d`` (dilation 1, no indices returned, window of
-at most 255 taps), ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1.
-Produces: one ``fused_regions.batch_norm_region`` call in place of the chain (the fused op
-``fqt::bn_region`` plus the running-statistics update), noted with the ops it replaced;
-``regions_out`` receives one line per fused region. When the BatchNorm's input is a
+Hardtanh, LeakyReLU, GELU exact or tanh); one pool: ``F.max_pool2d`` (dilation 1, no indices
+returned, window of at most 255 taps), ``F.avg_pool2d`` (no divisor_override) or
+``F.adaptive_avg_pool2d`` to 1x1. And ``F.layer_norm(x, normalized_shape, weight, bias, eps)``
+on a float32 ``x`` of two or more dimensions normalized over its last one, with weight and
+bias, then (if its only user) one activation.
+Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
+fused op ``fqt::bn_region`` plus the running-statistics update), one
+``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
+chain, each noted with the ops it replaced; ``regions_out`` receives one line per fused
+region. When the BatchNorm's input is a
 ``binarized_conv2d`` (from ``rewrite_binary_layers``) with the default alpha, no bias and no
 other user, that call joins the region (``fused_regions.binary_conv2d_region``): the region
 reads the raw GEMM result and alpha, and backward keeps the raw result as int16 (int32 when
@@ -24,8 +29,8 @@ the conv's own backward keeps anyway, and recomputes the conv output rather than
 it. Anything else ends a region: it stays as captured, so correctness never depends on the
 match.
 Invariants: values are those of the unfused chain up to float32 rounding (the reference
-of ``fqt::bn_region`` is that chain); every new node has ``meta["val"]`` and the
-``nn_module_stack`` of the BatchNorm it replaces; the running statistics are mutated as
+of each fused op is that chain); every new node has ``meta["val"]`` and the
+``nn_module_stack`` of the normalization it replaces; the running statistics are mutated as
 ``F.batch_norm`` mutates them.
 """
 from __future__ import annotations
@@ -38,8 +43,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
 from ..ops import library
-from ..ops.fused_regions import batch_norm_region, binary_conv2d_region, conv2d_region, raw_dtype
+from ..ops.fused_regions import (batch_norm_region, binary_conv2d_region, conv2d_region, layer_norm_region,
+                                 raw_dtype)
 from .annotate_layers import linear_call
 from .infra import PassResult, insert_call
 
@@ -54,6 +62,7 @@ _ACTIVATIONS = {
     F.hardtanh: ("hardtanh", lambda a: (float(a.get("min_val", -1.0)), float(a.get("max_val", 1.0)))),
     F.leaky_relu: ("leaky_relu", lambda a: (float(a.get("negative_slope", 0.01)),)),
 }
+_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
 _SIGNATURES = {F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6,
                F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu}
 _ADDS = (operator.add, operator.iadd, torch.add)
@@ -63,6 +72,25 @@ def _avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, cou
                 divisor_override=None):
     """``F.avg_pool2d``'s signature (a builtin, which ``inspect`` cannot read)."""
 
+
+
+def _activation(node: fx.Node | None, source: fx.Node):
+    """``(table name, params)`` of an activation call applied to ``source``, else None."""
+    if node is None or node.op != "call_function":
+        return None
+    if node.target is F.gelu:
+        # F.gelu is a builtin without a signature: (input, approximate="none")
+        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        if node.args[:1] != (source,) or approximate not in _GELU:
+            return None
+        return _GELU[approximate], ()
+    if node.target not in _ACTIVATIONS:
+        return None
+    bound = _bind(_SIGNATURES[node.target], node)
+    if bound is None or bound.get("input", bound.get("self")) is not source:
+        return None
+    name, get = _ACTIVATIONS[node.target]
+    return name, get(bound)
 
 
 def _bind(fn, node: fx.Node) -> dict | None:
@@ -181,14 +209,10 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
         last = _only_user(bn)
         chain.append(last)
     activation, params = "none", ()
-    act = _only_user(last)
-    if act is not None and act.op == "call_function" and act.target in _ACTIVATIONS:
-        bound = _bind(_SIGNATURES[act.target], act)
-        if bound is not None and bound.get("input", bound.get("self")) is last:
-            activation, get = _ACTIVATIONS[act.target]
-            params = get(bound)
-            chain.append(act)
-            last = act
+    found = _activation(_only_user(last), last)
+    if found is not None:
+        (activation, params), last = found, _only_user(last)
+        chain.append(last)
     pool, pool_mode, ceil_mode = (), "max", False
     found = _pool(_only_user(last))
     if found is not None:
@@ -201,45 +225,79 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
     conv = _raw_input(a["input"])
     # conv2d_region takes no residual: with one, a float conv stays outside the region
     float_conv = _float_conv(a["input"]) if conv is None and residual is None else None
-    with gm.graph.inserting_before(last):
-        if conv is not None:
-            new = insert_call(gm.graph, binary_conv2d_region,
-                              (conv["x"], conv["weight"], conv["rng_state"], conv["stride"], conv["padding"],
-                               conv["dilation"], conv["layer"], *region_args, residual), KEYS)
-        elif float_conv is not None:
-            new = insert_call(gm.graph, conv2d_region,
-                              (float_conv["x"], float_conv["weight"], float_conv["bias"], float_conv["stride"],
-                               float_conv["padding"], float_conv["dilation"], float_conv["groups"],
-                               *region_args), KEYS)
-        else:
-            new = insert_call(gm.graph, batch_norm_region, (a["input"], *region_args, None, 0, residual),
-                              KEYS)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in bn.meta:
-            new.meta[key] = bn.meta[key]
-    replaced = " -> ".join(getattr(n.target, "__name__", str(n.target)) for n in chain)
     if conv is not None:
+        fn, args = binary_conv2d_region, (conv["x"], conv["weight"], conv["rng_state"], conv["stride"],
+                                          conv["padding"], conv["dilation"], conv["layer"], *region_args,
+                                          residual)
         contraction = _val(conv["weight"])[0].numel()
-        replaced += (f"; input: layer {conv['layer']}'s raw GEMM result, saved as "
-                     f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
+        input_note = (f"; input: layer {conv['layer']}'s raw GEMM result, saved as "
+                      f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
     elif float_conv is not None:
-        replaced += f"; input: float conv2d {_region_name(float_conv['weight'])}, recomputed in backward"
-    mode = "train" if training else "eval"
-    new.meta["fqt_note"] = f"fused region {name} ({mode}): {replaced}"
-    regions_out.append(f"{name} ({mode}): {replaced}")
-    last.replace_all_uses_with(new)
-    for node in reversed(chain):
-        gm.graph.erase_node(node)
+        fn, args = conv2d_region, (float_conv["x"], float_conv["weight"], float_conv["bias"],
+                                   float_conv["stride"], float_conv["padding"], float_conv["dilation"],
+                                   float_conv["groups"], *region_args)
+        input_note = f"; input: float conv2d {_region_name(float_conv['weight'])}, recomputed in backward"
+    else:
+        fn, args, input_note = batch_norm_region, (a["input"], *region_args, None, 0, residual), ""
+    _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
     if conv is not None or float_conv is not None:
         gm.graph.erase_node(a["input"])
     return True
 
 
+def _replace(gm: fx.GraphModule, chain: list, fn, args: tuple, label: str, regions_out: list,
+             input_note: str = "") -> None:
+    """Put ``fn(*args)`` in place of ``chain`` (its first node is the normalization)."""
+    first, last = chain[0], chain[-1]
+    with gm.graph.inserting_before(last):
+        new = insert_call(gm.graph, fn, args, KEYS)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in first.meta:
+            new.meta[key] = first.meta[key]
+    replaced = " -> ".join(getattr(n.target, "__name__", str(n.target)) for n in chain)
+    replaced += input_note
+    new.meta["fqt_note"] = f"fused region {label}: {replaced}"
+    regions_out.append(f"{label}: {replaced}")
+    last.replace_all_uses_with(new)
+    for node in reversed(chain):
+        gm.graph.erase_node(node)
+
+
+def _fuse_layer_norm(gm: fx.GraphModule, ln: fx.Node, regions_out: list) -> bool:
+    a = _bind(F.layer_norm, ln)
+    if a is None:
+        return False
+    x = _val(a["input"])
+    if x is None or x.dim() < 2 or x.dtype != torch.float32:
+        return False
+    shape = a["normalized_shape"]
+    shape = (shape,) if isinstance(shape, int) else shape
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(shape[0], int) \
+            or not statically_known_true(x.shape[-1] == shape[0]):
+        return False
+    if not isinstance(a["weight"], fx.Node) or not isinstance(a["bias"], fx.Node) \
+            or not isinstance(a["eps"], float):
+        return False
+    chain, activation, params = [ln], "none", ()
+    found = _activation(_only_user(ln), ln)
+    if found is not None:
+        activation, params = found
+        chain.append(_only_user(ln))
+    name = _region_name(a["weight"])
+    _replace(gm, chain, layer_norm_region,
+             (a["input"], a["weight"], a["bias"], a["eps"], activation, list(params), name),
+             f"{name} (row)", regions_out)
+    return True
+
+
+_FUSERS = {F.batch_norm: _fuse, F.layer_norm: _fuse_layer_norm}
+
+
 def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:
     fused = 0
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is F.batch_norm:
-            fused += _fuse(gm, node, regions_out)
+        if node.op == "call_function" and node.target in _FUSERS:
+            fused += _FUSERS[node.target](gm, node, regions_out)
     if fused:
         gm.recompile()
     return PassResult(gm, bool(fused))

@@ -1,11 +1,16 @@
-"""Fused regions on torch tensors: the kernels of ``codegen/fusion.py``, split over channels.
+"""Fused regions on torch tensors: the kernels of ``codegen/fusion.py``, split over channels
+(a row region: over rows, in whole ``ROW_BLOCK``s).
 
 ``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd,
 raw)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta, dres)``
-(with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for backward);
-see ``ops/fused_regions.py`` for the op semantics and its reference (the unfused chain).
+(with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for backward),
+for an NCHW ``x`` (a row region's ``[1, rows, 1, D]``, split over rows in whole
+``ROW_BLOCK``s); see ``ops/fused_regions.py`` for the op semantics and its reference (the
+unfused chain).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +54,10 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _unit(region: gen.Region) -> int:
+    return gen.ROW_BLOCK if region.axis == "row" else 1
+
+
 def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, alpha=None, *,
                    residual=None, ceil_mode=False, target="host"):
     """Run ``region`` over NCHW ``x`` (with ``raw_bits``: the raw GEMM result, scaled by the
@@ -73,7 +82,7 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), _ptr(res), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
                   var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(),
-                  n, c, h, w, shape[2], shape[3])
+                  n, c, h, w, shape[2], shape[3], min_rows=_unit(region))
     return out, arg, mean, var, invstd, raw
 
 
@@ -89,14 +98,19 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
     oh, ow = dy.shape[2], dy.shape[3]
     dx = torch.empty(x.shape)
     dres = torch.empty(x.shape if res is not None else [0])
-    dgamma, dbeta = torch.empty(c), torch.empty(c)
+    if region.axis == "row":   # per-block partial sums of each feature's column
+        dgamma, dbeta = torch.zeros(2, -(-c // gen.ROW_BLOCK), w).unbind()
+    else:
+        dgamma, dbeta = torch.empty(c), torch.empty(c)
     arg = arg.contiguous()
     mean, invstd, gamma, beta = _f32(mean), _f32(invstd), _f32(gamma), _f32(beta)
     alpha = _alpha(alpha, region)
     parallel_rows(_fn("region_backward", target, region), c, dy.data_ptr(), x.data_ptr(), _ptr(res),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
                   invstd.data_ptr(), alpha.data_ptr(), dx.data_ptr(), dres.data_ptr(), dgamma.data_ptr(),
-                  dbeta.data_ptr(), n, c, h, w, oh, ow)
+                  dbeta.data_ptr(), n, c, h, w, oh, ow, min_rows=_unit(region))
+    if region.axis == "row":
+        dgamma, dbeta = dgamma.sum(0), dbeta.sum(0)
     return dx, dgamma, dbeta, dres
 
 
@@ -153,3 +167,32 @@ def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
     *args, input_grad = args
     return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
                                                 layer_name=layer_name, target=target)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_region(eps, activation, act_params: tuple) -> gen.Region:
+    # cached: building the frozen dataclasses costs more than a small region's kernel call
+    return gen.Region(True, gen.Activation(activation, act_params), eps=float(eps), axis="row")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the ``[1, rows, 1, D]`` tensor a row region runs over."""
+    return t.reshape(1, -1, 1, t.shape[-1])
+
+
+@implements("ln_region")
+def ln_region(x, weight, bias, eps, activation, act_params, region, *, layer_name="?", target="host"):
+    with stats.timed(layer_name, "region_forward"):
+        region_ = _row_region(eps, activation, tuple(act_params))
+        out, _, mean, _, invstd = region_forward(_rows(x), region_, weight, bias, target=target)[:5]
+        return out.view(x.shape), mean.view(x.shape[:-1]), invstd.view(x.shape[:-1])
+
+
+@implements("ln_region_backward")
+def ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_params, region, *,
+                       layer_name="?", target="host"):
+    with stats.timed(layer_name, "region_backward"):
+        region_ = _row_region(eps, activation, tuple(act_params))
+        dx, dgamma, dbeta, _ = region_backward(_rows(dy), _rows(x), torch.empty(0, dtype=torch.uint8), region_,
+                                               weight, bias, mean.reshape(-1), invstd.reshape(-1), target=target)
+        return dx.view(x.shape), dgamma, dbeta
