@@ -70,7 +70,9 @@ def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
 
 @needs_cross
 @pytest.mark.slow
-@pytest.mark.parametrize("target", CROSS_TARGETS)
+# On the AArch64 targets the ResNet-18 step above, the odd shapes and the region tests below
+# exercise every kernel family VGG-16's step uses; its whole step replays on hygon only.
+@pytest.mark.parametrize("target", ["hygon"])
 def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
     _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path)
 

@@ -32,8 +32,9 @@ def test_model_trains_on_the_kernels_as_the_readme_says(case):
 def test_every_library_family_is_in_ci():
     names = {case.name for case in model_zoo.cases() if case.ci}
     assert {"efficientnet_b0", "swin_t", "llama", "gpt2", "bert", "t5"} <= names
+    # timm's own implementations of the families torchvision's cases do not cover
     timm = {name.split("/")[1].split("_")[0] for name in names if name.startswith("timm/")}
-    assert timm >= {"resnet18", "efficientnet", "convnext", "vit", "swin", "mixer", "regnetx"}
+    assert timm >= {"convnext", "vit", "mixer", "regnetx"}
 
 
 def test_readme_table_is_the_generated_one():
