@@ -558,3 +558,65 @@ def test_resnet18_fused_step_matches_the_reference_backend():
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
     for name, g in gr.items():
         _same_direction(gk[name], g, name)
+
+
+def _saved_float_maps(cg, batch):
+    """Shapes of the float32 feature maps (4-D, ``batch`` samples: not a conv weight) the
+    backward graph takes from the forward."""
+    return [tuple(v.shape) for v in (n.meta["val"] for n in cg.backward.graph.nodes if n.op == "placeholder")
+            if v.dtype == torch.float32 and v.dim() == 4 and v.shape[0] == batch]
+
+
+def test_resnet18_residual_regions_keep_mask_bits_not_the_residual():
+    """Each block's ``relu(bn2(conv2(x)) + identity)`` keeps the ReLU's mask as bits: the only
+    float32 map a ResNet-18 step saves for backward is the model's input (the float stem conv
+    keeps it for its weight gradient), not the eight identities."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    compiled, _ = _step(model, x, y, "kernels")
+    cg = compiled.fqt_graphs[-1]
+    residual = [r for r in cg.regions if "iadd" in r]
+    assert len(residual) == 8 and all(r.endswith("; residual: activation mask saved as bits") for r in residual)
+    assert _saved_float_maps(cg, 2) == [(2, 3, 32, 32)]
+    # one bit per element of each block's output, each (n, c) plane from its own byte: 8x8
+    # maps (layer1) take 8 bytes per plane, 2x2 and 1x1 maps (layers 3, 4) one byte; besides
+    # them the stem's max-pool argmax, 4 bits per 8x8 output
+    packed = sorted(tuple(n.meta["val"].shape) for n in cg.backward.graph.nodes if n.op == "placeholder"
+                    and n.meta["val"].dtype == torch.uint8 and n.meta["val"].dim() == 3)
+    assert packed == sorted([(2, 64, 32)] + 2 * [(2, 64, 8), (2, 128, 2), (2, 256, 1), (2, 512, 1)])
+
+
+def test_gelu_after_a_residual_add_keeps_the_residual():
+    """GELU's derivative needs ``bn(x) + r`` itself: the region keeps the residual (float32)
+    and says why; ``none`` keeps nothing."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.conv1 = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            r = self.conv0(x)
+            h = F.gelu(self.bn1(self.conv1(r)) + r)
+            return (self.bn2(self.conv1(h)) + h).mean((2, 3))
+
+    x, y = torch.randn(3, 2, 5, 7), torch.tensor([0, 3, 5])
+    grads = []
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = Block()
+        compiled, loss = _step(model, x, y, backend, method="none")
+        grads.append((loss, model))
+        if backend == "kernels":
+            cg = compiled.fqt_graphs[-1]
+    assert sorted(r.split("; ")[-1] for r in cg.regions) == [
+        "residual: kept as float32 (gelu's derivative needs bn(x) + r itself, not a mask)",
+        "residual: nothing saved (no activation)"], cg.regions
+    # the GELU region keeps the residual (r, 6 channels); the other nothing but its input
+    assert (3, 6, 5, 7) in _saved_float_maps(cg, 3)
+    (loss_k, m_k), (loss_r, m_r) = grads
+    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
+    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
+        _same_direction(p.grad, q.grad, name)
