@@ -19,8 +19,9 @@ double) and one apply pass that writes the region's output and, with a max pool,
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
-gradient over its window), the activation's mask recomputed from the saved input and the
-residual, one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
+gradient over its window), the activation's mask recomputed from the saved input (after a
+residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
+recomputed with the residual), one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
 ``g``, the residual's gradient) and one apply pass (the normalization's input gradient). With
 ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
 first stores ``Y_raw`` as int16 (or int32) and every pass of both kernels recomputes ``alpha *
@@ -377,7 +378,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
     ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool, ``1, 1`` for "mean") and
     ``arg`` (window offsets packed per channel plane, max pool only); ``res`` (like ``x``) is
-    read with ``residual``. With ``batch_stats`` it writes ``mean``,
+    read with ``residual``, and with ``mask_bits`` the activation's mask bits go to ``mask``. With ``batch_stats`` it writes ``mean``,
     the biased ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads
     ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
@@ -592,8 +593,9 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
     ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
     with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes.
-    With ``residual`` it reads ``res`` and writes ``dres = g`` (the add passes its gradient
-    to both inputs). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
+    With ``residual`` it writes ``dres = g`` (the add passes its gradient to both inputs),
+    reading the activation's derivative from ``mask`` (``mask_bits``) or recomputing it with
+    ``res`` (GELU). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
     ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b

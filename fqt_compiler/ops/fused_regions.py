@@ -5,12 +5,16 @@ activation, each as one op (kernel backend).
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
 running statistics with the graph's momentum, as ``F.batch_norm`` does. The op returns the
 region's output, the max pool's argmax packed as ``offset_bits(pool)`` bits per output (the
-offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3), the
-per-channel ``mean``, biased ``var`` and ``invstd``, and ``raw`` (below). Its backward
-(``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and the two
-per-channel vectors (and the residual input, if any): the activation mask is recomputed from
-them; the float BatchNorm output, sum, activation output and int64 pool indices of the
-unfused chain are never saved. With a residual it also returns the residual's gradient.
+offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3;
+``pack_codes``), the
+per-channel ``mean``, biased ``var`` and ``invstd``, ``raw`` (below) and ``mask``. Its
+backward (``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and
+the two per-channel vectors: the activation mask is recomputed from them. With a residual
+add it keeps ``mask`` too: the activation's derivative bit of each pre-activation ``bn(x) +
+r`` (``ACTIVATION_MASKS``, 1 bit per element packed like the argmax), instead of the
+float32 residual; no activation needs nothing, GELU keeps the residual (``keeps_mask``).
+The float BatchNorm output, sum, activation output and int64 pool indices of the unfused
+chain are never saved. With a residual it also returns the residual's gradient.
 
 Pooling (``pool_mode``): "max", "avg" (``F.avg_pool2d`` with count_include_pad), "avg_valid"
 (without), each with a window ``pool``, or "mean" (``F.adaptive_avg_pool2d`` to 1x1).
