@@ -620,3 +620,19 @@ def test_gelu_after_a_residual_add_keeps_the_residual():
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
     for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
         _same_direction(p.grad, q.grad, name)
+
+
+def test_residual_region_backward_names_the_missing_mask():
+    x, weight, bias, *_ = _inputs((2, 3, 4, 5), 0)
+    region = gen.Region(True, gen.Activation("relu"), residual=True)
+    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=torch.randn(x.shape))
+    assert mask.shape == (2, 3, 3) and mask.dtype == torch.uint8
+    for wrong in (None, mask[:, :, :2], mask.float()):
+        with pytest.raises(ValueError, match=r"relu after a residual add.*uint8 mask bits shaped \[2, 3, 3\]"):
+            fusion.region_backward(torch.randn(x.shape), x, arg, region, weight, bias, mean, invstd, mask=wrong)
+
+
+def test_kernels_and_reference_save_masks_for_the_same_activations():
+    assert set(gen.MASKS) == set(fr.ACTIVATION_MASKS) == set(fr.MASKED_GRADS) - {"none"}
+    assert all(gen.Region(True, gen.Activation(a), residual=True).mask_bits == fr.keeps_mask(a, True)
+               for a in gen.ACTIVATIONS if a != "none")
