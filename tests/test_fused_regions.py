@@ -625,7 +625,8 @@ def test_gelu_after_a_residual_add_keeps_the_residual():
 def test_residual_region_backward_names_the_missing_mask():
     x, weight, bias, *_ = _inputs((2, 3, 4, 5), 0)
     region = gen.Region(True, gen.Activation("relu"), residual=True)
-    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=torch.randn(x.shape))
+    res = torch.randn(x.shape)
+    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=res)
     assert mask.shape == (2, 3, 3) and mask.dtype == torch.uint8
     for wrong in (None, mask[:, :, :2], mask.float()):
         with pytest.raises(ValueError, match=r"relu after a residual add.*uint8 mask bits shaped \[2, 3, 3\]"):

@@ -21,9 +21,9 @@ of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 f
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input (after a
 residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
-recomputed with the residual), one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
-``g``, the residual's gradient) and one apply pass (the normalization's input gradient). With
-``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
+recomputed with the residual), one reduction pass (``sum g``, ``sum g * xhat``; with a
+residual it also writes ``g``, the residual's gradient) and one apply pass (the
+normalization's input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
 first stores ``Y_raw`` as int16 (or int32) and every pass of both kernels recomputes ``alpha *
 Y_raw`` from it in registers, so the backward keeps two bytes per input instead of a float32
 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
@@ -83,8 +83,8 @@ def _zero_else(b, m, g, p, n):
 # residual add saves this bit (``Region.mask_bits``) instead of the residual.
 MASKS = {
     "relu": (lambda b, v, p, n: b.fcmp_unordered(">", v, _c(n, 0.0)), _zero_else),
-    "hardtanh": (lambda b, v, p, n: b.and_(b.fcmp_ordered(">", v, _c(n, p[0])), b.fcmp_ordered("<", v, _c(n, p[1]))),
-                 _zero_else),
+    "hardtanh": (lambda b, v, p, n: b.and_(b.fcmp_ordered(">", v, _c(n, p[0])),
+                                           b.fcmp_ordered("<", v, _c(n, p[1]))), _zero_else),
     "leaky_relu": (lambda b, v, p, n: b.fcmp_ordered(">", v, _c(n, 0.0)),
                    lambda b, m, g, p, n: b.select(m, g, b.fmul(g, _c(n, p[0])))),
 }
@@ -173,8 +173,8 @@ class Region:
     activation of ``MASKS`` (``mask_bits``) the forward writes its bit per element to
     ``mask`` (``[N, C, ceil(H*W / 8)]`` bytes, each plane from its own byte, bit ``i % 8`` of
     byte ``i // 8``) and the backward reads those; "none" needs nothing; otherwise (GELU) the
-    backward reads ``res`` and recomputes the sum. ``eps``: the normalization's epsilon, a double constant of the kernel
-    as in ATen.
+    backward reads ``res`` and recomputes the sum. ``eps``: the normalization's epsilon, a
+    double constant of the kernel as in ATen.
     ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
@@ -212,6 +212,7 @@ class Region:
 
     @property
     def backward_reads_residual(self) -> bool:
+        """Whether the backward recomputes the activation's input with ``res`` (GELU)."""
         return self.residual and not self.mask_bits and self.activation.name != "none"
 
 
@@ -378,8 +379,9 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
     ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool, ``1, 1`` for "mean") and
     ``arg`` (window offsets packed per channel plane, max pool only); ``res`` (like ``x``) is
-    read with ``residual``, and with ``mask_bits`` the activation's mask bits go to ``mask``. With ``batch_stats`` it writes ``mean``,
-    the biased ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads
+    read with ``residual``, and with ``mask_bits`` the activation's mask bits go to ``mask``.
+    With ``batch_stats`` it writes ``mean``, the biased ``var`` and ``invstd = 1/sqrt(var +
+    eps)`` per channel, else reads
     ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
@@ -632,8 +634,9 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                 if region.mask_bits:
                     g = MASKS[region.activation.name][1](b, _load_mask(k, nc, hw, i, lanes), g,
                                                          region.activation.params, lanes)
-                elif region.activation.name != "none":
-                    g = _act_grad(k, region.activation, _pre_activation(region, k, load, affine, index, i, lanes), g, lanes)
+                elif region.activation.name != "none":   # "none": the derivative is 1
+                    v = _pre_activation(region, k, load, affine, index, i, lanes)
+                    g = _act_grad(k, region.activation, v, g, lanes)
                 if region.residual:
                     _store(k, g, a["dres"], index)
                 xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))

@@ -227,8 +227,8 @@ def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, a
                       dtype=torch.uint8)
     raw = (x.new_empty(x.shape, dtype=raw_dtype(contraction)) if alpha is not None
            else x.new_empty(0, dtype=torch.int16))
-    mask = x.new_empty(packed_codes_shape(x.shape, 1) if residual is not None and activation in ACTIVATION_MASKS
-                       else [0], dtype=torch.uint8)
+    saves_mask = residual is not None and activation in ACTIVATION_MASKS
+    mask = x.new_empty(packed_codes_shape(x.shape, 1) if saves_mask else [0], dtype=torch.uint8)
     c = x.shape[1]
     return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw, mask
 

@@ -9,11 +9,12 @@ other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alph
 float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
 identity may be another BatchNorm's output; the note says what backward keeps for it: the
 activation's mask bits, nothing, or for GELU the residual itself); one activation
-(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh); one pool: ``F.max_pool2d`` (dilation 1, no indices
-returned, window of at most 255 taps), ``F.avg_pool2d`` (no divisor_override) or
-``F.adaptive_avg_pool2d`` to 1x1. And ``F.layer_norm(x, normalized_shape, weight, bias, eps)``
-on a float32 ``x`` of two or more dimensions normalized over its last one, with weight and
-bias, then (if its only user) one activation.
+(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh); one pool:
+``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps),
+``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
+``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
+dimensions normalized over its last one, with weight and bias, then (if its only user) one
+activation.
 Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
 fused op ``fqt::bn_region`` plus the running-statistics update), one
 ``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
