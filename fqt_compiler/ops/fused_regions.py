@@ -301,7 +301,8 @@ ACTIVATION_GRADS = {
 # Activations whose derivative takes two values: name -> the bit of the pre-activation ``v``
 # that selects it, exactly as ATen's backward above decides (threshold_backward: ``v <= 0``
 # gives 0, so a NaN passes; hardtanh_backward: ``v <= min`` or ``v >= max`` gives 0, the
-# boundaries included; leaky_relu_backward: ``v > 0`` gives 1, else the slope).
+# boundaries included; at a NaN its vectorized loop gives 0 and its scalar tail the gradient,
+# the bit follows the former; leaky_relu_backward: ``v > 0`` gives 1, else the slope).
 ACTIVATION_MASKS = {
     "relu": lambda v, p: ~(v <= 0),
     "hardtanh": lambda v, p: (v > p[0]) & (v < p[1]),
