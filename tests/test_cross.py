@@ -170,6 +170,38 @@ def test_reference_check_catches_one_flipped_bit():
     assert {"binary", "bitplane", "minmax", "pack", "sign_pack", "im2col_pack", "rowpop"} <= caught
 
 
+@pytest.mark.parametrize("act", [("relu", ()), ("hardtanh", (0.0, 6.0)), ("leaky_relu", (0.1,))])
+def test_reference_check_catches_one_wrong_mask_bit(act):
+    """A residual region's forward writes the activation's mask bits: the oracle checks them
+    exactly (one flipped bit of a 3x5 plane's byte is caught), and the backward that reads
+    them matches the reference."""
+    from fqt_compiler.codegen.fusion import Activation, Region
+    from fqt_compiler.runtime.fusion import region_backward, region_forward
+    gen = torch.Generator().manual_seed(0)
+    x, res = torch.randn(2, 7, 3, 5, generator=gen), torch.randn(2, 7, 3, 5, generator=gen)
+    gamma, beta = torch.rand(7, generator=gen) + 0.5, torch.randn(7, generator=gen)
+    region = Region(True, Activation(*act), residual=True)
+    assert region.mask_bits
+
+    def step():
+        _, arg, mean, _, invstd, _, mask = region_forward(x, region, gamma, beta, residual=res)
+        region_backward(torch.randn(x.shape, generator=gen), x, arg, region, gamma, beta, mean, invstd, mask=mask)
+    uses, capture = capture_calls(step, host_target())
+    state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
+    for index, encoded, after in capture.calls:
+        spec = uses[index].spec
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
+        before = {b: state[b] for b in after}
+        assert oracle.check_call(spec, args, before, after) == 0, spec.family
+        if spec.family == "region_forward":
+            buf, offset = args["mask"]
+            bad = bytearray(after[buf])
+            bad[offset + 2 * 13 + 1] ^= 1 << 6   # plane 13 (sample 1, channel 6), position 14 (its last)
+            assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
+        state.update(after)
+    assert [uses[i].spec.family for i, _, _ in capture.calls] == ["region_forward", "region_backward"]
+
+
 def test_reference_check_covers_the_sum_of_squares():
     """aq_opt's statistics kernel (min/max plus sums of squares) replays against
     the oracle, and one flipped bit of a sum of squares is caught."""

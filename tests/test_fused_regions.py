@@ -70,23 +70,35 @@ def _unfused_pool(v, pool, mode, ceil_mode):
     return F.avg_pool2d(v, pool[:2], pool[2:4], pool[4:], ceil_mode=ceil_mode, count_include_pad=mode == "avg")
 
 
+def unfused_mask(act, params, v):
+    """The bit ATen's backward of ``act`` at ``v`` passes the gradient by: 1 where it gives 1
+    (the derivative's other value: 0, or LeakyReLU's slope)."""
+    return (fr.ACTIVATION_GRADS[act](torch.ones_like(v), v, params) == 1).to(torch.uint8)
+
+
 def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0, ties=False,
-                 residual=False, mode="max"):
-    """Kernel == reference for one region (forward outputs, statistics, argmax bits and the
-    saved raw GEMM result exactly, gradients, the residual's included), and reference == the
-    literal unfused chain (with ``contraction``: the binarized layer's ``alpha ⊙ Y_raw``
-    first; then ``F.batch_norm``, ``+ residual``, the activation, the pool) differentiated by
-    autograd."""
+                 residual=False, mode="max", gamma=None):
+    """Kernel == reference for one region (forward outputs, statistics, argmax bits, the
+    saved raw GEMM result and activation mask bits exactly, gradients, the residual's
+    included), and reference == the literal unfused chain (with ``contraction``: the
+    binarized layer's ``alpha ⊙ Y_raw`` first; then ``F.batch_norm``, ``+ residual``, the
+    activation, the pool) differentiated by autograd. ``residual`` may be the residual
+    tensor itself; ``gamma`` multiplies BatchNorm's weight and bias."""
     x, weight, bias, rmean, rvar, alpha, dy_seed = _inputs(shape, seed, contraction, ties)
-    res = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)) if residual else None
+    if gamma is not None:
+        weight, bias = weight * gamma, bias * gamma
+    if isinstance(residual, torch.Tensor):
+        res, residual = residual, True
+    else:
+        res = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 2)) if residual else None
     if training and shape[0] * shape[2] * shape[3] == 1:
         return   # BatchNorm refuses one value per channel in training
     args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, mode, ceil_mode, "bn", alpha,
             contraction, res)
     kern, ref = _ops("bn_region")
     got, want = kern(*args), ref(*args)
-    for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw"), got, want):
-        if name in ("arg", "raw"):
+    for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw", "mask"), got, want):
+        if name in ("arg", "raw", "mask"):
             assert g.dtype == w.dtype and torch.equal(g, w), name
         else:
             _close(g, w, name)
@@ -104,16 +116,29 @@ def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contract
     rm, rv = rmean.clone(), rvar.clone()
     inp = leaf[0] if alpha is None else leaf[0] * alpha.view(1, -1, 1, 1)
     v = F.batch_norm(inp, rm, rv, leaf[1], leaf[2], training, 0.1, 1e-5)
-    v = _unfused_pool(fr.ACTIVATIONS[act](v + leaf[3] if residual else v, params), pool, mode, ceil_mode)
+    pre = v + leaf[3] if residual else v
+    v = _unfused_pool(fr.ACTIVATIONS[act](pre, params), pool, mode, ceil_mode)
     _close(want[0], v.detach(), "reference out")
+    out, arg, mean, _, invstd, _, mask = want
+    if residual and act in fr.ACTIVATION_MASKS:   # the bits ATen's backward of the chain selects by
+        assert torch.equal(fr.unpack_codes(mask, 1, *shape[2:]), unfused_mask(act, params, pre.detach()))
+        assert mask.shape == (*shape[:2], -(-shape[2] * shape[3] // 8))
+    else:
+        assert mask.numel() == 0
     dy = torch.randn(v.shape, generator=torch.Generator().manual_seed(dy_seed))
     v.backward(dy)
-    out, arg, mean, _, invstd, _ = want
+    # what the op's autograd keeps: the mask bits (none for "none") or, for GELU, the residual
+    saved = dict(residual=None, mask=mask) if fr.keeps_mask(act, residual) else dict(residual=res)
     bargs = (dy, x if alpha is None else raw, arg, weight, bias, mean, invstd, training, 1e-5, act, params,
-             pool, mode, ceil_mode, "bn", alpha, res)
+             pool, mode, ceil_mode, "bn", alpha)
     kern_b, ref_b = _ops("bn_region_backward")
-    got_b, want_b = kern_b(*bargs), ref_b(*bargs)
+    got_b, want_b = kern_b(*bargs, **saved), ref_b(*bargs, **saved)
     assert (got_b[3].numel() > 0) == residual
+    if residual:   # the reference from the bits == the reference recomputing bn(x) + r, bit for bit
+        for name, w, w_res in zip(("dx", "dweight", "dbias", "dresidual"), want_b, ref_b(*bargs, residual=res)):
+            assert torch.equal(w, w_res), name
+        if not pool and act in fr.MASKED_GRADS:   # masking (and the mean's spreading) is exact
+            assert torch.equal(got_b[3], want_b[3])
     for name, g, w, chain in zip(("dx", "dweight", "dbias", "dresidual"), got_b, want_b, leaf):
         _close(g, w, name, 1e-4)
         _close(w, chain.grad, f"reference {name}", 1e-4)
@@ -154,13 +179,13 @@ def test_packed_window_offsets_round_trip(pool, oh, ow):
     bits = fr.offset_bits(pool)
     assert bits == {1: 1, 4: 2, 6: 4, 9: 4, 16: 4, 25: 8}[taps]
     codes = torch.randint(0, taps, (3, 5, oh, ow), dtype=torch.uint8)
-    packed = fr.pack_offsets(codes, pool)
+    packed = fr.pack_codes(codes, bits)
     assert packed.shape == (3, 5, -(-oh * ow * bits // 8))
-    assert torch.equal(fr.unpack_offsets(packed, pool, oh, ow), codes)
+    assert torch.equal(fr.unpack_codes(packed, bits, oh, ow), codes)
     # planes do not share bytes: changing one plane's codes leaves the others' bytes alone
     other = codes.clone()
     other[1, 2] = (other[1, 2] + 1) % taps if taps > 1 else other[1, 2]
-    changed = (fr.pack_offsets(other, pool) != packed).any(2)
+    changed = (fr.pack_codes(other, bits) != packed).any(2)
     assert not changed[torch.arange(3) != 1].any() and not changed[1, torch.arange(5) != 2].any()
 
 
@@ -239,10 +264,15 @@ def test_residual_and_mean_regions_match_the_unfused_chain(shape, training):
         check_region(shape, "hardtanh", [0.0, 6.0], [2, 2, 2, 2, 0, 0], True, training, residual=True)
 
 
-@pytest.mark.parametrize("act,params", ACTS)
+@pytest.mark.parametrize("act,params", ACTS + [("gelu", []), ("gelu_tanh", [])])
 def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True)
     check_region((2, 9, 4, 4), act, params, [], False, False)
+    # after a residual add: mask bits saved (GELU: the residual), with and without pools
+    check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True, residual=True)
+    check_region((1, 65, 3, 5), act, params, [], False, True, residual=True, mode="mean")
+    check_region((3, 9, 7, 3), act, params, [2, 2, 2, 2, 0, 0], False, False, residual=True)
+    check_region((3, 9, 7, 3), act, params, [2, 2, 2, 2, 0, 0], False, True, residual=True, mode="avg_valid")
 
 
 @pytest.mark.parametrize("shape", [(2, 512, 2, 2), (3, 70, 1, 2), (1, 33, 3, 3), (2, 5, 1, 3)])
@@ -252,7 +282,7 @@ def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
     ATen's bit for bit (its contiguous-input path, H*W > 1: at 1x1 ATen accumulates in float
     per thread), so the fused backward masks the same ReLU inputs as the unfused chain."""
     x, weight, bias, *_ = _inputs(shape, 0, ties=True)
-    out, _, mean, _, invstd, _ = fusion.region_forward(x, gen.Region(True), weight, bias)
+    out, _, mean, _, invstd, _, _ = fusion.region_forward(x, gen.Region(True), weight, bias)
     want, want_mean, want_invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None,
                                                                     True, 0.0, 1e-5)
     assert (x == mean.view(1, -1, 1, 1)).any()
@@ -260,6 +290,55 @@ def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
     assert torch.equal(out, want)
     check_region(shape, "relu", [], [], False, True, ties=True)
     check_region(shape, "relu", [], [2, 2, 2, 1, 0, 0], True, True, ties=True)
+
+
+def _boundary_residual(shape, seed):
+    """A residual whose values sit on the activations' boundaries (0, -0, Hardtanh's limits)
+    and one float step either side of them, between random values."""
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.tensor([0.0, -0.0, -0.5, 0.25, 6.0])
+    edges = torch.cat([edges, torch.nextafter(edges, torch.full_like(edges, float("inf"))),
+                       torch.nextafter(edges, torch.full_like(edges, -float("inf")))])
+    r = torch.randn(shape, generator=gen) * 4
+    pick = torch.randint(0, 2 * len(edges), shape, generator=gen)
+    return torch.where(pick < len(edges), edges[pick.clamp(max=len(edges) - 1)], r)
+
+
+@pytest.mark.parametrize("act,params", ACTS)
+@pytest.mark.parametrize("shape,pool,mode", [((1, 13, 5, 7), [], "max"), ((3, 70, 5, 3), [], "mean"),
+                                             ((3, 9, 9, 9), [3, 3, 2, 2, 1, 1], "max"),
+                                             ((1, 65, 7, 5), [2, 2, 2, 2, 0, 0], "avg")])
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_mask_bits_at_the_boundaries(act, params, shape, pool, mode, training):
+    """The mask bits a residual region saves equal the bits ATen's backward of the unfused
+    chain selects by, where the pre-activation ``bn(x) + r`` is exactly 0, -0, Hardtanh's
+    limits or one step off them: BatchNorm's weight and bias are 0 on every other channel
+    (its output is then +0 and ``v = r`` exactly). Odd planes (bit tails), C not a multiple
+    of 8 or 64, batch 1 and 3, with and without pools."""
+    gamma = (torch.arange(shape[1]) % 2).float()
+    check_region(shape, act, params, pool, True, training, residual=_boundary_residual(shape, 1), mode=mode,
+                 gamma=gamma)
+
+
+@pytest.mark.parametrize("act,params", [("relu", []), ("leaky_relu", [0.2])])
+def test_residual_mask_bits_follow_aten_at_nan(act, params):
+    """ATen's threshold_backward passes the gradient at a NaN input (``v <= 0`` is false),
+    leaky_relu_backward scales it (``v > 0`` is false): the saved bits say the same."""
+    shape = (2, 3, 3, 5)
+    x, weight, bias, rmean, rvar, *_ = _inputs(shape, 0)
+    res = torch.randn(shape)
+    res[0, 1, 1] = float("nan")
+    args = (x, weight, bias, rmean, rvar, False, 1e-5, act, params, [], "max", False, "bn", None, 0, res)
+    kern, ref = _ops("bn_region")
+    (_, _, mean, _, invstd, _, mask), want = kern(*args), ref(*args)
+    pre = F.batch_norm(x, rmean, rvar, weight, bias, False, 0.1, 1e-5) + res
+    assert torch.equal(fr.unpack_codes(mask, 1, 3, 5), unfused_mask(act, params, pre))
+    assert torch.equal(mask, want[6])
+    dy = torch.randn(shape)
+    bargs = (dy, x, want[1], weight, bias, mean, invstd, False, 1e-5, act, params, [], "max", False, "bn")
+    kern_b, _ = _ops("bn_region_backward")
+    dres = kern_b(*bargs, mask=mask)[3]
+    assert torch.equal(dres, fr.ACTIVATION_GRADS[act](dy, pre, params))
 
 
 @settings(max_examples=25, deadline=None)
@@ -479,3 +558,82 @@ def test_resnet18_fused_step_matches_the_reference_backend():
     assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
     for name, g in gr.items():
         _same_direction(gk[name], g, name)
+
+
+def _saved_float_maps(cg, batch):
+    """Shapes of the float32 feature maps (4-D, ``batch`` samples: not a conv weight) the
+    backward graph takes from the forward."""
+    return [tuple(v.shape) for v in (n.meta["val"] for n in cg.backward.graph.nodes if n.op == "placeholder")
+            if v.dtype == torch.float32 and v.dim() == 4 and v.shape[0] == batch]
+
+
+def test_resnet18_residual_regions_keep_mask_bits_not_the_residual():
+    """Each block's ``relu(bn2(conv2(x)) + identity)`` keeps the ReLU's mask as bits: the only
+    float32 map a ResNet-18 step saves for backward is the model's input (the float stem conv
+    keeps it for its weight gradient), not the eight identities."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    compiled, _ = _step(model, x, y, "kernels")
+    cg = compiled.fqt_graphs[-1]
+    residual = [r for r in cg.regions if "iadd" in r]
+    assert len(residual) == 8 and all(r.endswith("; residual: activation mask saved as bits") for r in residual)
+    assert _saved_float_maps(cg, 2) == [(2, 3, 32, 32)]
+    # one bit per element of each block's output, each (n, c) plane from its own byte: 8x8
+    # maps (layer1) take 8 bytes per plane, 2x2 and 1x1 maps (layers 3, 4) one byte; besides
+    # them the stem's max-pool argmax, 4 bits per 8x8 output
+    packed = sorted(tuple(n.meta["val"].shape) for n in cg.backward.graph.nodes if n.op == "placeholder"
+                    and n.meta["val"].dtype == torch.uint8 and n.meta["val"].dim() == 3)
+    assert packed == sorted([(2, 64, 32)] + 2 * [(2, 64, 8), (2, 128, 2), (2, 256, 1), (2, 512, 1)])
+
+
+def test_gelu_after_a_residual_add_keeps_the_residual():
+    """GELU's derivative needs ``bn(x) + r`` itself: the region keeps the residual (float32)
+    and says why; ``none`` keeps nothing."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.conv1 = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.bn1, self.bn2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            r = self.conv0(x)
+            h = F.gelu(self.bn1(self.conv1(r)) + r)
+            return (self.bn2(self.conv1(h)) + h).mean((2, 3))
+
+    x, y = torch.randn(3, 2, 5, 7), torch.tensor([0, 3, 5])
+    grads = []
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = Block()
+        compiled, loss = _step(model, x, y, backend, method="none")
+        grads.append((loss, model))
+        if backend == "kernels":
+            cg = compiled.fqt_graphs[-1]
+    assert sorted(r.split("; ")[-1] for r in cg.regions) == [
+        "residual: kept as float32 (gelu's derivative needs bn(x) + r itself, not a mask)",
+        "residual: nothing saved (no activation)"], cg.regions
+    # the GELU region keeps the residual (r, 6 channels); the other nothing but its input
+    assert (3, 6, 5, 7) in _saved_float_maps(cg, 3)
+    (loss_k, m_k), (loss_r, m_r) = grads
+    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
+    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
+        _same_direction(p.grad, q.grad, name)
+
+
+def test_residual_region_backward_names_the_missing_mask():
+    x, weight, bias, *_ = _inputs((2, 3, 4, 5), 0)
+    region = gen.Region(True, gen.Activation("relu"), residual=True)
+    res = torch.randn(x.shape)
+    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=res)
+    assert mask.shape == (2, 3, 3) and mask.dtype == torch.uint8
+    for wrong in (None, mask[:, :, :2], mask.float()):
+        with pytest.raises(ValueError, match=r"relu after a residual add.*uint8 mask bits shaped \[2, 3, 3\]"):
+            fusion.region_backward(torch.randn(x.shape), x, arg, region, weight, bias, mean, invstd, mask=wrong)
+
+
+def test_kernels_and_reference_save_masks_for_the_same_activations():
+    assert set(gen.MASKS) == set(fr.ACTIVATION_MASKS) == set(fr.MASKED_GRADS) - {"none"}
+    assert all(gen.Region(True, gen.Activation(a), residual=True).mask_bits == fr.keeps_mask(a, True)
+               for a in gen.ACTIVATIONS if a != "none")

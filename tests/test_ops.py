@@ -87,17 +87,20 @@ def _opcheck_cases():
     rb = torch.randn(xb.shape)   # a residual
     for training, activation, params, raw, res, pl, mode in (
             (True, "relu", [], None, None, pool, "max"), (False, "leaky_relu", [0.1], None, rb, pool, "avg_valid"),
-            (True, "relu", [], (alpha, 45), rb, [], "mean"), (False, "relu", [], (alpha, 45), None, pool, "max")):
+            (True, "relu", [], (alpha, 45), rb, [], "mean"), (False, "relu", [], (alpha, 45), None, pool, "max"),
+            (True, "gelu", [], None, rb, [], "max"), (True, "none", [], (alpha, 45), rb, pool, "max")):
         x_in = xb if raw is None else y_raw
         r = None if res is None else res.clone().requires_grad_()
         args = (x_in.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
                 rm, rv, training, 1e-5, activation, params, pl, mode, True, "bn1", *(raw or (None, 0)), r)
         cases.append((FR.bn_region, args))
-        _, arg, mean, _, invstd, saved = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        _, arg, mean, _, invstd, saved, mask = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
         out_shape = FR.pooled_shape(xb.shape, pl, True, mode)
+        # with a residual the backward takes the mask bits (none for "none"), GELU the residual
+        kept = (None, mask) if FR.keeps_mask(activation, res is not None) else (res, None)
         cases.append((FR.bn_region_backward, (torch.randn(out_shape), xb if raw is None else saved, arg, wb, bb,
                                               mean, invstd, training, 1e-5, activation, params, pl, mode, True,
-                                              "bn1", None if raw is None else raw[0], res)))
+                                              "bn1", None if raw is None else raw[0], *kept)))
     # a float conv feeding a region (the conv output recomputed in backward)
     xc, wc, cbias = torch.randn(2, 3, 9, 8), torch.randn(5, 3, 3, 3), torch.randn(5)
     conv = ([2, 1], [1, 0], [1, 1], 1)

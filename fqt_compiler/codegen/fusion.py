@@ -19,10 +19,11 @@ double) and one apply pass that writes the region's output and, with a max pool,
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
-gradient over its window), the activation's mask recomputed from the saved input and the
-residual, one reduction pass (``sum g``, ``sum g * xhat``; with a residual it also writes
-``g``, the residual's gradient) and one apply pass (the normalization's input gradient). With
-``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
+gradient over its window), the activation's mask recomputed from the saved input (after a
+residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
+recomputed with the residual), one reduction pass (``sum g``, ``sum g * xhat``; with a
+residual it also writes ``g``, the residual's gradient) and one apply pass (the
+normalization's input gradient). With ``Region.raw_bits`` the region's input is ``alpha ⊙ Y_raw`` of a binarized conv: the forward
 first stores ``Y_raw`` as int16 (or int32) and every pass of both kernels recomputes ``alpha *
 Y_raw`` from it in registers, so the backward keeps two bytes per input instead of a float32
 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
@@ -71,9 +72,27 @@ def _hardtanh(b, v, p, lanes):
     return b.select(b.fcmp_ordered(">", v, _c(lanes, p[1])), _c(lanes, p[1]), v)
 
 
-def _hardtanh_grad(b, v, g, p, lanes):
-    inside = b.and_(b.fcmp_ordered(">", v, _c(lanes, p[0])), b.fcmp_ordered("<", v, _c(lanes, p[1])))
-    return b.select(inside, g, _c(lanes, 0.0))
+def _zero_else(b, m, g, p, n):
+    return b.select(m, g, _c(n, 0.0))
+
+
+# Activations whose derivative takes two values: name -> (the bit of the pre-activation ``v``
+# that selects it, as ATen's ``*_backward`` ops decide: threshold_backward zeroes ``v <= 0``,
+# so a NaN passes; hardtanh_backward zeroes ``v <= lo`` and ``v >= hi``; leaky_relu_backward
+# passes ``v > 0``, else scales by the slope; the gradient given that bit). A region with a
+# residual add saves this bit (``Region.mask_bits``) instead of the residual.
+MASKS = {
+    "relu": (lambda b, v, p, n: b.fcmp_unordered(">", v, _c(n, 0.0)), _zero_else),
+    "hardtanh": (lambda b, v, p, n: b.and_(b.fcmp_ordered(">", v, _c(n, p[0])),
+                                           b.fcmp_ordered("<", v, _c(n, p[1]))), _zero_else),
+    "leaky_relu": (lambda b, v, p, n: b.fcmp_ordered(">", v, _c(n, 0.0)),
+                   lambda b, m, g, p, n: b.select(m, g, b.fmul(g, _c(n, p[0])))),
+}
+
+
+def _masked_grad(name):
+    bit, grad = MASKS[name]
+    return lambda b, v, g, p, n: grad(b, bit(b, v, p, n), g, p, n)
 
 
 # GELU as ATen's CPU kernels compute it (``GeluKernelImpl`` / ``GeluBackwardKernelImpl``).
@@ -115,14 +134,14 @@ def _gelu_tanh_grad(b, v, g, p, n):
 
 # name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
 # pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
-# ops pick it (ReLU: ``v > 0``; Hardtanh: ``lo < v < hi``; LeakyReLU: ``v > 0 ? 1 : slope``).
-# GELU's erf, exp and tanh are the polynomials of ``builder`` (no libm call).
+# ops pick it (``MASKS``). GELU's erf, exp and tanh are the polynomials of ``builder`` (no
+# libm call).
 ACTIVATIONS = {
     "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
-    "relu": (_relu, lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, _c(n, 0.0))),
-    "hardtanh": (_hardtanh, _hardtanh_grad),
+    "relu": (_relu, _masked_grad("relu")),
+    "hardtanh": (_hardtanh, _masked_grad("hardtanh")),
     "leaky_relu": (lambda b, v, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), v, b.fmul(v, _c(n, p[0]))),
-                   lambda b, v, g, p, n: b.select(b.fcmp_ordered(">", v, _c(n, 0.0)), g, b.fmul(g, _c(n, p[0])))),
+                   _masked_grad("leaky_relu")),
     "gelu": (_gelu, _gelu_grad),
     "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
 }
@@ -150,8 +169,12 @@ class Region:
     ``pool``: ``(kh, kw, sh, sw, ph, pw)`` of a window pool after the activation, or None;
     ``pool_mode``: one of ``POOL_MODES`` ("mean" takes no ``pool``; "max" without a
     ``pool`` means no pooling). ``residual``: a tensor shaped like ``x`` (``res``) is added
-    after the affine. ``eps``: the normalization's epsilon, a double constant of the kernel
-    as in ATen.
+    after the affine; the backward then needs the activation's derivative at that sum: for an
+    activation of ``MASKS`` (``mask_bits``) the forward writes its bit per element to
+    ``mask`` (``[N, C, ceil(H*W / 8)]`` bytes, each plane from its own byte, bit ``i % 8`` of
+    byte ``i // 8``) and the backward reads those; "none" needs nothing; otherwise (GELU) the
+    backward reads ``res`` and recomputes the sum. ``eps``: the normalization's epsilon, a
+    double constant of the kernel as in ATen.
     ``raw_bits``: 0 when ``x`` is the float32 input; 16 or 32 when the input is
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
@@ -182,17 +205,27 @@ class Region:
             raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
                              "no residual and no pool")
 
+    @property
+    def mask_bits(self) -> bool:
+        """Whether the forward writes, and the backward reads, the activation's mask bits."""
+        return self.residual and self.activation.name in MASKS
+
+    @property
+    def backward_reads_residual(self) -> bool:
+        """Whether the backward recomputes the activation's input with ``res`` (GELU)."""
+        return self.residual and not self.mask_bits and self.activation.name != "none"
+
 
 # The kernels' ABI (``abi.KernelABI``), written once: runtime, header and oracle derive from it.
 FORWARD_SYMBOL = "fqt_region_forward"
 FORWARD_PARAMS = (("x", "ptr"), ("res", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
                   ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("raw", "ptr"),
-                  ("N", "i64"), ("C", "i64"),
+                  ("mask", "ptr"), ("N", "i64"), ("C", "i64"),
                   ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
 BACKWARD_SYMBOL = "fqt_region_backward"
 BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("res", "ptr"), ("arg", "ptr"), ("gamma", "ptr"),
-                   ("beta", "ptr"), ("mean", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("dx", "ptr"),
-                   ("dres", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
+                   ("beta", "ptr"), ("mean", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("mask", "ptr"),
+                   ("dx", "ptr"), ("dres", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
                    ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
                    ("c0", "i64"), ("c1", "i64"))
 
@@ -346,8 +379,9 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     """``fqt_region_forward``: channels ``c0..c1`` of NCHW-contiguous float32 ``x`` ->
     ``out`` (``[N, C, OH, OW]``; ``OH, OW = H, W`` without a pool, ``1, 1`` for "mean") and
     ``arg`` (window offsets packed per channel plane, max pool only); ``res`` (like ``x``) is
-    read with ``residual``. With ``batch_stats`` it writes ``mean``,
-    the biased ``var`` and ``invstd = 1/sqrt(var + eps)`` per channel, else reads
+    read with ``residual``, and with ``mask_bits`` the activation's mask bits go to ``mask``.
+    With ``batch_stats`` it writes ``mean``, the biased ``var`` and ``invstd = 1/sqrt(var +
+    eps)`` per channel, else reads
     ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
@@ -378,25 +412,34 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
         affine, _ = _affine(k, region, c, mean, invstd)
 
-        def value(plane, i, lanes):
-            return _act_forward(k, region.activation, _pre_activation(region, k, load, affine, b.add(plane, i), i, lanes),
-                                lanes)
-
         with k.loop(0, a["N"]) as n:
-            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
-            out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+            nc = b.add(b.mul(n, a["C"]), c)
+            plane, out_plane = b.mul(nc, hw), b.mul(nc, ohw)
+
+            def value(i, lanes, mask=False):
+                """The activation's output at position ``i`` of the plane; with ``mask``
+                (a pass over the plane in order, as ``_store_mask`` needs) it also writes
+                its mask bits."""
+                v = _pre_activation(region, k, load, affine, b.add(plane, i), i, lanes)
+                if mask and region.mask_bits:
+                    act = region.activation
+                    _store_mask(k, nc, hw, i, MASKS[act.name][0](b, v, act.params, lanes), lanes)
+                return _act_forward(k, region.activation, v, lanes)
+
             if region.pool_mode == "mean":
                 acc = _accumulator(k)
-                _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(plane, i, lanes), lanes))
+                _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(i, lanes, True), lanes))
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
                 b.store(mean_v, k.gep(a["out"], out_plane))
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(plane, i, lanes), a["out"],
-                                                        b.add(out_plane, i)))
-            elif region.pool_mode == "max":
-                _pool_forward(region, k, plane, b.add(b.mul(n, a["C"]), c), ohw, value)
-            else:
-                _avg_pool_forward(region, k, plane, out_plane, value)
+                _strided(k, hw, lambda i, lanes: _store(k, value(i, lanes, True), a["out"], b.add(out_plane, i)))
+            else:   # a window pool reads its inputs by window: the mask bits take a pass of their own
+                if region.mask_bits:
+                    _strided(k, hw, lambda i, lanes: value(i, lanes, True))
+                if region.pool_mode == "max":
+                    _pool_forward(region, k, nc, ohw, value)
+                else:
+                    _avg_pool_forward(region, k, out_plane, value)
     return k.finish()
 
 
@@ -428,7 +471,7 @@ def _avg_divisor(region: Region, k: Kernel, oh, ow):
     return b.sitofp(taps, F32)
 
 
-def _avg_pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> None:
+def _avg_pool_forward(region: Region, k: Kernel, out_plane, value) -> None:
     """ATen's average pool: the float sum of the window's taps inside the input in (i, j)
     order, divided by ``_avg_divisor``."""
     a, b = k.arg, k.b
@@ -439,29 +482,55 @@ def _avg_pool_forward(region: Region, k: Kernel, plane, out_plane, value) -> Non
             for j in range(kw):
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
-                    k.set(total, b.fadd(k.get(total, F32), value(plane, b.add(b.mul(h, a["W"]), w), 1)))
+                    k.set(total, b.fadd(k.get(total, F32), value(b.add(b.mul(h, a["W"]), w), 1)))
         o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
         b.store(b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), k.gep(a["out"], o))
 
 
-def _code_slot(region: Region, k: Kernel, nc, ohw, o):
-    """Byte address and bit shift of output ``o``'s packed argmax in plane ``nc``."""
-    b, bits = k.b, offset_bits(region.pool)
+def _code_slot(k: Kernel, name: str, bits: int, nc, count, o):
+    """Byte address and bit shift of code ``o`` in plane ``nc`` of ``bits``-bit codes packed
+    ``count`` per plane (``fused_regions.pack_codes``: each plane from its own byte) at
+    argument ``name``."""
+    b = k.b
     bit = b.mul(o, ir.Constant(I64, bits))
-    byte = b.add(b.mul(nc, _plane_bytes(region, k, ohw)), b.lshr(bit, ir.Constant(I64, 3)))
-    return k.gep(k.arg["arg"], byte, I8), b.trunc(b.and_(bit, ir.Constant(I64, 7)), I8)
+    byte = b.add(b.mul(nc, _plane_bytes(k, bits, count)), b.lshr(bit, ir.Constant(I64, 3)))
+    return k.gep(k.arg[name], byte, I8), b.trunc(b.and_(bit, ir.Constant(I64, 7)), I8)
 
 
-def _plane_bytes(region: Region, k: Kernel, ohw):
-    bits = ir.Constant(I64, offset_bits(region.pool))
-    return k.b.lshr(k.b.add(k.b.mul(ohw, bits), ir.Constant(I64, 7)), ir.Constant(I64, 3))
+def _plane_bytes(k: Kernel, bits: int, count):
+    return k.b.lshr(k.b.add(k.b.mul(count, ir.Constant(I64, bits)), ir.Constant(I64, 7)), ir.Constant(I64, 3))
 
 
-def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
+def _store_mask(k: Kernel, nc, hw, i, bit, lanes) -> None:
+    """Mask bits of inputs ``i..i+lanes`` of plane ``nc``: a ``LANES``-wide step starts on a
+    byte and writes whole bytes (element ``j`` to bit ``j``: the little-endian layout of an
+    ``<N x i1>`` bitcast); the scalar tail's first bit starts a fresh byte (its padding bits
+    stay zero) and the others are OR-ed in."""
+    b = k.b
+    slot, at = _code_slot(k, "mask", 1, nc, hw, i)
+    if lanes > 1:
+        b.store(b.bitcast(bit, ir.IntType(lanes)), slot, align=1)
+        return
+    old = b.select(b.icmp_unsigned("==", at, ir.Constant(I8, 0)), ir.Constant(I8, 0), b.load(slot, typ=I8))
+    b.store(b.or_(old, b.shl(b.zext(bit, I8), at)), slot)
+
+
+def _load_mask(k: Kernel, nc, hw, i, lanes):
+    """``_store_mask`` inverted: the bits of inputs ``i..i+lanes`` of plane ``nc`` as i1 lanes."""
+    b = k.b
+    slot, at = _code_slot(k, "mask", 1, nc, hw, i)
+    if lanes > 1:
+        word = b.load(slot, typ=ir.IntType(lanes), align=1)
+        return b.bitcast(word, vec(lanes, ir.IntType(1)))
+    return b.trunc(b.lshr(b.load(slot, typ=I8), at), ir.IntType(1))
+
+
+def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     a, b = k.arg, k.b
     out_plane = b.mul(nc, ohw)
     kh, kw = region.pool[:2]
-    nbytes = _plane_bytes(region, k, ohw)
+    bits = offset_bits(region.pool)
+    nbytes = _plane_bytes(k, bits, ohw)
     with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
         b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
     with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
@@ -471,14 +540,14 @@ def _pool_forward(region: Region, k: Kernel, plane, nc, ohw, value) -> None:
             for j in range(kw):
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
-                    v = value(plane, b.add(b.mul(h, a["W"]), w), 1)
+                    v = value(b.add(b.mul(h, a["W"]), w), 1)
                     # ATen's max pool: the first maximum in (i, j) order; NaN wins.
                     with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
                         k.set(best, v)
                         k.set(where, ir.Constant(I8, i * kw + j))
         o = b.add(b.mul(oh, a["OW"]), ow)
         b.store(k.get(best, F32), k.gep(a["out"], b.add(out_plane, o)))
-        slot, at = _code_slot(region, k, nc, ohw, o)
+        slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
 
@@ -487,10 +556,11 @@ def _max_pool_backward(region: Region, k: Kernel, plane, nc, ohw) -> None:
     zeroed)."""
     a, b = k.arg, k.b
     _, kw, sh, sw, ph, pw = region.pool
-    mask = ir.Constant(I8, (1 << offset_bits(region.pool)) - 1)
+    bits = offset_bits(region.pool)
+    mask = ir.Constant(I8, (1 << bits) - 1)
     with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
         o = b.add(b.mul(oh, a["OW"]), ow)
-        slot, at = _code_slot(region, k, nc, ohw, o)
+        slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         off = b.zext(b.and_(b.lshr(b.load(slot, typ=I8), at), mask), I64)
         o = b.add(b.mul(nc, ohw), o)
         i = b.udiv(off, ir.Constant(I64, kw))
@@ -525,8 +595,9 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
     ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
     with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes.
-    With ``residual`` it reads ``res`` and writes ``dres = g`` (the add passes its gradient
-    to both inputs). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
+    With ``residual`` it writes ``dres = g`` (the add passes its gradient to both inputs),
+    reading the activation's derivative from ``mask`` (``mask_bits``) or recomputing it with
+    ``res`` (GELU). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
     ``alpha ⊙ dx`` (see ``Region``)."""
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
@@ -559,8 +630,13 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
             def reduce(i, lanes):
                 index = b.add(plane, i)
                 xv = load(index, lanes)
-                v = _pre_activation(region, k, load, affine, index, i, lanes)
-                g = _act_grad(k, region.activation, v, upstream(index, lanes), lanes)
+                g = upstream(index, lanes)
+                if region.mask_bits:
+                    g = MASKS[region.activation.name][1](b, _load_mask(k, nc, hw, i, lanes), g,
+                                                         region.activation.params, lanes)
+                elif region.activation.name != "none":   # "none": the derivative is 1
+                    v = _pre_activation(region, k, load, affine, index, i, lanes)
+                    g = _act_grad(k, region.activation, v, g, lanes)
                 if region.residual:
                     _store(k, g, a["dres"], index)
                 xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))

@@ -285,7 +285,8 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
 # --------------------------------------------------------------------------- fused regions
 # A region's statistics are double sums in a lane order of the kernel's own; the reference
 # (``ops.fused_regions``: the unfused chain in ATen) agrees to float32 rounding, not bit for
-# bit, so these families are compared with a tolerance (argmax bits and raw copies exactly). A
+# bit, so these families are compared with a tolerance (argmax bits, raw copies and
+# activation mask bits exactly). A
 # row region (LayerNorm over ``W`` features of ``C`` rows) has per-feature gamma/beta and
 # per-block partial sums ``dgamma``/``dbeta`` (``fusion.ROW_BLOCK`` rows each).
 
@@ -293,7 +294,7 @@ def _region_tensors(mem: Memory, a: dict, names, dtypes=None, region=None):
     from ..codegen.fusion import ROW_BLOCK
     n, c, h, w, oh, ow = (a[k] for k in ("N", "C", "H", "W", "OH", "OW"))
     shapes = {"x": (n, c, h, w), "dx": (n, c, h, w), "raw": (n, c, h, w), "res": (n, c, h, w),
-              "dres": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow)}
+              "dres": (n, c, h, w), "out": (n, c, oh, ow), "dy": (n, c, oh, ow), "mask": (n, c, (h * w + 7) // 8)}
     if region is not None and region.axis == "row":
         blocks = (-(-c // ROW_BLOCK), w)
         shapes.update(gamma=(w,), beta=(w,), dgamma=blocks, dbeta=blocks)
@@ -332,26 +333,32 @@ def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory)
 def _region_expected(region, family, a, before: Memory):
     """The reference's view of one call: the saved input (float ``x``, or with ``raw_bits``
     the raw GEMM result: float in the forward, int in the backward), ``alpha`` (None without
-    ``raw_bits``), and what the forward writes (``arg`` packed, ``raw`` None without)."""
-    from ..ops.fused_regions import _chain, _region_input, batch_statistics, pack_offsets, window_offsets
+    ``raw_bits``), the residual (None unless the call reads it), and what the forward writes
+    (``arg`` packed, ``raw`` and ``mask`` None without)."""
+    from ..ops.fused_regions import (_chain, _region_input, activation_mask, batch_statistics, offset_bits,
+                                     pack_codes, window_offsets)
     raw_dtype = {16: torch.int16, 32: torch.int32}.get(region.raw_bits)
     saved = raw_dtype if raw_dtype and family == "region_backward" else torch.float32
     x, gamma, beta, mean, invstd = _region_tensors(before, a, ("x", "gamma", "beta", "mean", "invstd"),
                                                    {"x": saved})
     alpha = _region_tensors(before, a, ("alpha",))[0] if raw_dtype else None
-    res = _region_tensors(before, a, ("res",))[0] if region.residual else None
+    reads_res = region.backward_reads_residual if family == "region_backward" else region.residual
+    res = _region_tensors(before, a, ("res",))[0] if reads_res else None
     inp = _region_input(x, alpha)
     ceil_mode = bool(region.pool) and a["OH"] != reference.conv_output_size(a["H"], region.pool[0], region.pool[2],
                                                                             region.pool[4], 1)
     pool = list(region.pool or ())
     if region.batch_stats:
         mean, _, invstd = batch_statistics(inp, region.eps)
-    out, indices = _chain(inp, gamma, beta, mean, invstd, region.batch_stats, region.eps,
-                          region.activation.name, list(region.activation.params), pool, region.pool_mode,
-                          ceil_mode, res)
-    arg = pack_offsets(window_offsets(indices, a["W"], pool), pool) if indices is not None else None
+    out, indices, v = _chain(inp, gamma, beta, mean, invstd, region.batch_stats, region.eps,
+                             region.activation.name, list(region.activation.params), pool, region.pool_mode,
+                             ceil_mode, res)
+    arg = pack_codes(window_offsets(indices, a["W"], pool), offset_bits(pool)) if indices is not None else None
     raw = x.to(raw_dtype) if raw_dtype else None
-    return x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode
+    mask = None
+    if region.mask_bits and family == "region_forward":
+        mask = activation_mask(region.activation.name, list(region.activation.params), v, True)
+    return x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, mask, pool, ceil_mode
 
 
 def _differs(got, want, channels, dim=1) -> bool:
@@ -373,23 +380,28 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
     if region.axis == "row":
         return check_row_region(family, region, a, mem_b, mem_a)
     channels = (a["c0"], a["c1"])
-    x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, pool, ceil_mode = _region_expected(region, family, a,
-                                                                                                 mem_b)
+    x, res, gamma, beta, mean, invstd, alpha, out, arg, raw, mask, pool, ceil_mode = _region_expected(
+        region, family, a, mem_b)
     if family == "region_forward":
         wrong = _differs(_region_tensors(mem_a, a, ("out",))[0], out, channels)
         if arg is not None:
             wrong += _unequal(mem_a.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape), arg, channels)
         if raw is not None:
             wrong += _unequal(_region_tensors(mem_a, a, ("raw",), {"raw": raw.dtype})[0], raw, channels)
+        if mask is not None:
+            wrong += _unequal(_region_tensors(mem_a, a, ("mask",), {"mask": torch.uint8})[0], mask, channels)
         if region.batch_stats:
             wrong += sum(_differs(_region_tensors(mem_a, a, (name,))[0], want, channels, 0)
                          for name, want in (("mean", mean), ("invstd", invstd)))
         return wrong
     dy, = _region_tensors(mem_b, a, ("dy",))
     arg = mem_b.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape) if arg is not None else None
+    # a residual region's backward reads the forward's mask bits, nothing ("none") or the residual
+    mask = (_region_tensors(mem_b, a, ("mask",), {"mask": torch.uint8})[0] if region.mask_bits
+            else torch.empty(0, dtype=torch.uint8) if region.residual and res is None else None)
     want = _bn_region_backward(dy, x, arg, gamma, beta, mean, invstd, region.batch_stats, region.eps,
                                region.activation.name, list(region.activation.params), pool, region.pool_mode,
-                               ceil_mode, "", alpha, res)
+                               ceil_mode, "", alpha, res, mask)
     names, dims = ("dx", "dgamma", "dbeta", "dres"), (1, 0, 0, 1)
     if not region.residual:
         names, dims = names[:3], dims[:3]

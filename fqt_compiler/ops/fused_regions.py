@@ -5,12 +5,16 @@ activation, each as one op (kernel backend).
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
 running statistics with the graph's momentum, as ``F.batch_norm`` does. The op returns the
 region's output, the max pool's argmax packed as ``offset_bits(pool)`` bits per output (the
-offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3), the
-per-channel ``mean``, biased ``var`` and ``invstd``, and ``raw`` (below). Its backward
-(``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and the two
-per-channel vectors (and the residual input, if any): the activation mask is recomputed from
-them; the float BatchNorm output, sum, activation output and int64 pool indices of the
-unfused chain are never saved. With a residual it also returns the residual's gradient.
+offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3;
+``pack_codes``), the
+per-channel ``mean``, biased ``var`` and ``invstd``, ``raw`` (below) and ``mask``. Its
+backward (``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and
+the two per-channel vectors: the activation mask is recomputed from them. With a residual
+add it keeps ``mask`` too: the activation's derivative bit of each pre-activation ``bn(x) +
+r`` (``ACTIVATION_MASKS``, 1 bit per element packed like the argmax), instead of the
+float32 residual; no activation needs nothing, GELU keeps the residual (``keeps_mask``).
+The float BatchNorm output, sum, activation output and int64 pool indices of the unfused
+chain are never saved. With a residual it also returns the residual's gradient.
 
 Pooling (``pool_mode``): "max", "avg" (``F.avg_pool2d`` with count_include_pad), "avg_valid"
 (without), each with a window ``pool``, or "mean" (``F.adaptive_avg_pool2d`` to 1x1).
@@ -82,9 +86,25 @@ def _pool(v, pool, pool_mode, ceil_mode):
 def _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params, pool, pool_mode,
            ceil_mode, residual=None):
     """The unfused chain: BatchNorm, the residual add, the activation, the pool; returns the
-    output and ATen's int64 max-pool indices (None for other pools)."""
+    output, ATen's int64 max-pool indices (None for other pools) and the activation's input."""
     v = _pre_activation(x, weight, bias, mean, invstd, training, eps, residual)
-    return _pool(ACTIVATIONS[activation](v, act_params), pool, pool_mode, ceil_mode)
+    return (*_pool(ACTIVATIONS[activation](v, act_params), pool, pool_mode, ceil_mode), v)
+
+
+def activation_mask(activation, act_params, v, has_residual) -> torch.Tensor:
+    """What a region's forward saves of its pre-activation ``v`` for the backward: with a
+    residual add and an activation of ``ACTIVATION_MASKS``, its derivative mask as 1-bit
+    codes (``pack_codes``), else an empty tensor (no residual: ``v`` is recomputed from the
+    saved input; "none": the derivative is 1; GELU: the residual is kept instead)."""
+    if not has_residual or activation not in ACTIVATION_MASKS:
+        return v.new_empty(0, dtype=torch.uint8)
+    return pack_codes(ACTIVATION_MASKS[activation](v, act_params).to(torch.uint8), 1)
+
+
+def keeps_mask(activation, has_residual) -> bool:
+    """Whether the backward of such a region reads ``activation_mask`` bits (possibly none,
+    for "none") instead of the residual input."""
+    return has_residual and activation in MASKED_GRADS
 
 
 def offset_bits(pool) -> int:
@@ -99,32 +119,34 @@ def raw_dtype(contraction: int) -> torch.dtype:
     return torch.int16 if contraction < 1 << 15 else torch.int32
 
 
-def packed_offsets_shape(shape, pool):
-    """``[N, C, bytes]``: each channel plane's codes start on a byte, so threads that own
-    channels never write the same byte."""
-    n, c, oh, ow = shape
-    return [n, c, (oh * ow * offset_bits(pool) + 7) // 8]
+def packed_codes_shape(shape, bits: int):
+    """``[N, C, bytes]`` for ``bits``-bit codes of each ``[N, C, H, W]`` position: each
+    channel plane's codes start on a byte, so threads that own channels never write the same
+    byte."""
+    n, c, h, w = shape
+    return [n, c, (h * w * bits + 7) // 8]
 
 
-def pack_offsets(codes: torch.Tensor, pool) -> torch.Tensor:
-    """Window offsets ``[N, C, OH, OW]`` (uint8) -> ``packed_offsets_shape``: code ``i`` of a
-    plane in bits ``[i*b % 8, i*b % 8 + b)`` of byte ``i*b // 8`` (``b = offset_bits``)."""
-    bits, per_byte = offset_bits(pool), 8 // offset_bits(pool)
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[N, C, H, W]`` (uint8, each below ``2**bits``; ``bits`` divides 8) ->
+    ``packed_codes_shape``: code ``i`` of a plane in bits ``[i*b % 8, i*b % 8 + b)`` of byte
+    ``i*b // 8``, the padding bits of a plane's last byte zero."""
+    per_byte = 8 // bits
     n, c = codes.shape[:2]
     flat = codes.reshape(n, c, -1).to(torch.int32)
-    nbytes = packed_offsets_shape(codes.shape, pool)[2]
+    nbytes = packed_codes_shape(codes.shape, bits)[2]
     flat = F.pad(flat, (0, nbytes * per_byte - flat.shape[2])).view(n, c, nbytes, per_byte)
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits
     return (flat << shifts).sum(3).to(torch.uint8)
 
 
-def unpack_offsets(packed: torch.Tensor, pool, oh: int, ow: int) -> torch.Tensor:
-    """``pack_offsets`` inverted: ``[N, C, OH, OW]`` uint8 window offsets."""
-    bits, per_byte = offset_bits(pool), 8 // offset_bits(pool)
+def unpack_codes(packed: torch.Tensor, bits: int, h: int, w: int) -> torch.Tensor:
+    """``pack_codes`` inverted: ``[N, C, H, W]`` uint8 codes."""
+    per_byte = 8 // bits
     n, c, nbytes = packed.shape
     shifts = torch.arange(per_byte, dtype=torch.int32) * bits
     codes = (packed.to(torch.int32).unsqueeze(3) >> shifts) & ((1 << bits) - 1)
-    return codes.view(n, c, nbytes * per_byte)[:, :, :oh * ow].reshape(n, c, oh, ow).to(torch.uint8)
+    return codes.view(n, c, nbytes * per_byte)[:, :, :h * w].reshape(n, c, h, w).to(torch.uint8)
 
 
 def window_offsets(indices: torch.Tensor, width: int, pool) -> torch.Tensor:
@@ -171,11 +193,12 @@ def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activa
     else:
         mean, var = running_mean.clone(), running_var.clone()
         invstd = torch.rsqrt(var + eps)
-    out, indices = _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
-                          pool, pool_mode, ceil_mode, residual)
-    arg = (pack_offsets(window_offsets(indices, x.shape[3], pool), pool) if indices is not None
+    out, indices, v = _chain(x, weight, bias, mean, invstd, training, eps, activation, act_params,
+                             pool, pool_mode, ceil_mode, residual)
+    arg = (pack_codes(window_offsets(indices, x.shape[3], pool), offset_bits(pool)) if indices is not None
            else x.new_empty(0, dtype=torch.uint8))
-    return out.contiguous(), arg, mean, var, invstd, raw
+    mask = activation_mask(activation, act_params, v, residual is not None)
+    return out.contiguous(), arg, mean, var, invstd, raw, mask
 
 
 def pooled_shape(x_shape, pool, ceil_mode, pool_mode="max"):
@@ -200,12 +223,14 @@ def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, a
                     residual=None):
     shape = pooled_shape(x.shape, pool, ceil_mode, pool_mode)
     out = x.new_empty(shape)
-    arg = x.new_empty(packed_offsets_shape(shape, pool) if pool and pool_mode == "max" else [0],
+    arg = x.new_empty(packed_codes_shape(shape, offset_bits(pool)) if pool and pool_mode == "max" else [0],
                       dtype=torch.uint8)
     raw = (x.new_empty(x.shape, dtype=raw_dtype(contraction)) if alpha is not None
            else x.new_empty(0, dtype=torch.int16))
+    saves_mask = residual is not None and activation in ACTIVATION_MASKS
+    mask = x.new_empty(packed_codes_shape(x.shape, 1) if saves_mask else [0], dtype=torch.uint8)
     c = x.shape[1]
-    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw
+    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw, mask
 
 
 _ARGS = "str activation, float[] act_params, int[] pool, str pool_mode, bool ceil_mode, str region"
@@ -213,12 +238,12 @@ _ARGS = "str activation, float[] act_params, int[] pool, str pool_mode, bool cei
 bn_region = _define(
     "bn_region(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
     f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0, Tensor? residual=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _bn_region, _bn_region_fake)
 
 
 def _pool_backward(dy, a, arg, pool, pool_mode, ceil_mode):
-    """ATen's backward of ``_pool`` at its input ``a``."""
+    """ATen's backward of ``_pool`` at an input shaped like ``a`` (its values do not matter)."""
     if pool_mode == "mean":
         return dy.expand(a.shape) / (a.shape[2] * a.shape[3])
     if not pool:
@@ -229,26 +254,33 @@ def _pool_backward(dy, a, arg, pool, pool_mode, ceil_mode):
                                                   pool_mode == "avg", None)
     # The pool's gradient goes where the forward's saved argmax says, not where a recomputed
     # max would be: at a tie within float rounding the two may differ.
-    indices = flat_indices(unpack_offsets(arg, pool, *dy.shape[2:]), a.shape[3], pool)
+    indices = flat_indices(unpack_codes(arg, offset_bits(pool), *dy.shape[2:]), a.shape[3], pool)
     return torch.ops.aten.max_pool2d_with_indices_backward(
         dy, a, [kh, kw], [sh, sw], [ph, pw], [1, 1], ceil_mode, indices)
 
 
 def _bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                        act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None):
+                        act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None,
+                        mask=None):
     # The unfused chain's backward, ATen's formula for each link (what autograd runs for it),
     # written out: an op implementation runs below the autograd dispatch key, where nested
-    # autograd would not record. With alpha, x is the saved raw GEMM result.
+    # autograd would not record. With alpha, x is the saved raw GEMM result. A region with a
+    # residual add passes either the residual (v recomputed) or the forward's mask bits.
     if alpha is not None:
         dx, dweight, dbias, dres = _bn_region_backward(
             dy, _region_input(x, alpha), arg, weight, bias, mean, invstd, training, eps, activation,
-            act_params, pool, pool_mode, ceil_mode, region, residual=residual)
+            act_params, pool, pool_mode, ceil_mode, region, residual=residual, mask=mask)
         return dx * alpha.view(1, -1, 1, 1), dweight, dbias, dres
     shape = (1, -1, 1, 1)
-    v = _pre_activation(x, weight, bias, mean, invstd, training, eps, residual)
-    dy = _pool_backward(dy, ACTIVATIONS[activation](v, act_params), arg, pool, pool_mode, ceil_mode)
-    dv = ACTIVATION_GRADS[activation](dy, v, act_params)
-    dres = dv.clone() if residual is not None else x.new_empty(0, dtype=torch.float32)
+    dy = _pool_backward(dy, x, arg, pool, pool_mode, ceil_mode)
+    if mask is None:
+        v = _pre_activation(x, weight, bias, mean, invstd, training, eps, residual)
+        dv = ACTIVATION_GRADS[activation](dy, v, act_params)
+    else:
+        bits = unpack_codes(mask, 1, *x.shape[2:]).bool() if mask.numel() else None
+        dv = MASKED_GRADS[activation](dy, bits, act_params)
+    has_residual = residual is not None or mask is not None
+    dres = dv.clone() if has_residual else x.new_empty(0, dtype=torch.float32)
     if training:
         return (*torch.ops.aten.native_batch_norm_backward(
             dv, x, weight, None, None, mean, invstd, True, eps, [True, True, True]), dres)
@@ -266,32 +298,59 @@ ACTIVATION_GRADS = {
     "gelu_tanh": lambda d, v, p: torch.ops.aten.gelu_backward(d, v, approximate="tanh"),
 }
 
+# Activations whose derivative takes two values: name -> the bit of the pre-activation ``v``
+# that selects it, exactly as ATen's backward above decides (threshold_backward: ``v <= 0``
+# gives 0, so a NaN passes; hardtanh_backward: ``v <= min`` or ``v >= max`` gives 0, the
+# boundaries included; at a NaN its vectorized loop gives 0 and its scalar tail the gradient,
+# the bit follows the former; leaky_relu_backward: ``v > 0`` gives 1, else the slope).
+ACTIVATION_MASKS = {
+    "relu": lambda v, p: ~(v <= 0),
+    "hardtanh": lambda v, p: (v > p[0]) & (v < p[1]),
+    "leaky_relu": lambda v, p: v > 0,
+}
+# ... and ATen's backward as a function of (grad, that bit, params): the same floats (tested).
+# "none" needs no bit.
+MASKED_GRADS = {
+    "none": lambda d, m, p: d,
+    "relu": lambda d, m, p: torch.where(m, d, 0.0),
+    "hardtanh": lambda d, m, p: torch.where(m, d, 0.0),
+    "leaky_relu": lambda d, m, p: torch.where(m, d, d * p[0]),
+}
+
 
 def _bn_region_backward_fake(dy, x, arg, weight, bias, mean, invstd, training, eps, activation, act_params,
-                             pool, pool_mode, ceil_mode, region, alpha=None, residual=None):
+                             pool, pool_mode, ceil_mode, region, alpha=None, residual=None, mask=None):
+    has_residual = residual is not None or mask is not None
     return (dy.new_empty(x.shape), torch.empty_like(weight), torch.empty_like(weight),
-            dy.new_empty(residual.shape if residual is not None else [0]))
+            dy.new_empty(x.shape if has_residual else [0]))
 
 
 bn_region_backward = _define(
     "bn_region_backward(Tensor dy, Tensor x, Tensor arg, Tensor weight, Tensor bias, Tensor mean, "
-    f"Tensor invstd, bool training, float eps, {_ARGS}, Tensor? alpha=None, Tensor? residual=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
+    f"Tensor invstd, bool training, float eps, {_ARGS}, Tensor? alpha=None, Tensor? residual=None, "
+    "Tensor? mask=None) -> (Tensor, Tensor, Tensor, Tensor)",
     _bn_region_backward, _bn_region_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _, _, *static, alpha, _, residual = inputs
-    _, arg, mean, _, invstd, raw = output
-    ctx.save_for_backward(x if alpha is None else raw, arg, weight, bias, mean, invstd, alpha, residual)
+    _, arg, mean, _, invstd, raw, mask = output
+    # With a residual add the backward needs the activation's derivative at bn(x) + r: the
+    # mask bits (1 bit per element instead of the float32 residual) where they decide it.
+    ctx.has_residual = residual is not None
+    if keeps_mask(static[2], ctx.has_residual):
+        residual = None
+    else:
+        mask = None
+    ctx.save_for_backward(x if alpha is None else raw, arg, weight, bias, mean, invstd, alpha, residual, mask)
     ctx.static = tuple(static)
 
 
 def _backward(ctx, dy, *_unused):
-    x, arg, weight, bias, mean, invstd, alpha, residual = ctx.saved_tensors
+    x, arg, weight, bias, mean, invstd, alpha, residual, mask = ctx.saved_tensors
     dx, dweight, dbias, dres = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static,
-                                                  alpha=alpha, residual=residual)
-    return dx, dweight, dbias, *[None] * 12, dres if residual is not None else None
+                                                  alpha=alpha, residual=residual, mask=mask)
+    return dx, dweight, dbias, *[None] * 12, dres if ctx.has_residual else None
 
 
 bn_region.register_autograd(_backward, setup_context=_setup_context)
@@ -305,7 +364,7 @@ def batch_norm_region(x, running_mean, running_var, weight, bias, training, mome
     ``momentum`` and the unbiased batch variance, as ``F.batch_norm`` updates them. With
     ``alpha``, ``x`` is a raw GEMM result of that ``contraction`` length (see
     ``binary_conv2d_region``)."""
-    out, _, mean, var, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
+    out, _, mean, var, _, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
                                         activation, act_params, pool, pool_mode, ceil_mode, region,
                                         alpha, contraction, residual)
     _update_running_stats(x.numel() // x.shape[1], running_mean, running_var, mean, var, training, momentum)

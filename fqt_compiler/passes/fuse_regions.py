@@ -7,12 +7,14 @@ momentum (``momentum=None``, the cumulative average, breaks Dynamo's graph befor
 here) and, in eval mode, running statistics; then, each only if the previous value has no
 other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alpha 1) of a
 float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
-identity may be another BatchNorm's output); one activation (``_ACTIVATIONS``: ReLU, ReLU6,
-Hardtanh, LeakyReLU, GELU exact or tanh); one pool: ``F.max_pool2d`` (dilation 1, no indices
-returned, window of at most 255 taps), ``F.avg_pool2d`` (no divisor_override) or
-``F.adaptive_avg_pool2d`` to 1x1. And ``F.layer_norm(x, normalized_shape, weight, bias, eps)``
-on a float32 ``x`` of two or more dimensions normalized over its last one, with weight and
-bias, then (if its only user) one activation.
+identity may be another BatchNorm's output; the note says what backward keeps for it: the
+activation's mask bits, nothing, or for GELU the residual itself); one activation
+(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh); one pool:
+``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps),
+``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
+``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
+dimensions normalized over its last one, with weight and bias, then (if its only user) one
+activation.
 Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
 fused op ``fqt::bn_region`` plus the running-statistics update), one
 ``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
@@ -43,11 +45,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-
 from ..ops import library
-from ..ops.fused_regions import (batch_norm_region, binary_conv2d_region, conv2d_region, layer_norm_region,
-                                 raw_dtype)
+from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_conv2d_region, conv2d_region,
+                                 layer_norm_region, raw_dtype)
 from .annotate_layers import linear_call
 from .infra import PassResult, insert_call
 
@@ -161,6 +161,15 @@ def _residual(add: fx.Node | None, bn: fx.Node, x):
     return other
 
 
+def _residual_note(activation: str) -> str:
+    """What the region's backward keeps to differentiate the activation at ``bn(x) + r``."""
+    if activation in ACTIVATION_MASKS:
+        return "activation mask saved as bits"
+    if activation == "none":
+        return "nothing saved (no activation)"
+    return f"kept as float32 ({activation}'s derivative needs bn(x) + r itself, not a mask)"
+
+
 def _region_name(weight: fx.Node) -> str:
     name = weight.meta.get("fqt_name", weight.name)
     return name.removesuffix(".weight")
@@ -239,6 +248,8 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
         input_note = f"; input: float conv2d {_region_name(float_conv['weight'])}, recomputed in backward"
     else:
         fn, args, input_note = batch_norm_region, (a["input"], *region_args, None, 0, residual), ""
+    if residual is not None:
+        input_note += "; residual: " + _residual_note(activation)
     _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
     if conv is not None or float_conv is not None:
         gm.graph.erase_node(a["input"])

@@ -2,8 +2,9 @@
 (a row region: over rows, in whole ``ROW_BLOCK``s).
 
 ``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd,
-raw)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta, dres)``
-(with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for backward),
+raw, mask)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta,
+dres)`` (with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for
+backward; with ``Region.mask_bits``: ``mask`` the activation's mask bits for backward),
 for an NCHW ``x`` (a row region's ``[1, rows, 1, D]``, split over rows in whole
 ``ROW_BLOCK``s); see ``ops/fused_regions.py`` for the op semantics and its reference (the
 unfused chain).
@@ -41,13 +42,17 @@ def _alpha(alpha, region: gen.Region) -> torch.Tensor:
     return _f32(alpha) if region.raw_bits else torch.empty(0)
 
 
-def _residual(region: gen.Region, residual, like: torch.Tensor) -> torch.Tensor | None:
-    if not region.residual:
+def _residual(needed: bool, residual, like: torch.Tensor) -> torch.Tensor | None:
+    if not needed:
         return None
     if residual is None or residual.shape != like.shape:
         raise ValueError(f"fused region with a residual: needs a residual tensor shaped like its "
                          f"input {list(like.shape)}, got {None if residual is None else list(residual.shape)}")
     return _f32(residual)
+
+
+def _mask_shape(region: gen.Region, x: torch.Tensor) -> list:
+    return fused_regions.packed_codes_shape(x.shape, 1) if region.mask_bits else [0]
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -65,12 +70,13 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     Without batch statistics ``mean``/``invstd`` are the per-channel values to normalize with
     (they are returned unchanged)."""
     x = _f32(x)
-    res = _residual(region, residual, x)
+    res = _residual(region.residual, residual, x)
     n, c, h, w = x.shape
     shape = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode, region.pool_mode)
     out = torch.empty(shape)
-    arg = torch.empty(fused_regions.packed_offsets_shape(shape, region.pool)
+    arg = torch.empty(fused_regions.packed_codes_shape(shape, fused_regions.offset_bits(region.pool))
                       if region.pool and region.pool_mode == "max" else [0], dtype=torch.uint8)
+    mask = torch.empty(_mask_shape(region, x), dtype=torch.uint8)
     raw = torch.empty(x.shape if region.raw_bits else [0], dtype=_INT.get(region.raw_bits, torch.int16))
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
@@ -81,23 +87,31 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     gamma, beta = _f32(gamma), _f32(beta)
     parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), _ptr(res), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(),
+                  var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(), mask.data_ptr(),
                   n, c, h, w, shape[2], shape[3], min_rows=_unit(region))
-    return out, arg, mean, var, invstd, raw
+    return out, arg, mean, var, invstd, raw, mask
 
 
 def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, alpha=None, *,
-                    residual=None, target="host"):
+                    residual=None, mask=None, target="host"):
     """``(dx, dgamma, dbeta, dres)`` of ``region`` at ``x`` (with ``raw_bits``: the int raw
     GEMM result, and ``dx`` is then the gradient at it; with a residual, ``dres`` is its
-    gradient, else empty) for the output gradient ``dy``."""
+    gradient, else empty) for the output gradient ``dy``. A region with a residual takes
+    the forward's ``mask`` bits (``Region.mask_bits``), nothing ("none") or the
+    ``residual`` itself (``Region.backward_reads_residual``)."""
     x = x.contiguous() if region.raw_bits else _f32(x)
     dy = _f32(dy)
-    res = _residual(region, residual, x)
+    res = _residual(region.backward_reads_residual, residual, x)
+    if region.mask_bits:
+        if mask is None or list(mask.shape) != _mask_shape(region, x) or mask.dtype != torch.uint8:
+            raise ValueError(f"fused region backward ({region.activation.name} after a residual add): needs the "
+                             f"forward's uint8 mask bits shaped {_mask_shape(region, x)}, got "
+                             f"{None if mask is None else (list(mask.shape), mask.dtype)}")
+        mask = mask.contiguous()
     n, c, h, w = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
     dx = torch.empty(x.shape)
-    dres = torch.empty(x.shape if res is not None else [0])
+    dres = torch.empty(x.shape if region.residual else [0])
     if region.axis == "row":   # per-block partial sums of each feature's column
         dgamma, dbeta = torch.zeros(2, -(-c // gen.ROW_BLOCK), w).unbind()
     else:
@@ -107,7 +121,8 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
     alpha = _alpha(alpha, region)
     parallel_rows(_fn("region_backward", target, region), c, dy.data_ptr(), x.data_ptr(), _ptr(res),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
-                  invstd.data_ptr(), alpha.data_ptr(), dx.data_ptr(), dres.data_ptr(), dgamma.data_ptr(),
+                  invstd.data_ptr(), alpha.data_ptr(), _ptr(mask if region.mask_bits else None), dx.data_ptr(),
+                  dres.data_ptr(), dgamma.data_ptr(),
                   dbeta.data_ptr(), n, c, h, w, oh, ow, min_rows=_unit(region))
     if region.axis == "row":
         dgamma, dbeta = dgamma.sum(0), dbeta.sum(0)
@@ -117,10 +132,10 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
 # --------------------------------------------------------------------------- the fqt ops
 
 def _region(training, activation, act_params, pool, pool_mode, eps, raw_dtype=None,
-            residual=None) -> gen.Region:
+            has_residual=False) -> gen.Region:
     raw_bits = {None: 0, torch.int16: 16, torch.int32: 32}[raw_dtype]
     return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None,
-                      float(eps), raw_bits, residual is not None, pool_mode)
+                      float(eps), raw_bits, has_residual, pool_mode)
 
 
 @implements("bn_region")
@@ -128,7 +143,7 @@ def bn_region(x, weight, bias, running_mean, running_var, training, eps, activat
               pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None, *,
               layer_name="?", target="host"):
     r = _region(training, activation, act_params, pool, pool_mode, eps,
-                None if alpha is None else fused_regions.raw_dtype(contraction), residual)
+                None if alpha is None else fused_regions.raw_dtype(contraction), residual is not None)
     with stats.timed(layer_name, "region_forward"):
         if training:
             return region_forward(x, r, weight, bias, alpha=alpha, residual=residual, ceil_mode=ceil_mode,
@@ -136,20 +151,20 @@ def bn_region(x, weight, bias, running_mean, running_var, training, eps, activat
         # Eval BatchNorm is a per-channel affine of the running statistics (copied: an op's
         # outputs must not alias its inputs).
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
-        out, arg, _, _, invstd, raw = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
-                                                     alpha, residual=residual, ceil_mode=ceil_mode,
-                                                     target=target)
-        return out, arg, mean, var, invstd, raw
+        out, arg, _, _, invstd, raw, mask = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
+                                                           alpha, residual=residual, ceil_mode=ceil_mode,
+                                                           target=target)
+        return out, arg, mean, var, invstd, raw, mask
 
 
 @implements("bn_region_backward")
 def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, activation,
-                       act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None, *,
+                       act_params, pool, pool_mode, ceil_mode, region, alpha=None, residual=None, mask=None, *,
                        layer_name="?", target="host"):
     r = _region(training, activation, act_params, pool, pool_mode, eps,
-                None if alpha is None else x.dtype, residual)
+                None if alpha is None else x.dtype, residual is not None or mask is not None)
     with stats.timed(layer_name, "region_backward"):
-        return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, residual=residual,
+        return region_backward(dy, x, arg, r, weight, bias, mean, invstd, alpha, residual=residual, mask=mask,
                                target=target)
 
 
