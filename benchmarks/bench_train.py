@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
-from benchmarks.common import banner, median_time  # noqa: E402
+from benchmarks.common import banner, contender_row, median_time  # noqa: E402
 from fqt_compiler import zoo  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
@@ -102,10 +102,7 @@ def run_speed(args, threads_list):
                 times = {k: median_time(steps[k], repeats=args.repeats, warmup=2) for k in args.contenders}
                 results[(name, train_bn, threads)] = times
                 bn = "train-BN" if train_bn else "eval-BN "
-                row = "  ".join(f"{k} {t * 1e3:8.1f} ms" for k, t in times.items())
-                ratios = "".join(f"   fqt vs {k} {t / times['fqt']:5.2f}x" for k, t in times.items()
-                                 if k != "fqt" and "fqt" in times)
-                print(f"{name:<9} {bn} {threads:>2} thr  {row}{ratios}", flush=True)
+                print(f"{name:<9} {bn} {threads:>2} thr  {contender_row(times)}", flush=True)
     return results
 
 

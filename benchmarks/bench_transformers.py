@@ -37,7 +37,7 @@ import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
 from benchmarks.bench_train import print_phases  # noqa: E402
-from benchmarks.common import banner, median_time  # noqa: E402
+from benchmarks.common import banner, contender_row, median_time  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 
@@ -82,9 +82,12 @@ def contenders(name, batch):
     return {
         "fp32": step_fn(model, model, x, y),
         "bf16": step_fn(model, model, x, y, autocast=True),
-        "compiled": step_fn(inductor, torch.compile(inductor), x, y),
+        "compiled": step_fn(inductor, torch.compile(inductor), x, y),   # Inductor compiles on first call
         "fqt": step_fn(quantized, compiled, x, y),
     }, compiled
+
+
+CONTENDERS = ("fp32", "bf16", "compiled", "fqt")
 
 
 def run(args):
@@ -92,10 +95,8 @@ def run(args):
         steps, compiled = contenders(name, args.batch)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            t = {k: median_time(f, repeats=args.repeats, warmup=1) for k, f in steps.items()}
-            print(f"{name:<5} {threads} thr  " + "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in t.items())
-                  + f"   fqt vs fp32 {t['fp32'] / t['fqt']:4.2f}x  vs bf16 {t['bf16'] / t['fqt']:4.2f}x"
-                  f"  vs compiled {t['compiled'] / t['fqt']:4.2f}x", flush=True)
+            t = {k: median_time(steps[k], repeats=args.repeats, warmup=1) for k in args.contenders}
+            print(f"{name:<5} {threads} thr  {contender_row(t)}", flush=True)
         torch.set_num_threads(1)
         stats.reset_stats()
         total = median_time(steps["fqt"], repeats=1, warmup=0)
@@ -112,7 +113,13 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", default="1,2")
+    p.add_argument("--contenders", default=",".join(CONTENDERS),
+                   help="which of fp32,bf16,compiled,fqt to time (bf16 is slow on CPUs without bfloat16 "
+                        "arithmetic; torch.compile compiles for minutes)")
     args = p.parse_args()
+    args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
+    if "fqt" not in args.contenders:
+        p.error("--contenders must include fqt: the breakdown and the ratios are FQT's")
     args.models = args.models.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
     banner(f"transformer training step (forward + backward + SGD), batch {args.batch}, "

@@ -41,3 +41,11 @@ def median_time(fn, *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0)
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def contender_row(times: dict) -> str:
+    """``name  t ms ...`` for every timed contender, then FQT's ratio against each other one."""
+    row = "  ".join(f"{k} {t * 1e3:8.1f} ms" for k, t in times.items())
+    ratios = "".join(f"   fqt vs {k} {t / times['fqt']:5.2f}x" for k, t in times.items()
+                     if k != "fqt" and "fqt" in times)
+    return row + ratios
