@@ -117,6 +117,29 @@ def test_group_stats_match_reference():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("shape", [(3, 5, 4, 4), (3, 4, 5, 7), (3, 4, 9, 9), (3, 4, 1, 3)])
+def test_statistics_propagate_nan(target, shape):
+    """A NaN in a group, in a whole vector of the min/max kernel, in its masked tail, or made
+    by alpha (inf * 0), makes the group's lo and hi NaN, as in the reference; others keep
+    theirs (an Inf is no NaN: it wins the compares)."""
+    n, o, h, w = shape
+    g = gradient(*shape, seed=5)
+    g[1, 2, h - 1, w - 1] = float("nan")   # the last position of a pair: the tail when HW % 16
+    g[1, 1, 0, 0] = float("nan")           # the first: a whole vector when HW >= 16
+    g[0, 1, 0, w - 1] = float("-inf")
+    g[0, 0, 0, 0] = 0.0
+    alpha = torch.rand(o) + 0.5
+    alpha[0] = float("inf")                # inf * 0 = NaN at (0, 0, 0, 0) only
+    g2d = reference.conv_rows(g * alpha.view(1, -1, 1, 1))
+    for kind in ("sample", "channel"):
+        want = reference.group_min_max(g2d, kind, h * w)
+        got = quantize.group_min_max(g, kind, alpha=alpha, target=target)
+        assert want[0].isnan().any() and not want[0].isnan().all()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_different_seeds_give_different_codes():
     g = gradient(2, 64, 4, 4)
     a = quantize.quantize_bitplanes(g, "psq", reference.PATH_INPUT, 4, seed=0, step=0, layer=0)

@@ -58,9 +58,9 @@ def intrinsic(module: ir.Module, name: str, ret, *args) -> ir.Function:
     return fn
 
 
-def call(b: ir.IRBuilder, name: str, ret, args: list[ir.Value]) -> ir.Value:
-    """Call intrinsic ``name`` (declared on first use) with ``args``."""
-    return b.call(intrinsic(b.module, name, ret, *[a.type for a in args]), args)
+def call(b: ir.IRBuilder, name: str, ret, args: list[ir.Value], *, fastmath=()) -> ir.Value:
+    """Call intrinsic ``name`` (declared on first use) with ``args`` and fast-math flags."""
+    return b.call(intrinsic(b.module, name, ret, *[a.type for a in args]), args, fastmath=fastmath)
 
 
 def splat(b: ir.IRBuilder, value: ir.Value, n: int) -> ir.Value:
@@ -148,8 +148,8 @@ class Kernel:
     def splat(self, value: ir.Value, n: int) -> ir.Value:
         return splat(self.b, value, n)
 
-    def call(self, name: str, ret, args: list[ir.Value]) -> ir.Value:
-        return call(self.b, name, ret, args)
+    def call(self, name: str, ret, args: list[ir.Value], *, fastmath=()) -> ir.Value:
+        return call(self.b, name, ret, args, fastmath=fastmath)
 
     def finish(self) -> KernelIR:
         self.b.ret_void()

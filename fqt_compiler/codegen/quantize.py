@@ -69,11 +69,16 @@ def _times_alpha(k: Kernel, v, alpha, ch, first, ch_step, mask):
 
 def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES, sum_squares: bool = False) -> KernelIR:
     """``fqt_group_minmax(g, sn, so, si, alpha, O, HW, lo, hi, ss, p0, p1)``: for pairs
-    ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``,
-    ``lanes`` positions at a time (few lanes for small HW: the per-pair horizontal reduction
-    of a 64-lane vector costs more than a 4x4 spatial map). With ``sum_squares`` (aq_opt) it
-    also writes ``ss[p] = sum_i G'[n, o, i]^2`` (float64) in ``reference.pair_sum_squares``'
-    order: ``lanes`` float64 accumulators, folded in halves (``ss`` is ignored otherwise)."""
+    ``p = n*O + o`` in ``p0..p1``, ``lo[p] = min_i G'[n, o, i]`` and ``hi[p] = max_i``, both
+    NaN when the pair holds a NaN (as ``reference.group_min_max``: the NaN must reach the
+    gradient), ``lanes`` positions at a time (few lanes for small HW: the per-pair horizontal
+    reduction of a wide vector costs more than a 4x4 spatial map). With ``sum_squares``
+    (aq_opt) it also writes ``ss[p] = sum_i G'[n, o, i]^2`` (float64) in
+    ``reference.pair_sum_squares``' order: ``lanes`` float64 accumulators, folded in halves
+    (``ss`` is ignored otherwise).
+
+    Whole vectors run unmasked and only the last partial one is masked, so the loop body
+    holds no per-lane index vector (a 64-lane one of i64 is 16 AVX2 registers and spills)."""
     t = get_target(target)
     m = new_module(t, "fqt_quantize")
     k = Kernel(m, "fqt_group_minmax", [("g", "ptr"), ("sn", "i64"), ("so", "i64"), ("si", "i64"), ("alpha", "ptr"),
@@ -81,30 +86,51 @@ def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES, sum_sq
                                        ("p0", "i64"), ("p1", "i64")])
     a, b = k.arg, k.b
     inf, ninf = const_vec(lanes, float("inf"), F32), const_vec(lanes, float("-inf"), F32)
-    fv, dv = vec(lanes, F32), vec(lanes, F64)
+    fv, dv, bv = vec(lanes, F32), vec(lanes, F64), vec(lanes, I1)
+    full = const_vec(lanes, 1, I1)
+    # HW rounded down to whole vectors (lanes is a power of two).
+    whole = b.and_(a["HW"], ir.Constant(I64, -lanes))
     with k.loop(a["p0"], a["p1"]) as p:
         n, o = b.sdiv(p, a["O"]), b.srem(p, a["O"])
         base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(o, a["so"])))
         lo, hi = k.var(fv, inf), k.var(fv, ninf)
+        nan = k.var(bv, const_vec(lanes, 0, I1))
         ss = k.var(dv, const_vec(lanes, 0.0, F64)) if sum_squares else None
-        with k.loop(0, a["HW"], lanes) as first:
-            idx = b.add(k.splat(first, lanes), const_vec(lanes, range(lanes)))
-            mask = b.icmp_signed("<", idx, k.splat(a["HW"], lanes))
-            v = _load_strided(k, base, first, a["si"], mask, const_vec(lanes, 0.0, F32))
+
+        def accumulate(first, mask):
+            zero = const_vec(lanes, 0.0, F32)
+            v = _load_strided(k, base, first, a["si"], mask, zero)
             v = _times_alpha(k, v, a["alpha"], o, first, ir.Constant(I64, 0), mask)
             cur_lo, cur_hi = k.get(lo, fv), k.get(hi, fv)
-            k.set(lo, b.select(b.and_(mask, b.fcmp_ordered("<", v, cur_lo)), v, cur_lo))
-            k.set(hi, b.select(b.and_(mask, b.fcmp_ordered(">", v, cur_hi)), v, cur_hi))
+            below, above = b.fcmp_ordered("<", v, cur_lo), b.fcmp_ordered(">", v, cur_hi)
+            if mask is not full:
+                # Masked-off lanes become +0.0 (times an infinite alpha they would be NaN):
+                # no NaN, nothing added to the squares; the compares exclude them.
+                v = b.select(mask, v, zero)
+                below, above = b.and_(mask, below), b.and_(mask, above)
+            # Ordered compares skip a NaN (an Inf does win them): it is tracked on the side.
+            k.set(lo, b.select(below, v, cur_lo))
+            k.set(hi, b.select(above, v, cur_hi))
+            k.set(nan, b.or_(k.get(nan, bv), b.fcmp_unordered("uno", v, v)))
             if sum_squares:
-                # Masked-off lanes hold 0.0 (the load's passthru), whose square adds nothing.
                 d = b.fpext(v, dv)
                 k.set(ss, b.fadd(k.get(ss, dv), b.fmul(d, d)))
+
+        with k.loop(0, whole, lanes) as first:
+            accumulate(first, full)
+        with b.if_then(b.icmp_signed("<", whole, a["HW"])):
+            idx = b.add(k.splat(whole, lanes), const_vec(lanes, range(lanes)))
+            accumulate(whole, b.icmp_signed("<", idx, k.splat(a["HW"], lanes)))
+        any_nan = k.call(f"llvm.vector.reduce.or.v{lanes}i1", I1, [k.get(nan, bv)])
         for name, acc, red in (("lo", lo, "fmin"), ("hi", hi, "fmax")):
-            value = k.call(f"llvm.vector.reduce.{red}.v{lanes}f32", F32, [k.get(acc, fv)])
+            # The accumulators hold no NaN (ordered compares never select one), so the
+            # reduction may assume none (nnan: a plain min/max, no NaN blends).
+            value = k.call(f"llvm.vector.reduce.{red}.v{lanes}f32", F32, [k.get(acc, fv)], fastmath=("nnan",))
             # The sign of a zero result is unspecified (LangRef: x86 minps returns an operand,
             # AArch64 fminnmv orders -0 < +0); + 0.0 makes it +0 on every target, as the
             # reference (codes and keep decisions never depend on it).
-            b.store(b.fadd(value, ir.Constant(F32, 0.0)), k.gep(a[name], p))
+            value = b.fadd(value, ir.Constant(F32, 0.0))
+            b.store(b.select(any_nan, ir.Constant(F32, float("nan")), value), k.gep(a[name], p))
         if sum_squares:
             b.store(_halving_sum(k, k.get(ss, dv)), k.gep(a["ss"], p, F64))
     return k.finish()

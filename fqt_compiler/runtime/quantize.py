@@ -26,8 +26,13 @@ from .pack import parallel_rows
 from .packed import padded_words
 
 _GENERATORS = {"minmax": gen.group_minmax_ir, "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
-# Shorter contiguous runs per (sample, channel) pair go to torch's reductions (_min_max).
-MIN_KERNEL_RUN = 64
+# Runs of one element per (sample, channel) pair (a linear layer's rows, 1x1 maps) go to
+# torch's reductions, which vectorize across the channels instead (_statistics).
+MIN_KERNEL_RUN = 2
+# Vector width of the min/max kernel without sums of squares (their order fixes 64 lanes):
+# two accumulators, a NaN flag and the loaded vector of 16 float32 lanes fit the AVX2 and
+# NEON register files; 64 lanes spill on every iteration.
+MINMAX_LANES = 16
 
 
 def _fn(family: str, target, **options):
@@ -105,9 +110,9 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
     if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1):
-        # A [rows, O] gradient (a linear layer's): the kernel would reduce runs of one
-        # element (per-row groups) or strided columns; torch's reductions vectorize across
-        # the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
+        # A [rows, O] gradient (a linear layer's) or a 1x1 map: the kernel would reduce runs
+        # of one element (per-row groups) or strided columns; torch's reductions vectorize
+        # across the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
         # so the statistics are the reference's (a zero as +0.0, as there). aq_opt's sums
         # of squares keep the kernel: their summation order is part of the definition.
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
@@ -125,19 +130,12 @@ def _min_max(v: _View, target: str, sum_squares: bool):
     lo, hi = torch.empty(pairs), torch.empty(pairs)
     ss = torch.empty(pairs, dtype=torch.float64) if sum_squares else None
     sn, so, si = v.g.stride()
-    lanes = min(gen.LANES, 1 << max(2, (v.rps - 1).bit_length()))
+    lanes = min(gen.LANES if sum_squares else MINMAX_LANES, 1 << max(2, (v.rps - 1).bit_length()))
     parallel_rows(_fn("minmax", target, lanes=lanes, sum_squares=sum_squares), pairs, v.g.data_ptr(), sn, so, si,
                   v.alpha_ptr(), v.channels, v.rps, lo.data_ptr(), hi.data_ptr(),
                   ss.data_ptr() if sum_squares else None, min_rows=8)
     lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
     ss = ss.view(v.n, v.channels) if sum_squares else None
-    # The kernel's ordered compares skip NaN (an Inf does win them), so a group holding a NaN
-    # would get finite statistics and finite codes. One sum finds any NaN (the reference's
-    # amin/amax return NaN for that group; so must we, so the NaN reaches the gradient).
-    if torch.isnan(v.g.sum()) or (v.alpha is not None and torch.isnan(v.alpha.sum())):
-        g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
-        nan = torch.isnan(g).any(2)
-        lo, hi = lo.masked_fill(nan, float("nan")), hi.masked_fill(nan, float("nan"))
     return lo, hi, ss
 
 
