@@ -61,7 +61,7 @@ from .config import Config, candidate_layers, layer_name, parameter_names, resol
 from .ops import reference, rng
 from .passes import (PassManager, is_symbolic, annotate_fqt_nodes, annotate_layers, apply_plan,
                      bind_implementations, fold_alpha, fuse_gradient_quantizers,
-                     fuse_regions, insert_gradient_quantizers,
+                     fuse_regions, insert_gradient_quantizers, merge_gradient_paths,
                      name_placeholders, rewrite_binary_layers)
 from .passes.annotate_layers import linear_call
 from .runtime import fusion, lowered  # noqa: F401  (register the "kernels" backend's implementations)
@@ -164,7 +164,7 @@ class FQTModule(nn.Module):
         layers = {layer.index: layer for layer in cg.plan}   # what the ops' `layer` argument names
 
         forward_kernel_passes = [fold_alpha] if kernels else []
-        backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha] if kernels else []
+        backward_kernel_passes = [fuse_gradient_quantizers, fold_alpha, merge_gradient_paths] if kernels else []
 
         def fw_compiler(fgm, _inputs):
             cg.forward = PassManager("forward", [

@@ -81,8 +81,9 @@ def test_summary_reports_requested_and_running_backend():
     assert "backend requested: kernels" in text
     ran = compiled.fqt_graphs[-1].ran
     # the kernel backend folds the default alpha into the forward op (passes/fold_alpha.py)
-    assert set(ran) >= {"fqt::binary_conv2d_scaled", "fqt::aq_quantize_conv2d_input_grad",
-                        "fqt::aq_quantize_conv2d_weight_grad"}
+    # and runs both gradient paths of a conv in one op (passes/merge_gradient_paths.py)
+    assert set(ran) >= {"fqt::binary_conv2d_scaled", "fqt::aq_quantize_conv2d_grads",
+                        "fqt::aq_quantize_linear_input_grad", "fqt::aq_quantize_linear_weight_grad"}
     assert ran["fqt::binary_conv2d_scaled"] == "kernels"
     for op, backend in ran.items():
         assert f"{op.split('::')[1]}={backend}" in text

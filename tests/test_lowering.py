@@ -13,7 +13,7 @@ from fqt_compiler.ops import fused  # noqa: F401
 from fqt_compiler.ops import library as L
 from fqt_compiler.ops import registry
 from fqt_compiler.ops.reference import padded_words
-from fqt_compiler.runtime import lowered  # noqa: F401
+from fqt_compiler.runtime import lowered, quantize  # noqa: F401
 from fqt_compiler.zoo import vgg_small
 
 FLOAT_GEMMS = {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm",
@@ -66,6 +66,38 @@ def test_conv_gradient_kernels_match_reference(xs, ws, stride, padding, dilation
     for op, saved in (("fqt::aq_quantize_conv2d_input_grad", ste_bits),
                       ("fqt::aq_quantize_conv2d_weight_grad", sign_bits)):
         assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, list(x.shape), *geom, method, bits, 2))
+
+
+@pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1), ("topk", 8)])
+@pytest.mark.parametrize("xs,ws,stride,padding,dilation", CONV_CASES)
+def test_both_paths_in_one_op_equal_the_path_ops_bit_for_bit(xs, ws, stride, padding, dilation, method, bits,
+                                                            monkeypatch):
+    """``aq_quantize_conv2d_grads`` shares one statistics pass between the paths: dX and dW
+    are exactly those of the two path kernels, alpha folded in and G' in NCHW or
+    channels-last layout (each path would read a copy of the latter)."""
+    torch.manual_seed(3)
+    x = torch.randn(*xs) * 1.5
+    w = torch.randn(ws[0], xs[1], ws[1], ws[2]) * 0.8
+    geom = (list(stride), list(padding), list(dilation))
+    y, sign_bits, ste_bits = L.binary_conv2d(x, w, torch.tensor([7, 3]), *geom, 2)
+    alpha = torch.rand(ws[0]) + 0.5
+    kern = {op: registry.lookup(f"fqt::aq_quantize_conv2d_{op}", "kernels")
+            for op in ("input_grad", "weight_grad", "grads")}
+    for g in (torch.randn_like(y), torch.randn_like(y).to(memory_format=torch.channels_last)):
+        for step in range(3):
+            rs = torch.tensor([7, step])
+            rest = (list(x.shape), *geom, method, bits, 2, alpha)
+            passes = []
+            monkeypatch.setattr(quantize, "_min_max", lambda *a, run=quantize._min_max: passes.append(a) or run(*a))
+            dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
+            monkeypatch.undo()
+            # one kernel pass for both paths (a 1x1 map's groups take torch's reductions)
+            assert len(passes) == (y.shape[2] * y.shape[3] > 1)
+            assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
+            assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_conv2d_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+    for got, ref_ in zip((dx, dw), want):
+        torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
 
 def assert_kept_gradient_matches(op, args_of):
@@ -223,7 +255,9 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
             y_raw = next(u for u in conv.users if u.args[1] == 0)
             assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
-        assert len(bw_alpha) == 2 * len(binarized) and not raw_regions   # both SCQ paths scale g
+        # both SCQ paths scale g, in the one op merge_gradient_paths makes of them
+        assert len(bw_alpha) == len(binarized) and not raw_regions
+        assert {n.meta["fqt_op"] for n in bw_alpha} == {torch.ops.fqt.aq_quantize_conv2d_grads.default}
         assert torch.ops.fqt.binary_conv2d.default in fw_ops
         assert torch.ops.fqt.binary_conv2d_scaled.default not in fw_ops
         assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("fqt_alpha")

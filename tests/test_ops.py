@@ -74,6 +74,9 @@ def _opcheck_cases():
         # partitioned forward graphs, after autograd, so they have no autograd formula
         (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
                                            R.default_alpha(w).view(1, -1, 1, 1))),
+        # both paths of one G' (passes/merge_gradient_paths.py)
+        (F.aq_quantize_conv2d_grads, (g, RS, w.detach(), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
+                                      R.default_alpha(w).view(1, -1, 1, 1))),
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
     ]
@@ -213,7 +216,7 @@ def _train_step(method="aq_scq"):
 
 
 @pytest.mark.parametrize("op,layer", [("binary_linear_scaled", "fc1"),
-                                      ("aq_quantize_conv2d_weight_grad", "conv[12]")])
+                                      ("aq_quantize_conv2d_grads", "conv[12]")])
 def test_missing_kernel_raises_at_compile_time_naming_op_and_layer(monkeypatch, op, layer):
     monkeypatch.delitem(registry._IMPLS, (f"fqt::{op}", "kernels"))
     with pytest.raises(Exception, match=rf"fqt::{op} \(of layer '{layer}'\) has no 'kernels' implementation"):

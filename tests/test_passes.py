@@ -130,3 +130,32 @@ def test_cli_dump(tmp_path, capsys):
     assert code == 0
     assert "method=psq bits=2" in capsys.readouterr().out
     assert "fqt.quantize_gradient(" in (tmp_path / "backward.txt").read_text()
+
+
+def _kernel_step(rules=()):
+    torch.manual_seed(0)
+    model = SmallCNN()
+    compiled = fqt.compile(model, fqt.Config(seed=5, rules=list(rules)))
+    x = torch.randn(3, 3, 8, 8)
+    for _ in range(2):   # the second step draws at another RNG step
+        model.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+    return compiled, {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("rules", [(), [{"name": "stem", "binarize": True}]], ids=["default", "binary-stem"])
+def test_merged_gradient_paths_change_no_bit(monkeypatch, rules):
+    """merge_gradient_paths gives each binarized conv one op for both paths (a layer whose
+    input needs no gradient, a binarized stem, keeps its weight-path op), and the step's
+    gradients are those of the unmerged graph bit for bit."""
+    compiled, merged = _kernel_step(rules)
+    backward = "\n".join(r.text for r in compiled.fqt_graphs[-1].records
+                         if r.stage == "backward" and r.name == "merge_gradient_paths")
+    assert backward.count("fqt.aq_quantize_conv2d_grads(") == 2      # conv1, conv2
+    assert backward.count("fqt.aq_quantize_conv2d_weight_grad(") == len(rules)
+    assert "fqt.aq_quantize_conv2d_input_grad(" not in backward
+    monkeypatch.setattr(fqt.compiler, "merge_gradient_paths", lambda gm: PassResult(gm, False))
+    compiled, separate = _kernel_step(rules)
+    assert "fqt::aq_quantize_conv2d_grads" not in compiled.fqt_last.ran
+    for name, grad in merged.items():
+        assert torch.equal(grad, separate[name]), name

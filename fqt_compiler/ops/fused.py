@@ -6,8 +6,12 @@ the kernel backend can quantize straight into bit planes (never materializing th
 codes) and read a conv's ``G'`` in its NCHW layout (no permute copy). The names keep ``aq``
 and ``quantize`` so the dumped backward graph still shows where each path is quantized.
 
+``aq_quantize_conv2d_grads`` is both paths of one conv layer in one op
+(``passes/merge_gradient_paths.py``), so the kernels read ``G'`` for its statistics once.
+
 Reference implementation: exactly the unfused chain (``reference.quantize_gradient``, then
-the dequantized float GEMM), so fusing changes no number on the reference backend.
+the dequantized float GEMM; for the two-path op, both chains), so fusing changes no number
+on the reference backend.
 """
 from __future__ import annotations
 
@@ -66,14 +70,36 @@ def _like_w(gprime, rng_state, weight, *rest):
     return torch.empty_like(weight)
 
 
+_conv_input = _conv_path(ref.PATH_INPUT, ref.conv2d_input_grad_packed)
+_conv_weight = _conv_path(ref.PATH_WEIGHT, ref.conv2d_weight_grad_packed)
 aq_quantize_conv2d_input_grad = _define(
     f"aq_quantize_conv2d_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
-    f"Tensor x_ste_bits, {_CONV}, {_Q}) -> Tensor",
-    _conv_path(ref.PATH_INPUT, ref.conv2d_input_grad_packed), _like_x)
+    f"Tensor x_ste_bits, {_CONV}, {_Q}) -> Tensor", _conv_input, _like_x)
 aq_quantize_conv2d_weight_grad = _define(
     f"aq_quantize_conv2d_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
-    f"Tensor x_sign_bits, {_CONV}, {_Q}) -> Tensor",
-    _conv_path(ref.PATH_WEIGHT, ref.conv2d_weight_grad_packed), _like_w)
+    f"Tensor x_sign_bits, {_CONV}, {_Q}) -> Tensor", _conv_weight, _like_w)
+
+
+# Both paths of one conv layer's G' in one op (``passes/merge_gradient_paths.py``), so the
+# kernel backend runs the statistics pass once: the per-sample groups of the input path and
+# the per-channel groups of the weight path are reductions of the same (sample, channel)
+# pair minima and maxima. Reference: the two path ops, one after the other.
+
+def _conv_paths(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
+                method, bits, layer, alpha=None):
+    rest = (x_shape, stride, padding, dilation, method, bits, layer, alpha)
+    return (_conv_input(gprime, rng_state, weight, x_ste_bits, *rest),
+            _conv_weight(gprime, rng_state, weight, x_sign_bits, *rest))
+
+
+def _like_x_and_w(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, *rest):
+    return gprime.new_empty(x_shape), torch.empty_like(weight)
+
+
+aq_quantize_conv2d_grads = _define(
+    f"aq_quantize_conv2d_grads(Tensor gprime, Tensor rng_state, Tensor weight, Tensor x_ste_bits, "
+    f"Tensor x_sign_bits, {_CONV}, {_Q}) -> (Tensor, Tensor)",
+    _conv_paths, _like_x_and_w)
 aq_quantize_linear_input_grad = _define(
     f"aq_quantize_linear_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
     f"Tensor x_ste_bits, SymInt[] x_shape, {_Q}) -> Tensor",
@@ -124,4 +150,10 @@ FUSED = {
     torch.ops.fqt.conv2d_weight_grad_q.default: torch.ops.fqt.aq_quantize_conv2d_weight_grad.default,
     torch.ops.fqt.linear_input_grad_q.default: torch.ops.fqt.aq_quantize_linear_input_grad.default,
     torch.ops.fqt.linear_weight_grad_q.default: torch.ops.fqt.aq_quantize_linear_weight_grad.default,
+}
+
+# (input-path op, weight-path op) of one layer -> the op computing both with one statistics pass
+MERGED = {
+    (torch.ops.fqt.aq_quantize_conv2d_input_grad.default, torch.ops.fqt.aq_quantize_conv2d_weight_grad.default):
+        torch.ops.fqt.aq_quantize_conv2d_grads.default,
 }

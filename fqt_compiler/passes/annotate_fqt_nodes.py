@@ -40,6 +40,11 @@ def _note(node: fx.Node, plan: dict) -> str:
                     else f"{ref.expected_kept(args['method'], args['bits'], groups):.3g}")
             note += f", {groups} groups, kept fraction {kept} expected"
         return note
+    if op.startswith("aq_quantize_") and op.endswith("_grads"):
+        layer = plan[args["layer"]]
+        return (f"layer {layer.index} {layer.name}: input and weight paths, {args['method']}, "
+                f"b={args['bits']}, one statistics pass over G' for both, then each path's "
+                f"quantizer and bit-plane GEMM")
     if op.startswith("aq_quantize_"):
         layer = plan[args["layer"]]
         path = ref.PATH_INPUT if "_input_" in op else ref.PATH_WEIGHT

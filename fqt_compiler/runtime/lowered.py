@@ -10,6 +10,7 @@ input grad   quantize G' per sample into bit planes (kept samples only) -> gathe
              packed along (tap, output channel) -> zero-point term + STE mask
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
+both (conv)  the two above on one G', its statistics pass run once for both paths
 
 Nothing here calls a float GEMM. ``psq`` on the weight path (a per-sample scale varies
 along that path's contraction, docs/math.md §4) runs a segmented bit-plane GEMM: one per sample
@@ -30,7 +31,7 @@ from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_ro
 from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
                    unpack_mask)
 from .packed import PackedBits, padded_words
-from .quantize import quantize_bitplanes
+from .quantize import SharedStatistics, quantize_bitplanes
 
 
 def implements(op: str):
@@ -112,12 +113,13 @@ def binary_linear_scaled(x, weight, alpha, rng_state, layer, *, layer_name="?", 
 
 # --------------------------------------------------------------------------- backward
 
-def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target, alpha):
+def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, layer, target, alpha,
+              shared=None):
     seed, step = seed_and_step(rng_state)
     with stats.timed(layer_name, "quantize"):
         return quantize_bitplanes(_float32(g), method, path, bits, rows_per_sample=rows_per_sample,
                                   seed=seed, step=step, layer=layer, alpha=_channels(alpha),
-                                  target=target)
+                                  target=target, shared=shared)
 
 
 def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
@@ -137,18 +139,27 @@ def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target):
     holds one operand, or one per sample segment when ``q`` is segmented (``psq``)."""
     o = weight.shape[0]
     if q.segments == 1:
-        return _weight_ste(_planar_gemm(layer_name, "weight_grad", q, segments[0], o, target), weight)
+        dw = _planar_gemm(layer_name, "weight_grad", q, segments[0], o, target)
+        return _weight_ste(dw, weight, q.row_map)
     b = segments[0]
     with stats.timed(layer_name, "weight_grad", binary_macs=q.bits * q.planes.shape[1] * b.rows * b.k):
         dw = segmented_bitplane_gemm(q.planes, segments, row_scale=q.row_scale, row_zero=q.row_zero,
                                      target=target)
-    return _weight_ste(dw, weight)
+    return _weight_ste(dw, weight, None)
 
 
-def _weight_ste(dw: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # ref.ste_mask(w) * dw: 1{|w| < 1} selects; comparisons make no weight-sized float temporary
-    w = weight.detach()
-    return torch.where((w > -1) & (w < 1), dw.view_as(weight), 0.0)
+def _weight_ste(dw: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+    """``ref.ste_mask(w) * dw`` in place, as a select (``1{|w| < 1}``; comparisons make no
+    weight-sized float temporary). ``kept``: the channels whose rows of ``dw`` may be nonzero
+    (the others are pruned, 0 already), so only those rows are read and masked; None: all."""
+    w = weight.detach().reshape(weight.shape[0], -1)
+    dw = dw.view(w.shape)
+    if kept is not None and kept.numel() < w.shape[0]:
+        wk = w.index_select(0, kept)
+        dw.index_copy_(0, kept, torch.where((wk > -1) & (wk < 1), dw.index_select(0, kept), 0.0))
+    else:
+        dw.masked_fill_(~((w > -1) & (w < 1)), 0.0)
+    return dw.view_as(weight)
 
 
 @lru_cache(maxsize=64)
@@ -168,18 +179,19 @@ def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
 
 @implements("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
-                      method, bits, layer, alpha=None, *, layer_name="?", target="host"):
+                      method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
     taps ``(i, j, o)``, columns ``c``. G' codes are gathered per tap as whole words (the
     channel run of one output position), so no im2col-layout gradient (kh kw times the size
     of dX) and no col2im exist. Dequantization: ``dX = s_n dot + z_n T[c, y, x]`` with
     ``T = sum over valid taps of sum_o sign(W)`` (padding and stride holes have code 0 and
-    are not in T), then the STE mask; pruned samples are 0."""
+    are not in T), then the STE mask; pruned samples are 0. ``shared``: the
+    ``SharedStatistics`` of this G' when the weight path reads it too."""
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     oh, ow = gprime.shape[2], gprime.shape[3]
     q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target,
-                  alpha)
+                  alpha, shared)
     taps = _transposed_taps(h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
     samples = q.row_map.view(-1, oh * ow)[:, 0] // (oh * ow) if q.row_map.numel() else q.row_map
     kept = samples.numel()
@@ -225,16 +237,28 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
 
 @implements("aq_quantize_conv2d_weight_grad")
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
-                       method, bits, layer, alpha=None, *, layer_name="?", target="host"):
+                       method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     n, c, h, w = x_shape
     o, _, kh, kw = weight.shape
     q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
-                  rng_state, layer, target, alpha)
+                  rng_state, layer, target, alpha, shared)
     samples = [(x_sign_bits, n)] if q.segments == 1 else [(x_sign_bits[i:i + 1], 1) for i in range(n)]
     with stats.timed(layer_name, "pack"):
         xt = [im2col_pack_t(PackedBits(bits_, c * h * w), (kh, kw), stride, padding, dilation,
                             input_shape=(count, c, h, w), target=target) for bits_, count in samples]
     return _weight_gemm(layer_name, q, xt, weight, target)
+
+
+@implements("aq_quantize_conv2d_grads")
+def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
+                 method, bits, layer, alpha=None, *, layer_name="?", target="host"):
+    """``(dX, dW)``: both paths above on one G', whose statistics pass runs once."""
+    g, alpha, shared = _float32(gprime), _channels(alpha), SharedStatistics()
+    rest = (x_shape, stride, padding, dilation, method, bits, layer, alpha)
+    return (conv2d_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target,
+                              shared=shared),
+            conv2d_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target,
+                               shared=shared))
 
 
 @implements("aq_quantize_linear_input_grad")

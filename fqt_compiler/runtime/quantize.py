@@ -7,7 +7,8 @@ in on the fly: ``G' = alpha ⊙ g``.
 
 1. ``sample_groups``: the min/max kernel (which also sums the squares for ``aq_opt``), then
    scores -> keep probabilities and the keep draws on the N groups in Python
-   (``reference.keep_groups``; tiny).
+   (``reference.keep_groups``; tiny). Both paths of one ``G'`` can share the kernel's pass
+   (``SharedStatistics``).
 2. ``quantize_bitplanes``: stochastic rounding of the kept groups only, bit-plane packed
    along the contraction axis of the path, as ``runtime.gemm.bitplane_gemm`` consumes it:
    ``out[row_map[m], :] = row_scale[m] * dot(m) + row_zero[m] * colsum``.
@@ -95,6 +96,25 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
     return _View(g3, alpha)
 
 
+class SharedStatistics:
+    """The statistics pass over one ``G'``, shared by its two SCQ paths: the per-sample groups
+    (input path) and the per-channel groups (weight path) are both reductions of the same
+    ``(sample, channel)`` pair minima and maxima (and pair sums of squares), so the kernel
+    reads ``G'`` once for both. Made by the op computing both paths and dropped when it
+    returns, so it never outlives the ``G'`` and alpha it was made for; a pass is reused
+    only for the same view of the same memory (a grouping whose pairs differ, e.g. the
+    channel groups of a Linear layer's one-row samples, runs its own)."""
+
+    def __init__(self):
+        self._passes = {}
+
+    def min_max(self, v: "_View", target: str, sum_squares: bool):
+        key = (v.g.data_ptr(), tuple(v.g.shape), v.g.stride(), v.alpha_ptr(), sum_squares)
+        if key not in self._passes:
+            self._passes[key] = _min_max(v, target, sum_squares)
+        return self._passes[key]
+
+
 def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = None,
                   alpha: torch.Tensor | None = None, target="host"):
     """Per-group ``(lo, hi)`` of ``G'`` (``reference.group_min_max``) from one kernel pass,
@@ -103,9 +123,10 @@ def group_min_max(g: torch.Tensor, kind: str, *, rows_per_sample: int | None = N
     return lo, hi
 
 
-def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool):
+def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
+                shared: SharedStatistics | None = None):
     """Per-group ``(lo, hi)`` and, with ``sum_squares``, the ``[n, o]`` pair sums of squares
-    (``reference.pair_sum_squares``), from one kernel pass."""
+    (``reference.pair_sum_squares``), from one kernel pass (``shared``'s, when given)."""
     if kind not in ("tensor", "sample", "channel"):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
@@ -118,7 +139,8 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool):
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
         return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0, None
-    lo, hi, ss = _min_max(v, get_target(target).name, sum_squares)
+    tname = get_target(target).name
+    lo, hi, ss = shared.min_max(v, tname, sum_squares) if shared else _min_max(v, tname, sum_squares)
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1), ss
     dim = 1 if kind == "sample" else 0
@@ -140,12 +162,15 @@ def _min_max(v: _View, target: str, sum_squares: bool):
 
 
 def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_per_sample: int | None = None,
-                  seed: int, step: int, layer: int, alpha: torch.Tensor | None = None, target="host"):
-    """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``."""
+                  seed: int, step: int, layer: int, alpha: torch.Tensor | None = None, target="host",
+                  shared: SharedStatistics | None = None):
+    """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``; ``shared``: the
+    statistics pass of this ``G'`` that the other path may already have run."""
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     kind = reference.grouping(method, path)
-    lo, hi, pairs = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=method == "aq_opt")
+    lo, hi, pairs = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=method == "aq_opt",
+                                shared=shared)
     scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, g.numel())
     keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer,
                                        scores=scores)
@@ -186,10 +211,11 @@ class BitplaneGradient:
 
 def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
                        rows_per_sample: int | None = None, seed: int, step: int, layer: int,
-                       alpha: torch.Tensor | None = None, stats=None, target="host") -> BitplaneGradient:
+                       alpha: torch.Tensor | None = None, stats=None, target="host",
+                       shared: SharedStatistics | None = None) -> BitplaneGradient:
     """Quantize ``G'`` for one path (``reference.quantize_gradient``, same codes and keep
     decisions) straight into bit planes of the kept groups. ``stats``: the ``(lo, hi, keep,
-    prob)`` of ``sample_groups`` when already computed."""
+    prob)`` of ``sample_groups`` when already computed; ``shared``: as ``sample_groups``."""
     kind = reference.grouping(method, path)
     if path not in (reference.PATH_INPUT, reference.PATH_WEIGHT):
         raise ValueError(f"path must be {reference.PATH_INPUT!r} or {reference.PATH_WEIGHT!r}, got {path!r}")
@@ -197,7 +223,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     v = _view(g, kind, rows_per_sample, alpha)
     if stats is None:
         stats = sample_groups(g, method, path, bits, rows_per_sample=rows_per_sample, seed=seed, step=step,
-                              layer=layer, alpha=alpha, target=target)
+                              layer=layer, alpha=alpha, target=target, shared=shared)
     lo, hi, keep, prob = (t.contiguous() for t in stats)
     levels = float(2 ** bits - 1)
     ranges = hi - lo
