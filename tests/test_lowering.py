@@ -132,6 +132,27 @@ def test_linear_kernels_match_reference(rows, features, out, method, bits):
         assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, [rows, features], method, bits, 4))
 
 
+@pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1)])
+@pytest.mark.parametrize("lead,features,out", [((1,), 1, 1), ((2, 3), 70, 5), ((33,), 129, 63)])
+def test_both_linear_paths_in_one_op_equal_the_path_ops_bit_for_bit(lead, features, out, method, bits):
+    """``aq_quantize_linear_grads`` forms ``alpha ⊙ g`` once for both paths: dX and dW are
+    exactly those of the two path kernels (which multiply by alpha themselves)."""
+    torch.manual_seed(4)
+    x, w = torch.randn(*lead, features) * 1.5, torch.randn(out, features)
+    _, sign_bits, ste_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)
+    g, alpha = torch.randn(*lead, out), torch.rand(out) + 0.5
+    kern = {op: registry.lookup(f"fqt::aq_quantize_linear_{op}", "kernels")
+            for op in ("input_grad", "weight_grad", "grads")}
+    for step, a in ((0, alpha), (1, alpha), (2, None)):
+        rs, rest = torch.tensor([1, step]), (list(x.shape), method, bits, 4, a)
+        dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
+        assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
+        assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_linear_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+    for got, ref_ in zip((dx, dw), want):
+        torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
+
+
 def _train_step(model_fn, x, y, backend, method, bits, seed=3):
     torch.manual_seed(0)
     model = model_fn()

@@ -77,6 +77,8 @@ def _opcheck_cases():
         # both paths of one G' (passes/merge_gradient_paths.py)
         (F.aq_quantize_conv2d_grads, (g, RS, w.detach(), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
                                       R.default_alpha(w).view(1, -1, 1, 1))),
+        (F.aq_quantize_linear_grads, (gl, RS, wl.detach(), mbl, sbl, list(xl.shape), "aq_scq", 4, 2,
+                                      R.default_alpha(wl))),
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
     ]

@@ -145,17 +145,18 @@ def _kernel_step(rules=()):
 
 @pytest.mark.parametrize("rules", [(), [{"name": "stem", "binarize": True}]], ids=["default", "binary-stem"])
 def test_merged_gradient_paths_change_no_bit(monkeypatch, rules):
-    """merge_gradient_paths gives each binarized conv one op for both paths (a layer whose
+    """merge_gradient_paths gives each binarized layer one op for both paths (a layer whose
     input needs no gradient, a binarized stem, keeps its weight-path op), and the step's
     gradients are those of the unmerged graph bit for bit."""
     compiled, merged = _kernel_step(rules)
     backward = "\n".join(r.text for r in compiled.fqt_graphs[-1].records
                          if r.stage == "backward" and r.name == "merge_gradient_paths")
     assert backward.count("fqt.aq_quantize_conv2d_grads(") == 2      # conv1, conv2
+    assert backward.count("fqt.aq_quantize_linear_grads(") == 1      # fc1
     assert backward.count("fqt.aq_quantize_conv2d_weight_grad(") == len(rules)
-    assert "fqt.aq_quantize_conv2d_input_grad(" not in backward
+    assert not re.search(r"fqt\.aq_quantize_(conv2d_input|linear_input|linear_weight)_grad\(", backward)
     monkeypatch.setattr(fqt.compiler, "merge_gradient_paths", lambda gm: PassResult(gm, False))
     compiled, separate = _kernel_step(rules)
-    assert "fqt::aq_quantize_conv2d_grads" not in compiled.fqt_last.ran
+    assert not {"fqt::aq_quantize_conv2d_grads", "fqt::aq_quantize_linear_grads"} & set(compiled.fqt_last.ran)
     for name, grad in merged.items():
         assert torch.equal(grad, separate[name]), name

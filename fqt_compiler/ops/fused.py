@@ -6,8 +6,8 @@ the kernel backend can quantize straight into bit planes (never materializing th
 codes) and read a conv's ``G'`` in its NCHW layout (no permute copy). The names keep ``aq``
 and ``quantize`` so the dumped backward graph still shows where each path is quantized.
 
-``aq_quantize_conv2d_grads`` is both paths of one conv layer in one op
-(``passes/merge_gradient_paths.py``), so the kernels read ``G'`` for its statistics once.
+``aq_quantize_conv2d_grads`` and ``aq_quantize_linear_grads`` are both paths of one layer in
+one op (``passes/merge_gradient_paths.py``), so the kernels read ``G'`` for them once.
 
 Reference implementation: exactly the unfused chain (``reference.quantize_gradient``, then
 the dequantized float GEMM; for the two-path op, both chains), so fusing changes no number
@@ -80,10 +80,11 @@ aq_quantize_conv2d_weight_grad = _define(
     f"Tensor x_sign_bits, {_CONV}, {_Q}) -> Tensor", _conv_weight, _like_w)
 
 
-# Both paths of one conv layer's G' in one op (``passes/merge_gradient_paths.py``), so the
-# kernel backend runs the statistics pass once: the per-sample groups of the input path and
-# the per-channel groups of the weight path are reductions of the same (sample, channel)
-# pair minima and maxima. Reference: the two path ops, one after the other.
+# Both paths of one layer's G' in one op (``passes/merge_gradient_paths.py``), so the kernel
+# backend reads G' for them once: a conv's per-sample groups (input path) and per-channel
+# groups (weight path) are reductions of the same (sample, channel) pair minima and maxima,
+# and a linear layer's alpha ⊙ g is formed once for both. Reference: the two path ops, one
+# after the other.
 
 def _conv_paths(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
                 method, bits, layer, alpha=None):
@@ -100,14 +101,26 @@ aq_quantize_conv2d_grads = _define(
     f"aq_quantize_conv2d_grads(Tensor gprime, Tensor rng_state, Tensor weight, Tensor x_ste_bits, "
     f"Tensor x_sign_bits, {_CONV}, {_Q}) -> (Tensor, Tensor)",
     _conv_paths, _like_x_and_w)
+_linear_input = _linear_path(ref.PATH_INPUT, ref.linear_input_grad_packed)
+_linear_weight = _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed)
 aq_quantize_linear_input_grad = _define(
     f"aq_quantize_linear_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
-    f"Tensor x_ste_bits, SymInt[] x_shape, {_Q}) -> Tensor",
-    _linear_path(ref.PATH_INPUT, ref.linear_input_grad_packed), _like_x)
+    f"Tensor x_ste_bits, SymInt[] x_shape, {_Q}) -> Tensor", _linear_input, _like_x)
 aq_quantize_linear_weight_grad = _define(
     f"aq_quantize_linear_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
-    f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> Tensor",
-    _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed), _like_w)
+    f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> Tensor", _linear_weight, _like_w)
+
+
+def _linear_paths(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer, alpha=None):
+    rest = (x_shape, method, bits, layer, alpha)
+    return (_linear_input(gprime, rng_state, weight, x_ste_bits, *rest),
+            _linear_weight(gprime, rng_state, weight, x_sign_bits, *rest))
+
+
+aq_quantize_linear_grads = _define(
+    f"aq_quantize_linear_grads(Tensor gprime, Tensor rng_state, Tensor weight, Tensor x_ste_bits, "
+    f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> (Tensor, Tensor)",
+    _linear_paths, _like_x_and_w)
 
 
 # Forward ops with the per-channel scale folded in (``passes/fold_alpha.py``): the kernel
@@ -156,4 +169,6 @@ FUSED = {
 MERGED = {
     (torch.ops.fqt.aq_quantize_conv2d_input_grad.default, torch.ops.fqt.aq_quantize_conv2d_weight_grad.default):
         torch.ops.fqt.aq_quantize_conv2d_grads.default,
+    (torch.ops.fqt.aq_quantize_linear_input_grad.default, torch.ops.fqt.aq_quantize_linear_weight_grad.default):
+        torch.ops.fqt.aq_quantize_linear_grads.default,
 }

@@ -10,7 +10,8 @@ input grad   quantize G' per sample into bit planes (kept samples only) -> gathe
              packed along (tap, output channel) -> zero-point term + STE mask
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
-both (conv)  the two above on one G', its statistics pass run once for both paths
+both paths   the two above on one G': a conv's statistics pass, a linear layer's alpha ⊙ g
+             run once for both
 
 Nothing here calls a float GEMM. ``psq`` on the weight path (a per-sample scale varies
 along that path's contraction, docs/math.md §4) runs a segmented bit-plane GEMM: one per sample
@@ -285,3 +286,18 @@ def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, 
     with stats.timed(layer_name, "pack"):   # sign(X) along the rows
         xt = [transpose_bits(PackedBits(r, f), target=target) for r in rows]
     return _weight_gemm(layer_name, q, xt, weight, target)
+
+
+@implements("aq_quantize_linear_grads")
+def linear_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer,
+                 alpha=None, *, layer_name="?", target="host"):
+    """``(dX, dW)``: both paths above on one G'. A linear layer's groups (rows, columns) are
+    no shared pairs, so what both read once is ``G' = alpha ⊙ g`` itself: the float32
+    products each path's statistics and quantizer kernels would form, formed once."""
+    g = _float32(gprime)
+    if alpha is not None:
+        with stats.timed(layer_name, "quantize"):
+            g = g * _channels(alpha)
+    rest = (x_shape, method, bits, layer)
+    return (linear_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target),
+            linear_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target))
