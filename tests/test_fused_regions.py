@@ -171,6 +171,16 @@ def test_raw_input_regions_match_the_unfused_chain(contraction, shape, pool, cei
     check_region(shape, "relu", [], pool, ceil_mode, training, contraction=contraction)
 
 
+@pytest.mark.parametrize("shape,ceil_mode", [((2, 3, 7, 15), True), ((3, 5, 6, 17), False), ((1, 2, 12, 32), False),
+                                              ((2, 3, 9, 24), True)])
+@pytest.mark.parametrize("ties,contraction", [(False, 0), (True, 0), (False, 4608)])
+def test_two_by_two_max_pool_vector_path(shape, ceil_mode, ties, contraction):
+    """The 2x2 stride-2 max pool's vector path (four outputs a step when OW is a multiple of
+    four; the scalar loop takes partial windows of ceil_mode and odd widths) keeps ATen's
+    first maximum at ties."""
+    check_region(shape, "relu", [], [2, 2, 2, 2, 0, 0], ceil_mode, True, ties=ties, contraction=contraction)
+
+
 @pytest.mark.parametrize("pool", [[1, 1, 1, 1, 0, 0], [2, 2, 2, 2, 0, 0], [2, 3, 1, 1, 0, 0],
                                   [3, 3, 2, 2, 1, 1], [4, 4, 1, 1, 0, 0], [5, 5, 1, 1, 2, 2]])
 @pytest.mark.parametrize("oh,ow", [(1, 1), (3, 5), (4, 4)])

@@ -38,7 +38,7 @@ from llvmlite import ir
 
 from ..ops.fused_regions import offset_bits
 from .abi import KernelIR
-from .builder import F32, I8, I64, Kernel, erf, exp, new_module, tanh, vec, vsuffix
+from .builder import F32, I8, I32, I64, Kernel, erf, exp, new_module, smin, tanh, vec, vsuffix
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
@@ -525,6 +525,11 @@ def _load_mask(k: Kernel, nc, hw, i, lanes):
     return b.trunc(b.lshr(b.load(slot, typ=I8), at), ir.IntType(1))
 
 
+# The common pool (2x2, stride 2, no padding) has a vector path, ``_pool2x2_forward``: one
+# ``LANES``-wide load per input row gives the windows of ``LANES / 2`` outputs.
+POOL2X2 = (2, 2, 2, 2, 0, 0)
+
+
 def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     a, b = k.arg, k.b
     out_plane = b.mul(nc, ohw)
@@ -533,7 +538,11 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     nbytes = _plane_bytes(k, bits, ohw)
     with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
         b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
-    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+    rows, cols = ir.Constant(I64, 0), ir.Constant(I64, 0)
+    if region.pool == POOL2X2:
+        rows, cols = _pool2x2_forward(k, nc, ohw, value)
+    with k.loop(0, a["OH"]) as oh, \
+            k.loop(b.select(b.icmp_signed("<", oh, rows), cols, ir.Constant(I64, 0)), a["OW"]) as ow:
         best = k.var(F32, ir.Constant(F32, float("-inf")))
         where = k.var(I8, ir.Constant(I8, 0))
         for i in range(kh):
@@ -549,6 +558,41 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
         b.store(k.get(best, F32), k.gep(a["out"], b.add(out_plane, o)))
         slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
+
+
+def _pool2x2_forward(k: Kernel, nc, ohw, value):
+    """The outputs ``(oh, ow)`` of a 2x2 stride-2 max pool with ``oh < rows``, ``ow < cols``,
+    ``LANES / 2`` at a time, as the scalar loop computes them (the same comparisons in the
+    same tap order), their four 2-bit codes stored as one byte; returns ``(rows, cols)``:
+    the windows inside the input, ``cols`` a multiple of ``LANES / 2`` and 0 unless ``OW``
+    is one too (then each step's codes start on a byte). The scalar loop does the rest."""
+    a, b = k.arg, k.b
+    step = LANES // 2
+    half = lambda size: b.lshr(size, ir.Constant(I64, 1))
+    rows = smin(b, a["OH"], half(a["H"]))
+    aligned = b.icmp_unsigned("==", b.and_(a["OW"], ir.Constant(I64, step - 1)), ir.Constant(I64, 0))
+    cols = b.select(aligned, b.and_(smin(b, a["OW"], half(a["W"])), ir.Constant(I64, -step)), ir.Constant(I64, 0))
+    undef = ir.Constant(vec(LANES, F32), ir.Undefined)
+    pick = lambda v, first: b.shuffle_vector(v, undef, ir.Constant(vec(step, I32), list(range(first, LANES, 2))))
+    with k.loop(0, rows) as oh, k.loop(0, cols, step) as ow:
+        top = b.mul(b.mul(oh, ir.Constant(I64, 2)), a["W"])
+        start = b.mul(ow, ir.Constant(I64, 2))
+        best = _c(step, float("-inf"))
+        where = ir.Constant(vec(step, I8), [0] * step)
+        for i, row in enumerate((b.add(top, start), b.add(b.add(top, a["W"]), start))):
+            v = value(row, LANES)
+            for j in range(2):
+                tap = pick(v, j)
+                # ATen's order and NaN rule, as the scalar loop applies them
+                wins = b.fcmp_unordered(">", tap, best)
+                best = b.select(wins, tap, best)
+                where = b.select(wins, ir.Constant(vec(step, I8), [i * 2 + j] * step), where)
+        o = b.add(b.mul(oh, a["OW"]), ow)
+        _store(k, best, a["out"], b.add(b.mul(nc, ohw), o))
+        shifted = b.shl(where, ir.Constant(vec(step, I8), list(range(0, 8, 2))))
+        slot, _ = _code_slot(k, "arg", 2, nc, ohw, o)
+        b.store(k.call(f"llvm.vector.reduce.or.v{step}i8", I8, [shifted]), slot)
+    return rows, cols
 
 
 def _max_pool_backward(region: Region, k: Kernel, plane, nc, ohw) -> None:
