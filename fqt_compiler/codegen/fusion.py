@@ -538,11 +538,8 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     nbytes = _plane_bytes(k, bits, ohw)
     with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
         b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
-    rows, cols = ir.Constant(I64, 0), ir.Constant(I64, 0)
-    if region.pool == POOL2X2:
-        rows, cols = _pool2x2_forward(k, nc, ohw, value)
-    with k.loop(0, a["OH"]) as oh, \
-            k.loop(b.select(b.icmp_signed("<", oh, rows), cols, ir.Constant(I64, 0)), a["OW"]) as ow:
+    rows, cols = _pool2x2_forward(k, nc, ohw, value) if region.pool == POOL2X2 else (None, None)
+    with k.loop(0, a["OH"]) as oh, k.loop(_first_scalar(k, rows, cols, oh), a["OW"]) as ow:
         best = k.var(F32, ir.Constant(F32, float("-inf")))
         where = k.var(I8, ir.Constant(I8, 0))
         for i in range(kh):
@@ -560,26 +557,47 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
 
-def _pool2x2_forward(k: Kernel, nc, ohw, value):
-    """The outputs ``(oh, ow)`` of a 2x2 stride-2 max pool with ``oh < rows``, ``ow < cols``,
-    ``LANES / 2`` at a time, as the scalar loop computes them (the same comparisons in the
-    same tap order), their four 2-bit codes stored as one byte; returns ``(rows, cols)``:
-    the windows inside the input, ``cols`` a multiple of ``LANES / 2`` and 0 unless ``OW``
-    is one too (then each step's codes start on a byte). The scalar loop does the rest."""
+_STEP = LANES // 2   # outputs a step of the 2x2 vector paths; their 2-bit codes fill one byte
+
+
+def _pool2x2_extent(k: Kernel):
+    """``(rows, cols)``: the 2x2 vector paths take outputs ``oh < rows``, ``ow < cols``, the
+    windows inside the input, ``cols`` a multiple of ``_STEP`` and 0 unless ``OW`` is one
+    too (then each step's codes start on a byte)."""
     a, b = k.arg, k.b
-    step = LANES // 2
     half = lambda size: b.lshr(size, ir.Constant(I64, 1))
-    rows = smin(b, a["OH"], half(a["H"]))
-    aligned = b.icmp_unsigned("==", b.and_(a["OW"], ir.Constant(I64, step - 1)), ir.Constant(I64, 0))
-    cols = b.select(aligned, b.and_(smin(b, a["OW"], half(a["W"])), ir.Constant(I64, -step)), ir.Constant(I64, 0))
+    aligned = b.icmp_unsigned("==", b.and_(a["OW"], ir.Constant(I64, _STEP - 1)), ir.Constant(I64, 0))
+    cols = b.and_(smin(b, a["OW"], half(a["W"])), ir.Constant(I64, -_STEP))
+    return smin(b, a["OH"], half(a["H"])), b.select(aligned, cols, ir.Constant(I64, 0))
+
+
+def _first_scalar(k: Kernel, rows, cols, oh):
+    """The first output of row ``oh`` the scalar pool loops take: ``cols`` in the vector
+    path's rows, else 0 (also without a vector path: ``rows`` None)."""
+    zero = ir.Constant(I64, 0)
+    return zero if rows is None else k.b.select(k.b.icmp_signed("<", oh, rows), cols, zero)
+
+
+def _pool2x2_rows(k: Kernel, oh, ow):
+    """Plane positions of the first input of output ``(oh, ow)``'s two window rows."""
+    a, b = k.arg, k.b
+    top = b.add(b.mul(b.mul(oh, ir.Constant(I64, 2)), a["W"]), b.mul(ow, ir.Constant(I64, 2)))
+    return top, b.add(top, a["W"])
+
+
+def _pool2x2_forward(k: Kernel, nc, ohw, value):
+    """The outputs of a 2x2 stride-2 max pool in ``_pool2x2_extent``, ``_STEP`` at a time, as
+    the scalar loop computes them (the same comparisons in the same tap order), their four
+    2-bit codes stored as one byte; returns the extent (the scalar loop does the rest)."""
+    a, b = k.arg, k.b
+    step = _STEP
+    rows, cols = _pool2x2_extent(k)
     undef = ir.Constant(vec(LANES, F32), ir.Undefined)
     pick = lambda v, first: b.shuffle_vector(v, undef, ir.Constant(vec(step, I32), list(range(first, LANES, 2))))
     with k.loop(0, rows) as oh, k.loop(0, cols, step) as ow:
-        top = b.mul(b.mul(oh, ir.Constant(I64, 2)), a["W"])
-        start = b.mul(ow, ir.Constant(I64, 2))
         best = _c(step, float("-inf"))
         where = ir.Constant(vec(step, I8), [0] * step)
-        for i, row in enumerate((b.add(top, start), b.add(b.add(top, a["W"]), start))):
+        for i, row in enumerate(_pool2x2_rows(k, oh, ow)):
             v = value(row, LANES)
             for j in range(2):
                 tap = pick(v, j)
@@ -589,20 +607,59 @@ def _pool2x2_forward(k: Kernel, nc, ohw, value):
                 where = b.select(wins, ir.Constant(vec(step, I8), [i * 2 + j] * step), where)
         o = b.add(b.mul(oh, a["OW"]), ow)
         _store(k, best, a["out"], b.add(b.mul(nc, ohw), o))
-        shifted = b.shl(where, ir.Constant(vec(step, I8), list(range(0, 8, 2))))
+        shifted = b.shl(where, ir.Constant(vec(step, I8), list(range(0, 2 * step, 2))))
         slot, _ = _code_slot(k, "arg", 2, nc, ohw, o)
         b.store(k.call(f"llvm.vector.reduce.or.v{step}i8", I8, [shifted]), slot)
     return rows, cols
 
 
+def _zero_plane(k: Kernel, plane) -> None:
+    """``dx = 0`` over the ``H*W`` inputs of the plane at ``plane``."""
+    b = k.b
+    hw = b.mul(k.arg["H"], k.arg["W"])
+    _strided(k, hw, lambda i, lanes: _store(k, _c(lanes, 0.0), k.arg["dx"], b.add(plane, i)))
+
+
+def _pool2x2_backward(k: Kernel, plane, nc, ohw, rows, cols) -> None:
+    """The 2x2 stride-2 max pool's backward over its windows in ``_pool2x2_extent`` (``rows``,
+    ``cols``), ``_STEP`` outputs at a time: each window input gets ``0 + dy`` at the saved
+    code's tap (the scalar loop's sum into a zeroed ``dx``, so ``-0.0`` becomes ``0.0`` as
+    there), else 0."""
+    a, b = k.arg, k.b
+    step = _STEP
+    zero = _c(LANES, 0.0)
+    pairs = ir.Constant(vec(LANES, I32), [lane // 2 for lane in range(LANES)])   # each output to its two columns
+    shifts = ir.Constant(vec(LANES, I8), [lane // 2 * 2 for lane in range(LANES)])
+    with k.loop(0, rows) as oh, k.loop(0, cols, step) as ow:
+        o = b.add(b.mul(oh, a["OW"]), ow)
+        dy = _load(k, a["dy"], b.add(b.mul(nc, ohw), o), step)
+        dy = b.shuffle_vector(dy, ir.Constant(dy.type, ir.Undefined), pairs)
+        slot, _ = _code_slot(k, "arg", 2, nc, ohw, o)
+        codes = b.and_(b.lshr(k.splat(b.load(slot, typ=I8), LANES), shifts), ir.Constant(vec(LANES, I8), [3] * LANES))
+        for i, row in enumerate(_pool2x2_rows(k, oh, ow)):
+            taps = ir.Constant(vec(LANES, I8), [i * 2 + lane % 2 for lane in range(LANES)])
+            hit = b.icmp_unsigned("==", codes, taps)
+            _store(k, b.fadd(zero, b.select(hit, dy, zero)), a["dx"], b.add(plane, row))
+
+
 def _max_pool_backward(region: Region, k: Kernel, plane, nc, ohw) -> None:
-    """``dx[window tap of the saved code] += dy`` for each output of plane ``nc`` (``dx``
-    zeroed)."""
+    """``dx[window tap of the saved code] += dy`` for each output of plane ``nc``, into a
+    ``dx`` zeroed first (with the 2x2 vector path: unless its windows cover the plane)."""
     a, b = k.arg, k.b
     _, kw, sh, sw, ph, pw = region.pool
     bits = offset_bits(region.pool)
     mask = ir.Constant(I8, (1 << bits) - 1)
-    with k.loop(0, a["OH"]) as oh, k.loop(0, a["OW"]) as ow:
+    rows = cols = None
+    if region.pool == POOL2X2:
+        rows, cols = _pool2x2_extent(k)
+        two = ir.Constant(I64, 2)
+        covered = b.and_(b.icmp_signed("==", b.mul(rows, two), a["H"]), b.icmp_signed("==", b.mul(cols, two), a["W"]))
+        with b.if_then(b.not_(covered)):
+            _zero_plane(k, plane)
+        _pool2x2_backward(k, plane, nc, ohw, rows, cols)
+    else:
+        _zero_plane(k, plane)
+    with k.loop(0, a["OH"]) as oh, k.loop(_first_scalar(k, rows, cols, oh), a["OW"]) as ow:
         o = b.add(b.mul(oh, a["OW"]), ow)
         slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         off = b.zext(b.and_(b.lshr(b.load(slot, typ=I8), at), mask), I64)
@@ -655,13 +712,11 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
         with k.loop(0, a["N"]) as n:
             plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
             nc = b.add(b.mul(n, a["C"]), c)
-            if region.pool is not None:
-                with k.loop(0, hw) as i:
-                    b.store(ir.Constant(F32, 0.0), k.gep(a["dx"], b.add(plane, i)))
-                if region.pool_mode == "max":
-                    _max_pool_backward(region, k, plane, nc, ohw)
-                else:
-                    _avg_pool_backward(region, k, plane, b.mul(nc, ohw))
+            if region.pool_mode == "max" and region.pool is not None:
+                _max_pool_backward(region, k, plane, nc, ohw)
+            elif region.pool is not None:
+                _zero_plane(k, plane)
+                _avg_pool_backward(region, k, plane, b.mul(nc, ohw))
             if region.pool_mode == "mean":
                 # mean's backward, as autograd runs it: dy / (H * W) at every input
                 spread = b.fdiv(b.load(k.gep(a["dy"], nc), typ=F32), b.sitofp(hw, F32))
