@@ -27,7 +27,10 @@ normalization's input gradient). With ``Region.raw_bits`` the region's input is 
 first stores ``Y_raw`` as int16 (or int32) and every pass of both kernels recomputes ``alpha *
 Y_raw`` from it in registers, so the backward keeps two bytes per input instead of a float32
 copy, and returns ``alpha ⊙ dx``. Sizes are run-time
-arguments: one kernel per region, not per shape. The math is docs/math.md (BatchNorm, the
+arguments: one kernel per region, not per shape. Each pass steps over a ``(n, c)`` plane
+``LANES`` floats at a time with a scalar tail (``_strided``); a window pool reads its
+inputs by window, one output at a time, except for the 2x2 stride-2 max pool, which has
+vector paths both ways (``_pool2x2_forward``, ``_pool2x2_backward``). The math is docs/math.md (BatchNorm, the
 pooled masks, LayerNorm: §4b).
 """
 from __future__ import annotations
