@@ -698,7 +698,8 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     feature into its block's partial sums), ``g`` being the gradient at the affine's output.
     Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
     ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
-    with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes.
+    with ``g' = gamma g`` over the row. The apply pass recomputes ``g`` (GELU: ``dx`` holds
+    ``g`` between the passes).
     With ``residual`` it writes ``dres = g`` (the add passes its gradient to both inputs),
     reading the activation's derivative from ``mask`` (``mask_bits``) or recomputing it with
     ``res`` (GELU). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
@@ -706,47 +707,61 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
     rows = region.axis == "row"
+    # The apply pass recomputes g (a residual region reads it back from dres) rather than
+    # read it from dx: the passes are bound by memory traffic, and the recomputation is the
+    # same instructions, so the same floats. GELU's derivative is worth the store.
+    keep_g = not region.residual and region.activation.name not in ("none", *MASKS)
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
         affine, scale = _affine(k, region, c, mean, invstd)
         block = b.mul(b.udiv(c, ir.Constant(I64, ROW_BLOCK)), a["W"]) if rows else None
+
+        def sample(n):
+            """Plane ``(n, c)``: its index ``nc``, its first input and ``gradient(i, lanes)``,
+            the gradient at the affine's output, at position ``i``."""
+            nc = b.add(b.mul(n, a["C"]), c)
+            plane = b.mul(nc, hw)
+            if region.pool_mode == "mean":
+                # mean's backward, as autograd runs it: dy / (H * W) at every input
+                spread = b.fdiv(b.load(k.gep(a["dy"], nc), typ=F32), b.sitofp(hw, F32))
+
+            def gradient(i, lanes):
+                index = b.add(plane, i)
+                if region.pool_mode == "mean":
+                    g = _splat(k, spread, lanes)
+                else:   # a window pool's gradient is in dx (its backward ran first)
+                    g = _load(k, a["dx"] if region.pool is not None else a["dy"], index, lanes)
+                if region.mask_bits:
+                    return MASKS[region.activation.name][1](b, _load_mask(k, nc, hw, i, lanes), g,
+                                                            region.activation.params, lanes)
+                if region.activation.name == "none":   # the derivative is 1
+                    return g
+                v = _pre_activation(region, k, load, affine, index, i, lanes)
+                return _act_grad(k, region.activation, v, g, lanes)
+            return nc, plane, gradient
+
         s1, s2 = _accumulator(k), _accumulator(k)
         with k.loop(0, a["N"]) as n:
-            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
-            nc = b.add(b.mul(n, a["C"]), c)
+            nc, plane, gradient = sample(n)
             if region.pool_mode == "max" and region.pool is not None:
                 _max_pool_backward(region, k, plane, nc, ohw)
             elif region.pool is not None:
                 _zero_plane(k, plane)
                 _avg_pool_backward(region, k, plane, b.mul(nc, ohw))
-            if region.pool_mode == "mean":
-                # mean's backward, as autograd runs it: dy / (H * W) at every input
-                spread = b.fdiv(b.load(k.gep(a["dy"], nc), typ=F32), b.sitofp(hw, F32))
-
-            def upstream(index, lanes):
-                if region.pool_mode == "mean":
-                    return _splat(k, spread, lanes)
-                return _load(k, a["dx"] if region.pool is not None else a["dy"], index, lanes)
 
             def reduce(i, lanes):
                 index = b.add(plane, i)
-                xv = load(index, lanes)
-                g = upstream(index, lanes)
-                if region.mask_bits:
-                    g = MASKS[region.activation.name][1](b, _load_mask(k, nc, hw, i, lanes), g,
-                                                         region.activation.params, lanes)
-                elif region.activation.name != "none":   # "none": the derivative is 1
-                    v = _pre_activation(region, k, load, affine, index, i, lanes)
-                    g = _act_grad(k, region.activation, v, g, lanes)
+                g = gradient(i, lanes)
                 if region.residual:
                     _store(k, g, a["dres"], index)
-                xhat = b.fmul(b.fsub(xv, _splat(k, mean, lanes)), _splat(k, invstd, lanes))
+                xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)), _splat(k, invstd, lanes))
                 if rows:
                     _add_to(k, a["dbeta"], b.add(block, i), g, lanes)
                     _add_to(k, a["dgamma"], b.add(block, i), b.fmul(g, xhat), lanes)
                     g = b.fmul(g, _load(k, a["gamma"], i, lanes))
-                _store(k, g, a["dx"], index)
+                if keep_g:
+                    _store(k, g, a["dx"], index)
                 _accumulate(k, s1, g, lanes)
                 _accumulate(k, s2, b.fmul(g, xhat), lanes)
             _strided(k, hw, reduce)
@@ -760,11 +775,16 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
             mean_gx = b.fptrunc(b.fdiv(sum_gx, count), F32)
         alpha = b.load(k.gep(a["alpha"], c), typ=F32) if region.raw_bits else None
         with k.loop(0, a["N"]) as n:
-            plane = b.mul(b.add(b.mul(n, a["C"]), c), hw)
+            _, plane, gradient = sample(n)
 
             def apply(i, lanes):
                 index = b.add(plane, i)
-                g = _load(k, a["dx"], index, lanes)
+                if keep_g:
+                    g = _load(k, a["dx"], index, lanes)
+                else:
+                    g = _load(k, a["dres"], index, lanes) if region.residual else gradient(i, lanes)
+                    if rows:
+                        g = b.fmul(g, _load(k, a["gamma"], i, lanes))
                 if region.batch_stats:
                     xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)),
                                   _splat(k, invstd, lanes))
