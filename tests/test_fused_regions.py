@@ -181,6 +181,24 @@ def test_two_by_two_max_pool_vector_path(shape, ceil_mode, ties, contraction):
     check_region(shape, "relu", [], [2, 2, 2, 2, 0, 0], ceil_mode, True, ties=ties, contraction=contraction)
 
 
+@pytest.mark.parametrize("width", [10, 16])   # the scalar window loop (OW = 5), the vector path (OW = 8)
+def test_max_pool_takes_the_first_nan_as_aten_does(width):
+    """A NaN tap wins its window and no later tap replaces it (ATen: ``isnan(v) || v > best``)."""
+    from fqt_compiler.runtime import fusion as rf
+    gen_ = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, width, generator=gen_)
+    x[torch.rand(x.shape, generator=gen_) < 0.3] = float("nan")
+    region = gen.Region(False, gen.Activation("none"), (2, 2, 2, 2, 0, 0))
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    out, arg = rf.region_forward(x, region, ones, zeros, zeros, ones)[:2]   # the affine is the identity
+    want, index = F.max_pool2d(x, 2, return_indices=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    rows, cols = index // width, index % width
+    oh, ow = torch.meshgrid(torch.arange(want.shape[2]), torch.arange(want.shape[3]), indexing="ij")
+    codes = ((rows - 2 * oh) * 2 + cols - 2 * ow).to(torch.uint8)
+    assert torch.equal(fr.unpack_codes(arg, 2, *want.shape[2:]), codes)
+
+
 @pytest.mark.parametrize("pool", [[1, 1, 1, 1, 0, 0], [2, 2, 2, 2, 0, 0], [2, 3, 1, 1, 0, 0],
                                   [3, 3, 2, 2, 1, 1], [4, 4, 1, 1, 0, 0], [5, 5, 1, 1, 2, 2]])
 @pytest.mark.parametrize("oh,ow", [(1, 1), (3, 5), (4, 4)])

@@ -533,6 +533,13 @@ def _load_mask(k: Kernel, nc, hw, i, lanes):
 POOL2X2 = (2, 2, 2, 2, 0, 0)
 
 
+def _max_wins(b, v, best):
+    """Whether tap ``v`` replaces the window's ``best`` so far, as in ATen's max pool
+    (``isnan(v) || v > best``, taps in (i, j) order): the first maximum, the first NaN,
+    which no later tap replaces."""
+    return b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v))
+
+
 def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     a, b = k.arg, k.b
     out_plane = b.mul(nc, ohw)
@@ -550,8 +557,7 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
                     v = value(b.add(b.mul(h, a["W"]), w), 1)
-                    # ATen's max pool: the first maximum in (i, j) order; NaN wins.
-                    with b.if_then(b.fcmp_unordered(">", v, k.get(best, F32))):
+                    with b.if_then(_max_wins(b, v, k.get(best, F32))):
                         k.set(best, v)
                         k.set(where, ir.Constant(I8, i * kw + j))
         o = b.add(b.mul(oh, a["OW"]), ow)
@@ -604,8 +610,7 @@ def _pool2x2_forward(k: Kernel, nc, ohw, value):
             v = value(row, LANES)
             for j in range(2):
                 tap = pick(v, j)
-                # ATen's order and NaN rule, as the scalar loop applies them
-                wins = b.fcmp_unordered(">", tap, best)
+                wins = _max_wins(b, tap, best)   # in the scalar loop's tap order
                 best = b.select(wins, tap, best)
                 where = b.select(wins, ir.Constant(vec(step, I8), [i * 2 + j] * step), where)
         o = b.add(b.mul(oh, a["OW"]), ow)
