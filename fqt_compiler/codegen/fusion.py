@@ -528,8 +528,9 @@ def _load_mask(k: Kernel, nc, hw, i, lanes):
     return b.trunc(b.lshr(b.load(slot, typ=I8), at), ir.IntType(1))
 
 
-# The common pool (2x2, stride 2, no padding) has a vector path, ``_pool2x2_forward``: one
-# ``LANES``-wide load per input row gives the windows of ``LANES / 2`` outputs.
+# The common pool (2x2, stride 2, no padding) has vector paths (``_pool2x2_forward``,
+# ``_pool2x2_backward``): one ``LANES``-wide access per input row covers the windows of
+# ``LANES / 2`` outputs.
 POOL2X2 = (2, 2, 2, 2, 0, 0)
 
 
