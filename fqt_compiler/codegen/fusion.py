@@ -704,8 +704,8 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     feature into its block's partial sums), ``g`` being the gradient at the affine's output.
     Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
     ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
-    with ``g' = gamma g`` over the row. The apply pass recomputes ``g`` (GELU: ``dx`` holds
-    ``g`` between the passes).
+    with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes, or
+    after a window pool (but GELU) its gradient, from which the apply pass recomputes ``g``.
     With ``residual`` it writes ``dres = g`` (the add passes its gradient to both inputs),
     reading the activation's derivative from ``mask`` (``mask_bits``) or recomputing it with
     ``res`` (GELU). With ``raw_bits``, ``x`` is the int ``raw`` the forward wrote and ``dx`` gets
@@ -713,10 +713,12 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     k, hw, ohw = _kernel(target, BACKWARD_SYMBOL, BACKWARD_PARAMS)
     a, b = k.arg, k.b
     rows = region.axis == "row"
-    # The apply pass recomputes g (a residual region reads it back from dres) rather than
-    # read it from dx: the passes are bound by memory traffic, and the recomputation is the
-    # same instructions, so the same floats. GELU's derivative is worth the store.
-    keep_g = not region.residual and region.activation.name not in ("none", *MASKS)
+    # The passes are bound by memory traffic. After a window pool dx holds the pool's
+    # gradient, so the apply pass recomputes g from it (the same instructions, so the same
+    # floats) and the reduce pass stores nothing; otherwise the reduce pass keeps g in dx
+    # for the apply pass to update in place (an apply pass writing dx afresh measured
+    # slower than the store it saves), as it does for GELU, whose derivative is dear.
+    keep_g = region.pool is None or region.activation.name not in ("none", *MASKS)
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
         mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
@@ -785,12 +787,7 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
 
             def apply(i, lanes):
                 index = b.add(plane, i)
-                if keep_g:
-                    g = _load(k, a["dx"], index, lanes)
-                else:
-                    g = _load(k, a["dres"], index, lanes) if region.residual else gradient(i, lanes)
-                    if rows:
-                        g = b.fmul(g, _load(k, a["gamma"], i, lanes))
+                g = _load(k, a["dx"], index, lanes) if keep_g else gradient(i, lanes)   # not a row region
                 if region.batch_stats:
                     xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)),
                                   _splat(k, invstd, lanes))
