@@ -342,6 +342,13 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
                             state = _state(k, a["key"], b.add(b.mul(b.add(tile_row, at), a["O"]), o))
                             return _codes(k, v, z, sc, b.add(k.splat(state, width), lane_state), bits)
 
+                        # The next tile's rows of this channel (its 64 rows ahead; whole cache
+                        # lines when rows are contiguous): 128+ channel streams at a stride of
+                        # HW floats defeat the hardware prefetchers.
+                        ahead = b.add(b.mul(o, a["so"]), b.mul(c64, a["si"]))
+                        for line in range(0, LANES, 16):
+                            k.call("llvm.prefetch.p0", ir.VoidType(), [k.gep(base, b.add(ahead, ir.Constant(I64, line))),
+                                                                    *(ir.Constant(I32, c) for c in (0, 3, 1))])
                         words = _block_words(k, width, bits, b.sub(a["HW"], i0), chunk_codes)
                         for p, w in enumerate(words):
                             b.store(w, b.gep(tile, [ir.Constant(I32, 0), b.add(oo, ir.Constant(I64, p * LANES))]))
