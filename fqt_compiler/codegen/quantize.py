@@ -186,8 +186,8 @@ def _codes(k: Kernel, v, z, sc, state, bits: int):
 def _chunk_lanes(t: Target) -> int:
     """Lanes computed at once by the pack kernels: one float32 vector register's worth. The
     SplitMix64 draws are i64 lanes; a 64-lane block of them is 16 AVX2 (32 NEON) registers
-    per value, which spills on every operation, while one register of float32 lanes keeps
-    the draw's i64 temporaries in a few registers."""
+    per value, more than the register file, so the mix spills, while one register of float32
+    lanes keeps the draw's i64 temporaries in a few registers."""
     return max(4, t.vector_bits // 32)
 
 
@@ -342,13 +342,15 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
                             state = _state(k, a["key"], b.add(b.mul(b.add(tile_row, at), a["O"]), o))
                             return _codes(k, v, z, sc, b.add(k.splat(state, width), lane_state), bits)
 
-                        # The next tile's rows of this channel (its 64 rows ahead; whole cache
-                        # lines when rows are contiguous): 128+ channel streams at a stride of
-                        # HW floats defeat the hardware prefetchers.
+                        # Prefetch the next tile's 64 rows of this channel (cache lines when the
+                        # rows are contiguous): one short stream per channel, HW floats apart,
+                        # which the hardware prefetchers leave to demand misses.
                         ahead = b.add(b.mul(o, a["so"]), b.mul(c64, a["si"]))
                         for line in range(0, LANES, 16):
-                            k.call("llvm.prefetch.p0", ir.VoidType(), [k.gep(base, b.add(ahead, ir.Constant(I64, line))),
-                                                                    *(ir.Constant(I32, c) for c in (0, 3, 1))])
+                            # read, keep in all cache levels, data
+                            flags = [ir.Constant(I32, c) for c in (0, 3, 1)]
+                            k.call("llvm.prefetch.p0", ir.VoidType(),
+                                   [k.gep(base, b.add(ahead, ir.Constant(I64, line))), *flags])
                         words = _block_words(k, width, bits, b.sub(a["HW"], i0), chunk_codes)
                         for p, w in enumerate(words):
                             b.store(w, b.gep(tile, [ir.Constant(I32, 0), b.add(oo, ir.Constant(I64, p * LANES))]))
