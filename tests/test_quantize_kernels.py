@@ -54,7 +54,8 @@ def gradient(*shape, seed=0):
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("shape", [(3, 5, 4, 4), (2, 70, 3, 5), (4, 1, 1, 1), (5, 130, 2, 3), (1, 64, 8, 8),
-                                   (7, 3, 1, 13), (2, 130, 8, 9)])   # 72 rows a sample: tiles with tails
+                                   (7, 3, 1, 13), (2, 130, 8, 9),    # 72 rows a sample: tiles with tails
+                                   (2, 67, 7, 11), (1, 5, 13, 13)])  # tails of 13 and 41 rows: partial chunks
 def test_conv_gradient_all_methods(target, shape):
     n, o, h, w = shape
     g = gradient(*shape, seed=o)
@@ -68,7 +69,8 @@ def test_conv_gradient_all_methods(target, shape):
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
-@pytest.mark.parametrize("rows,cols,rps", [(1, 1, 1), (6, 63, 1), (10, 64, 2), (9, 65, 3), (13, 127, 13), (4, 200, 1)])
+@pytest.mark.parametrize("rows,cols,rps", [(1, 1, 1), (6, 63, 1), (10, 64, 2), (9, 65, 3), (13, 127, 13), (4, 200, 1),
+                                          (150, 3, 1), (141, 5, 47)])   # long columns: whole and partial blocks
 def test_matrix_gradient(target, rows, cols, rps):
     g = gradient(rows, cols, seed=rows * cols)
     for method, path, bits in itertools.product(METHODS, PATHS, (1, 4)):

@@ -148,12 +148,19 @@ def _halving_sum(k: Kernel, acc: ir.Value) -> ir.Value:
     return b.extract_element(acc, ir.Constant(I32, 0))
 
 
-def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:
-    """``rng.uniform`` of counter ``index`` (per lane): SplitMix64 then the top 24 bits."""
+def _state(k: Kernel, key: ir.Value, ctr: ir.Value) -> ir.Value:
+    """The SplitMix64 state ``key + (ctr + 1)*GOLDEN`` (mod 2**64) of scalar counter ``ctr``."""
     b = k.b
-    n = LANES
-    z = b.add(k.splat(key, n), b.mul(b.add(index, const_vec(n, 1)), const_vec(n, i64(rng.GOLDEN).constant)))
-    z = b.xor(z, b.lshr(z, const_vec(n, 30)))
+    return b.add(key, b.mul(b.add(ctr, ir.Constant(I64, 1)), i64(rng.GOLDEN)))
+
+
+def _uniform(k: Kernel, state: ir.Value) -> ir.Value:
+    """``rng.uniform`` of the lanes' SplitMix64 states (``_state`` of their counters): the mix,
+    then the top 24 bits. The kernels' counters are affine in the lane, so they step the
+    states by adding ``lane * step * GOLDEN`` (exact mod 2**64) instead of multiplying per
+    lane: one of the draw's three 64-bit multiplies, each three 32-bit ones on AVX2 and NEON."""
+    b, n = k.b, state.type.count
+    z = b.xor(state, b.lshr(state, const_vec(n, 30)))
     z = b.mul(z, const_vec(n, i64(rng.MUL1).constant))
     z = b.xor(z, b.lshr(z, const_vec(n, 27)))
     z = b.mul(z, const_vec(n, i64(rng.MUL2).constant))
@@ -163,27 +170,54 @@ def _uniform(k: Kernel, index: ir.Value, key: ir.Value) -> ir.Value:
     return b.fmul(b.sitofp(top, vec(n, F32)), const_vec(n, 2.0 ** -24, F32))
 
 
-def _codes(k: Kernel, v, z, sc, ctr, key, bits: int):
-    """b-bit stochastic rounding codes (``<64 x i32>``), the reference's float32 operations in
+def _codes(k: Kernel, v, z, sc, state, bits: int):
+    """b-bit stochastic rounding codes (``<n x i32>``), the reference's float32 operations in
     its order: ``t = (v - z) * s``, ``q = clamp(floor(t + u), 0, B)``."""
-    b = k.b
-    levels = const_vec(LANES, float(2 ** bits - 1), F32)
-    zero = const_vec(LANES, 0.0, F32)
+    b, n = k.b, v.type.count
+    levels = const_vec(n, float(2 ** bits - 1), F32)
+    zero = const_vec(n, 0.0, F32)
     tv = b.fmul(b.fsub(v, z), sc)
-    q = k.call(f"llvm.floor.v{LANES}f32", v.type, [b.fadd(tv, _uniform(k, ctr, key))])
+    q = k.call(f"llvm.floor.v{n}f32", v.type, [b.fadd(tv, _uniform(k, state))])
     q = b.select(b.fcmp_ordered("<", q, zero), zero, q)
     q = b.select(b.fcmp_ordered(">", q, levels), levels, q)
-    return b.fptosi(q, vec(LANES, I32))
+    return b.fptosi(q, vec(n, I32))
 
 
-def _plane_words(k: Kernel, code, mask, bits: int) -> list:
-    """Bit ``t`` of the 64 codes (lanes outside ``mask`` 0) as one word per plane ``t``."""
+def _chunk_lanes(t: Target) -> int:
+    """Lanes computed at once by the pack kernels: one float32 vector register's worth. The
+    SplitMix64 draws are i64 lanes; a 64-lane block of them is 16 AVX2 (32 NEON) registers
+    per value, more than the register file, so the mix spills, while one register of float32
+    lanes keeps the draw's i64 temporaries in a few registers."""
+    return max(4, t.vector_bits // 32)
+
+
+def _block_words(k: Kernel, width: int, bits: int, remaining: ir.Value, chunk_codes) -> list:
+    """Plane words of a 64-lane block whose first ``remaining`` lanes are valid, ``width``
+    lanes at a time: ``chunk_codes(at, mask)`` gives the codes (``<width x i32>``) of lanes
+    ``at .. at+width-1`` under ``mask``; bit ``t`` of lane ``l``'s code (0 outside the mask)
+    becomes bit ``l`` of plane word ``t``. A whole block runs with an all-true constant mask
+    (plain loads, no masking), a partial one computes only the chunks holding valid lanes."""
     b = k.b
-    words = []
-    for p in range(bits):
-        bit = b.icmp_unsigned("!=", b.and_(code, const_vec(LANES, 1 << p, I32)), const_vec(LANES, 0, I32))
-        words.append(b.bitcast(b.and_(bit, mask), I64))
-    return words
+    acc = [k.var(I64, ir.Constant(I64, 0)) for _ in range(bits)]
+    zero = const_vec(width, 0, I32)
+
+    def chunk(at, mask):
+        code = b.select(mask, chunk_codes(at, mask), zero)
+        for p in range(bits):
+            # Bit p moved to the sign: one shift and a sign-bit mask move per vector.
+            bit = b.icmp_signed("<", b.shl(code, const_vec(width, 31 - p, I32)), zero)
+            word = b.zext(b.bitcast(bit, ir.IntType(width)), I64)
+            k.set(acc[p], b.or_(k.get(acc[p]), b.shl(word, at)))
+
+    with b.if_else(b.icmp_signed(">=", remaining, ir.Constant(I64, LANES))) as (whole, partial):
+        with whole:
+            with k.loop(0, LANES, width) as at:
+                chunk(at, const_vec(width, 1, I1))
+        with partial:
+            with k.loop(0, remaining, width) as at:
+                left = b.trunc(b.sub(remaining, at), I32)   # below 64 here
+                chunk(at, b.icmp_signed("<", const_vec(width, range(width), I32), k.splat(left, width)))
+    return [k.get(word) for word in acc]
 
 
 def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
@@ -205,7 +239,10 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
     kinds = {nm: "ptr" for nm in ptrs} | {"key": "u64"}
     k = Kernel(m, f"fqt_quantize_pack_b{bits}", [(nm, kinds.get(nm, "i64")) for nm in names])
     a, b = k.arg, k.b
-    lane = const_vec(LANES, range(LANES))
+    width = _chunk_lanes(t)
+    lane = const_vec(width, range(width))
+    # Consecutive elements of a segment have counters elem_ctr apart.
+    lane_state = b.mul(lane, k.splat(b.mul(a["elem_ctr"], i64(rng.GOLDEN)), width))
     with k.loop(a["m0"], a["m1"]) as row:
         def loadi64(name):
             return b.load(k.gep(a[name], row, I64), typ=I64)
@@ -224,17 +261,19 @@ def quantize_pack_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
         stream = BitStream(k, bits, store)
         with k.loop(0, a["nseg"]) as s:
             gi = b.add(group, b.mul(s, a["seg_group"]))
-            z = k.splat(b.load(k.gep(a["zero"], gi), typ=F32), LANES)
-            sc = k.splat(b.load(k.gep(a["scale"], gi), typ=F32), LANES)
+            z = k.splat(b.load(k.gep(a["zero"], gi), typ=F32), width)
+            sc = k.splat(b.load(k.gep(a["scale"], gi), typ=F32), width)
             base = k.gep(a["g"], b.add(off, b.mul(s, a["seg_stride"])))
             seg_ctr = b.add(ctr, b.mul(s, a["seg_ctr"]))
             with k.loop(0, a["seg_len"], LANES) as first:
-                j = b.add(k.splat(first, LANES), lane)
-                mask = b.icmp_signed("<", j, k.splat(a["seg_len"], LANES))
-                v = _load_strided(k, base, first, a["elem_stride"], mask, const_vec(LANES, 0.0, F32))
-                v = _times_alpha(k, v, a["alpha"], ch, first, a["ch_step"], mask)
-                ctr_v = b.add(k.splat(seg_ctr, LANES), b.mul(j, k.splat(a["elem_ctr"], LANES)))
-                words = _plane_words(k, _codes(k, v, z, sc, ctr_v, a["key"], bits), mask, bits)
+                def chunk_codes(at, mask, first=first, z=z, sc=sc, base=base, seg_ctr=seg_ctr):
+                    start = b.add(first, at)
+                    v = _load_strided(k, base, start, a["elem_stride"], mask, const_vec(width, 0.0, F32))
+                    v = _times_alpha(k, v, a["alpha"], ch, start, a["ch_step"], mask)
+                    state = _state(k, a["key"], b.add(seg_ctr, b.mul(start, a["elem_ctr"])))
+                    return _codes(k, v, z, sc, b.add(k.splat(state, width), lane_state), bits)
+
+                words = _block_words(k, width, bits, b.sub(a["seg_len"], first), chunk_codes)
                 if bits == 1:
                     field = words[0]
                 else:
@@ -267,6 +306,10 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
     a, b = k.arg, k.b
     c64 = ir.Constant(I64, LANES)
     lane = const_vec(LANES, range(LANES))
+    width = _chunk_lanes(t)
+    chunk_lane = const_vec(width, range(width))
+    # Consecutive rows have counters O apart.
+    lane_state = b.mul(chunk_lane, k.splat(b.mul(a["O"], i64(rng.GOLDEN)), width))
     with k.b.goto_block(k.fn.basic_blocks[0]):
         tile = b.alloca(ir.ArrayType(I64, bits * LANES))
     blocks_per_sample = b.sdiv(b.add(a["HW"], ir.Constant(I64, LANES - 1)), c64)
@@ -278,11 +321,12 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
         i0 = b.mul(ib, c64)
         rows_i = b.add(k.splat(i0, LANES), lane)
         valid = b.icmp_signed("<", rows_i, k.splat(a["HW"], LANES))
-        z = k.splat(b.load(k.gep(a["zero"], grp), typ=F32), LANES)
-        sc = k.splat(b.load(k.gep(a["scale"], grp), typ=F32), LANES)
+        z = k.splat(b.load(k.gep(a["zero"], grp), typ=F32), width)
+        sc = k.splat(b.load(k.gep(a["scale"], grp), typ=F32), width)
         base = k.gep(a["g"], b.add(b.mul(n, a["sn"]), b.mul(i0, a["si"])))
-        # G' row r = n*HW + i has counters r*O + o.
-        row_ctr = b.mul(b.add(k.splat(b.mul(n, a["HW"]), LANES), rows_i), k.splat(a["O"], LANES))
+        # G' row r = n*HW + i has counters r*O + o: chunk lane l of block row i0 + at has
+        # r*O = (n*HW + i0 + at)*O + l*O.
+        tile_row = b.add(b.mul(n, a["HW"]), i0)
         out_row = b.add(k.splat(b.add(b.mul(ks, a["HW"]), i0), LANES), lane)
         plane_ptrs = [k.vgep(a["out"], b.mul(b.add(out_row, k.splat(b.mul(ir.Constant(I64, p), a["rows"]), LANES)),
                                              k.splat(a["ld"], LANES)), 8) for p in range(bits)]
@@ -291,11 +335,24 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
                 o = b.add(b.mul(ob, c64), oo)
                 with b.if_else(b.icmp_signed("<", o, a["O"])) as (inside, past):
                     with inside:
-                        v = _load_strided(k, k.gep(base, b.mul(o, a["so"])), ir.Constant(I64, 0), a["si"],
-                                          valid, const_vec(LANES, 0.0, F32))
-                        v = _times_alpha(k, v, a["alpha"], o, ir.Constant(I64, 0), ir.Constant(I64, 0), valid)
-                        code = _codes(k, v, z, sc, b.add(row_ctr, k.splat(o, LANES)), a["key"], bits)
-                        for p, w in enumerate(_plane_words(k, code, valid, bits)):
+                        def chunk_codes(at, mask, o=o, z=z, sc=sc, base=base, tile_row=tile_row):
+                            v = _load_strided(k, k.gep(base, b.mul(o, a["so"])), at, a["si"], mask,
+                                              const_vec(width, 0.0, F32))
+                            v = _times_alpha(k, v, a["alpha"], o, at, ir.Constant(I64, 0), mask)
+                            state = _state(k, a["key"], b.add(b.mul(b.add(tile_row, at), a["O"]), o))
+                            return _codes(k, v, z, sc, b.add(k.splat(state, width), lane_state), bits)
+
+                        # Prefetch the next tile's 64 rows of this channel (cache lines when the
+                        # rows are contiguous): one short stream per channel, HW floats apart,
+                        # which the hardware prefetchers leave to demand misses.
+                        ahead = b.add(b.mul(o, a["so"]), b.mul(c64, a["si"]))
+                        for line in range(0, LANES, 16):
+                            # read, keep in all cache levels, data
+                            flags = [ir.Constant(I32, c) for c in (0, 3, 1)]
+                            k.call("llvm.prefetch.p0", ir.VoidType(),
+                                   [k.gep(base, b.add(ahead, ir.Constant(I64, line))), *flags])
+                        words = _block_words(k, width, bits, b.sub(a["HW"], i0), chunk_codes)
+                        for p, w in enumerate(words):
                             b.store(w, b.gep(tile, [ir.Constant(I32, 0), b.add(oo, ir.Constant(I64, p * LANES))]))
                     with past:
                         for p in range(bits):
