@@ -404,6 +404,25 @@ def _step(model, x, y, backend, **config):
     return compiled, loss.item()
 
 
+def _step_on_both_backends(build, x, y, **config):
+    """``_step`` of a freshly seeded ``build()`` on the kernels and on the reference backend:
+    ``{backend: (model, compiled, loss)}``."""
+    runs = {}
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = build()
+        runs[backend] = (model, *_step(model, x, y, backend, **config))
+    return runs
+
+
+def _assert_same_step(runs):
+    """The kernels' step has the reference's loss and gradient directions."""
+    (m_k, _, loss_k), (m_r, _, loss_r) = runs["kernels"], runs["reference"]
+    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
+    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
+        _same_direction(p.grad, q.grad, name)
+
+
 def test_vgg_regions_are_fused_and_keep_no_float_copies():
     torch.manual_seed(0)
     model = vgg_small(in_channels=1)
@@ -518,13 +537,9 @@ class _Adds(nn.Module):
 
 def test_pass_fuses_residuals_and_pools_only_where_the_kernels_compute_them():
     x, y = torch.randn(3, 2, 7, 9), torch.tensor([0, 3, 5])
-    models = []
-    for backend in ("kernels", "reference"):
-        torch.manual_seed(0)
-        model = _Adds()
-        compiled, loss = _step(model, x, y, backend, method="none")
-        models.append((model, loss, compiled))
-    regions = models[0][2].fqt_graphs[-1].regions
+    runs = _step_on_both_backends(_Adds, x, y, method="none")
+    compiled = runs["kernels"][1]
+    regions = compiled.fqt_graphs[-1].regions
     assert sorted(r.split(";")[0] for r in regions) == sorted([
         "bns.0 (train): batch_norm -> adaptive_avg_pool2d",
         "bns.1 (train): batch_norm -> add -> relu",
@@ -532,14 +547,10 @@ def test_pass_fuses_residuals_and_pools_only_where_the_kernels_compute_them():
         "bns.3 (train): batch_norm", "bns.4 (train): batch_norm", "bns.5 (train): batch_norm",
         "bns.6 (train): batch_norm -> relu"]), regions
     # fqt.summary and the dump of the pass name each region and the ops it replaced
-    compiled = models[0][2]
     assert "  - bns.1 (train): batch_norm -> add -> relu" in fqt.summary(compiled)
     capture = [r.text for r in compiled.fqt_graphs[-1].records if r.stage == "capture" and r.name == "fuse_regions"][0]
     assert "fused region bns.2 (train): batch_norm -> add -> avg_pool2d" in capture
-    (m_k, loss_k, _), (m_r, loss_r, _) = models
-    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
-    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
-        _same_direction(p.grad, q.grad, name)
+    _assert_same_step(runs)
 
 
 @pytest.mark.slow
@@ -555,37 +566,29 @@ def test_resnet18_fused_step_matches_the_reference_backend():
     # float32 rounding, not bit for bit, and through 20 layers of stochastic rounding such
     # differences move codes (psq b=8: conv1's gradient cosine 0.994; aq_scq: keep draws flip),
     # which would hide what this test is about. The quantized paths are the VGG test's.
-    grads = {}
-    for backend in ("kernels", "reference"):
-        torch.manual_seed(0)
-        model = torchvision.models.resnet18(num_classes=10)
-        compiled, loss = _step(model, x, y, backend, method="none")
-        grads[backend] = (loss, {n: p.grad.clone() for n, p in model.named_parameters()})
-        if backend == "kernels":
-            regions = compiled.fqt_graphs[-1].regions
-            # the stem: float conv1 recomputed in backward, max pool 3x3/2 pad 1
-            assert ("bn1 (train): batch_norm -> relu -> max_pool2d; input: float conv2d conv1, recomputed "
-                    "in backward") in regions
-            # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
-            assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
-            assert len(regions) == 20
-            # every block's bn2 takes the residual add and its ReLU, the last one the head's pool
-            assert any(r.startswith("layer1.0.bn2 (train): batch_norm -> iadd -> relu;") for r in regions)
-            assert any(r.startswith("layer2.0.downsample.1 (train): batch_norm;") for r in regions)
-            assert any(r.startswith("layer4.1.bn2 (train): batch_norm -> iadd -> relu -> adaptive_avg_pool2d;")
-                       for r in regions)
-            assert sum("iadd -> relu" in r for r in regions) == 8
-            cg = compiled.fqt_graphs[-1]
-            fw, bw = _fused_ops(cg)
-            assert "aten.relu.default" not in fw and "aten.mean.dim" not in fw
-            assert "aten.threshold_backward.default" not in bw
-            # no float add of feature maps is left (the adds left update BN's counters)
-            assert not [n for n in cg.forward.graph.nodes if str(n.target) == "aten.add.Tensor"
-                        and n.meta["val"].dim() == 4]
-    (loss_k, gk), (loss_r, gr) = grads["kernels"], grads["reference"]
-    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
-    for name, g in gr.items():
-        _same_direction(gk[name], g, name)
+    runs = _step_on_both_backends(lambda: torchvision.models.resnet18(num_classes=10), x, y, method="none")
+    compiled = runs["kernels"][1]
+    regions = compiled.fqt_graphs[-1].regions
+    # the stem: float conv1 recomputed in backward, max pool 3x3/2 pad 1
+    assert ("bn1 (train): batch_norm -> relu -> max_pool2d; input: float conv2d conv1, recomputed "
+            "in backward") in regions
+    # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
+    assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
+    assert len(regions) == 20
+    # every block's bn2 takes the residual add and its ReLU, the last one the head's pool
+    assert any(r.startswith("layer1.0.bn2 (train): batch_norm -> iadd -> relu;") for r in regions)
+    assert any(r.startswith("layer2.0.downsample.1 (train): batch_norm;") for r in regions)
+    assert any(r.startswith("layer4.1.bn2 (train): batch_norm -> iadd -> relu -> adaptive_avg_pool2d;")
+               for r in regions)
+    assert sum("iadd -> relu" in r for r in regions) == 8
+    cg = compiled.fqt_graphs[-1]
+    fw, bw = _fused_ops(cg)
+    assert "aten.relu.default" not in fw and "aten.mean.dim" not in fw
+    assert "aten.threshold_backward.default" not in bw
+    # no float add of feature maps is left (the adds left update BN's counters)
+    assert not [n for n in cg.forward.graph.nodes if str(n.target) == "aten.add.Tensor"
+                and n.meta["val"].dim() == 4]
+    _assert_same_step(runs)
 
 
 def _saved_float_maps(cg, batch):
@@ -631,23 +634,14 @@ def test_gelu_after_a_residual_add_keeps_the_residual():
             return (self.bn2(self.conv1(h)) + h).mean((2, 3))
 
     x, y = torch.randn(3, 2, 5, 7), torch.tensor([0, 3, 5])
-    grads = []
-    for backend in ("kernels", "reference"):
-        torch.manual_seed(0)
-        model = Block()
-        compiled, loss = _step(model, x, y, backend, method="none")
-        grads.append((loss, model))
-        if backend == "kernels":
-            cg = compiled.fqt_graphs[-1]
+    runs = _step_on_both_backends(Block, x, y, method="none")
+    cg = runs["kernels"][1].fqt_graphs[-1]
     assert sorted(r.split("; ")[-1] for r in cg.regions) == [
         "residual: kept as float32 (gelu's derivative needs bn(x) + r itself, not a mask)",
         "residual: nothing saved (no activation)"], cg.regions
     # the GELU region keeps the residual (r, 6 channels); the other nothing but its input
     assert (3, 6, 5, 7) in _saved_float_maps(cg, 3)
-    (loss_k, m_k), (loss_r, m_r) = grads
-    assert abs(loss_k - loss_r) <= 1e-4 * abs(loss_r)
-    for (name, p), q in zip(m_k.named_parameters(), m_r.parameters()):
-        _same_direction(p.grad, q.grad, name)
+    _assert_same_step(runs)
 
 
 def test_residual_region_backward_names_the_missing_mask():
