@@ -1,11 +1,13 @@
 """Merge the two SCQ path ops of one layer's ``G'`` into one op (kernel backend only).
 
 Matches: a pair of fused path ops of ``ops/fused.MERGED`` (``fqt.aq_quantize_conv2d_input_grad``
-and ``fqt.aq_quantize_conv2d_weight_grad``) with the same ``G'``, rng_state, weight, geometry,
-method, bits, layer and alpha, i.e. both paths of one layer, as ``fuse_gradient_quantizers``
-and ``fold_alpha`` leave them.
+and ``fqt.aq_quantize_conv2d_weight_grad``, or the ``linear`` pair) with the same ``G'``,
+rng_state, weight, geometry, method, bits, layer and alpha, i.e. both paths of one layer, as
+``fuse_gradient_quantizers`` and ``fold_alpha`` leave them.
 Produces: ``fqt.aq_quantize_conv2d_grads(G', rng_state, weight, x_ste_bits, x_sign_bits,
-*geometry, method, bits, layer, alpha=)`` where the earlier of the two stood, and
+*geometry, method, bits, layer, alpha=)`` (``aq_quantize_linear_grads`` for the linear pair,
+whose two paths share ``alpha ⊙ G'`` rather than a statistics pass) where the earlier of the
+two stood, and
 ``getitem`` 0 (dX) and 1 (dW) in place of the two nodes, so the kernels run the statistics
 pass over ``G'`` once for both paths (``runtime.quantize.SharedStatistics``).
 Invariants: values are unchanged (each path draws and rounds as before, and min/max are
