@@ -270,6 +270,26 @@ def test_nan_loss_gives_nan_gradients_not_finite_codes(backend):
         assert torch.isnan(p.grad).any(), name      # every layer, binarized ones included
 
 
+@pytest.mark.parametrize("model_class", [MLP, SmallCNN])
+def test_nan_weight_gradients_match_the_reference_where_the_ste_mask_is_zero(model_class):
+    """The weight STE is ``dw * 1{|w| < 1}``: a NaN dw stays NaN where the mask is 0 (the
+    kernels once selected 0 there)."""
+    nan_at = {}
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        model = model_class()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p[0].fill_(1.5)          # one output channel outside the STE window
+        compiled = fqt.compile(model, fqt.Config(backend=backend))
+        x = torch.randn(8, 20) if model_class is MLP else torch.randn(4, 3, 8, 8)
+        (compiled(x).sum() * float("nan")).backward()
+        nan_at[backend] = [p.grad.isnan() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(*nan_at.values()))
+    assert all(m.any() for m in nan_at["kernels"])     # the NaN reached every parameter
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_in_one_sample_reaches_the_binarized_layers(backend):
     torch.manual_seed(0)

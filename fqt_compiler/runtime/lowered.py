@@ -126,13 +126,17 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
 def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
-        # Kept rows are all written: zero only the pruned ones instead of the whole output.
-        out = torch.empty(out_rows, b.rows)
-        pruned = torch.ones(out_rows, dtype=torch.bool)
-        pruned[q.row_map] = False
-        out.index_fill_(0, pruned.nonzero().view(-1), 0.0)
+        # Pruned rows must read 0; the kernel writes the kept ones.
+        out = _zeroed_unless_full(torch.empty(out_rows, b.rows), q.row_map.numel())
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
                              row_map=q.row_map, out_rows=out_rows, out=out, target=target)
+
+
+def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
+    """``out`` zeroed when fewer than all of its rows (dim 0) will be written. Zeroing the
+    whole tensor (a memset) is several times faster than ``index_fill_`` of the pruned rows
+    alone, though it writes the kept rows twice."""
+    return out if kept == out.shape[0] else out.zero_()
 
 
 def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target):
@@ -150,16 +154,16 @@ def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target):
 
 
 def _weight_ste(dw: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """``ref.ste_mask(w) * dw`` in place, as a select (``1{|w| < 1}``; comparisons make no
-    weight-sized float temporary). ``kept``: the channels whose rows of ``dw`` may be nonzero
-    (the others are pruned, 0 already), so only those rows are read and masked; None: all."""
+    """``dw * ref.ste_mask(w)`` in place (``1{|w| < 1}``, as a float 0/1 made in place, so
+    a NaN in ``dw`` stays NaN as in the reference). ``kept``: the channels whose rows of
+    ``dw`` may be nonzero (the others are pruned, 0 already, and 0 times the mask is 0), so
+    only those rows are read and masked; None: all."""
     w = weight.detach().reshape(weight.shape[0], -1)
     dw = dw.view(w.shape)
     if kept is not None and kept.numel() < w.shape[0]:
-        wk = w.index_select(0, kept)
-        dw.index_copy_(0, kept, torch.where((wk > -1) & (wk < 1), dw.index_select(0, kept), 0.0))
+        dw.index_copy_(0, kept, dw.index_select(0, kept).mul_(w.index_select(0, kept).abs_().lt_(1)))
     else:
-        dw.masked_fill_(~((w > -1) & (w < 1)), 0.0)
+        dw.mul_(w.abs().lt_(1))
     return dw.view_as(weight)
 
 
@@ -214,7 +218,12 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
                                 torch.zeros(bits, 1, chunk, dtype=torch.int64)], 1)
             index = torch.where(taps >= 0, taps.unsqueeze(0) + (torch.arange(kept) * oh * ow).view(-1, 1, 1),
                                 q.planes.shape[1])
-            planes[:, :, :kh * kw * chunk] = source[:, index.view(-1)].view(bits, rows, kh * kw * chunk)
+            index = index.view(-1)
+            # One word per tap (C_out <= 64): gather words, not index rows of one word each,
+            # which costs several times more per word.
+            gathered = (torch.gather(source.view(bits, -1), 1, index.expand(bits, -1)) if chunk == 1
+                        else source.index_select(1, index))
+            planes[:, :, :kh * kw * chunk] = gathered.view(bits, rows, kh * kw * chunk)
     scale = q.row_scale.view(-1, oh * ow)[:, 0] if kept else q.row_scale
     zero = q.row_zero.view(-1, oh * ow)[:, 0] if kept else q.row_zero
     with stats.timed(layer_name, "input_grad", binary_macs=bits * rows * c * b.k):
@@ -222,18 +231,15 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
                             row_map=torch.arange(rows), out_rows=rows, colsum=torch.zeros(c),
                             out=torch.empty(rows, c), target=target)
     with stats.timed(layer_name, "dequantize"):
-        dx_kept = dot.view(kept, h * w, c).transpose(1, 2).contiguous().view(kept, c, h, w)
-        dx_kept.addcmul_(zero.view(-1, 1, 1, 1), t_term.view(1, c, h, w))
-        dx_kept.mul_(unpack_mask(x_ste_bits.index_select(0, samples), c * h * w, (kept, c, h, w),
-                                 target=target))
+        # addcmul reads the (kept, h*w, c) GEMM result through a transposed view and writes
+        # NCHW (out= fixes the layout): the transpose costs no pass of its own.
+        dx_kept = torch.addcmul(dot.view(kept, h * w, c).transpose(1, 2), zero.view(-1, 1, 1),
+                                t_term.view(1, c, h * w), out=torch.empty(kept, c, h * w)).view(kept, c, h, w)
+        ste = x_ste_bits if kept == n else x_ste_bits.index_select(0, samples)
+        dx_kept.mul_(unpack_mask(ste, c * h * w, (kept, c, h, w), target=target))
         if kept == n:
             return dx_kept
-        dx = torch.empty(n, c, h, w)
-        pruned = torch.ones(n, dtype=torch.bool)
-        pruned[samples] = False
-        dx.index_fill_(0, pruned.nonzero().view(-1), 0.0)   # a boolean-mask fill is far slower
-        dx.index_copy_(0, samples, dx_kept)
-        return dx
+        return _zeroed_unless_full(torch.empty(n, c, h, w), kept).index_copy_(0, samples, dx_kept)
 
 
 @implements("aq_quantize_conv2d_weight_grad")
