@@ -83,8 +83,9 @@ def bitplane_gemm(codes: torch.Tensor, b_bits: torch.Tensor) -> torch.Tensor:
 def default_alpha(weight: torch.Tensor) -> torch.Tensor:
     """XNOR-Net scale: mean |w| over each output channel's weights."""
     w = weight.detach().flatten(1)
-    # a fused |w| reduction: no weight-sized temporary in every training step
-    return torch.linalg.vector_norm(w, ord=1, dim=1) / w.shape[1]
+    # |w| then a sum: ATen's vectorized sum runs several times faster than the fused
+    # vector_norm(ord=1) despite the weight-sized temporary (this runs every training step)
+    return w.abs().sum(1) / w.shape[1]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
