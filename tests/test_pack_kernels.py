@@ -44,6 +44,22 @@ def test_pack_signs_and_unpack(target, rows, k):
 
 
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("rows,k", [(1, 1), (3, 63), (2, 65), (13, 127), (31, 513)])
+def test_mask_in_place_is_the_reference_product(target, rows, k):
+    """``dx * ste_mask(x)`` bit for bit, NaN/inf times 0 and -0.0 included; the row tails'
+    padding bits never reach ``dx``."""
+    x, dx = data(rows, k), data(rows, k) * 3
+    dx.view(-1)[::7] = float("nan")
+    dx.view(-1)[1::11] = float("-inf")
+    want = dx * reference.ste_mask(x)
+    _, mask = pack.pack_signs_and_ste(x, target=target)
+    if k % 64:                                         # a set padding bit must be ignored
+        mask.words[:, (k - 1) // 64] |= torch.tensor(1) << (k % 64)
+    got = pack.mask_in_place(mask.words, k, dx.clone(), target=target)
+    assert torch.equal(got.view(-1).view(torch.int32), want.view(-1).view(torch.int32))
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
 def test_pack_signs_views(target):
     w = data(37, 70)
     assert torch.equal(pack.pack_signs(w.T, target=target).words, ref_words(w.T > 0))   # via transpose_bits
@@ -136,7 +152,8 @@ def test_preprocessing_kernels_build_for_aarch64():
     from fqt_compiler.runtime.jit import compile_object
     t = get_target("rpi4")
     conv = ((3, 3), (2, 2), (1, 1), (2, 2))
-    irs = [pack_gen.sign_pack_ir(t, with_ste=True), pack_gen.unpack_ir(t), pack_gen.padded_rows_ir(t, source="bits"),
+    irs = [pack_gen.sign_pack_ir(t, with_ste=True), pack_gen.unpack_ir(t), pack_gen.unpack_ir(t, multiply=True),
+           pack_gen.padded_rows_ir(t, source="bits"),
            pack_gen.im2col_pack_ir(t, *conv, one_word=False), pack_gen.im2col_pack_t_ir(t, *conv, one_word=True),
            quantize_gen.group_minmax_ir(t, lanes=16), quantize_gen.quantize_pack_ir(t, bits=4),
            quantize_gen.quantize_pack_rows_ir(t, bits=2), pack_gen.transpose_bits_ir(t)]

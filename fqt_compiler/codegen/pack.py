@@ -30,11 +30,12 @@ from __future__ import annotations
 from llvmlite import ir
 
 from .abi import KernelABI, KernelIR
-from .builder import (F32, I1, I64, BitStream, Kernel, const_vec, low_mask, masked_gather, masked_load,
+from .builder import (F32, I1, I8, I64, BitStream, Kernel, const_vec, low_mask, masked_gather, masked_load,
                       masked_scatter, masked_store, new_module, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64      # floats per packed word
+CHUNK = 8       # floats per step of a whole word in unpack (one byte of its bits)
 ROW_LANES = 8   # im2col output rows handled together (one 512-bit vector of words)
 
 
@@ -86,24 +87,46 @@ def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> Ke
     return k.finish()
 
 
-def unpack_ir(target: str | Target = "host") -> KernelIR:
+def unpack_ir(target: str | Target = "host", *, multiply: bool = False) -> KernelIR:
     """``fqt_unpack_bits(words, ld, k, out, sout, one, zero, row0, row1)``: float row ``i`` of
-    ``out`` (row stride ``sout``) gets ``one`` where bit ``j`` of packed row ``i`` is set, else ``zero``."""
+    ``out`` (row stride ``sout``) gets ``one`` where bit ``j`` of packed row ``i`` is set, else ``zero``.
+
+    ``multiply=True``: ``fqt_unpack_bits_mul`` (same arguments) multiplies ``out`` by that
+    value in place instead, e.g. a gradient by its STE mask bits: a product, not a select, so
+    a NaN or an infinity times 0 is NaN as in the reference's ``dx * ste_mask(x)``, with no
+    float mask tensor written and read back.
+
+    Whole words go ``CHUNK`` floats at a time (one byte of the word a step, unmasked); only
+    the row's last partial word takes the masked 64-lane path."""
     t = get_target(target)
     m = new_module(t, "fqt_pack")
-    k = Kernel(m, "fqt_unpack_bits", [("words", "ptr"), ("ld", "i64"), ("k", "i64"), ("out", "ptr"), ("sout", "i64"),
-                                      ("one", "f32"), ("zero", "f32"), ("row0", "i64"), ("row1", "i64")])
+    k = Kernel(m, "fqt_unpack_bits_mul" if multiply else "fqt_unpack_bits",
+               [("words", "ptr"), ("ld", "i64"), ("k", "i64"), ("out", "ptr"), ("sout", "i64"),
+                ("one", "f32"), ("zero", "f32"), ("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     ones, zeros = k.splat(a["one"], LANES), k.splat(a["zero"], LANES)
+    ones_c, zeros_c = k.splat(a["one"], CHUNK), k.splat(a["zero"], CHUNK)
+    whole = b.lshr(a["k"], ir.Constant(I64, 6))
+    nwords = b.lshr(b.add(a["k"], ir.Constant(I64, 63)), ir.Constant(I64, 6))
     with k.loop(a["row0"], a["row1"]) as row:
         src = k.gep(a["words"], b.mul(row, a["ld"]), I64)
         dst = k.gep(a["out"], b.mul(row, a["sout"]))
-        nwords = b.lshr(b.add(a["k"], ir.Constant(I64, 63)), ir.Constant(I64, 6))
-        with k.loop(0, nwords) as w:
+        with k.loop(0, whole) as w:
+            word = b.load(k.gep(src, w, I64), typ=I64)
+            for c in range(LANES // CHUNK):
+                flags = b.bitcast(b.trunc(b.lshr(word, ir.Constant(I64, c * CHUNK)), I8), vec(CHUNK, I1))
+                ptr = k.gep(dst, b.add(b.shl(w, ir.Constant(I64, 6)), ir.Constant(I64, c * CHUNK)))
+                value = b.select(flags, ones_c, zeros_c)
+                if multiply:
+                    value = b.fmul(b.load(ptr, typ=vec(CHUNK, F32), align=4), value)
+                b.store(value, ptr, align=4)
+        with k.loop(whole, nwords) as w:
             first = b.shl(w, ir.Constant(I64, 6))
             bits = b.bitcast(b.load(k.gep(src, w, I64), typ=I64), vec(LANES, I1))
             mask = b.icmp_signed("<", _word_lanes(k, first), k.splat(a["k"], LANES))
             value = b.select(bits, ones, zeros)
+            if multiply:
+                value = b.fmul(masked_load(b, k.gep(dst, first), mask, zeros), value)
             masked_store(b, value, k.gep(dst, first), mask)
     return k.finish()
 

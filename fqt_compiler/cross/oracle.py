@@ -130,7 +130,8 @@ def _unpack(mem: Memory, a: dict, opts: dict) -> None:
     r0, r1, k = a["row0"], a["row1"], a["k"]
     bits = _unpacked(mem, a["words"], a["ld"], r1, k)[r0:]
     values = torch.where(bits, torch.tensor(a["one"]), torch.tensor(a["zero"]))
-    mem.rows(a["out"], a["sout"], r1, k, torch.float32)[r0:] = values
+    out = mem.rows(a["out"], a["sout"], r1, k, torch.float32)
+    out[r0:] = out[r0:] * values if opts.get("multiply") else values
 
 
 def _padded_rows(mem: Memory, a: dict, opts: dict) -> None:

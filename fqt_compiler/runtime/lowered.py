@@ -29,8 +29,7 @@ from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_row_sums
-from .pack import (im2col_pack, im2col_pack_t, pack_signs, pack_signs_and_ste, transpose_bits,
-                   unpack_mask)
+from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs, pack_signs_and_ste, transpose_bits
 from .packed import PackedBits, padded_words
 from .quantize import SharedStatistics, quantize_bitplanes
 
@@ -236,7 +235,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         dx_kept = torch.addcmul(dot.view(kept, h * w, c).transpose(1, 2), zero.view(-1, 1, 1),
                                 t_term.view(1, c, h * w), out=torch.empty(kept, c, h * w)).view(kept, c, h, w)
         ste = x_ste_bits if kept == n else x_ste_bits.index_select(0, samples)
-        dx_kept.mul_(unpack_mask(ste, c * h * w, (kept, c, h, w), target=target))
+        mask_in_place(ste, c * h * w, dx_kept, target=target)
         if kept == n:
             return dx_kept
         return _zeroed_unless_full(torch.empty(n, c, h, w), kept).index_copy_(0, samples, dx_kept)
@@ -278,7 +277,7 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
         wt = pack_signs(weight.detach().T, target=target)
     dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
     with stats.timed(layer_name, "ste_mask"):
-        dx *= unpack_mask(x_ste_bits, f, dx.shape, target=target)
+        mask_in_place(x_ste_bits, f, dx, target=target)
     return dx.view(x_shape)
 
 

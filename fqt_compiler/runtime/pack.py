@@ -105,6 +105,22 @@ def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target)
     return out.view(shape)
 
 
+def mask_in_place(words: torch.Tensor, k: int, x: torch.Tensor, *, target="host") -> torch.Tensor:
+    """``x *= `` the float32 {0, 1} of packed mask bits ``words [rows, ld]`` (``k`` bits per
+    row), in place and in one pass; ``x``: a contiguous float32 tensor of ``rows * k``
+    elements. Equal to ``x.mul_(unpack_mask(words, k, x.shape))``."""
+    if isinstance(words, PackedBits):
+        words = words.words
+    if words.dtype != torch.int64 or words.dim() != 2 or not words.is_contiguous():
+        raise TypeError("words must be a contiguous 2-D int64 tensor (PackedBits.words)")
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != words.shape[0] * k:
+        raise ValueError(f"x must be a contiguous float32 tensor of {words.shape[0]} x {k} elements, "
+                         f"got {x.dtype} {tuple(x.shape)}")
+    parallel_rows(_fn("unpack", target, multiply=True), words.shape[0], words.data_ptr(), words.shape[1], k,
+                  x.data_ptr(), k, 1.0, 0.0, min_rows=16)
+    return x
+
+
 def unpack_signs(words: torch.Tensor, k: int, shape, *, target="host") -> torch.Tensor:
     """float32 ±1 of packed sign bits ``words [rows, ld]`` (``k`` bits per row), viewed as ``shape``."""
     return _unpack(words, k, shape, 1.0, -1.0, target)
