@@ -35,7 +35,7 @@ from .builder import (F32, I1, I8, I64, BitStream, Kernel, const_vec, low_mask, 
 from .targets import Target, get_target
 
 LANES = 64      # floats per packed word
-CHUNK = 8       # floats per step of a whole word in unpack (one byte of its bits)
+CHUNK = 8       # floats per step through a whole word (one byte of its bits) in sign pack / unpack
 ROW_LANES = 8   # im2col output rows handled together (one 512-bit vector of words)
 
 
@@ -55,6 +55,11 @@ def _load64(k: Kernel, base: ir.Value, first: ir.Value, count: ir.Value):
     return masked_load(k.b, k.gep(base, first), mask, const_vec(LANES, 0.0, F32)), mask
 
 
+def _byte_at(b: ir.IRBuilder, flags: ir.Value, c: int) -> ir.Value:
+    """``CHUNK`` flags as byte ``c`` of an i64 word."""
+    return b.shl(b.zext(b.bitcast(flags, I8), I64), ir.Constant(I64, c * CHUNK))
+
+
 def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> KernelIR:
     """``fqt_sign_pack(x, srow, k, out, ld, [ste_out,] row0, row1)``.
 
@@ -69,11 +74,26 @@ def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> Ke
     k = Kernel(m, "fqt_sign_ste_pack" if with_ste else "fqt_sign_pack", args + [("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
     zero, one = const_vec(LANES, 0.0, F32), const_vec(LANES, 1.0, F32)
+    zero_c, one_c = const_vec(CHUNK, 0.0, F32), const_vec(CHUNK, 1.0, F32)
+    whole = b.lshr(a["k"], ir.Constant(I64, 6))
     with k.loop(a["row0"], a["row1"]) as row:
         base = k.gep(a["x"], b.mul(row, a["srow"]))
         out_row = b.mul(row, a["ld"])
         nwords = b.lshr(b.add(a["k"], ir.Constant(I64, 63)), ir.Constant(I64, 6))
-        with k.loop(0, nwords) as w:
+        with k.loop(0, whole) as w:
+            # A whole word: CHUNK floats a step, unmasked, each step's flags one byte of it.
+            signs, small = ir.Constant(I64, 0), ir.Constant(I64, 0)
+            for c in range(LANES // CHUNK):
+                ptr = k.gep(base, b.add(b.shl(w, ir.Constant(I64, 6)), ir.Constant(I64, c * CHUNK)))
+                v = b.load(ptr, typ=vec(CHUNK, F32), align=4)
+                signs = b.or_(signs, _byte_at(b, b.fcmp_ordered(">", v, zero_c), c))
+                if with_ste:
+                    mag = k.call(f"llvm.fabs.v{CHUNK}f32", v.type, [v])
+                    small = b.or_(small, _byte_at(b, b.fcmp_ordered("<", mag, one_c), c))
+            b.store(signs, k.gep(a["out"], b.add(out_row, w), I64))
+            if with_ste:
+                b.store(small, k.gep(a["ste_out"], b.add(out_row, w), I64))
+        with k.loop(whole, nwords) as w:     # the partial last word, masked
             v, valid = _load64(k, base, b.shl(w, ir.Constant(I64, 6)), a["k"])
             b.store(_bits(k, b.fcmp_ordered(">", v, zero)), k.gep(a["out"], b.add(out_row, w), I64))
             if with_ste:
