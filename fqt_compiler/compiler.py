@@ -60,11 +60,11 @@ from . import events
 from .config import Config, candidate_layers, layer_name, parameter_names, resolve_plan
 from .ops import reference, rng
 from .passes import (PassManager, is_symbolic, annotate_fqt_nodes, annotate_layers, apply_plan,
-                     bind_implementations, fold_alpha, fuse_gradient_quantizers,
+                     bind_implementations, fold_alpha, fuse_dropout, fuse_gradient_quantizers,
                      fuse_regions, insert_gradient_quantizers, merge_gradient_paths,
                      name_placeholders, rewrite_binary_layers)
 from .passes.annotate_layers import linear_call
-from .runtime import fusion, lowered  # noqa: F401  (register the "kernels" backend's implementations)
+from .runtime import dropout, fusion, lowered  # noqa: F401  (register the "kernels" backend's implementations)
 
 
 RECOMPILE_LIMIT = 256
@@ -156,6 +156,9 @@ class FQTModule(nn.Module):
             partial(apply_plan, model=model, config=config, plan_out=cg.plan,
                     model_order=self.fqt_call_order),
             partial(rewrite_binary_layers, model=model, extras_out=cg.extras),
+            # Both backends, so both draw the same masks (the summary's region lines are kernels').
+            partial(fuse_dropout, regions_out=cg.regions if kernels else [], float_out=cg.float_ops,
+                    extras_out=cg.extras),
             *([partial(fuse_regions, regions_out=cg.regions)] if kernels else []),
         ], cg.records)(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

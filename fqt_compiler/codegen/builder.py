@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 from llvmlite import ir
 
+from ..ops import rng
 from .abi import KernelABI, KernelIR
 from .targets import Target
 
@@ -77,6 +78,16 @@ def gep(b: ir.IRBuilder, base, index, elem=F32, *, inbounds: bool = False) -> ir
 
 def smin(b: ir.IRBuilder, x, y):
     return b.select(b.icmp_signed("<", x, y), x, y)
+
+
+def mix64(b: ir.IRBuilder, z: ir.Value) -> ir.Value:
+    """``rng.mix64_int`` (the SplitMix64 finalizer) of each lane of ``<n x i64>`` ``z``."""
+    n = z.type.count
+    z = b.xor(z, b.lshr(z, const_vec(n, 30)))
+    z = b.mul(z, const_vec(n, i64(rng.MUL1).constant))
+    z = b.xor(z, b.lshr(z, const_vec(n, 27)))
+    z = b.mul(z, const_vec(n, i64(rng.MUL2).constant))
+    return b.xor(z, b.lshr(z, const_vec(n, 31)))
 
 
 class Kernel:

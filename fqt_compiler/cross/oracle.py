@@ -7,7 +7,8 @@ byte offset)`` for pointers, None for null), the bytes of every buffer it was gi
 the call and after it; argument names and specialization options come from the spec (its
 ABI and its named options). It decodes the inputs from ``before``, computes what the call must
 write with the reference (``pack_bits``, ``binary_gemm``, ``bitplane_gemm``,
-``rounded_codes`` with ``rng`` draws, ``F.unfold``, ``group_min_max``, ...), writes that into
+``rounded_codes`` with ``rng`` draws, ``F.unfold``, ``group_min_max``, the dropout
+keep draws, ...), writes that into
 a copy of ``before`` and compares every buffer with ``after`` bit for bit, so a kernel that
 writes a wrong value, a nonzero padding bit or outside its rows fails. Float epilogues are
 computed with the kernels' float32 operations in their order (no contraction into FMAs), so
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ops import reference, rng
+from ..ops import dropout, reference, rng
 
 SCRATCH = {"binary": {"partial"}, "bitplane": {"partial"}}
 
@@ -246,10 +248,41 @@ def _quantize_pack_rows(mem: Memory, a: dict, opts: dict) -> None:
     _store_planes(mem, a, codes[valid], torch.ones(out_rows.numel(), channels, dtype=torch.bool), out_rows, bits)
 
 
+def _dropout_elements(a: dict) -> tuple[int, int]:
+    """The call's elements ``[8*b0, min(8*b1, n))`` (empty when past ``n``)."""
+    e0 = 8 * a["b0"]
+    return e0, max(e0, min(8 * a["b1"], a["n"]))
+
+
+def _times_factor(mem: Memory, a: dict, src: str, dst: str, keep: torch.Tensor, e0: int, e1: int) -> None:
+    factor = torch.where(keep, torch.tensor(a["scale"], dtype=torch.float32), torch.tensor(0.0))
+    mem.at(a[dst], torch.float32, a["n"])[e0:e1] = mem.at(a[src], torch.float32, a["n"])[e0:e1] * factor
+
+
+def _dropout_forward(mem: Memory, a: dict, opts: dict) -> None:
+    e0, e1 = _dropout_elements(a)
+    if e1 == e0:
+        return
+    draws = rng.draws_u64(a["key"], e0, e1 - e0)
+    keep = torch.from_numpy((draws >> np.uint64(64 - rng.KEEP_BITS)) < np.uint64(a["keep_below"]))
+    _times_factor(mem, a, "x", "y", keep, e0, e1)
+    bits = dropout.keep_bits(keep)
+    mem.at(a["bits"], torch.uint8)[e0 // 8:e0 // 8 + bits.numel()] = bits
+
+
+def _dropout_backward(mem: Memory, a: dict, opts: dict) -> None:
+    e0, e1 = _dropout_elements(a)
+    if e1 == e0:
+        return
+    bits = mem.at(a["bits"], torch.uint8)[e0 // 8:(e1 + 7) // 8]
+    _times_factor(mem, a, "dy", "dx", dropout.unpacked_keep(bits.clone(), e1 - e0), e0, e1)
+
+
 CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
           "transpose_bits": _transpose_bits, "minmax": _minmax, "pack": _quantize_pack,
-          "pack_rows": _quantize_pack_rows, "unpack": _unpack}
+          "pack_rows": _quantize_pack_rows, "unpack": _unpack, "dropout_forward": _dropout_forward,
+          "dropout_backward": _dropout_backward}
 
 
 # Digests of what calls must write, by a digest of their inputs: targets whose kernels make

@@ -37,6 +37,7 @@ STREAM_SR_INPUT = 0      # stochastic rounding, input-gradient path (per-sample 
 STREAM_SR_WEIGHT = 1     # stochastic rounding, weight-gradient path (per-channel groups)
 STREAM_SAMPLE_INPUT = 2  # AQ Bernoulli draw per sample group
 STREAM_SAMPLE_WEIGHT = 3  # AQ Bernoulli draw per channel group
+STREAM_DROPOUT = 4       # dropout keep draw per element (the layer field is the dropout site)
 
 KEEP_BITS = 53  # random bits of a keep draw: the float64 mantissa, so p * 2**53 is exact
 

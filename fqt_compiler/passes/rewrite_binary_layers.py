@@ -26,7 +26,7 @@ from .infra import PassResult, at_node, fake_mode_of, insert_call
 KEYS = ("val", "example_value")
 
 
-def _add_placeholder(gm: fx.GraphModule, name: str, display: str, value: torch.Tensor, mode):
+def add_placeholder(gm: fx.GraphModule, name: str, display: str, value: torch.Tensor, mode):
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         node = gm.graph.placeholder(name)
@@ -60,14 +60,14 @@ def rewrite_binary_layers(gm: fx.GraphModule, *, model: nn.Module, extras_out: l
     mode = fake_mode_of(n.meta.get("example_value", n.meta.get("val"))
                         for n in gm.graph.nodes if n.op == "placeholder")
     example = torch.zeros(2, dtype=torch.int64)
-    rng_state = _add_placeholder(gm, "fqt_rng_state", "fqt.rng_state", example, mode)
+    rng_state = add_placeholder(gm, "fqt_rng_state", "fqt.rng_state", example, mode)
     extras_out[:] = [("rng_state", example)]
     for node in targets:
         layer, call = node.meta["fqt_plan"], node.meta["fqt_call"]
         alpha = None
         if layer.alpha == "learned":
             param = model.get_submodule(layer.name).fqt_alpha
-            alpha = _add_placeholder(gm, f"fqt_alpha_{layer.index}", f"{layer.name}.fqt_alpha",
+            alpha = add_placeholder(gm, f"fqt_alpha_{layer.index}", f"{layer.name}.fqt_alpha",
                                      param, mode)
             extras_out.append(("alpha", param))
         with gm.graph.inserting_before(node), at_node(node):
