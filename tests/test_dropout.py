@@ -1,0 +1,207 @@
+"""Dropout with a counter-based mask: the kernels equal the reference draw for draw, the mask
+keeps 1 - p of the elements, sites and steps draw different masks, and compiled models
+(a small MLP on both backends, a transformers BERT) run the fqt op in place of torch's."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import fqt_compiler as fqt
+from fqt_compiler.codegen import dropout as gen
+from fqt_compiler.codegen.targets import get_target
+from fqt_compiler.ops import dropout as ops
+from fqt_compiler.ops import rng
+from fqt_compiler.runtime import dropout as kernels
+from fqt_compiler.cross.verify import verify
+from fqt_compiler.runtime.jit import compile_assembly, compile_object
+from conftest import KERNEL_TARGETS, needs_cross, seeded_randn
+
+KEY = rng.stream_key(7, 3, ops.site_id("encoder.layer.0.output.dropout", 0), rng.STREAM_DROPOUT)
+
+
+def _reference(x, dy, key, p):
+    """``(y, bits, dx)`` from the op's reference definitions."""
+    keep = ops.keep_mask(key, x.numel(), p)
+    return ops.apply_mask(x, keep, p), ops.keep_bits(keep), ops.apply_mask(dy, keep, p)
+
+
+def _check(shape, p, target, seed=0, key=KEY):
+    x, dy = seeded_randn(*shape, seed=seed), seeded_randn(*shape, seed=seed + 1)
+    y, bits = kernels.dropout_forward(x, key, p, target=target)
+    dx = kernels.dropout_backward(dy, bits, p, target=target)
+    want_y, want_bits, want_dx = _reference(x, dy, key, p)
+    assert torch.equal(bits, want_bits)
+    assert torch.equal(y, want_y) and torch.equal(dx, want_dx)
+    return bits
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(1,), (7,), (63,), (65,), (1037,), (3, 5, 37)])
+def test_kernels_equal_the_reference_bit_for_bit(shape, p, target):
+    _check(shape, p, target)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_results_do_not_depend_on_the_split(monkeypatch, threads):
+    """Slices of one byte each over three threads (a step of 8 lanes then straddles slices)
+    write what one thread writes: the draw's counter is the element index."""
+    monkeypatch.setattr(kernels, "MIN_SLICE_BYTES", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check((101,), 0.5, "host")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_non_contiguous_input_draws_in_row_major_order():
+    x = seeded_randn(37, 9).t()
+    y, bits = kernels.dropout_forward(x, KEY, 0.3)
+    keep = ops.keep_mask(KEY, x.numel(), 0.3)
+    assert torch.equal(y, ops.apply_mask(x.contiguous(), keep, 0.3)) and torch.equal(bits, ops.keep_bits(keep))
+
+
+def test_nan_and_inf_stay_as_in_torch():
+    """``x * m``: a dropped NaN or Inf is NaN, as ATen's ``x * mask * scale`` gives."""
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 16)
+    y, bits = kernels.dropout_forward(x, KEY, 0.5)
+    keep = ops.unpacked_keep(bits, x.numel())
+    assert 0 < keep.sum() < x.numel()
+    want = x * keep.float() * ops.scale_of(0.5)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y[~want.isnan()], want[~want.isnan()])
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(1, 300), p=st.floats(0.01, 0.99), seed=st.integers(0, 2 ** 62))
+def test_kernels_property(n, p, seed):
+    _check((n,), p, "host", key=rng.stream_key(seed, 1, 2, rng.STREAM_DROPOUT))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_is_one_minus_p(p):
+    """The kept count of n Bernoulli(1 - p) draws is within 6 standard deviations of its mean."""
+    n = 1 << 18
+    bits = kernels.dropout_forward(torch.ones(n), KEY, p)[1]
+    kept = int(ops.unpacked_keep(bits, n).sum())
+    assert abs(kept - n * (1 - p)) < 6 * (n * p * (1 - p)) ** 0.5, (kept, n * (1 - p))
+
+
+def _mask(seed, step, site, n=4096, p=0.5):
+    state = torch.tensor([seed, step], dtype=torch.int64)
+    return ops.dropout(torch.ones(n), state, p, site, "test")[1]
+
+
+def test_sites_and_steps_draw_different_masks():
+    a, b = ops.site_id("h.0.drop", 0), ops.site_id("h.1.drop", 0)
+    assert a != b != ops.site_id("h.0.drop", 1)
+    first = _mask(0, 0, a)
+    assert torch.equal(first, _mask(0, 0, a))            # same (seed, step, site): same mask
+    others = [_mask(0, 1, a), _mask(0, 0, b), _mask(1, 0, a)]
+    # independent masks of 4096 fair draws agree on about half the elements, not all
+    for other in others:
+        agree = (ops.unpacked_keep(first, 4096) == ops.unpacked_keep(other, 4096)).float().mean()
+        assert 0.4 < agree < 0.6
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5", "hygon"])
+def test_kernels_emit_for_every_cross_target(target):
+    """Both kernels compile to object code for the target, vectorized with its registers."""
+    t = get_target(target)
+    for ir in (gen.dropout_forward_ir(t), gen.dropout_backward_ir(t)):
+        assert compile_object(ir.text, t)
+        asm = compile_assembly(ir.text, t)
+        if t.is_aarch64:
+            assert ".4s" in asm and "zmm" not in asm
+        else:
+            assert "ymm" in asm and "zmm" not in asm and "{%k" not in asm
+
+
+class _Net(nn.Module):
+    def __init__(self, p=0.3, inplace=False):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 33), nn.Linear(33, 32), nn.Linear(32, 4)
+        self.drop, self.p, self.inplace = nn.Dropout(p, inplace=inplace), p, inplace
+
+    def forward(self, x):
+        h = F.relu(self.drop(self.fc1(x)))
+        h = F.dropout(self.fc2(h), 0.5, self.training)
+        return self.fc3(F.relu(self.drop(h)))   # the same module twice: two sites
+
+
+def _steps(backend, steps=2, **net):
+    torch.manual_seed(0)
+    model = _Net(**net)
+    compiled = fqt.compile(model, fqt.Config(backend=backend, seed=5))
+    x = seeded_randn(5, 16)
+    runs = []
+    for _ in range(steps):
+        loss = compiled(x).square().mean()
+        loss.backward()
+        runs.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    return compiled, runs
+
+
+def test_both_backends_draw_the_same_masks():
+    """The reference and the kernels give the same loss and gradients step by step; a float
+    dropout's mask would differ between the two runs and the losses with it."""
+    compiled, kernel_runs = _steps("kernels")
+    _, reference_runs = _steps("reference")
+    for (loss_k, grads_k), (loss_r, grads_r) in zip(kernel_runs, reference_runs):
+        assert abs(loss_k - loss_r) <= 1e-5 * abs(loss_r)
+        for g_k, g_r in zip(grads_k, grads_r):
+            torch.testing.assert_close(g_k, g_r, rtol=1e-4, atol=1e-6)
+    assert kernel_runs[0][0] != kernel_runs[1][0]          # step 1 draws new masks
+    cg = compiled.fqt_graphs[-1]
+    assert [r.split(" (p=")[0] for r in cg.regions] == ["dropout drop#0", "dropout (model)#0", "dropout drop#1"]
+    fw, bw = ([str(n.meta.get("fqt_op", n.target)) for n in g.graph.nodes] for g in (cg.forward, cg.backward))
+    assert fw.count("fqt.dropout.default") == 3 and bw.count("fqt.dropout_backward.default") == 3
+    assert not [op for op in fw + bw if "bernoulli" in op or "native_dropout" in op]
+
+
+def test_eval_mode_and_unfusible_dropout():
+    """Eval mode is the identity (nothing to replace); inplace=True and p=1 stay torch's
+    dropout with the reason in the summary."""
+    compiled, _ = _steps("kernels", steps=1, inplace=True)
+    text = fqt.summary(compiled)
+    assert "drop: dropout x2: inplace=True" in text
+    assert sum("dropout" in r for r in compiled.fqt_graphs[-1].regions) == 1   # F.dropout is fused
+    compiled.eval()
+    with torch.no_grad():
+        compiled(seeded_randn(5, 16))
+    assert not compiled.fqt_last.regions
+    compiled, _ = _steps("reference", steps=1, p=1.0)
+    assert "p=1 zeroes every element" in fqt.summary(compiled)
+
+
+@pytest.mark.slow
+def test_bert_trains_with_the_dropout_op(tmp_path):
+    pytest.importorskip("transformers")
+    from test_transformers import _train, bert
+    compiled, losses, _ = _train(bert, steps=6)
+    assert losses[-1] < losses[0]
+    fqt.dump(compiled, tmp_path)
+    forward = (tmp_path / "forward.txt").read_text()
+    layers = compiled.module.config.num_hidden_layers
+    # embeddings, then each layer's attention output and FFN output (attention probabilities'
+    # dropout happens inside scaled_dot_product_attention(dropout_p=...), not matched)
+    assert forward.count("fqt.dropout") == 1 + 2 * layers, forward
+    assert "fqt.dropout_backward" in (tmp_path / "backward.txt").read_text()
+
+
+@needs_cross
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["rpi4", "hygon"])
+def test_dropout_kernels_verify_on_target(target, tmp_path):
+    """A step's dropout kernels replayed on the target equal the host's and the oracle's
+    draws bit for bit (odd sizes: 3 x 29 x 24 and x 40 elements)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 24), nn.Dropout(0.3), nn.Linear(24, 40), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Linear(40, 3))
+    results = verify(model, (seeded_randn(3, 29, 24),), target, tmp_path)
+    assert all(r.passed and r.has_reference for r in results), results
+    assert {"dropout_forward", "dropout_backward"} <= {r.family for r in results}
