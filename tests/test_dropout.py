@@ -120,6 +120,24 @@ def test_kernels_emit_for_every_cross_target(target):
             assert "ymm" in asm and "zmm" not in asm and "{%k" not in asm
 
 
+@pytest.mark.parametrize("mask", [None, "float", "bool", "causal"])
+def test_attention_dropout_is_atens_math_path_with_the_counted_mask(mask):
+    """``attention_dropout`` equals ATen's math attention given the same keep mask (ATen
+    scales ``value`` instead of the probabilities: equal to float32 rounding)."""
+    q, k, v = seeded_randn(2, 3, 5, 8), seeded_randn(2, 3, 7, 8, seed=1), seeded_randn(2, 3, 7, 8, seed=2)
+    attn_mask = {None: None, "causal": None, "float": seeded_randn(2, 1, 5, 7, seed=3),
+                 "bool": seeded_randn(2, 1, 5, 7, seed=3) > -1}[mask]
+    state, site, p = torch.tensor([4, 2]), ops.site_id("attn", 0), 0.3
+    got = ops.attention_dropout(q, k, v, attn_mask, p, mask == "causal", 0.4, state, site, "attn")
+    keep = ops.keep_mask(ops.dropout_key(state, site), 2 * 3 * 5 * 7, p).view(2, 3, 5, 7)
+    want, _ = torch.ops.aten._scaled_dot_product_attention_math(
+        q, k, v, None if mask != "float" else attn_mask, p, mask == "causal", keep, scale=0.4) \
+        if mask != "bool" else torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, torch.zeros(2, 1, 5, 7).masked_fill(~attn_mask, float("-inf")), p, False, keep, scale=0.4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert 0 < keep.sum() < keep.numel()
+
+
 class _Net(nn.Module):
     def __init__(self, p=0.3, inplace=False):
         super().__init__()
@@ -187,9 +205,10 @@ def test_bert_trains_with_the_dropout_op(tmp_path):
     fqt.dump(compiled, tmp_path)
     forward = (tmp_path / "forward.txt").read_text()
     layers = compiled.module.config.num_hidden_layers
-    # embeddings, then each layer's attention output and FFN output (attention probabilities'
-    # dropout happens inside scaled_dot_product_attention(dropout_p=...), not matched)
-    assert forward.count("fqt.dropout") == 1 + 2 * layers, forward
+    # embeddings, then each layer's attention probabilities (inside
+    # scaled_dot_product_attention(dropout_p=...)), attention output and FFN output
+    assert forward.count("fqt.dropout") == 1 + 3 * layers, forward
+    assert "bernoulli" not in forward and "native_dropout" not in forward
     assert "fqt.dropout_backward" in (tmp_path / "backward.txt").read_text()
 
 

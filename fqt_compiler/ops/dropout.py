@@ -128,3 +128,18 @@ dropout.register_autograd(_backward, setup_context=_setup_context)
 def counted_dropout(x, rng_state, p, site, region):
     """What ``passes/fuse_dropout.py`` puts in place of a training-mode ``F.dropout``."""
     return dropout(x, rng_state, p, site, region)[0]
+
+
+def attention_dropout(query, key, value, attn_mask, p, is_causal, scale, rng_state, site, region):
+    """What ``passes/fuse_dropout.py`` puts in place of ``F.scaled_dot_product_attention(...,
+    dropout_p=p)`` (without grouped-query heads): ATen's math path, which is what the CPU runs
+    whenever ``dropout_p > 0`` (its fused attention kernel takes no dropout), with
+    ``fqt::dropout`` on the attention probabilities in place of ``at::dropout``. A boolean
+    mask becomes 0 / -inf first, as ``scaled_dot_product_attention`` converts it before the
+    math path."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(attn_mask.logical_not(),
+                                                                               float("-inf"))
+    _, probs = torch.ops.aten._scaled_dot_product_attention_math(query, key, value, attn_mask, 0.0, is_causal,
+                                                                 scale=scale)
+    return torch.matmul(counted_dropout(probs, rng_state, p, site, region), value)

@@ -3,9 +3,14 @@ backends).
 
 Matches: ``F.dropout(input, p, training, inplace)`` calls (what Dynamo captures for
 ``nn.Dropout`` and ``F.dropout``) on a float32 input with a constant ``p`` in (0, 1),
-``training=True`` and ``inplace=False``.
-Produces: one ``ops.dropout.counted_dropout`` call each (``fqt::dropout``: the mask drawn
-from the ``(seed, step, site, STREAM_DROPOUT)`` stream, kept as bits for backward), noted
+``training=True`` and ``inplace=False``; and ``F.scaled_dot_product_attention(query, key,
+value, attn_mask, dropout_p, is_causal, scale)`` with a constant ``dropout_p`` in (0, 1)
+(transformers' attention passes ``dropout_p=p`` in training, 0 in eval), float32, constant
+``is_causal`` and ``scale``, without ``enable_gqa``.
+Produces: one ``ops.dropout.counted_dropout`` call per dropout (``fqt::dropout``: the mask
+drawn from the ``(seed, step, site, STREAM_DROPOUT)`` stream, kept as bits for backward),
+and one ``ops.dropout.attention_dropout`` per attention (ATen's math path, which the CPU
+runs whenever ``dropout_p > 0``, with ``fqt::dropout`` on the probabilities), each noted
 with its site; ``regions_out`` receives one line per site. The site is
 ``dropout.site_id(module path, occurrence)``, so sites draw different masks, and each step
 new ones (the step is in ``fqt.rng_state``). The graph gets the ``fqt.rng_state``
@@ -15,11 +20,9 @@ same masks: the reference backend runs the op's reference, the kernel backend it
 Left as captured: ``training=False`` and ``p == 0`` (the identity: ATen returns the input,
 no mask), and with a reason in ``float_out`` (shown by ``fqt.summary``): ``p == 1`` (all
 zeros, no draw needed), ``inplace=True`` (the op is out of place, and other users of the
-input would see the mutation), a ``p`` or ``training`` that is not a constant, and dropout
-inside a higher-order op's body (activation checkpointing replays torch's RNG state there,
-which a counter-based draw would not need but this pass does not rewrite bodies). Dropout
-inside ``F.scaled_dot_product_attention(dropout_p=...)`` happens inside that op and is not
-matched.
+input would see the mutation), arguments that are not constants, grouped-query attention,
+and dropout inside a higher-order op's body (activation checkpointing; this pass does not
+rewrite bodies).
 Invariants: new nodes have ``meta["val"]`` and the ``nn_module_stack`` of the call they
 replace; nothing aliases or mutates.
 """
@@ -31,22 +34,38 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..ops.dropout import counted_dropout, site_id
+from ..ops.dropout import attention_dropout, counted_dropout, site_id
 from .annotate_layers import module_path
 from .infra import PassResult, fake_mode_of, insert_call
 from .rewrite_binary_layers import add_placeholder
 
 KEYS = ("val", "example_value")
 _SIGNATURE = inspect.signature(F.dropout)
+_TARGETS = (F.dropout, F.scaled_dot_product_attention)
+
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
 def _arguments(node: fx.Node) -> dict | None:
-    try:
-        bound = _SIGNATURE.bind(*node.args, **node.kwargs)
-    except TypeError:
+    """The call's arguments by name, as ``{"input", "p", "training", "inplace", ...}``, with
+    ``"input"`` the tensor the mask applies to the input of (an attention's query)."""
+    if node.target is F.dropout:
+        try:
+            bound = _SIGNATURE.bind(*node.args, **node.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        return {**bound.arguments, "what": "dropout"}
+    # F.scaled_dot_product_attention is a builtin without a signature.
+    if len(node.args) > len(_SDPA_PARAMS) or not set(node.kwargs) <= set(_SDPA_PARAMS):
         return None
-    bound.apply_defaults()
-    return bound.arguments
+    a = {**_SDPA_DEFAULTS, **dict(zip(_SDPA_PARAMS, node.args)), **node.kwargs}
+    if not {"query", "key", "value"} <= set(a):
+        return None
+    return {**a, "input": a["query"], "p": a["dropout_p"], "training": True, "inplace": False,
+            "what": "attention dropout"}
 
 
 def _unfused_reason(a: dict) -> str | None:
@@ -58,6 +77,10 @@ def _unfused_reason(a: dict) -> str | None:
         return "p=1 zeroes every element (no mask to draw): torch's dropout kept"
     if inplace:
         return "inplace=True (the input's other users see the mutation): torch's dropout kept"
+    if a.get("enable_gqa", False) is not False:
+        return "grouped-query attention (enable_gqa): torch's attention dropout kept"
+    if not isinstance(a.get("is_causal", False), bool) or not isinstance(a.get("scale"), (float, type(None))):
+        return "is_causal or scale is not a constant: torch's attention dropout kept"
     val = a["input"].meta.get("example_value", a["input"].meta.get("val")) \
         if isinstance(a["input"], fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
@@ -85,7 +108,7 @@ def _in_bodies(gm: fx.GraphModule, float_out: list) -> None:
     for name, sub in gm.named_modules():
         if name and isinstance(sub, fx.GraphModule):
             for node in sub.graph.nodes:
-                if node.op == "call_function" and node.target is F.dropout:
+                if node.op == "call_function" and node.target in _TARGETS:
                     float_out.append((module_path(node), "dropout", "inside a higher-order op's body "
                                       "(activation checkpointing): torch's dropout kept"))
 
@@ -95,7 +118,7 @@ def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extr
     occurrences: dict[str, int] = {}
     replaced = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not F.dropout:
+        if node.op != "call_function" or node.target not in _TARGETS:
             continue
         a = _arguments(node)
         if a is None or _is_identity(a):
@@ -103,19 +126,24 @@ def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extr
         path = module_path(node)
         reason = _unfused_reason(a)
         if reason is not None:
-            float_out.append((path, "dropout", reason))
+            float_out.append((path, a["what"], reason))
             continue
         occurrence = occurrences[path] = occurrences.get(path, -1) + 1
         site = site_id(path, occurrence)
         label = f"{path or '(model)'}#{occurrence}"
         rng_state = _rng_state(gm, extras_out)
+        p = float(a["p"])
+        if node.target is F.dropout:
+            fn, args = counted_dropout, (a["input"], rng_state, p, site, label)
+        else:
+            fn, args = attention_dropout, (a["query"], a["key"], a["value"], a["attn_mask"], p, a["is_causal"],
+                                           a["scale"], rng_state, site, label)
         with gm.graph.inserting_before(node):
-            new = insert_call(gm.graph, counted_dropout, (a["input"], rng_state, float(a["p"]), site, label),
-                              KEYS)
+            new = insert_call(gm.graph, fn, args, KEYS)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in node.meta:
                 new.meta[key] = node.meta[key]
-        line = f"dropout {label} (p={float(a['p'])}): counter-based mask, saved as bits"
+        line = f"{a['what']} {label} (p={p}): counter-based mask, saved as bits"
         new.meta["fqt_note"] = line
         regions_out.append(line)
         node.replace_all_uses_with(new)
