@@ -17,12 +17,16 @@ new ones (the step is in ``fqt.rng_state``). The graph gets the ``fqt.rng_state`
 placeholder if ``rewrite_binary_layers`` gave it none (a model without binarized layers),
 announced in ``extras_out`` as that pass does. Both backends run the pass, so both draw the
 same masks: the reference backend runs the op's reference, the kernel backend its kernels.
+Dropout inside activation checkpointing's bodies (``tag_activation_checkpoint``) is replaced
+too: the body gets the ``[seed, step]`` input as a new last operand, and its replay in
+backward redraws the same mask (no RNG state to save and restore); its sites count on from
+the graph's own.
 Left as captured: ``training=False`` and ``p == 0`` (the identity: ATen returns the input,
 no mask), and with a reason in ``float_out`` (shown by ``fqt.summary``): ``p == 1`` (all
 zeros, no draw needed), ``inplace=True`` (the op is out of place, and other users of the
 input would see the mutation), arguments that are not constants, grouped-query attention,
-and dropout inside a higher-order op's body (activation checkpointing; this pass does not
-rewrite bodies).
+and dropout in the body of another higher-order op or of a body called more than once
+(its sites would repeat one mask).
 Invariants: new nodes have ``meta["val"]`` and the ``nn_module_stack`` of the call they
 replace; nothing aliases or mutates.
 """
@@ -42,6 +46,7 @@ from .rewrite_binary_layers import add_placeholder
 KEYS = ("val", "example_value")
 _SIGNATURE = inspect.signature(F.dropout)
 _TARGETS = (F.dropout, F.scaled_dot_product_attention)
+_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -104,18 +109,9 @@ def _rng_state(gm: fx.GraphModule, extras_out: list) -> fx.Node:
     return add_placeholder(gm, "fqt_rng_state", "fqt.rng_state", example, mode)
 
 
-def _in_bodies(gm: fx.GraphModule, float_out: list) -> None:
-    for name, sub in gm.named_modules():
-        if name and isinstance(sub, fx.GraphModule):
-            for node in sub.graph.nodes:
-                if node.op == "call_function" and node.target in _TARGETS:
-                    float_out.append((module_path(node), "dropout", "inside a higher-order op's body "
-                                      "(activation checkpointing): torch's dropout kept"))
-
-
-def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extras_out: list) -> PassResult:
-    _in_bodies(gm, float_out)
-    occurrences: dict[str, int] = {}
+def _fuse_in(gm: fx.GraphModule, rng_state, occurrences: dict, regions_out: list, float_out: list) -> int:
+    """Replace the matched calls of ``gm``'s own graph; ``rng_state()`` gives (and on first use
+    makes) the graph's ``[seed, step]`` input. Returns how many were replaced."""
     replaced = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _TARGETS:
@@ -131,14 +127,13 @@ def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extr
         occurrence = occurrences[path] = occurrences.get(path, -1) + 1
         site = site_id(path, occurrence)
         label = f"{path or '(model)'}#{occurrence}"
-        rng_state = _rng_state(gm, extras_out)
         p = float(a["p"])
-        if node.target is F.dropout:
-            fn, args = counted_dropout, (a["input"], rng_state, p, site, label)
-        else:
-            fn, args = attention_dropout, (a["query"], a["key"], a["value"], a["attn_mask"], p, a["is_causal"],
-                                           a["scale"], rng_state, site, label)
         with gm.graph.inserting_before(node):
+            if node.target is F.dropout:
+                fn, args = counted_dropout, (a["input"], rng_state(), p, site, label)
+            else:
+                fn, args = attention_dropout, (a["query"], a["key"], a["value"], a["attn_mask"], p,
+                                               a["is_causal"], a["scale"], rng_state(), site, label)
             new = insert_call(gm.graph, fn, args, KEYS)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in node.meta:
@@ -149,6 +144,63 @@ def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extr
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         replaced += 1
+    if replaced:
+        gm.recompile()
+    return replaced
+
+
+def _body_rng_state(gm: fx.GraphModule, hop: fx.Node, body: fx.GraphModule, outer):
+    """``rng_state()`` for a checkpoint body: a new last placeholder of the body, fed the
+    outer graph's ``rng_state`` as the checkpoint call's new last operand."""
+    made = []
+
+    def rng_state():
+        if not made:
+            mode = fake_mode_of(n.meta.get("val", n.meta.get("example_value"))
+                                for n in body.graph.nodes if n.op == "placeholder")
+            made.append(add_placeholder(body, "fqt_rng_state", "fqt.rng_state", torch.zeros(2, dtype=torch.int64),
+                                        mode))
+            hop.args = (*hop.args, outer())
+        return made[0]
+    return rng_state
+
+
+def _bodies(gm: fx.GraphModule, rng_state, occurrences: dict, regions_out: list, float_out: list) -> int:
+    """Dropout inside activation checkpointing's bodies, which the checkpoint replays in
+    backward: a counter-based mask is redrawn the same, so no RNG state needs saving. Bodies
+    of other higher-order ops, or one body called twice (its sites would repeat a mask), keep
+    torch's dropout with that reason."""
+    replaced, handled = 0, set()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.args
+             and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr"]
+    for hop in calls:
+        body = getattr(gm, hop.args[0].target, None)
+        if not isinstance(body, fx.GraphModule):
+            continue
+        shared = sum(c.args[0].target == hop.args[0].target for c in calls) > 1
+        if hop.target is not _CHECKPOINT or shared:
+            why = "a body called more than once" if shared else f"inside {hop.target}"
+            float_out.extend((module_path(n), "dropout", f"{why}: torch's dropout kept")
+                             for n in body.graph.nodes if n.op == "call_function" and n.target in _TARGETS)
+            continue
+        if hop.args[0].target not in handled:
+            handled.add(hop.args[0].target)
+            replaced += _fuse_in(body, _body_rng_state(gm, hop, body, rng_state), occurrences, regions_out,
+                                 float_out)
+    return replaced
+
+
+def fuse_dropout(gm: fx.GraphModule, *, regions_out: list, float_out: list, extras_out: list) -> PassResult:
+    made = []
+
+    def rng_state():
+        if not made:
+            made.append(_rng_state(gm, extras_out))
+        return made[0]
+
+    occurrences: dict[str, int] = {}
+    replaced = _fuse_in(gm, rng_state, occurrences, regions_out, float_out)
+    replaced += _bodies(gm, rng_state, occurrences, regions_out, float_out)
     if replaced:
         gm.recompile()
     return PassResult(gm, bool(replaced))
