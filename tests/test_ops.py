@@ -7,6 +7,7 @@ import torch
 import fqt_compiler as fqt
 from fqt_compiler import compiler
 
+from fqt_compiler.ops import dropout as D
 from fqt_compiler.ops import fused as F
 from fqt_compiler.ops import fused_regions as FR
 from fqt_compiler.ops import library as L
@@ -126,6 +127,10 @@ def _opcheck_cases():
         _, mean, invstd = FR.ln_region(xn, wn, bn, 1e-5, activation, [], "ln")
         cases.append((FR.ln_region_backward, (torch.randn(xn.shape), xn, wn, bn, mean, invstd, 1e-5, activation,
                                               [], "ln")))
+    # dropout over an odd count (a partial last mask byte)
+    xd = torch.randn(3, 5, 7)
+    cases.append((D.dropout, (xd.clone().requires_grad_(), RS, 0.3, 17, "drop")))
+    cases.append((D.dropout_backward, (torch.randn(xd.shape), D.dropout(xd, RS, 0.3, 17, "drop")[1], 0.3, "drop")))
     return cases
 
 
