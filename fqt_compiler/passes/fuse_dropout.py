@@ -47,15 +47,13 @@ KEYS = ("val", "example_value")
 _SIGNATURE = inspect.signature(F.dropout)
 _TARGETS = (F.dropout, F.scaled_dot_product_attention)
 _CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
-
-
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
 def _arguments(node: fx.Node) -> dict | None:
-    """The call's arguments by name, as ``{"input", "p", "training", "inplace", ...}``, with
-    ``"input"`` the tensor the mask applies to the input of (an attention's query)."""
+    """The call's arguments by name, with ``"input"`` (for an attention: its query, whose
+    dtype is checked), ``"p"``, ``"training"``, ``"inplace"`` and ``"what"`` (for notes)."""
     if node.target is F.dropout:
         try:
             bound = _SIGNATURE.bind(*node.args, **node.kwargs)

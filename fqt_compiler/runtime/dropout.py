@@ -65,7 +65,7 @@ def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float, *, target="
 
 
 @implements("dropout")
-def dropout(x, rng_state, p, site, region, *, layer_name="?", target="host"):
+def dropout_op(x, rng_state, p, site, region, *, layer_name="?", target="host"):
     with stats.timed(layer_name, "region_forward"):
         return dropout_forward(x, ops.dropout_key(rng_state, site), p, target=target)
 
