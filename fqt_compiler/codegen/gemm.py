@@ -44,7 +44,7 @@ from llvmlite import ir
 
 from ..ops.reference import BITS
 from .abi import KernelIR
-from .builder import (F32, I8, I32, I64, PTR, Kernel, const_splat, gep, i64, intrinsic, masked_load,
+from .builder import (F32, I1, I8, I32, I64, PTR, Kernel, call, const_splat, gep, i64, intrinsic, masked_load,
                       masked_scatter, masked_store, new_module, smin, splat, vec)
 from .targets import Target, get_target
 
@@ -207,6 +207,18 @@ def _load_words(b, pop: _Popcount, base, row, ld, word):
 
 def _at(b, base, idx, elem):
     return gep(b, base, idx, elem, inbounds=True)
+
+
+def _store(b: ir.IRBuilder, value, ptr, mask):
+    """``masked_store``, as a plain store when every lane is kept (all tiles but the edge
+    ones): AVX2's masked stores (``vmaskmov``/``vpmaskmov``) cost several plain stores on
+    AMD cores before Zen 4."""
+    whole = call(b, f"llvm.vector.reduce.and.v{mask.type.count}i1", I1, [mask])
+    with b.if_else(whole, likely=True) as (then, otherwise):
+        with then:
+            b.store(value, ptr, align=4)
+        with otherwise:
+            masked_store(b, value, ptr, mask)
 
 
 def _if(b: ir.IRBuilder, cond):
@@ -388,7 +400,7 @@ def _tile_store(b, tile, ops, m, n, totals, first, last, epilogue):
                     with then:
                         epilogue.store(b, row, ng, full, mask)
                     with otherwise:
-                        masked_store(b, full, ptr, mask)
+                        _store(b, full, ptr, mask)
 
 
 def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *, planes: int,
@@ -521,7 +533,7 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
         # Row-major outputs are contiguous along n; the NCHW layout strides by h' w'.
         with b.if_else(b.icmp_signed("==", p["s_col"], i64(1))) as (contiguous, strided):
             with contiguous:
-                masked_store(b, value_, first, mask)
+                _store(b, value_, first, mask)
             with strided:
                 v64 = vec(lanes, I64)
                 stride = splat(b, b.mul(p["s_col"], i64(4)), lanes)  # int32 and float32
@@ -552,7 +564,7 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
                                                    ir.Constant(I32, i))
                         at = b.add(row_at, b.mul(b.add(n, i64(lane)), p["s_col"]))
                         keep = splat(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
-                        masked_store(b, run, _at(b, p["out"], at, elem), keep)
+                        _store(b, run, _at(b, p["out"], at, elem), keep)
             with otherwise:
                 by_rows()
 
@@ -598,7 +610,7 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
         dot = b.sitofp(b.sub(b.shl(pop_sum, const_splat(pop_sum.type, 1)), rowpop), ftype)
         colsum = masked_load(b, _at(b, p["colsum"], n, F32), mask, ir.Constant(ftype, None))
         value = b.fadd(b.fmul(scale, dot), b.fmul(zero, colsum))
-        masked_store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
+        _store(b, value, _at(b, p["out"], b.add(row_at, n), F32), mask)
 
     _body(tile)(kern, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
     return kern.finish()
