@@ -211,6 +211,30 @@ def test_panel_rule():
     assert _use_panel(131072, 64, 576) and _use_panel(512, 512, 4608) and _use_panel(128, 512, 256)
     assert not _use_panel(1024, 1024, 4096) and not _use_panel(128, 512, 4608)
     assert not _use_panel(4096, 64, 81 * 64)
+    # Past N = 512 only a short K whose panel fits in L2 (the last stage's weight gradients).
+    assert _use_panel(128, 4608, 512) and _use_panel(1, 600, 16 * 64 - 13)
+    assert not _use_panel(128, 4608, 17 * 64) and not _use_panel(128, 9216, 16 * 64)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_panel_kernel_wide_n_short_k(target):
+    """The runtime's choice for a short K at N > 512: the across-N kernel (one row or a few,
+    so two threads split N), exact for both families on either side of the short-K bound."""
+    from fqt_compiler.runtime.gemm import _default_tile
+    gen = torch.Generator().manual_seed(8)
+    n = 600
+    for m, k in ((1, 51), (9, 8 * 64 - 13), (5, 16 * 64 - 13), (3, 16 * 64 + 1)):
+        panel = isinstance(_default_tile(m, n, k, get_target(target)), codegen.PanelTile)
+        assert panel == (k <= 16 * 64), (m, k)
+        a, b = bits(m, k, gen), bits(n, k, gen)
+        expect = ref.binary_gemm(a, b)
+        codes = torch.randint(0, 16, (m, k), generator=gen)
+        for threads in (1, 2):
+            assert torch.equal(binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), target=target,
+                                           threads=threads), expect), (m, k)
+            out = run_bitplane(codes, 4, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                               row_map=torch.arange(m), out_rows=m, target=target, threads=threads)
+            assert torch.equal(out, ref.bitplane_gemm(codes, b).float()), (m, k)
 
 
 def test_argument_errors_name_the_argument():

@@ -99,11 +99,13 @@ def default_panel_tile(target: str | Target) -> PanelTile:
     of two in VGG/ResNet) holds whole tiles and NCHW tiles are stored as transposed runs of
     ``mr`` rows (8 floats = one 256-bit store on AVX-512). AVX-512: 8x2 (16 accumulators),
     chosen with benchmarks/bench_gemm.py on conv training shapes for its NCHW stores; AVX2
-    (16 registers, the byte-lookup popcount takes a table, a nibble mask and temporaries)
-    4x1; NEON (32 registers) 4x4."""
+    4x2 (16 registers: the 8 byte accumulators, the B vectors, the broadcast A word and
+    the lookup table and nibble mask; the wide accumulators, touched once per 31 steps,
+    live on the stack), chosen the same way on Zen 3 over 4x1, 8x1 and 2x2; NEON
+    (32 registers) 4x4."""
     t = get_target(target)
     if t.is_x86:
-        return PanelTile(8, 2) if t.vector_bits == 512 else PanelTile(4, 1)
+        return PanelTile(8, 2) if t.vector_bits == 512 else PanelTile(4, 2)
     return PanelTile(4, 4)
 
 

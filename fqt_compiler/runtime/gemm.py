@@ -101,20 +101,25 @@ def _blocking(words: int, tile: codegen.Tile) -> tuple[int, int]:
 # transposes B into the panel (scalar, about N x words cycles), which a GEMM of few rows does
 # not amortize. The thresholds come from benchmarks/bench_gemm.py on conv training shapes:
 # the panel kernel wins at narrow N and short K for many rows, and at few rows only when K is
-# short enough for the pack to be cheap.
-PANEL_MAX_N = 512
+# short enough for the pack to be cheap. A short K also lets it serve a wide N as long as
+# the panel fits in L2: the last stage's weight gradients (K = batch x 2 x 2 positions, N =
+# 9 C_in up to 4608), where the along-K kernel runs a K of two vectors per tile.
+PANEL_MAX_N = 512             # unless K is short and the panel fits in L2
 PANEL_MAX_WORDS = 80
 PANEL_MIN_ROWS = 256          # unless K is short
 PANEL_SHORT_WORDS = 16
 
 
 def _use_panel(m: int, n: int, k: int) -> bool:
-    """Whether the across-N kernel serves an ``M x N x K`` GEMM: N <= 512 outputs, K <= 80
-    words (5120 bits) and M >= 256 rows or K <= 16 words: every conv GEMM of VGG-16 and
-    ResNet-18 training at batch 128 but the last stage's few-row, long-K ones, and not the
-    M = N = 1024, K = 4096 case the along-K kernel is tuned for."""
+    """Whether the across-N kernel serves an ``M x N x K`` GEMM: K <= 80 words (5120 bits),
+    N <= 512 outputs (or K <= 16 words with the ``words x N`` int64 panel within L2) and
+    M >= 256 rows or K <= 16 words: every conv GEMM of VGG-16 and ResNet-18 training at
+    batch 128 but the last stage's few-row, long-K ones, and not the M = N = 1024,
+    K = 4096 case the along-K kernel is tuned for."""
     words = (k + 63) // 64
-    return n <= PANEL_MAX_N and words <= PANEL_MAX_WORDS and (m >= PANEL_MIN_ROWS or words <= PANEL_SHORT_WORDS)
+    short = words <= PANEL_SHORT_WORDS
+    narrow = n <= PANEL_MAX_N or (short and words * n * 8 <= L2_BYTES)
+    return narrow and words <= PANEL_MAX_WORDS and (m >= PANEL_MIN_ROWS or short)
 
 
 _scratch = threading.local()
