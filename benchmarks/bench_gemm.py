@@ -112,8 +112,10 @@ def bitplane_case(m_kept, n, k, bits, gen):
 
 def conv_training_shapes(quick: bool) -> list[tuple[str, str, int, int, int, int]]:
     """``(name, kind, M, N, K, out_hw)`` of the forward GEMMs (NCHW output, as the binary conv
-    writes it) and of the input-gradient 4-bit bit-plane GEMMs (rows = kept quarter of the
-    input positions, N = input channels, K = taps x output channels) of VGG-16 / ResNet-18."""
+    writes it), of the input-gradient 4-bit bit-plane GEMMs (rows = kept quarter of the
+    input positions, N = input channels, K = taps x output channels) and of the
+    weight-gradient ones (rows = kept quarter of the output channels, N = taps x input
+    channels, K = batch x output positions) of VGG-16 / ResNet-18."""
     out, batch = [], 128
     for model in ("vgg16", "resnet18"):
         for name, m, n, k in conv_gemms(model, batch):
@@ -122,8 +124,10 @@ def conv_training_shapes(quick: bool) -> list[tuple[str, str, int, int, int, int
             out.append((name, "fwd", m, n, k, m // batch))  # rows = batch x h' w'
             rows = m // 4 * (4 if stride2 else 1)
             out.append((name + " dX", "dX", rows, k // taps, taps * n, None))
+            out.append((name + " dW", "dW", n // 4, k, m, None))
     if quick:
-        out = [s for s in out if s[0] in ("vgg16 features.1", "vgg16 features.1 dX", "resnet18 layer1.0.conv1")]
+        out = [s for s in out if s[0] in ("vgg16 features.1", "vgg16 features.1 dX", "resnet18 layer1.0.conv1",
+                                          "vgg16 features.14 dW")]
     return out
 
 
@@ -141,9 +145,9 @@ def conv_training_section(args, gen, ghz: float) -> None:
     repeats = 3 if args.quick else 5
     print(f"\n-- conv training shapes, 1 thread, median of {repeats} (after a warm-up): old = along-K kernel "
           f"{old}, new = across-N panel kernel {new}; fwd: float32 NCHW output with per-channel scale; "
-          f"dX: 4-bit bit-plane GEMM, float32 dequantized rows; GMAC/s counts 4 binary MACs per "
+          f"dX, dW: 4-bit bit-plane GEMMs, float32 dequantized rows; GMAC/s counts 4 binary MACs per "
           f"4-bit code x sign; % port = of {PORT_LIMIT} x {ghz:.2f} GHz")
-    print(f"{'shape':<38} {'M':>7} {'N':>4} {'K':>5} {'old ms':>8} {'new ms':>8} {'speedup':>7} "
+    print(f"{'shape':<38} {'M':>7} {'N':>4} {'K':>6} {'old ms':>8} {'new ms':>8} {'speedup':>7} "
           f"{'fp32 ms':>8} {'new x fp32':>10} {'new GMAC/s':>10} {'% port':>6} {'runtime picks':>13}")
     for name, kind, m, n, k, hw in conv_training_shapes(args.quick):
         if kind == "fwd":
@@ -164,7 +168,7 @@ def conv_training_section(args, gen, ghz: float) -> None:
         t_old, t_new = (median_time(run(t), repeats=repeats) for t in (old, new))
         x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
         fp32 = median_time(lambda: torch.mm(x, w), repeats=repeats)
-        print(f"{name:<38} {m:>7} {n:>4} {k:>5} {t_old * 1e3:>8.2f} {t_new * 1e3:>8.2f} {t_old / t_new:>6.2f}x "
+        print(f"{name:<38} {m:>7} {n:>4} {k:>6} {t_old * 1e3:>8.2f} {t_new * 1e3:>8.2f} {t_old / t_new:>6.2f}x "
               f"{fp32 * 1e3:>8.2f} {fp32 / t_new:>9.1f}x {macs / t_new / 1e9:>10.0f} "
               f"{100 * macs / t_new / (PORT_LIMIT * ghz * 1e9):>5.0f}% {'new' if _use_panel(m, n, k) else 'old':>13}")
         del x, w
