@@ -213,8 +213,8 @@ def _at(b, base, idx, elem):
 
 def _store(b: ir.IRBuilder, value, ptr, mask):
     """``masked_store``, as a plain store when every lane is kept (all tiles but the edge
-    ones): AVX2's masked stores (``vmaskmov``/``vpmaskmov``) cost several plain stores on
-    AMD cores before Zen 4."""
+    ones): AVX2's masked stores (``vmaskmov``/``vpmaskmov``) are slow on AMD cores (Zen 3
+    included), and NEON, which has none, stores lane by lane."""
     whole = call(b, f"llvm.vector.reduce.and.v{mask.type.count}i1", I1, [mask])
     with b.if_else(whole, likely=True) as (then, otherwise):
         with then:
