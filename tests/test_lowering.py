@@ -135,8 +135,8 @@ def test_linear_kernels_match_reference(rows, features, out, method, bits):
 @pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1)])
 @pytest.mark.parametrize("lead,features,out", [((1,), 1, 1), ((2, 3), 70, 5), ((33,), 129, 63)])
 def test_both_linear_paths_in_one_op_equal_the_path_ops_bit_for_bit(lead, features, out, method, bits):
-    """``aq_quantize_linear_grads`` forms ``alpha ⊙ g`` once for both paths: dX and dW are
-    exactly those of the two path kernels (which multiply by alpha themselves)."""
+    """``aq_quantize_linear_grads`` runs one statistics pass for both paths: dX and dW are
+    exactly those of the two path kernels (each with its own pass)."""
     torch.manual_seed(4)
     x, w = torch.randn(*lead, features) * 1.5, torch.randn(out, features)
     _, sign_bits, ste_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)

@@ -142,6 +142,35 @@ def test_statistics_propagate_nan(target, shape):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("rows,cols", [(5, 7), (40, 19), (6, 33)])   # a tail only; 2 thread slices; whole + tail
+def test_row_col_statistics(target, rows, cols, monkeypatch):
+    """A row-major G' (a linear layer's): one pass of the row/column kernel gives both paths'
+    groups as the reference: NaN (in a whole vector, in the masked tail, or made by alpha
+    inf * 0) propagates to its row and column, an Inf is no NaN, a zero is +0.0; the two
+    paths of one G' share the pass."""
+    g = gradient(rows, cols, seed=rows)
+    g[1, cols - 1] = float("nan")
+    g[2, 0] = float("nan")
+    g[0, 1] = float("-inf")
+    g[0, 0] = 0.0
+    g[3, :] = -0.0                  # a row and a column of negative zeros: +0.0 statistics
+    g[:, 3] = -0.0
+    alpha = torch.rand(cols) + 0.5
+    alpha[0] = float("inf")         # inf * 0 = NaN at (0, 0) only
+    passes, one_pass = [], quantize._row_col_min_max
+    monkeypatch.setattr(quantize, "_row_col_min_max", lambda *a: passes.append(a) or one_pass(*a))
+    shared = quantize.SharedStatistics()
+    for kind in ("sample", "channel"):
+        want = reference.group_min_max(g * alpha, kind, 1)
+        got = quantize._statistics(g, kind, 1, alpha, target, sum_squares=False, shared=shared)[:2]
+        assert want[0].isnan().any() and not want[0].isnan().all()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+            assert not a[a == 0].signbit().any()
+    assert len(passes) == 1
+
+
 def test_different_seeds_give_different_codes():
     g = gradient(2, 64, 4, 4)
     a = quantize.quantize_bitplanes(g, "psq", reference.PATH_INPUT, 4, seed=0, step=0, layer=0)

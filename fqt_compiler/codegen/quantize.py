@@ -29,7 +29,7 @@ from llvmlite import ir
 from ..ops import rng
 from .abi import KernelIR
 from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load,
-                      masked_scatter, new_module, transpose64, vec)
+                      masked_scatter, masked_store, new_module, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64
@@ -133,6 +133,98 @@ def group_minmax_ir(target: str | Target = "host", *, lanes: int = LANES, sum_sq
             b.store(b.select(any_nan, ir.Constant(F32, float("nan")), value), k.gep(a[name], p))
         if sum_squares:
             b.store(_halving_sum(k, k.get(ss, dv)), k.gep(a["ss"], p, F64))
+    return k.finish()
+
+
+def _nan_min_max(k: Kernel, op: str, x, y):
+    """``llvm.minimum``/``llvm.maximum`` (``op`` "min"/"max"): NaN when either is NaN, as
+    torch's amin/amax. ``nsz``: the sign of a zero result may be either (the kernel adds +0.0
+    at the end). An intrinsic, not a compare and select: a select between a new value and
+    the loaded accumulator, stored back, becomes a masked store, which is slow on x86."""
+    name = {"min": "minimum", "max": "maximum"}[op]
+    return k.call(f"llvm.{name}.v{x.type.count}f32", x.type, [x, y], fastmath=("nsz",))
+
+
+def row_col_minmax_ir(target: str | Target = "host") -> KernelIR:
+    """``fqt_row_col_minmax(g, ld, alpha, O, rlo, rhi, clo, chi, r0, r1)``: one pass over rows
+    ``r0..r1`` of a row-major ``[rows, O]`` matrix (row stride ``ld``; times ``alpha[o]`` when
+    not null) giving both groupings of a linear layer's ``G'``: ``rlo[r]``/``rhi[r]``, the min/max of row ``r`` (the input
+    path's per-row groups), and ``clo[o]``/``chi[o]``, the min/max of column ``o`` over these
+    rows (the weight path's per-channel groups; a slice of rows per thread, each into its
+    own ``clo``/``chi``, reduced by the caller). NaN propagates (``_nan_min_max``); a zero
+    result is +0.0, as ``reference.group_min_max``.
+
+    Vectors run along the contiguous columns: the column accumulators are one load and
+    store per vector (O floats each, in L1 for a layer's width), the row accumulators stay in
+    registers and are reduced once per row; only the last partial vector is masked."""
+    t = get_target(target)
+    m = new_module(t, "fqt_quantize")
+    k = Kernel(m, "fqt_row_col_minmax", [("g", "ptr"), ("ld", "i64"), ("alpha", "ptr"), ("O", "i64"), ("rlo", "ptr"),
+                                         ("rhi", "ptr"), ("clo", "ptr"), ("chi", "ptr"), ("r0", "i64"), ("r1", "i64")])
+    a, b = k.arg, k.b
+    width = 2 * _chunk_lanes(t)   # two registers: two independent row-accumulator chains
+    fv = vec(width, F32)
+    inf, ninf = const_vec(width, float("inf"), F32), const_vec(width, float("-inf"), F32)
+    full = const_vec(width, 1, I1)
+    whole = b.and_(a["O"], ir.Constant(I64, -width))
+    tail = b.icmp_signed("<", b.add(const_vec(width, range(width)), k.splat(whole, width)), k.splat(a["O"], width))
+    has_tail = b.icmp_signed("<", whole, a["O"])
+
+    def columns(body):
+        with k.loop(0, whole, width) as c:
+            body(c, full)
+        with b.if_then(has_tail):
+            body(whole, tail)
+
+    def store(value, ptr, mask):
+        if mask is full:
+            b.store(value, ptr, align=4)
+        else:
+            masked_store(b, value, ptr, mask)
+
+    def init(c, mask):
+        store(inf, k.gep(a["clo"], c), mask)
+        store(ninf, k.gep(a["chi"], c), mask)
+
+    columns(init)
+    with k.loop(a["r0"], a["r1"]) as r:
+        row = k.gep(a["g"], b.mul(r, a["ld"]))
+        lo, hi = k.var(fv, inf), k.var(fv, ninf)
+
+        def accumulate(c, mask):
+            if mask is full:
+                v = b.load(k.gep(row, c), typ=fv, align=4)
+            else:
+                v = masked_load(b, k.gep(row, c), mask, const_vec(width, 0.0, F32))
+            v = _times_alpha(k, v, a["alpha"], ir.Constant(I64, 0), c, ir.Constant(I64, 1), mask)
+            vlo = vhi = v
+            if mask is not full:   # masked lanes (after alpha: inf * 0 would be NaN) lose every compare
+                vlo, vhi = b.select(mask, v, inf), b.select(mask, v, ninf)
+            k.set(lo, _nan_min_max(k, "min", vlo, k.get(lo, fv)))
+            k.set(hi, _nan_min_max(k, "max", vhi, k.get(hi, fv)))
+            for name, op, val in (("clo", "min", vlo), ("chi", "max", vhi)):
+                ptr = k.gep(a[name], c)
+                cur = b.load(ptr, typ=fv, align=4) if mask is full else masked_load(b, ptr, mask, val)
+                store(_nan_min_max(k, op, val, cur), ptr, mask)
+
+        columns(accumulate)
+        for name, op, acc in (("rlo", "min", lo), ("rhi", "max", hi)):
+            value, n = k.get(acc, fv), width
+            while n > 1:
+                n //= 2
+                low = b.shuffle_vector(value, value, const_vec(n, range(n), I32))
+                high = b.shuffle_vector(value, value, const_vec(n, range(n, 2 * n), I32))
+                value = _nan_min_max(k, op, low, high)
+            value = b.fadd(b.extract_element(value, ir.Constant(I32, 0)), ir.Constant(F32, 0.0))
+            b.store(value, k.gep(a[name], r))
+
+    def positive_zero(c, mask):
+        for name in ("clo", "chi"):
+            ptr = k.gep(a[name], c)
+            cur = b.load(ptr, typ=fv, align=4) if mask is full else masked_load(b, ptr, mask, inf)
+            store(b.fadd(cur, const_vec(width, 0.0, F32)), ptr, mask)
+
+    columns(positive_zero)
     return k.finish()
 
 

@@ -199,6 +199,19 @@ def _minmax(mem: Memory, a: dict, opts: dict) -> None:
         mem.at(a["ss"], torch.float64)[p] = reference.pair_sum_squares(v.unsqueeze(0))[0]
 
 
+def _row_col_minmax(mem: Memory, a: dict, opts: dict) -> None:
+    r0, r1, o = a["r0"], a["r1"], a["O"]
+    v = _times_alpha(mem, a, mem.rows(a["g"], a["ld"], r1, o, torch.float32)[r0:], torch.arange(o))
+    for kind, lo_name, hi_name in (("sample", "rlo", "rhi"), ("channel", "clo", "chi")):
+        lo, hi = reference.group_min_max(v, kind)
+        if kind == "sample":
+            mem.at(a[lo_name], torch.float32)[r0:r1] = lo
+            mem.at(a[hi_name], torch.float32)[r0:r1] = hi
+        else:   # this slice's partial minima and maxima
+            mem.at(a[lo_name], torch.float32, o)[:] = lo
+            mem.at(a[hi_name], torch.float32, o)[:] = hi
+
+
 def _codes(mem: Memory, a: dict, v, ctr, group, bits: int):
     """Stochastic rounding codes of ``v`` at counters ``ctr`` in groups ``group``
     (``reference.rounded_codes`` with the stream's uniforms)."""
@@ -280,9 +293,9 @@ def _dropout_backward(mem: Memory, a: dict, opts: dict) -> None:
 
 CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
-          "transpose_bits": _transpose_bits, "minmax": _minmax, "pack": _quantize_pack,
-          "pack_rows": _quantize_pack_rows, "unpack": _unpack, "dropout_forward": _dropout_forward,
-          "dropout_backward": _dropout_backward}
+          "transpose_bits": _transpose_bits, "minmax": _minmax, "row_col_minmax": _row_col_minmax,
+          "pack": _quantize_pack, "pack_rows": _quantize_pack_rows, "unpack": _unpack,
+          "dropout_forward": _dropout_forward, "dropout_backward": _dropout_backward}
 
 
 # Digests of what calls must write, by a digest of their inputs: targets whose kernels make

@@ -269,10 +269,10 @@ def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, st
 
 @implements("aq_quantize_linear_input_grad")
 def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
-                      alpha=None, *, layer_name="?", target="host"):
+                      alpha=None, *, layer_name="?", target="host", shared=None):
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target, alpha)
+    q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target, alpha, shared)
     with stats.timed(layer_name, "pack"):
         wt = pack_signs(weight.detach().T, target=target)
     dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
@@ -283,10 +283,10 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
 
 @implements("aq_quantize_linear_weight_grad")
 def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
-                       alpha=None, *, layer_name="?", target="host"):
+                       alpha=None, *, layer_name="?", target="host", shared=None):
     o, f = weight.shape
     g2 = gprime.reshape(-1, o)
-    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target, alpha)
+    q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target, alpha, shared)
     rows = [x_sign_bits] if q.segments == 1 else x_sign_bits.split(1)
     with stats.timed(layer_name, "pack"):   # sign(X) along the rows
         xt = [transpose_bits(PackedBits(r, f), target=target) for r in rows]
@@ -296,13 +296,13 @@ def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, 
 @implements("aq_quantize_linear_grads")
 def linear_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer,
                  alpha=None, *, layer_name="?", target="host"):
-    """``(dX, dW)``: both paths above on one G'. A linear layer's groups (rows, columns) are
-    no shared pairs, so what both read once is ``G' = alpha ⊙ g`` itself: the float32
-    products each path's statistics and quantizer kernels would form, formed once."""
-    g = _float32(gprime)
-    if alpha is not None:
-        with stats.timed(layer_name, "quantize"):
-            g = g * _channels(alpha)
-    rest = (x_shape, method, bits, layer)
-    return (linear_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target),
-            linear_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target))
+    """``(dX, dW)``: both paths above on one G', whose groups (its rows for dX, its
+    columns for dW) come from one pass of the row/column statistics kernel; alpha is
+    multiplied in on the fly by that kernel and the quantizers, so no ``alpha ⊙ g`` is
+    written."""
+    g, alpha, shared = _float32(gprime), _channels(alpha), SharedStatistics()
+    rest = (x_shape, method, bits, layer, alpha)
+    return (linear_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target,
+                              shared=shared),
+            linear_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target,
+                               shared=shared))

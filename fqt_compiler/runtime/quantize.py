@@ -16,6 +16,7 @@ in on the fly: ``G' = alpha ⊙ g``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -23,12 +24,14 @@ from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
 from .jit import kernel_of
+from . import threads as pool
 from .pack import parallel_rows
 from .packed import padded_words
 
-_GENERATORS = {"minmax": gen.group_minmax_ir, "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
-# Runs of one element per (sample, channel) pair (a linear layer's rows, 1x1 maps) go to
-# torch's reductions, which vectorize across the channels instead (_statistics).
+_GENERATORS = {"minmax": gen.group_minmax_ir, "row_col_minmax": gen.row_col_minmax_ir,
+               "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
+# Pairs of one element or strided runs that are no row-major matrix's rows or columns (a
+# transposed G', samples of a few rows) go to torch's reductions instead (_statistics).
 MIN_KERNEL_RUN = 2
 # Vector width of the min/max kernel without sums of squares (their order fixes 64 lanes):
 # two accumulators, a NaN flag and the loaded vector of 16 float32 lanes fit the AVX2 and
@@ -100,18 +103,20 @@ class SharedStatistics:
     """The statistics pass over one ``G'``, shared by its two SCQ paths: the per-sample groups
     (input path) and the per-channel groups (weight path) are both reductions of the same
     ``(sample, channel)`` pair minima and maxima (and pair sums of squares), so the kernel
-    reads ``G'`` once for both. Made by the op computing both paths and dropped when it
-    returns, so it never outlives the ``G'`` and alpha it was made for; a pass is reused
-    only for the same view of the same memory (a grouping whose pairs differ, e.g. the
-    channel groups of a Linear layer's one-row samples, runs its own)."""
+    reads ``G'`` once for both; a linear layer's rows and columns (``_row_major``) come from
+    one pass of the row/column kernel. Made by the op computing both paths and dropped when
+    it returns, so it never outlives the ``G'`` and alpha it was made for; a pass is reused
+    only for the same view of the same memory."""
 
     def __init__(self):
         self._passes = {}
 
-    def min_max(self, v: "_View", target: str, sum_squares: bool):
-        key = (v.g.data_ptr(), tuple(v.g.shape), v.g.stride(), v.alpha_ptr(), sum_squares)
+    def get(self, v: "_View", what: tuple, compute):
+        """``compute()``, or its result for the same memory and alpha of ``G'`` and the same
+        ``what`` (the pass and the layout it reads)."""
+        key = (v.g.data_ptr(), v.alpha_ptr(), what)
         if key not in self._passes:
-            self._passes[key] = _min_max(v, target, sum_squares)
+            self._passes[key] = compute()
         return self._passes[key]
 
 
@@ -130,21 +135,62 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
     if kind not in ("tensor", "sample", "channel"):
         raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     v = _view(g, kind, rows_per_sample, alpha)
+    tname = get_target(target).name
+    matrix = _row_major(v, kind)
+    if matrix is not None and not (sum_squares and kind == "channel"):
+        rows, ld = matrix
+        run = lambda: _row_col_min_max(v, rows, ld, tname)   # noqa: E731
+        rlo, rhi, clo, chi = shared.get(v, ("row_col", rows, v.channels, ld), run) if shared else run()
+        if kind == "channel":
+            return clo, chi, None
+        # A row's (sample, channel) pairs are single elements: their sums of squares are the
+        # squares, exact in float64 (reference.pair_sum_squares adds only zeros to them).
+        rows_g = v.g[:, :, 0] if v.alpha is None else v.g[:, :, 0] * v.alpha
+        return rlo, rhi, rows_g.double().square() if sum_squares else None
     if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1):
-        # A [rows, O] gradient (a linear layer's) or a 1x1 map: the kernel would reduce runs
-        # of one element (per-row groups) or strided columns; torch's reductions vectorize
-        # across the contiguous channels instead. min/max are exact and amin/amax propagate NaN,
-        # so the statistics are the reference's (a zero as +0.0, as there). aq_opt's sums
-        # of squares keep the kernel: their summation order is part of the definition.
+        # Runs of one element or strided ones (a transposed G', samples of a few rows): the
+        # kernel would reduce them element by element; torch's reductions vectorize across
+        # the channels. min/max are exact and amin/amax propagate NaN, so the statistics are
+        # the reference's (a zero as +0.0, as there). aq_opt's sums of squares keep the
+        # kernel: their summation order is part of the definition.
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
         return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0, None
-    tname = get_target(target).name
-    lo, hi, ss = shared.min_max(v, tname, sum_squares) if shared else _min_max(v, tname, sum_squares)
+    run = lambda: _min_max(v, tname, sum_squares)   # noqa: E731
+    lo, hi, ss = shared.get(v, ("pairs", tuple(v.g.shape), v.g.stride(), sum_squares), run) if shared else run()
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1), ss
     dim = 1 if kind == "sample" else 0
     return lo.amin(dim), hi.amax(dim), ss
+
+
+def _row_major(v: _View, kind: str) -> tuple[int, int] | None:
+    """``(rows, row stride)`` when ``v`` is a row-major ``[rows, O]`` matrix whose groups are
+    its rows (samples of one row: a linear layer's input path, a conv's 1x1 maps) or its whole
+    columns (the weight path of the same), else None."""
+    if v.g.stride(1) != 1:
+        return None
+    if kind == "sample" and v.rps == 1:
+        return v.n, v.g.stride(0)
+    if kind == "channel" and v.n == 1:
+        return v.rps, v.g.stride(2)
+    return None
+
+
+def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
+    """``(row lo, row hi, column lo, column hi)`` of the row-major matrix ``v`` from one pass
+    of the row/column kernel: each thread's slice of rows writes its own column partials,
+    reduced here."""
+    o = v.channels
+    slices = pool.split(rows, pool.num_threads(None), 16) or [(0, 0)]
+    rlo, rhi = torch.empty(rows), torch.empty(rows)
+    cols = torch.empty(2, len(slices), o)   # [lo/hi, slice, o]
+    fn, at, step = _fn("row_col_minmax", target), cols.data_ptr(), 4 * o
+    pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(), at + i * step,
+                      at + (len(slices) + i) * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
+    if len(slices) == 1:
+        return rlo, rhi, cols[0, 0], cols[1, 0]
+    return rlo, rhi, cols[0].amin(0), cols[1].amax(0)   # the kernel's zeros are all +0.0
 
 
 def _min_max(v: _View, target: str, sum_squares: bool):
