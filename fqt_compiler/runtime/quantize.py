@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 
 from ..codegen import quantize as gen
@@ -218,9 +219,21 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
     lo, hi, pairs = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=method == "aq_opt",
                                 shared=shared)
     scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, g.numel())
-    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer,
-                                       scores=scores)
-    return lo, hi, keep, prob
+    return (lo, hi, *_keep_groups(lo, hi, scores, method, path, bits, seed=seed, step=step, layer=layer))
+
+
+def _keep_groups(lo, hi, scores, method: str, path: str, bits: int, *, seed: int, step: int, layer: int):
+    """``reference.keep_groups``; its common case, an AQ method on finite statistics, is
+    taken here directly (the same ``aq_probabilities`` and keep draws) with the finiteness
+    check in numpy instead of its torch operations, which cost more than the draws."""
+    if method in reference.SAMPLED:
+        with np.errstate(all="ignore"):   # hi - lo may overflow: then the reference handles it
+            finite = np.isfinite(scores.numpy()).all() and np.isfinite(hi.numpy() - lo.numpy()).all()
+        if finite:
+            prob = reference.aq_probabilities(scores, bits)
+            stream = rng.STREAM_SAMPLE_INPUT if path == reference.PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
+            return rng.keep_draws(seed, step, layer, stream, prob), prob
+    return reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
 
 
 @dataclass
@@ -271,42 +284,41 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         stats = sample_groups(g, method, path, bits, rows_per_sample=rows_per_sample, seed=seed, step=step,
                               layer=layer, alpha=alpha, target=target, shared=shared)
     lo, hi, keep, prob = (t.contiguous() for t in stats)
-    levels = float(2 ** bits - 1)
-    ranges = hi - lo
-    # B / R with the reference's float32 division (stochastic_codes).
-    sr_scale = torch.where(ranges > 0, torch.tensor(levels, dtype=torch.float32) / ranges, torch.zeros(()))
-    scale, zero = reference.dequantization(lo, hi, keep, prob, bits)
+    # The small per-group and per-row tables in numpy: a few dozen operations on vectors of
+    # at most a few thousand elements, where torch's per-operation dispatch costs more.
+    keep_np = keep.numpy()
+    sr_scale, scale, zero = _affine(lo.numpy(), hi.numpy(), keep_np, prob.numpy(), bits)
     n, channels, rps = v.n, v.channels, v.rps
     src = v.g
     if path == reference.PATH_INPUT:
-        sample_group = torch.arange(n) if kind == "sample" else torch.zeros(n, dtype=torch.int64)
-        kept = torch.nonzero(keep[sample_group]).view(-1)
-        rows = (kept.view(-1, 1) * rps + torch.arange(rps)).view(-1)
+        sample_group = np.arange(n) if kind == "sample" else np.zeros(n, np.int64)
+        kept = np.flatnonzero(keep_np[sample_group])
+        rows = (kept[:, None] * rps + np.arange(rps)).ravel()
         groups = sample_group[rows // rps]
         k, out_rows = channels, n * rps
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_INPUT)
         if src.stride(1) != 1 and src.stride(2) == 1 and rps >= 64:
             # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
             sn, so, si = src.stride()
-            tiles = kept.numel() * -(-rps // 64)
-            planes = torch.empty(bits, rows.numel(), padded_words(k), dtype=torch.int64)
-            kept_groups = sample_group[kept].contiguous()
+            tiles = kept.size * -(-rps // 64)
+            planes = torch.empty(bits, rows.size, padded_words(k), dtype=torch.int64)
+            kept_groups = sample_group[kept]
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
-                          lo.data_ptr(), sr_scale.data_ptr(), kept.data_ptr(), kept_groups.data_ptr(),
-                          channels, rps, planes.data_ptr(), rows.numel(), planes.shape[2], min_rows=2)
+                          lo.data_ptr(), _ptr(sr_scale), _ptr(kept), _ptr(kept_groups),
+                          channels, rps, planes.data_ptr(), rows.size, planes.shape[2], min_rows=2)
             return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
             src = src.permute(0, 2, 1).contiguous().permute(0, 2, 1)
         sn, so, si = src.stride()
-        tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, torch.zeros_like(rows))
+        tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     elif kind == "sample":
         # One segment per (sample, channel): channel o over the sample's rps rows, counters
         # r*O + o of its rows r = s*rps + j, the sample's group.
         sn, so, si = src.stride()
-        pairs = torch.arange(n * channels)
+        pairs = np.arange(n * channels)
         rows, groups = pairs % channels, pairs // channels
         tables = (groups * sn + rows * so, groups * rps * channels + rows, groups, rows)
         layout = (1, rps, 0, si, 0, channels, 0, 0)
@@ -314,8 +326,8 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
         return _result(planes, rps, rows, groups, channels, kind, keep, prob, scale, zero, segments=n)
     else:
-        group = torch.arange(channels) if kind == "channel" else torch.zeros(channels, dtype=torch.int64)
-        rows = torch.nonzero(keep[group]).view(-1)
+        group = np.arange(channels) if kind == "channel" else np.zeros(channels, np.int64)
+        rows = np.flatnonzero(keep_np[group])
         groups = group[rows]
         k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
@@ -333,18 +345,36 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
 
 
+def _affine(lo, hi, keep, prob, bits: int):
+    """Per group (numpy float32): ``B / R`` (0 for R = 0), the stochastic rounding scale of
+    ``reference.stochastic_codes``, and ``reference.dequantization``'s ``scale = R / (B p)``
+    and ``zero = z / p``, with the reference's float32 operations in its order."""
+    levels = np.float32(2 ** bits - 1)
+    ranges = hi - lo
+    safe_p = np.where(keep, prob, np.float32(1))
+    with np.errstate(all="ignore"):   # B / 0 and non-finite groups, as in torch
+        sr_scale = np.where(ranges > 0, levels / ranges, np.float32(0))
+        return sr_scale, ranges / levels / safe_p, lo / safe_p
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
 def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> torch.Tensor:
-    """``fqt_quantize_pack`` over the rows its ``tables`` describe: planes ``[bits, rows, ld]``."""
-    m = tables[0].numel()
+    """``fqt_quantize_pack`` over the rows its ``tables`` (int64 numpy) describe: planes
+    ``[bits, rows, ld]``."""
+    m = tables[0].size
     planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
     if m:
-        tables = [t.contiguous() for t in tables]
+        tables = [np.ascontiguousarray(t, np.int64) for t in tables]
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
-                      sr_scale.data_ptr(), *[t.data_ptr() for t in tables], *layout, planes.data_ptr(), m,
+                      _ptr(sr_scale), *[_ptr(t) for t in tables], *layout, planes.data_ptr(), m,
                       planes.shape[2], min_rows=4)
     return planes
 
 
 def _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero, segments=1) -> BitplaneGradient:
-    return BitplaneGradient(planes, k, rows, scale[groups], zero[groups], out_rows, kind, keep, prob, scale, zero,
-                            segments)
+    t = torch.from_numpy
+    return BitplaneGradient(planes, k, t(rows), t(scale[groups]), t(zero[groups]), out_rows, kind, keep, prob,
+                            t(scale), t(zero), segments)
