@@ -8,6 +8,8 @@ with ``i`` a row within its sample. Its element has G' row ``r = n*HW + i`` and 
 
 * ``group_minmax_ir``: min and max of every ``(n, o)`` pair over ``i``; the runtime reduces
   them to per-tensor, per-sample or per-channel groups (min/max are exact in any order).
+* ``row_col_minmax_ir``: a row-major ``[rows, O]`` ``G'`` (a linear layer's), whose pairs are
+  single elements: the min and max of every row and every column in one pass.
 * ``quantize_pack_ir``: for each output row (a kept group's row of the path's GEMM operand),
   stochastic rounding with the SplitMix64 draws computed in the kernel and the reference's
   float32 operations in the reference's order (``t = (v - z) * s``, ``floor(t + u)``, clamp;

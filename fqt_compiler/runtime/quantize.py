@@ -5,10 +5,13 @@
 or as a 2-D ``[rows, O]`` matrix; ``alpha`` (per output channel), when given, is multiplied
 in on the fly: ``G' = alpha ⊙ g``.
 
-1. ``sample_groups``: the min/max kernel (which also sums the squares for ``aq_opt``), then
-   scores -> keep probabilities and the keep draws on the N groups in Python
-   (``reference.keep_groups``; tiny). Both paths of one ``G'`` can share the kernel's pass
-   (``SharedStatistics``).
+1. ``sample_groups``: the min/max kernel (which also sums the squares for ``aq_opt``), or
+   for a row-major ``[rows, O]`` G' (a linear layer's) the row/column kernel, which gives
+   the per-row groups of the input path and the per-column groups of the weight path in one
+   pass; then scores -> keep probabilities and the keep draws on the N groups
+   (``reference.aq_probabilities`` and ``rng.keep_draws``; tiny). Both paths of one ``G'``
+   can share the statistics pass (``SharedStatistics``). The per-group and per-row tables
+   around the kernels are numpy: torch's per-operation cost exceeds their work.
 2. ``quantize_bitplanes``: stochastic rounding of the kept groups only, bit-plane packed
    along the contraction axis of the path, as ``runtime.gemm.bitplane_gemm`` consumes it:
    ``out[row_map[m], :] = row_scale[m] * dot(m) + row_zero[m] * colsum``.
@@ -358,7 +361,7 @@ def _affine(lo, hi, keep, prob, bits: int):
 
 
 def _ptr(a: np.ndarray) -> int:
-    return a.ctypes.data
+    return torch.from_numpy(a).data_ptr()   # cheaper than numpy's ctypes attribute
 
 
 def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> torch.Tensor:
