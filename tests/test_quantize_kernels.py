@@ -190,6 +190,40 @@ def test_quantize_property(n, o, h, w, method, path, bits, seed):
     check(got, ref, path, h * w)
 
 
+@pytest.mark.parametrize("method", ["aq_scq", "aq_opt"])
+@pytest.mark.parametrize("shape", [(9, 20), (6, 5, 2, 3)])
+def test_non_finite_groups_keep_the_reference_decisions(method, shape):
+    """A NaN and an Inf in G': their groups are kept with p = 1 and the others draw as in
+    the reference (the quantizer's shortcut for finite statistics does not apply)."""
+    g = gradient(*shape, seed=2)
+    g.view(-1)[3] = float("nan")
+    g.view(-1)[-1] = float("inf")
+    rps = 1 if g.dim() == 2 else shape[2] * shape[3]
+    g2d = g if g.dim() == 2 else reference.conv_rows(g)
+    for path in PATHS:
+        want = reference.sample_groups(g2d, method, path, 4, rows_per_sample=rps, **KEY)
+        got = quantize.sample_groups(g, method, path, 4, rows_per_sample=rps, **KEY)
+        assert not torch.isfinite(want[1] - want[0]).all()
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 80), method=st.sampled_from(METHODS),
+       bits=st.sampled_from((1, 2, 4, 8)), seed=st.integers(0, 2**31))
+def test_linear_pair_property(rows, cols, method, bits, seed):
+    """Both paths of a linear layer's G' with alpha, sharing one statistics pass (as
+    ``aq_quantize_linear_grads``), equal the reference."""
+    g, alpha = gradient(rows, cols, seed=seed), torch.rand(cols) + 0.1
+    shared = quantize.SharedStatistics()
+    for path in PATHS:
+        ref = reference.quantize_gradient(g * alpha, method, path, bits, rows_per_sample=1, seed=seed, step=1,
+                                          layer=0)
+        got = quantize.quantize_bitplanes(g, method, path, bits, rows_per_sample=1, alpha=alpha, seed=seed,
+                                          step=1, layer=0, shared=shared)
+        check(got, ref, path, 1)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="bits"):
         quantize.quantize_bitplanes(gradient(2, 3, 2, 2), "psq", "input", 3, **KEY)
