@@ -143,7 +143,7 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
     matrix = _row_major(v, kind)
     if matrix is not None and not (sum_squares and kind == "channel"):
         rows, ld = matrix
-        run = lambda: _row_col_min_max(v, rows, ld, tname)   # noqa: E731
+        run = partial(_row_col_min_max, v, rows, ld, tname)
         rlo, rhi, clo, chi = shared.get(v, ("row_col", rows, v.channels, ld), run) if shared else run()
         if kind == "channel":
             return clo, chi, None
@@ -160,7 +160,7 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
         g = v.g if v.alpha is None else v.g * v.alpha.view(1, -1, 1)
         dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
         return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0, None
-    run = lambda: _min_max(v, tname, sum_squares)   # noqa: E731
+    run = partial(_min_max, v, tname, sum_squares)
     lo, hi, ss = shared.get(v, ("pairs", tuple(v.g.shape), v.g.stride(), sum_squares), run) if shared else run()
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1), ss
