@@ -150,15 +150,16 @@ def _nan_min_max(k: Kernel, op: str, x, y):
 def row_col_minmax_ir(target: str | Target = "host") -> KernelIR:
     """``fqt_row_col_minmax(g, ld, alpha, O, rlo, rhi, clo, chi, r0, r1)``: one pass over rows
     ``r0..r1`` of a row-major ``[rows, O]`` matrix (row stride ``ld``; times ``alpha[o]`` when
-    not null) giving both groupings of a linear layer's ``G'``: ``rlo[r]``/``rhi[r]``, the min/max of row ``r`` (the input
-    path's per-row groups), and ``clo[o]``/``chi[o]``, the min/max of column ``o`` over these
-    rows (the weight path's per-channel groups; a slice of rows per thread, each into its
-    own ``clo``/``chi``, reduced by the caller). NaN propagates (``_nan_min_max``); a zero
-    result is +0.0, as ``reference.group_min_max``.
+    not null) giving both groupings of a linear layer's ``G'``: ``rlo[r]``/``rhi[r]``, the
+    min/max of row ``r`` (the input path's per-row groups), and ``clo[o]``/``chi[o]``, the
+    min/max of column ``o`` over these rows (the weight path's per-channel groups; a slice
+    of rows per thread, each into its own ``clo``/``chi``, reduced by the caller). NaN
+    propagates (``_nan_min_max``); a zero result is +0.0, as ``reference.group_min_max``.
 
     Vectors run along the contiguous columns: the column accumulators are one load and
-    store per vector (O floats each, in L1 for a layer's width), the row accumulators stay in
-    registers and are reduced once per row; only the last partial vector is masked."""
+    store per vector (2 x O floats, in L1 up to a few thousand columns), the row
+    accumulators stay in registers and are reduced once per row; only the last partial
+    vector is masked."""
     t = get_target(target)
     m = new_module(t, "fqt_quantize")
     k = Kernel(m, "fqt_row_col_minmax", [("g", "ptr"), ("ld", "i64"), ("alpha", "ptr"), ("O", "i64"), ("rlo", "ptr"),
