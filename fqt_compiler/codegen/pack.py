@@ -55,6 +55,11 @@ def _load64(k: Kernel, base: ir.Value, first: ir.Value, count: ir.Value):
     return masked_load(k.b, k.gep(base, first), mask, const_vec(LANES, 0.0, F32)), mask
 
 
+def _chunk(k: Kernel, row: ir.Value, w: ir.Value, c: int) -> ir.Value:
+    """Address of float chunk ``c`` (``CHUNK`` floats) of word ``w``'s 64 floats in ``row``."""
+    return k.gep(row, k.b.add(k.b.shl(w, ir.Constant(I64, 6)), ir.Constant(I64, c * CHUNK)))
+
+
 def _byte_at(b: ir.IRBuilder, flags: ir.Value, c: int) -> ir.Value:
     """``CHUNK`` flags as byte ``c`` of an i64 word."""
     return b.shl(b.zext(b.bitcast(flags, I8), I64), ir.Constant(I64, c * CHUNK))
@@ -84,7 +89,7 @@ def sign_pack_ir(target: str | Target = "host", *, with_ste: bool = False) -> Ke
             # A whole word: CHUNK floats a step, unmasked, each step's flags one byte of it.
             signs, small = ir.Constant(I64, 0), ir.Constant(I64, 0)
             for c in range(LANES // CHUNK):
-                ptr = k.gep(base, b.add(b.shl(w, ir.Constant(I64, 6)), ir.Constant(I64, c * CHUNK)))
+                ptr = _chunk(k, base, w, c)
                 v = b.load(ptr, typ=vec(CHUNK, F32), align=4)
                 signs = b.or_(signs, _byte_at(b, b.fcmp_ordered(">", v, zero_c), c))
                 if with_ste:
@@ -135,7 +140,7 @@ def unpack_ir(target: str | Target = "host", *, multiply: bool = False) -> Kerne
             word = b.load(k.gep(src, w, I64), typ=I64)
             for c in range(LANES // CHUNK):
                 flags = b.bitcast(b.trunc(b.lshr(word, ir.Constant(I64, c * CHUNK)), I8), vec(CHUNK, I1))
-                ptr = k.gep(dst, b.add(b.shl(w, ir.Constant(I64, 6)), ir.Constant(I64, c * CHUNK)))
+                ptr = _chunk(k, dst, w, c)
                 value = b.select(flags, ones_c, zeros_c)
                 if multiply:
                     value = b.fmul(b.load(ptr, typ=vec(CHUNK, F32), align=4), value)

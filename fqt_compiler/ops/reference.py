@@ -385,6 +385,14 @@ def sampling_scores(method: str, bits: int, lo, hi, pair_sums, kind: str, elemen
     return opt_scores(hi - lo, group_sum_squares(pair_sums, kind), elements // lo.numel(), bits)
 
 
+def aq_keep(scores: torch.Tensor, path: str, bits: int, *, seed: int, step: int, layer: int):
+    """``(keep, prob)`` of an AQ method's groups of one path from finite ``scores``: the keep
+    probabilities and the path's counter-based keep draws."""
+    prob = aq_probabilities(scores, bits)
+    stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
+    return rng.keep_draws(seed, step, layer, stream, prob), prob
+
+
 def keep_groups(lo: torch.Tensor, hi: torch.Tensor, method: str, path: str, bits: int, *,
                 seed: int, step: int, layer: int, scores: torch.Tensor | None = None):
     """``(keep, prob)`` of the groups of one path from their minima and maxima and their
@@ -405,9 +413,7 @@ def keep_groups(lo: torch.Tensor, hi: torch.Tensor, method: str, path: str, bits
         return keep | bad, torch.where(bad, 1.0, prob)
     n = ranges.numel()
     if method in SAMPLED:
-        prob = aq_probabilities(scores, bits)
-        sample_stream = rng.STREAM_SAMPLE_INPUT if path == PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
-        keep = rng.keep_draws(seed, step, layer, sample_stream, prob)
+        keep, prob = aq_keep(scores, path, bits, seed=seed, step=step, layer=layer)
     elif method == "topk":
         keep = topk_probabilities(ranges, bits) > 0
         prob = torch.ones(n)

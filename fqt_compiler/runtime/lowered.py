@@ -238,7 +238,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         mask_in_place(ste, c * h * w, dx_kept, target=target)
         if kept == n:
             return dx_kept
-        return _zeroed_unless_full(torch.empty(n, c, h, w), kept).index_copy_(0, samples, dx_kept)
+        return torch.zeros(n, c, h, w).index_copy_(0, samples, dx_kept)   # pruned samples are 0
 
 
 @implements("aq_quantize_conv2d_weight_grad")

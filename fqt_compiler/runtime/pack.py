@@ -90,11 +90,17 @@ def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, P
     return PackedBits(signs, k), PackedBits(mask, k)
 
 
-def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target) -> torch.Tensor:
+def _words(words) -> torch.Tensor:
+    """The word matrix of packed bits (``PackedBits`` or its ``words``), checked."""
     if isinstance(words, PackedBits):
         words = words.words
     if words.dtype != torch.int64 or words.dim() != 2 or not words.is_contiguous():
         raise TypeError("words must be a contiguous 2-D int64 tensor (PackedBits.words)")
+    return words
+
+
+def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target) -> torch.Tensor:
+    words = _words(words)
     rows = words.shape[0]
     shape = tuple(shape)
     if torch.Size(shape).numel() != rows * k:
@@ -109,10 +115,7 @@ def mask_in_place(words: torch.Tensor, k: int, x: torch.Tensor, *, target="host"
     """``x *= `` the float32 {0, 1} of packed mask bits ``words [rows, ld]`` (``k`` bits per
     row), in place and in one pass; ``x``: a contiguous float32 tensor of ``rows * k``
     elements. Equal to ``x.mul_(unpack_mask(words, k, x.shape))``."""
-    if isinstance(words, PackedBits):
-        words = words.words
-    if words.dtype != torch.int64 or words.dim() != 2 or not words.is_contiguous():
-        raise TypeError("words must be a contiguous 2-D int64 tensor (PackedBits.words)")
+    words = _words(words)
     if x.dtype != torch.float32 or not x.is_contiguous() or x.numel() != words.shape[0] * k:
         raise ValueError(f"x must be a contiguous float32 tensor of {words.shape[0]} x {k} elements, "
                          f"got {x.dtype} {tuple(x.shape)}")

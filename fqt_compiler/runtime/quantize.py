@@ -227,15 +227,13 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
 
 def _keep_groups(lo, hi, scores, method: str, path: str, bits: int, *, seed: int, step: int, layer: int):
     """``reference.keep_groups``; its common case, an AQ method on finite statistics, is
-    taken here directly (the same ``aq_probabilities`` and keep draws) with the finiteness
+    taken here directly (``reference.aq_keep``, as ``keep_groups`` takes it) with the finiteness
     check in numpy instead of its torch operations, which cost more than the draws."""
     if method in reference.SAMPLED:
         with np.errstate(all="ignore"):   # hi - lo may overflow: then the reference handles it
             finite = np.isfinite(scores.numpy()).all() and np.isfinite(hi.numpy() - lo.numpy()).all()
         if finite:
-            prob = reference.aq_probabilities(scores, bits)
-            stream = rng.STREAM_SAMPLE_INPUT if path == reference.PATH_INPUT else rng.STREAM_SAMPLE_WEIGHT
-            return rng.keep_draws(seed, step, layer, stream, prob), prob
+            return reference.aq_keep(scores, path, bits, seed=seed, step=step, layer=layer)
     return reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
 
 
