@@ -19,6 +19,11 @@ from .pack import parallel_rows
 
 _GENERATORS = {"dropout_forward": gen.dropout_forward_ir, "dropout_backward": gen.dropout_backward_ir}
 
+
+def _fn(family: str, target):
+    return kernel_of(family, target, _GENERATORS[family])
+
+
 # Bytes of mask (8 elements each) a thread takes at least: below this a slice's call costs
 # more than its work.
 MIN_SLICE_BYTES = 4096
@@ -42,7 +47,7 @@ def dropout_forward(x: torch.Tensor, key: int, p: float, *, target="host"):
     x = _f32(x, "x")
     y = torch.empty_like(x)
     bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
-    parallel_rows(kernel_of("dropout_forward", target, gen.dropout_forward_ir), bits.numel(),
+    parallel_rows(_fn("dropout_forward", target), bits.numel(),
                   x.data_ptr(), y.data_ptr(), bits.data_ptr(), x.numel(), key, ops.keep_below(p),
                   ops.scale_of(p), min_rows=MIN_SLICE_BYTES)
     return y, bits
@@ -58,7 +63,7 @@ def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float, *, target="
                          f"{bits.dtype} {list(bits.shape)}")
     bits = bits.contiguous()
     dx = torch.empty_like(dy)
-    parallel_rows(kernel_of("dropout_backward", target, gen.dropout_backward_ir), bits.numel(),
+    parallel_rows(_fn("dropout_backward", target), bits.numel(),
                   dy.data_ptr(), bits.data_ptr(), dx.data_ptr(), dy.numel(), ops.scale_of(p),
                   min_rows=MIN_SLICE_BYTES)
     return dx
