@@ -30,7 +30,7 @@ from llvmlite import ir
 
 from ..ops import rng
 from .abi import KernelIR
-from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load,
+from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load, mix64,
                       masked_scatter, masked_store, new_module, transpose64, vec)
 from .targets import Target, get_target
 
@@ -255,11 +255,7 @@ def _uniform(k: Kernel, state: ir.Value) -> ir.Value:
     states by adding ``lane * step * GOLDEN`` (exact mod 2**64) instead of multiplying per
     lane: one of the draw's three 64-bit multiplies, each three 32-bit ones on AVX2 and NEON."""
     b, n = k.b, state.type.count
-    z = b.xor(state, b.lshr(state, const_vec(n, 30)))
-    z = b.mul(z, const_vec(n, i64(rng.MUL1).constant))
-    z = b.xor(z, b.lshr(z, const_vec(n, 27)))
-    z = b.mul(z, const_vec(n, i64(rng.MUL2).constant))
-    z = b.xor(z, b.lshr(z, const_vec(n, 31)))
+    z = mix64(b, state)
     top = b.trunc(b.lshr(z, const_vec(n, 40)), vec(n, I32))
     # 24-bit integers convert exactly and a power-of-two scale is exact: matches numpy.
     return b.fmul(b.sitofp(top, vec(n, F32)), const_vec(n, 2.0 ** -24, F32))
