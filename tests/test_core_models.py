@@ -16,8 +16,9 @@ def _vision(factory):
     return lambda: (factory(num_classes=10), torch.randn(2, 3, 32, 32), torch.tensor([1, 7]))
 
 
+# ResNet-18 trains on the kernels against the reference backend in tests/test_lowering.py
+# and tests/test_fused_regions.py.
 MODELS = {
-    "resnet18": _vision(torchvision.models.resnet18),
     "mobilenet_v2": _vision(torchvision.models.mobilenet_v2),
     "gpt": lambda: (GPT(), torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))),
     "mlp": lambda: (MLP(), torch.randn(8, 20), torch.randint(0, 5, (8,))),
@@ -25,7 +26,7 @@ MODELS = {
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param("resnet18", marks=pytest.mark.slow), pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", marks=pytest.mark.slow),
     "gpt", "mlp"])
 def test_model_trains_with_default_plan(name):
     torch.manual_seed(0)

@@ -63,15 +63,16 @@ def _assert_verified(results, target, tmp_path):
 
 @needs_cross
 @pytest.mark.slow
-@pytest.mark.parametrize("target", CROSS_TARGETS)
+# Whole steps replay once per architecture: ResNet-18 on rpi4 (ARMv8.0, the strictest
+# AArch64 preset), VGG-16 on hygon. Every kernel family of both steps replays on every target
+# in the odd-shape and region tests below, and rpi5's dotprod kernels in its odd shapes.
+@pytest.mark.parametrize("target", ["rpi4"])
 def test_resnet18_step_kernels_verify_on_target(target, tmp_path):
     _assert_verified(verify(_model(resnet18), _x(), target, tmp_path), target, tmp_path)
 
 
 @needs_cross
 @pytest.mark.slow
-# On the AArch64 targets the ResNet-18 step above, the odd shapes and the region tests below
-# exercise every kernel family VGG-16's step uses; its whole step replays on hygon only.
 @pytest.mark.parametrize("target", ["hygon"])
 def test_vgg16_step_kernels_verify_on_target(target, tmp_path):
     _assert_verified(verify(_model(vgg16_cifar), _x(), target, tmp_path), target, tmp_path)
@@ -263,7 +264,8 @@ def test_hygon_kernels_run_a_training_step_like_the_host_kernels():
 @pytest.mark.skipif(not shutil.which(mca.LLVM_MCA), reason=f"needs {mca.LLVM_MCA} (Debian: apt-get install llvm)")
 @pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_kernels_report_estimates_binary_macs_per_cycle(target, tmp_path):
-    emitted = emit_kernels(resnet18(), (torch.randn(2, 3, 16, 16),), target, tmp_path)
+    torch.manual_seed(0)
+    emitted = emit_kernels(vgg_small(in_channels=1, width=0.25), (torch.randn(2, 1, 8, 8),), target, tmp_path)
     rows = mca.mca_report(emitted)
     assert {r.family for r in rows} == {"binary", "bitplane"}
     for r in rows:
