@@ -132,8 +132,8 @@ def test_residual_and_average_pool_regions_verify_on_target(target, tmp_path):
 @needs_cross
 @pytest.mark.parametrize("target", CROSS_TARGETS)
 def test_layer_norm_regions_verify_on_target(target, tmp_path):
-    """The fused LayerNorm -> GELU (exact, tanh) row kernels, 87 rows (two row blocks) of
-    odd widths, on the target: equal to the host's bit for bit, to the unfused chain to
+    """The fused LayerNorm -> GELU (exact, tanh) row kernels and the linear layers' kernels,
+    87 rows (two row blocks) of odd widths, on the target: equal to the host's bit for bit, to the unfused chain to
     float32 rounding (their erf/exp/tanh are polynomials: no libm call to link)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.LayerNorm(24), torch.nn.Linear(24, 40),
@@ -141,7 +141,8 @@ def test_layer_norm_regions_verify_on_target(target, tmp_path):
                                 torch.nn.LayerNorm(24), torch.nn.GELU("tanh"), torch.nn.Linear(24, 3))
     results = verify(model, (torch.randn(3, 29, 24),), target, tmp_path)
     _assert_verified(results, target, tmp_path)
-    assert {"region_forward", "region_backward"} <= {r.family for r in results}
+    # pack_cols: the linear layers' weight-path quantizer over their row-major G'
+    assert {"region_forward", "region_backward", "pack_cols"} <= {r.family for r in results}
 
 
 def test_reference_check_catches_one_flipped_bit():

@@ -207,3 +207,21 @@ def test_kernels_equal_the_reference_draw_for_draw(form):
     assert torch.equal(y_kern, y_ref)    # integer GEMM times the same float alpha
     for name, want in grads_ref.items():
         torch.testing.assert_close(grads_kern[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_bias_add_folds_into_the_gemm_epilogue(tmp_path):
+    """A binarized linear layer's ``alpha * y_raw + bias`` is one kernel call (the epilogue
+    adds the bias): no float add is left in the forward graph, the dump says so, and the
+    output is the reference backend's bit for bit (same two float32 roundings)."""
+    form = "F.linear rows=6 k=64 o=7"
+    _, _, y_ref, _, _ = _run(form, "reference", "aq_scq")
+    make, shape = FORMS[form]
+    torch.manual_seed(0)
+    module, x = make(), torch.randn(*shape)
+    compiled = fqt.compile(module, fqt.Config(backend="kernels", method="aq_scq", seed=5, rules=ALL_BINARY))
+    assert torch.equal(compiled(x), y_ref)
+    fw = compiled.fqt_graphs[-1].forward.graph
+    targets = {str(n.meta.get("fqt_op", n.target)) for n in fw.nodes}
+    assert "fqt.binary_linear_scaled.default" in targets and "aten.add.Tensor" not in targets
+    fqt.dump(compiled, tmp_path)
+    assert "alpha * y_raw + bias (alpha + bias in the GEMM epilogue)" in (tmp_path / "forward.txt").read_text()

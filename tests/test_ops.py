@@ -82,6 +82,7 @@ def _opcheck_cases():
                                       R.default_alpha(wl))),
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
+        (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2, torch.randn(wl.shape[0]))),
     ]
     torch.manual_seed(2)
     xb = torch.randn(3, 5, 7, 6)

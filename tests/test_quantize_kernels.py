@@ -94,6 +94,22 @@ def test_matrix_gradient_with_alpha(rows, cols, rps):
         check(got, ref, path, rps)
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("rows,cols", [(1, 70), (3, 1100), (130, 577)])
+def test_linear_weight_path_many_kept_columns(target, rows, cols):
+    """The weight path of a row-major G' (``quantize_pack_cols_ir``) with more kept columns
+    than one pass over a tile's rows takes (ptq and 1-bit AQ keep them all), rows in one,
+    partial or several 64-row blocks, with and without alpha."""
+    g = gradient(rows, cols, seed=cols)
+    alpha = torch.rand(cols) + 0.1
+    for (method, bits), a in itertools.product([("ptq", 2), ("aq_scq", 1), ("aq_scq", 4)], (None, alpha)):
+        ref = reference.quantize_gradient(g if a is None else g * a, method, reference.PATH_WEIGHT, bits,
+                                          rows_per_sample=1, **KEY)
+        got = quantize.quantize_bitplanes(g, method, reference.PATH_WEIGHT, bits, rows_per_sample=1, alpha=a,
+                                          target=target, **KEY)
+        check(got, ref, reference.PATH_WEIGHT, 1)
+
+
 def test_non_contiguous_conv_gradient_and_zero_ranges():
     g = gradient(4, 6, 5, 10)[:, :, :, ::2]        # W not mergeable with H: copied once
     g[1] = 0.5                                     # a constant sample: R = 0, codes 0

@@ -17,6 +17,9 @@ with ``i`` a row within its sample. Its element has G' row ``r = n*HW + i`` and 
   bit-plane packing: plane ``t`` of output row ``m`` is ``out[t, m, :]``.
 * ``quantize_pack_rows_ir``: the input path when rows are contiguous and channels strided
   (NCHW): codes of 64 rows per channel, then 64x64 bit transposes (see its docstring).
+* ``quantize_pack_cols_ir``: the weight path of a row-major ``[rows, O]`` ``G'`` (a linear
+  layer's), whose output rows are columns: codes of 64 kept columns per row read along the
+  row, then 64x64 bit transposes (see its docstring).
 
 An output row of ``quantize_pack_ir`` is ``nseg`` segments of ``seg_len`` elements, packed back to back: the
 input-gradient path has one segment per row (a G' row, packed along ``o``); the
@@ -31,10 +34,13 @@ from llvmlite import ir
 from ..ops import rng
 from .abi import KernelIR
 from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load, mix64,
-                      masked_scatter, masked_store, new_module, transpose64, vec)
+                      masked_scatter, masked_store, new_module, smin, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64
+# Kept channels per pass of quantize_pack_cols_ir over a tile's rows, in blocks of 64: the
+# tile's codes (bits x COL_BLOCKS x 64 words) stay in L1.
+COL_BLOCKS = 8
 
 
 def _load_strided(k: Kernel, base, first, stride, mask, passthru):
@@ -456,4 +462,102 @@ def quantize_pack_rows_ir(target: str | Target = "host", *, bits: int) -> Kernel
         with k.loop(channel_words, a["ld"]) as w:
             for p in range(bits):
                 masked_scatter(k.b, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), valid)
+    return k.finish()
+
+
+def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> KernelIR:
+    """Weight path of a row-major ``G'`` (row ``r`` at ``g + r*ld``, its channels contiguous):
+    ``fqt_quantize_pack_cols_b{bits}(g, ld, alpha, key, zero, scale, channels, O, R, out, rows,
+    ldw, t0, t1)``, the codes and planes of ``quantize_pack_ir`` with one segment of ``R``
+    elements ``ld`` apart per kept channel.
+
+    Output row ``m`` (of ``rows``) is channel ``channels[m]``, packed along ``r``, with its
+    group's ``zero[m]`` and ``scale[m]`` (and ``alpha[m]`` when not null: per output row,
+    not per channel); element ``(r, o)`` has counter ``r*O + o``. Tile ``t`` is rows
+    ``64*t ..`` (at most 64): each row is read front to back, ``width`` kept channels at a
+    time (loads within the row, so the rows stream through the caches in memory order
+    rather than one cache line per element down a column), up to ``COL_BLOCKS`` x 64 kept
+    channels a pass; each row's codes become one 64-bit word per plane and 64 channels, and
+    each 64x64 block is bit-transposed into one word per channel and plane. The last tile
+    also zeroes the planes' padding words ``ceil(R/64) .. ldw``."""
+    t = get_target(target)
+    m = new_module(t, "fqt_quantize")
+    args = [("g", "ptr"), ("ld", "i64"), ("alpha", "ptr"), ("key", "u64"), ("zero", "ptr"), ("scale", "ptr"),
+            ("channels", "ptr"), ("O", "i64"), ("R", "i64"), ("out", "ptr"), ("rows", "i64"), ("ldw", "i64"),
+            ("t0", "i64"), ("t1", "i64")]
+    k = Kernel(m, f"fqt_quantize_pack_cols_b{bits}", args)
+    a, b = k.arg, k.b
+    c64 = ir.Constant(I64, LANES)
+    width = _chunk_lanes(t)
+    lanes = const_vec(width, range(width))
+    zero_codes = const_vec(width, 0, I32)
+    with k.b.goto_block(k.fn.basic_blocks[0]):
+        tile = b.alloca(ir.ArrayType(I64, bits * COL_BLOCKS * LANES))
+
+    def word_at(p, block, i):   # plane p, channel block, row i of the tile
+        index = b.add(b.mul(b.add(ir.Constant(I64, p * COL_BLOCKS), block), c64), i)
+        return b.gep(tile, [ir.Constant(I32, 0), index])
+
+    def per_channel(name, at, mask, passthru):
+        ptr = k.gep(a[name], at, passthru.type.element)
+        return masked_load(b, ptr, mask, passthru)
+
+    row_blocks = b.sdiv(b.add(a["R"], ir.Constant(I64, LANES - 1)), c64)
+    has_alpha = b.icmp_unsigned("!=", b.ptrtoint(a["alpha"], I64), ir.Constant(I64, 0))
+    golden = const_vec(width, i64(rng.GOLDEN).constant)
+    ones = const_vec(width, 1.0, F32)
+    with k.loop(a["t0"], a["t1"]) as rb:
+        r0 = b.mul(rb, c64)
+        height = smin(b, b.sub(a["R"], r0), c64)
+        with k.loop(0, a["rows"], COL_BLOCKS * LANES) as m0:
+            blocks = b.sdiv(b.add(smin(b, b.sub(a["rows"], m0), ir.Constant(I64, COL_BLOCKS * LANES)),
+                                  ir.Constant(I64, LANES - 1)), c64)
+            with k.loop(0, height) as i:
+                r = b.add(r0, i)
+                row = k.gep(a["g"], b.mul(r, a["ld"]))
+                row_ctr = k.splat(b.add(b.mul(r, a["O"]), ir.Constant(I64, 1)), width)
+                with k.loop(0, blocks) as blk:
+                    first = b.add(m0, b.mul(blk, c64))
+                    in_block = smin(b, b.sub(a["rows"], first), c64)
+                    words = [k.var(I64, ir.Constant(I64, 0)) for _ in range(bits)]
+                    with k.loop(0, in_block, width) as at:
+                        mi = b.add(first, at)
+                        valid = b.icmp_signed("<", b.add(k.splat(at, width), lanes), k.splat(in_block, width))
+                        ch = per_channel("channels", mi, valid, const_vec(width, 0))
+                        # Lanes past the block read lane 0's channel (their codes are
+                        # discarded): an unmasked gather, which targets without fast gathers
+                        # lower to plain loads rather than a branch per lane.
+                        safe = b.select(valid, ch, k.splat(b.extract_element(ch, ir.Constant(I32, 0)), width))
+                        v = masked_gather(b, k.vgep(row, safe, 4), const_vec(width, 1, I1), const_vec(width, 0.0, F32))
+                        scaled = b.fmul(v, per_channel("alpha", mi, b.and_(valid, k.splat(has_alpha, width)), ones))
+                        v = b.select(k.splat(has_alpha, width), scaled, v)   # no multiply without alpha
+                        # _state of counter r*O + o
+                        state = b.add(k.splat(a["key"], width), b.mul(b.add(row_ctr, ch), golden))
+                        codes = _codes(k, v, per_channel("zero", mi, valid, const_vec(width, 0.0, F32)),
+                                       per_channel("scale", mi, valid, const_vec(width, 0.0, F32)), state, bits)
+                        code = b.select(valid, codes, zero_codes)
+                        for p in range(bits):
+                            bit = b.icmp_signed("<", b.shl(code, const_vec(width, 31 - p, I32)), zero_codes)
+                            word = b.shl(b.zext(b.bitcast(bit, ir.IntType(width)), I64), at)
+                            k.set(words[p], b.or_(k.get(words[p]), word))
+                    for p in range(bits):
+                        b.store(k.get(words[p]), word_at(p, blk, i))
+            with k.loop(height, c64) as i:   # rows past R: codes 0
+                with k.loop(0, blocks) as blk:
+                    for p in range(bits):
+                        b.store(ir.Constant(I64, 0), word_at(p, blk, i))
+            with k.loop(0, blocks) as blk:
+                first = b.add(m0, b.mul(blk, c64))
+                out_rows = b.add(k.splat(first, LANES), const_vec(LANES, range(LANES)))
+                keep = b.icmp_signed("<", out_rows, k.splat(a["rows"], LANES))
+                plane_ptrs = [k.vgep(a["out"], b.mul(b.add(out_rows, k.splat(b.mul(ir.Constant(I64, p), a["rows"]),
+                                                                             LANES)), k.splat(a["ldw"], LANES)), 8)
+                              for p in range(bits)]
+                for p in range(bits):
+                    block = b.load(word_at(p, blk, ir.Constant(I64, 0)), typ=vec(LANES), align=8)
+                    masked_scatter(b, transpose64(k, block), k.vgep(plane_ptrs[p], k.splat(rb, LANES), 8), keep)
+                with b.if_then(b.icmp_signed("==", rb, b.sub(row_blocks, ir.Constant(I64, 1)))):
+                    with k.loop(row_blocks, a["ldw"]) as w:
+                        for p in range(bits):
+                            masked_scatter(b, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), keep)
     return k.finish()

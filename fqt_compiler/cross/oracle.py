@@ -261,6 +261,21 @@ def _quantize_pack_rows(mem: Memory, a: dict, opts: dict) -> None:
     _store_planes(mem, a, codes[valid], torch.ones(out_rows.numel(), channels, dtype=torch.bool), out_rows, bits)
 
 
+def _quantize_pack_cols(mem: Memory, a: dict, opts: dict) -> None:
+    bits, kept, rows = opts["bits"], a["rows"], a["R"]
+    r = torch.arange(64 * a["t0"], min(64 * a["t1"], rows)).view(-1, 1)
+    m = torch.arange(kept)
+    ch = mem.at(a["channels"], torch.int64)[:kept]
+    v = _times_alpha(mem, a, mem.at(a["g"], torch.float32)[r * a["ld"] + ch], m)   # alpha per output row
+    codes = _codes(mem, a, v, r * a["O"] + ch, m, bits).T                          # [kept, tile rows]
+    last = a["t1"] == -(-rows // 64)
+    words = range(a["t0"], a["ldw"] if last else a["t1"])
+    planes = mem.at(a["out"], torch.int64).view(-1)
+    for t in range(bits):
+        packed = _packed(((codes >> t) & 1).bool(), len(words))
+        planes[(t * kept + m).view(-1, 1) * a["ldw"] + torch.tensor(list(words))] = packed
+
+
 def _dropout_elements(a: dict) -> tuple[int, int]:
     """The call's elements ``[8*b0, min(8*b1, n))`` (empty when past ``n``)."""
     e0 = 8 * a["b0"]
@@ -294,7 +309,7 @@ def _dropout_backward(mem: Memory, a: dict, opts: dict) -> None:
 CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
           "transpose_bits": _transpose_bits, "minmax": _minmax, "row_col_minmax": _row_col_minmax,
-          "pack": _quantize_pack, "pack_rows": _quantize_pack_rows, "unpack": _unpack,
+          "pack": _quantize_pack, "pack_rows": _quantize_pack_rows, "pack_cols": _quantize_pack_cols, "unpack": _unpack,
           "dropout_forward": _dropout_forward, "dropout_backward": _dropout_backward}
 
 

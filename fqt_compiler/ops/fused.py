@@ -124,21 +124,23 @@ aq_quantize_linear_grads = _define(
 
 
 # Forward ops with the per-channel scale folded in (``passes/fold_alpha.py``): the kernel
-# applies alpha in the GEMM epilogue instead of a float pass over the layer's output.
+# applies alpha in the GEMM epilogue instead of a float pass over the layer's output; a
+# linear layer's bias too (``alpha * y_raw + bias``, the same two float32 roundings).
 
 def _binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer):
     y, signs, mask = ref_binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
     return y * alpha.reshape(1, -1, 1, 1), signs, mask
 
 
-def _binary_linear_scaled(x, weight, alpha, rng_state, layer):
+def _binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None):
     y, signs, mask = ref_binary_linear(x, weight, rng_state, layer)
-    return y * alpha.reshape(-1), signs, mask
+    y = y * alpha.reshape(-1)
+    return y if bias is None else y + bias, signs, mask
 
 
 def _scaled_fake(forward_fake):
-    def fake(x, weight, alpha, *rest):
-        return forward_fake(x, weight, *rest)
+    def fake(x, weight, alpha, rng_state, *rest, bias=None):
+        return forward_fake(x, weight, rng_state, *rest)
     return fake
 
 
@@ -147,8 +149,8 @@ binary_conv2d_scaled = _define(
     "int[] padding, int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
     _binary_conv2d_scaled, _scaled_fake(_binary_conv2d_fake))
 binary_linear_scaled = _define(
-    "binary_linear_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int layer) "
-    "-> (Tensor, Tensor, Tensor)",
+    "binary_linear_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int layer, "
+    "Tensor? bias=None) -> (Tensor, Tensor, Tensor)",
     _binary_linear_scaled, _scaled_fake(_binary_linear_fake))
 
 # forward op -> its alpha-folded op

@@ -26,7 +26,8 @@ def _note(node: fx.Node, plan: dict) -> str:
         return f"layer {layer.index} {layer.name}: W1 A1 -> y_raw, packed x sign + STE bits"
     if op in ("binary_conv2d_scaled", "binary_linear_scaled"):
         layer = plan[args["layer"]]
-        return (f"layer {layer.index} {layer.name}: W1 A1 -> alpha * y_raw (alpha in the GEMM "
+        bias = " + bias" if node.kwargs.get("bias") is not None else ""
+        return (f"layer {layer.index} {layer.name}: W1 A1 -> alpha * y_raw{bias} (alpha{bias} in the GEMM "
                 f"epilogue), packed x sign + STE bits")
     if op in ("aq_sample", "quantize_gradient"):
         layer = plan[args["layer"]]

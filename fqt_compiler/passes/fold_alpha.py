@@ -3,7 +3,10 @@
 Matches, in the forward graph: ``aten.mul(getitem(fqt.binary_{conv2d,linear}(...), 0),
 alpha)`` where ``Y_raw`` has no other user (so not with a learned alpha, whose gradient
 needs ``Y_raw``). Produces ``fqt.binary_*_scaled(x, weight, alpha, ...)``, whose GEMM
-epilogue applies alpha: one float pass over every binarized layer's output less.
+epilogue applies alpha: one float pass over every binarized layer's output less. A linear
+layer's bias add that is the product's only user, ``aten.add(alpha * Y_raw, bias)`` with
+a bias of O elements (defined before the multiply), folds too (``bias=``): one more pass
+less; autograd's bias gradient (a sum of ``dL/dY``) never read the forward values.
 Matches, in the backward graph: a fused ``fqt.aq_quantize_*_grad`` whose ``G'`` is
 ``aten.mul(g, alpha)``; produces the same op reading ``g`` with ``alpha=`` given, applied
 inside the quantizer kernel (``G' = alpha ⊙ g`` with the same single float multiply).
@@ -24,6 +27,8 @@ from .infra import PassResult
 
 aten = torch.ops.aten
 _MULS = (aten.mul.Tensor,)
+_ADDS = (aten.add.Tensor,)
+_WITH_BIAS = (torch.ops.fqt.binary_linear.default,)
 
 
 def _channel_scale(mul: fx.Node, full: fx.Node, channels: int):
@@ -46,19 +51,43 @@ def _fold_forward(graph: fx.Graph, node: fx.Node, order: dict) -> bool:
     # every other reader of the op's outputs must come later (in practice: the graph output).
     if any(order[user] < order[mul] for out in outputs if out is not y_raw for user in out.users):
         return False
+    bias_add = _bias_add(mul, channels, order) if node.target in _WITH_BIAS else None
     x, weight, *rest = node.args
     with graph.inserting_before(mul):
-        scaled = graph.call_function(SCALED[node.target], (x, weight, alpha, *rest))
+        scaled = graph.call_function(SCALED[node.target], (x, weight, alpha, *rest),
+                                     {} if bias_add is None else {"bias": bias_add[1]})
         scaled.meta.update(node.meta)
         for out in outputs:
             new = graph.call_function(operator.getitem, (scaled, out.args[1]))
             new.meta.update(out.meta)
-            (mul if out is y_raw else out).replace_all_uses_with(new)
+            # the op's first output now stands for the product (and the bias add)
+            replaced = out if out is not y_raw else bias_add[0] if bias_add else mul
+            if out is y_raw:
+                new.meta.update(replaced.meta)
+            replaced.replace_all_uses_with(new)
+    if bias_add is not None:
+        graph.erase_node(bias_add[0])
     graph.erase_node(mul)
     for out in outputs:
         graph.erase_node(out)
     graph.erase_node(node)
     return True
+
+
+def _bias_add(mul: fx.Node, channels: int, order: dict):
+    """``(add, bias)`` when the only user of ``mul`` adds a bias of ``channels`` elements
+    along the last dimension that exists before ``mul``, else None."""
+    if len(mul.users) != 1:
+        return None
+    add = next(iter(mul.users))
+    if add.target not in _ADDS or len(add.args) != 2 or add.kwargs or add.args.count(mul) != 1:
+        return None
+    bias = _channel_scale(add, mul, channels)
+    if bias is None or bias.meta["val"].dim() != 1 or bias.meta["val"].dtype != torch.float32 \
+            or order.get(bias, len(order)) > order[mul] \
+            or not statically_known_true(sym_eq(add.meta["val"].shape, mul.meta["val"].shape)):
+        return None
+    return add, bias
 
 
 def _fold_backward(node: fx.Node) -> bool:

@@ -89,7 +89,7 @@ def binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation,
     return _conv_forward(x, weight, _channels(alpha), stride, padding, dilation, layer_name, target)
 
 
-def _linear_forward(x, weight, scale, layer_name, target):
+def _linear_forward(x, weight, scale, layer_name, target, bias=None):
     x2 = _float32(x).reshape(-1, x.shape[-1])
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
@@ -97,7 +97,7 @@ def _linear_forward(x, weight, scale, layer_name, target):
         b = pack_signs(weight.detach(), target=target)
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(signs, b, scale=scale, target=target)
+        y = binary_gemm(signs, b, scale=scale, bias=_channels(bias), target=target)
     return y.view(*x.shape[:-1], o), signs.words, mask.words
 
 
@@ -107,8 +107,8 @@ def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host")
 
 
 @implements("binary_linear_scaled")
-def binary_linear_scaled(x, weight, alpha, rng_state, layer, *, layer_name="?", target="host"):
-    return _linear_forward(x, weight, _channels(alpha), layer_name, target)
+def binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None, *, layer_name="?", target="host"):
+    return _linear_forward(x, weight, _channels(alpha), layer_name, target, bias)
 
 
 # --------------------------------------------------------------------------- backward

@@ -33,7 +33,8 @@ from .pack import parallel_rows
 from .packed import padded_words
 
 _GENERATORS = {"minmax": gen.group_minmax_ir, "row_col_minmax": gen.row_col_minmax_ir,
-               "pack_rows": gen.quantize_pack_rows_ir, "pack": gen.quantize_pack_ir}
+               "pack_rows": gen.quantize_pack_rows_ir, "pack_cols": gen.quantize_pack_cols_ir,
+               "pack": gen.quantize_pack_ir}
 # Pairs of one element or strided runs that are no row-major matrix's rows or columns (a
 # transposed G', samples of a few rows) go to torch's reductions instead (_statistics).
 MIN_KERNEL_RUN = 2
@@ -332,6 +333,18 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         groups = group[rows]
         k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
+        sn, so, si = src.stride()
+        if so == 1 and si > 1 and (n == 1 or sn == rps * si):
+            # Row-major G' (a linear layer's): its columns are read along the rows, 64x64
+            # tiles bit-transposed, rather than gathered one cache line per element.
+            planes = torch.empty(bits, rows.size, padded_words(k), dtype=torch.int64)
+            alpha_rows = v.alpha[torch.from_numpy(rows)] if v.alpha is not None else None
+            per_row = [np.ascontiguousarray(t) for t in (lo.numpy()[groups], sr_scale[groups])]
+            parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si,
+                          alpha_rows.data_ptr() if alpha_rows is not None else None, key,
+                          *[_ptr(t) for t in per_row], _ptr(rows), channels, k, planes.data_ptr(), rows.size,
+                          planes.shape[2])
+            return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
         if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
             # Samples shorter than a word would waste most vector lanes: copy G' so that
             # each channel's r axis is one contiguous run.
