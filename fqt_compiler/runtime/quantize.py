@@ -28,7 +28,7 @@ from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
 from .jit import kernel_of
-from . import threads as pool
+from . import buffers, threads as pool
 from .pack import parallel_rows
 from .packed import padded_words
 
@@ -302,7 +302,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
             sn, so, si = src.stride()
             tiles = kept.size * -(-rps // 64)
-            planes = torch.empty(bits, rows.size, padded_words(k), dtype=torch.int64)
+            planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
             kept_groups = sample_group[kept]
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
                           lo.data_ptr(), _ptr(sr_scale), _ptr(kept), _ptr(kept_groups),
@@ -366,7 +366,7 @@ def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> t
     """``fqt_quantize_pack`` over the rows its ``tables`` (int64 numpy) describe: planes
     ``[bits, rows, ld]``."""
     m = tables[0].size
-    planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
+    planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
         tables = [np.ascontiguousarray(t, np.int64) for t in tables]
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
