@@ -169,3 +169,10 @@ def test_a_training_step_is_bit_identical_with_and_without_reuse():
     for step_a, step_b in zip(with_cache, without):
         for a, b in zip(step_a, step_b):
             assert torch.equal(a, b)
+
+
+def test_contiguous_copies_into_a_reused_buffer():
+    t = torch.randn(16, 8, 32).permute(2, 0, 1)
+    c = buffers.contiguous(t)
+    assert c.is_contiguous() and torch.equal(c, t) and buffers.cache_info().kept_bytes == t.numel() * 4
+    assert buffers.contiguous(c) is c

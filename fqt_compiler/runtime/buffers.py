@@ -129,3 +129,8 @@ def zeros(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``torch.zeros`` in a reused buffer when large enough (zeroing reused pages is a
     memset; fresh ones would be faulted in first)."""
     return empty(shape, dtype).zero_()
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()``, copied into a reused buffer when it is large enough."""
+    return t if t.is_contiguous() else empty(t.shape, t.dtype).copy_(t)

@@ -311,7 +311,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
-            src = src.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+            src = buffers.contiguous(src.permute(0, 2, 1)).permute(0, 2, 1)
         sn, so, si = src.stride()
         tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
@@ -335,7 +335,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
             # Samples shorter than a word would waste most vector lanes: copy G' so that
             # each channel's r axis is one contiguous run.
-            src = src.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+            src = buffers.contiguous(src.permute(1, 0, 2)).permute(1, 0, 2)
         sn, so, si = src.stride()
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
