@@ -5,8 +5,8 @@ fresh mmap'ed pages and returns them with munmap on free, so every such tensor i
 page by page again, each step: on some machines (VMs) that costs several times the work
 written into it. A training step allocates the same sizes every step, and the tensors
 autograd keeps from the forward are freed during the backward, so the next step can take
-their memory again. ``empty`` hands out a kept storage of the requested byte size that
-nothing else references any more (its storage's use count is the cache's own reference
+their memory again. ``empty`` hands out a kept storage of the request's size class (its
+bytes rounded up, ``_size_class``) that nothing else references any more (its storage's use count is the cache's own reference
 alone: no tensor, view, or tensor saved for backward holds it), else a new one it keeps,
 within ``max_bytes`` in all. Sizes below ``min_bytes`` are plain ``torch.empty`` (glibc
 reuses its heap for those). Contents are as undefined as ``torch.empty``'s.
