@@ -12,7 +12,7 @@ import torch
 
 from ..codegen import dropout as gen
 from ..ops import dropout as ops
-from . import kernel_stats as stats
+from . import buffers, kernel_stats as stats
 from .jit import kernel_of
 from .lowered import implements
 from .pack import parallel_rows
@@ -45,7 +45,7 @@ def dropout_forward(x: torch.Tensor, key: int, p: float, *, target="host"):
     """``(y, bits)`` of ``ops.dropout`` for the stream ``key`` (``ops.dropout.dropout_key``)."""
     _check_p(p)
     x = _f32(x, "x")
-    y = torch.empty_like(x)
+    y = buffers.empty(x.shape, x.dtype)
     bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
     parallel_rows(_fn("dropout_forward", target), bits.numel(),
                   x.data_ptr(), y.data_ptr(), bits.data_ptr(), x.numel(), key, ops.keep_below(p),
@@ -62,7 +62,7 @@ def dropout_backward(dy: torch.Tensor, bits: torch.Tensor, p: float, *, target="
                          f"[{(dy.numel() + 7) // 8}] bytes for {dy.numel()} elements, got "
                          f"{bits.dtype} {list(bits.shape)}")
     bits = bits.contiguous()
-    dx = torch.empty_like(dy)
+    dx = buffers.empty(dy.shape, dy.dtype)
     parallel_rows(_fn("dropout_backward", target), bits.numel(),
                   dy.data_ptr(), bits.data_ptr(), dx.data_ptr(), dy.numel(), ops.scale_of(p),
                   min_rows=MIN_SLICE_BYTES)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..codegen import fusion as gen
 from ..ops import fused_regions   # also defines the ops registered below
-from . import kernel_stats as stats
+from . import buffers, kernel_stats as stats
 from .jit import kernel_of
 from .lowered import implements
 from .pack import parallel_rows
@@ -73,11 +73,11 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     res = _residual(region.residual, residual, x)
     n, c, h, w = x.shape
     shape = fused_regions.pooled_shape(x.shape, region.pool, ceil_mode, region.pool_mode)
-    out = torch.empty(shape)
+    out = buffers.empty(shape)
     arg = torch.empty(fused_regions.packed_codes_shape(shape, fused_regions.offset_bits(region.pool))
                       if region.pool and region.pool_mode == "max" else [0], dtype=torch.uint8)
     mask = torch.empty(_mask_shape(region, x), dtype=torch.uint8)
-    raw = torch.empty(x.shape if region.raw_bits else [0], dtype=_INT.get(region.raw_bits, torch.int16))
+    raw = buffers.empty(x.shape if region.raw_bits else [0], _INT.get(region.raw_bits, torch.int16))
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
     if region.batch_stats:
@@ -110,8 +110,8 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
         mask = mask.contiguous()
     n, c, h, w = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
-    dx = torch.empty(x.shape)
-    dres = torch.empty(x.shape if region.residual else [0])
+    dx = buffers.empty(x.shape)
+    dres = buffers.empty(x.shape if region.residual else [0])
     if region.axis == "row":   # per-block partial sums of each feature's column
         dgamma, dbeta = torch.zeros(2, -(-c // gen.ROW_BLOCK), w).unbind()
     else:

@@ -14,7 +14,7 @@ import torch
 from ..codegen import gemm as codegen
 from ..codegen.targets import Target, get_target
 from ..ops.reference import BITS
-from . import jit, threads as pool
+from . import buffers, jit, threads as pool
 from .packed import PackedBits
 
 # Cache sizes the blocking is chosen for (per core, conservative for Zen/Intel/Cortex-A7x):
@@ -43,7 +43,7 @@ def _plan(m: int, n: int, words: int, tile, threads: int):
     if isinstance(tile, codegen.PanelTile):
         return 0, 0, slices, _panel_scratch(words, slices)
     kc, nc = _blocking(words, tile)
-    partial = torch.empty((m, n) if kc < words else (0,), dtype=torch.int32)
+    partial = buffers.empty((m, n) if kc < words else (0,), torch.int32)
     return kc, nc, slices, [partial] * len(slices)
 
 
@@ -211,7 +211,7 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
             raise ValueError(f"out_hw={out_hw} must be positive and divide M={m} (rows = samples x h' w')")
         shape, hw, s_blk, s_row, s_col = (m // out_hw, n, out_hw), out_hw, n * out_hw, 1, out_hw
     if out is None:
-        out = torch.empty(shape, dtype=dtype)
+        out = buffers.empty(shape, dtype)
     elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape}, got "
                          f"{tuple(out.shape)} {out.dtype}{'' if out.is_contiguous() else ' (strided)'}")
@@ -277,7 +277,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
         colsum = signed_row_sums(b, target=target)
     colsum = _check_vector("colsum", colsum, n, torch.float32)
     if out is None:
-        out = torch.zeros(out_rows, n, dtype=torch.float32)
+        out = buffers.zeros((out_rows, n))
     elif out.shape != (out_rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape ({out_rows}, {n}), got "
                          f"{tuple(out.shape)} {out.dtype}")

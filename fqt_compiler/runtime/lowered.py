@@ -27,7 +27,7 @@ from ..ops import reference as ref
 from ..ops import registry
 from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
-from . import kernel_stats as stats
+from . import buffers, kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_row_sums
 from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs, pack_signs_and_ste, transpose_bits
 from .packed import PackedBits, padded_words
@@ -126,7 +126,7 @@ def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
         # Pruned rows must read 0; the kernel writes the kept ones.
-        out = _zeroed_unless_full(torch.empty(out_rows, b.rows), q.row_map.numel())
+        out = _zeroed_unless_full(buffers.empty((out_rows, b.rows)), q.row_map.numel())
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
                              row_map=q.row_map, out_rows=out_rows, out=out, target=target)
 
@@ -210,7 +210,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
         t_term = (tap_sums.unsqueeze(1) * (taps >= 0).float().unsqueeze(0)).sum(2)   # [C, h*w]
         rows = kept * h * w
-        planes = torch.empty(bits, rows, b.ld, dtype=torch.int64)
+        planes = buffers.empty((bits, rows, b.ld), torch.int64)
         planes[:, :, kh * kw * chunk:] = 0          # the padding words; the rest is gathered
         if kept:
             source = torch.cat([q.planes[:, :, :chunk],
@@ -228,17 +228,17 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     with stats.timed(layer_name, "input_grad", binary_macs=bits * rows * c * b.k):
         dot = bitplane_gemm(planes, b, row_scale=scale.repeat_interleave(h * w), row_zero=torch.zeros(rows),
                             row_map=torch.arange(rows), out_rows=rows, colsum=torch.zeros(c),
-                            out=torch.empty(rows, c), target=target)
+                            out=buffers.empty((rows, c)), target=target)
     with stats.timed(layer_name, "dequantize"):
         # addcmul reads the (kept, h*w, c) GEMM result through a transposed view and writes
         # NCHW (out= fixes the layout): the transpose costs no pass of its own.
         dx_kept = torch.addcmul(dot.view(kept, h * w, c).transpose(1, 2), zero.view(-1, 1, 1),
-                                t_term.view(1, c, h * w), out=torch.empty(kept, c, h * w)).view(kept, c, h, w)
+                                t_term.view(1, c, h * w), out=buffers.empty((kept, c, h * w))).view(kept, c, h, w)
         ste = x_ste_bits if kept == n else x_ste_bits.index_select(0, samples)
         mask_in_place(ste, c * h * w, dx_kept, target=target)
         if kept == n:
             return dx_kept
-        return torch.zeros(n, c, h, w).index_copy_(0, samples, dx_kept)   # pruned samples are 0
+        return buffers.zeros((n, c, h, w)).index_copy_(0, samples, dx_kept)   # pruned samples are 0
 
 
 @implements("aq_quantize_conv2d_weight_grad")

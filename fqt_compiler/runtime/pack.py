@@ -21,7 +21,7 @@ from functools import partial
 import torch
 
 from ..codegen import pack as gen
-from . import threads as pool
+from . import buffers, threads as pool
 from ..ops.reference import conv_output_size
 from .jit import kernel_of
 from .packed import PackedBits, padded_words
@@ -53,7 +53,7 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
 def transpose_bits(p: PackedBits, *, target="host") -> PackedBits:
     """The ``k x rows`` transpose of a packed ``rows x k`` bit matrix (same layout rules)."""
     words = p.words if p.words.is_contiguous() else p.words.contiguous()
-    out = torch.empty(p.k, padded_words(p.rows), dtype=torch.int64)
+    out = buffers.empty((p.k, padded_words(p.rows)), torch.int64)
     parallel_rows(_fn("transpose_bits", target), (p.k + 63) // 64, words.data_ptr(), p.ld, p.rows, p.k,
                   out.data_ptr(), out.shape[1])
     return PackedBits(out, p.rows)
@@ -69,7 +69,7 @@ def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
             return transpose_bits(pack_signs(x2.T, target=target), target=target)
         x2 = x2.contiguous()
     rows, k = x2.shape
-    words = torch.empty(rows, padded_words(k), dtype=torch.int64)
+    words = buffers.empty((rows, padded_words(k)), torch.int64)
     fn = _fn("sign_pack", target, with_ste=False)
     parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, words.data_ptr(), words.shape[1],
                   min_rows=16)
@@ -82,8 +82,8 @@ def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, P
     if x2.stride(1) != 1 and x2.shape[1] > 1:
         x2 = x2.contiguous()
     rows, k = x2.shape
-    signs = torch.empty(rows, padded_words(k), dtype=torch.int64)
-    mask = torch.empty_like(signs)
+    signs = buffers.empty((rows, padded_words(k)), torch.int64)
+    mask = buffers.empty(signs.shape, torch.int64)
     fn = _fn("sign_pack", target, with_ste=True)
     parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, signs.data_ptr(), signs.shape[1],
                   mask.data_ptr(), min_rows=16)
@@ -105,7 +105,7 @@ def _unpack(words: torch.Tensor, k: int, shape, one: float, zero: float, target)
     shape = tuple(shape)
     if torch.Size(shape).numel() != rows * k:
         raise ValueError(f"shape {shape} does not hold {rows} rows of {k} elements")
-    out = torch.empty(rows, k, dtype=torch.float32)
+    out = buffers.empty((rows, k))
     fn = _fn("unpack", target)
     parallel_rows(fn, rows, words.data_ptr(), words.shape[1], k, out.data_ptr(), k, one, zero, min_rows=16)
     return out.view(shape)
@@ -156,7 +156,7 @@ def _bitmap(x, input_shape, pad: tuple[int, int], target):
     if ph > 63 or pw > 63:
         raise ValueError(f"padding {pad}: at most 63 supported")
     wpw = gen.bitmap_words(w, pw)
-    bm = torch.empty(n * c * h, wpw, dtype=torch.int64)
+    bm = buffers.empty((n * c * h, wpw), torch.int64)
     if isinstance(x, PackedBits):
         parallel_rows(_fn("padded_rows", target, source="bits"), n * c * h, x.words.data_ptr(), x.ld, c, h, w, pw,
                       bm.data_ptr(), wpw, min_rows=64)
@@ -187,7 +187,7 @@ def im2col_pack(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shape=
 def _im2col_rows(bm, wpw, dims, conv, target) -> PackedBits:
     n, c, _, _, oh, ow = dims
     k = c * conv["kernel_size"][0] * conv["kernel_size"][1]
-    out = torch.empty(n * oh * ow, padded_words(k), dtype=torch.int64)
+    out = buffers.empty((n * oh * ow, padded_words(k)), torch.int64)
     fn = _fn("im2col_pack", target, **conv)
     parallel_rows(fn, n * oh, bm.data_ptr(), wpw, dims[1], dims[2], oh, ow, out.data_ptr(), out.shape[1])
     return PackedBits(out, k)
@@ -208,7 +208,7 @@ def im2col_pack_t(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shap
         return transpose_bits(_im2col_rows(bm, wpw, dims, conv, target), target=target)
     k = c * conv["kernel_size"][0] * conv["kernel_size"][1]
     m = n * oh * ow
-    out = torch.empty(k, padded_words(m), dtype=torch.int64)
+    out = buffers.empty((k, padded_words(m)), torch.int64)
     fn = _fn("im2col_pack_t", target, **conv)
     parallel_rows(fn, k, bm.data_ptr(), wpw, n, c, h, oh, ow, out.data_ptr(), out.shape[1])
     return PackedBits(out, m)

@@ -28,7 +28,7 @@ from ..codegen import quantize as gen
 from ..codegen.targets import get_target
 from ..ops import reference, rng
 from .jit import kernel_of
-from . import threads as pool
+from . import buffers, threads as pool
 from .pack import parallel_rows
 from .packed import padded_words
 
@@ -303,7 +303,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
             sn, so, si = src.stride()
             tiles = kept.size * -(-rps // 64)
-            planes = torch.empty(bits, rows.size, padded_words(k), dtype=torch.int64)
+            planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
             kept_groups = sample_group[kept]
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
                           lo.data_ptr(), _ptr(sr_scale), _ptr(kept), _ptr(kept_groups),
@@ -312,7 +312,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
-            src = src.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+            src = buffers.contiguous(src.permute(0, 2, 1)).permute(0, 2, 1)
         sn, so, si = src.stride()
         tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
@@ -348,7 +348,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
             # Samples shorter than a word would waste most vector lanes: copy G' so that
             # each channel's r axis is one contiguous run.
-            src = src.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+            src = buffers.contiguous(src.permute(1, 0, 2)).permute(1, 0, 2)
         sn, so, si = src.stride()
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
@@ -379,7 +379,7 @@ def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> t
     """``fqt_quantize_pack`` over the rows its ``tables`` (int64 numpy) describe: planes
     ``[bits, rows, ld]``."""
     m = tables[0].size
-    planes = torch.empty(bits, m, padded_words(k), dtype=torch.int64)
+    planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
         tables = [np.ascontiguousarray(t, np.int64) for t in tables]
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
