@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings, strategies as st
 
 from conftest import KERNEL_TARGETS, seeded_randn
+from fqt_compiler.codegen import pack as gen
 from fqt_compiler.codegen.targets import get_target
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import pack
@@ -110,6 +111,36 @@ def test_im2col_non_contiguous_input():
     y = data(2, 3, 8, 16)[:, :, 1:7, ::2]  # strided H and W
     ref = ref_im2col(y, (3, 3), (2, 2), (2, 2), (1, 1))
     assert torch.equal(pack.im2col_pack_t(y, 3, 2, 2).words, ref_words(ref.T.contiguous()))
+
+
+def ref_bitmap(x, pad, wpw):
+    """Padded row bitmap rows (n, c, ih): bit pad + iw = x[n, c, ih, iw] > 0, ``wpw`` words."""
+    n, c, h, w = x.shape
+    bits = torch.zeros(n * c * h, wpw * 64, dtype=torch.bool)
+    bits[:, pad:pad + w] = (x > 0).reshape(-1, w)
+    return ref_words(bits)[:, :wpw]
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("n,c,hw,pad,pieces", [(1, 1, 1, 1, 1), (3, 67, 1, 1, 3), (1, 5, 2, 1, 2), (3, 131, 2, 0, 4),
+                                               (3, 7, 3, 2, 5), (2, 67, 8, 1, 3), (3, 9, 13, 3, 2), (2, 3, 64, 0, 3),
+                                               (1, 3, 40, 20, 2)])
+def test_padded_rows_from_bits(target, n, c, hw, pad, pieces):
+    """The bitmap from packed sign bits, built over row ranges that split samples at odd
+    points (as threads do; last range first, so a write past a range's end would spoil its
+    successor's rows), equals the reference and writes nothing past its rows; both sources
+    agree."""
+    x = data(n, c, hw, hw, seed=c * hw)
+    signs, _ = pack.pack_signs_and_ste(x.flatten(1), target=target)
+    wpw = gen.bitmap_words(hw, pad)
+    rows = n * c * hw
+    bm = torch.full((rows + 16, wpw), -1, dtype=torch.int64)
+    fn = pack._fn("padded_rows", target, source="bits")
+    cuts = sorted({0, rows, *(rows * i // pieces + i % 2 for i in range(1, pieces))})
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        fn(signs.words.data_ptr(), signs.ld, c, hw, hw, pad, bm.data_ptr(), wpw, lo, hi)
+    assert torch.equal(bm[:rows], ref_bitmap(x, pad, wpw)) and (bm[rows:] == -1).all()
+    assert torch.equal(pack._bitmap(x, None, (pad, pad), target)[0], bm[:rows])
 
 
 @settings(max_examples=30, deadline=None)

@@ -31,7 +31,7 @@ from llvmlite import ir
 
 from .abi import KernelABI, KernelIR
 from .builder import (F32, I1, I8, I64, BitStream, Kernel, const_vec, low_mask, masked_gather, masked_load,
-                      masked_scatter, masked_store, new_module, transpose64, vec)
+                      masked_scatter, masked_store, new_module, smin, transpose64, vec)
 from .targets import Target, get_target
 
 LANES = 64      # floats per packed word
@@ -170,7 +170,8 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> K
     ``source="float"``: ``fqt_padded_rows_f32(x, sn, sc, sh, C, H, W, pad, bm, wpw, row0, row1)``
     from float NCHW ``x`` with unit stride along W. ``source="bits"``:
     ``fqt_padded_rows_bits(src, src_ld, C, H, W, pad, bm, wpw, row0, row1)`` from per-sample
-    packed sign bits (sample ``n`` is row ``n`` of ``src``, bit index ``(c*H + ih)*W + iw``)."""
+    packed sign bits (sample ``n`` is row ``n`` of ``src``, bit index ``(c*H + ih)*W + iw``).
+    From bits, one-word rows (small maps) take ``_narrow_rows_from_bits``."""
     if source not in ("float", "bits"):
         raise ValueError(f"source must be 'float' or 'bits', got {source!r}")
     t = get_target(target)
@@ -180,6 +181,19 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> K
     k = Kernel(m, f"fqt_padded_rows_{'f32' if source == 'float' else 'bits'}",
                head + [("C", "i64"), ("H", "i64"), ("W", "i64"), ("pad", "i64"), ("bm", "ptr"), ("wpw", "i64"),
                        ("row0", "i64"), ("row1", "i64")])
+    if source == "float":
+        _padded_rows_by_row(k, source)
+        return k.finish()
+    with k.b.if_else(k.b.icmp_signed("==", k.arg["wpw"], ir.Constant(I64, 1))) as (narrow, wide):
+        with narrow:
+            _narrow_rows_from_bits(k, 2 * t.vector_bits // 64)
+        with wide:
+            _padded_rows_by_row(k, source)
+    return k.finish()
+
+
+def _padded_rows_by_row(k: Kernel, source: str) -> None:
+    """The bitmap one row ``(n, c, ih)`` at a time, one word after the other."""
     a, b = k.arg, k.b
     c64 = ir.Constant(I64, 64)
     # (n, c, ih) of the current row, advanced by carries: a few cycles of work per row on
@@ -213,7 +227,43 @@ def padded_rows_ir(target: str | Target = "host", *, source: str = "float") -> K
         k.set(ih_v, b.select(next_row, ir.Constant(I64, 0), b.add(ih, one)))
         k.set(c_v, b.select(next_n, ir.Constant(I64, 0), next_c))
         k.set(n_v, b.select(next_n, b.add(n, one), n))
-    return k.finish()
+
+
+def _narrow_rows_from_bits(k: Kernel, lanes: int) -> None:
+    """One-word bitmap rows (``W + 2 pad <= 64``) from packed sign bits, ``lanes`` rows a step.
+
+    A sample's rows ``(c, ih)`` are consecutive ``W``-bit fields of its packed row, so the
+    next ``min(lanes, 64 // W)`` of them are inside one 64-bit extract: each lane shifts its
+    field down, masks it and moves it up by ``pad``, and the words go out as one contiguous
+    vector store (masked only at the end of the range). On 8x8..1x1 maps this replaces one extract per row by one per step.
+    Steps never cross a sample (its packed row ends there)."""
+    a, b = k.arg, k.b
+    one = ir.Constant(I64, 1)
+    lane = const_vec(lanes, range(lanes))
+    rows_per_sample = b.mul(a["C"], a["H"])
+    fits = b.sdiv(ir.Constant(I64, 64), a["W"])
+    step = smin(b, fits, ir.Constant(I64, lanes))
+    field = k.splat(low_mask(k, a["W"]), lanes)
+    shifts = b.and_(b.mul(lane, k.splat(a["W"], lanes)), const_vec(lanes, 63))   # no poison past `step`
+    pad = k.splat(a["pad"], lanes)
+    last = b.sdiv(b.sub(a["row1"], one), rows_per_sample)
+    with k.loop(b.sdiv(a["row0"], rows_per_sample), b.add(last, one)) as n:
+        start = b.mul(n, rows_per_sample)
+        lo = b.select(b.icmp_signed(">", a["row0"], start), a["row0"], start)
+        hi = smin(b, a["row1"], b.add(start, rows_per_sample))
+        src = k.gep(a["src"], b.mul(n, a["src_ld"]), I64)
+        with k.loop(lo, hi, step) as row:
+            bits = _extract64(k, src, b.mul(b.sub(row, start), a["W"]), a["src_ld"])
+            words = b.shl(b.and_(b.lshr(k.splat(bits, lanes), shifts), field), pad)
+            out = k.gep(a["bm"], row, I64)
+            # Lanes from `step` on hold other rows' garbage: a plain store may write them while
+            # they are below `hi` (later steps overwrite them; masked stores are slow on AMD).
+            with b.if_else(b.icmp_signed("<=", b.add(row, ir.Constant(I64, lanes)), hi)) as (whole, tail):
+                with whole:
+                    b.store(words, out, align=8)
+                with tail:
+                    inside = b.icmp_signed("<", lane, k.splat(smin(b, b.sub(hi, row), step), lanes))
+                    masked_store(b, words, out, inside)
 
 
 def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.Value:
