@@ -283,3 +283,44 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
         assert torch.ops.fqt.binary_conv2d_scaled.default not in fw_ops
         assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("fqt_alpha")
                    and n.split(".fqt_alpha")[0] in {l.name for l in cg.plan if l.binarize})
+
+
+@pytest.mark.parametrize("edit", ["no_grad", "data"])
+def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, monkeypatch):
+    """A step packs each binarized conv's sign(W) once (the forward; its backward reuses those
+    bits). Negating the weights in place between steps, through an in-place op (which bumps
+    the version counter) or through ``.data`` (which does not), is seen by the next step's
+    forward and backward: loss and gradients agree with the reference backend's on the same
+    edit (stale sign(W) bits in the backward would flip the earlier layers' gradients)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 1, 16, 16, generator=gen), torch.randint(0, 10, (3,), generator=gen)
+    results = {}
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = vgg_small(in_channels=1, width=0.5)
+        compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        weights = [model.get_submodule(l.name).weight for l in compiled.fqt_graphs[-1].plan
+                   if l.binarize and l.kind == "conv2d"]
+        for w in weights:
+            if edit == "data":
+                w.data.neg_()
+            else:
+                with torch.no_grad():
+                    w.neg_()
+        model.zero_grad(set_to_none=True)
+        packed = []
+        monkeypatch.setattr(lowered, "pack_signs", lambda t, *, target, run=lowered.pack_signs:
+                            packed.append(t.data_ptr()) or run(t, target=target))
+        loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        monkeypatch.undo()
+        results[backend] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                            sorted(p for p in packed if p in {w.data_ptr() for w in weights}),
+                            sorted(w.data_ptr() for w in weights))
+    (loss_k, grads_k, packed_k, weights_k), (loss_r, grads_r, _, _) = results["kernels"], results["reference"]
+    assert loss_k == loss_r
+    for name, g in grads_r.items():
+        cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
+        assert g.norm() == grads_k[name].norm() == 0 or cos > 0.999, name
+    assert packed_k == weights_k

@@ -19,6 +19,8 @@ segment of the rows, against that sample's sign(X), each with its own scale, sum
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -57,6 +59,60 @@ def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
     return None if alpha is None else alpha.detach().reshape(-1).float().contiguous()
 
 
+# --------------------------------------------------------------------------- sign(W) operands
+
+@dataclass
+class _WeightSigns:
+    """sign(W) of one conv weight packed along ``(c, kh, kw)`` per output channel (the
+    forward GEMM's B operand) and the operands derived from it (``derived``, keyed by what
+    else they depend on), as of the weight's ``data_ptr`` and version counter."""
+
+    data_ptr: int
+    version: int
+    target: str
+    signs: PackedBits
+    derived: dict = field(default_factory=dict)
+
+    def current(self, weight: torch.Tensor, target) -> bool:
+        return (self.data_ptr, self.version, self.target) == (weight.data_ptr(), weight._version, target)
+
+
+# id(weight) -> (weak reference to it, its _WeightSigns); an entry goes when its weight does.
+_weight_signs_of: dict[int, tuple[weakref.ref, _WeightSigns]] = {}
+
+
+def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns:
+    """sign(W) operands of a conv weight, packed once per step. The forward packs them
+    (``repack=True``): it never trusts an entry, since an edit through ``weight.data``
+    leaves the version counter as it was; when the bits equal the entry's (no sign flipped
+    since, as after an optimizer step that moved no weight across 0) the entry and its
+    derived operands stay. The backward (``repack=False``) reuses the entry while the
+    weight's data pointer and version counter are those the forward saw (autograd refuses a
+    backward after an in-place edit of a saved weight; a direct call of a backward op with
+    another weight packs anew)."""
+    key = id(weight)
+    ref, entry = _weight_signs_of.get(key, (None, None))
+    if ref is not None and ref() is not weight:
+        ref, entry = None, None
+    if entry is not None and not repack and entry.current(weight, target):
+        return entry
+    w = weight.detach()
+    signs = pack_signs(w.reshape(w.shape[0], -1), target=target)
+    if w.is_inference():               # no version counter to check later: nothing is kept
+        return _WeightSigns(w.data_ptr(), -1, target, signs)
+    if entry is not None and entry.target == target and torch.equal(entry.signs.words, signs.words):
+        entry.data_ptr, entry.version = w.data_ptr(), w._version
+        return entry
+    entry = _WeightSigns(w.data_ptr(), w._version, target, signs)
+    if ref is None:
+        def forget(dead, key=key):
+            if _weight_signs_of.get(key, (None,))[0] is dead:
+                del _weight_signs_of[key]
+        ref = weakref.ref(weight, forget)
+    _weight_signs_of[key] = (ref, entry)
+    return entry
+
+
 # --------------------------------------------------------------------------- forward
 
 def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, target):
@@ -69,7 +125,7 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
         signs, mask = pack_signs_and_ste(x.view(n, -1), target=target)
         a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
                         target=target)
-        b = pack_signs(weight.detach().reshape(o, -1), target=target)
+        b = _weight_signs(weight, target, repack=True).signs
     with stats.timed(layer_name, "forward", binary_macs=n * oh * ow * o * c * kh * kw,
                      saved_bytes=signs.nbytes + mask.nbytes):
         y = binary_gemm(a, b, scale=scale, out_hw=oh * ow, target=target)
@@ -181,6 +237,27 @@ def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
     return torch.where(valid, oy * ow + ox, -1).reshape(h * w, kh * kw)
 
 
+def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, torch.Tensor]:
+    """``(B, T)`` of the input gradient below, built once per weight version and geometry
+    from the sign(W) bits the forward packed: sign(W) bits along (c, i, j), bit-transposed
+    to rows (c, i, j) along o; the first ``chunk`` words of each row, C rows of kh*kw taps,
+    are the B operand [C, (i, j, o)]. ``T[c, y*w + x]`` sums ``sum_o sign(W)`` of the taps
+    that read input position (y, x)."""
+    entry = _weight_signs(weight, target, repack=False)
+    found = entry.derived.get(("input_grad", geometry))
+    if found is not None:
+        return found
+    o, c, kh, kw = weight.shape
+    chunk = (o + 63) // 64
+    wt = transpose_bits(entry.signs, target=target)
+    b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
+    b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
+    tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
+    t_term = (tap_sums.unsqueeze(1) * (_transposed_taps(*geometry) >= 0).float().unsqueeze(0)).sum(2)
+    found = entry.derived[("input_grad", geometry)] = PackedBits(b_words, kh * kw * chunk * 64), t_term
+    return found
+
+
 @implements("aq_quantize_conv2d_input_grad")
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
                       method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
@@ -196,19 +273,13 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     oh, ow = gprime.shape[2], gprime.shape[3]
     q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target,
                   alpha, shared)
-    taps = _transposed_taps(h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
+    geometry = (h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
+    taps = _transposed_taps(*geometry)
     samples = q.row_map.view(-1, oh * ow)[:, 0] // (oh * ow) if q.row_map.numel() else q.row_map
     kept = samples.numel()
     chunk = (o + 63) // 64                       # words of one tap's channel run
     with stats.timed(layer_name, "pack"):
-        # sign(W) bits along (c, i, j), bit-transposed to rows (c, i, j) along o: the first
-        # `chunk` words of each row, C rows of kh*kw taps, are the B operand [C, (i, j, o)].
-        wt = transpose_bits(pack_signs(weight.detach().reshape(o, -1), target=target), target=target)
-        b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
-        b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
-        b = PackedBits(b_words, kh * kw * chunk * 64)
-        tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
-        t_term = (tap_sums.unsqueeze(1) * (taps >= 0).float().unsqueeze(0)).sum(2)   # [C, h*w]
+        b, t_term = _weight_input_grad_operand(weight, geometry, target)
         rows = kept * h * w
         planes = buffers.empty((bits, rows, b.ld), torch.int64)
         planes[:, :, kh * kw * chunk:] = 0          # the padding words; the rest is gathered
