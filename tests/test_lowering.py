@@ -287,8 +287,8 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
 
 @pytest.mark.parametrize("edit", ["no_grad", "data"])
 def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, monkeypatch):
-    """A step packs each binarized conv's sign(W) once (the forward; its backward reuses those
-    bits). Negating the weights in place between steps, through an in-place op (which bumps
+    """A step packs each binarized conv's sign(W) and STE bits once (the forward; its backward
+    reuses those bits). Negating the weights in place between steps, through an in-place op (which bumps
     the version counter) or through ``.data`` (which does not), is seen by the next step's
     forward and backward: loss and gradients agree with the reference backend's on the same
     edit (stale sign(W) bits in the backward would flip the earlier layers' gradients)."""
@@ -310,8 +310,9 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
                     w.neg_()
         model.zero_grad(set_to_none=True)
         packed = []
-        monkeypatch.setattr(lowered, "pack_signs", lambda t, *, target, run=lowered.pack_signs:
-                            packed.append(t.data_ptr()) or run(t, target=target))
+        for fn in ("pack_signs", "pack_signs_and_ste"):
+            monkeypatch.setattr(lowered, fn, lambda t, *, target, run=getattr(lowered, fn):
+                                packed.append(t.data_ptr()) or run(t, target=target))
         loss = nn.functional.cross_entropy(compiled(x), y)
         loss.backward()
         monkeypatch.undo()

@@ -64,13 +64,15 @@ def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass
 class _WeightSigns:
     """sign(W) of one conv weight packed along ``(c, kh, kw)`` per output channel (the
-    forward GEMM's B operand) and the operands derived from it (``derived``, keyed by what
-    else they depend on), as of the weight's ``data_ptr`` and version counter."""
+    forward GEMM's B operand), its STE mask ``|W| < 1`` in the same layout (the weight
+    gradient's), and the operands derived from sign(W) (``derived``, keyed by what else
+    they depend on), as of the weight's ``data_ptr`` and version counter."""
 
     data_ptr: int
     version: int
     target: str
     signs: PackedBits
+    ste: PackedBits
     derived: dict = field(default_factory=dict)
 
     def current(self, weight: torch.Tensor, target) -> bool:
@@ -84,8 +86,8 @@ _weight_signs_of: dict[int, tuple[weakref.ref, _WeightSigns]] = {}
 def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns:
     """sign(W) operands of a conv weight, packed once per step. The forward packs them
     (``repack=True``): it never trusts an entry, since an edit through ``weight.data``
-    leaves the version counter as it was; when the bits equal the entry's (no sign flipped
-    since, as after an optimizer step that moved no weight across 0) the entry and its
+    leaves the version counter as it was; when the sign bits equal the entry's (no sign
+    flipped since, as after an optimizer step that moved no weight across 0) the entry's
     derived operands stay. The backward (``repack=False``) reuses the entry while the
     weight's data pointer and version counter are those the forward saw (autograd refuses a
     backward after an in-place edit of a saved weight; a direct call of a backward op with
@@ -97,13 +99,13 @@ def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns
     if entry is not None and not repack and entry.current(weight, target):
         return entry
     w = weight.detach()
-    signs = pack_signs(w.reshape(w.shape[0], -1), target=target)
+    signs, ste = pack_signs_and_ste(w.reshape(w.shape[0], -1), target=target)
     if w.is_inference():               # no version counter to check later: nothing is kept
-        return _WeightSigns(w.data_ptr(), -1, target, signs)
+        return _WeightSigns(w.data_ptr(), -1, target, signs, ste)
     if entry is not None and entry.target == target and torch.equal(entry.signs.words, signs.words):
-        entry.data_ptr, entry.version = w.data_ptr(), w._version
+        entry.data_ptr, entry.version, entry.ste = w.data_ptr(), w._version, ste
         return entry
-    entry = _WeightSigns(w.data_ptr(), w._version, target, signs)
+    entry = _WeightSigns(w.data_ptr(), w._version, target, signs, ste)
     if ref is None:
         def forget(dead, key=key):
             if _weight_signs_of.get(key, (None,))[0] is dead:
@@ -194,18 +196,26 @@ def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
     return out if kept == out.shape[0] else out.zero_()
 
 
-def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target):
+def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste: PackedBits | None = None):
     """The weight-gradient GEMM of ``q`` against sign(X) packed along the rows: ``segments``
-    holds one operand, or one per sample segment when ``q`` is segmented (``psq``)."""
+    holds one operand, or one per sample segment when ``q`` is segmented (``psq``); then
+    the weight's STE mask, from its bits ``ste`` when given (``_WeightSigns.ste``)."""
     o = weight.shape[0]
     if q.segments == 1:
         dw = _planar_gemm(layer_name, "weight_grad", q, segments[0], o, target)
-        return _weight_ste(dw, weight, q.row_map)
-    b = segments[0]
-    with stats.timed(layer_name, "weight_grad", binary_macs=q.bits * q.planes.shape[1] * b.rows * b.k):
-        dw = segmented_bitplane_gemm(q.planes, segments, row_scale=q.row_scale, row_zero=q.row_zero,
-                                     target=target)
-    return _weight_ste(dw, weight, None)
+        kept = q.row_map
+    else:
+        b = segments[0]
+        with stats.timed(layer_name, "weight_grad", binary_macs=q.bits * q.planes.shape[1] * b.rows * b.k):
+            dw = segmented_bitplane_gemm(q.planes, segments, row_scale=q.row_scale, row_zero=q.row_zero,
+                                         target=target)
+        kept = None
+    if ste is None:
+        return _weight_ste(dw, weight, kept)
+    with stats.timed(layer_name, "ste_mask"):
+        # One pass over dW reading 1 bit per weight, instead of |W| < 1 as float (a pass
+        # that writes a weight-sized tensor) and a product; pruned rows are 0 either way.
+        return mask_in_place(ste, ste.k, dw, target=target).view_as(weight)
 
 
 def _weight_ste(dw: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
@@ -323,7 +333,7 @@ def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, 
     with stats.timed(layer_name, "pack"):
         xt = [im2col_pack_t(PackedBits(bits_, c * h * w), (kh, kw), stride, padding, dilation,
                             input_shape=(count, c, h, w), target=target) for bits_, count in samples]
-    return _weight_gemm(layer_name, q, xt, weight, target)
+    return _weight_gemm(layer_name, q, xt, weight, target, _weight_signs(weight, target, repack=False).ste)
 
 
 @implements("aq_quantize_conv2d_grads")
