@@ -12,9 +12,10 @@ thread and at all threads. Contenders, measured side by side in one run:
 
 in training-mode BN and in eval-mode BN (the paper timed the latter). Then a per-phase
 breakdown of one FQT step (from ``fqt.runtime.stats()``; ``region_*`` are the fused
-BatchNorm/activation/pool kernels; "float ops" is the rest: unfused float ops, the float
-layers, autograd), the bytes saved for backward (every tensor autograd keeps, deduplicated
-by storage; once in all and once without the model's parameters, which both contenders keep
+BatchNorm/activation/pool kernels; ``glue`` the kernel ops' Python and small torch ops
+between their kernels; "float ops" is the rest: unfused float ops, the float layers,
+autograd), the bytes saved for backward (every tensor autograd keeps, deduplicated by
+storage; once in all and once without the model's parameters, which both contenders keep
 resident anyway and which dominate at small batches), and the ``hygon`` (AVX2) kernels vs
 float32 PyTorch limited to AVX2, in a subprocess whose oneDNN/MKL/ATen are capped before
 torch is imported.
@@ -43,7 +44,7 @@ from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask",
-          "region_forward", "region_backward")
+          "region_forward", "region_backward", "glue")
 MODELS = {"vgg16": zoo.vgg16_cifar, "resnet18": zoo.resnet18}
 
 

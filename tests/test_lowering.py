@@ -173,7 +173,7 @@ def _train_step(model_fn, x, y, backend, method, bits, seed=3):
     return compiled, losses[-1].item(), grads, fqt.runtime.stats(), calls
 
 
-KERNEL_PHASES = {"pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask"}
+KERNEL_PHASES = {"pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask", "glue"}
 
 
 def _check_step_on_kernels(model_fn, x, y, method="aq_scq", bits=4):
@@ -188,6 +188,8 @@ def _check_step_on_kernels(model_fn, x, y, method="aq_scq", bits=4):
         # AQ may keep no sample of a small batch for one layer (it keeps N/b on average)
         assert st[(layer.name, "forward")].binary_macs > 0
         assert {kind for name, kind in st if name == layer.name} <= KERNEL_PHASES, layer.name
+        # the layer's forward op and its backward op(s), each once: their time between kernels
+        assert st[(layer.name, "glue")].calls >= 2 and st[(layer.name, "glue")].seconds > 0, layer.name
     for kind in ("input_grad", "weight_grad"):
         assert sum(st[(layer.name, kind)].binary_macs for layer in binarized) > 0    # No float GEMM ran for a binarized layer: every float conv left is a float layer's, and the
     # matrix products are exactly those of the float linear layers (forward, dX, dW each).

@@ -3,11 +3,13 @@
 Every kernel-backed op implementation records into one process-wide table; tests read it
 to prove that the three GEMMs of each binarized layer ran on kernels, and ``fqt.summary``
 shows it next to the plan. Phases other than GEMMs (pack, quantize, ste_mask, ...) are timed
-too, so a benchmark can break a training step down.
+too, so a benchmark can break a training step down. ``glue`` is the rest of each op call:
+its Python and the small torch ops between its timed phases (``op_timed``).
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 from collections import defaultdict
@@ -29,6 +31,7 @@ _lock = threading.Lock()
 # The layer whose kernels are being requested: kernel emission records it in its manifest.
 current_layer: contextvars.ContextVar[str] = contextvars.ContextVar("fqt_layer", default="")
 _table: dict[tuple[str, str], Entry] = defaultdict(Entry)
+_timed_total = [0.0]   # seconds of every timed block so far, for op_timed's difference
 
 
 def record(layer: str, kind: str, *, seconds: float = 0.0, binary_macs: int = 0, saved_bytes: int = 0) -> None:
@@ -49,7 +52,22 @@ def timed(layer: str, kind: str, *, binary_macs: int = 0, saved_bytes: int = 0):
         yield
     finally:
         current_layer.reset(token)
-        record(layer, kind, seconds=time.perf_counter() - t0, binary_macs=binary_macs, saved_bytes=saved_bytes)
+        seconds = time.perf_counter() - t0
+        _timed_total[0] += seconds
+        record(layer, kind, seconds=seconds, binary_macs=binary_macs, saved_bytes=saved_bytes)
+
+
+def op_timed(fn):
+    """``fn`` (an op implementation taking ``layer_name``) recording as ``glue`` its call's
+    time outside the ``timed`` blocks it runs."""
+    @functools.wraps(fn)
+    def run(*args, layer_name="?", **kwargs):
+        t0, inner = time.perf_counter(), _timed_total[0]
+        try:
+            return fn(*args, layer_name=layer_name, **kwargs)
+        finally:
+            record(layer_name, "glue", seconds=time.perf_counter() - t0 - (_timed_total[0] - inner))
+    return run
 
 
 class Stats(dict):

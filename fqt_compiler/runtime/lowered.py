@@ -36,12 +36,18 @@ from .packed import PackedBits, padded_words
 from .quantize import SharedStatistics, quantize_bitplanes
 
 
-def implements(op: str):
+def implements(op: str, *, glue: bool = False):
     """Register the decorated function as ``fqt::op``'s implementation on the "kernels"
-    backend (``jit.kernel``, by contrast, turns one kernel spec into a callable)."""
+    backend (``jit.kernel``, by contrast, turns one kernel spec into a callable).
+
+    ``glue=True``: each call's time outside its timed phases is recorded as ``glue`` (the
+    binarized layers' ops below, whose bodies are kernel phases and the Python and small
+    torch ops between them; not the region ops, which run float convs untimed). The
+    decorated name stays the bare function, so an op calling another counts once."""
     def wrap(fn):
-        registry.register(f"fqt::{op}", "kernels", fn)
-        fn.takes_layer_name = True
+        impl = stats.op_timed(fn) if glue else fn
+        impl.takes_layer_name = True
+        registry.register(f"fqt::{op}", "kernels", impl)
         return fn
     return wrap
 
@@ -134,14 +140,14 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
     return y.view(n, o, oh, ow), signs.words, mask.words
 
 
-@implements("binary_conv2d")
+@implements("binary_conv2d", glue=True)
 def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, layer_name="?",
                   target="host"):
     return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name,
                          target)
 
 
-@implements("binary_conv2d_scaled")
+@implements("binary_conv2d_scaled", glue=True)
 def binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer, *,
                          layer_name="?", target="host"):
     return _conv_forward(x, weight, _channels(alpha), stride, padding, dilation, layer_name, target)
@@ -159,12 +165,12 @@ def _linear_forward(x, weight, scale, layer_name, target, bias=None):
     return y.view(*x.shape[:-1], o), signs.words, mask.words
 
 
-@implements("binary_linear")
+@implements("binary_linear", glue=True)
 def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host"):
     return _linear_forward(x, weight, _ones(weight.shape[0]), layer_name, target)
 
 
-@implements("binary_linear_scaled")
+@implements("binary_linear_scaled", glue=True)
 def binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None, *, layer_name="?", target="host"):
     return _linear_forward(x, weight, _channels(alpha), layer_name, target, bias)
 
@@ -268,7 +274,7 @@ def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, to
     return found
 
 
-@implements("aq_quantize_conv2d_input_grad")
+@implements("aq_quantize_conv2d_input_grad", glue=True)
 def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
                       method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
@@ -322,7 +328,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
         return buffers.zeros((n, c, h, w)).index_copy_(0, samples, dx_kept)   # pruned samples are 0
 
 
-@implements("aq_quantize_conv2d_weight_grad")
+@implements("aq_quantize_conv2d_weight_grad", glue=True)
 def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
                        method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     n, c, h, w = x_shape
@@ -336,7 +342,7 @@ def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, 
     return _weight_gemm(layer_name, q, xt, weight, target, _weight_signs(weight, target, repack=False).ste)
 
 
-@implements("aq_quantize_conv2d_grads")
+@implements("aq_quantize_conv2d_grads", glue=True)
 def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
                  method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     """``(dX, dW)``: both paths above on one G', whose statistics pass runs once."""
@@ -348,7 +354,7 @@ def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, st
                                shared=shared))
 
 
-@implements("aq_quantize_linear_input_grad")
+@implements("aq_quantize_linear_input_grad", glue=True)
 def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
                       alpha=None, *, layer_name="?", target="host", shared=None):
     o, f = weight.shape
@@ -362,7 +368,7 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
     return dx.view(x_shape)
 
 
-@implements("aq_quantize_linear_weight_grad")
+@implements("aq_quantize_linear_weight_grad", glue=True)
 def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
                        alpha=None, *, layer_name="?", target="host", shared=None):
     o, f = weight.shape
@@ -374,7 +380,7 @@ def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, 
     return _weight_gemm(layer_name, q, xt, weight, target)
 
 
-@implements("aq_quantize_linear_grads")
+@implements("aq_quantize_linear_grads", glue=True)
 def linear_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer,
                  alpha=None, *, layer_name="?", target="host"):
     """``(dX, dW)``: both paths above on one G', whose groups (its rows for dX, its
