@@ -290,10 +290,12 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
 @pytest.mark.parametrize("edit", ["no_grad", "data"])
 def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, monkeypatch):
     """A step packs each binarized conv's sign(W) and STE bits once (the forward; its backward
-    reuses those bits). Negating the weights in place between steps, through an in-place op (which bumps
-    the version counter) or through ``.data`` (which does not), is seen by the next step's
-    forward and backward: loss and gradients agree with the reference backend's on the same
-    edit (stale sign(W) bits in the backward would flip the earlier layers' gradients)."""
+    reuses those bits). In-place edits of the weights between steps are seen by the next
+    step's forward and backward, loss and gradients agreeing with the reference backend's on
+    the same edit: negating them through ``.data`` (which leaves the version counter as it
+    was; stale sign(W) bits would flip the earlier layers' gradients) or scaling them by 20
+    with an in-place op (no sign flips, so the input gradient's operands stay, but most
+    weights leave the STE window |w| < 1)."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(3, 1, 16, 16, generator=gen), torch.randint(0, 10, (3,), generator=gen)
     results = {}
@@ -309,7 +311,7 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
                 w.data.neg_()
             else:
                 with torch.no_grad():
-                    w.neg_()
+                    w.mul_(20)
         model.zero_grad(set_to_none=True)
         packed = []
         for fn in ("pack_signs", "pack_signs_and_ste"):

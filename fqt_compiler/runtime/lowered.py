@@ -254,15 +254,17 @@ def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
 
 
 def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, torch.Tensor]:
-    """``(B, T)`` of the input gradient below, built once per weight version and geometry
-    from the sign(W) bits the forward packed: sign(W) bits along (c, i, j), bit-transposed
-    to rows (c, i, j) along o; the first ``chunk`` words of each row, C rows of kh*kw taps,
-    are the B operand [C, (i, j, o)]. ``T[c, y*w + x]`` sums ``sum_o sign(W)`` of the taps
-    that read input position (y, x)."""
+    """``(B, T)`` of the input gradient below, from the sign(W) bits the forward packed and
+    kept with them (per geometry) until a sign flips: sign(W) bits along (c, i, j),
+    bit-transposed to rows (c, i, j) along o; the first ``chunk`` words of each row, C rows
+    of kh*kw taps, are the B operand [C, (i, j, o)]. ``T[c, y*w + x]`` sums ``sum_o sign(W)``
+    of the taps that read input position (y, x)."""
     entry = _weight_signs(weight, target, repack=False)
     found = entry.derived.get(("input_grad", geometry))
     if found is not None:
         return found
+    if len(entry.derived) >= 8:        # input sizes that vary from step to step: keep the latest
+        entry.derived.clear()
     o, c, kh, kw = weight.shape
     chunk = (o + 63) // 64
     wt = transpose_bits(entry.signs, target=target)
