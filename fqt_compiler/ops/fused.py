@@ -138,20 +138,22 @@ def _binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None):
     return y if bias is None else y + bias, signs, mask
 
 
-def _scaled_fake(forward_fake):
-    def fake(x, weight, alpha, rng_state, *rest, bias=None):
-        return forward_fake(x, weight, rng_state, *rest)
-    return fake
+def _binary_conv2d_scaled_fake(x, weight, alpha, rng_state, *geometry_and_layer):
+    return _binary_conv2d_fake(x, weight, rng_state, *geometry_and_layer)
+
+
+def _binary_linear_scaled_fake(x, weight, alpha, rng_state, layer, bias=None):
+    return _binary_linear_fake(x, weight, rng_state, layer)
 
 
 binary_conv2d_scaled = _define(
     "binary_conv2d_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int[] stride, "
     "int[] padding, int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
-    _binary_conv2d_scaled, _scaled_fake(_binary_conv2d_fake))
+    _binary_conv2d_scaled, _binary_conv2d_scaled_fake)
 binary_linear_scaled = _define(
     "binary_linear_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int layer, "
     "Tensor? bias=None) -> (Tensor, Tensor, Tensor)",
-    _binary_linear_scaled, _scaled_fake(_binary_linear_fake))
+    _binary_linear_scaled, _binary_linear_scaled_fake)
 
 # forward op -> its alpha-folded op
 SCALED = {
