@@ -337,7 +337,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if so == 1 and si > 1 and (n == 1 or sn == rps * si):
             # Row-major G' (a linear layer's): its columns are read along the rows, 64x64
             # tiles bit-transposed, rather than gathered one cache line per element.
-            planes = torch.empty(bits, rows.size, padded_words(k), dtype=torch.int64)
+            planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
             alpha_rows = v.alpha[torch.from_numpy(rows)] if v.alpha is not None else None
             per_row = [np.ascontiguousarray(t) for t in (lo.numpy()[groups], sr_scale[groups])]
             parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si,
