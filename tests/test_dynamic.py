@@ -21,9 +21,10 @@ from fqt_test_models import SmallCNN
 BATCHES = [4, 6, 1, 7, 2, 13, 3, 8, 5, 11]
 SEQUENCES = [16, 9, 1, 23, 2, 31, 12, 5, 20, 7]
 # Compared with a static compile: the first shape (static), the first change (the dynamic
-# graph's compile), size 1 (specialized), the dynamic graph's later shapes, the last one.
+# graph's compile), size 1 (specialized), the dynamic graph's later shapes, the last one;
+# for BERT, whose static compiles cost most, the first, the first change and a later shape.
 BATCHES_COMPARED = [4, 6, 1, 13, 11]
-SEQUENCES_COMPARED = [16, 9, 1, 31, 7]
+SEQUENCES_COMPARED = [16, 9, 31]
 
 
 @pytest.fixture
@@ -285,7 +286,7 @@ def test_bert_ten_sequence_lengths_compile_at_most_three_graphs_equal_to_static(
 @pytest.mark.slow
 def test_bert_sequence_lengths_on_kernels_match_static():
     pytest.importorskip("transformers")
-    compiled, results = _compare_with_static(_bert, [16, 9, 23, 5], _bert_inputs, _bert_targets,
+    compiled, results = _compare_with_static(_bert, [16, 9, 5], _bert_inputs, _bert_targets,
                                              "kernels")
     _assert_close(results)
     assert len(compiled.fqt_graphs) <= 2

@@ -32,11 +32,12 @@ def test_train_digits_short_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_recalibrated_eval_matches_batch_statistics(tmp_path):
-    """The full default run of the noisiest method (1-bit PSQ) and of aq_opt: after
-    fqt.recalibrate_bn, eval-mode accuracy is close to batch-statistics accuracy - within 2
-    points for aq_opt; for PSQ within 5, not the issue's 2: its seed-0 run lands 3.1 points
-    below (other seeds within 1-2; README, "Accuracy"), and far above the eval accuracy with
-    the running statistics training left behind."""
-    for name, acc, _, _ in _example().main(["--methods", "psq,aq_opt", "--out", str(tmp_path)]):
-        assert abs(acc["recalibrated"] - acc["batch"]) <= (0.05 if name == "psq" else 0.02), (name, acc)
-        assert acc["recalibrated"] > acc["running"] + (0.3 if name == "psq" else 0.0), (name, acc)
+    """The full default run of the noisiest method, 1-bit PSQ: after fqt.recalibrate_bn,
+    eval-mode accuracy is within 5 points of batch-statistics accuracy (not the issue's 2: its
+    seed-0 run lands 3.1 points below, other seeds within 1-2; README, "Accuracy") and far
+    above the eval accuracy with the running statistics training left behind. (The README's
+    command runs every method; this test runs the one where recalibration matters most, as
+    each default run is a minute of the suite.)"""
+    for name, acc, _, _ in _example().main(["--methods", "psq", "--out", str(tmp_path)]):
+        assert abs(acc["recalibrated"] - acc["batch"]) <= 0.05, (name, acc)
+        assert acc["recalibrated"] > acc["running"] + 0.3, (name, acc)
