@@ -3,10 +3,13 @@ state per test and the cross-tool skip. Import the constants with ``from conftes
 (pytest puts this directory on ``sys.path``).
 
 Tiers: ``pytest -m "not slow"`` is the fast loop; ``pytest`` (the README's command, what CI
-runs) runs everything, the ``slow`` end-to-end and cross-target cases included.
+runs) runs everything, the ``slow`` end-to-end and cross-target cases included. The README
+runs them on two pytest-xdist workers (``-n 2``): most of the suite's time is Dynamo and
+AOTAutograd compiling small models, one core's work per test.
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -28,6 +31,14 @@ _cross_tools = pytest.mark.skipif(
     reason=f"needs Debian packages {PACKAGES}")
 
 
+def pytest_configure(config):
+    """On an xdist worker, one torch (and so one kernel) thread unless a test asks for more:
+    the workers already share the cores, and two workers with two threads each would
+    oversubscribe them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Dynamo remembers per forward code object (so across instances and fqt.compile calls)
@@ -35,6 +46,15 @@ def fresh_dynamo():
     test already ran at other sizes would compile dynamic from its first call: start every
     test as a new process would, so no test's graphs depend on the tests run before it."""
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """A test that sets the thread count leaves the next test the count it found."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def needs_cross(test):
