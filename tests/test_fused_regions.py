@@ -271,6 +271,24 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     _close(rv2, rv, "running_var")
 
 
+def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
+    """The kernel runs the float conv a slice of the batch at a time into a reused buffer
+    (forward and the backward's recompute): with slices of 2 of 3 samples, the last one
+    short, the op still equals the unfused chain."""
+    x_shape, w_shape = CONVS[0][:2]
+    batches = []
+    conv2d = F.conv2d
+
+    def spy(input, *args):
+        batches.append(input.shape[0])
+        return conv2d(input, *args)
+
+    monkeypatch.setattr(fusion, "_CONV_SLICE_BYTES", 2 * w_shape[0] * x_shape[2] * x_shape[3] * 4)
+    monkeypatch.setattr(F, "conv2d", spy)
+    test_float_conv_region_matches_the_unfused_chain(*CONVS[0], [3, 3, 2, 2, 1, 1], True, True)
+    assert batches.count(1) == 2 and batches.count(2) == 2, batches   # kernel forward and recompute
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("pool,ceil_mode,include_pad", AVG_POOLS)
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9), (3, 70, 5, 3), (3, 3, 2, 3)])

@@ -423,11 +423,13 @@ conv2d_bn_region = _define(
 
 
 def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, stride, padding, dilation,
-                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, **kw):
-    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed,
-    ``region_backward`` (``bn_region_backward``'s reference or kernel) at it, then ATen's
-    convolution backward; gradients not asked for (input, a missing bias) are empty."""
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, conv=F.conv2d,
+                           **kw):
+    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed
+    (by ``conv``, ``F.conv2d``'s signature), ``region_backward`` (``bn_region_backward``'s
+    reference or kernel) at it, then ATen's convolution backward; gradients not asked for
+    (input, a missing bias) are empty."""
+    y = conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     dy, dweight, dbias, _ = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
     mask = [input_grad, True, conv_bias is not None]
     dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..codegen import fusion as gen
 from ..ops import fused_regions   # also defines the ops registered below
+from ..ops import reference as ref
 from . import buffers, kernel_stats as stats
 from .jit import kernel_of
 from .lowered import implements
@@ -170,10 +171,32 @@ def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, ac
 
 # A float conv (run by ATen, as float layers are on both backends) feeding a region.
 
+# Output bytes of one slice of the batch in ``_float_conv``: a few MiB, which glibc serves
+# from its heap (reused) rather than from fresh mmap'ed pages (buffers.py).
+_CONV_SLICE_BYTES = 4 << 20
+
+
+def _float_conv(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d`` into a reused buffer, a slice of the batch at a time. A whole batch's
+    output of a first layer is as large as any tensor of the network: ATen would allocate
+    it, and oneDNN its blocked-layout twin, as fresh pages every call (twice a step: forward
+    and the backward's recompute), faulting them in again each time. A sample's outputs
+    depend on that sample alone, so slicing the batch changes no value."""
+    n, _, h, w = input.shape
+    o, _, kh, kw = weight.shape
+    oh, ow = (ref.conv_output_size(size, k, s, p, d)
+              for size, k, s, p, d in zip((h, w), (kh, kw), stride, padding, dilation))
+    out = buffers.empty((n, o, oh, ow))
+    step = max(1, _CONV_SLICE_BYTES // max(1, o * oh * ow * out.element_size()))
+    for i in range(0, n, step):
+        out[i:i + step] = F.conv2d(input[i:i + step], weight, bias, stride, padding, dilation, groups)
+    return out
+
+
 @implements("conv2d_bn_region")
 def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
                      layer_name="?", target="host"):
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y = _float_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
 
 
@@ -181,7 +204,7 @@ def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, g
 def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
     *args, input_grad = args
     return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
-                                                layer_name=layer_name, target=target)
+                                                conv=_float_conv, layer_name=layer_name, target=target)
 
 
 @functools.lru_cache(maxsize=None)
