@@ -271,6 +271,19 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     _close(rv2, rv, "running_var")
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (70, 5, 3, 3), (300, 300, 3, 1)])
+def test_weight_scale_kernel_is_the_reference_bit_for_bit(shape):
+    """alpha = mean |w| per output channel (a binarized conv's in a region): the kernel's |w|
+    goes to a reused buffer (the last shape is large enough to be cached), the values are the
+    reference's exactly, also on a second call reusing the buffer with other weights."""
+    kern, ref = _ops("weight_scale")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        w = torch.randn(shape, generator=gen)
+        got = kern(w, 0)
+        assert got.shape == (shape[0],) and torch.equal(got, ref(w, 0))
+
+
 def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
     """The kernel runs the float conv a slice of the batch at a time into a reused buffer
     (forward and the backward's recompute): with slices of 2 of 3 samples, the last one

@@ -169,6 +169,15 @@ def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, ac
                                target=target)
 
 
+@implements("weight_scale", glue=True)
+def weight_scale(weight, layer, *, layer_name="?", target="host"):
+    """mean |w| per output channel, the reference's ops (so the same values) with |w| in a
+    reused buffer: a fresh one of a large layer's weight size is mmap'ed and faulted in
+    every step."""
+    w = weight.detach().flatten(1)
+    return torch.abs(w, out=buffers.empty(w.shape)).sum(1) / w.shape[1]
+
+
 # A float conv (run by ATen, as float layers are on both backends) feeding a region.
 
 # Output bytes of one slice of the batch in ``_float_conv``: a few MiB, which glibc serves
