@@ -285,21 +285,28 @@ def test_weight_scale_kernel_is_the_reference_bit_for_bit(shape):
 
 
 def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
-    """The kernel runs the float conv a slice of the batch at a time into a reused buffer
-    (forward and the backward's recompute): with slices of 2 of 3 samples, the last one
-    short, the op still equals the unfused chain."""
+    """The kernel runs the float conv, and its backward, a slice of the batch at a time
+    (forward, the backward's recompute, then the convolution backward): with slices of 2 of
+    3 samples, the last one short, the op still equals the unfused chain (the weight and
+    bias gradients are then sums over the slices, equal to fp32 rounding)."""
     x_shape, w_shape = CONVS[0][:2]
-    batches = []
-    conv2d = F.conv2d
+    batches, backward_batches = [], []
+    conv2d, conv_backward = F.conv2d, torch.ops.aten.convolution_backward
 
     def spy(input, *args):
         batches.append(input.shape[0])
         return conv2d(input, *args)
 
+    def backward_spy(dy, *args):
+        backward_batches.append(dy.shape[0])
+        return conv_backward(dy, *args)
+
     monkeypatch.setattr(fusion, "_CONV_SLICE_BYTES", 2 * w_shape[0] * x_shape[2] * x_shape[3] * 4)
     monkeypatch.setattr(F, "conv2d", spy)
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", backward_spy)
     test_float_conv_region_matches_the_unfused_chain(*CONVS[0], [3, 3, 2, 2, 1, 1], True, True)
     assert batches.count(1) == 2 and batches.count(2) == 2, batches   # kernel forward and recompute
+    assert backward_batches.count(1) == 1 and backward_batches.count(2) == 1, backward_batches
 
 
 @pytest.mark.parametrize("training", [True, False])

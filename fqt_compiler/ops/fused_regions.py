@@ -434,15 +434,15 @@ conv2d_bn_region = _define(
 
 def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, stride, padding, dilation,
                            groups, arg, weight, bias, mean, invstd, *static, input_grad=True, conv=F.conv2d,
-                           **kw):
+                           conv_backward=torch.ops.aten.convolution_backward, **kw):
     """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed
     (by ``conv``, ``F.conv2d``'s signature), ``region_backward`` (``bn_region_backward``'s
-    reference or kernel) at it, then ATen's convolution backward; gradients not asked for
-    (input, a missing bias) are empty."""
+    reference or kernel) at it, then the convolution backward (``conv_backward``, ATen's
+    signature); gradients not asked for (input, a missing bias) are empty."""
     y = conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     dy, dweight, dbias, _ = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
     mask = [input_grad, True, conv_bias is not None]
-    dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
+    dinput, dconv_weight, dconv_bias = conv_backward(
         dy, input, conv_weight, None if conv_bias is None else list(conv_bias.shape), stride, padding,
         dilation, False, [0, 0], groups, mask)
     return (input.new_empty(0) if dinput is None else dinput, dconv_weight,
