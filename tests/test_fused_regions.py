@@ -271,6 +271,44 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     _close(rv2, rv, "running_var")
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (70, 5, 3, 3), (300, 300, 3, 1)])
+def test_weight_scale_kernel_is_the_reference_bit_for_bit(shape):
+    """alpha = mean |w| per output channel (a binarized conv's in a region): the kernel's |w|
+    goes to a reused buffer (the last shape is large enough to be cached), the values are the
+    reference's exactly, also on a second call reusing the buffer with other weights."""
+    kern, ref = _ops("weight_scale")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        w = torch.randn(shape, generator=gen)
+        got = kern(w, 0)
+        assert got.shape == (shape[0],) and torch.equal(got, ref(w, 0))
+
+
+def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
+    """The kernel runs the float conv, and its backward, a slice of the batch at a time
+    (forward, the backward's recompute, then the convolution backward): with slices of 2 of
+    3 samples, the last one short, the op still equals the unfused chain (the weight and
+    bias gradients are then sums over the slices, equal to fp32 rounding)."""
+    x_shape, w_shape = CONVS[0][:2]
+    batches, backward_batches = [], []
+    conv2d, conv_backward = F.conv2d, torch.ops.aten.convolution_backward
+
+    def spy(input, *args):
+        batches.append(input.shape[0])
+        return conv2d(input, *args)
+
+    def backward_spy(dy, *args):
+        backward_batches.append(dy.shape[0])
+        return conv_backward(dy, *args)
+
+    monkeypatch.setattr(fusion, "_CONV_SLICE_BYTES", 2 * w_shape[0] * x_shape[2] * x_shape[3] * 4)
+    monkeypatch.setattr(F, "conv2d", spy)
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", backward_spy)
+    test_float_conv_region_matches_the_unfused_chain(*CONVS[0], [3, 3, 2, 2, 1, 1], True, True)
+    assert batches.count(1) == 2 and batches.count(2) == 2, batches   # kernel forward and recompute
+    assert backward_batches.count(1) == 1 and backward_batches.count(2) == 1, backward_batches
+
+
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("pool,ceil_mode,include_pad", AVG_POOLS)
 @pytest.mark.parametrize("shape", [(1, 5, 7, 9), (3, 70, 5, 3), (3, 3, 2, 3)])

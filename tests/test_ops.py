@@ -120,6 +120,7 @@ def _opcheck_cases():
         cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
                                                      mean, invstd, training, 1e-5, "relu", [], pool, "max", True,
                                                      "bn1", training)))
+    cases.append((FR.weight_scale, (wc, 3)))
     # LayerNorm regions (over the last dimension of a 3-D input), GELU both ways
     xn, wn, bn = torch.randn(2, 3, 7), torch.rand(7) + 0.5, torch.randn(7)
     for activation in ("gelu", "gelu_tanh"):

@@ -380,6 +380,16 @@ def _update_running_stats(count, running_mean, running_var, mean, var, training,
             running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
 
 
+def _weight_scale(weight, layer):
+    return ref.default_alpha(weight)
+
+
+# The binarized conv's default alpha (mean |w| per output channel) as one op, so the kernel
+# backend computes it without a fresh weight-sized |w| temporary every step.
+weight_scale = _define("weight_scale(Tensor weight, int layer) -> Tensor", _weight_scale,
+                       lambda weight, layer: weight.new_empty(weight.shape[0]))
+
+
 def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, layer, running_mean,
                          running_var, weight, bias, training, momentum, eps, activation, act_params,
                          pool, pool_mode, ceil_mode, region, residual=None):
@@ -387,7 +397,7 @@ def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, l
     with the multiply by alpha moved into the region: the region gets the raw GEMM result and
     keeps it for backward as int16 (``raw_dtype``) instead of the float32 ``alpha ⊙ Y_raw``."""
     y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
-    alpha = ref.default_alpha(conv_weight)
+    alpha = weight_scale(conv_weight.detach(), layer)
     return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
                              activation, act_params, pool, pool_mode, ceil_mode, region, alpha,
                              conv_weight[0].numel(), residual)
@@ -423,14 +433,16 @@ conv2d_bn_region = _define(
 
 
 def conv2d_region_backward(region_backward, dy, input, conv_weight, conv_bias, stride, padding, dilation,
-                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, **kw):
-    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed,
-    ``region_backward`` (``bn_region_backward``'s reference or kernel) at it, then ATen's
-    convolution backward; gradients not asked for (input, a missing bias) are empty."""
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+                           groups, arg, weight, bias, mean, invstd, *static, input_grad=True, conv=F.conv2d,
+                           conv_backward=torch.ops.aten.convolution_backward, **kw):
+    """``(d input, d conv_weight, d conv_bias, d weight, d bias)``: the conv output recomputed
+    (by ``conv``, ``F.conv2d``'s signature), ``region_backward`` (``bn_region_backward``'s
+    reference or kernel) at it, then the convolution backward (``conv_backward``, ATen's
+    signature); gradients not asked for (input, a missing bias) are empty."""
+    y = conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     dy, dweight, dbias, _ = region_backward(dy, y, arg, weight, bias, mean, invstd, *static, **kw)
     mask = [input_grad, True, conv_bias is not None]
-    dinput, dconv_weight, dconv_bias = torch.ops.aten.convolution_backward(
+    dinput, dconv_weight, dconv_bias = conv_backward(
         dy, input, conv_weight, None if conv_bias is None else list(conv_bias.shape), stride, padding,
         dilation, False, [0, 0], groups, mask)
     return (input.new_empty(0) if dinput is None else dinput, dconv_weight,

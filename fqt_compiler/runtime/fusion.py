@@ -12,12 +12,14 @@ unfused chain).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from ..codegen import fusion as gen
 from ..ops import fused_regions   # also defines the ops registered below
+from ..ops import reference as ref
 from . import buffers, kernel_stats as stats
 from .jit import kernel_of
 from .lowered import implements
@@ -168,12 +170,72 @@ def bn_region_backward(dy, x, arg, weight, bias, mean, invstd, training, eps, ac
                                target=target)
 
 
+@implements("weight_scale", glue=True)
+def weight_scale(weight, layer, *, layer_name="?", target="host"):
+    """mean |w| per output channel, the reference's ops (so the same values) with |w| in a
+    reused buffer: a fresh one of a large layer's weight size is mmap'ed and faulted in
+    every step."""
+    w = weight.detach().flatten(1)
+    return torch.abs(w, out=buffers.empty(w.shape)).sum(1) / w.shape[1]
+
+
 # A float conv (run by ATen, as float layers are on both backends) feeding a region.
+
+# Output bytes of one slice of the batch in ``_float_conv`` and ``_float_conv_backward``: a
+# few MiB, which glibc serves from its heap (reused) rather than from fresh mmap'ed pages
+# (buffers.py).
+_CONV_SLICE_BYTES = 4 << 20
+
+
+def _slice_samples(shape) -> int:
+    """Samples per slice of the batch for a float32 conv output of ``shape``."""
+    per_sample = math.prod(shape[1:]) * 4
+    return max(1, _CONV_SLICE_BYTES // max(1, per_sample))
+
+
+def _float_conv(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """``F.conv2d`` into a reused buffer, a slice of the batch at a time. A whole batch's
+    output of a first layer is as large as any tensor of the network: ATen would allocate
+    it, and oneDNN its blocked-layout twin, as fresh pages every call (twice a step: forward
+    and the backward's recompute), faulting them in again each time. A sample's outputs
+    depend on that sample alone, so slicing the batch changes no value."""
+    n, _, h, w = input.shape
+    o, _, kh, kw = weight.shape
+    oh, ow = (ref.conv_output_size(size, k, s, p, d)
+              for size, k, s, p, d in zip((h, w), (kh, kw), stride, padding, dilation))
+    out = buffers.empty((n, o, oh, ow))
+    step = _slice_samples(out.shape)
+    for i in range(0, n, step):
+        out[i:i + step] = F.conv2d(input[i:i + step], weight, bias, stride, padding, dilation, groups)
+    return out
+
+
+def _float_conv_backward(dy, input, weight, bias_sizes, stride, padding, dilation, transposed,
+                         output_padding, groups, mask):
+    """``aten.convolution_backward`` a slice of the batch at a time, for the reason of
+    ``_float_conv`` (oneDNN would copy the whole ``dy`` into fresh pages every step). The
+    input gradient's slices are ATen's values; the weight and bias gradients are the sums of
+    the slices' (a float32 sum in another order than ATen's whole-batch reduction)."""
+    n = dy.shape[0]
+    dinput = input.new_empty(input.shape) if mask[0] else None
+    dweight = dbias = None
+    step = _slice_samples(dy.shape)
+    for i in range(0, n, step):
+        di, dw, db = torch.ops.aten.convolution_backward(
+            dy[i:i + step], input[i:i + step], weight, bias_sizes, stride, padding, dilation, transposed,
+            output_padding, groups, mask)
+        if mask[0]:
+            dinput[i:i + step] = di
+        dweight = dw if dweight is None else dweight.add_(dw)
+        if mask[2]:
+            dbias = db if dbias is None else dbias.add_(db)
+    return dinput, dweight, dbias
+
 
 @implements("conv2d_bn_region")
 def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
                      layer_name="?", target="host"):
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y = _float_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
     return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
 
 
@@ -181,6 +243,7 @@ def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, g
 def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
     *args, input_grad = args
     return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
+                                                conv=_float_conv, conv_backward=_float_conv_backward,
                                                 layer_name=layer_name, target=target)
 
 
