@@ -31,7 +31,7 @@ from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import buffers, kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_row_sums
-from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs, pack_signs_and_ste, transpose_bits
+from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs_and_ste, transpose_bits
 from .packed import PackedBits, padded_words
 from .quantize import SharedStatistics, quantize_bitplanes
 
@@ -69,10 +69,11 @@ def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
 
 @dataclass
 class _WeightSigns:
-    """sign(W) of one conv weight packed along ``(c, kh, kw)`` per output channel (the
-    forward GEMM's B operand), its STE mask ``|W| < 1`` in the same layout (the weight
-    gradient's), and the operands derived from sign(W) (``derived``, keyed by what else
-    they depend on), as of the weight's ``data_ptr`` and version counter."""
+    """sign(W) of one conv or linear weight packed along its input axis per output channel
+    (a conv's ``(c, kh, kw)``, a linear layer's features: the forward GEMM's B operand), its
+    STE mask ``|W| < 1`` in the same layout (the weight gradient's), and the operands derived
+    from sign(W) (``derived``, keyed by what else they depend on), as of the weight's
+    ``data_ptr`` and version counter."""
 
     data_ptr: int
     version: int
@@ -90,7 +91,7 @@ _weight_signs_of: dict[int, tuple[weakref.ref, _WeightSigns]] = {}
 
 
 def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns:
-    """sign(W) operands of a conv weight, packed once per step. The forward packs them
+    """sign(W) operands of a conv or linear weight, packed once per step. The forward packs them
     (``repack=True``): it never trusts an entry, since an edit through ``weight.data``
     leaves the version counter as it was; when the sign bits equal the entry's (no sign
     flipped since, as after an optimizer step that moved no weight across 0) the entry's
@@ -158,7 +159,7 @@ def _linear_forward(x, weight, scale, layer_name, target, bias=None):
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
         signs, mask = pack_signs_and_ste(x2, target=target)
-        b = pack_signs(weight.detach(), target=target)
+        b = _weight_signs(weight, target, repack=True).signs
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
         y = binary_gemm(signs, b, scale=scale, bias=_channels(bias), target=target)
@@ -186,13 +187,13 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
                                   target=target, shared=shared)
 
 
-def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target):
+def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target, colsum=None):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
         # Pruned rows must read 0; the kernel writes the kept ones.
         out = _zeroed_unless_full(buffers.empty((out_rows, b.rows)), q.row_map.numel())
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map, out_rows=out_rows, out=out, target=target)
+                             row_map=q.row_map, out_rows=out_rows, colsum=colsum, out=out, target=target)
 
 
 def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
@@ -202,40 +203,23 @@ def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
     return out if kept == out.shape[0] else out.zero_()
 
 
-def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste: PackedBits | None = None):
+def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste: PackedBits):
     """The weight-gradient GEMM of ``q`` against sign(X) packed along the rows: ``segments``
     holds one operand, or one per sample segment when ``q`` is segmented (``psq``); then
-    the weight's STE mask, from its bits ``ste`` when given (``_WeightSigns.ste``)."""
+    the weight's STE mask from its bits ``ste`` (``_WeightSigns.ste``)."""
     o = weight.shape[0]
     if q.segments == 1:
         dw = _planar_gemm(layer_name, "weight_grad", q, segments[0], o, target)
-        kept = q.row_map
     else:
         b = segments[0]
         with stats.timed(layer_name, "weight_grad", binary_macs=q.bits * q.planes.shape[1] * b.rows * b.k):
             dw = segmented_bitplane_gemm(q.planes, segments, row_scale=q.row_scale, row_zero=q.row_zero,
                                          target=target)
-        kept = None
-    if ste is None:
-        return _weight_ste(dw, weight, kept)
     with stats.timed(layer_name, "ste_mask"):
         # One pass over dW reading 1 bit per weight, instead of |W| < 1 as float (a pass
-        # that writes a weight-sized tensor) and a product; pruned rows are 0 either way.
+        # that writes a weight-sized tensor) and a product; pruned rows are 0 either way, and
+        # a NaN in dW stays NaN (times 0 or 1), as in the reference.
         return mask_in_place(ste, ste.k, dw, target=target).view_as(weight)
-
-
-def _weight_ste(dw: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
-    """``dw * ref.ste_mask(w)`` in place (``1{|w| < 1}``, as a float 0/1 made in place, so
-    a NaN in ``dw`` stays NaN as in the reference). ``kept``: the channels whose rows of
-    ``dw`` may be nonzero (the others are pruned, 0 already, and 0 times the mask is 0), so
-    only those rows are read and masked; None: all."""
-    w = weight.detach().reshape(weight.shape[0], -1)
-    dw = dw.view(w.shape)
-    if kept is not None and kept.numel() < w.shape[0]:
-        dw.index_copy_(0, kept, dw.index_select(0, kept).mul_(w.index_select(0, kept).abs_().lt_(1)))
-    else:
-        dw.mul_(w.abs().lt_(1))
-    return dw.view_as(weight)
 
 
 @lru_cache(maxsize=64)
@@ -356,6 +340,18 @@ def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, st
                                shared=shared))
 
 
+def _linear_input_grad_operand(weight, target) -> tuple[PackedBits, torch.Tensor]:
+    """``(sign(W)ᵀ, its ±1 row sums)``: the input gradient's B operand, packed along the
+    output channels, and its dequantization column sums; bit-transposed from the sign(W)
+    bits the forward packed and kept with them until a sign flips."""
+    entry = _weight_signs(weight, target, repack=False)
+    found = entry.derived.get("linear_input_grad")
+    if found is None:
+        wt = transpose_bits(entry.signs, target=target)
+        found = entry.derived["linear_input_grad"] = wt, signed_row_sums(wt, target=target)
+    return found
+
+
 @implements("aq_quantize_linear_input_grad", glue=True)
 def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
                       alpha=None, *, layer_name="?", target="host", shared=None):
@@ -363,8 +359,8 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
     g2 = gprime.reshape(-1, o)
     q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target, alpha, shared)
     with stats.timed(layer_name, "pack"):
-        wt = pack_signs(weight.detach().T, target=target)
-    dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target)
+        wt, colsum = _linear_input_grad_operand(weight, target)
+    dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target, colsum)
     with stats.timed(layer_name, "ste_mask"):
         mask_in_place(x_ste_bits, f, dx, target=target)
     return dx.view(x_shape)
@@ -379,7 +375,7 @@ def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, 
     rows = [x_sign_bits] if q.segments == 1 else x_sign_bits.split(1)
     with stats.timed(layer_name, "pack"):   # sign(X) along the rows
         xt = [transpose_bits(PackedBits(r, f), target=target) for r in rows]
-    return _weight_gemm(layer_name, q, xt, weight, target)
+    return _weight_gemm(layer_name, q, xt, weight, target, _weight_signs(weight, target, repack=False).ste)
 
 
 @implements("aq_quantize_linear_grads", glue=True)
