@@ -208,12 +208,19 @@ def test_quantize_property(n, o, h, w, method, path, bits, seed):
 
 @pytest.mark.parametrize("method", ["aq_scq", "aq_opt"])
 @pytest.mark.parametrize("shape", [(9, 20), (6, 5, 2, 3)])
-def test_non_finite_groups_keep_the_reference_decisions(method, shape):
-    """A NaN and an Inf in G': their groups are kept with p = 1 and the others draw as in
-    the reference (the quantizer's shortcut for finite statistics does not apply)."""
+@pytest.mark.parametrize("values", ["nan_inf", "overflow"])
+def test_non_finite_groups_keep_the_reference_decisions(method, shape, values):
+    """A NaN and an Inf in G', or finite values whose range overflows float32: their groups
+    are kept with p = 1 and the others draw as in the reference (the quantizer's shortcut
+    for finite statistics does not apply)."""
     g = gradient(*shape, seed=2)
-    g.view(-1)[3] = float("nan")
-    g.view(-1)[-1] = float("inf")
+    if values == "nan_inf":
+        g.view(-1)[3] = float("nan")
+        g.view(-1)[-1] = float("inf")
+    else:   # one row (sample) and one channel; a 2-D G' needs a second row for its column
+        g.view(-1)[:2] = torch.tensor([-3e38, 3e38])
+        g.view(-1)[g.shape[-1] if g.dim() == 2 else 2] = 3e38
+        assert torch.isfinite(g).all()
     rps = 1 if g.dim() == 2 else shape[2] * shape[3]
     g2d = g if g.dim() == 2 else reference.conv_rows(g)
     for path in PATHS:

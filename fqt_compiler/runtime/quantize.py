@@ -73,6 +73,8 @@ class _View:
 
 
 def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _View:
+    if kind not in ("tensor", "sample", "channel"):
+        raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
     g = g.detach()
     if g.dtype != torch.float32:
         g = g.float()
@@ -137,9 +139,12 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
                 shared: SharedStatistics | None = None):
     """Per-group ``(lo, hi)`` and, with ``sum_squares``, the ``[n, o]`` pair sums of squares
     (``reference.pair_sum_squares``), from one kernel pass (``shared``'s, when given)."""
-    if kind not in ("tensor", "sample", "channel"):
-        raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
-    v = _view(g, kind, rows_per_sample, alpha)
+    return _view_statistics(_view(g, kind, rows_per_sample, alpha), kind, target, sum_squares=sum_squares,
+                            shared=shared)
+
+
+def _view_statistics(v: _View, kind: str, target, *, sum_squares: bool, shared: SharedStatistics | None = None):
+    """``_statistics`` of ``v``, the ``_view`` of G' for grouping ``kind``."""
     tname = get_target(target).name
     matrix = _row_major(v, kind)
     if matrix is not None and not (sum_squares and kind == "channel"):
@@ -148,10 +153,12 @@ def _statistics(g, kind, rows_per_sample, alpha, target, *, sum_squares: bool,
         rlo, rhi, clo, chi = shared.get(v, ("row_col", rows, v.channels, ld), run) if shared else run()
         if kind == "channel":
             return clo, chi, None
+        if not sum_squares:
+            return rlo, rhi, None
         # A row's (sample, channel) pairs are single elements: their sums of squares are the
         # squares, exact in float64 (reference.pair_sum_squares adds only zeros to them).
         rows_g = v.g[:, :, 0] if v.alpha is None else v.g[:, :, 0] * v.alpha
-        return rlo, rhi, rows_g.double().square() if sum_squares else None
+        return rlo, rhi, rows_g.double().square()
     if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1):
         # Runs of one element or strided ones (a transposed G', samples of a few rows): the
         # kernel would reduce them element by element; torch's reductions vectorize across
@@ -217,12 +224,18 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
                   shared: SharedStatistics | None = None):
     """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``; ``shared``: the
     statistics pass of this ``G'`` that the other path may already have run."""
+    kind = reference.grouping(method, path)
+    return _sample_groups(_view(g, kind, rows_per_sample, alpha), kind, method, path, bits, seed=seed, step=step,
+                          layer=layer, target=target, shared=shared)
+
+
+def _sample_groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int, step: int, layer: int,
+                   target, shared: SharedStatistics | None):
+    """``sample_groups`` of the view ``v`` of G' for grouping ``kind``."""
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
-    kind = reference.grouping(method, path)
-    lo, hi, pairs = _statistics(g, kind, rows_per_sample, alpha, target, sum_squares=method == "aq_opt",
-                                shared=shared)
-    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, g.numel())
+    lo, hi, pairs = _view_statistics(v, kind, target, sum_squares=method == "aq_opt", shared=shared)
+    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
     return (lo, hi, *_keep_groups(lo, hi, scores, method, path, bits, seed=seed, step=step, layer=layer))
 
 
@@ -231,9 +244,9 @@ def _keep_groups(lo, hi, scores, method: str, path: str, bits: int, *, seed: int
     taken here directly (``reference.aq_keep``, as ``keep_groups`` takes it) with the finiteness
     check in numpy instead of its torch operations, which cost more than the draws."""
     if method in reference.SAMPLED:
-        with np.errstate(all="ignore"):   # hi - lo may overflow: then the reference handles it
-            finite = np.isfinite(scores.numpy()).all() and np.isfinite(hi.numpy() - lo.numpy()).all()
-        if finite:
+        # Finite lo and hi whose range overflows give an infinite score (AQ's scores grow
+        # with the range), so these checks are the reference's finite ranges and scores.
+        if np.isfinite(scores.numpy()).all() and np.isfinite(lo.numpy()).all() and np.isfinite(hi.numpy()).all():
             return reference.aq_keep(scores, path, bits, seed=seed, step=step, layer=layer)
     return reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
 
@@ -283,8 +296,8 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     tname = get_target(target).name
     v = _view(g, kind, rows_per_sample, alpha)
     if stats is None:
-        stats = sample_groups(g, method, path, bits, rows_per_sample=rows_per_sample, seed=seed, step=step,
-                              layer=layer, alpha=alpha, target=target, shared=shared)
+        stats = _sample_groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer, target=target,
+                               shared=shared)
     lo, hi, keep, prob = (t.contiguous() for t in stats)
     # The small per-group and per-row tables in numpy: a few dozen operations on vectors of
     # at most a few thousand elements, where torch's per-operation dispatch costs more.
