@@ -188,6 +188,30 @@ def test_panel_kernel_nchw_tiles(target):
             assert torch.equal(nchw, rows.reshape(samples, hw, n).permute(0, 2, 1)), (n, hw)
 
 
+@pytest.mark.parametrize("target", HOST_TARGETS)
+def test_panel_kernel_stays_in_its_scratch(target, monkeypatch):
+    """The panel kernel writes B's panel and (AVX2) the broadcast A words of a row tile only
+    inside ``panel_scratch_words``: each slice gets exactly that many words followed by a
+    canary, at odd N (two threads splitting N or M), odd word counts and 8 planes."""
+    import fqt_compiler.runtime.gemm as rgemm
+    canary, given = -0x5A5A5A5A5A5A5A5B, []
+
+    def exact(need):
+        given.extend(torch.full((2 * words + 64,), canary, dtype=torch.int64) for words in need)
+        return [t[:words] for t, words in zip(given[-len(need):], need)]
+
+    monkeypatch.setattr(rgemm, "_panel_scratch", exact)
+    gen = torch.Generator().manual_seed(9)
+    tile = codegen.default_panel_tile(target)
+    for m, n, k in ((3, 13, 5 * 64 - 7), (2 * tile.mr + 3, 130, 9 * 64), (1, 37, 17 * 64 - 1)):
+        codes, b = torch.randint(0, 256, (m, k), generator=gen), bits(n, k, gen)
+        for threads in (1, 2):
+            out = run_bitplane(codes, 8, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                               row_map=torch.arange(m), out_rows=m, target=target, threads=threads, tile=tile)
+            assert torch.equal(out, ref.bitplane_gemm(codes, b).float()), (m, n, k)
+    assert given and all(bool((t[(t.numel() - 64) // 2:] == canary).all()) for t in given)
+
+
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(0, 700), nbits=st.sampled_from(ref.BITS),
        target=st.sampled_from(HOST_TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))

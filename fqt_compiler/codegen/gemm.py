@@ -27,8 +27,8 @@ vectors instead of padding K to 512 bits.
 Across-N kernel (``PanelTile``, same signatures, same families): for narrow N and short K
 the vectors hold one K word of several output *columns* instead of several words of one
 column: B's rows are transposed into a small panel in the ``partial`` scratch, each A word
-is broadcast, and the accumulators end as per-column 64-bit lane sums with no reduction and
-no K padding (see ``_panel_body``).
+is broadcast (on AVX2 once per row tile, into the same scratch), and the accumulators end as
+per-column 64-bit lane sums with no reduction and no K padding (see ``_panel_body``).
 
 How one vector of words is popcounted and accumulated depends on the target (``_Popcount``):
 a 64-bit lane popcount where it is one instruction (AVX-512 VPOPCNTDQ); byte popcounts
@@ -121,6 +121,23 @@ def vector_word_choices(target: str | Target) -> tuple[int, ...]:
     return tuple(w for w in (2, 4, 8) if w * 64 <= max(128, t.vector_bits))
 
 
+def _broadcast_once(target: Target) -> bool:
+    """Whether the panel kernel broadcasts A words once per row tile into scratch instead of
+    once per K step of every column tile. AVX2 has no broadcast memory operand, and Zen runs
+    a broadcast load on the vector shuffle pipes the nibble lookup saturates (llvm-mca
+    -mcpu=znver3: a p4x2 panel step 23.7 -> 16.1 cycles with plain loads). AVX-512 folds the
+    broadcast into the XOR/AND; NEON's ``ld1r`` runs on the load pipes."""
+    return target.is_x86 and target.vector_bits < 512
+
+
+def panel_scratch_words(tile: PanelTile, words: int, columns: int, planes: int) -> int:
+    """int64 words of ``partial`` scratch the panel kernel takes for ``columns`` outputs
+    ``[n0, n1)``: B's transposed panel, then the broadcast A words of one row tile. Sized for
+    8-word vectors whatever the target: a host build may stand in for a target kernel
+    (``cross.verify``), and its vectors and broadcast scheme are the host's."""
+    return words * (-(-columns // 8) * 8 + planes * tile.mr * 8)
+
+
 class _Popcount:
     """Accumulates popcounts of ``words``-word vectors.
 
@@ -136,6 +153,7 @@ class _Popcount:
         if self.words not in allowed:
             raise ValueError(f"vector_words={words}: target {target.name!r} takes one of {allowed}")
         self.word_vec = vec(self.words)
+        self.broadcast_once = _broadcast_once(target)
         nbytes = self.words * 8
         self.byte_vec = vec(nbytes, I8)
         if target.native_vector_popcount:
@@ -280,11 +298,17 @@ def _gemm_body(kern: Kernel, pop: _Popcount, tile: Tile, ops: _Operands, *, plan
                     _tile_store(b, tile, ops, m, n, totals, first, last, epilogue)
 
 
+def _plane(b: ir.IRBuilder, ops: _Operands, t: int):
+    """The first word of plane ``t`` of A."""
+    return b.gep(ops.a, [b.mul(ops.plane_stride, i64(t))], inbounds=True, source_etype=I64)
+
+
 def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes: int, k0, k1,
                 words_per_step: int, k_steps):
     """``rows x cols`` wide accumulators (allocas) of ``sum_t 2^t popcount`` over words
-    ``[k0, k1)``; ``k_steps(a_base, c0, c1, accs)`` emits the K loop over one plane into
-    ``accs``, narrow ones flushed every ``pop.chunk`` steps where the scheme needs it."""
+    ``[k0, k1)``; ``k_steps(t, a_base, c0, c1, accs)`` emits the K loop over plane ``t``
+    (starting at ``a_base``) into ``accs``, narrow ones flushed every ``pop.chunk`` steps
+    where the scheme needs it."""
     b = kern.b
     wide = [[kern.var(pop.wide, name=f"acc{i}_{j}") for j in range(cols)] for i in range(rows)]
     for row in wide:
@@ -297,9 +321,9 @@ def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: i
             for row in wide:
                 for w in row:
                     b.store(b.shl(b.load(w), const_splat(pop.wide, 1)), w)
-        a_base = b.gep(ops.a, [b.mul(ops.plane_stride, i64(t))], inbounds=True, source_etype=I64)
+        a_base = _plane(b, ops, t)
         if pop.chunk is None:
-            k_steps(a_base, k0, k1, wide)
+            k_steps(t, a_base, k0, k1, wide)
             continue
         narrow = [[kern.var(pop.narrow, name=f"nacc{i}_{j}") for j in range(cols)] for i in range(rows)]
         span = i64(pop.chunk * words_per_step)
@@ -307,7 +331,7 @@ def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: i
             for row in narrow:
                 for w in row:
                     b.store(pop.zero(pop.narrow), w)
-            k_steps(a_base, c0, smin(b, b.add(c0, span), k1), narrow)
+            k_steps(t, a_base, c0, smin(b, b.add(c0, span), k1), narrow)
             for i in range(rows):
                 for j in range(cols):
                     b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
@@ -318,7 +342,7 @@ def _tile_kernel(kern: Kernel, pop: _Popcount, tile: Tile, ops: _Operands, rows,
                  combine):
     b = kern.b
 
-    def k_steps(a_base, c0, c1, accs):
+    def k_steps(_, a_base, c0, c1, accs):
         _k_steps(kern, pop, tile, ops, a_base, rows, cols, c0, c1, V, combine, accs)
 
     wide = _plane_sums(kern, pop, ops, tile.mr, tile.nr, planes, k0, k1, pop.words, k_steps)
@@ -414,13 +438,18 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
     columns past ``n1``): one contiguous vector load per K word and column vector. Each K
     step broadcasts one word of each of the ``mr`` A rows (AVX-512 folds it into the
     XOR/AND as a ``{1to8}`` memory operand) against ``nv`` B vectors. ``kc``, ``nc`` and
-    ``ldp`` are unused; ``words`` need not be a multiple of the vector width."""
+    ``ldp`` are unused; ``words`` need not be a multiple of the vector width. Where
+    ``pop.broadcast_once``, each row tile first writes its A words already broadcast
+    (``[planes][words][mr]`` vectors) after the panel, and the K steps load them as vectors:
+    ``panel_scratch_words`` is the scratch this takes."""
     b = kern.b
     L = pop.words
     lanes = i64(L)
     panel = ops.partial
     width = b.sub(ops.n1, ops.n0)
     NP = b.mul(b.sdiv(b.add(width, i64(L - 1)), lanes), lanes)
+    spread = b.gep(panel, [b.mul(ops.words, NP)], inbounds=True, source_etype=I64)
+    plane_words = b.mul(ops.words, i64(tile.mr * L))
     with kern.loop(i64(0), NP, i64(1)) as j:
         inside = b.icmp_signed("<", j, width)
         src_row = b.add(ops.n0, smin(b, j, b.sub(width, i64(1))))
@@ -431,18 +460,36 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
     lane_ids = ir.Constant(vec(L, I32), list(range(L)))
     with kern.loop(ops.m0, ops.m1, step) as m:
         rows = [smin(b, b.add(m, i64(i)), b.sub(ops.m1, i64(1))) for i in range(tile.mr)]
+
+        def a_word(a_base, r, k):
+            return b.load(_at(b, a_base, b.add(b.mul(r, ops.lda), k), I64), typ=I64)
+
+        def spread_at(t, k, i):
+            return _at(b, spread, b.add(b.add(b.mul(plane_words, i64(t)), b.mul(k, i64(tile.mr * L))),
+                                        i64(i * L)), I64)
+
+        if pop.broadcast_once:
+            for t in range(planes):
+                with kern.loop(i64(0), ops.words, i64(1)) as k:
+                    for i, r in enumerate(rows):
+                        b.store(splat(b, a_word(_plane(b, ops, t), r, k), L), spread_at(t, k, i), align=8)
+
+        def a_vector(t, a_base, i, r, k):
+            if pop.broadcast_once:
+                return b.load(spread_at(t, k, i), typ=pop.word_vec, align=8)
+            return splat(b, a_word(a_base, r, k), L)
+
         with kern.loop(i64(0), NP, i64(tile.nv * L)) as nb:
             # Column vectors past NP are clamped onto the last one: recomputed, stored twice.
             cols = [smin(b, b.add(nb, i64(j * L)), b.sub(NP, lanes)) for j in range(tile.nv)]
 
-            def k_steps(a_base, c0, c1, accs):
+            def k_steps(t, a_base, c0, c1, accs):
                 with kern.loop(c0, c1, i64(1)) as k:
                     row_k = b.mul(k, NP)
                     bv = [b.load(_at(b, panel, b.add(row_k, c), I64), typ=pop.word_vec, align=8)
                           for c in cols]
                     for i, r in enumerate(rows):
-                        word = b.load(_at(b, a_base, b.add(b.mul(r, ops.lda), k), I64), typ=I64)
-                        av = splat(b, word, L)
+                        av = a_vector(t, a_base, i, r, k)
                         for j in range(tile.nv):
                             x = b.xor(av, bv[j]) if combine == "xor" else b.and_(av, bv[j])
                             b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])

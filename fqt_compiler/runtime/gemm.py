@@ -36,12 +36,13 @@ def _default_tile(m: int, n: int, k: int, target: Target):
     return codegen.default_panel_tile(target) if _use_panel(m, n, k) else codegen.default_tile(target)
 
 
-def _plan(m: int, n: int, words: int, tile, threads: int):
+def _plan(m: int, n: int, words: int, tile, threads: int, planes: int = 1):
     """``(kc, nc, slices, scratch per slice)``: the along-K kernel's blocking and int32
-    partial-sum matrix (shared: slices are disjoint), or the panel kernel's B panels."""
+    partial-sum matrix (shared: slices are disjoint), or the panel kernel's scratch."""
     slices = _slices(m, n, tile, threads)
     if isinstance(tile, codegen.PanelTile):
-        return 0, 0, slices, _panel_scratch(words, slices)
+        need = [codegen.panel_scratch_words(tile, words, n1 - n0, planes) for _, _, n0, n1 in slices]
+        return 0, 0, slices, _panel_scratch(need)
     kc, nc = _blocking(words, tile)
     partial = buffers.empty((m, n) if kc < words else (0,), torch.int32)
     return kc, nc, slices, [partial] * len(slices)
@@ -125,20 +126,19 @@ def _use_panel(m: int, n: int, k: int) -> bool:
 _scratch = threading.local()
 
 
-def _panel_scratch(words: int, slices) -> list[torch.Tensor]:
-    """One int64 panel ``[words][n1 - n0 rounded up to 8]`` per slice (each thread packs its
-    own). The buffers persist per calling thread and grow only: no allocation per call, and a
+def _panel_scratch(need: list[int]) -> list[torch.Tensor]:
+    """One int64 scratch of ``need[i]`` words per slice (each thread packs its own panel).
+    The buffers persist per calling thread and grow only: no allocation per call, and a
     call's scratch never takes the address of a tensor freed during the step."""
     buffers = getattr(_scratch, "panels", None)
     if buffers is None:
         buffers = _scratch.panels = []
     out = []
-    for i, (_, _, n0, n1) in enumerate(slices):
-        need = words * (-(-(n1 - n0) // 8) * 8)
+    for i, words in enumerate(need):
         if i == len(buffers):
             buffers.append(torch.empty(0, dtype=torch.int64))
-        if buffers[i].numel() < need:
-            buffers[i] = torch.empty(max(need, 2 * buffers[i].numel()), dtype=torch.int64)
+        if buffers[i].numel() < words:
+            buffers[i] = torch.empty(max(words, 2 * buffers[i].numel()), dtype=torch.int64)
         out.append(buffers[i])
     return out
 
@@ -286,7 +286,7 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     pop_words = _vector_words(k, target)
     rowpop = _row_popcounts(planes, _contract_words(k, pop_words), pop_words, target)
     kernel = _kernel("bitplane", target, bits=bits, tile=tile, vector_words=vector_words)
-    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
+    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads, bits)
 
     def task(m0, m1, n0, n1, partial):
         return lambda: kernel(planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(),
