@@ -44,7 +44,7 @@ from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask",
-          "region_forward", "region_backward", "glue")
+          "region_forward", "region_backward", "float_conv", "glue")
 MODELS = {"vgg16": zoo.vgg16_cifar, "resnet18": zoo.resnet18}
 
 

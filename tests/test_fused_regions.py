@@ -288,8 +288,10 @@ def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
     """The kernel runs the float conv, and its backward, a slice of the batch at a time
     (forward, the backward's recompute, then the convolution backward): with slices of 2 of
     3 samples, the last one short, the op still equals the unfused chain (the weight and
-    bias gradients are then sums over the slices, equal to fp32 rounding)."""
+    bias gradients are then sums over the slices, equal to fp32 rounding). The three convs
+    are the ``float_conv`` phase of ``fqt.runtime.stats()``, not "float ops + rest"."""
     x_shape, w_shape = CONVS[0][:2]
+    fqt.runtime.reset_stats()
     batches, backward_batches = [], []
     conv2d, conv_backward = F.conv2d, torch.ops.aten.convolution_backward
 
@@ -307,6 +309,8 @@ def test_float_conv_region_runs_the_conv_in_batch_slices(monkeypatch):
     test_float_conv_region_matches_the_unfused_chain(*CONVS[0], [3, 3, 2, 2, 1, 1], True, True)
     assert batches.count(1) == 2 and batches.count(2) == 2, batches   # kernel forward and recompute
     assert backward_batches.count(1) == 1 and backward_batches.count(2) == 1, backward_batches
+    phases = fqt.runtime.stats().by_kind()
+    assert phases["float_conv"].calls == 3 and phases["float_conv"].seconds > 0
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -193,7 +193,7 @@ def _slice_samples(shape) -> int:
     return max(1, _CONV_SLICE_BYTES // max(1, per_sample))
 
 
-def _float_conv(input, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:
+def _float_conv(input, weight, bias, stride, padding, dilation, groups, *, layer_name="?") -> torch.Tensor:
     """``F.conv2d`` into a reused buffer, a slice of the batch at a time. A whole batch's
     output of a first layer is as large as any tensor of the network: ATen would allocate
     it, and oneDNN its blocked-layout twin, as fresh pages every call (twice a step: forward
@@ -203,39 +203,41 @@ def _float_conv(input, weight, bias, stride, padding, dilation, groups) -> torch
     o, _, kh, kw = weight.shape
     oh, ow = (ref.conv_output_size(size, k, s, p, d)
               for size, k, s, p, d in zip((h, w), (kh, kw), stride, padding, dilation))
-    out = buffers.empty((n, o, oh, ow))
-    step = _slice_samples(out.shape)
-    for i in range(0, n, step):
-        out[i:i + step] = F.conv2d(input[i:i + step], weight, bias, stride, padding, dilation, groups)
-    return out
+    with stats.timed(layer_name, "float_conv"):
+        out = buffers.empty((n, o, oh, ow))
+        step = _slice_samples(out.shape)
+        for i in range(0, n, step):
+            out[i:i + step] = F.conv2d(input[i:i + step], weight, bias, stride, padding, dilation, groups)
+        return out
 
 
 def _float_conv_backward(dy, input, weight, bias_sizes, stride, padding, dilation, transposed,
-                         output_padding, groups, mask):
+                         output_padding, groups, mask, *, layer_name="?"):
     """``aten.convolution_backward`` a slice of the batch at a time, for the reason of
     ``_float_conv`` (oneDNN would copy the whole ``dy`` into fresh pages every step). The
     input gradient's slices are ATen's values; the weight and bias gradients are the sums of
     the slices' (a float32 sum in another order than ATen's whole-batch reduction)."""
-    n = dy.shape[0]
-    dinput = input.new_empty(input.shape) if mask[0] else None
-    dweight = dbias = None
-    step = _slice_samples(dy.shape)
-    for i in range(0, n, step):
-        di, dw, db = torch.ops.aten.convolution_backward(
-            dy[i:i + step], input[i:i + step], weight, bias_sizes, stride, padding, dilation, transposed,
-            output_padding, groups, mask)
-        if mask[0]:
-            dinput[i:i + step] = di
-        dweight = dw if dweight is None else dweight.add_(dw)
-        if mask[2]:
-            dbias = db if dbias is None else dbias.add_(db)
-    return dinput, dweight, dbias
+    with stats.timed(layer_name, "float_conv"):
+        n = dy.shape[0]
+        dinput = input.new_empty(input.shape) if mask[0] else None
+        dweight = dbias = None
+        step = _slice_samples(dy.shape)
+        for i in range(0, n, step):
+            di, dw, db = torch.ops.aten.convolution_backward(
+                dy[i:i + step], input[i:i + step], weight, bias_sizes, stride, padding, dilation, transposed,
+                output_padding, groups, mask)
+            if mask[0]:
+                dinput[i:i + step] = di
+            dweight = dw if dweight is None else dweight.add_(dw)
+            if mask[2]:
+                dbias = db if dbias is None else dbias.add_(db)
+        return dinput, dweight, dbias
 
 
 @implements("conv2d_bn_region")
 def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
                      layer_name="?", target="host"):
-    y = _float_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+    y = _float_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups, layer_name=layer_name)
     return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
 
 
@@ -243,7 +245,9 @@ def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, g
 def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
     *args, input_grad = args
     return fused_regions.conv2d_region_backward(bn_region_backward, *args, input_grad=input_grad,
-                                                conv=_float_conv, conv_backward=_float_conv_backward,
+                                                conv=functools.partial(_float_conv, layer_name=layer_name),
+                                                conv_backward=functools.partial(_float_conv_backward,
+                                                                                layer_name=layer_name),
                                                 layer_name=layer_name, target=target)
 
 
