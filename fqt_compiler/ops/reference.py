@@ -80,12 +80,13 @@ def bitplane_gemm(codes: torch.Tensor, b_bits: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- forward
 
-def default_alpha(weight: torch.Tensor) -> torch.Tensor:
-    """XNOR-Net scale: mean |w| over each output channel's weights."""
+def default_alpha(weight: torch.Tensor, abs_out: torch.Tensor | None = None) -> torch.Tensor:
+    """XNOR-Net scale: mean |w| over each output channel's weights; ``abs_out``: where to
+    write the weight-sized |w| (the kernel backend passes a reused buffer)."""
     w = weight.detach().flatten(1)
     # |w| then a sum: ATen's vectorized sum runs several times faster than the fused
     # vector_norm(ord=1) despite the weight-sized temporary (this runs every training step)
-    return w.abs().sum(1) / w.shape[1]
+    return torch.abs(w, out=abs_out).sum(1) / w.shape[1]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

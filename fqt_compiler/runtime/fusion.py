@@ -175,8 +175,7 @@ def weight_scale(weight, layer, *, layer_name="?", target="host"):
     """mean |w| per output channel, the reference's ops (so the same values) with |w| in a
     reused buffer: a fresh one of a large layer's weight size is mmap'ed and faulted in
     every step."""
-    w = weight.detach().flatten(1)
-    return torch.abs(w, out=buffers.empty(w.shape)).sum(1) / w.shape[1]
+    return ref.default_alpha(weight, abs_out=buffers.empty((weight.shape[0], weight[0].numel())))
 
 
 # A float conv (run by ATen, as float layers are on both backends) feeding a region.
