@@ -225,30 +225,38 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
     """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``; ``shared``: the
     statistics pass of this ``G'`` that the other path may already have run."""
     kind = reference.grouping(method, path)
-    return _sample_groups(_view(g, kind, rows_per_sample, alpha), kind, method, path, bits, seed=seed, step=step,
-                          layer=layer, target=target, shared=shared)
+    lo, hi, keep, prob = _sample_groups(_view(g, kind, rows_per_sample, alpha), kind, method, path, bits, seed=seed,
+                                        step=step, layer=layer, target=target, shared=shared)
+    return lo, hi, torch.from_numpy(keep), torch.from_numpy(prob)
 
 
 def _sample_groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int, step: int, layer: int,
                    target, shared: SharedStatistics | None):
-    """``sample_groups`` of the view ``v`` of G' for grouping ``kind``."""
+    """``sample_groups`` of the view ``v`` of G' for grouping ``kind``, with ``keep`` and
+    ``prob`` as numpy (``quantize_bitplanes`` works on them in numpy).
+
+    The common case, an AQ method on finite statistics, is ``reference.aq_keep`` (as
+    ``reference.keep_groups`` takes it) on the reference's numpy cores, without a torch
+    round trip per step of it: per call these few-hundred-element vectors cost more in
+    dispatch than in arithmetic."""
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     lo, hi, pairs = _view_statistics(v, kind, target, sum_squares=method == "aq_opt", shared=shared)
-    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
-    return (lo, hi, *_keep_groups(lo, hi, scores, method, path, bits, seed=seed, step=step, layer=layer))
-
-
-def _keep_groups(lo, hi, scores, method: str, path: str, bits: int, *, seed: int, step: int, layer: int):
-    """``reference.keep_groups``; its common case, an AQ method on finite statistics, is
-    taken here directly (``reference.aq_keep``, as ``keep_groups`` takes it) with the finiteness
-    check in numpy instead of its torch operations, which cost more than the draws."""
     if method in reference.SAMPLED:
-        # Finite lo and hi whose range overflows give an infinite score (AQ's scores grow
-        # with the range), so these checks are the reference's finite ranges and scores.
-        if np.isfinite(scores.numpy()).all() and np.isfinite(lo.numpy()).all() and np.isfinite(hi.numpy()).all():
-            return reference.aq_keep(scores, path, bits, seed=seed, step=step, layer=layer)
-    return reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
+        lo_np, hi_np = lo.numpy(), hi.numpy()
+        scores = (reference.aq_scores_np(lo_np, hi_np) if method == "aq_scq"
+                  else reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel()).numpy())
+        # Finite float64 sums mean finite lo, hi and scores (a sum of float32 values cannot
+        # overflow float64; float64 scores whose sum does only take the general path below),
+        # hence finite ranges (AQ's scores grow with the range): the reference's condition
+        # for no special groups.
+        if np.isfinite(sum(np.add.reduce(t, dtype=np.float64) for t in (lo_np, hi_np, scores))):
+            prob = reference.aq_probabilities_np(scores.astype(np.float64), bits)
+            key = rng.stream_key(seed, step, layer, reference.sample_stream(path))
+            return lo, hi, rng.keep_draws_np(key, prob), prob
+    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
+    keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
+    return lo, hi, keep.numpy(), prob.numpy()
 
 
 @dataclass
@@ -296,13 +304,15 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     tname = get_target(target).name
     v = _view(g, kind, rows_per_sample, alpha)
     if stats is None:
-        stats = _sample_groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer, target=target,
-                               shared=shared)
-    lo, hi, keep, prob = (t.contiguous() for t in stats)
+        lo, hi, keep_np, prob_np = _sample_groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer,
+                                                  target=target, shared=shared)
+    else:
+        lo, hi = (t.contiguous() for t in stats[:2])
+        keep_np, prob_np = (t.numpy() for t in stats[2:])
     # The small per-group and per-row tables in numpy: a few dozen operations on vectors of
     # at most a few thousand elements, where torch's per-operation dispatch costs more.
-    keep_np = keep.numpy()
-    sr_scale, scale, zero = _affine(lo.numpy(), hi.numpy(), keep_np, prob.numpy(), bits)
+    sr_scale, scale, zero = _affine(lo.numpy(), hi.numpy(), keep_np, prob_np, bits)
+    keep, prob = torch.from_numpy(keep_np), torch.from_numpy(prob_np)
     n, channels, rps = v.n, v.channels, v.rps
     src = v.g
     if path == reference.PATH_INPUT:
@@ -351,12 +361,12 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # Row-major G' (a linear layer's): its columns are read along the rows, 64x64
             # tiles bit-transposed, rather than gathered one cache line per element.
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
-            alpha_rows = v.alpha[torch.from_numpy(rows)] if v.alpha is not None else None
-            per_row = [np.ascontiguousarray(t) for t in (lo.numpy()[groups], sr_scale[groups])]
+            # Named, so that these tables live until the kernel has read them.
+            alpha_rows = v.alpha.numpy()[rows] if v.alpha is not None else None
+            row_lo, row_scale = lo.numpy()[groups], sr_scale[groups]
             parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si,
-                          alpha_rows.data_ptr() if alpha_rows is not None else None, key,
-                          *[_ptr(t) for t in per_row], _ptr(rows), channels, k, planes.data_ptr(), rows.size,
-                          planes.shape[2])
+                          _ptr(alpha_rows) if alpha_rows is not None else None, key, _ptr(row_lo), _ptr(row_scale),
+                          _ptr(rows), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
             return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
         if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
             # Samples shorter than a word would waste most vector lanes: copy G' so that
