@@ -33,7 +33,7 @@ from llvmlite import ir
 
 from ..ops import rng
 from .abi import KernelIR
-from .builder import (F32, F64, I1, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load, mix64,
+from .builder import (F32, F64, I1, I8, I32, I64, BitStream, Kernel, const_vec, i64, masked_gather, masked_load, mix64,
                       masked_scatter, masked_store, new_module, smin, transpose64, vec)
 from .targets import Target, get_target
 
@@ -561,3 +561,172 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
                         for p in range(bits):
                             masked_scatter(b, const_vec(LANES, 0), k.vgep(plane_ptrs[p], k.splat(w, LANES), 8), keep)
     return k.finish()
+
+
+def aq_groups_ir(target: str | Target = "host") -> KernelIR:
+    """``fqt_aq_groups(lo, hi, scores, n, bits, key, decide, work, prob, keep, sr_scale, scale,
+    zero, status)``: the per-group half of the quantizer on the ``n`` groups of one path,
+    one call in place of a few dozen vector operations per layer and step.
+
+    With ``decide`` nonzero, the AQ keep decisions first (``reference.aq_keep``): the scores
+    (float64 ``scores``, or when null AQ's ``reference.aq_scores`` of ``lo`` and ``hi`` in
+    float32), the water-filling probabilities of ``reference.aq_probabilities_np`` with its
+    float64 operations in its order (a stable merge sort, descending; the tail sums from the
+    smallest score up; the first stop; ``ceil(p 2^53) / 2^53``, rounded to float32) into
+    ``prob``, and the keep draws of ``rng.keep_draws_np`` with stream ``key`` into ``keep``
+    (one byte per group). When a lo, hi or score is not finite, ``status[0] = 1`` and nothing
+    else is written (the caller takes the reference's path for special groups); else
+    ``status[0] = 0``. ``work``: 4n + 1 int64 of scratch.
+
+    Then, for every group, from ``keep`` and ``prob`` (given when ``decide`` is 0): the
+    rounding scale ``B / R`` (0 for R = 0) of ``reference.stochastic_codes`` and
+    ``reference.dequantization``'s ``scale = R / (B p)`` and ``zero = z / p`` (p = 1 for a
+    pruned group), the reference's float32 operations in its order."""
+    t = get_target(target)
+    m = new_module(t, "fqt_quantize")
+    k = Kernel(m, "fqt_aq_groups", [("lo", "ptr"), ("hi", "ptr"), ("scores", "ptr"), ("n", "i64"), ("bits", "i64"),
+                                    ("key", "u64"), ("decide", "i64"), ("work", "ptr"), ("prob", "ptr"),
+                                    ("keep", "ptr"), ("sr_scale", "ptr"), ("scale", "ptr"), ("zero", "ptr"),
+                                    ("status", "ptr")])
+    a, b = k.arg, k.b
+    n = a["n"]
+    zero64, one64 = ir.Constant(I64, 0), ir.Constant(I64, 1)
+    f32 = {v: ir.Constant(F32, v) for v in (0.0, 1.0)}
+    levels = b.sitofp(b.sub(b.shl(one64, a["bits"]), one64), F32)
+    done = k.fn.append_basic_block("done")
+    affine = k.fn.append_basic_block("affine")
+    b.store(zero64, a["status"])
+    b.cbranch(b.icmp_signed("!=", a["decide"], zero64), k.fn.append_basic_block("decide"), affine)
+    b.position_at_end(k.fn.basic_blocks[-1])
+    _aq_decide(k, levels, done)
+    b.branch(affine)
+    b.position_at_end(affine)
+    with k.loop(0, n) as i:
+        lo, hi = b.load(k.gep(a["lo"], i), typ=F32), b.load(k.gep(a["hi"], i), typ=F32)
+        ranges = b.fsub(hi, lo)
+        positive = b.fcmp_ordered(">", ranges, f32[0.0])
+        b.store(b.select(positive, b.fdiv(levels, ranges), f32[0.0]), k.gep(a["sr_scale"], i))
+        kept = b.icmp_unsigned("!=", b.load(k.gep(a["keep"], i, I8), typ=I8), ir.Constant(I8, 0))
+        p = b.select(kept, b.load(k.gep(a["prob"], i), typ=F32), f32[1.0])
+        b.store(b.fdiv(b.fdiv(ranges, levels), p), k.gep(a["scale"], i))
+        b.store(b.fdiv(lo, p), k.gep(a["zero"], i))
+    b.branch(done)
+    b.position_at_end(done)
+    return k.finish()
+
+
+def _aq_decide(k: Kernel, levels, done) -> None:
+    """The keep decisions of ``aq_groups_ir`` (branches to ``done`` on a non-finite input)."""
+    a, b = k.arg, k.b
+    n = a["n"]
+    zero64, one64 = ir.Constant(I64, 0), ir.Constant(I64, 1)
+    order, spare = a["work"], k.gep(a["work"], n, I64)
+    tail = k.gep(a["work"], b.mul(n, ir.Constant(I64, 2)), I64)     # float64 [n] after the two index runs
+    score = k.gep(tail, n, F64)                                      # float64 [n] when scores is null
+    has_scores = b.icmp_unsigned("!=", b.ptrtoint(a["scores"], I64), zero64)
+    inf = ir.Constant(F64, float("inf"))
+    bad = k.var(I1, ir.Constant(I1, 0))
+
+    def finite(x):   # |x| < inf is false for NaN and for +-inf
+        return b.fcmp_ordered("<", k.call("llvm.fabs.f64", F64, [x]), inf)
+
+    with k.loop(0, n) as i:
+        lo, hi = b.load(k.gep(a["lo"], i), typ=F32), b.load(k.gep(a["hi"], i), typ=F32)
+        ranges = b.fsub(hi, lo)
+        aq = b.select(b.fcmp_ordered(">", ranges, ir.Constant(F32, 0.0)), ranges, k.call("llvm.fabs.f32", F32, [lo]))
+        s = k.var(F64, b.fpext(aq, F64))
+        with b.if_then(has_scores):
+            k.set(s, b.load(k.gep(a["scores"], i, F64), typ=F64))
+        sv = k.get(s, F64)
+        b.store(sv, k.gep(score, i, F64))
+        ok = b.and_(b.and_(finite(b.fpext(lo, F64)), finite(b.fpext(hi, F64))), finite(sv))
+        k.set(bad, b.or_(k.get(bad, I1), b.not_(ok)))
+        b.store(i, k.gep(order, i, I64))
+    go = k.fn.append_basic_block("finite")
+    b.cbranch(k.get(bad, I1), k.fn.append_basic_block("special"), go)
+    b.position_at_end(k.fn.basic_blocks[-1])
+    b.store(one64, a["status"])
+    b.branch(done)
+    b.position_at_end(go)
+
+    def r_at(run, j):   # the score of the group at position j of an index run
+        return b.load(k.gep(score, b.load(k.gep(run, j, I64), typ=I64), F64), typ=F64)
+
+    # Stable merge sort, descending (numpy's argsort(-r, kind="stable")): runs of width
+    # 1, 2, 4, ... merged from src to dst, the left run first on ties.
+    src, dst = k.var(order.type, order), k.var(order.type, spare)
+    width = k.var(I64, one64)
+    head, body, end = (k.fn.append_basic_block(nm) for nm in ("sort", "sort.pass", "sort.end"))
+    b.branch(head)
+    b.position_at_end(head)
+    b.cbranch(b.icmp_signed("<", k.get(width), n), body, end)
+    b.position_at_end(body)
+    w = k.get(width)
+    s_run, d_run = k.get(src, order.type), k.get(dst, order.type)
+    with k.loop(0, n, b.mul(w, ir.Constant(I64, 2))) as first:
+        mid, last = smin(b, b.add(first, w), n), smin(b, b.add(first, b.mul(w, ir.Constant(I64, 2))), n)
+        i, j = k.var(I64, first), k.var(I64, mid)
+        with k.loop(first, last) as out:
+            iv, jv = k.get(i), k.get(j)
+            top = b.sub(n, one64)
+            left = b.icmp_signed("<", iv, mid)
+            right = b.icmp_signed("<", jv, last)
+            # Clamped positions: an exhausted run's index is never taken, but is loaded.
+            ri, rj = r_at(s_run, smin(b, iv, top)), r_at(s_run, smin(b, jv, top))
+            take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered(">=", ri, rj)))
+            b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
+            k.set(i, b.add(iv, b.zext(take, I64)))
+            k.set(j, b.add(jv, b.zext(b.not_(take), I64)))
+    k.set(src, d_run)
+    k.set(dst, s_run)
+    k.set(width, b.mul(w, ir.Constant(I64, 2)))
+    b.branch(head)
+    b.position_at_end(end)
+    sorted_ = k.get(src, order.type)
+    # tail[j] = sorted r[j] + ... + sorted r[n-1], summed from the end (numpy's cumsum of
+    # the reversed scores).
+    acc = k.var(F64, ir.Constant(F64, 0.0))
+    with k.loop(0, n) as step:
+        j = b.sub(b.sub(n, one64), step)
+        rj = r_at(sorted_, j)
+        total = b.select(b.icmp_signed("==", step, zero64), rj, b.fadd(k.get(acc, F64), rj))
+        k.set(acc, total)
+        b.store(total, k.gep(tail, j, F64))
+    budget = b.fdiv(b.sitofp(n, F64), b.sitofp(a["bits"], F64))
+    first = k.var(I64, n)
+    with k.loop(0, n) as j:
+        left = b.fsub(budget, b.sitofp(j, F64))
+        tj = b.load(k.gep(tail, j, F64), typ=F64)
+        exhausted = b.or_(b.fcmp_ordered("<=", tj, ir.Constant(F64, 0.0)),
+                          b.fcmp_ordered("<=", left, ir.Constant(F64, 0.0)))
+        stop = b.or_(exhausted, b.fcmp_ordered("<=", b.fmul(b.fdiv(left, tj), r_at(sorted_, j)),
+                                                ir.Constant(F64, 1.0)))
+        with b.if_then(b.and_(stop, b.icmp_signed("==", k.get(first), n))):
+            k.set(first, j)
+    f = k.get(first)
+    # The stop's position (n: none, every group kept; for n = 0 the scratch's spare word).
+    at = b.select(b.icmp_signed("<", f, n), f, b.select(b.icmp_signed(">", n, zero64), b.sub(n, one64), zero64))
+    t_f = b.load(k.gep(tail, at, F64), typ=F64)
+    left_f = b.fsub(budget, b.sitofp(f, F64))
+    none_left = b.or_(b.fcmp_ordered("<=", t_f, ir.Constant(F64, 0.0)),
+                      b.fcmp_ordered("<=", left_f, ir.Constant(F64, 0.0)))
+    c = b.fdiv(left_f, t_f)
+    grid = ir.Constant(F64, float(2 ** rng.KEEP_BITS))
+    golden = i64(rng.GOLDEN)
+    with k.loop(0, n) as j:
+        g = b.load(k.gep(sorted_, j, I64), typ=I64)
+        spread = b.fmul(c, r_at(sorted_, j))
+        spread = b.select(b.fcmp_ordered("<", spread, ir.Constant(F64, 1.0)), spread, ir.Constant(F64, 1.0))
+        spread = b.fdiv(k.call("llvm.ceil.f64", F64, [b.fmul(spread, grid)]), grid)
+        p = b.select(b.icmp_signed("<", j, f), ir.Constant(F64, 1.0),
+                     b.select(none_left, ir.Constant(F64, 0.0), spread))
+        p32 = b.fptrunc(p, F32)
+        b.store(p32, k.gep(a["prob"], g))
+        # keep_draws_np: draw(g) = mix64(key + (g + 1) G); kept when its top 53 bits,
+        # exact in float64, are below p * 2^53.
+        state = b.add(a["key"], b.mul(b.add(g, one64), golden))
+        draw = b.extract_element(mix64(b, b.insert_element(ir.Constant(vec(1), ir.Undefined), state,
+                                                           ir.Constant(I32, 0))), ir.Constant(I32, 0))
+        top = b.uitofp(b.lshr(draw, ir.Constant(I64, 64 - rng.KEEP_BITS)), F64)
+        kept = b.fcmp_ordered("<", top, b.fmul(b.fpext(p32, F64), grid))
+        b.store(b.zext(kept, I8), k.gep(a["keep"], g, I8))

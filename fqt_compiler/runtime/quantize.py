@@ -32,7 +32,7 @@ from . import buffers, threads as pool
 from .pack import parallel_rows
 from .packed import padded_words
 
-_GENERATORS = {"minmax": gen.group_minmax_ir, "row_col_minmax": gen.row_col_minmax_ir,
+_GENERATORS = {"minmax": gen.group_minmax_ir, "row_col_minmax": gen.row_col_minmax_ir, "aq_groups": gen.aq_groups_ir,
                "pack_rows": gen.quantize_pack_rows_ir, "pack_cols": gen.quantize_pack_cols_ir,
                "pack": gen.quantize_pack_ir}
 # Pairs of one element or strided runs that are no row-major matrix's rows or columns (a
@@ -225,38 +225,69 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
     """``(lo, hi, keep, prob)`` per group, as ``reference.sample_groups``; ``shared``: the
     statistics pass of this ``G'`` that the other path may already have run."""
     kind = reference.grouping(method, path)
-    lo, hi, keep, prob = _sample_groups(_view(g, kind, rows_per_sample, alpha), kind, method, path, bits, seed=seed,
-                                        step=step, layer=layer, target=target, shared=shared)
-    return lo, hi, torch.from_numpy(keep), torch.from_numpy(prob)
+    lo, hi, groups = _groups(_view(g, kind, rows_per_sample, alpha), kind, method, path, bits, seed=seed, step=step,
+                             layer=layer, target=target, shared=shared)
+    return lo, hi, torch.from_numpy(groups.keep), torch.from_numpy(groups.prob)
 
 
-def _sample_groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int, step: int, layer: int,
-                   target, shared: SharedStatistics | None):
-    """``sample_groups`` of the view ``v`` of G' for grouping ``kind``, with ``keep`` and
-    ``prob`` as numpy (``quantize_bitplanes`` works on them in numpy).
+@dataclass
+class _Groups:
+    """What the ``aq_groups`` kernel gives per group of one path (numpy)."""
 
-    The common case, an AQ method on finite statistics, is ``reference.aq_keep`` (as
-    ``reference.keep_groups`` takes it) on the reference's numpy cores, without a torch
-    round trip per step of it: per call these few-hundred-element vectors cost more in
-    dispatch than in arithmetic."""
+    keep: np.ndarray       # bool
+    prob: np.ndarray       # float32, the keep probability the dequantization divides by
+    sr_scale: np.ndarray   # float32 B / R (0 for R = 0), stochastic rounding's scale
+    scale: np.ndarray      # float32 R / (B p)
+    zero: np.ndarray       # float32 z / p
+
+
+def _groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int, step: int, layer: int,
+            target, shared: SharedStatistics | None, stats=None) -> tuple[torch.Tensor, torch.Tensor, _Groups]:
+    """``(lo, hi, per group tables)`` of the view ``v`` of G' for grouping ``kind``: the
+    statistics pass, then the ``aq_groups`` kernel. For an AQ method it also makes the keep
+    decisions (``reference.aq_keep``, as ``reference.keep_groups`` takes it on finite
+    statistics): one call, where the same work as vector operations costs more in dispatch
+    per layer and step than in arithmetic. Other methods and special (non-finite) groups
+    take ``reference.keep_groups``. ``stats``: the ``(lo, hi, keep, prob)`` when known."""
+    tname = get_target(target).name
+    if stats is not None:
+        lo, hi = (t.contiguous() for t in stats[:2])
+        return lo, hi, _per_group(tname, lo, hi, bits, keep=stats[2].numpy(), prob=stats[3].numpy())
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     lo, hi, pairs = _view_statistics(v, kind, target, sum_squares=method == "aq_opt", shared=shared)
+    scores = None if method == "aq_scq" else reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
     if method in reference.SAMPLED:
-        lo_np, hi_np = lo.numpy(), hi.numpy()
-        scores = (reference.aq_scores_np(lo_np, hi_np) if method == "aq_scq"
-                  else reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel()).numpy())
-        # Finite float64 sums mean finite lo, hi and scores (a sum of float32 values cannot
-        # overflow float64; float64 scores whose sum does only take the general path below),
-        # hence finite ranges (AQ's scores grow with the range): the reference's condition
-        # for no special groups.
-        if np.isfinite(sum(np.add.reduce(t, dtype=np.float64) for t in (lo_np, hi_np, scores))):
-            prob = reference.aq_probabilities_np(scores.astype(np.float64), bits)
-            key = rng.stream_key(seed, step, layer, reference.sample_stream(path))
-            return lo, hi, rng.keep_draws_np(key, prob), prob
-    scores = reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
+        key = rng.stream_key(seed, step, layer, reference.sample_stream(path))
+        found = _per_group(tname, lo, hi, bits, scores=scores, key=key)
+        if found is not None:
+            return lo, hi, found
     keep, prob = reference.keep_groups(lo, hi, method, path, bits, seed=seed, step=step, layer=layer, scores=scores)
-    return lo, hi, keep.numpy(), prob.numpy()
+    return lo, hi, _per_group(tname, lo, hi, bits, keep=keep.numpy(), prob=prob.numpy())
+
+
+def _per_group(tname: str, lo, hi, bits: int, *, scores=None, key: int = 0, keep=None, prob=None) -> _Groups | None:
+    """The ``aq_groups`` kernel on float32 ``lo`` and ``hi``: deciding (float64 ``scores``,
+    None for AQ's range scores; None returned when a group is special) when ``keep`` and
+    ``prob`` are not given."""
+    n = lo.numel()
+    decide = keep is None
+    floats = np.empty((4, n), np.float32)            # prob, sr_scale, scale, zero
+    if decide:
+        keep = np.empty(n, np.bool_)
+    else:
+        floats[0] = prob
+        keep = np.ascontiguousarray(keep, np.bool_)
+    work = np.empty(4 * n + 2, np.int64)             # the kernel's scratch, then its status
+    at, row = _ptr(floats), 4 * n
+    if scores is not None:
+        scores = np.ascontiguousarray(scores.numpy(), np.float64)
+    _fn("aq_groups", tname)(lo.data_ptr(), hi.data_ptr(), _ptr(scores) if scores is not None else None, n, bits, key,
+                            int(decide), _ptr(work), at, _ptr(keep), at + row, at + 2 * row, at + 3 * row,
+                            _ptr(work) + 8 * (4 * n + 1))
+    if work[4 * n + 1]:
+        return None
+    return _Groups(keep, *floats)
 
 
 @dataclass
@@ -303,16 +334,12 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         raise ValueError(f"path must be {reference.PATH_INPUT!r} or {reference.PATH_WEIGHT!r}, got {path!r}")
     tname = get_target(target).name
     v = _view(g, kind, rows_per_sample, alpha)
-    if stats is None:
-        lo, hi, keep_np, prob_np = _sample_groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer,
-                                                  target=target, shared=shared)
-    else:
-        lo, hi = (t.contiguous() for t in stats[:2])
-        keep_np, prob_np = (t.numpy() for t in stats[2:])
-    # The small per-group and per-row tables in numpy: a few dozen operations on vectors of
-    # at most a few thousand elements, where torch's per-operation dispatch costs more.
-    sr_scale, scale, zero = _affine(lo.numpy(), hi.numpy(), keep_np, prob_np, bits)
-    keep, prob = torch.from_numpy(keep_np), torch.from_numpy(prob_np)
+    lo, hi, per_group = _groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer, target=target,
+                                shared=shared, stats=stats)
+    # The small per-row tables in numpy: a few operations on vectors of at most a few
+    # thousand elements, where torch's per-operation dispatch costs more.
+    keep_np, sr_scale, scale, zero = per_group.keep, per_group.sr_scale, per_group.scale, per_group.zero
+    keep, prob = torch.from_numpy(keep_np), torch.from_numpy(per_group.prob)
     n, channels, rps = v.n, v.channels, v.rps
     src = v.g
     if path == reference.PATH_INPUT:
@@ -380,18 +407,6 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         tables = (rows * so, rows, groups, rows)
     planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
     return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
-
-
-def _affine(lo, hi, keep, prob, bits: int):
-    """Per group (numpy float32): ``B / R`` (0 for R = 0), the stochastic rounding scale of
-    ``reference.stochastic_codes``, and ``reference.dequantization``'s ``scale = R / (B p)``
-    and ``zero = z / p``, with the reference's float32 operations in its order."""
-    levels = np.float32(2 ** bits - 1)
-    ranges = hi - lo
-    safe_p = np.where(keep, prob, np.float32(1))
-    with np.errstate(all="ignore"):   # B / 0 and non-finite groups, as in torch
-        sr_scale = np.where(ranges > 0, levels / ranges, np.float32(0))
-        return sr_scale, ranges / levels / safe_p, lo / safe_p
 
 
 def _ptr(a: np.ndarray) -> int:
