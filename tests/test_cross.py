@@ -141,8 +141,9 @@ def test_layer_norm_regions_verify_on_target(target, tmp_path):
                                 torch.nn.LayerNorm(24), torch.nn.GELU("tanh"), torch.nn.Linear(24, 3))
     results = verify(model, (torch.randn(3, 29, 24),), target, tmp_path)
     _assert_verified(results, target, tmp_path)
-    # pack_cols: the linear layers' weight-path quantizer over their row-major G'
-    assert {"region_forward", "region_backward", "pack_cols"} <= {r.family for r in results}
+    # pack_cols: the linear layers' weight-path quantizer over their row-major G'; aq_groups:
+    # the quantizer's keep decisions and per-group scales
+    assert {"region_forward", "region_backward", "pack_cols", "aq_groups"} <= {r.family for r in results}
 
 
 def test_reference_check_catches_one_flipped_bit():

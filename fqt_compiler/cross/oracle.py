@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..ops import dropout, reference, rng
 
-SCRATCH = {"binary": {"partial"}, "bitplane": {"partial"}}
+SCRATCH = {"binary": {"partial"}, "bitplane": {"partial"}, "aq_groups": {"work"}}
 
 
 class Memory:
@@ -276,6 +276,28 @@ def _quantize_pack_cols(mem: Memory, a: dict, opts: dict) -> None:
         planes[(t * kept + m).view(-1, 1) * a["ldw"] + torch.tensor(list(words))] = packed
 
 
+def _aq_groups(mem: Memory, a: dict, opts: dict) -> None:
+    """The AQ keep decisions (when ``decide``) and the per-group scales: ``aq_scores`` or the
+    given float64 scores, ``aq_probabilities``, the keep draws of the stream ``key``, then the
+    rounding scale of ``stochastic_codes`` and ``dequantization``'s scale and zero point.
+    Special (non-finite) statistics leave everything but the status (in the scratch) as it was."""
+    n, bits = a["n"], a["bits"]
+    lo, hi = mem.at(a["lo"], torch.float32, n).clone(), mem.at(a["hi"], torch.float32, n).clone()
+    prob_out, keep_out = mem.at(a["prob"], torch.float32, n), mem.at(a["keep"], torch.bool, n)
+    if a["decide"]:
+        scores = (mem.at(a["scores"], torch.float64, n).clone() if a["scores"] is not None
+                  else reference.aq_scores(lo, hi).double())
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and torch.isfinite(scores).all()):
+            return
+        prob_out[:] = reference.aq_probabilities(scores, bits)
+        keep_out[:] = torch.from_numpy(rng.keep_draws_np(a["key"], prob_out.numpy()))
+    keep, prob = keep_out.clone(), prob_out.clone()
+    mem.at(a["sr_scale"], torch.float32, n)[:] = reference.rounding_scale(lo, hi, bits)
+    scale, zero = reference.dequantization(lo, hi, keep, prob, bits)
+    mem.at(a["scale"], torch.float32, n)[:] = scale
+    mem.at(a["zero"], torch.float32, n)[:] = zero
+
+
 def _dropout_elements(a: dict) -> tuple[int, int]:
     """The call's elements ``[8*b0, min(8*b1, n))`` (empty when past ``n``)."""
     e0 = 8 * a["b0"]
@@ -310,6 +332,7 @@ CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pac
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
           "transpose_bits": _transpose_bits, "minmax": _minmax, "row_col_minmax": _row_col_minmax,
           "pack": _quantize_pack, "pack_rows": _quantize_pack_rows, "pack_cols": _quantize_pack_cols, "unpack": _unpack,
+          "aq_groups": _aq_groups,
           "dropout_forward": _dropout_forward, "dropout_backward": _dropout_backward}
 
 

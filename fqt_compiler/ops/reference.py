@@ -343,10 +343,15 @@ def stochastic_codes(g2d, lo, hi, ids, bits, u):
     """Stochastic rounding of ``B (v - z) / R`` with exactly these float32 operations, in
     this order, so that a kernel can match bit for bit: ``s = B / R`` (0 where R = 0),
     ``t = (v - z) * s``, ``q = clamp(floor(t + u), 0, B)``."""
-    levels = float(2 ** bits - 1)
-    rng_ = hi - lo
-    s = torch.where(rng_ > 0, torch.tensor(levels, dtype=torch.float32) / rng_, torch.zeros(()))
+    s = rounding_scale(lo, hi, bits)
     return rounded_codes(g2d, lo[ids], s[ids], bits, u.view_as(g2d))
+
+
+def rounding_scale(lo, hi, bits: int) -> torch.Tensor:
+    """Per group ``s = B / R`` in float32, 0 where R = 0 (``stochastic_codes``)."""
+    rng_ = hi - lo
+    # A float32 tensor divided, not a Python float: torch computes ``x / t`` as ``x * (1/t)``.
+    return torch.where(rng_ > 0, torch.tensor(float(2 ** bits - 1), dtype=torch.float32) / rng_, torch.zeros(()))
 
 
 def rounded_codes(v, z, s, bits: int, u):
