@@ -570,10 +570,10 @@ def aq_groups_ir(target: str | Target = "host") -> KernelIR:
 
     With ``decide`` nonzero, the AQ keep decisions first (``reference.aq_keep``): the scores
     (float64 ``scores``, or when null AQ's ``reference.aq_scores`` of ``lo`` and ``hi`` in
-    float32), the water-filling probabilities of ``reference.aq_probabilities_np`` with its
+    float32), the water-filling probabilities of ``reference.aq_probabilities`` with its
     float64 operations in its order (a stable merge sort, descending; the tail sums from the
     smallest score up; the first stop; ``ceil(p 2^53) / 2^53``, rounded to float32) into
-    ``prob``, and the keep draws of ``rng.keep_draws_np`` with stream ``key`` into ``keep``
+    ``prob``, and the keep draws of ``rng.keep_draws`` (stream ``key``) into ``keep``
     (one byte per group). When a lo, hi or score is not finite, ``status[0] = 1`` and nothing
     else is written (the caller takes the reference's path for special groups); else
     ``status[0] = 0``. ``work``: 4n + 1 int64 of scratch.
@@ -722,7 +722,7 @@ def _aq_decide(k: Kernel, levels, done) -> None:
                      b.select(none_left, ir.Constant(F64, 0.0), spread))
         p32 = b.fptrunc(p, F32)
         b.store(p32, k.gep(a["prob"], g))
-        # keep_draws_np: draw(g) = mix64(key + (g + 1) G); kept when its top 53 bits,
+        # rng.keep_draws: draw(g) = mix64(key + (g + 1) G); kept when its top 53 bits,
         # exact in float64, are below p * 2^53.
         state = b.add(a["key"], b.mul(b.add(g, one64), golden))
         draw = b.extract_element(mix64(b, b.insert_element(ir.Constant(vec(1), ir.Undefined), state,

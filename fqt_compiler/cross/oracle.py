@@ -290,7 +290,7 @@ def _aq_groups(mem: Memory, a: dict, opts: dict) -> None:
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all() and torch.isfinite(scores).all()):
             return
         prob_out[:] = reference.aq_probabilities(scores, bits)
-        keep_out[:] = torch.from_numpy(rng.keep_draws_np(a["key"], prob_out.numpy()))
+        keep_out[:] = rng.bernoulli(rng.draws_u64(a["key"], 0, n), prob_out)
     keep, prob = keep_out.clone(), prob_out.clone()
     mem.at(a["sr_scale"], torch.float32, n)[:] = reference.rounding_scale(lo, hi, bits)
     scale, zero = reference.dequantization(lo, hi, keep, prob, bits)

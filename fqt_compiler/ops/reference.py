@@ -19,7 +19,6 @@ Layout conventions shared with the kernels:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -172,14 +171,8 @@ def aq_scores(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     for a constant group, so that only an all-zero group scores 0 and may be dropped for sure
     (a nonzero constant group, e.g. every channel group of a batch-1 Linear layer, would
     otherwise never be kept and its gradient would be lost)."""
-    return torch.from_numpy(aq_scores_np(lo.detach().numpy(), hi.detach().numpy()))
-
-
-def aq_scores_np(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``aq_scores`` on float32 numpy vectors (the same float32 operations)."""
-    with np.errstate(over="ignore", invalid="ignore"):   # infinite and NaN ranges, as in torch
-        ranges = hi - lo
-    return np.where(ranges > 0, ranges, np.abs(lo))
+    ranges = hi - lo
+    return torch.where(ranges > 0, ranges, lo.abs())
 
 
 LANES = 64   # lanes of the sum-of-squares accumulator (``pair_sum_squares``)
@@ -255,50 +248,33 @@ def aq_probabilities(scores: torch.Tensor, bits: int) -> torch.Tensor:
     ``2**-rng.KEEP_BITS``, the resolution of the keep draw (``rng.bernoulli``), so the
     draw keeps the group at exactly rate p and the ``1/p`` rescale stays unbiased however
     small p is (in float32, too: the rounded p is exactly representable)."""
-    return torch.from_numpy(aq_probabilities_np(scores.detach().double().numpy(), bits))
-
-
-def aq_probabilities_np(r: np.ndarray, bits: int) -> np.ndarray:
-    """``aq_probabilities`` of the float64 numpy scores ``r``, as float32 numpy."""
     # numpy, not torch: these are a dozen ops on at most a few thousand groups, run per
     # layer and path every step, where torch's per-op dispatch would cost more than the work.
     # Same float64 arithmetic in the same order (cumsum is a sequential scan in both).
+    r = scores.detach().double().numpy()
     n = r.size
+    budget = n / bits
+    p = np.zeros(n)
     order = np.argsort(-r, kind="stable")   # descending; equal scores keep their order
     sorted_r = r[order]
     tail = np.cumsum(sorted_r[::-1])[::-1]   # sum of sorted_r[k:]
     # Keeping the k widest groups with certainty leaves budget - k for the rest, spread as
     # c_k R with c_k = (budget - k) / tail[k]. The first k where nothing is left to spread,
     # or where c_k R of the next group is at most 1, decides (all k at once, not a loop).
-    left, spent = _budget_left(n, bits)
-    exhausted = (tail <= 0) | spent
+    left = budget - np.arange(n, dtype=np.float64)
+    exhausted = (tail <= 0) | (left <= 0)
     with np.errstate(divide="ignore", invalid="ignore"):   # 0/0 and inf*0 where exhausted
         c = left / tail
-        stops = exhausted | (c * sorted_r <= 1.0)
-    first = int(stops.argmax()) if n else 0
-    if not n or not stops[first]:
-        sorted_p = np.ones(n)
-    elif exhausted[first]:
-        sorted_p = np.zeros(n)
+        stops = np.flatnonzero(exhausted | (c * sorted_r <= 1.0))
+    if not stops.size:
+        p[:] = 1.0
     else:
-        sorted_p = np.ceil(np.minimum(c[first] * sorted_r, 1.0) * _GRID) / _GRID
-    sorted_p[:first] = 1.0
-    p = np.empty(n, np.float32)
-    p[order] = sorted_p                       # float64 -> float32 rounds to nearest, as torch
-    return p
-
-
-_GRID = float(2 ** rng.KEEP_BITS)   # keep probabilities are multiples of 1/_GRID
-
-
-@lru_cache(maxsize=256)
-def _budget_left(n: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(budget - k, budget - k <= 0)`` for ``k = 0..n-1``, ``budget = n / bits``: fixed
-    per group count, so computed once (read-only)."""
-    left = n / bits - np.arange(n, dtype=np.float64)
-    spent = left <= 0
-    left.flags.writeable = spent.flags.writeable = False
-    return left, spent
+        first = int(stops[0])
+        p[order[:first]] = 1.0
+        if not exhausted[first]:
+            p[order[first:]] = np.minimum(c[first] * sorted_r[first:], 1.0)
+    grid = float(2 ** rng.KEEP_BITS)
+    return torch.from_numpy(np.ceil(p * grid) / grid).float()
 
 
 def topk_probabilities(ranges: torch.Tensor, bits: int) -> torch.Tensor:

@@ -24,8 +24,6 @@ Streams: which random numbers a draw is for (``STREAM_*`` below).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
@@ -101,34 +99,14 @@ def bernoulli(draws: np.ndarray, prob: torch.Tensor) -> torch.Tensor:
     """``keep[i] = (draws[i] >> 11) < prob[i] * 2**53`` for uint64 ``draws``: true for exactly
     ``ceil(prob[i] * 2**53)`` of the 2**53 values of the draw's top bits, i.e. at rate
     ``prob[i]`` when it is a multiple of ``2**-53``. Both sides are exact in float64."""
-    return torch.from_numpy(bernoulli_np(draws, prob.detach().double().numpy()))
-
-
-def bernoulli_np(draws: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """``bernoulli`` with numpy ``prob`` (any float dtype; compared in float64)."""
-    top = (draws >> np.uint64(64 - KEEP_BITS)).astype(np.float64)
-    return top < prob.astype(np.float64) * float(2 ** KEEP_BITS)
+    top = torch.from_numpy((draws >> np.uint64(64 - KEEP_BITS)).astype(np.float64))
+    return top < prob.double() * float(2 ** KEEP_BITS)
 
 
 def keep_draws(seed: int, step: int, layer: int, stream: int, prob: torch.Tensor) -> torch.Tensor:
     """AQ keep decisions of the ``prob.numel()`` groups of one path: ``bernoulli`` of draws
     ``0..N-1`` of the stream."""
-    return torch.from_numpy(keep_draws_np(stream_key(seed, step, layer, stream), prob.detach().numpy()))
-
-
-def keep_draws_np(key: int, prob: np.ndarray) -> np.ndarray:
-    """``keep_draws`` of the stream with 64-bit ``key`` for numpy ``prob`` (bool numpy)."""
-    return bernoulli_np(_mix64_np(np.uint64(key) + _counters(prob.size)), prob)   # arrays wrap silently
-
-
-@lru_cache(maxsize=256)
-def _counters(count: int) -> np.ndarray:
-    """``(i + 1) * G`` for ``i < count`` (uint64, read-only): the per-index part of
-    ``draw(i)``, fixed per group count, so the keep draws compute it once."""
-    with np.errstate(over="ignore"):
-        c = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(GOLDEN)
-    c.flags.writeable = False
-    return c
+    return bernoulli(draws_u64(stream_key(seed, step, layer, stream), 0, prob.numel()), prob)
 
 
 def rank_seed(seed: int, rank: int) -> int:

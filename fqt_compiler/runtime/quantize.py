@@ -8,10 +8,12 @@ in on the fly: ``G' = alpha ⊙ g``.
 1. ``sample_groups``: the min/max kernel (which also sums the squares for ``aq_opt``), or
    for a row-major ``[rows, O]`` G' (a linear layer's) the row/column kernel, which gives
    the per-row groups of the input path and the per-column groups of the weight path in one
-   pass; then scores -> keep probabilities and the keep draws on the N groups
-   (``reference.aq_probabilities`` and ``rng.keep_draws``; tiny). Both paths of one ``G'``
-   can share the statistics pass (``SharedStatistics``). The per-group and per-row tables
-   around the kernels are numpy: torch's per-operation cost exceeds their work.
+   pass; then the ``aq_groups`` kernel on the N groups: AQ's scores, keep probabilities
+   and keep draws (``reference.aq_keep``) and each group's rounding and dequantization
+   scales, in one call (as a few dozen vector operations per layer and step, dispatch
+   cost more than the work). Both paths of one ``G'`` can share the statistics pass
+   (``SharedStatistics``). The per-row tables around the kernels are numpy: torch's
+   per-operation cost exceeds their work.
 2. ``quantize_bitplanes``: stochastic rounding of the kept groups only, bit-plane packed
    along the contraction axis of the path, as ``runtime.gemm.bitplane_gemm`` consumes it:
    ``out[row_map[m], :] = row_scale[m] * dot(m) + row_zero[m] * colsum``.
