@@ -206,20 +206,24 @@ def test_reference_check_catches_one_wrong_mask_bit(act):
 
 
 def test_reference_check_covers_the_sum_of_squares():
-    """aq_opt's statistics kernel (min/max plus sums of squares) replays against
-    the oracle, and one flipped bit of a sum of squares is caught."""
+    """aq_opt's statistics kernel (min/max plus sums of squares) and its keep decisions on
+    the float64 scores (``aq_groups``) replay against the oracle, and one flipped bit of a
+    sum of squares or of a group's zero point is caught."""
     from fqt_compiler.runtime.quantize import sample_groups
     target = host_target()
     g = torch.randn(3, 5, 9, 11, generator=torch.Generator().manual_seed(0))
     uses, capture = capture_calls(lambda: [sample_groups(g, "aq_opt", path, 4, seed=0, step=0, layer=0)
                                            for path in ("input", "weight")], target)
-    assert {dict(u.spec.options)["sum_squares"] for u in uses} == {True}
+    assert {u.spec.family for u in uses} == {"minmax", "aq_groups"}
+    assert {dict(u.spec.options)["sum_squares"] for u in uses if u.spec.family == "minmax"} == {True}
     for index, encoded, after in capture.calls:
         spec = uses[index].spec
         args = dict(zip(spec.abi.names, map(call_argument, encoded)))
         before = {b: capture.storages[b][2] for b in after}
         assert oracle.check_call(spec, args, before, after) == 0
-        buf, offset = args["ss"]
+        if spec.family == "aq_groups":
+            assert args["scores"] is not None and args["decide"]
+        buf, offset = args["ss" if spec.family == "minmax" else "zero"]
         bad = bytearray(after[buf])
         bad[offset] ^= 1
         assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
