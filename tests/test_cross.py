@@ -187,7 +187,7 @@ def test_reference_check_catches_one_wrong_mask_bit(act):
     assert region.mask_bits
 
     def step():
-        _, arg, mean, _, invstd, _, mask = region_forward(x, region, gamma, beta, residual=res)
+        _, arg, mean, _, invstd, _, mask = region_forward(x, region, gamma, beta, residual=res)[:7]
         region_backward(torch.randn(x.shape, generator=gen), x, arg, region, gamma, beta, mean, invstd, mask=mask)
     uses, capture = capture_calls(step, host_target())
     state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
@@ -203,6 +203,29 @@ def test_reference_check_catches_one_wrong_mask_bit(act):
             assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1
         state.update(after)
     assert [uses[i].spec.family for i, _, _ in capture.calls] == ["region_forward", "region_backward"]
+
+
+def test_reference_check_catches_one_wrong_sign_or_ste_bit():
+    """A region that packs its output's sign and STE bits for the next binarized layer: the
+    oracle checks both bit matrices exactly, one flipped bit of either is caught."""
+    from fqt_compiler.codegen.fusion import Activation, Region
+    from fqt_compiler.runtime.fusion import region_forward
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 7, 7, generator=gen)
+    gamma, beta = torch.rand(20, generator=gen) + 0.5, torch.randn(20, generator=gen)
+    region = Region(True, Activation("relu"), pool=(3, 3, 2, 2, 1, 1), pack_signs=True)
+    uses, capture = capture_calls(lambda: region_forward(x, region, gamma, beta), host_target())
+    (index, encoded, after), = capture.calls
+    spec = uses[index].spec
+    args = dict(zip(spec.abi.names, map(call_argument, encoded)))
+    before = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
+    before = {b: before[b] for b in after}
+    assert oracle.check_call(spec, args, before, after) == 0
+    for name in ("signs", "ste"):
+        buf, offset = args[name]
+        bad = bytearray(after[buf])
+        bad[offset + 8 * args["ld"] + 3] ^= 1 << 5   # sample 1, bit 29: channel 1 (4x4 outputs a plane), output 13
+        assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1, name
 
 
 def test_reference_check_covers_the_sum_of_squares():

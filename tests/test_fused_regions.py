@@ -12,7 +12,7 @@ import fqt_compiler as fqt
 from fqt_compiler.ops import fused_regions as fr
 from fqt_compiler.ops import registry
 from fqt_compiler.codegen import fusion as gen
-from fqt_compiler.runtime import fusion   # also registers the kernels
+from fqt_compiler.runtime import fusion, pack   # fusion also registers the kernels
 from fqt_compiler.zoo import vgg_small
 
 ACTS = [("relu", []), ("hardtanh", [0.0, 6.0]), ("hardtanh", [-0.5, 0.25]), ("leaky_relu", [0.2]),
@@ -79,8 +79,9 @@ def unfused_mask(act, params, v):
 def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contraction=0, ties=False,
                  residual=False, mode="max", gamma=None):
     """Kernel == reference for one region (forward outputs, statistics, argmax bits, the
-    saved raw GEMM result and activation mask bits exactly, gradients, the residual's
-    included), and reference == the literal unfused chain (with ``contraction``: the
+    saved raw GEMM result and activation mask bits exactly, the output's packed sign and STE
+    bits exactly and equal to the packing kernel's of the kernel's own output, gradients, the
+    residual's included), and reference == the literal unfused chain (with ``contraction``: the
     binarized layer's ``alpha ⊙ Y_raw`` first; then ``F.batch_norm``, ``+ residual``, the
     activation, the pool) differentiated by autograd. ``residual`` may be the residual
     tensor itself; ``gamma`` multiplies BatchNorm's weight and bias."""
@@ -96,9 +97,12 @@ def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contract
     args = (x, weight, bias, rmean, rvar, training, 1e-5, act, params, pool, mode, ceil_mode, "bn", alpha,
             contraction, res)
     kern, ref = _ops("bn_region")
-    got, want = kern(*args), ref(*args)
-    for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw", "mask"), got, want):
-        if name in ("arg", "raw", "mask"):
+    got, want = kern(*args, True), ref(*args, True)
+    # the bits a binarized conv reading the output would pack itself, word for word
+    assert all(torch.equal(g, p.words) for g, p in zip(got[7:], pack.pack_signs_and_ste(got[0].flatten(1))))
+    assert not any(t.numel() for t in kern(*args)[7:] + ref(*args)[7:])   # none unless asked for
+    for name, g, w in zip(("out", "arg", "mean", "var", "invstd", "raw", "mask", "signs", "ste"), got, want):
+        if name in ("arg", "raw", "mask", "signs", "ste"):
             assert g.dtype == w.dtype and torch.equal(g, w), name
         else:
             _close(g, w, name)
@@ -119,7 +123,7 @@ def check_region(shape, act, params, pool, ceil_mode, training, seed=0, contract
     pre = v + leaf[3] if residual else v
     v = _unfused_pool(fr.ACTIVATIONS[act](pre, params), pool, mode, ceil_mode)
     _close(want[0], v.detach(), "reference out")
-    out, arg, mean, _, invstd, _, mask = want
+    out, arg, mean, _, invstd, _, mask = want[:7]
     if residual and act in fr.ACTIVATION_MASKS:   # the bits ATen's backward of the chain selects by
         assert torch.equal(fr.unpack_codes(mask, 1, *shape[2:]), unfused_mask(act, params, pre.detach()))
         assert mask.shape == (*shape[:2], -(-shape[2] * shape[3] // 8))
@@ -239,8 +243,10 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     conv = (stride, padding, dilation, 1)
     args = (x, w, cb, *conv, weight, bias, rmean, rvar, training, 1e-5, "relu", [], pool, "max", ceil_mode, "bn")
     kern, ref = _ops("conv2d_bn_region")
-    got, want = kern(*args), ref(*args)
+    got, want = kern(*args, True), ref(*args, True)
     assert torch.equal(got[1], want[1])   # argmax bits
+    for bits, packed, ref_bits in zip(got[5:], pack.pack_signs_and_ste(got[0].flatten(1)), want[5:]):
+        assert torch.equal(bits, packed.words) and torch.equal(bits, ref_bits)   # sign, then STE bits
     for name, g, v in zip(("out", "mean", "var", "invstd"), got[:1] + got[2:], want[:1] + want[2:]):
         _close(g, v, name)
     leaf = [t.clone().requires_grad_() for t in (x, w, weight, bias)] + ([cb.clone().requires_grad_()] if has_bias else [])
@@ -252,7 +258,7 @@ def test_float_conv_region_matches_the_unfused_chain(x_shape, w_shape, has_bias,
     _close(want[0], v.detach(), "reference out")
     dy = torch.randn(v.shape, generator=gen)
     v.backward(dy)
-    out, arg, mean, _, invstd = want
+    out, arg, mean, _, invstd = want[:5]
     bargs = (dy, x, w, cb, *conv, arg, weight, bias, mean, invstd, training, 1e-5, "relu", [], pool, "max",
              ceil_mode, "bn", True)
     kern_b, ref_b = _ops("conv2d_bn_region_backward")
@@ -345,6 +351,25 @@ def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 9, 7, 3), act, params, [2, 2, 2, 2, 0, 0], False, True, residual=True, mode="avg_valid")
 
 
+@pytest.mark.parametrize("shape,pool,ceil_mode", [((3, 40, 4, 4), [2, 2, 2, 2, 0, 0], False),
+                                                  ((1, 70, 5, 3), [], False),
+                                                  ((3, 33, 7, 9), [3, 3, 2, 2, 1, 1], True)])
+def test_packed_sign_bits_at_any_thread_count(shape, pool, ceil_mode):
+    """Planes of 4, 15 and 20 outputs share words between channels: threads own whole groups
+    of channels whose bits fill whole words (``signs_channel_unit``), so three threads write
+    the bits one does, which are the packing kernel's of the output."""
+    x, weight, bias, rmean, rvar, alpha, _ = _inputs(shape, 3, contraction=45)
+    args = (x, weight, bias, rmean, rvar, True, 1e-5, "relu", [], pool, "max", ceil_mode, "bn", alpha, 45, None, True)
+    kern, _ = _ops("bn_region")
+    one = kern(*args)
+    torch.set_num_threads(3)
+    three = kern(*args)
+    assert torch.equal(one[0], three[0])
+    assert gen.signs_channel_unit(one[0].shape[2] * one[0].shape[3]) < shape[1]   # more than one group
+    for a, b, packed in zip(one[7:], three[7:], pack.pack_signs_and_ste(one[0].flatten(1))):
+        assert torch.equal(a, packed.words) and torch.equal(b, packed.words)
+
+
 @pytest.mark.parametrize("shape", [(2, 512, 2, 2), (3, 70, 1, 2), (1, 33, 3, 3), (2, 5, 1, 3)])
 def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
     """Where an input equals its channel's batch mean, BatchNorm's output is a rounding
@@ -352,7 +377,7 @@ def test_batch_norm_at_ties_is_atens_bit_for_bit(shape):
     ATen's bit for bit (its contiguous-input path, H*W > 1: at 1x1 ATen accumulates in float
     per thread), so the fused backward masks the same ReLU inputs as the unfused chain."""
     x, weight, bias, *_ = _inputs(shape, 0, ties=True)
-    out, _, mean, _, invstd, _, _ = fusion.region_forward(x, gen.Region(True), weight, bias)
+    out, _, mean, _, invstd = fusion.region_forward(x, gen.Region(True), weight, bias)[:5]
     want, want_mean, want_invstd = torch.ops.aten.native_batch_norm(x, weight, bias, None, None,
                                                                     True, 0.0, 1e-5)
     assert (x == mean.view(1, -1, 1, 1)).any()
@@ -400,10 +425,11 @@ def test_residual_mask_bits_follow_aten_at_nan(act, params):
     res[0, 1, 1] = float("nan")
     args = (x, weight, bias, rmean, rvar, False, 1e-5, act, params, [], "max", False, "bn", None, 0, res)
     kern, ref = _ops("bn_region")
-    (_, _, mean, _, invstd, _, mask), want = kern(*args), ref(*args)
+    (_, _, mean, _, invstd, _, mask, *bits), want = kern(*args, True), ref(*args, True)
     pre = F.batch_norm(x, rmean, rvar, weight, bias, False, 0.1, 1e-5) + res
     assert torch.equal(fr.unpack_codes(mask, 1, 3, 5), unfused_mask(act, params, pre))
     assert torch.equal(mask, want[6])
+    assert all(map(torch.equal, bits, want[7:]))   # a NaN output packs as sign bit 0, STE bit 0
     dy = torch.randn(shape)
     bargs = (dy, x, want[1], weight, bias, mean, invstd, False, 1e-5, act, params, [], "max", False, "bn")
     kern_b, _ = _ops("bn_region_backward")
@@ -613,7 +639,11 @@ def test_resnet18_fused_step_matches_the_reference_backend():
     regions = compiled.fqt_graphs[-1].regions
     # the stem: float conv1 recomputed in backward, max pool 3x3/2 pad 1
     assert ("bn1 (train): batch_norm -> relu -> max_pool2d; input: float conv2d conv1, recomputed "
-            "in backward") in regions
+            "in backward; writes the sign + STE bits of its output for layer1.0.conv1") in regions
+    # every region feeding binarized convs packs their input bits (all but layer4.1.bn2's, the head's)
+    assert sum("writes the sign + STE bits" in r for r in regions) == 16
+    assert any(r.startswith("layer1.1.bn2 (train)") and r.endswith("for layer2.0.conv1, layer2.0.downsample.0")
+               for r in regions)
     # every BatchNorm after a binarized conv keeps its raw GEMM result as int16
     assert sum("raw GEMM result, saved as int16" in r for r in regions) == 19
     assert len(regions) == 20
@@ -626,6 +656,7 @@ def test_resnet18_fused_step_matches_the_reference_backend():
     cg = compiled.fqt_graphs[-1]
     fw, bw = _fused_ops(cg)
     assert "aten.relu.default" not in fw and "aten.mean.dim" not in fw
+    assert "fqt.binary_conv2d_packed.default" in fw and "fqt.binary_conv2d.default" not in fw
     assert "aten.threshold_backward.default" not in bw
     # no float add of feature maps is left (the adds left update BN's counters)
     assert not [n for n in cg.forward.graph.nodes if str(n.target) == "aten.add.Tensor"
@@ -651,7 +682,7 @@ def test_resnet18_residual_regions_keep_mask_bits_not_the_residual():
     compiled, _ = _step(model, x, y, "kernels")
     cg = compiled.fqt_graphs[-1]
     residual = [r for r in cg.regions if "iadd" in r]
-    assert len(residual) == 8 and all(r.endswith("; residual: activation mask saved as bits") for r in residual)
+    assert len(residual) == 8 and all("; residual: activation mask saved as bits" in r for r in residual)
     assert _saved_float_maps(cg, 2) == [(2, 3, 32, 32)]
     # one bit per element of each block's output, each (n, c) plane from its own byte: 8x8
     # maps (layer1) take 8 bytes per plane, 2x2 and 1x1 maps (layers 3, 4) one byte; besides
@@ -690,7 +721,7 @@ def test_residual_region_backward_names_the_missing_mask():
     x, weight, bias, *_ = _inputs((2, 3, 4, 5), 0)
     region = gen.Region(True, gen.Activation("relu"), residual=True)
     res = torch.randn(x.shape)
-    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=res)
+    _, arg, mean, _, invstd, _, mask = fusion.region_forward(x, region, weight, bias, residual=res)[:7]
     assert mask.shape == (2, 3, 3) and mask.dtype == torch.uint8
     for wrong in (None, mask[:, :, :2], mask.float()):
         with pytest.raises(ValueError, match=r"relu after a residual add.*uint8 mask bits shaped \[2, 3, 3\]"):

@@ -272,10 +272,11 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
         # raw GEMM result and alpha: alpha * Y_raw in registers, G' = alpha ⊙ dx in the
         # region's backward kernel; Y_raw goes to the region alone.
         assert len(raw_regions) == len(binarized) and not bw_alpha
-        convs = [n for n in cg.forward.graph.nodes if n.meta.get("fqt_op") is torch.ops.fqt.binary_conv2d.default]
+        # Each reads the sign bits the region before it wrote (its op returns Y_raw alone).
+        convs = [n for n in cg.forward.graph.nodes
+                 if n.meta.get("fqt_op") is torch.ops.fqt.binary_conv2d_packed.default]
         assert len(convs) == len(binarized)
-        for conv in convs:
-            y_raw = next(u for u in conv.users if u.args[1] == 0)
+        for y_raw in convs:
             assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
         # both SCQ paths scale g, in the one op merge_gradient_paths makes of them

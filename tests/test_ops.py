@@ -44,6 +44,7 @@ def _opcheck_cases():
     rps = y.shape[2] * y.shape[3]
     cases = [
         (L.binary_conv2d, (x.requires_grad_(), w.requires_grad_(), RS, *GEOM, 3)),
+        (L.binary_conv2d_packed, (x, sb, mb, w, RS, *GEOM, 3)),
         (L.binary_linear, (xl.requires_grad_(), wl.requires_grad_(), RS, 2)),
         (L.mark_gradient, (g, RS, 3)),
         (L.conv2d_input_grad, (g, w.detach(), mb, list(x.shape), *GEOM)),
@@ -101,7 +102,8 @@ def _opcheck_cases():
         args = (x_in.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_(),
                 rm, rv, training, 1e-5, activation, params, pl, mode, True, "bn1", *(raw or (None, 0)), r)
         cases.append((FR.bn_region, args))
-        _, arg, mean, _, invstd, saved, mask = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        cases.append((FR.bn_region, (*args, True)))   # with the output's packed sign + STE bits
+        _, arg, mean, _, invstd, saved, mask = FR.bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])[:7]
         out_shape = FR.pooled_shape(xb.shape, pl, True, mode)
         # with a residual the backward takes the mask bits (none for "none"), GELU the residual
         kept = (None, mask) if FR.keeps_mask(activation, res is not None) else (res, None)
@@ -116,7 +118,8 @@ def _opcheck_cases():
                 None if bias is None else bias.clone().requires_grad_(), *conv, wb.clone().requires_grad_(),
                 bb.clone().requires_grad_(), rm, rv, training, 1e-5, "relu", [], pool, "max", True, "bn1")
         cases.append((FR.conv2d_bn_region, args))
-        out, arg, mean, _, invstd = FR.conv2d_bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        cases.append((FR.conv2d_bn_region, (*args, True)))
+        out, arg, mean, _, invstd = FR.conv2d_bn_region(*[a.detach() if torch.is_tensor(a) else a for a in args])[:5]
         cases.append((FR.conv2d_bn_region_backward, (torch.randn(out.shape), xc, wc, bias, *conv, arg, wb, bb,
                                                      mean, invstd, training, 1e-5, "relu", [], pool, "max", True,
                                                      "bn1", training)))
@@ -154,6 +157,11 @@ def test_forward_ops_match_reference_layers():
     flat = x.reshape(2, -1)
     assert torch.equal(R.unpack_bits(sign_bits, flat.shape[1]), flat > 0)
     assert torch.equal(R.unpack_bits(ste_bits, flat.shape[1]), flat.abs() < 1)
+    # the same layer from x's bits packed elsewhere (x itself is not read: it only routes dX)
+    for impl in ("reference", "kernels"):
+        y_packed = registry.lookup("fqt::binary_conv2d_packed", impl)(torch.full_like(x, float("nan")), sign_bits,
+                                                                      ste_bits, w, RS, *GEOM, 3)
+        assert torch.equal(y_packed, y_raw), impl
     xl, wl, yl, sbl, mbl = _linear_case()
     torch.testing.assert_close(yl * R.default_alpha(wl), R.binary_linear(xl, wl, R.default_alpha(wl), None))
     assert sbl.shape == (6, R.padded_words(70)) and sbl.dtype == torch.int64  # per row of 70 features

@@ -35,6 +35,7 @@ pooled masks, LayerNorm: §4b).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from llvmlite import ir
@@ -45,6 +46,7 @@ from .builder import F32, I8, I32, I64, Kernel, erf, exp, new_module, smin, tanh
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
+I128 = ir.IntType(128)
 LANES = 8
 # A row region's backward adds the column sums dgamma, dbeta of each block of ROW_BLOCK rows
 # into its own row of partial sums; threads own whole blocks, so the sums (the blocks are
@@ -182,6 +184,12 @@ class Region:
     ``alpha[c] * Y_raw`` of a binarized conv: the forward reads ``Y_raw`` (integers in
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
     from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``.
+    ``pack_signs``: the forward also writes the sign bits ``out > 0`` and the STE bits
+    ``|out| < 1`` of its output to ``signs`` and ``ste`` (OR-ed into zeroed buffers), laid out
+    as ``runtime.pack.pack_signs_and_ste(out.flatten(1))`` lays them out (one row of ``ld``
+    words per sample, bit ``(c*OH + oh)*OW + ow``): the operands a binarized conv reading
+    the output takes, so it needs no pass of its own over the float output. Threads must own
+    whole groups of ``signs_channel_unit(OH*OW)`` channels (the words they write).
     ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
     always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
     rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
@@ -195,6 +203,7 @@ class Region:
     residual: bool = False
     pool_mode: str = "max"
     axis: str = "channel"
+    pack_signs: bool = False
 
     def __post_init__(self):
         if (self.pool_mode not in POOL_MODES or (self.pool is not None and self.pool_mode == "mean")
@@ -204,9 +213,9 @@ class Region:
         if self.axis not in ("channel", "row"):
             raise ValueError(f"Region axis {self.axis!r}: expected 'channel' or 'row'")
         if self.axis == "row" and (self.pool is not None or self.pool_mode != "max" or not self.batch_stats
-                                   or self.raw_bits or self.residual):
+                                   or self.raw_bits or self.residual or self.pack_signs):
             raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
-                             "no residual and no pool")
+                             "no residual, no pool and no packed sign bits")
 
     @property
     def mask_bits(self) -> bool:
@@ -223,7 +232,7 @@ class Region:
 FORWARD_SYMBOL = "fqt_region_forward"
 FORWARD_PARAMS = (("x", "ptr"), ("res", "ptr"), ("out", "ptr"), ("arg", "ptr"), ("gamma", "ptr"), ("beta", "ptr"),
                   ("mean", "ptr"), ("var", "ptr"), ("invstd", "ptr"), ("alpha", "ptr"), ("raw", "ptr"),
-                  ("mask", "ptr"), ("N", "i64"), ("C", "i64"),
+                  ("mask", "ptr"), ("signs", "ptr"), ("ste", "ptr"), ("ld", "i64"), ("N", "i64"), ("C", "i64"),
                   ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"), ("c0", "i64"), ("c1", "i64"))
 BACKWARD_SYMBOL = "fqt_region_backward"
 BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("res", "ptr"), ("arg", "ptr"), ("gamma", "ptr"),
@@ -231,6 +240,38 @@ BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("res", "ptr"), ("arg", "ptr"), 
                    ("dx", "ptr"), ("dres", "ptr"), ("dgamma", "ptr"), ("dbeta", "ptr"),
                    ("N", "i64"), ("C", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"), ("OW", "i64"),
                    ("c0", "i64"), ("c1", "i64"))
+
+
+def signs_channel_unit(plane: int) -> int:
+    """Channels whose ``plane`` output bits each fill whole 64-bit words of a packed row:
+    threads that own such groups never write the same word of ``signs``/``ste``."""
+    return 64 // math.gcd(plane, 64)
+
+
+def _store_out(region: Region, k: Kernel, value, n, c, o, lanes) -> None:
+    """``out[n, c, o .. o+lanes)`` = ``value``; with ``pack_signs`` its sign and STE bits too,
+    OR-ed into the words of row ``n`` at bit ``c*OH*OW + o`` (one store or two: the run of
+    ``lanes`` bits may cross a word)."""
+    a, b = k.arg, k.b
+    ohw = b.mul(a["OH"], a["OW"])
+    _store(k, value, a["out"], b.add(b.mul(b.add(b.mul(n, a["C"]), c), ohw), o))
+    if not region.pack_signs:
+        return
+    bit = b.add(b.mul(c, ohw), o)
+    word = b.add(b.mul(n, a["ld"]), b.lshr(bit, ir.Constant(I64, 6)))
+    shift = b.zext(b.and_(bit, ir.Constant(I64, 63)), I128)
+    magnitude = k.call(f"llvm.fabs.{vsuffix(value.type)}", value.type, [value])
+    for name, flags in (("signs", b.fcmp_ordered(">", value, _c(lanes, 0.0))),
+                        ("ste", b.fcmp_ordered("<", magnitude, _c(lanes, 1.0)))):
+        flags = flags if lanes == 1 else b.bitcast(flags, ir.IntType(lanes))
+        run = b.shl(b.zext(flags, I128), shift)
+        for i, part in enumerate((b.trunc(run, I64), b.trunc(b.lshr(run, ir.Constant(I128, 64)), I64))):
+            slot = k.gep(a[name], b.add(word, ir.Constant(I64, i)), I64)
+            if i == 0:
+                b.store(b.or_(b.load(slot, typ=I64), part), slot)
+            else:   # only when the run crosses into the next word (which then exists)
+                with b.if_then(b.icmp_unsigned("!=", part, ir.Constant(I64, 0))):
+                    b.store(b.or_(b.load(slot, typ=I64), part), slot)
 
 
 def _load(k: Kernel, base, index, lanes):
@@ -385,8 +426,9 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     read with ``residual``, and with ``mask_bits`` the activation's mask bits go to ``mask``.
     With ``batch_stats`` it writes ``mean``, the biased ``var`` and ``invstd = 1/sqrt(var +
     eps)`` per channel, else reads
-    ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw`` (see ``Region``)."""
-    k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
+    ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw``, with ``pack_signs`` the
+    output's sign and STE bits (see ``Region``)."""
+    k, hw, _ = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
         if region.raw_bits:
@@ -417,7 +459,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
 
         with k.loop(0, a["N"]) as n:
             nc = b.add(b.mul(n, a["C"]), c)
-            plane, out_plane = b.mul(nc, hw), b.mul(nc, ohw)
+            plane = b.mul(nc, hw)
 
             def value(i, lanes, mask=False):
                 """The activation's output at position ``i`` of the plane; with ``mask``
@@ -433,16 +475,16 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                 acc = _accumulator(k)
                 _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(i, lanes, True), lanes))
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
-                b.store(mean_v, k.gep(a["out"], out_plane))
+                _store_out(region, k, mean_v, n, c, ir.Constant(I64, 0), 1)
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(i, lanes, True), a["out"], b.add(out_plane, i)))
+                _strided(k, hw, lambda i, lanes: _store_out(region, k, value(i, lanes, True), n, c, i, lanes))
             else:   # a window pool reads its inputs by window: the mask bits take a pass of their own
                 if region.mask_bits:
                     _strided(k, hw, lambda i, lanes: value(i, lanes, True))
                 if region.pool_mode == "max":
-                    _pool_forward(region, k, nc, ohw, value)
+                    _pool_forward(region, k, n, c, value)
                 else:
-                    _avg_pool_forward(region, k, out_plane, value)
+                    _avg_pool_forward(region, k, n, c, value)
     return k.finish()
 
 
@@ -474,7 +516,7 @@ def _avg_divisor(region: Region, k: Kernel, oh, ow):
     return b.sitofp(taps, F32)
 
 
-def _avg_pool_forward(region: Region, k: Kernel, out_plane, value) -> None:
+def _avg_pool_forward(region: Region, k: Kernel, n, c, value) -> None:
     """ATen's average pool: the float sum of the window's taps inside the input in (i, j)
     order, divided by ``_avg_divisor``."""
     a, b = k.arg, k.b
@@ -486,8 +528,8 @@ def _avg_pool_forward(region: Region, k: Kernel, out_plane, value) -> None:
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
                     k.set(total, b.fadd(k.get(total, F32), value(b.add(b.mul(h, a["W"]), w), 1)))
-        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
-        b.store(b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), k.gep(a["out"], o))
+        o = b.add(b.mul(oh, a["OW"]), ow)
+        _store_out(region, k, b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), n, c, o, 1)
 
 
 def _code_slot(k: Kernel, name: str, bits: int, nc, count, o):
@@ -541,15 +583,15 @@ def _max_wins(b, v, best):
     return b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v))
 
 
-def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
+def _pool_forward(region: Region, k: Kernel, n, c, value) -> None:
     a, b = k.arg, k.b
-    out_plane = b.mul(nc, ohw)
+    nc, ohw = b.add(b.mul(n, a["C"]), c), b.mul(a["OH"], a["OW"])
     kh, kw = region.pool[:2]
     bits = offset_bits(region.pool)
     nbytes = _plane_bytes(k, bits, ohw)
     with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
         b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
-    rows, cols = _pool2x2_forward(k, nc, ohw, value) if region.pool == POOL2X2 else (None, None)
+    rows, cols = _pool2x2_forward(region, k, n, c, value) if region.pool == POOL2X2 else (None, None)
     with k.loop(0, a["OH"]) as oh, k.loop(_first_scalar(k, rows, cols, oh), a["OW"]) as ow:
         best = k.var(F32, ir.Constant(F32, float("-inf")))
         where = k.var(I8, ir.Constant(I8, 0))
@@ -562,7 +604,7 @@ def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
                         k.set(best, v)
                         k.set(where, ir.Constant(I8, i * kw + j))
         o = b.add(b.mul(oh, a["OW"]), ow)
-        b.store(k.get(best, F32), k.gep(a["out"], b.add(out_plane, o)))
+        _store_out(region, k, k.get(best, F32), n, c, o, 1)
         slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
@@ -595,12 +637,13 @@ def _pool2x2_rows(k: Kernel, oh, ow):
     return top, b.add(top, a["W"])
 
 
-def _pool2x2_forward(k: Kernel, nc, ohw, value):
+def _pool2x2_forward(region: Region, k: Kernel, n, c, value):
     """The outputs of a 2x2 stride-2 max pool in ``_pool2x2_extent``, ``_STEP`` at a time, as
     the scalar loop computes them (the same comparisons in the same tap order), their four
     2-bit codes stored as one byte; returns the extent (the scalar loop does the rest)."""
     a, b = k.arg, k.b
     step = _STEP
+    nc, ohw = b.add(b.mul(n, a["C"]), c), b.mul(a["OH"], a["OW"])
     rows, cols = _pool2x2_extent(k)
     undef = ir.Constant(vec(LANES, F32), ir.Undefined)
     pick = lambda v, first: b.shuffle_vector(v, undef, ir.Constant(vec(step, I32), list(range(first, LANES, 2))))
@@ -615,7 +658,7 @@ def _pool2x2_forward(k: Kernel, nc, ohw, value):
                 best = b.select(wins, tap, best)
                 where = b.select(wins, ir.Constant(vec(step, I8), [i * 2 + j] * step), where)
         o = b.add(b.mul(oh, a["OW"]), ow)
-        _store(k, best, a["out"], b.add(b.mul(nc, ohw), o))
+        _store_out(region, k, best, n, c, o, step)
         shifted = b.shl(where, ir.Constant(vec(step, I8), list(range(0, 2 * step, 2))))
         slot, _ = _code_slot(k, "arg", 2, nc, ohw, o)
         b.store(k.call(f"llvm.vector.reduce.or.v{step}i8", I8, [shifted]), slot)

@@ -370,8 +370,8 @@ def check_call(spec, args: dict, before: dict, after: dict) -> int | None:
 # --------------------------------------------------------------------------- fused regions
 # A region's statistics are double sums in a lane order of the kernel's own; the reference
 # (``ops.fused_regions``: the unfused chain in ATen) agrees to float32 rounding, not bit for
-# bit, so these families are compared with a tolerance (argmax bits, raw copies and
-# activation mask bits exactly). A
+# bit, so these families are compared with a tolerance (argmax bits, raw copies,
+# activation mask bits and the output's packed sign and STE bits exactly). A
 # row region (LayerNorm over ``W`` features of ``C`` rows) has per-feature gamma/beta and
 # per-block partial sums ``dgamma``/``dbeta`` (``fusion.ROW_BLOCK`` rows each).
 
@@ -478,6 +478,12 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
         if region.batch_stats:
             wrong += sum(_differs(_region_tensors(mem_a, a, (name,))[0], want, channels, 0)
                          for name, want in (("mean", mean), ("invstd", invstd)))
+        if region.pack_signs:   # the bits of the output it wrote, exactly as the packer gives them
+            got_out = _region_tensors(mem_a, a, ("out",))[0]
+            for name, want in zip(("signs", "ste"), reference.pack_activation(got_out, "conv2d")):
+                got = mem_a.at(a[name], torch.int64, want.numel()).view(want.shape)
+                wrong += _unequal(*(reference.unpack_activation(t, got_out.shape, "conv2d") for t in (got, want)),
+                                  channels)
         return wrong
     dy, = _region_tensors(mem_b, a, ("dy",))
     arg = mem_b.at(a["arg"], torch.uint8, arg.numel()).view(arg.shape) if arg is not None else None

@@ -184,8 +184,16 @@ def batch_statistics(x: torch.Tensor, eps: float):
     return mean, torch.var(x, (0, 2, 3), correction=0), invstd
 
 
+def _packed_output(out, pack_signs):
+    """The region output's ``(sign words, STE words)`` as a binarized conv reading it packs
+    them (``reference.pack_activation``), or two empty tensors."""
+    if pack_signs:
+        return ref.pack_activation(out, "conv2d")
+    return out.new_empty(0, dtype=torch.int64), out.new_empty(0, dtype=torch.int64)
+
+
 def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-               pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None):
+               pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None, pack_signs=False):
     raw = x.to(raw_dtype(contraction)) if alpha is not None else x.new_empty(0, dtype=torch.int16)
     x = _region_input(x, alpha)
     if training:
@@ -198,7 +206,7 @@ def _bn_region(x, weight, bias, running_mean, running_var, training, eps, activa
     arg = (pack_codes(window_offsets(indices, x.shape[3], pool), offset_bits(pool)) if indices is not None
            else x.new_empty(0, dtype=torch.uint8))
     mask = activation_mask(activation, act_params, v, residual is not None)
-    return out.contiguous(), arg, mean, var, invstd, raw, mask
+    return out.contiguous(), arg, mean, var, invstd, raw, mask, *_packed_output(out, pack_signs)
 
 
 def pooled_shape(x_shape, pool, ceil_mode, pool_mode="max"):
@@ -220,7 +228,7 @@ def _pool_out(size, k, s, p, ceil_mode):
 
 def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, activation,
                     act_params, pool, pool_mode, ceil_mode, region, alpha=None, contraction=0,
-                    residual=None):
+                    residual=None, pack_signs=False):
     shape = pooled_shape(x.shape, pool, ceil_mode, pool_mode)
     out = x.new_empty(shape)
     arg = x.new_empty(packed_codes_shape(shape, offset_bits(pool)) if pool and pool_mode == "max" else [0],
@@ -230,15 +238,17 @@ def _bn_region_fake(x, weight, bias, running_mean, running_var, training, eps, a
     saves_mask = residual is not None and activation in ACTIVATION_MASKS
     mask = x.new_empty(packed_codes_shape(x.shape, 1) if saves_mask else [0], dtype=torch.uint8)
     c = x.shape[1]
-    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw, mask
+    words = [shape[0], ref.padded_words(c * shape[2] * shape[3])] if pack_signs else [0]
+    signs = x.new_empty(words, dtype=torch.int64)
+    return out, arg, x.new_empty(c), x.new_empty(c), x.new_empty(c), raw, mask, signs, torch.empty_like(signs)
 
 
 _ARGS = "str activation, float[] act_params, int[] pool, str pool_mode, bool ceil_mode, str region"
 
 bn_region = _define(
     "bn_region(Tensor x, Tensor weight, Tensor bias, Tensor? running_mean, Tensor? running_var, "
-    f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0, Tensor? residual=None) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"bool training, float eps, {_ARGS}, Tensor? alpha=None, int contraction=0, Tensor? residual=None, "
+    "bool pack_signs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _bn_region, _bn_region_fake)
 
 
@@ -333,8 +343,8 @@ bn_region_backward = _define(
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, _, *static, alpha, _, residual = inputs
-    _, arg, mean, _, invstd, raw, mask = output
+    x, weight, bias, _, _, *static, alpha, _, residual, _ = inputs
+    _, arg, mean, _, invstd, raw, mask, _, _ = output
     # With a residual add the backward needs the activation's derivative at bn(x) + r: the
     # mask bits (1 bit per element instead of the float32 residual) where they decide it.
     ctx.has_residual = residual is not None
@@ -350,7 +360,7 @@ def _backward(ctx, dy, *_unused):
     x, arg, weight, bias, mean, invstd, alpha, residual, mask = ctx.saved_tensors
     dx, dweight, dbias, dres = bn_region_backward(dy, x, arg, weight, bias, mean, invstd, *ctx.static,
                                                   alpha=alpha, residual=residual, mask=mask)
-    return dx, dweight, dbias, *[None] * 12, dres if ctx.has_residual else None
+    return dx, dweight, dbias, *[None] * 12, dres if ctx.has_residual else None, None
 
 
 bn_region.register_autograd(_backward, setup_context=_setup_context)
@@ -358,17 +368,18 @@ bn_region.register_autograd(_backward, setup_context=_setup_context)
 
 def batch_norm_region(x, running_mean, running_var, weight, bias, training, momentum, eps,
                       activation, act_params, pool, pool_mode, ceil_mode, region, alpha=None,
-                      contraction=0, residual=None):
+                      contraction=0, residual=None, pack_signs=False):
     """What ``passes/fuse_regions.py`` puts in place of ``F.batch_norm -> (+ residual) ->
     activation -> pool``: the fused op, then the running statistics updated in place with
     ``momentum`` and the unbiased batch variance, as ``F.batch_norm`` updates them. With
     ``alpha``, ``x`` is a raw GEMM result of that ``contraction`` length (see
-    ``binary_conv2d_region``)."""
-    out, _, mean, var, _, _, _ = bn_region(x, weight, bias, running_mean, running_var, training, eps,
-                                        activation, act_params, pool, pool_mode, ceil_mode, region,
-                                        alpha, contraction, residual)
+    ``binary_conv2d_region``). Returns the output, or with ``pack_signs`` ``(output, its
+    sign words, its STE words)``: the ``x_bits`` of ``binary_conv2d_region``."""
+    out, _, mean, var, _, _, _, signs, ste = bn_region(x, weight, bias, running_mean, running_var, training, eps,
+                                                       activation, act_params, pool, pool_mode, ceil_mode, region,
+                                                       alpha, contraction, residual, pack_signs)
     _update_running_stats(x.numel() // x.shape[1], running_mean, running_var, mean, var, training, momentum)
-    return out
+    return (out, signs, ste) if pack_signs else out
 
 
 def _update_running_stats(count, running_mean, running_var, mean, var, training, momentum):
@@ -392,15 +403,20 @@ weight_scale = _define("weight_scale(Tensor weight, int layer) -> Tensor", _weig
 
 def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, layer, running_mean,
                          running_var, weight, bias, training, momentum, eps, activation, act_params,
-                         pool, pool_mode, ceil_mode, region, residual=None):
+                         pool, pool_mode, ceil_mode, region, residual=None, x_bits=None, pack_signs=False):
     """``library.binarized_conv2d`` (default alpha, no bias) followed by ``batch_norm_region``,
     with the multiply by alpha moved into the region: the region gets the raw GEMM result and
-    keeps it for backward as int16 (``raw_dtype``) instead of the float32 ``alpha ⊙ Y_raw``."""
-    y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
+    keeps it for backward as int16 (``raw_dtype``) instead of the float32 ``alpha ⊙ Y_raw``.
+    ``x_bits``: ``x``'s packed ``(sign words, STE words)`` from the region that wrote ``x``
+    (``pack_signs`` there), read by ``library.binary_conv2d_packed`` instead of packing ``x``."""
+    if x_bits is None:
+        y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
+    else:
+        y = library.binary_conv2d_packed(x, *x_bits, conv_weight, rng_state, stride, padding, dilation, layer)
     alpha = weight_scale(conv_weight.detach(), layer)
     return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
                              activation, act_params, pool, pool_mode, ceil_mode, region, alpha,
-                             conv_weight[0].numel(), residual)
+                             conv_weight[0].numel(), residual, pack_signs)
 
 
 # --------------------------------------------------------------------------- float conv -> region
@@ -412,23 +428,26 @@ def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, l
 _CONV = "int[] stride, int[] padding, int[] dilation, int groups"
 
 
-def _conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
-                      running_mean, running_var, training, eps, activation, act_params, pool, pool_mode,
-                      ceil_mode, region):
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    return _bn_region(y, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-                      pool, pool_mode, ceil_mode, region)[:5]
+def _conv_then(bn_region_impl):
+    """``conv2d_bn_region`` from a ``bn_region`` implementation (reference or fake): the float
+    conv, then the region, whose outputs lose ``raw`` and ``mask`` (a float input, no residual)."""
+    def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias,
+                         running_mean, running_var, training, eps, activation, act_params, pool, pool_mode,
+                         ceil_mode, region, pack_signs=False):
+        y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
+        out = bn_region_impl(y, weight, bias, running_mean, running_var, training, eps, activation, act_params,
+                             pool, pool_mode, ceil_mode, region, pack_signs=pack_signs)
+        return out[:5] + out[7:]
+    return conv2d_bn_region
 
 
-def _conv2d_bn_region_fake(input, conv_weight, conv_bias, stride, padding, dilation, groups, *rest):
-    y = F.conv2d(input, conv_weight, conv_bias, stride, padding, dilation, groups)
-    return _bn_region_fake(y, *rest)[:5]
+_conv2d_bn_region, _conv2d_bn_region_fake = _conv_then(_bn_region), _conv_then(_bn_region_fake)
 
 
 conv2d_bn_region = _define(
     f"conv2d_bn_region(Tensor input, Tensor conv_weight, Tensor? conv_bias, {_CONV}, Tensor weight, "
     "Tensor bias, Tensor? running_mean, Tensor? running_var, bool training, float eps, "
-    f"{_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"{_ARGS}, bool pack_signs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     _conv2d_bn_region, _conv2d_bn_region_fake)
 
 
@@ -473,8 +492,8 @@ conv2d_bn_region_backward = _define(
 
 
 def _conv_setup_context(ctx, inputs, output):
-    input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, _, _, *static = inputs
-    _, arg, mean, _, invstd = output
+    input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, _, _, *static, _ = inputs
+    _, arg, mean, _, invstd, _, _ = output
     ctx.save_for_backward(input, conv_weight, conv_bias, arg, weight, bias, mean, invstd)
     ctx.conv = (stride, padding, dilation, groups)
     ctx.static = tuple(static)
@@ -486,7 +505,7 @@ def _conv_backward(ctx, dy, *_unused):
                                       mean, invstd, *ctx.static, ctx.needs_input_grad[0])
     dinput, dconv_weight, dconv_bias, dweight, dbias = grads
     return (dinput if ctx.needs_input_grad[0] else None, dconv_weight,
-            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 10)
+            None if conv_bias is None else dconv_bias, *[None] * 4, dweight, dbias, *[None] * 11)
 
 
 conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_context)
@@ -494,18 +513,19 @@ conv2d_bn_region.register_autograd(_conv_backward, setup_context=_conv_setup_con
 
 def conv2d_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, running_mean,
                   running_var, weight, bias, training, momentum, eps, activation, act_params, pool,
-                  pool_mode, ceil_mode, region):
+                  pool_mode, ceil_mode, region, pack_signs=False):
     """A float ``F.conv2d`` followed by ``batch_norm_region``, as one op that recomputes the
-    conv output in backward instead of keeping it."""
-    out, _, mean, var, _ = conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups,
-                                            weight, bias, running_mean, running_var, training, eps,
-                                            activation, act_params, pool, pool_mode, ceil_mode, region)
+    conv output in backward instead of keeping it; ``pack_signs`` as there."""
+    out, _, mean, var, _, signs, ste = conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation,
+                                                        groups, weight, bias, running_mean, running_var, training,
+                                                        eps, activation, act_params, pool, pool_mode, ceil_mode,
+                                                        region, pack_signs)
     n, _, h, w = input.shape
     kh, kw = conv_weight.shape[2:]
     count = (n * ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
              * ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
     _update_running_stats(count, running_mean, running_var, mean, var, training, momentum)
-    return out
+    return (out, signs, ste) if pack_signs else out
 
 
 # --------------------------------------------------------------------------- LayerNorm regions

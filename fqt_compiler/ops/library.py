@@ -8,6 +8,9 @@ Forward (one op per binarized layer, the forward GEMM):
   sign bits and STE-mask bits packed as ``reference.pack_activation`` documents; those two,
   not the float input, are what the backward saves. ``rng_state`` (int64 ``[seed, step]``)
   is an input only so that autograd saves it for the backward quantizers.
+* ``binary_conv2d_packed`` is ``binary_conv2d`` given those two bit matrices of ``x`` (written
+  by the fused region that produced ``x``) instead of packing ``x``; it returns ``Y_raw``
+  alone. ``x`` stays an input so that autograd routes the input gradient to it.
 
 Backward (one op per GEMM):
 
@@ -66,6 +69,23 @@ binary_conv2d = _define(
     "binary_conv2d(Tensor x, Tensor weight, Tensor rng_state, int[] stride, int[] padding, "
     "int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
     _binary_conv2d, _binary_conv2d_fake)
+
+
+def _binary_conv2d_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, stride, padding, dilation, layer):
+    # From the sign bits, not from x: the op's result is the conv of the bits it is given.
+    signs = torch.where(ref.unpack_activation(x_sign_bits, x.shape, "conv2d"), 1.0, -1.0)
+    return ref.binary_conv2d(signs, weight, torch.ones(weight.shape[0]), None, stride, padding,
+                             dilation).contiguous()
+
+
+def _binary_conv2d_packed_fake(x, x_sign_bits, x_ste_bits, weight, *rest):
+    return _binary_conv2d_fake(x, weight, *rest)[0]
+
+
+binary_conv2d_packed = _define(
+    "binary_conv2d_packed(Tensor x, Tensor x_sign_bits, Tensor x_ste_bits, Tensor weight, Tensor rng_state, "
+    "int[] stride, int[] padding, int[] dilation, int layer) -> Tensor",
+    _binary_conv2d_packed, _binary_conv2d_packed_fake)
 
 
 def _binary_linear(x, weight, rng_state, layer):
@@ -250,36 +270,43 @@ linear_weight_grad_q = _define(
 
 # --------------------------------------------------------------------------- autograd
 
-def _register_autograd(forward_op, input_grad, weight_grad):
+def _register_autograd(forward_op, input_grad, weight_grad, *, packed_input=False):
     """Backward of a binarized layer: the two GEMMs on ``G'`` (which autograd already scaled by
-    alpha, a float op after the forward op), with the packed activations saved by the forward."""
+    alpha, a float op after the forward op), with the packed activations saved by the forward:
+    its outputs, or with ``packed_input`` its inputs (``binary_conv2d_packed``)."""
 
     def setup_context(ctx, inputs, output):
-        x, weight, rng_state, *conv_args, layer = inputs
-        _, sign_bits, ste_bits = output
+        if packed_input:
+            x, sign_bits, ste_bits, weight, rng_state, *conv_args, layer = inputs
+        else:
+            x, weight, rng_state, *conv_args, layer = inputs
+            _, sign_bits, ste_bits = output
         ctx.save_for_backward(weight, sign_bits, ste_bits, rng_state)
         ctx.gemm_args = (list(x.shape), *conv_args)
         ctx.layer = layer
+        ctx.weight_input = 3 if packed_input else 1
 
-    def backward(ctx, grad_y, _grad_signs, _grad_mask):
+    def backward(ctx, grad_y, *_grad_bits):
         weight, sign_bits, ste_bits, rng_state = ctx.saved_tensors
         gprime = mark_gradient(grad_y, rng_state, ctx.layer)
-        dx = dw = None
+        grads = [None] * len(ctx.needs_input_grad)
         if ctx.needs_input_grad[0]:
-            dx = input_grad(gprime, weight, ste_bits, *ctx.gemm_args)
-        if ctx.needs_input_grad[1]:
-            dw = weight_grad(gprime, weight, sign_bits, *ctx.gemm_args)
-        return dx, dw, *([None] * (len(ctx.gemm_args) + 1))
+            grads[0] = input_grad(gprime, weight, ste_bits, *ctx.gemm_args)
+        if ctx.needs_input_grad[ctx.weight_input]:
+            grads[ctx.weight_input] = weight_grad(gprime, weight, sign_bits, *ctx.gemm_args)
+        return tuple(grads)
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 
 
 _register_autograd(binary_conv2d, conv2d_input_grad, conv2d_weight_grad)
+_register_autograd(binary_conv2d_packed, conv2d_input_grad, conv2d_weight_grad, packed_input=True)
 _register_autograd(binary_linear, linear_input_grad, linear_weight_grad)
 
 # Ops the passes look up by role.
 FORWARD_OPS = {"conv2d": torch.ops.fqt.binary_conv2d.default,
                "linear": torch.ops.fqt.binary_linear.default}
+PACKED_INPUT_OPS = {torch.ops.fqt.binary_conv2d_packed.default}   # the saved bits are inputs 1, 2
 GRAD_OPS = {  # float-G' GEMM -> (layer kind, SCQ path, quantized-G' GEMM)
     torch.ops.fqt.conv2d_input_grad.default:
         ("conv2d", ref.PATH_INPUT, torch.ops.fqt.conv2d_input_grad_q.default),

@@ -24,6 +24,10 @@ def _note(node: fx.Node, plan: dict) -> str:
     if op in ("binary_conv2d", "binary_linear"):
         layer = plan[args["layer"]]
         return f"layer {layer.index} {layer.name}: W1 A1 -> y_raw, packed x sign + STE bits"
+    if op == "binary_conv2d_packed":
+        layer = plan[args["layer"]]
+        return (f"layer {layer.index} {layer.name}: W1 A1 -> y_raw from the x sign + STE bits the "
+                f"region before it wrote")
     if op in ("binary_conv2d_scaled", "binary_linear_scaled"):
         layer = plan[args["layer"]]
         bias = " + bias" if node.kwargs.get("bias") is not None else ""

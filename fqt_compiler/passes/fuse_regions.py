@@ -28,8 +28,14 @@ float32 copy. When its input is a float ``conv2d`` (a layer the plan keeps float
 first) with no other user and the region has no residual, that conv joins the region instead
 (``fused_regions.conv2d_region``): the backward keeps the conv's input and weight, which
 the conv's own backward keeps anyway, and recomputes the conv output rather than keeping
-it. Anything else ends a region: it stays as captured, so correctness never depends on the
-match.
+it. Then every BatchNorm region whose output is the input ``x`` of one or more
+``binary_conv2d_region`` calls (the next binarized layers) writes that output's packed sign
+and STE bits too (``pack_signs``: the kernel derives them from the values it stores, in the
+same pass), and those calls take them (``x_bits``: ``library.binary_conv2d_packed``) instead
+of packing ``x`` themselves; the region's note and line name the layers it packs for. The
+float output stays (the conv's input gradient flows through it, and the residual adds and
+float layers that read it keep reading it). Anything else ends a region: it stays as
+captured, so correctness never depends on the match.
 Invariants: values are those of the unfused chain up to float32 rounding (the reference
 of each fused op is that chain); every new node has ``meta["val"]`` and the
 ``nn_module_stack`` of the normalization it replaces; the running statistics are mutated as
@@ -49,7 +55,7 @@ from ..ops import library
 from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_conv2d_region, conv2d_region,
                                  layer_norm_region, raw_dtype)
 from .annotate_layers import linear_call
-from .infra import PassResult, insert_call
+from .infra import PassResult, insert_call, set_val
 
 KEYS = ("val", "example_value")
 
@@ -250,15 +256,17 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
         fn, args, input_note = batch_norm_region, (a["input"], *region_args, None, 0, residual), ""
     if residual is not None:
         input_note += "; residual: " + _residual_note(activation)
-    _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
+    new = _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
+    new.meta["fqt_region_line"] = len(regions_out) - 1
     if conv is not None or float_conv is not None:
         gm.graph.erase_node(a["input"])
     return True
 
 
 def _replace(gm: fx.GraphModule, chain: list, fn, args: tuple, label: str, regions_out: list,
-             input_note: str = "") -> None:
-    """Put ``fn(*args)`` in place of ``chain`` (its first node is the normalization)."""
+             input_note: str = "") -> fx.Node:
+    """Put ``fn(*args)`` in place of ``chain`` (its first node is the normalization); returns
+    the new node."""
     first, last = chain[0], chain[-1]
     with gm.graph.inserting_before(last):
         new = insert_call(gm.graph, fn, args, KEYS)
@@ -272,6 +280,46 @@ def _replace(gm: fx.GraphModule, chain: list, fn, args: tuple, label: str, regio
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         gm.graph.erase_node(node)
+    return new
+
+
+_BN_REGIONS = (batch_norm_region, binary_conv2d_region, conv2d_region)
+
+
+def _pack_for_binarized_convs(gm: fx.GraphModule, region: fx.Node, regions_out: list) -> bool:
+    """Have ``region`` write its output's sign and STE bits for the ``binary_conv2d_region``
+    calls reading that output as ``x``, and those calls read them."""
+    convs = [u for u in region.users if u.target is binary_conv2d_region and u.args[0] is region]
+    if not convs:
+        return False
+    graph = gm.graph
+    with graph.inserting_after(region):
+        packing = graph.call_function(region.target, region.args, {**region.kwargs, "pack_signs": True})
+    set_val(packing, KEYS)
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in region.meta:
+            packing.meta[key] = region.meta[key]
+    items, before = [], packing
+    for i, value in enumerate(packing.meta[KEYS[0]]):
+        with graph.inserting_after(before):
+            before = graph.call_function(operator.getitem, (packing, i))
+        for key in KEYS:
+            before.meta[key] = value
+        items.append(before)
+    region.replace_all_uses_with(items[0])
+    for conv in convs:
+        conv.kwargs = {**conv.kwargs, "x_bits": tuple(items[1:])}
+        conv.meta["fqt_note"] += f"; x as the sign + STE bits {_region_name(region.args[_WEIGHT[region.target]])} wrote"
+    layers = ", ".join(_region_name(conv.args[1]) for conv in convs)
+    note = f"; writes the sign + STE bits of its output for {layers}"
+    packing.meta["fqt_note"] = region.meta["fqt_note"] + note
+    regions_out[region.meta["fqt_region_line"]] += note
+    graph.erase_node(region)
+    return True
+
+
+# where each region call takes its BatchNorm weight (named after the module)
+_WEIGHT = {batch_norm_region: 3, binary_conv2d_region: 9, conv2d_region: 9}
 
 
 def _fuse_layer_norm(gm: fx.GraphModule, ln: fx.Node, regions_out: list) -> bool:
@@ -309,6 +357,9 @@ def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _FUSERS:
             fused += _FUSERS[node.target](gm, node, regions_out)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _BN_REGIONS:
+            _pack_for_binarized_convs(gm, node, regions_out)
     if fused:
         gm.recompile()
     return PassResult(gm, bool(fused))

@@ -1,8 +1,8 @@
 """Give ATen graph placeholders and saved activations their model names.
 
 Matches: placeholders of an AOTAutograd forward/inference graph (``primals_<i>`` /
-``arg<i>_1``, in the order of the flat inputs) and the packed-activation outputs of fqt
-forward ops; in a backward graph, placeholders that are saved forward values.
+``arg<i>_1``, in the order of the flat inputs) and the packed activations of fqt forward ops
+(their outputs, or the inputs of ``binary_conv2d_packed``); in a backward graph, placeholders that are saved forward values.
 Produces: ``meta["fqt_name"]`` = ``layer1.0.conv1.weight``, ``fqt.rng_state``,
 ``layer1.0.conv1.x_sign_bits`` ...; forward names are recorded in ``names`` (shared with
 the backward graph, whose saved-value placeholders carry the forward node names).
@@ -14,7 +14,7 @@ import operator
 
 import torch.fx as fx
 
-from ..ops.library import FORWARD_OPS
+from ..ops.library import FORWARD_OPS, PACKED_INPUT_OPS
 from .infra import PassResult
 
 _SAVED = {1: "x_sign_bits", 2: "x_ste_bits"}
@@ -32,6 +32,10 @@ def name_placeholders(gm: fx.GraphModule, *, input_names: list | None, names: di
                 for user in node.users:
                     if user.target is operator.getitem and user.args[1] in _SAVED:
                         names[user.name] = f"{layer}.{_SAVED[user.args[1]]}"
+            elif node.target in PACKED_INPUT_OPS:   # bits a region wrote, maybe for several layers
+                layer = plan[node.args[-1]].name
+                for i, saved in _SAVED.items():
+                    names.setdefault(node.args[i].name, f"{layer}.{saved}")
     for node in placeholders:
         if node.name in names:
             node.meta["fqt_name"] = names[node.name]

@@ -2,9 +2,11 @@
 (a row region: over rows, in whole ``ROW_BLOCK``s).
 
 ``region_forward(x, region, gamma, beta, ...)`` returns ``(out, argmax, mean, var, invstd,
-raw, mask)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta,
+raw, mask, signs, ste)`` and ``region_backward(dy, x, argmax, region, ...)`` returns ``(dx, dgamma, dbeta,
 dres)`` (with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for
-backward; with ``Region.mask_bits``: ``mask`` the activation's mask bits for backward),
+backward; with ``Region.mask_bits``: ``mask`` the activation's mask bits for backward; with
+``Region.pack_signs``: ``signs``/``ste`` the output's packed sign and STE bits, the word
+matrices of ``pack.pack_signs_and_ste(out.flatten(1))``),
 for an NCHW ``x`` (a row region's ``[1, rows, 1, D]``, split over rows in whole
 ``ROW_BLOCK``s); see ``ops/fused_regions.py`` for the op semantics and its reference (the
 unfused chain).
@@ -24,6 +26,7 @@ from . import buffers, kernel_stats as stats
 from .jit import kernel_of
 from .lowered import implements
 from .pack import parallel_rows
+from .packed import padded_words
 
 _GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.region_backward_ir}
 
@@ -61,8 +64,11 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _unit(region: gen.Region) -> int:
-    return gen.ROW_BLOCK if region.axis == "row" else 1
+def _unit(region: gen.Region, out_shape) -> int:
+    """Channels (rows) a thread owns as a whole."""
+    if region.axis == "row":
+        return gen.ROW_BLOCK
+    return gen.signs_channel_unit(out_shape[2] * out_shape[3]) if region.pack_signs else 1
 
 
 def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, alpha=None, *,
@@ -80,6 +86,9 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
                       if region.pool and region.pool_mode == "max" else [0], dtype=torch.uint8)
     mask = torch.empty(_mask_shape(region, x), dtype=torch.uint8)
     raw = buffers.empty(x.shape if region.raw_bits else [0], _INT.get(region.raw_bits, torch.int16))
+    # the kernel ORs the bits in: zeroed, padding words included
+    signs, ste = torch.zeros(2, n, padded_words(c * shape[2] * shape[3]) if region.pack_signs else 0,
+                             dtype=torch.int64).unbind()
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
     if region.batch_stats:
@@ -90,8 +99,9 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     parallel_rows(_fn("region_forward", target, region), c, x.data_ptr(), _ptr(res), out.data_ptr(),
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
                   var.data_ptr(), invstd.data_ptr(), alpha.data_ptr(), raw.data_ptr(), mask.data_ptr(),
-                  n, c, h, w, shape[2], shape[3], min_rows=_unit(region))
-    return out, arg, mean, var, invstd, raw, mask
+                  signs.data_ptr(), ste.data_ptr(), signs.shape[1], n, c, h, w, shape[2], shape[3],
+                  min_rows=_unit(region, shape))
+    return out, arg, mean, var, invstd, raw, mask, signs, ste
 
 
 def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, alpha=None, *,
@@ -125,7 +135,7 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
                   arg.data_ptr(), gamma.data_ptr(), beta.data_ptr(), mean.data_ptr(),
                   invstd.data_ptr(), alpha.data_ptr(), _ptr(mask if region.mask_bits else None), dx.data_ptr(),
                   dres.data_ptr(), dgamma.data_ptr(),
-                  dbeta.data_ptr(), n, c, h, w, oh, ow, min_rows=_unit(region))
+                  dbeta.data_ptr(), n, c, h, w, oh, ow, min_rows=_unit(region, dy.shape))
     if region.axis == "row":
         dgamma, dbeta = dgamma.sum(0), dbeta.sum(0)
     return dx, dgamma, dbeta, dres
@@ -134,18 +144,18 @@ def region_backward(dy, x, arg, region: gen.Region, gamma, beta, mean, invstd, a
 # --------------------------------------------------------------------------- the fqt ops
 
 def _region(training, activation, act_params, pool, pool_mode, eps, raw_dtype=None,
-            has_residual=False) -> gen.Region:
+            has_residual=False, pack_signs=False) -> gen.Region:
     raw_bits = {None: 0, torch.int16: 16, torch.int32: 32}[raw_dtype]
     return gen.Region(training, gen.Activation(activation, tuple(act_params)), tuple(pool) or None,
-                      float(eps), raw_bits, has_residual, pool_mode)
+                      float(eps), raw_bits, has_residual, pool_mode, pack_signs=pack_signs)
 
 
 @implements("bn_region")
 def bn_region(x, weight, bias, running_mean, running_var, training, eps, activation, act_params,
-              pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None, *,
+              pool, pool_mode, ceil_mode, region, alpha=None, contraction=0, residual=None, pack_signs=False, *,
               layer_name="?", target="host"):
     r = _region(training, activation, act_params, pool, pool_mode, eps,
-                None if alpha is None else fused_regions.raw_dtype(contraction), residual is not None)
+                None if alpha is None else fused_regions.raw_dtype(contraction), residual is not None, pack_signs)
     with stats.timed(layer_name, "region_forward"):
         if training:
             return region_forward(x, r, weight, bias, alpha=alpha, residual=residual, ceil_mode=ceil_mode,
@@ -153,10 +163,9 @@ def bn_region(x, weight, bias, running_mean, running_var, training, eps, activat
         # Eval BatchNorm is a per-channel affine of the running statistics (copied: an op's
         # outputs must not alias its inputs).
         mean, var = running_mean.detach().clone(), running_var.detach().clone()
-        out, arg, _, _, invstd, raw, mask = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps),
-                                                           alpha, residual=residual, ceil_mode=ceil_mode,
-                                                           target=target)
-        return out, arg, mean, var, invstd, raw, mask
+        out, arg, _, _, invstd, *saved = region_forward(x, r, weight, bias, mean, torch.rsqrt(var + eps), alpha,
+                                                        residual=residual, ceil_mode=ceil_mode, target=target)
+        return out, arg, mean, var, invstd, *saved
 
 
 @implements("bn_region_backward")
@@ -234,10 +243,13 @@ def _float_conv_backward(dy, input, weight, bias_sizes, stride, padding, dilatio
 
 
 @implements("conv2d_bn_region")
-def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, *region_args,
-                     layer_name="?", target="host"):
+def conv2d_bn_region(input, conv_weight, conv_bias, stride, padding, dilation, groups, weight, bias, running_mean,
+                     running_var, training, eps, activation, act_params, pool, pool_mode, ceil_mode, region,
+                     pack_signs=False, *, layer_name="?", target="host"):
     y = _float_conv(input, conv_weight, conv_bias, stride, padding, dilation, groups, layer_name=layer_name)
-    return bn_region(y, *region_args, layer_name=layer_name, target=target)[:5]
+    out = bn_region(y, weight, bias, running_mean, running_var, training, eps, activation, act_params, pool,
+                    pool_mode, ceil_mode, region, pack_signs=pack_signs, layer_name=layer_name, target=target)
+    return out[:5] + out[7:]   # no raw input, no residual: no raw copy, no mask
 
 
 @implements("conv2d_bn_region_backward")

@@ -4,7 +4,8 @@ Each function has its op's schema (plus the keywords ``layer_name``, for statist
 ``target``, the Config's kernel target, that ``passes/bind_implementations`` adds) and chains
 the JIT kernels:
 
-forward      pack signs + STE bits of x -> im2col from the packed bits -> binary GEMM
+forward      pack signs + STE bits of x (unless the region that wrote x packed them) -> im2col
+             from the packed bits -> binary GEMM
 input grad   quantize G' per sample into bit planes (kept samples only) -> gather the code
              words of each tap (a transposed convolution) -> bit-plane GEMM with sign(W)
              packed along (tap, output channel) -> zero-point term + STE mask
@@ -124,14 +125,18 @@ def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns
 
 # --------------------------------------------------------------------------- forward
 
-def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, target):
-    x = _float32(x)
+def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, target, x_bits=None):
+    """``(Y, sign words, STE words)`` of x; ``x_bits``: those words, already packed (then x's
+    values are not read)."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh = ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     with stats.timed(layer_name, "pack"):
-        signs, mask = pack_signs_and_ste(x.view(n, -1), target=target)
+        if x_bits is None:
+            signs, mask = pack_signs_and_ste(_float32(x).view(n, -1), target=target)
+        else:
+            signs, mask = (_packed_input(words, x.shape, layer_name) for words in x_bits)
         a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
                         target=target)
         b = _weight_signs(weight, target, repack=True).signs
@@ -146,6 +151,22 @@ def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, lay
                   target="host"):
     return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name,
                          target)
+
+
+def _packed_input(words: torch.Tensor, x_shape, layer_name) -> PackedBits:
+    n, k = x_shape[0], x_shape[1:].numel()
+    if words.dtype != torch.int64 or tuple(words.shape) != (n, padded_words(k)) or not words.is_contiguous():
+        raise ValueError(f"layer {layer_name!r}: packed input bits must be contiguous int64 words of shape "
+                         f"{(n, padded_words(k))} (pack_signs_and_ste of x {tuple(x_shape)} flattened per "
+                         f"sample), got {words.dtype} {tuple(words.shape)}")
+    return PackedBits(words, k)
+
+
+@implements("binary_conv2d_packed", glue=True)
+def binary_conv2d_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, stride, padding, dilation, layer, *,
+                         layer_name="?", target="host"):
+    return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name, target,
+                         (x_sign_bits, x_ste_bits))[0]
 
 
 @implements("binary_conv2d_scaled", glue=True)
