@@ -17,7 +17,8 @@ channels; every statistic is per channel, so no atomics and a thread-count-indep
 summation order): for each channel, at most one reduction pass (sum and sum of squares in
 double) and one apply pass that writes the region's output and, with a max pool, the argmax
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
-3x3; each channel plane starts on a byte). ``region_backward_ir`` is the mirror image: pool
+3x3; each channel plane starts on a byte), and with ``Region.pack_signs`` the sign and STE bits
+of every output it stores, the next binarized conv's operands (``_store_out``). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input (after a
 residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU

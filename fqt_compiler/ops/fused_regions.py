@@ -7,7 +7,10 @@ running statistics with the graph's momentum, as ``F.batch_norm`` does. The op r
 region's output, the max pool's argmax packed as ``offset_bits(pool)`` bits per output (the
 offset ``i * kw + j`` inside the window, not an int64 index: 2 bits for 2x2, 4 for 3x3;
 ``pack_codes``), the
-per-channel ``mean``, biased ``var`` and ``invstd``, ``raw`` (below) and ``mask``. Its
+per-channel ``mean``, biased ``var`` and ``invstd``, ``raw`` (below), ``mask`` and, with
+``pack_signs``, the output's sign and STE bits as a binarized conv reading it would pack them
+(``reference.pack_activation``; else two empty tensors): ``fuse_regions`` asks for them where
+``binary_conv2d_region`` calls read the output, and those take them as ``x_bits``. Its
 backward (``fqt::bn_region_backward``) keeps only the region's input, the packed argmax and
 the two per-channel vectors: the activation mask is recomputed from them. With a residual
 add it keeps ``mask`` too: the activation's derivative bit of each pre-activation ``bn(x) +
