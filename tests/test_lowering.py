@@ -272,11 +272,12 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
         # raw GEMM result and alpha: alpha * Y_raw in registers, G' = alpha ⊙ dx in the
         # region's backward kernel; Y_raw goes to the region alone.
         assert len(raw_regions) == len(binarized) and not bw_alpha
-        # Each reads the sign bits the region before it wrote (its op returns Y_raw alone).
-        convs = [n for n in cg.forward.graph.nodes
-                 if n.meta.get("fqt_op") is torch.ops.fqt.binary_conv2d_packed.default]
+        # (A conv reading the sign bits the region before it wrote returns Y_raw alone.)
+        ops = (torch.ops.fqt.binary_conv2d.default, torch.ops.fqt.binary_conv2d_packed.default)
+        convs = [n for n in cg.forward.graph.nodes if n.meta.get("fqt_op") in ops]
         assert len(convs) == len(binarized)
-        for y_raw in convs:
+        for conv in convs:
+            y_raw = conv if conv.meta["fqt_op"] is ops[1] else next(u for u in conv.users if u.args[1] == 0)
             assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
         # both SCQ paths scale g, in the one op merge_gradient_paths makes of them

@@ -18,7 +18,8 @@ summation order): for each channel, at most one reduction pass (sum and sum of s
 double) and one apply pass that writes the region's output and, with a max pool, the argmax
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte), and with ``Region.pack_signs`` the sign and STE bits
-of every output it stores, the next binarized conv's operands (``_store_out``). ``region_backward_ir`` is the mirror image: pool
+of each output plane right after writing it, the next binarized conv's operands
+(``_pack_plane``). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input (after a
 residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
@@ -47,7 +48,6 @@ from .builder import F32, I8, I32, I64, Kernel, erf, exp, new_module, smin, tanh
 from .targets import Target, get_target
 
 F64 = ir.DoubleType()
-I128 = ir.IntType(128)
 LANES = 8
 # A row region's backward adds the column sums dgamma, dbeta of each block of ROW_BLOCK rows
 # into its own row of partial sums; threads own whole blocks, so the sums (the blocks are
@@ -186,11 +186,11 @@ class Region:
     float32) from ``x`` and writes them to ``raw`` as int16/int32, the backward reads that
     from its ``x`` and writes ``alpha ⊙ dx``, the gradient at ``Y_raw``.
     ``pack_signs``: the forward also writes the sign bits ``out > 0`` and the STE bits
-    ``|out| < 1`` of its output to ``signs`` and ``ste`` (OR-ed into zeroed buffers), laid out
+    ``|out| < 1`` of its output to ``signs`` and ``ste`` (zeroed buffers), laid out
     as ``runtime.pack.pack_signs_and_ste(out.flatten(1))`` lays them out (one row of ``ld``
     words per sample, bit ``(c*OH + oh)*OW + ow``): the operands a binarized conv reading
     the output takes, so it needs no pass of its own over the float output. Threads must own
-    whole groups of ``signs_channel_unit(OH*OW)`` channels (the words they write).
+    whole groups of ``signs_channel_unit(OH*OW)`` channels (the bytes they write).
     ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
     always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
     rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
@@ -244,35 +244,76 @@ BACKWARD_PARAMS = (("dy", "ptr"), ("x", "ptr"), ("res", "ptr"), ("arg", "ptr"), 
 
 
 def signs_channel_unit(plane: int) -> int:
-    """Channels whose ``plane`` output bits each fill whole 64-bit words of a packed row:
-    threads that own such groups never write the same word of ``signs``/``ste``."""
-    return 64 // math.gcd(plane, 64)
+    """Channels whose ``plane`` output bits each fill whole bytes of a packed row: threads
+    that own such groups never write the same byte of ``signs``/``ste``."""
+    return 8 // math.gcd(plane, 8)
 
 
-def _store_out(region: Region, k: Kernel, value, n, c, o, lanes) -> None:
-    """``out[n, c, o .. o+lanes)`` = ``value``; with ``pack_signs`` its sign and STE bits too,
-    OR-ed into the words of row ``n`` at bit ``c*OH*OW + o`` (one store or two: the run of
-    ``lanes`` bits may cross a word)."""
+def _sign_flags(k: Kernel, value, lanes):
+    """``(sign bits [value > 0], STE bits [|value| < 1])`` of ``lanes`` floats as ``i{lanes}``."""
+    b = k.b
+    magnitude = k.call(f"llvm.fabs.{vsuffix(value.type)}", value.type, [value])
+    flags = (b.fcmp_ordered(">", value, _c(lanes, 0.0)), b.fcmp_ordered("<", magnitude, _c(lanes, 1.0)))
+    return [f if lanes == 1 else b.bitcast(f, ir.IntType(lanes)) for f in flags]
+
+
+def _pack_plane(k: Kernel, n, c) -> None:
+    """The sign and STE bits of output plane ``(n, c)`` (just written, so read from cache) to
+    row ``n`` of ``signs``/``ste`` from bit ``c*OH*OW`` on. When every plane starts on a word
+    (``OH*OW`` a multiple of 64) or a byte (of 8), every 64, 32, 16 or 8 outputs (the widest
+    that divides ``OH*OW``) make whole bytes of this plane's alone: stored. Otherwise each run of up to 8 bits is OR-ed into the
+    byte or two it covers (bytes of this channel's group, so of this thread; the buffers
+    start zeroed)."""
     a, b = k.arg, k.b
     ohw = b.mul(a["OH"], a["OW"])
-    _store(k, value, a["out"], b.add(b.mul(b.add(b.mul(n, a["C"]), c), ohw), o))
-    if not region.pack_signs:
-        return
-    bit = b.add(b.mul(c, ohw), o)
-    word = b.add(b.mul(n, a["ld"]), b.lshr(bit, ir.Constant(I64, 6)))
-    shift = b.zext(b.and_(bit, ir.Constant(I64, 63)), I128)
-    magnitude = k.call(f"llvm.fabs.{vsuffix(value.type)}", value.type, [value])
-    for name, flags in (("signs", b.fcmp_ordered(">", value, _c(lanes, 0.0))),
-                        ("ste", b.fcmp_ordered("<", magnitude, _c(lanes, 1.0)))):
-        flags = flags if lanes == 1 else b.bitcast(flags, ir.IntType(lanes))
-        run = b.shl(b.zext(flags, I128), shift)
-        for i, part in enumerate((b.trunc(run, I64), b.trunc(b.lshr(run, ir.Constant(I128, 64)), I64))):
-            slot = k.gep(a[name], b.add(word, ir.Constant(I64, i)), I64)
-            if i == 0:
-                b.store(b.or_(b.load(slot, typ=I64), part), slot)
-            else:   # only when the run crosses into the next word (which then exists)
-                with b.if_then(b.icmp_unsigned("!=", part, ir.Constant(I64, 0))):
-                    b.store(b.or_(b.load(slot, typ=I64), part), slot)
+    out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+    first = b.mul(c, ohw)                                          # bit of output 0 in row n
+    row_byte = b.shl(b.mul(n, a["ld"]), ir.Constant(I64, 3))
+
+    def aligned(lanes):
+        ty, step = ir.IntType(lanes), b.udiv(first, ir.Constant(I64, lanes))
+        with k.loop(0, b.udiv(ohw, ir.Constant(I64, lanes))) as j:
+            value = _load(k, a["out"], b.add(out_plane, b.mul(j, ir.Constant(I64, lanes))), lanes)
+            slot = b.add(b.udiv(row_byte, ir.Constant(I64, lanes // 8)), b.add(step, j))
+            for name, flags in zip(("signs", "ste"), _sign_flags(k, value, lanes)):
+                b.store(flags, k.gep(a[name], slot, ty))
+
+    def unaligned(o, lanes):
+        bit = b.add(first, o)
+        byte = b.add(row_byte, b.lshr(bit, ir.Constant(I64, 3)))
+        at = b.and_(bit, ir.Constant(I64, 7))
+        flags = _sign_flags(k, _load(k, a["out"], b.add(out_plane, o), lanes), lanes)
+
+        def or_into(width):
+            ty = ir.IntType(width)
+            for name, run in zip(("signs", "ste"), flags):
+                slot = k.gep(a[name], byte, I8)   # a byte address, whatever the width
+                b.store(b.or_(b.load(slot, typ=ty, align=1), b.shl(b.zext(run, ty), b.trunc(at, ty))), slot,
+                        align=1)
+        if lanes == 1:
+            or_into(8)
+            return
+        with b.if_else(b.icmp_unsigned("<=", b.add(at, ir.Constant(I64, lanes)), ir.Constant(I64, 8))) as (one, two):
+            with one:
+                or_into(8)
+            with two:
+                or_into(16)
+
+    # the widest whole run a plane of OH*OW outputs is made of (a 4x4 plane: one i16 a plane)
+    choices = [(lanes, b.icmp_unsigned("==", b.and_(ohw, ir.Constant(I64, lanes - 1)), ir.Constant(I64, 0)))
+               for lanes in (64, 32, 16, 8)]
+
+    def pick(choices):
+        if not choices:
+            _strided(k, ohw, unaligned)
+            return
+        (lanes, fits), *rest = choices
+        with b.if_else(fits) as (yes, no):
+            with yes:
+                aligned(lanes)
+            with no:
+                pick(rest)
+    pick(choices)
 
 
 def _load(k: Kernel, base, index, lanes):
@@ -429,7 +470,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
     eps)`` per channel, else reads
     ``mean``/``invstd``. With ``raw_bits`` it also writes ``raw``, with ``pack_signs`` the
     output's sign and STE bits (see ``Region``)."""
-    k, hw, _ = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
+    k, hw, ohw = _kernel(target, FORWARD_SYMBOL, FORWARD_PARAMS)
     a, b = k.arg, k.b
     with k.loop(a["c0"], a["c1"]) as c:
         if region.raw_bits:
@@ -476,16 +517,18 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                 acc = _accumulator(k)
                 _strided(k, hw, lambda i, lanes: _accumulate(k, acc, value(i, lanes, True), lanes))
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
-                _store_out(region, k, mean_v, n, c, ir.Constant(I64, 0), 1)
+                b.store(mean_v, k.gep(a["out"], b.mul(nc, ohw)))
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store_out(region, k, value(i, lanes, True), n, c, i, lanes))
+                _strided(k, hw, lambda i, lanes: _store(k, value(i, lanes, True), a["out"], b.add(plane, i)))
             else:   # a window pool reads its inputs by window: the mask bits take a pass of their own
                 if region.mask_bits:
                     _strided(k, hw, lambda i, lanes: value(i, lanes, True))
                 if region.pool_mode == "max":
-                    _pool_forward(region, k, n, c, value)
+                    _pool_forward(region, k, nc, ohw, value)
                 else:
-                    _avg_pool_forward(region, k, n, c, value)
+                    _avg_pool_forward(region, k, b.mul(nc, ohw), value)
+            if region.pack_signs:
+                _pack_plane(k, n, c)
     return k.finish()
 
 
@@ -517,7 +560,7 @@ def _avg_divisor(region: Region, k: Kernel, oh, ow):
     return b.sitofp(taps, F32)
 
 
-def _avg_pool_forward(region: Region, k: Kernel, n, c, value) -> None:
+def _avg_pool_forward(region: Region, k: Kernel, out_plane, value) -> None:
     """ATen's average pool: the float sum of the window's taps inside the input in (i, j)
     order, divided by ``_avg_divisor``."""
     a, b = k.arg, k.b
@@ -529,8 +572,8 @@ def _avg_pool_forward(region: Region, k: Kernel, n, c, value) -> None:
                 h, w, inside = _window(region, k, oh, ow, i, j)
                 with b.if_then(inside):
                     k.set(total, b.fadd(k.get(total, F32), value(b.add(b.mul(h, a["W"]), w), 1)))
-        o = b.add(b.mul(oh, a["OW"]), ow)
-        _store_out(region, k, b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), n, c, o, 1)
+        o = b.add(out_plane, b.add(b.mul(oh, a["OW"]), ow))
+        b.store(b.fdiv(k.get(total, F32), _avg_divisor(region, k, oh, ow)), k.gep(a["out"], o))
 
 
 def _code_slot(k: Kernel, name: str, bits: int, nc, count, o):
@@ -584,15 +627,15 @@ def _max_wins(b, v, best):
     return b.or_(b.fcmp_ordered(">", v, best), b.fcmp_unordered("uno", v, v))
 
 
-def _pool_forward(region: Region, k: Kernel, n, c, value) -> None:
+def _pool_forward(region: Region, k: Kernel, nc, ohw, value) -> None:
     a, b = k.arg, k.b
-    nc, ohw = b.add(b.mul(n, a["C"]), c), b.mul(a["OH"], a["OW"])
+    out_plane = b.mul(nc, ohw)
     kh, kw = region.pool[:2]
     bits = offset_bits(region.pool)
     nbytes = _plane_bytes(k, bits, ohw)
     with k.loop(0, nbytes) as i:   # the codes are OR-ed into their bytes
         b.store(ir.Constant(I8, 0), k.gep(a["arg"], b.add(b.mul(nc, nbytes), i), I8))
-    rows, cols = _pool2x2_forward(region, k, n, c, value) if region.pool == POOL2X2 else (None, None)
+    rows, cols = _pool2x2_forward(k, nc, ohw, value) if region.pool == POOL2X2 else (None, None)
     with k.loop(0, a["OH"]) as oh, k.loop(_first_scalar(k, rows, cols, oh), a["OW"]) as ow:
         best = k.var(F32, ir.Constant(F32, float("-inf")))
         where = k.var(I8, ir.Constant(I8, 0))
@@ -605,7 +648,7 @@ def _pool_forward(region: Region, k: Kernel, n, c, value) -> None:
                         k.set(best, v)
                         k.set(where, ir.Constant(I8, i * kw + j))
         o = b.add(b.mul(oh, a["OW"]), ow)
-        _store_out(region, k, k.get(best, F32), n, c, o, 1)
+        b.store(k.get(best, F32), k.gep(a["out"], b.add(out_plane, o)))
         slot, at = _code_slot(k, "arg", bits, nc, ohw, o)
         b.store(b.or_(b.load(slot, typ=I8), b.shl(k.get(where, I8), at)), slot)
 
@@ -638,13 +681,12 @@ def _pool2x2_rows(k: Kernel, oh, ow):
     return top, b.add(top, a["W"])
 
 
-def _pool2x2_forward(region: Region, k: Kernel, n, c, value):
+def _pool2x2_forward(k: Kernel, nc, ohw, value):
     """The outputs of a 2x2 stride-2 max pool in ``_pool2x2_extent``, ``_STEP`` at a time, as
     the scalar loop computes them (the same comparisons in the same tap order), their four
     2-bit codes stored as one byte; returns the extent (the scalar loop does the rest)."""
     a, b = k.arg, k.b
     step = _STEP
-    nc, ohw = b.add(b.mul(n, a["C"]), c), b.mul(a["OH"], a["OW"])
     rows, cols = _pool2x2_extent(k)
     undef = ir.Constant(vec(LANES, F32), ir.Undefined)
     pick = lambda v, first: b.shuffle_vector(v, undef, ir.Constant(vec(step, I32), list(range(first, LANES, 2))))
@@ -659,7 +701,7 @@ def _pool2x2_forward(region: Region, k: Kernel, n, c, value):
                 best = b.select(wins, tap, best)
                 where = b.select(wins, ir.Constant(vec(step, I8), [i * 2 + j] * step), where)
         o = b.add(b.mul(oh, a["OW"]), ow)
-        _store_out(region, k, best, n, c, o, step)
+        _store(k, best, a["out"], b.add(b.mul(nc, ohw), o))
         shifted = b.shl(where, ir.Constant(vec(step, I8), list(range(0, 2 * step, 2))))
         slot, _ = _code_slot(k, "arg", 2, nc, ohw, o)
         b.store(k.call(f"llvm.vector.reduce.or.v{step}i8", I8, [shifted]), slot)

@@ -29,7 +29,8 @@ first) with no other user and the region has no residual, that conv joins the re
 (``fused_regions.conv2d_region``): the backward keeps the conv's input and weight, which
 the conv's own backward keeps anyway, and recomputes the conv output rather than keeping
 it. Then every BatchNorm region whose output is the input ``x`` of one or more
-``binary_conv2d_region`` calls (the next binarized layers) writes that output's packed sign
+``binary_conv2d_region`` calls (the next binarized layers), on maps of at least
+``PACK_MIN_PLANE`` outputs, writes that output's packed sign
 and STE bits too (``pack_signs``: the kernel derives them from the values it stores, in the
 same pass), and those calls take them (``x_bits``: ``library.binary_conv2d_packed``) instead
 of packing ``x`` themselves; the region's note and line name the layers it packs for. The
@@ -284,13 +285,18 @@ def _replace(gm: fx.GraphModule, chain: list, fn, args: tuple, label: str, regio
 
 
 _BN_REGIONS = (batch_norm_region, binary_conv2d_region, conv2d_region)
+# Output planes (OH*OW) from which a region writes the bits: on smaller maps (ResNet-18's 4x4
+# to 1x1 at 32x32 inputs) its per-plane bit writes cost more than the conv's own pass over
+# the map (benchmarked one region at a time, 1 thread).
+PACK_MIN_PLANE = 64
 
 
 def _pack_for_binarized_convs(gm: fx.GraphModule, region: fx.Node, regions_out: list) -> bool:
     """Have ``region`` write its output's sign and STE bits for the ``binary_conv2d_region``
     calls reading that output as ``x``, and those calls read them."""
     convs = [u for u in region.users if u.target is binary_conv2d_region and u.args[0] is region]
-    if not convs:
+    out = _val(region)
+    if not convs or not statically_known_true(out.shape[2] * out.shape[3] >= PACK_MIN_PLANE):
         return False
     graph = gm.graph
     with graph.inserting_after(region):

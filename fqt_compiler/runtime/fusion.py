@@ -87,8 +87,8 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
     mask = torch.empty(_mask_shape(region, x), dtype=torch.uint8)
     raw = buffers.empty(x.shape if region.raw_bits else [0], _INT.get(region.raw_bits, torch.int16))
     # the kernel ORs the bits in: zeroed, padding words included
-    signs, ste = torch.zeros(2, n, padded_words(c * shape[2] * shape[3]) if region.pack_signs else 0,
-                             dtype=torch.int64).unbind()
+    signs, ste = buffers.zeros((2, n, padded_words(c * shape[2] * shape[3]) if region.pack_signs else 0),
+                               torch.int64).unbind()
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
     if region.batch_stats:
