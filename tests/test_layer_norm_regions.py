@@ -229,8 +229,11 @@ def test_bert_step_with_fused_layer_norms_matches_the_reference_backend():
     compiled, _ = _steps(lambda: transformers.BertForMaskedLM(config), ids,
                          lambda out: F.cross_entropy(out.logits.reshape(-1, 48), ids.reshape(-1)))
     regions = compiled.fqt_graphs[-1].regions
-    # embeddings, two per layer, and the MLM head's transform (dense -> GELU -> LayerNorm)
-    assert len(regions) == 6 and all(r.endswith("(row): layer_norm") for r in regions), regions
+    # LayerNorms: embeddings, two per layer, and the MLM head's transform (dense -> GELU ->
+    # LayerNorm); binarized dense -> GELU: each layer's intermediate and the head's transform
+    rows = [r for r in regions if r.endswith("(row): layer_norm")]
+    linear = [r for r in regions if "(linear): binarized_linear -> gelu; input: " in r]
+    assert len(rows) == 6 and len(linear) == 3 and len(regions) == 9, regions
 
 
 @pytest.mark.slow
@@ -241,4 +244,10 @@ def test_vit_tiny_step_with_fused_layer_norms_matches_the_reference_backend():
     compiled, _ = _steps(lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
                                                    num_classes=10, depth=4),
                          x, lambda out: F.cross_entropy(out, y))
-    assert len(compiled.fqt_graphs[-1].regions) == 2 * 4 + 1   # norm1, norm2 per block, final norm
+    regions = compiled.fqt_graphs[-1].regions
+    # norm1, norm2 per block, final norm; fc1 -> GELU per block
+    assert sum("(row): layer_norm" in r for r in regions) == 2 * 4 + 1
+    linear = [r for r in regions if "(linear)" in r]
+    assert [r.split(" ")[0] for r in linear] == [f"blocks.{i}.mlp.fc1" for i in range(4)], regions
+    assert all(r.startswith(f"blocks.{i}.mlp.fc1 (linear): binarized_linear -> gelu; input: layer ")
+               and r.endswith("'s raw GEMM result, saved as int16 (K=192)") for i, r in enumerate(linear)), regions

@@ -885,3 +885,94 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                 _store(k, g, a["dx"], index)
             _strided(k, hw, apply)
     return k.finish()
+
+
+# --------------------------------------------------------------------------- linear -> activation
+# A binarized linear layer's output through an activation, row by row of a ``[rows, D]``
+# tensor: the region reads the raw GEMM result ``Y_raw`` (integers in float32), forms
+# ``v = alpha[i] * Y_raw (+ bias[i])`` (two roundings, as the unfused multiply and add) and
+# writes ``act(v)`` plus ``Y_raw`` as int16/int32 for the backward, which recomputes ``v``
+# from it and writes ``G' = alpha ⊙ act'(v) dy`` (the layer's gradient at ``Y_raw``) and the
+# bias gradient: no float32 copy of ``v`` is kept and no separate pass sums the bias gradient.
+
+
+@dataclass(frozen=True)
+class LinearRegion:
+    """``activation`` after ``alpha ⊙ Y_raw`` (``+ bias`` when ``bias``); ``raw_bits``: 16 or
+    32, the integer type the forward stores ``Y_raw`` in (``ops.fused_regions.raw_dtype``)."""
+
+    activation: Activation
+    raw_bits: int = 16
+    bias: bool = True
+
+    def __post_init__(self):
+        if self.raw_bits not in (16, 32):
+            raise ValueError(f"LinearRegion raw_bits {self.raw_bits}: expected 16 or 32")
+        if self.activation.name not in ACTIVATIONS:
+            raise ValueError(f"LinearRegion activation {self.activation.name!r}: expected one of "
+                             f"{sorted(ACTIVATIONS)}")
+
+
+LINEAR_FORWARD_SYMBOL = "fqt_linear_region_forward"
+LINEAR_FORWARD_PARAMS = (("y", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("out", "ptr"), ("raw", "ptr"),
+                         ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
+LINEAR_BACKWARD_SYMBOL = "fqt_linear_region_backward"
+LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("g", "ptr"),
+                          ("dbias", "ptr"), ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
+
+
+def _linear_pre_activation(k: Kernel, region: LinearRegion, y, i, lanes):
+    """``alpha[i] * y (+ bias[i])`` at feature ``i``, each operation rounded."""
+    v = k.b.fmul(y, _load(k, k.arg["alpha"], i, lanes))
+    return k.b.fadd(v, _load(k, k.arg["bias"], i, lanes)) if region.bias else v
+
+
+def _raw_pointer(k: Kernel, region: LinearRegion, index):
+    return k.gep(k.arg["raw"], index, ir.IntType(region.raw_bits))
+
+
+def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> KernelIR:
+    """``fqt_linear_region_forward``: rows ``r0..r1`` of the row-major ``[rows, D]`` float32
+    ``y`` (``Y_raw``) -> ``out = act(alpha ⊙ y (+ bias))`` and ``raw = int(y)`` (exact:
+    ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats."""
+    k = Kernel(new_module(get_target(target), LINEAR_FORWARD_SYMBOL), LINEAR_FORWARD_SYMBOL,
+               LINEAR_FORWARD_PARAMS)
+    a, b = k.arg, k.b
+    ity = ir.IntType(region.raw_bits)
+    with k.loop(a["r0"], a["r1"]) as r:
+        row = b.mul(r, a["D"])
+
+        def apply(i, lanes):
+            index = b.add(row, i)
+            y = _load(k, a["y"], index, lanes)
+            b.store(b.fptosi(y, _lanes(ity, lanes)), _raw_pointer(k, region, index), align=region.raw_bits // 8)
+            v = _linear_pre_activation(k, region, y, i, lanes)
+            _store(k, _act_forward(k, region.activation, v, lanes), a["out"], index)
+        _strided(k, a["D"], apply)
+    return k.finish()
+
+
+def linear_region_backward_ir(target: str | Target, region: LinearRegion) -> KernelIR:
+    """``fqt_linear_region_backward``: rows ``r0..r1`` of ``g = alpha ⊙ act'(v) dy`` from
+    ``dy`` and the forward's ``raw`` (``v`` recomputed bit for bit); with ``bias`` it adds
+    ``act'(v) dy`` of each row into ``dbias``, ``[ceil(rows / ROW_BLOCK), D]`` zeroed partial
+    sums, one row per block of ``ROW_BLOCK`` rows (callers split rows in whole blocks, so the
+    sums do not depend on the thread count)."""
+    k = Kernel(new_module(get_target(target), LINEAR_BACKWARD_SYMBOL), LINEAR_BACKWARD_SYMBOL,
+               LINEAR_BACKWARD_PARAMS)
+    a, b = k.arg, k.b
+    ity = ir.IntType(region.raw_bits)
+    with k.loop(a["r0"], a["r1"]) as r:
+        row = b.mul(r, a["D"])
+        block = b.mul(b.udiv(r, ir.Constant(I64, ROW_BLOCK)), a["D"])
+
+        def apply(i, lanes):
+            index = b.add(row, i)
+            raw = b.load(_raw_pointer(k, region, index), typ=_lanes(ity, lanes), align=region.raw_bits // 8)
+            v = _linear_pre_activation(k, region, b.sitofp(raw, _lanes(F32, lanes)), i, lanes)
+            dv = _act_grad(k, region.activation, v, _load(k, a["dy"], index, lanes), lanes)
+            if region.bias:
+                _add_to(k, a["dbias"], b.add(block, i), dv, lanes)
+            _store(k, b.fmul(dv, _load(k, a["alpha"], i, lanes)), a["g"], index)
+        _strided(k, a["D"], apply)
+    return k.finish()

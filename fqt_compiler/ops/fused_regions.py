@@ -588,3 +588,66 @@ ln_region.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 def layer_norm_region(x, weight, bias, eps, activation, act_params, region):
     """What ``passes/fuse_regions.py`` puts in place of ``F.layer_norm -> activation``."""
     return ln_region(x, weight, bias, eps, activation, act_params, region)[0]
+
+
+# --------------------------------------------------------------------------- linear -> activation
+
+def _linear_pre_activation(raw, alpha, bias):
+    """``alpha ⊙ Y_raw (+ bias)`` as ``library.binarized_linear`` computes it (two roundings)."""
+    v = raw.float() * alpha
+    return v if bias is None else v + bias
+
+
+def _linear_act_region(y, alpha, bias, contraction, activation, act_params, region):
+    out = ACTIVATIONS[activation](_linear_pre_activation(y, alpha, bias), act_params)
+    return out.contiguous(), y.to(raw_dtype(contraction))
+
+
+_LINEAR_ARGS = "str activation, float[] act_params, str region"
+
+linear_act_region = _define(
+    f"linear_act_region(Tensor y, Tensor alpha, Tensor? bias, int contraction, {_LINEAR_ARGS}) "
+    "-> (Tensor, Tensor)",
+    _linear_act_region,
+    lambda y, alpha, bias, contraction, *rest: (y.new_empty(y.shape),
+                                                y.new_empty(y.shape, dtype=raw_dtype(contraction))))
+
+
+def _linear_act_region_backward(dy, raw, alpha, bias, activation, act_params, region):
+    # ATen's backward of each link of the unfused chain (alpha is a constant: the default
+    # alpha of the detached weight, docs/math.md §2).
+    dv = ACTIVATION_GRADS[activation](dy, _linear_pre_activation(raw, alpha, bias), act_params)
+    dbias = dv.reshape(-1, dv.shape[-1]).sum(0) if bias is not None else dy.new_empty(0)
+    return dv * alpha, dbias
+
+
+linear_act_region_backward = _define(
+    "linear_act_region_backward(Tensor dy, Tensor raw, Tensor alpha, Tensor? bias, "
+    f"{_LINEAR_ARGS}) -> (Tensor, Tensor)",
+    _linear_act_region_backward,
+    lambda dy, raw, alpha, bias, *rest: (dy.new_empty(raw.shape),
+                                         dy.new_empty(alpha.shape if bias is not None else [0])))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    _, alpha, bias, _, *static = inputs
+    ctx.save_for_backward(output[1], alpha, bias)
+    ctx.static = static
+
+
+def _linear_backward(ctx, dy, *_unused):
+    raw, alpha, bias = ctx.saved_tensors
+    g, dbias = linear_act_region_backward(dy, raw, alpha, bias, *ctx.static)
+    return g, None, dbias if bias is not None else None, None, None, None, None
+
+
+linear_act_region.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_params, region):
+    """``library.binarized_linear`` (default alpha) followed by ``activation``, with the
+    multiply by alpha and the bias add moved into the region: it gets the raw GEMM result and
+    keeps it for backward as int16 (``raw_dtype``) instead of the float32 activation input."""
+    y, _, _ = library.binary_linear(x, weight, rng_state, layer)
+    alpha = weight_scale(weight.detach(), layer)
+    return linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region)[0]

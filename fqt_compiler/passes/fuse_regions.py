@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ..ops import library
-from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_conv2d_region, conv2d_region,
-                                 layer_norm_region, raw_dtype)
+from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_conv2d_region,
+                                 binary_linear_region, conv2d_region, layer_norm_region, raw_dtype)
 from .annotate_layers import linear_call
 from .infra import PassResult, insert_call, set_val
 
@@ -355,7 +355,25 @@ def _fuse_layer_norm(gm: fx.GraphModule, ln: fx.Node, regions_out: list) -> bool
     return True
 
 
-_FUSERS = {F.batch_norm: _fuse, F.layer_norm: _fuse_layer_norm}
+def _fuse_linear_activation(gm: fx.GraphModule, linear: fx.Node, regions_out: list) -> bool:
+    a = _bind(library.binarized_linear, linear)
+    if a is None or a["alpha"] is not None or _val(a["x"]) is None or _val(a["x"]).dtype != torch.float32:
+        return False
+    found = _activation(_only_user(linear), linear)
+    if found is None:
+        return False
+    (activation, params), act = found, _only_user(linear)
+    name = _region_name(a["weight"])
+    contraction = _val(a["weight"]).shape[1]
+    note = (f"; input: layer {a['layer']}'s raw GEMM result, saved as "
+            f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
+    _replace(gm, [linear, act], binary_linear_region,
+             (a["x"], a["weight"], a["bias"], a["rng_state"], a["layer"], activation, list(params), name),
+             f"{name} (linear)", regions_out, note)
+    return True
+
+
+_FUSERS = {F.batch_norm: _fuse, F.layer_norm: _fuse_layer_norm, library.binarized_linear: _fuse_linear_activation}
 
 
 def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:

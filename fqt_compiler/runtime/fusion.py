@@ -28,7 +28,9 @@ from .lowered import implements
 from .pack import parallel_rows
 from .packed import padded_words
 
-_GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.region_backward_ir}
+_GENERATORS = {"region_forward": gen.region_forward_ir, "region_backward": gen.region_backward_ir,
+               "linear_region_forward": gen.linear_region_forward_ir,
+               "linear_region_backward": gen.linear_region_backward_ir}
 
 
 def _fn(family: str, target, region: gen.Region):
@@ -289,3 +291,42 @@ def ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_p
         dx, dgamma, dbeta, _ = region_backward(_rows(dy), _rows(x), torch.empty(0, dtype=torch.uint8), region_,
                                                weight, bias, mean.reshape(-1), invstd.reshape(-1), target=target)
         return dx.view(x.shape), dgamma, dbeta
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_region(activation, act_params: tuple, raw_bits: int, bias: bool) -> gen.LinearRegion:
+    return gen.LinearRegion(gen.Activation(activation, act_params), raw_bits, bias)
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0) if t is None else _f32(t).reshape(-1)
+
+
+@implements("linear_act_region")
+def linear_act_region(y, alpha, bias, contraction, activation, act_params, region, *, layer_name="?",
+                      target="host"):
+    with stats.timed(layer_name, "region_forward"):
+        dtype = fused_regions.raw_dtype(contraction)
+        spec = _linear_region(activation, tuple(act_params), torch.iinfo(dtype).bits, bias is not None)
+        y2 = _f32(y).reshape(-1, y.shape[-1])
+        out, raw = buffers.empty(y.shape), buffers.empty(y.shape, dtype)
+        alpha, bias = _vector(alpha), _vector(bias)
+        parallel_rows(_fn("linear_region_forward", target, spec), y2.shape[0], y2.data_ptr(), alpha.data_ptr(),
+                      bias.data_ptr(), out.data_ptr(), raw.data_ptr(), y2.shape[1])
+        return out, raw
+
+
+@implements("linear_act_region_backward")
+def linear_act_region_backward(dy, raw, alpha, bias, activation, act_params, region, *, layer_name="?",
+                               target="host"):
+    with stats.timed(layer_name, "region_backward"):
+        spec = _linear_region(activation, tuple(act_params), torch.iinfo(raw.dtype).bits, bias is not None)
+        raw, dy = raw.contiguous(), _f32(dy)
+        rows, d = raw.numel() // raw.shape[-1], raw.shape[-1]
+        g = buffers.empty(raw.shape)
+        dbias = torch.zeros(-(-rows // gen.ROW_BLOCK) if bias is not None else 0, d)
+        alpha, bias = _vector(alpha), _vector(bias)
+        parallel_rows(_fn("linear_region_backward", target, spec), rows, dy.data_ptr(), raw.data_ptr(),
+                      alpha.data_ptr(), bias.data_ptr(), g.data_ptr(), dbias.data_ptr(), d,
+                      min_rows=gen.ROW_BLOCK)
+        return g, dbias.sum(0) if bias.numel() else dbias.view(0)
