@@ -112,9 +112,10 @@ def _gelu(b, v, p, n):
 
 
 def _gelu_grad(b, v, g, p, n):
-    # g (Phi(v) + v phi(v))
-    cdf = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)))))
-    pdf = b.fmul(exp(b, b.fmul(b.fmul(v, v), _c(n, -0.5))), _c(n, _INV_SQRT_2PI))
+    # g (Phi(v) + v phi(v)); erf(v / sqrt 2) and phi(v) share e^{-v^2 / 2}
+    e = exp(b, b.fmul(b.fmul(v, v), _c(n, -0.5)))
+    cdf = b.fmul(_c(n, 0.5), b.fadd(_c(n, 1.0), erf(b, b.fmul(v, _c(n, _SQRT1_2)), e)))
+    pdf = b.fmul(e, _c(n, _INV_SQRT_2PI))
     return b.fmul(g, b.fadd(cdf, b.fmul(v, pdf)))
 
 
@@ -400,12 +401,13 @@ def _scale_shift(k: Kernel, c, mean, invstd):
     return scale, k.call("llvm.fma.f32", F32, [b.fneg(mean), scale, beta])
 
 
-def _strided(k: Kernel, count, body) -> None:
-    """``body(i, lanes)`` over ``[0, count)``: ``LANES``-wide steps, then a scalar tail."""
+def _strided(k: Kernel, count, body, lanes: int = LANES) -> None:
+    """``body(i, lanes)`` over ``[0, count)``: ``lanes``-wide steps (a power of two), then a
+    scalar tail."""
     b = k.b
-    main = b.and_(count, ir.Constant(I64, -LANES))
-    with k.loop(0, main, LANES) as i:
-        body(i, LANES)
+    main = b.and_(count, ir.Constant(I64, -lanes))
+    with k.loop(0, main, lanes) as i:
+        body(i, lanes)
     with k.loop(main, count) as i:
         body(i, 1)
 
@@ -921,6 +923,12 @@ LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bia
                           ("dbias", "ptr"), ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
 
 
+# Two 8-float vectors a step: GELU's chain (a division, two polynomials, exp) is long
+# enough that one vector a step leaves the core waiting on it (ATen's vectorized loops take
+# two a step too).
+_LINEAR_LANES = 2 * LANES
+
+
 def _linear_pre_activation(k: Kernel, region: LinearRegion, y, i, lanes):
     """``alpha[i] * y (+ bias[i])`` at feature ``i``, each operation rounded."""
     v = k.b.fmul(y, _load(k, k.arg["alpha"], i, lanes))
@@ -948,7 +956,7 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
             b.store(b.fptosi(y, _lanes(ity, lanes)), _raw_pointer(k, region, index), align=region.raw_bits // 8)
             v = _linear_pre_activation(k, region, y, i, lanes)
             _store(k, _act_forward(k, region.activation, v, lanes), a["out"], index)
-        _strided(k, a["D"], apply)
+        _strided(k, a["D"], apply, _LINEAR_LANES)
     return k.finish()
 
 
@@ -974,5 +982,5 @@ def linear_region_backward_ir(target: str | Target, region: LinearRegion) -> Ker
             if region.bias:
                 _add_to(k, a["dbias"], b.add(block, i), dv, lanes)
             _store(k, b.fmul(dv, _load(k, a["alpha"], i, lanes)), a["g"], index)
-        _strided(k, a["D"], apply)
+        _strided(k, a["D"], apply, _LINEAR_LANES)
     return k.finish()
