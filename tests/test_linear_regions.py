@@ -148,3 +148,37 @@ def test_linear_regions_are_fused_and_match_the_reference_backend(tmp_path):
     assert "linear_act_region_backward" in (tmp_path / "backward.txt").read_text()
     capture = [p for p in tmp_path.iterdir() if p.name.endswith("capture_fuse_regions.txt")]
     assert "fused region fc2 (linear): binarized_linear -> gelu" in capture[0].read_text()
+
+
+def test_reference_check_of_linear_region_calls():
+    """The cross verifier's oracle replays a linear region's forward and backward calls
+    (150 rows: three blocks of dbias partial sums) and catches one flipped bit of the raw copy and one
+    wrong gradient."""
+    from fqt_compiler.codegen.targets import host_target
+    from fqt_compiler.cross import oracle
+    from fqt_compiler.cross.verify import call_argument, capture_calls
+    kern, kern_b = _ops("linear_act_region")[0], _ops("linear_act_region_backward")[0]
+    gen_ = torch.Generator().manual_seed(0)
+    y = torch.randint(-50, 51, (150, 21), generator=gen_).float()
+    alpha, b, dy = torch.rand(21, generator=gen_) * 0.05, torch.randn(21, generator=gen_), torch.randn(150, 21)
+    uses, capture = capture_calls(lambda: kern_b(dy, kern(y, alpha, b, 50, "gelu", [], "fc")[1], alpha, b,
+                                                 "gelu", [], "fc"), host_target())
+    state = {i: initial for i, (_, _, initial) in enumerate(capture.storages)}
+    families = []
+    for index, encoded, after in capture.calls:
+        spec = uses[index].spec
+        families.append(spec.family)
+        args = dict(zip(spec.abi.names, map(call_argument, encoded)))
+        before = {k: state[k] for k in after}
+        assert oracle.check_call(spec, args, before, after) == 0, spec.family
+        forward = spec.family == "linear_region_forward"
+        buf, offset = args["raw" if forward else "g"]
+        first = offset + args["r0"] * 21 * (2 if forward else 4)   # the call's first element
+        bad = bytearray(after[buf])
+        if forward:
+            bad[first] ^= 1          # the raw copy's lowest bit
+        else:
+            bad[first + 3] ^= 0x80   # the gradient's sign bit
+        assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1, spec.family
+        state.update(after)
+    assert sorted(set(families)) == ["linear_region_backward", "linear_region_forward"]

@@ -15,7 +15,8 @@ computed with the kernels' float32 operations in their order (no contraction int
 they are compared bit for bit too.
 
 Checked this way: every kernel family but the fused regions (``CLOSE_CHECKS``: compared
-with the unfused chain to float32 rounding, argmax bits and raw copies exactly); only the
+with the unfused chain to float32 rounding, argmax bits and raw copies exactly; the linear
+-> activation regions too); only the
 GEMMs' scratch matrix ``partial`` (int32 partial sums between K blocks, internal) is not
 compared.
 The GEMMs take ``colsum`` (B's ±1 row sums) and ``rowpop`` as the call's inputs: those come
@@ -500,4 +501,38 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
     return sum(_differs(g, w, channels, dim) for g, w, dim in zip(got, want, dims))
 
 
-CLOSE_CHECKS = {"region_forward": check_region, "region_backward": check_region}
+def check_linear_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
+    """Buffers of one linear-region call (rows ``r0..r1`` of ``[rows, D]``) that differ from
+    the reference (``ops.fused_regions``' linear -> activation chain) beyond float32
+    rounding; the raw copy exactly; ``dbias``: the partial sums of the blocks the call owns."""
+    from ..codegen.fusion import ROW_BLOCK
+    from ..ops.fused_regions import _linear_act_region, _linear_act_region_backward
+    region, a = opts["region"], args
+    mem_b, mem_a = Memory(before), Memory(after)
+    r0, r1, d = a["r0"], a["r1"], a["D"]
+    raw_dtype = {16: torch.int16, 32: torch.int32}[region.raw_bits]
+    contraction = 1 if region.raw_bits == 16 else 1 << 15     # selects raw_dtype
+    alpha = mem_b.at(a["alpha"], torch.float32, d)
+    bias = mem_b.at(a["bias"], torch.float32, d) if region.bias else None
+    act = (region.activation.name, list(region.activation.params), "")
+
+    def rows(mem, name, dtype=torch.float32):
+        return mem.at(a[name], dtype, r1 * d).view(r1, d)[r0:r1]
+    if family == "linear_region_forward":
+        out, raw = _linear_act_region(rows(mem_b, "y"), alpha, bias, contraction, *act)
+        return (_differs(rows(mem_a, "out"), out, (0, d))
+                + (not torch.equal(rows(mem_a, "raw", raw_dtype), raw)))
+    raw, dy = rows(mem_b, "raw", raw_dtype), rows(mem_b, "dy")
+    g, _ = _linear_act_region_backward(dy, raw, alpha, bias, *act)
+    wrong = _differs(rows(mem_a, "g"), g, (0, d))
+    if region.bias:
+        dbias = mem_a.at(a["dbias"], torch.float32, -(-r1 // ROW_BLOCK) * d).view(-1, d)
+        for block in range(r0 // ROW_BLOCK, -(-r1 // ROW_BLOCK)):
+            part = slice(block * ROW_BLOCK - r0, min(r1, (block + 1) * ROW_BLOCK) - r0)
+            want = _linear_act_region_backward(dy[part], raw[part], alpha, bias, *act)[1]
+            wrong += _differs(dbias[block], want, (0, d), 0)
+    return wrong
+
+
+CLOSE_CHECKS = {"region_forward": check_region, "region_backward": check_region,
+                "linear_region_forward": check_linear_region, "linear_region_backward": check_linear_region}
