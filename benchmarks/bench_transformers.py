@@ -17,8 +17,9 @@ compilation) excluded, median of repeats:
   fqt       ``fqt.compile(model, Config(method="aq_scq", bits=4))`` on the JIT kernels
 
 Then the per-phase breakdown of one FQT step at 1 thread (``fqt.runtime.stats()``; "float
-ops + rest" is GELU, softmax and attention's products, residual adds, the float first/last
-layers, autograd and glue; the fused LayerNorm and dropout kernels are the ``region_*`` phases).
+ops + rest" is softmax and attention's products, residual adds, the float first/last layers,
+autograd and glue; the fused LayerNorm, linear -> GELU and dropout kernels are the
+``region_*`` phases).
 
     python benchmarks/bench_transformers.py [--models bert,vit] [--repeats 3] [--threads 1,2]
 """

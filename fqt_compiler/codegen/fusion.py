@@ -34,6 +34,10 @@ arguments: one kernel per region, not per shape. Each pass steps over a ``(n, c)
 inputs by window, one output at a time, except for the 2x2 stride-2 max pool, which has
 vector paths both ways (``_pool2x2_forward``, ``_pool2x2_backward``). The math is docs/math.md (BatchNorm, the
 pooled masks, LayerNorm: §4b).
+
+A ``LinearRegion`` is the normalization-free row case: a binarized linear layer's raw GEMM
+result times alpha plus the bias, then an activation, row by row
+(``linear_region_forward_ir``, ``linear_region_backward_ir``; see the section below).
 """
 from __future__ import annotations
 

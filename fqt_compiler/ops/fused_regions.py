@@ -42,6 +42,14 @@ last dimension (any number of leading dimensions) with weight and bias, then an 
 (GELU exact or tanh among them); it returns the output and the per-row ``mean`` and
 ``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
 per-row vectors. The math is docs/math.md §4b.
+
+``fqt::linear_act_region`` (``binary_linear_region``) is a binarized linear layer (default
+alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,
+alpha and the bias, returns ``act(alpha ⊙ Y_raw + bias)`` and ``Y_raw`` as int16 (int32 for
+contractions of 32768 or more, ``raw_dtype``), which is all its backward
+(``fqt::linear_act_region_backward``) keeps; that returns ``G' = alpha ⊙ act'(v) dy`` and
+the bias gradient. Its reference is the unfused chain (``library.binarized_linear``'s
+multiply and add, the activation, ATen's backward of each).
 """
 from __future__ import annotations
 

@@ -14,12 +14,16 @@ activation's mask bits, nothing, or for GELU the residual itself); one activatio
 ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
 ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
 dimensions normalized over its last one, with weight and bias, then (if its only user) one
-activation.
+activation. And a ``binarized_linear`` (from ``rewrite_binary_layers``) with the default
+alpha on a float32 input whose only user is one activation (ViT's and BERT's fc1 -> GELU).
 Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
 fused op ``fqt::bn_region`` plus the running-statistics update), one
 ``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
-chain, each noted with the ops it replaced; ``regions_out`` receives one line per fused
-region. When the BatchNorm's input is a
+chain, one ``fused_regions.binary_linear_region`` call (``fqt::linear_act_region``: the
+raw GEMM result, alpha and bias go into the region, which keeps the raw result as int16, or
+int32 for a contraction of 32768 or more, instead of a float32 copy) in place of a linear
+layer and its activation, each noted with the ops it replaced; ``regions_out`` receives one
+line per fused region. When the BatchNorm's input is a
 ``binarized_conv2d`` (from ``rewrite_binary_layers``) with the default alpha, no bias and no
 other user, that call joins the region (``fused_regions.binary_conv2d_region``): the region
 reads the raw GEMM result and alpha, and backward keeps the raw result as int16 (int32 when
