@@ -39,7 +39,9 @@ def check_linear_region(shape, act, bias=True, contraction=192, seed=0):
     (out, raw), (want_out, want_raw) = kern(*args), ref(*args)
     assert raw.dtype == want_raw.dtype == (torch.int16 if contraction < 1 << 15 else torch.int32)
     assert torch.equal(raw, want_raw) and torch.equal(raw.float(), y)
-    _close(out, want_out, "out")
+    # the same float32 operations in the same order, but GELU's polynomials
+    tol = 1e-5 if act.startswith("gelu") else 0
+    _close(out, want_out, "out", tol)
     leaf_y = y.clone().requires_grad_()
     leaf_b = b.clone().requires_grad_() if bias else None
     v = leaf_y * alpha
@@ -49,7 +51,7 @@ def check_linear_region(shape, act, bias=True, contraction=192, seed=0):
     kern_b, ref_b = _ops("linear_act_region_backward")
     bargs = (dy, raw, alpha, b, act, [], "fc")
     (g, dbias), (want_g, want_dbias) = kern_b(*bargs), ref_b(*bargs)
-    _close(g, want_g, "G'")
+    _close(g, want_g, "G'", tol)
     _close(want_g, leaf_y.grad, "reference G'", 0)
     if bias:
         _close(dbias, want_dbias, "dbias")
