@@ -132,6 +132,14 @@ def _opcheck_cases():
         _, mean, invstd = FR.ln_region(xn, wn, bn, 1e-5, activation, [], "ln")
         cases.append((FR.ln_region_backward, (torch.randn(xn.shape), xn, wn, bn, mean, invstd, 1e-5, activation,
                                               [], "ln")))
+    # a binarized linear layer's raw result -> GELU (with a bias), ReLU (without)
+    yl, al, bl = torch.randint(-9, 10, (2, 3, 7)).float(), torch.rand(7), torch.randn(7)
+    for activation, lbias in (("gelu", bl), ("relu", None)):
+        cases.append((FR.linear_act_region, (yl.clone().requires_grad_(), al,
+                                             None if lbias is None else lbias.clone().requires_grad_(), 9,
+                                             activation, [], "fc1")))
+        raw = FR.linear_act_region(yl, al, lbias, 9, activation, [], "fc1")[1]
+        cases.append((FR.linear_act_region_backward, (torch.randn(yl.shape), raw, al, lbias, activation, [], "fc1")))
     # dropout over an odd count (a partial last mask byte)
     xd = torch.randn(3, 5, 7)
     cases.append((D.dropout, (xd.clone().requires_grad_(), RS, 0.3, 17, "drop")))
