@@ -240,7 +240,7 @@ def _train_step(method="aq_scq"):
     return compiled
 
 
-@pytest.mark.parametrize("op,layer", [("binary_linear_scaled", "fc1"),
+@pytest.mark.parametrize("op,layer", [("binary_linear", "fc1"),
                                       ("aq_quantize_conv2d_grads", "conv[12]")])
 def test_missing_kernel_raises_at_compile_time_naming_op_and_layer(monkeypatch, op, layer):
     monkeypatch.delitem(registry._IMPLS, (f"fqt::{op}", "kernels"))
