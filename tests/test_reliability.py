@@ -208,7 +208,9 @@ def test_graph_breaks_compile_region_by_region(capsys, caplog, warning_once):
     rows = {line.split()[1]: line for line in text.splitlines() if re.match(r"\d+\s+[a-d]\s", line)}
     for name, (binary, reason) in expected.items():
         assert ("binary" if binary else "float") in rows[name] and reason[:20] in rows[name]
-    assert "2/4 layers binarized" in text and "binary_linear_scaled=kernels" in text
+    # b and c are each followed by a ReLU: linear regions, whose GEMM is the unscaled op
+    assert "2/4 layers binarized" in text
+    assert "binary_linear=kernels" in text and "linear_act_region=kernels" in text
     assert re.search(r"^b\s+2\s", text, re.M) and re.search(r"^c\s+2\s", text, re.M)
 
 
