@@ -26,8 +26,9 @@ def _ops(name):
 
 
 def check_linear_region(shape, act, bias=True, contraction=192, seed=0):
-    """Kernel == reference (output, the int raw copy, G' and the bias gradient), and the
-    reference == the literal chain ``Y_raw * alpha + bias -> activation`` under autograd."""
+    """Kernel == reference (output, the int raw copy, the gradient at ``v`` and the bias
+    gradient), and the reference == the literal chain ``Y_raw * alpha + bias -> activation``
+    under autograd."""
     gen_ = torch.Generator().manual_seed(seed)
     d = shape[-1]
     y = torch.randint(-contraction, contraction + 1, shape, generator=gen_).float()
@@ -51,8 +52,8 @@ def check_linear_region(shape, act, bias=True, contraction=192, seed=0):
     kern_b, ref_b = _ops("linear_act_region_backward")
     bargs = (dy, raw, alpha, b, act, [], "fc")
     (g, dbias), (want_g, want_dbias) = kern_b(*bargs), ref_b(*bargs)
-    _close(g, want_g, "G'", tol)
-    _close(want_g, leaf_y.grad, "reference G'", 0)
+    _close(g, want_g, "dv", tol)
+    _close(want_g * alpha, leaf_y.grad, "reference G'", 0)
     if bias:
         _close(dbias, want_dbias, "dbias")
         _close(want_dbias, leaf_b.grad, "reference dbias")
@@ -136,6 +137,10 @@ def test_linear_regions_are_fused_and_match_the_reference_backend(tmp_path):
     assert "int16 (K=24)" in cg.regions[0] and "int16 (K=40)" in cg.regions[1]
     fw, bw = _graph_ops(cg.forward), _graph_ops(cg.backward)
     assert "fqt.linear_act_region.default" in fw and "fqt.linear_act_region_backward.default" in bw
+    # G' = alpha ⊙ dv: the multiply is folded into fc1's and fc2's gradient quantizers
+    region_grads = [n for n in cg.backward.graph.nodes if str(n.meta.get("fqt_op")).startswith("fqt.aq_quantize")
+                    and n.args[0].args[0].meta.get("fqt_op") == torch.ops.fqt.linear_act_region_backward.default]
+    assert len(region_grads) == 2 and all(n.kwargs.get("alpha") is not None for n in region_grads)
     # only the shared layer's GELU stays ATen's
     assert sum(n.target == torch.ops.aten.gelu.default for n in cg.forward.graph.nodes) == 1
     # Saved for fc1 -> GELU: the raw GEMM result as int16, no float32 [5, 7, 40] tensor

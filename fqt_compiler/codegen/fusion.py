@@ -898,8 +898,9 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
 # tensor: the region reads the raw GEMM result ``Y_raw`` (integers in float32), forms
 # ``v = alpha[i] * Y_raw (+ bias[i])`` (two roundings, as the unfused multiply and add) and
 # writes ``act(v)`` plus ``Y_raw`` as int16/int32 for the backward, which recomputes ``v``
-# from it and writes ``G' = alpha ⊙ act'(v) dy`` (the layer's gradient at ``Y_raw``) and the
-# bias gradient: no float32 copy of ``v`` is kept and no separate pass sums the bias gradient.
+# from it and writes ``act'(v) dy`` (the gradient at ``v``; times alpha it is the layer's
+# ``G'``, a multiply the gradient quantizer applies on the fly) and the bias gradient: no
+# float32 copy of ``v`` is kept and no separate pass sums the bias gradient.
 
 
 @dataclass(frozen=True)
@@ -965,7 +966,7 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
 
 
 def linear_region_backward_ir(target: str | Target, region: LinearRegion) -> KernelIR:
-    """``fqt_linear_region_backward``: rows ``r0..r1`` of ``g = alpha ⊙ act'(v) dy`` from
+    """``fqt_linear_region_backward``: rows ``r0..r1`` of ``g = act'(v) dy`` from
     ``dy`` and the forward's ``raw`` (``v`` recomputed bit for bit); with ``bias`` it adds
     ``act'(v) dy`` of each row into ``dbias``, ``[ceil(rows / ROW_BLOCK), D]`` zeroed partial
     sums, one row per block of ``ROW_BLOCK`` rows (callers split rows in whole blocks, so the
@@ -985,6 +986,6 @@ def linear_region_backward_ir(target: str | Target, region: LinearRegion) -> Ker
             dv = _act_grad(k, region.activation, v, _load(k, a["dy"], index, lanes), lanes)
             if region.bias:
                 _add_to(k, a["dbias"], b.add(block, i), dv, lanes)
-            _store(k, b.fmul(dv, _load(k, a["alpha"], i, lanes)), a["g"], index)
+            _store(k, dv, a["g"], index)
         _strided(k, a["D"], apply, _LINEAR_LANES)
     return k.finish()

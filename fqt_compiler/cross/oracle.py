@@ -504,7 +504,7 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
 def check_linear_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
     """Buffers of one linear-region call (rows ``r0..r1`` of ``[rows, D]``) that differ from
     the reference (``ops.fused_regions``' linear -> activation chain): the raw copy exactly,
-    and so the output and ``G'`` but after GELU (its polynomials round differently from
+    and so the output and the gradient ``g`` but after GELU (its polynomials round differently from
     ATen's), which agree to float32 rounding, as ``dbias`` (the partial sums of the blocks
     the call owns, summed in another order than ATen's)."""
     from ..codegen.fusion import ROW_BLOCK

@@ -47,8 +47,10 @@ per-row vectors. The math is docs/math.md §4b.
 alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,
 alpha and the bias, returns ``act(alpha ⊙ Y_raw + bias)`` and ``Y_raw`` as int16 (int32 for
 contractions of 32768 or more, ``raw_dtype``), which is all its backward
-(``fqt::linear_act_region_backward``) keeps; that returns ``G' = alpha ⊙ act'(v) dy`` and
-the bias gradient. Its reference is the unfused chain (``library.binarized_linear``'s
+(``fqt::linear_act_region_backward``) keeps; that returns the gradient at ``v``,
+``act'(v) dy``, and the bias gradient, and the registered autograd multiplies the former by
+alpha, ``G'`` (a multiply the kernel backend's ``fold_alpha`` moves into the gradient
+quantizer, as for an unfused layer). Its reference is the unfused chain (``library.binarized_linear``'s
 multiply and add, the activation, ATen's backward of each).
 """
 from __future__ import annotations
@@ -626,7 +628,7 @@ def _linear_act_region_backward(dy, raw, alpha, bias, activation, act_params, re
     # alpha of the detached weight, docs/math.md §2).
     dv = ACTIVATION_GRADS[activation](dy, _linear_pre_activation(raw, alpha, bias), act_params)
     dbias = dv.reshape(-1, dv.shape[-1]).sum(0) if bias is not None else dy.new_empty(0)
-    return dv * alpha, dbias
+    return dv, dbias
 
 
 linear_act_region_backward = _define(
@@ -645,8 +647,9 @@ def _linear_setup_context(ctx, inputs, output):
 
 def _linear_backward(ctx, dy, *_unused):
     raw, alpha, bias = ctx.saved_tensors
-    g, dbias = linear_act_region_backward(dy, raw, alpha, bias, *ctx.static)
-    return g, None, dbias if bias is not None else None, None, None, None, None
+    dv, dbias = linear_act_region_backward(dy, raw, alpha, bias, *ctx.static)
+    # G' = alpha ⊙ dv as its own multiply, which fold_alpha folds into the quantizer
+    return dv * alpha, None, dbias if bias is not None else None, None, None, None, None
 
 
 linear_act_region.register_autograd(_linear_backward, setup_context=_linear_setup_context)
