@@ -712,7 +712,6 @@ def _aq_decide(k: Kernel, levels, done) -> None:
                       b.fcmp_ordered("<=", left_f, ir.Constant(F64, 0.0)))
     c = b.fdiv(left_f, t_f)
     grid = ir.Constant(F64, float(2 ** rng.KEEP_BITS))
-    golden = i64(rng.GOLDEN)
     with k.loop(0, n) as j:
         g = b.load(k.gep(sorted_, j, I64), typ=I64)
         spread = b.fmul(c, r_at(sorted_, j))
@@ -722,9 +721,9 @@ def _aq_decide(k: Kernel, levels, done) -> None:
                      b.select(none_left, ir.Constant(F64, 0.0), spread))
         p32 = b.fptrunc(p, F32)
         b.store(p32, k.gep(a["prob"], g))
-        # rng.keep_draws: draw(g) = mix64(key + (g + 1) G); kept when its top 53 bits,
+        # rng.keep_draws: draw(g) = mix64(_state(key, g)); kept when its top 53 bits,
         # exact in float64, are below p * 2^53.
-        state = b.add(a["key"], b.mul(b.add(g, one64), golden))
+        state = _state(k, a["key"], g)
         draw = b.extract_element(mix64(b, b.insert_element(ir.Constant(vec(1), ir.Undefined), state,
                                                            ir.Constant(I32, 0))), ir.Constant(I32, 0))
         top = b.uitofp(b.lshr(draw, ir.Constant(I64, 64 - rng.KEEP_BITS)), F64)
