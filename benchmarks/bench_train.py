@@ -3,7 +3,10 @@
 VGG-16 (CIFAR variant: first conv and classifier float) and torchvision ResNet-18, input
 128x3x32x32, forward + backward timed with every preprocessing step inside the timed region
 (optimizer step excluded for every contender), warm-up excluded, median of repeats, at 1
-thread and at all threads. Contenders, measured side by side in one run:
+thread and at all threads; the repeats are interleaved rounds (each round times every
+contender once), so a change in a shared host's load reaches every contender alike, and the
+per-round FQT-vs-fp32 ratios are printed under each row. Contenders, measured side by side
+in one run:
 
   fp32   the unmodified model in eager PyTorch, float32
   bf16   the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``
@@ -38,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
-from benchmarks.common import banner, contender_row, median_time  # noqa: E402
+from benchmarks.common import banner, contender_row, interleaved_medians, median_time, paired_ratios  # noqa: E402
 from fqt_compiler import zoo  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
@@ -100,10 +103,12 @@ def run_speed(args, threads_list):
             _, steps = contenders(name, args.batch, train_bn)
             for threads in threads_list:
                 torch.set_num_threads(threads)
-                times = {k: median_time(steps[k], repeats=args.repeats, warmup=2) for k in args.contenders}
+                times, rounds = interleaved_medians({k: steps[k] for k in args.contenders},
+                                                    repeats=args.repeats, warmup=2)
                 results[(name, train_bn, threads)] = times
                 bn = "train-BN" if train_bn else "eval-BN "
                 print(f"{name:<9} {bn} {threads:>2} thr  {contender_row(times)}", flush=True)
+                print(f"{'':<9} {'':<8} {'':>2}      {paired_ratios(rounds, 'fp32')}", flush=True)
     return results
 
 
@@ -168,8 +173,8 @@ def avx2_child(args):
     torch.set_num_threads(1)
     for name in args.models:
         _, steps = contenders(name, args.batch, True, target="hygon")
-        t32 = median_time(steps["fp32"], repeats=args.repeats, warmup=2)
-        tq = median_time(steps["fqt"], repeats=args.repeats, warmup=2)
+        times, _ = interleaved_medians({k: steps[k] for k in ("fp32", "fqt")}, repeats=args.repeats, warmup=2)
+        t32, tq = times["fp32"], times["fqt"]
         print(f"{name:<9} train-BN  1 thr  fp32(AVX2) {t32 * 1e3:8.1f} ms  fqt(hygon kernels) {tq * 1e3:8.1f} ms"
               f"   {t32 / tq:5.2f}x", flush=True)
 

@@ -9,7 +9,9 @@ Models (random init, no download):
 
 One step = forward + cross-entropy + backward + SGD step, every contender on its own copy of
 the same weights, measured side by side in one run at 1 and 2 threads, warm-up (and
-compilation) excluded, median of repeats:
+compilation) excluded, median of repeats, the repeats interleaved (each round times every
+contender once, so a change in a shared host's load reaches all of them; the per-round
+FQT-vs-fp32 ratios are printed under each row):
 
   fp32      eager PyTorch, float32
   bf16      eager under ``torch.autocast("cpu", dtype=torch.bfloat16)``
@@ -38,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
 from benchmarks.bench_train import print_phases  # noqa: E402
-from benchmarks.common import banner, contender_row, median_time  # noqa: E402
+from benchmarks.common import banner, contender_row, interleaved_medians, median_time, paired_ratios  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 
@@ -96,8 +98,9 @@ def run(args):
         steps, compiled = contenders(name, args.batch)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            t = {k: median_time(steps[k], repeats=args.repeats, warmup=1) for k in args.contenders}
+            t, rounds = interleaved_medians({k: steps[k] for k in args.contenders}, repeats=args.repeats, warmup=1)
             print(f"{name:<5} {threads} thr  {contender_row(t)}", flush=True)
+            print(f"{'':<5}        {paired_ratios(rounds, 'fp32')}", flush=True)
         torch.set_num_threads(1)
         stats.reset_stats()
         total = median_time(steps["fqt"], repeats=1, warmup=0)

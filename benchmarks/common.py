@@ -43,6 +43,34 @@ def median_time(fn, *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0)
     return statistics.median(times)
 
 
+def interleaved_medians(steps: dict, *, repeats: int, warmup: int = 1) -> tuple[dict, list[dict]]:
+    """Median wall time in seconds of every contender in ``steps`` (name -> zero-argument
+    step), timed in ``repeats`` rounds that each run every contender once, after ``warmup``
+    untimed runs of each. Interleaving puts a change in a shared host's load into every
+    contender's times rather than into whichever block of steps it fell on. Also returns the
+    rounds (name -> seconds), for paired ratios."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    rounds = []
+    for _ in range(repeats):
+        times = {}
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+        rounds.append(times)
+    return {name: statistics.median(r[name] for r in rounds) for name in steps}, rounds
+
+
+def paired_ratios(rounds: list[dict], baseline: str) -> str:
+    """``fqt vs <baseline> per round: a b c`` (the baseline's time over FQT's in each round),
+    or "" when either was not timed."""
+    if not rounds or "fqt" not in rounds[0] or baseline not in rounds[0]:
+        return ""
+    return f"fqt vs {baseline} per round: " + " ".join(f"{r[baseline] / r['fqt']:.2f}x" for r in rounds)
+
+
 def contender_row(times: dict) -> str:
     """``name  t ms ...`` for every timed contender, then FQT's ratio against each other one."""
     row = "  ".join(f"{k} {t * 1e3:8.1f} ms" for k, t in times.items())
