@@ -85,7 +85,7 @@ def test_odd_shapes_verify_on_target(target, tmp_path):
     results = verify_calls(odd_shapes(target), target, tmp_path)
     _assert_verified(results, target, tmp_path)
     families = {r.family for r in results}
-    assert {"binary", "bitplane", "pack", "pack_rows", "im2col_pack", "im2col_pack_t"} <= families
+    assert {"binary", "bitplane", "pack", "pack_rows", "im2col_pack", "im2col_pack_t", "tap_gather"} <= families
 
 
 @needs_cross

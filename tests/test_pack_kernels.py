@@ -9,7 +9,7 @@ from fqt_compiler.codegen import pack as gen
 from fqt_compiler.codegen.targets import get_target
 from fqt_compiler.ops import reference
 from fqt_compiler.runtime import pack
-from fqt_compiler.runtime.packed import PackedBits
+from fqt_compiler.runtime.packed import PackedBits, padded_words
 
 
 
@@ -187,7 +187,7 @@ def test_preprocessing_kernels_build_for_aarch64():
            pack_gen.padded_rows_ir(t, source="bits"),
            pack_gen.im2col_pack_ir(t, *conv, one_word=False), pack_gen.im2col_pack_t_ir(t, *conv, one_word=True),
            quantize_gen.group_minmax_ir(t, lanes=16), quantize_gen.quantize_pack_ir(t, bits=4),
-           quantize_gen.quantize_pack_rows_ir(t, bits=2), pack_gen.transpose_bits_ir(t)]
+           quantize_gen.quantize_pack_rows_ir(t, bits=2), pack_gen.transpose_bits_ir(t), pack_gen.tap_gather_ir(t, *conv, chunk=2)]
     for kernel in irs:
         assert compile_object(kernel.text, t).startswith(b"\x7fELF")
 
@@ -198,3 +198,41 @@ def test_transpose_bits(target, rows, k):
     x = data(rows, k, seed=rows + k)
     got = pack.transpose_bits(pack.pack_signs(x, target=target), target=target)
     assert got.k == rows and torch.equal(got.words, ref_words(x.T > 0))
+
+
+def ref_tap_gather(codes, chunk, hw, ohw, conv):
+    """The input-gradient A operand from ``reference.transposed_conv_taps``: tap t of row
+    (plane, s, y, x) is the first ``chunk`` words of the output position it reads, or zeros."""
+    planes, rows, _ = codes.shape
+    taps = reference.transposed_conv_taps(hw, ohw, *conv)            # [H*W, KH*KW]
+    images = rows // (ohw[0] * ohw[1])
+    src = torch.cat([codes[:, :, :chunk], torch.zeros(planes, 1, chunk, dtype=torch.int64)], 1)
+    first = (torch.arange(images) * ohw[0] * ohw[1]).view(-1, 1, 1)
+    words = src[:, torch.where(taps >= 0, taps + first, rows)].reshape(planes, images * hw[0] * hw[1], -1)
+    return F.pad(words, (0, padded_words(words.shape[2] * 64) - words.shape[2]))
+
+
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
+def test_tap_gather(target, conv):
+    """Code words per tap of a transposed convolution equal the reference's taps (stride
+    holes and padding read zero words; one- and two-word channel runs of codes whose rows
+    have more words), also when rows are split at odd points, last range first, so a write
+    past a range's end would spoil the next; no write past the last row."""
+    n, c, h, w, ks, stride, padding, dilation = conv
+    chunk = 1 + c % 2
+    oh, ow = (reference.conv_output_size(*v) for v in zip((h, w), ks, stride, padding, dilation))
+    codes = torch.randint(-2**62, 2**62, (2, n * oh * ow, 8), generator=torch.Generator().manual_seed(h * w))
+    args = (chunk, (h, w), (oh, ow), ks, stride, padding, dilation)
+    want = ref_tap_gather(codes, *args[:3], args[3:])
+    assert torch.equal(pack.tap_gather(codes, *args, target=target), want)
+    fn = pack._fn("tap_gather", target, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
+                  chunk=chunk)
+    rows = 2 * n * h
+    cuts = sorted({0, rows, rows // 3 + 1, 2 * rows // 3})
+    planes = torch.full((2 * want.shape[1] + 3, want.shape[2]), -1, dtype=torch.int64)
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        fn(codes.data_ptr(), codes.shape[2], h, w, oh, ow, planes.data_ptr(), planes.shape[1], lo, hi)
+    assert torch.equal(planes[:-3], want.reshape(-1, want.shape[2])) and (planes[-3:] == -1).all()
+    empty = pack.tap_gather(codes[:, :0].contiguous(), *args, target=target)   # every sample pruned
+    assert empty.shape == (2, 0, want.shape[2])

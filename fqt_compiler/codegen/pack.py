@@ -24,6 +24,8 @@ the forward pass saves, which saves a pass over ``x`` in backward.
 * ``im2col_pack_t``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: for stride 1
   a run of up to 64 output bits is one funnel shift of the bitmap row; for stride ``s`` the
   bits are every ``s``-th one, compressed with ``pext`` where BMI2 exists.
+* ``tap_gather``: the A operand of the conv input gradient as a transposed convolution
+  (``runtime.lowered.conv2d_input_grad``): whole code words of G' per tap, no bits moved.
 """
 from __future__ import annotations
 
@@ -446,4 +448,56 @@ def transpose_bits_ir(target: str | Target = "host") -> KernelIR:
             masked_scatter(k.b, transpose64(k, block), k.vgep(out_ptrs, k.splat(rb, LANES), 8), out_valid)
         with k.loop(blocks, a["ld_out"]) as pad:
             masked_scatter(k.b, const_vec(LANES, 0), k.vgep(out_ptrs, k.splat(pad, LANES), 8), out_valid)
+    return k.finish()
+
+
+def tap_gather_ir(target: str | Target, kernel_size, stride, padding, dilation, chunk: int) -> KernelIR:
+    """``fqt_tap_gather(src, src_ld, H, W, OH, OW, dst, dst_ld, row0, row1)``: for each image
+    ``s`` (a bit plane of one sample) and input position ``(y, x)``, the ``chunk`` code words
+    of the output position that tap ``(i, j)`` reads in a transposed convolution,
+    ``((y + ph - i dh) / sh, (x + pw - j dw) / sw)`` when both are whole and in range, else
+    zero words. Source: row ``s*OH*OW + oy*OW + ox`` of ``src`` (``src_ld`` words a row);
+    destination: row ``s*H*W + y*W + x`` of ``dst``, tap ``t = i*KW + j`` at words
+    ``t*chunk ..``, zero words after the last tap up to ``dst_ld``. Work rows ``s*H + y`` in
+    ``row0..row1``. Tap positions are computed per row and column from the geometry's
+    constants (no index table), and a tap's words are one ``chunk``-word vector: an invalid
+    tap loads the image's first row and selects zeros, so there is no branch per tap."""
+    t = get_target(target)
+    (kh_, kw_), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    if min(kh_, kw_, sh, sw, dh, dw, chunk) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"kernel_size {kernel_size}, stride {stride}, dilation {dilation}, chunk {chunk} must be "
+                         f">= 1 and padding {padding} >= 0")
+    m = new_module(t, "fqt_pack")
+    k = Kernel(m, "fqt_tap_gather", [("src", "ptr"), ("src_ld", "i64"), ("H", "i64"), ("W", "i64"), ("OH", "i64"),
+                                     ("OW", "i64"), ("dst", "ptr"), ("dst_ld", "i64"), ("row0", "i64"),
+                                     ("row1", "i64")])
+    a, b = k.arg, k.b
+    zero = ir.Constant(I64, 0)
+    run = vec(chunk)
+
+    def tap(pos, offset: int, s: int, size):
+        """(valid, position // s) of ``pos + offset`` for the stride ``s``."""
+        n = b.add(pos, ir.Constant(I64, offset))
+        q = b.sdiv(n, ir.Constant(I64, s)) if s > 1 else n
+        valid = b.and_(b.icmp_signed(">=", n, zero), b.icmp_signed("<", q, size))
+        if s > 1:
+            valid = b.and_(valid, b.icmp_signed("==", b.srem(n, ir.Constant(I64, s)), zero))
+        return valid, q
+
+    with k.loop(a["row0"], a["row1"]) as row:
+        s, y = b.sdiv(row, a["H"]), b.srem(row, a["H"])
+        image = k.gep(a["src"], b.mul(b.mul(s, b.mul(a["OH"], a["OW"])), a["src_ld"]), I64)
+        rows_y = [tap(y, ph - i * dh, sh, a["OH"]) for i in range(kh_)]
+        with k.loop(0, a["W"]) as x:
+            out = k.gep(a["dst"], b.mul(b.add(b.mul(row, a["W"]), x), a["dst_ld"]), I64)
+            for j in range(kw_):
+                valid_x, ox = tap(x, pw - j * dw, sw, a["OW"])
+                for i, (valid_y, oy) in enumerate(rows_y):
+                    valid = b.and_(valid_y, valid_x)
+                    first = b.select(valid, b.mul(b.add(b.mul(oy, a["OW"]), ox), a["src_ld"]), zero)
+                    words = b.load(k.gep(image, first, I64), typ=run, align=8)
+                    b.store(b.select(valid, words, ir.Constant(run, [0] * chunk)),
+                            k.gep(out, ir.Constant(I64, (i * kw_ + j) * chunk), I64), align=8)
+            with k.loop(kh_ * kw_ * chunk, a["dst_ld"]) as w:
+                b.store(zero, k.gep(out, w, I64))
     return k.finish()

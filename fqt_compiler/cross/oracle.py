@@ -184,6 +184,21 @@ def _transpose_bits(mem: Memory, a: dict, opts: dict) -> None:
     mem.rows(a["dst"], a["ld_out"], r1, a["ld_out"])[r0:] = _packed(src.T[r0:r1], a["ld_out"])
 
 
+def _tap_gather(mem: Memory, a: dict, opts: dict) -> None:
+    (r0, r1, h, w, oh, ow), chunk = (a[n] for n in ("row0", "row1", "H", "W", "OH", "OW")), opts["chunk"]
+    if r1 <= r0:
+        return
+    images = -(-r1 // h)
+    taps = reference.transposed_conv_taps((h, w), (oh, ow), *(opts[n] for n in ("kernel_size", "stride", "padding",
+                                                                             "dilation")))
+    src = mem.rows(a["src"], a["src_ld"], images * oh * ow, chunk)
+    src = torch.cat([src, torch.zeros(1, chunk, dtype=torch.int64)])     # the row an invalid tap reads
+    first = (torch.arange(images) * oh * ow).view(-1, 1, 1)
+    words = src[torch.where(taps >= 0, taps + first, images * oh * ow)].reshape(images * h * w, -1)
+    mem.rows(a["dst"], a["dst_ld"], r1 * w, a["dst_ld"])[r0 * w:] = F.pad(words[r0 * w:r1 * w],
+                                                                          (0, a["dst_ld"] - words.shape[1]))
+
+
 def _times_alpha(mem: Memory, a: dict, v, channels):
     return v if a["alpha"] is None else v * mem.at(a["alpha"], torch.float32)[channels]
 
@@ -331,7 +346,7 @@ def _dropout_backward(mem: Memory, a: dict, opts: dict) -> None:
 
 CHECKS = {"binary": _binary, "bitplane": _bitplane, "rowpop": _rowpop, "sign_pack": _sign_pack,
           "padded_rows": _padded_rows, "im2col_pack": _im2col_pack, "im2col_pack_t": _im2col_pack_t,
-          "transpose_bits": _transpose_bits, "minmax": _minmax, "row_col_minmax": _row_col_minmax,
+          "transpose_bits": _transpose_bits, "tap_gather": _tap_gather, "minmax": _minmax, "row_col_minmax": _row_col_minmax,
           "pack": _quantize_pack, "pack_rows": _quantize_pack_rows, "pack_cols": _quantize_pack_cols, "unpack": _unpack,
           "aq_groups": _aq_groups,
           "dropout_forward": _dropout_forward, "dropout_backward": _dropout_backward}

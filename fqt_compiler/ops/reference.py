@@ -474,6 +474,23 @@ def conv2d_input_grad(gprime, weight, x, stride, padding, dilation):
     return dx * ste_mask(x)
 
 
+def transposed_conv_taps(input_hw, output_hw, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """int64 ``[H*W, KH*KW]``: the output position ``oy*OW + ox`` that tap ``(i, j)`` of a
+    transposed convolution reads at input position ``(y, x)``, -1 where it reads padding or a
+    stride hole. Computed as the convolution sees it: output positions numbered in a map,
+    zeros inserted between them (stride), padded by ``(K-1) d - p`` and unfolded with the
+    flipped kernel, so tap ``(i, j)`` at ``(y, x)`` is patch element ``(KH-1-i, KW-1-j)``."""
+    (h, w), (oh, ow) = input_hw, output_hw
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    ids = torch.zeros((oh - 1) * sh + 1, (ow - 1) * sw + 1, dtype=torch.float64)
+    ids[::sh, ::sw] = torch.arange(1, oh * ow + 1, dtype=torch.float64).view(oh, ow)
+    top, left = (kh - 1) * dh - ph, (kw - 1) * dw - pw
+    bottom, right = h + (kh - 1) * dh - top - ids.shape[0], w + (kw - 1) * dw - left - ids.shape[1]
+    grid = F.pad(ids, (left, right, top, bottom))          # negative pads crop
+    cols = F.unfold(grid.view(1, 1, *grid.shape), (kh, kw), dilation=(dh, dw))[0]
+    return cols.view(kh, kw, h * w).flip(0, 1).reshape(kh * kw, h * w).T.contiguous().long() - 1
+
+
 def conv2d_weight_grad(gprime, weight, x, stride, padding, dilation):
     """``dW = STE(w) ⊙ (G'ᵀ X̂)`` over im2col rows of the padded, binarized input."""
     xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))

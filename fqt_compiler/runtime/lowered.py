@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 
@@ -32,7 +31,7 @@ from ..ops.rng import seed_and_step
 from ..ops import fused  # noqa: F401  (defines the fused ops registered below)
 from . import buffers, kernel_stats as stats
 from .gemm import binary_gemm, bitplane_gemm, segmented_bitplane_gemm, signed_row_sums
-from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs_and_ste, transpose_bits
+from .pack import im2col_pack, im2col_pack_t, mask_in_place, pack_signs_and_ste, tap_gather, transpose_bits
 from .packed import PackedBits, padded_words
 from .quantize import SharedStatistics, quantize_bitplanes
 
@@ -243,21 +242,6 @@ def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste:
         return mask_in_place(ste, ste.k, dw, target=target).view_as(weight)
 
 
-@lru_cache(maxsize=64)
-def _transposed_taps(h, w, oh, ow, kh, kw, stride, padding, dilation):
-    """For each input position ``(y, x)`` and tap ``(i, j)``, the output position that
-    reads it, ``(y + p - i d) / s`` when that is a whole in-range position, else -1:
-    int64 ``[h * w, kh * kw]`` (the gather table of a transposed convolution)."""
-    ys = torch.arange(h).view(h, 1, 1, 1)
-    xs = torch.arange(w).view(1, w, 1, 1)
-    i = torch.arange(kh).view(1, 1, kh, 1)
-    j = torch.arange(kw).view(1, 1, 1, kw)
-    ny, nx = ys + padding[0] - i * dilation[0], xs + padding[1] - j * dilation[1]
-    oy, ox = torch.div(ny, stride[0], rounding_mode="floor"), torch.div(nx, stride[1], rounding_mode="floor")
-    valid = (ny % stride[0] == 0) & (nx % stride[1] == 0) & (oy >= 0) & (oy < oh) & (ox >= 0) & (ox < ow)
-    return torch.where(valid, oy * ow + ox, -1).reshape(h * w, kh * kw)
-
-
 def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, torch.Tensor]:
     """``(B, T)`` of the input gradient below, from the sign(W) bits the forward packed and
     kept with them (per geometry) until a sign flips: sign(W) bits along (c, i, j),
@@ -276,7 +260,9 @@ def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, to
     b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
     b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
     tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
-    t_term = (tap_sums.unsqueeze(1) * (_transposed_taps(*geometry) >= 0).float().unsqueeze(0)).sum(2)
+    h, w, oh, ow = geometry[:4]
+    reads = ref.transposed_conv_taps((h, w), (oh, ow), *geometry[4:]) >= 0
+    t_term = (tap_sums.unsqueeze(1) * reads.float().unsqueeze(0)).sum(2)
     found = entry.derived[("input_grad", geometry)] = PackedBits(b_words, kh * kw * chunk * 64), t_term
     return found
 
@@ -296,27 +282,15 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     oh, ow = gprime.shape[2], gprime.shape[3]
     q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target,
                   alpha, shared)
-    geometry = (h, w, oh, ow, kh, kw, tuple(stride), tuple(padding), tuple(dilation))
-    taps = _transposed_taps(*geometry)
+    geometry = (h, w, oh, ow, (kh, kw), tuple(stride), tuple(padding), tuple(dilation))
     samples = q.row_map.view(-1, oh * ow)[:, 0] // (oh * ow) if q.row_map.numel() else q.row_map
     kept = samples.numel()
     chunk = (o + 63) // 64                       # words of one tap's channel run
     with stats.timed(layer_name, "pack"):
         b, t_term = _weight_input_grad_operand(weight, geometry, target)
         rows = kept * h * w
-        planes = buffers.empty((bits, rows, b.ld), torch.int64)
-        planes[:, :, kh * kw * chunk:] = 0          # the padding words; the rest is gathered
-        if kept:
-            source = torch.cat([q.planes[:, :, :chunk],
-                                torch.zeros(bits, 1, chunk, dtype=torch.int64)], 1)
-            index = torch.where(taps >= 0, taps.unsqueeze(0) + (torch.arange(kept) * oh * ow).view(-1, 1, 1),
-                                q.planes.shape[1])
-            index = index.view(-1)
-            # One word per tap (C_out <= 64): gather words, not index rows of one word each,
-            # which costs several times more per word.
-            gathered = (torch.gather(source.view(bits, -1), 1, index.expand(bits, -1)) if chunk == 1
-                        else source.index_select(1, index))
-            planes[:, :, :kh * kw * chunk] = gathered.view(bits, rows, kh * kw * chunk)
+        planes = tap_gather(q.planes, chunk, (h, w), (oh, ow), (kh, kw), stride, padding, dilation,
+                            target=target)
     scale = q.row_scale.view(-1, oh * ow)[:, 0] if kept else q.row_scale
     zero = q.row_zero.view(-1, oh * ow)[:, 0] if kept else q.row_zero
     with stats.timed(layer_name, "input_grad", binary_macs=bits * rows * c * b.k):

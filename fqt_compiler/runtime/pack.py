@@ -10,6 +10,8 @@ padding words):
 * ``im2col_pack_t(x, ...)``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: the
   ``X̂ᵀ`` operand of the weight-gradient GEMM.
 * ``transpose_bits(p)``: the transpose of any ``PackedBits`` matrix (64x64 blocks in registers).
+* ``tap_gather(codes, ...)``: code words of G' per tap of a transposed convolution, the A
+  operand of a conv's input gradient.
 
 The im2col functions take float NCHW ``x`` or the per-sample sign bits of
 ``pack_signs_and_ste(x.flatten(1))`` together with ``input_shape``.
@@ -35,7 +37,7 @@ def parallel_rows(fn, rows: int, *args, min_rows: int = 1) -> None:
 
 _GENERATORS = {"sign_pack": gen.sign_pack_ir, "unpack": gen.unpack_ir, "padded_rows": gen.padded_rows_ir,
                "im2col_pack": gen.im2col_pack_ir, "im2col_pack_t": gen.im2col_pack_t_ir,
-               "transpose_bits": gen.transpose_bits_ir}
+               "transpose_bits": gen.transpose_bits_ir, "tap_gather": gen.tap_gather_ir}
 
 
 def _fn(family: str, target, **options):
@@ -212,3 +214,27 @@ def im2col_pack_t(x, kernel_size, stride=1, padding=0, dilation=1, *, input_shap
     fn = _fn("im2col_pack_t", target, **conv)
     parallel_rows(fn, k, bm.data_ptr(), wpw, n, c, h, oh, ow, out.data_ptr(), out.shape[1])
     return PackedBits(out, m)
+
+
+def tap_gather(codes: torch.Tensor, chunk: int, input_hw, output_hw, kernel_size, stride=1, padding=0,
+               dilation=1, *, target="host") -> torch.Tensor:
+    """Rows ``(plane, s, y, x)`` of int64 ``[P, S*H*W, padded_words(KH*KW*chunk*64)]``: per tap
+    ``t = i*KW + j`` the first ``chunk`` words of the row of ``codes [P, S*OH*OW, ld]`` (``P``
+    bit planes of ``S`` samples' output positions) that a transposed convolution's tap reads
+    at input position ``(y, x)``, zero words where it reads padding or a stride hole
+    (``codegen.pack.tap_gather_ir``)."""
+    if codes.dtype != torch.int64 or codes.dim() != 3 or not codes.is_contiguous():
+        raise TypeError(f"codes must be a contiguous int64 [planes, rows, words] tensor, got {codes.dtype} "
+                        f"{tuple(codes.shape)}")
+    (h, w), (oh, ow) = input_hw, output_hw
+    ks, st, pd, dl = map(_pair, (kernel_size, stride, padding, dilation))
+    planes, rows, ld = codes.shape
+    if rows % (oh * ow) or not 1 <= chunk <= ld:
+        raise ValueError(f"codes of {rows} rows x {ld} words are not {chunk}-word channel runs of "
+                         f"{oh}x{ow} output maps")
+    images = planes * rows // (oh * ow)
+    out = buffers.empty((planes, images // planes * h * w, padded_words(ks[0] * ks[1] * chunk * 64)),
+                        torch.int64)
+    fn = _fn("tap_gather", target, kernel_size=ks, stride=st, padding=pd, dilation=dl, chunk=chunk)
+    parallel_rows(fn, images * h, codes.data_ptr(), ld, h, w, oh, ow, out.data_ptr(), out.shape[2], min_rows=4)
+    return out
