@@ -88,9 +88,19 @@ CONVS = [  # (N, C, H, W, kernel, stride, padding, dilation)
 ]
 
 
+def split_calls(call, rows: int) -> None:
+    """``call(lo, hi)`` over ranges that cut ``rows`` at odd points (as threads do), last
+    range first, so a write past a range's end would spoil its successor's rows."""
+    cuts = sorted({0, rows, rows // 3 + 1, 2 * rows // 3})
+    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
+        call(lo, hi)
+
+
 @pytest.mark.parametrize("target", KERNEL_TARGETS)
 @pytest.mark.parametrize("conv", CONVS, ids=lambda c: conv_id(*c))
-def test_im2col_pack(target, conv):
+def test_im2col_pack(target, conv, monkeypatch):
+    """Both layouts from float x and from packed bits; the transposed one both ways (the
+    direct kernel, also over split row ranges, and im2col + bit transpose)."""
     n, c, h, w, ks, stride, padding, dilation = conv
     x = data(n, c, h, w, seed=h * w)
     ref = ref_im2col(x, ks, stride, padding, dilation)
@@ -99,8 +109,17 @@ def test_im2col_pack(target, conv):
     for source, kw in ((x, {}), (signs, {"input_shape": x.shape})):
         got = pack.im2col_pack(source, *args, target=target, **kw)
         assert got.k == ref.shape[1] and torch.equal(got.words, ref_words(ref))
-        got_t = pack.im2col_pack_t(source, *args, target=target, **kw)
-        assert got_t.k == ref.shape[0] and torch.equal(got_t.words, ref_words(ref.T.contiguous()))
+        for direct_from in (0, pack.DIRECT_TRANSPOSE_MIN_WIDTH):
+            monkeypatch.setattr(pack, "DIRECT_TRANSPOSE_MIN_WIDTH", direct_from)
+            got_t = pack.im2col_pack_t(source, *args, target=target, **kw)
+            assert got_t.k == ref.shape[0] and torch.equal(got_t.words, ref_words(ref.T.contiguous()))
+    bm, wpw, (n, c, h, _, oh, ow), conv_options = pack._conv_args(x, *args, None, target)
+    want = ref_words(ref.T.contiguous())
+    out = torch.full((want.shape[0] + 3, want.shape[1]), -1, dtype=torch.int64)
+    fn = pack._fn("im2col_pack_t", target, **conv_options)
+    split_calls(lambda lo, hi: fn(bm.data_ptr(), wpw, n, c, h, oh, ow, out.data_ptr(), out.shape[1], lo, hi),
+                want.shape[0])
+    assert torch.equal(out[:-3], want) and (out[-3:] == -1).all()
 
 
 def test_im2col_non_contiguous_input():
@@ -228,11 +247,9 @@ def test_tap_gather(target, conv):
     assert torch.equal(pack.tap_gather(codes, *args, target=target), want)
     fn = pack._fn("tap_gather", target, kernel_size=ks, stride=stride, padding=padding, dilation=dilation,
                   chunk=chunk)
-    rows = 2 * n * h
-    cuts = sorted({0, rows, rows // 3 + 1, 2 * rows // 3})
     planes = torch.full((2 * want.shape[1] + 3, want.shape[2]), -1, dtype=torch.int64)
-    for lo, hi in reversed(list(zip(cuts, cuts[1:]))):
-        fn(codes.data_ptr(), codes.shape[2], h, w, oh, ow, planes.data_ptr(), planes.shape[1], lo, hi)
+    split_calls(lambda lo, hi: fn(codes.data_ptr(), codes.shape[2], h, w, oh, ow, planes.data_ptr(), planes.shape[1],
+                                  lo, hi), 2 * n * h)
     assert torch.equal(planes[:-3], want.reshape(-1, want.shape[2])) and (planes[-3:] == -1).all()
     empty = pack.tap_gather(codes[:, :0].contiguous(), *args, target=target)   # every sample pruned
     assert empty.shape == (2, 0, want.shape[2])

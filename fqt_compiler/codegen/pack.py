@@ -21,9 +21,10 @@ the forward pass saves, which saves a pass over ``x`` in backward.
 
 * ``im2col_pack``: rows ``r = (n, h', w')``, packed axis ``k = (c, kh, kw)``; 8 output rows
   (consecutive ``w'``) per vector.
-* ``im2col_pack_t``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``: for stride 1
-  a run of up to 64 output bits is one funnel shift of the bitmap row; for stride ``s`` the
-  bits are every ``s``-th one, compressed with ``pext`` where BMI2 exists.
+* ``im2col_pack_t``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``, 8 output rows
+  per vector: for stride 1 a run of up to 64 output bits is one funnel shift of the bitmap
+  row; for stride ``s`` the bits are every ``s``-th one, compressed with ``pext`` where BMI2
+  exists.
 * ``tap_gather``: the A operand of the conv input gradient as a transposed convolution
   (``runtime.lowered.conv2d_input_grad``): whole code words of G' per tap, no bits moved.
 """
@@ -282,10 +283,14 @@ def _extract64(k: Kernel, src: ir.Value, pos: ir.Value, nwords: ir.Value) -> ir.
 
 
 def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
-    """The 64 bits of a padded bitmap row from bit ``q`` on (scalar or per lane)."""
+    """The 64 bits of a padded bitmap row from bit ``q`` on (scalar or per lane; ``row`` is one
+    pointer, or one per lane)."""
     b = k.b
     lanes = q.type.count if isinstance(q.type, ir.VectorType) else 1
+    every, none = const_vec(lanes, 1, I1), const_vec(lanes, 0)
     if one_word:
+        if isinstance(row.type, ir.VectorType):
+            return b.lshr(masked_gather(k.b, row, every, none), q)
         w = b.load(row, typ=I64)
         return b.lshr(w if lanes == 1 else k.splat(w, lanes), q)
     c6 = ir.Constant(I64, 6) if lanes == 1 else const_vec(lanes, 6)
@@ -295,8 +300,6 @@ def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
         hi = b.load(k.gep(row, b.add(idx, ir.Constant(I64, 1)), I64), typ=I64)
     else:
         ptrs = k.vgep(row, idx, 8)
-        every = const_vec(lanes, 1, I1)
-        none = const_vec(lanes, 0)
         lo = masked_gather(k.b, ptrs, every, none)
         hi = masked_gather(k.b, k.vgep(ptrs, const_vec(lanes, 1), 8), every, none)
     sh = b.and_(q, ir.Constant(I64, 63) if lanes == 1 else const_vec(lanes, 63))
@@ -305,7 +308,8 @@ def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
 
 
 def _every_nth(k: Kernel, t: Target, span: ir.Value, step: int, count: int) -> ir.Value:
-    """Bits ``0, step, 2 step, ...`` (``count`` of them) of ``span``, packed to the bottom."""
+    """Bits ``0, step, 2 step, ...`` (``count`` of them) of ``span``, packed to the bottom:
+    ``pext`` (per lane) where BMI2 exists, else one shift and mask per bit."""
     b = k.b
     lanes = span.type.count if isinstance(span.type, ir.VectorType) else 1
 
@@ -314,9 +318,17 @@ def _every_nth(k: Kernel, t: Target, span: ir.Value, step: int, count: int) -> i
 
     if step == 1:
         return b.and_(span, c((1 << count) - 1 if count < 64 else -1))
-    if lanes == 1 and t.has("bmi2"):
+    if t.has("bmi2"):
         pattern = sum(1 << (i * step) for i in range(count))
-        return k.call("llvm.x86.bmi.pext.64", I64, [span, c(pattern - (1 << 64) if pattern >= 1 << 63 else pattern)])
+        pattern = ir.Constant(I64, pattern - (1 << 64) if pattern >= 1 << 63 else pattern)
+        if lanes == 1:
+            return k.call("llvm.x86.bmi.pext.64", I64, [span, pattern])
+        out = span
+        for i in range(lanes):
+            lane = ir.Constant(I64, i)
+            out = b.insert_element(out, k.call("llvm.x86.bmi.pext.64", I64, [b.extract_element(span, lane), pattern]),
+                                   lane)
+        return out
     out = None
     for i in range(count):
         bit = b.and_(b.lshr(span, c(i * step)), c(1))
@@ -379,7 +391,12 @@ def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation,
 
 def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> KernelIR:
     """``fqt_im2col_pack_t(bm, wpw, N, C, H, OH, OW, out, ld, row0, row1)``: output rows
-    ``(c*KH + kh)*KW + kw`` in ``row0..row1``, packed axis ``r = (n, oh, ow)``."""
+    ``(c*KH + kh)*KW + kw`` in ``row0..row1``, packed axis ``r = (n, oh, ow)``.
+
+    ``ROW_LANES`` output rows at a time, one per lane: every row appends its bits of one
+    ``(n, oh)`` at the same bit offset, so the lanes share one bit stream; each lane reads its
+    own bitmap row ``(n, c, oh*sh - ph + kh*dh)`` (a gather) shifted by its ``kw*dw``, and a
+    lane whose ``kh`` reads padding gets zero bits (a select, no branch)."""
     t = get_target(target)
     _check_patch(kernel_size, stride, dilation)
     (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
@@ -389,38 +406,43 @@ def im2col_pack_t_ir(target: str | Target, kernel_size, stride, padding, dilatio
                                         ("OH", "i64"), ("OW", "i64"), ("out", "ptr"), ("ld", "i64"),
                                         ("row0", "i64"), ("row1", "i64")])
     a, b = k.arg, k.b
-    with k.loop(a["row0"], a["row1"]) as row:
-        kw = b.srem(row, ir.Constant(I64, kw_))
-        kh = b.srem(b.sdiv(row, ir.Constant(I64, kw_)), ir.Constant(I64, kh_))
-        c = b.sdiv(row, ir.Constant(I64, kh_ * kw_))
-        out_row = k.gep(a["out"], b.mul(row, a["ld"]), I64)
+    L = ROW_LANES
+    lane = const_vec(L, range(L))
+    with k.loop(a["row0"], a["row1"], L) as first:
+        rows = b.add(k.splat(first, L), lane)
+        valid = b.icmp_signed("<", rows, k.splat(a["row1"], L))
+        safe = b.select(valid, rows, k.splat(first, L))     # lanes past the range compute as the first
+        kw = b.srem(safe, const_vec(L, kw_))
+        kh = b.srem(b.sdiv(safe, const_vec(L, kw_)), const_vec(L, kh_))
+        c = b.sdiv(safe, const_vec(L, kh_ * kw_))
+        row_ptrs = k.vgep(a["out"], b.mul(rows, k.splat(a["ld"], L)), 8)
 
-        def store(acc, word, out_row=out_row):
-            b.store(acc, k.gep(out_row, word, I64))
+        def store(acc, word, row_ptrs=row_ptrs, valid=valid):
+            masked_scatter(k.b, acc, k.vgep(row_ptrs, k.splat(word, L), 8), valid)
 
-        stream = BitStream(k, 1, store)
-        q0 = b.mul(kw, ir.Constant(I64, dw))
+        stream = BitStream(k, L, store)
+        q0 = b.mul(kw, const_vec(L, dw))
+        ih0 = b.sub(b.mul(kh, const_vec(L, dh)), const_vec(L, ph))
+        zeros = const_vec(L, 0)
+        # Word offsets of the lanes' bitmap rows, advanced by adds: 64-bit vector multiplies
+        # are several instructions each on AVX2.
+        wpw = k.splat(a["wpw"], L)
+        channel_words, ih0_words = b.mul(b.mul(c, k.splat(a["H"], L)), wpw), b.mul(ih0, wpw)
+        sample_words = b.mul(b.mul(a["C"], a["H"]), a["wpw"])
         with k.loop(0, a["N"]) as n:
+            sample = b.add(channel_words, k.splat(b.mul(n, sample_words), L))
             with k.loop(0, a["OH"]) as oh:
-                ih = b.add(b.mul(oh, ir.Constant(I64, sh)), b.sub(b.mul(kh, ir.Constant(I64, dh)), ir.Constant(I64, ph)))
-                inside = b.and_(b.icmp_signed(">=", ih, ir.Constant(I64, 0)), b.icmp_signed("<", ih, a["H"]))
-                with b.if_else(inside) as (yes, no):
-                    with yes:
-                        r = b.add(b.mul(b.add(b.mul(n, a["C"]), c), a["H"]), ih)
-                        bm_row = k.gep(a["bm"], b.mul(r, a["wpw"]), I64)
-                        with k.loop(0, a["OW"], chunk) as ow0:
-                            left = b.sub(a["OW"], ow0)
-                            length = b.select(b.icmp_signed("<", left, ir.Constant(I64, chunk)), left,
-                                              ir.Constant(I64, chunk))
-                            span = _span(k, bm_row, b.add(q0, b.mul(ow0, ir.Constant(I64, sw))), one_word)
-                            bits = _every_nth(k, t, span, sw, chunk)
-                            bits = b.and_(bits, low_mask(k, length))
-                            stream.append(bits, length)
-                    with no:
-                        stream.skip(a["OW"])
+                ih = b.add(k.splat(b.mul(oh, ir.Constant(I64, sh)), L), ih0)
+                inside = b.and_(b.icmp_signed(">=", ih, zeros), b.icmp_signed("<", ih, k.splat(a["H"], L)))
+                row_words = b.add(k.splat(b.mul(b.mul(oh, ir.Constant(I64, sh)), a["wpw"]), L), ih0_words)
+                bm_rows = k.vgep(a["bm"], b.add(sample, b.select(inside, row_words, zeros)), 8)
+                with k.loop(0, a["OW"], chunk) as ow0:
+                    length = smin(b, b.sub(a["OW"], ow0), ir.Constant(I64, chunk))
+                    span = _span(k, bm_rows, b.add(q0, k.splat(b.mul(ow0, ir.Constant(I64, sw)), L)), one_word)
+                    bits = b.and_(_every_nth(k, t, span, sw, chunk), k.splat(low_mask(k, length), L))
+                    stream.append(b.select(inside, bits, zeros), length)
         stream.finish(a["ld"])
     return k.finish()
-
 
 
 def transpose_bits_ir(target: str | Target = "host") -> KernelIR:

@@ -196,8 +196,8 @@ def _im2col_rows(bm, wpw, dims, conv, target) -> PackedBits:
 
 
 # Output rows narrower than this append too few bits per step for the direct kernel; packing
-# the rows and transposing 64x64 bit blocks is then faster (the crossover, found with
-# benchmarks/bench_preprocess.py on ResNet-18/VGG-16 layers, lies between 16 and 32).
+# the rows and transposing 64x64 bit blocks is then faster (the crossover, measured on
+# ResNet-18/VGG-16 layers at batch 128, lies between 8 and 16).
 DIRECT_TRANSPOSE_MIN_WIDTH = 16
 
 
