@@ -348,18 +348,33 @@ def _check_patch(kernel_size, stride, dilation) -> None:
 def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation, *, one_word: bool) -> KernelIR:
     """``fqt_im2col_pack(bm, wpw, C, H, OH, OW, out, ld, blk0, blk1)``: output rows
     ``(n*OH + oh)*OW + ow`` for blocks ``n*OH + oh`` in ``blk0..blk1``; packed axis
-    ``(c, kh, kw)`` (weight.flatten(1) order). ``one_word``: bitmap rows are one word."""
+    ``(c, kh, kw)`` (weight.flatten(1) order). ``one_word``: bitmap rows are one word.
+
+    A channel's ``KH*KW`` bits are one append to the bit stream when they fit a word (else one
+    append per patch row); a patch row that reads padding is selected to zero bits, and
+    whether it does is decided once per block, not per channel."""
     t = get_target(target)
     _check_patch(kernel_size, stride, dilation)
     (kh_, kw_), (sh, sw), (ph, _), (dh, dw) = kernel_size, stride, padding, dilation
+    appends = [range(kh_)] if kh_ * kw_ <= 64 else [range(i, i + 1) for i in range(kh_)]
     m = new_module(t, "fqt_pack")
     k = Kernel(m, "fqt_im2col_pack", [("bm", "ptr"), ("wpw", "i64"), ("C", "i64"), ("H", "i64"), ("OH", "i64"),
                                       ("OW", "i64"), ("out", "ptr"), ("ld", "i64"), ("blk0", "i64"), ("blk1", "i64")])
     a, b = k.arg, k.b
     L = ROW_LANES
     lane = const_vec(L, range(L))
+    zero = ir.Constant(I64, 0)
     with k.loop(a["blk0"], a["blk1"]) as blk:
         oh, n = b.srem(blk, a["OH"]), b.sdiv(blk, a["OH"])
+        # Per patch row: all ones or zero (padding), and the word offset of its bitmap row in
+        # channel 0 (a padding row reads row 0 of the sample and is masked off).
+        masks, offsets = [], []
+        for kh in range(kh_):
+            ih = b.add(b.sub(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, ph)), ir.Constant(I64, kh * dh))
+            inside = b.and_(b.icmp_signed(">=", ih, zero), b.icmp_signed("<", ih, a["H"]))
+            masks.append(k.splat(b.select(inside, ir.Constant(I64, -1), zero), L))
+            offsets.append(b.mul(b.add(b.mul(b.mul(n, a["C"]), a["H"]), b.select(inside, ih, zero)), a["wpw"]))
+        channel_words = b.mul(a["H"], a["wpw"])
         with k.loop(0, a["OW"], L) as ow0:
             ow = b.add(k.splat(ow0, L), lane)
             valid = b.icmp_signed("<", ow, k.splat(a["OW"], L))
@@ -372,19 +387,16 @@ def im2col_pack_ir(target: str | Target, kernel_size, stride, padding, dilation,
                 masked_scatter(k.b, acc, k.vgep(row_ptrs, k.splat(word, L), 8), valid)
 
             stream = BitStream(k, L, store)
-            field = k.var(vec(L))
             with k.loop(0, a["C"]) as c:
-                for kh in range(kh_):
-                    ih = b.add(b.sub(b.mul(oh, ir.Constant(I64, sh)), ir.Constant(I64, ph)), ir.Constant(I64, kh * dh))
-                    inside = b.and_(b.icmp_signed(">=", ih, ir.Constant(I64, 0)), b.icmp_signed("<", ih, a["H"]))
-                    with b.if_else(inside) as (yes, no):
-                        with yes:
-                            r = b.add(b.mul(b.add(b.mul(n, a["C"]), c), a["H"]), ih)
-                            span = _span(k, k.gep(a["bm"], b.mul(r, a["wpw"]), I64), q, one_word)
-                            k.set(field, _every_nth(k, t, span, dw, kw_))
-                        with no:
-                            k.set(field, const_vec(L, 0))
-                    stream.append(k.get(field, vec(L)), kw_)
+                channel = b.mul(c, channel_words)
+                for group in appends:
+                    field = None
+                    for kh in group:
+                        row = k.gep(a["bm"], b.add(offsets[kh], channel), I64)
+                        bits = b.and_(_every_nth(k, t, _span(k, row, q, one_word), dw, kw_), masks[kh])
+                        bits = b.shl(bits, const_vec(L, (kh - group[0]) * kw_)) if kh > group[0] else bits
+                        field = bits if field is None else b.or_(field, bits)
+                    stream.append(field, len(group) * kw_)
             stream.finish(a["ld"])
     return k.finish()
 
