@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -242,6 +243,14 @@ def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste:
         return mask_in_place(ste, ste.k, dw, target=target).view_as(weight)
 
 
+@lru_cache(maxsize=64)
+def _taps_reading(geometry) -> torch.Tensor:
+    """float32 ``[H*W, KH*KW]``: 1 where the tap reads an output position at the input position
+    (not padding or a stride hole); per geometry, since a sign flip rebuilds the operand below."""
+    h, w, oh, ow, *conv = geometry
+    return (ref.transposed_conv_taps((h, w), (oh, ow), *conv) >= 0).float()
+
+
 def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, torch.Tensor]:
     """``(B, T)`` of the input gradient below, from the sign(W) bits the forward packed and
     kept with them (per geometry) until a sign flips: sign(W) bits along (c, i, j),
@@ -260,9 +269,7 @@ def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, to
     b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
     b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
     tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
-    h, w, oh, ow = geometry[:4]
-    reads = ref.transposed_conv_taps((h, w), (oh, ow), *geometry[4:]) >= 0
-    t_term = (tap_sums.unsqueeze(1) * reads.float().unsqueeze(0)).sum(2)
+    t_term = (tap_sums.unsqueeze(1) * _taps_reading(geometry).unsqueeze(0)).sum(2)
     found = entry.derived[("input_grad", geometry)] = PackedBits(b_words, kh * kw * chunk * 64), t_term
     return found
 
