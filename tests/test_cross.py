@@ -43,9 +43,10 @@ def _model(factory):
     return factory()
 
 
-def _assert_verified(results, target, tmp_path):
+def _assert_verified(results, target, tmp_path, *, popcounts=True):
     """Every kernel the step ran is bit-identical on the target and the host and matches the
-    reference."""
+    reference; the object is for the target's ISA (``popcounts``: and the GEMMs use its
+    vector popcount)."""
     assert results and all(r.calls and r.mismatches == 0 for r in results), \
         [r for r in results if not r.calls or r.mismatches]
     assert all(r.passed for r in results), [r for r in results if not r.passed]
@@ -54,7 +55,7 @@ def _assert_verified(results, target, tmp_path):
     if target in ("rpi4", "rpi5"):
         out = subprocess.run(["file", str(tmp_path / "fqt_kernels.o")], capture_output=True, text=True)
         assert "aarch64" in out.stdout
-        assert "cnt\tv" in asm
+        assert "cnt\tv" in asm or not popcounts
         # rpi4 (ARMv8.0) must not use dotprod; rpi5 does, for popcount sums.
         assert ("udot" in asm) == (target == "rpi5") and "sdot" not in asm
     if target == "hygon":
@@ -86,6 +87,27 @@ def test_odd_shapes_verify_on_target(target, tmp_path):
     _assert_verified(results, target, tmp_path)
     families = {r.family for r in results}
     assert {"binary", "bitplane", "pack", "pack_rows", "im2col_pack", "im2col_pack_t", "tap_gather"} <= families
+
+
+@needs_cross
+@pytest.mark.parametrize("target", ["rpi4"])   # x86 presets have BMI2: tests/test_pack_kernels.py runs theirs
+def test_direct_im2col_transpose_verifies_on_target(target, tmp_path, monkeypatch):
+    """The direct transposed im2col at every width (the step only takes it from width 16 on)
+    with strides 2 and 3, whose every-s-th-bit compression has no ``pext`` on AArch64, and a
+    dilated two-word bitmap row; with the input gradient's tap gather at stride 2."""
+    from fqt_compiler.runtime import pack
+    monkeypatch.setattr(pack, "DIRECT_TRANSPOSE_MIN_WIDTH", 0)
+    gen = torch.Generator().manual_seed(0)
+    cases = [((2, 3, 9, 11), 3, 2, 1, 1), ((1, 2, 5, 130), 3, (3, 1), (1, 2), (1, 2)), ((3, 5, 6, 6), 1, 2, 0, 1)]
+
+    def run():
+        for shape, *conv in cases:
+            pack.im2col_pack_t(torch.randn(*shape, generator=gen), *conv, target=target)
+        codes = torch.randint(-2**62, 2**62, (2, 3 * 5 * 6, 8), generator=gen)
+        pack.tap_gather(codes, 2, (9, 11), (5, 6), 3, 2, 1, 1, target=target)
+    results = verify_calls(run, target, tmp_path)
+    _assert_verified(results, target, tmp_path, popcounts=False)
+    assert {"im2col_pack_t", "tap_gather"} <= {r.family for r in results}
 
 
 @needs_cross
