@@ -21,7 +21,7 @@ in on the fly: ``G' = alpha ⊙ g``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -75,11 +75,31 @@ class _View:
 
 
 def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _View:
-    if kind not in ("tensor", "sample", "channel"):
-        raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
-    g = g.detach()
     if g.dtype != torch.float32:
         g = g.float()
+    if g.requires_grad:
+        g = g.detach()
+    copy, size, stride = _view_geometry(tuple(g.shape), g.stride(), kind, rows_per_sample)
+    if copy:
+        g = g.contiguous()
+    g3 = g.as_strided(size, stride)   # the storage offset stays g's
+    if alpha is not None:
+        if alpha.dtype != torch.float32 or alpha.requires_grad or not alpha.is_contiguous():
+            alpha = alpha.detach().float().contiguous()
+        if alpha.shape != (size[1],):
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({size[1]},)")
+    return _View(g3, alpha)
+
+
+@lru_cache(maxsize=256)
+def _view_geometry(shape: tuple, stride: tuple, kind: str, rows_per_sample: int | None):
+    """``(copy first, size, strides)`` of the ``_View`` of a G' of this shape and strides:
+    validated and derived once per layout (views and permutes on every call are fixed cost
+    per layer and step), on a meta tensor of the same layout."""
+    if kind not in ("tensor", "sample", "channel"):
+        raise ValueError(f"unknown grouping {kind!r}; expected 'tensor', 'sample' or 'channel'")
+    g = torch.empty_strided(shape, stride, device="meta")
+    copy = False
     if g.dim() == 4:
         n, o, h, w = g.shape
         if rows_per_sample not in (None, h * w):
@@ -87,6 +107,7 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
         try:
             g3 = g.view(n, o, h * w)
         except RuntimeError:
+            copy = True
             g3 = g.contiguous().view(n, o, h * w)
         if kind == "channel" and h * w == 1:
             # Samples of one row are one sample on the channel grouping (reference.statistics_view).
@@ -101,11 +122,7 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
         g3 = g.view(rows // rps, rps, o).permute(0, 2, 1)
     else:
         raise ValueError(f"G' must be NCHW or [rows, O], got shape {tuple(g.shape)}")
-    if alpha is not None:
-        alpha = alpha.detach().float().contiguous()
-        if alpha.shape != (g3.shape[1],):
-            raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({g3.shape[1]},)")
-    return _View(g3, alpha)
+    return copy, tuple(g3.shape), g3.stride()
 
 
 class SharedStatistics:
@@ -196,7 +213,7 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     of the row/column kernel: each thread's slice of rows writes its own column partials,
     reduced here."""
     o = v.channels
-    slices = pool.split(rows, pool.num_threads(None), 16) or [(0, 0)]
+    slices = _slices(rows, pool.num_threads(None))
     rlo, rhi = torch.empty(rows), torch.empty(rows)
     cols = torch.empty(2, len(slices), o)   # [lo/hi, slice, o]
     fn, at, step = _fn("row_col_minmax", target), cols.data_ptr(), 4 * o
@@ -205,6 +222,12 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     if len(slices) == 1:
         return rlo, rhi, cols[0, 0], cols[1, 0]
     return rlo, rhi, cols[0].amin(0), cols[1].amax(0)   # the kernel's zeros are all +0.0
+
+
+@lru_cache(maxsize=256)
+def _slices(rows: int, threads: int) -> tuple:
+    """The row/column kernel's row slices, one per thread (whole 16-row units)."""
+    return tuple(pool.split(rows, threads, 16)) or ((0, 0),)
 
 
 def _min_max(v: _View, target: str, sum_squares: bool):
@@ -345,10 +368,11 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     n, channels, rps = v.n, v.channels, v.rps
     src = v.g
     if path == reference.PATH_INPUT:
-        sample_group = np.arange(n) if kind == "sample" else np.zeros(n, np.int64)
-        kept = np.flatnonzero(keep_np[sample_group])
-        rows = (kept[:, None] * rps + np.arange(rps)).ravel()
-        groups = sample_group[rows // rps]
+        # Sample s is group s ("sample") or all samples are group 0 ("tensor").
+        kept = keep_np.nonzero()[0] if kind == "sample" else np.arange(n if keep_np[0] else 0)
+        rows = kept if rps == 1 else (kept[:, None] * rps + np.arange(rps)).ravel()
+        samples = rows if rps == 1 else rows // rps
+        groups = samples if kind == "sample" else np.zeros(rows.size, np.int64)
         k, out_rows = channels, n * rps
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_INPUT)
         if src.stride(1) != 1 and src.stride(2) == 1 and rps >= 64:
@@ -356,7 +380,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             sn, so, si = src.stride()
             tiles = kept.size * -(-rps // 64)
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
-            kept_groups = sample_group[kept]
+            kept_groups = kept if kind == "sample" else np.zeros(kept.size, np.int64)
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
                           lo.data_ptr(), _ptr(sr_scale), _ptr(kept), _ptr(kept_groups),
                           channels, rps, planes.data_ptr(), rows.size, planes.shape[2], min_rows=2)
@@ -366,7 +390,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # beats gathering every row across channel planes.
             src = buffers.contiguous(src.permute(0, 2, 1)).permute(0, 2, 1)
         sn, so, si = src.stride()
-        tables = ((rows // rps) * sn + (rows % rps) * si, rows * channels, groups, np.zeros_like(rows))
+        tables = (samples * sn + (rows - samples * rps) * si, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     elif kind == "sample":
         # One segment per (sample, channel): channel o over the sample's rps rows, counters
@@ -380,9 +404,9 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
         return _result(planes, rps, rows, groups, channels, kind, keep, prob, scale, zero, segments=n)
     else:
-        group = np.arange(channels) if kind == "channel" else np.zeros(channels, np.int64)
-        rows = np.flatnonzero(keep_np[group])
-        groups = group[rows]
+        # Channel o is group o ("channel") or all channels are group 0 ("tensor").
+        rows = keep_np.nonzero()[0] if kind == "channel" else np.arange(channels if keep_np[0] else 0)
+        groups = rows if kind == "channel" else np.zeros(rows.size, np.int64)
         k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
         sn, so, si = src.stride()
