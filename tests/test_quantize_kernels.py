@@ -187,6 +187,40 @@ def test_row_col_statistics(target, rows, cols, monkeypatch):
     assert len(passes) == 1
 
 
+@pytest.mark.parametrize("shape", [(3, 70, 4, 5), (5, 1, 2, 3), (2, 9, 1, 1)])   # 60 rows; one channel; 1x1
+def test_conv_pair_shares_one_row_major_copy(shape, monkeypatch):
+    """Both paths of a conv G' of short maps (fewer than 64 rows a sample) with alpha, as
+    ``aq_quantize_conv2d_grads`` runs them: the input path's row-major copy is made once and
+    the weight path reads its columns; codes, keep draws, scales as the reference for
+    per-sample groups with pruning (aq_scq), one group (ptq, all kept) and zero ranges."""
+    n, o, h, w = shape
+    g, alpha = gradient(*shape, seed=o), torch.rand(o) + 0.1
+    g[0] = 0.25                     # a constant sample: R = 0 in its group
+    copies, contiguous = [], quantize.buffers.contiguous
+    monkeypatch.setattr(quantize.buffers, "contiguous", lambda t: copies.append(t) or contiguous(t))
+    g2d = reference.conv_rows(g * alpha.view(1, -1, 1, 1))
+    for method, bits in (("aq_scq", 4), ("ptq", 2)):
+        shared, copies[:] = quantize.SharedStatistics(), []
+        for path in PATHS:
+            ref = reference.quantize_gradient(g2d, method, path, bits, rows_per_sample=h * w, **KEY)
+            got = quantize.quantize_bitplanes(g, method, path, bits, alpha=alpha, shared=shared, **KEY)
+            check(got, ref, path, h * w)
+        assert len(copies) == (1 if h * w > 1 else 0)
+
+
+def test_view_layout_is_derived_per_shape_and_strides():
+    """The per-layout view geometry is cached by shape and strides: the same memory read
+    as different shapes, or as a transposed view, gives each layout's own reference codes."""
+    base = gradient(6 * 10 * 4 * 3, seed=9)
+    for g, rps in ((base.view(6, 10, 4, 3), 12), (base.view(12, 10, 2, 3), 6), (base.view(6, 120), 1),
+                   (base.view(120, 6).T, 1), (base.view(72, 10), 8)):
+        g2d = reference.conv_rows(g) if g.dim() == 4 else g
+        for path in PATHS:
+            ref = reference.quantize_gradient(g2d, "aq_scq", path, 4, rows_per_sample=rps, **KEY)
+            got = quantize.quantize_bitplanes(g, "aq_scq", path, 4, rows_per_sample=rps, **KEY)
+            check(got, ref, path, rps)
+
+
 def test_different_seeds_give_different_codes():
     g = gradient(2, 64, 4, 4)
     a = quantize.quantize_bitplanes(g, "psq", reference.PATH_INPUT, 4, seed=0, step=0, layer=0)

@@ -130,7 +130,8 @@ class SharedStatistics:
     (input path) and the per-channel groups (weight path) are both reductions of the same
     ``(sample, channel)`` pair minima and maxima (and pair sums of squares), so the kernel
     reads ``G'`` once for both; a linear layer's rows and columns (``_row_major``) come from
-    one pass of the row/column kernel. Made by the op computing both paths and dropped when
+    one pass of the row/column kernel; a conv G' of short maps is copied row-major once for
+    both (``_row_major_copy``). Made by the op computing both paths and dropped when
     it returns, so it never outlives the ``G'`` and alpha it was made for; a pass is reused
     only for the same view of the same memory."""
 
@@ -388,7 +389,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
-            src = buffers.contiguous(src.permute(0, 2, 1)).permute(0, 2, 1)
+            src = _row_major_copy(v, shared)
         sn, so, si = src.stride()
         tables = (samples * sn + (rows - samples * rps) * si, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
@@ -409,10 +410,15 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         groups = rows if kind == "channel" else np.zeros(rows.size, np.int64)
         k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
+        if n > 1 and src.stride(1) != 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
+            # Samples shorter than a word would waste most vector lanes on runs along r:
+            # the input path's row-major copy of G' (made once for both), read by columns.
+            src = _row_major_copy(v, shared)
         sn, so, si = src.stride()
         if so == 1 and si > 1 and (n == 1 or sn == rps * si):
-            # Row-major G' (a linear layer's): its columns are read along the rows, 64x64
-            # tiles bit-transposed, rather than gathered one cache line per element.
+            # Row-major G' (a linear layer's, or the copy above): its columns are read along
+            # the rows, 64x64 tiles bit-transposed, rather than gathered one cache line per
+            # element.
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
             # Named, so that these tables live until the kernel has read them.
             alpha_rows = v.alpha.numpy()[rows] if v.alpha is not None else None
@@ -421,11 +427,6 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
                           _ptr(alpha_rows) if alpha_rows is not None else None, key, _ptr(row_lo), _ptr(row_scale),
                           _ptr(rows), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
             return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
-        if n > 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
-            # Samples shorter than a word would waste most vector lanes: copy G' so that
-            # each channel's r axis is one contiguous run.
-            src = buffers.contiguous(src.permute(1, 0, 2)).permute(1, 0, 2)
-        sn, so, si = src.stride()
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
         else:
@@ -433,6 +434,14 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         tables = (rows * so, rows, groups, rows)
     planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
     return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
+
+
+def _row_major_copy(v: _View, shared: SharedStatistics | None) -> torch.Tensor:
+    """``v.g`` copied row-major (``[n, rps, o]`` memory, NHWC for a conv's G'), viewed as
+    ``v.g``; one copy for both paths when they share ``shared``."""
+    def copy():
+        return buffers.contiguous(v.g.permute(0, 2, 1)).permute(0, 2, 1)
+    return shared.get(v, ("row_major_copy", tuple(v.g.shape), v.g.stride()), copy) if shared else copy()
 
 
 def _ptr(a: np.ndarray) -> int:
