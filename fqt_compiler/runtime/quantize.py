@@ -216,13 +216,14 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     o = v.channels
     slices = _slices(rows, pool.num_threads(None))
     rlo, rhi = torch.empty(rows), torch.empty(rows)
-    cols = torch.empty(2, len(slices), o)   # [lo/hi, slice, o]
-    fn, at, step = _fn("row_col_minmax", target), cols.data_ptr(), 4 * o
-    pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(), at + i * step,
-                      at + (len(slices) + i) * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
+    # [lo/hi, slice, o]; one slice writes the column results directly
+    clo, chi = (torch.empty(o), torch.empty(o)) if len(slices) == 1 else torch.empty(2, len(slices), o)
+    fn, step = _fn("row_col_minmax", target), 4 * o
+    pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(),
+                      clo.data_ptr() + i * step, chi.data_ptr() + i * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
     if len(slices) == 1:
-        return rlo, rhi, cols[0, 0], cols[1, 0]
-    return rlo, rhi, cols[0].amin(0), cols[1].amax(0)   # the kernel's zeros are all +0.0
+        return rlo, rhi, clo, chi
+    return rlo, rhi, clo.amin(0), chi.amax(0)   # the kernel's zeros are all +0.0
 
 
 @lru_cache(maxsize=256)
@@ -305,12 +306,12 @@ def _per_group(tname: str, lo, hi, bits: int, *, scores=None, key: int = 0, keep
         floats[0] = prob
         keep = np.ascontiguousarray(keep, np.bool_)
     work = np.empty(4 * n + 2, np.int64)             # the kernel's scratch, then its status
-    at, row = _ptr(floats), 4 * n
+    at, row, scratch = _ptr(floats), 4 * n, _ptr(work)
     if scores is not None:
         scores = np.ascontiguousarray(scores.numpy(), np.float64)
     _fn("aq_groups", tname)(lo.data_ptr(), hi.data_ptr(), _ptr(scores) if scores is not None else None, n, bits, key,
-                            int(decide), _ptr(work), at, _ptr(keep), at + row, at + 2 * row, at + 3 * row,
-                            _ptr(work) + 8 * (4 * n + 1))
+                            int(decide), scratch, at, _ptr(keep), at + row, at + 2 * row, at + 3 * row,
+                            scratch + 8 * (4 * n + 1))
     if work[4 * n + 1]:
         return None
     return _Groups(keep, *floats)
@@ -420,12 +421,18 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # the rows, 64x64 tiles bit-transposed, rather than gathered one cache line per
             # element.
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
-            # Named, so that these tables live until the kernel has read them.
-            alpha_rows = v.alpha.numpy()[rows] if v.alpha is not None else None
-            row_lo, row_scale = lo.numpy()[groups], sr_scale[groups]
-            parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si,
-                          _ptr(alpha_rows) if alpha_rows is not None else None, key, _ptr(row_lo), _ptr(row_scale),
-                          _ptr(rows), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
+            if kind == "channel" and rows.size == channels:   # all kept: the tables as they are
+                tables = None
+                ptrs = (v.alpha_ptr(), lo.data_ptr(), _ptr(sr_scale))
+            else:
+                # Named, so that these tables live until the kernel has read them.
+                tables = (v.alpha.numpy()[rows] if v.alpha is not None else None, lo.numpy()[groups],
+                          sr_scale[groups])
+                ptrs = tuple(_ptr(t) if t is not None else None for t in tables)
+            alpha_rows, row_lo, row_scale = ptrs
+            parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si, alpha_rows, key, row_lo,
+                          row_scale, _ptr(rows), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
+            del tables
             return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
