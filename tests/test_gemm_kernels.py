@@ -390,3 +390,51 @@ def test_segmented_bitplane_gemm_scales_each_segment(target, segments, o, n, k, 
     got = segmented_bitplane_gemm(pack_planes(codes, nbits), [PackedBits.from_bool(b) for b in bs],
                                   row_scale=scale, row_zero=zero, target=target)
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6 * segments * k * 2 ** nbits)
+
+
+def test_cached_plans_follow_shape_threads_tile_and_family():
+    """A call's tile, blocking, slices and kernel are cached per shape: calls that alternate
+    shapes (across the panel rule's bounds), thread counts, tiles and the two families, each
+    twice so the second comes from the cache, stay exact, and the cache holds one plan per
+    distinct call."""
+    import fqt_compiler.runtime.gemm as rgemm
+    gen = torch.Generator().manual_seed(12)
+    rgemm._plans.clear()
+    tiles = (None, codegen.Tile(1, 2), codegen.PanelTile(2, 1))
+    calls = [(m, n, k, threads, tile) for m, n, k in ((300, 9, 100), (3, 700, 2000), (1, 1, 65))
+             for threads in (1, 2) for tile in tiles]
+    for _ in range(2):
+        for m, n, k, threads, tile in calls:
+            a, b = bits(m, k, gen), bits(n, k, gen)
+            out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), threads=threads, tile=tile)
+            assert torch.equal(out, ref.binary_gemm(a, b)), (m, n, k, threads, tile)
+            codes = torch.randint(0, 4, (m, k), generator=gen)
+            out = run_bitplane(codes, 2, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                               row_map=torch.arange(m), out_rows=m, target="host", threads=threads, tile=tile)
+            assert torch.equal(out, ref.bitplane_gemm(codes, b).float()), (m, n, k, threads, tile)
+    families = {key[0] for key in rgemm._plans}
+    assert families == {"binary", "bitplane", "rowpop"}
+    assert sum(key[0] != "rowpop" for key in rgemm._plans) == 2 * len(calls)
+
+
+def test_a_kernel_hook_sees_calls_of_cached_shapes():
+    """Ahead-of-time emission and cross-target checks route every kernel request through a
+    hook: a shape whose plan is cached still asks the hook, and the cache is not filled
+    with the hook's kernels."""
+    import fqt_compiler.runtime.gemm as rgemm
+    gen = torch.Generator().manual_seed(13)
+    a, b = bits(5, 130, gen), bits(6, 130, gen)
+    pa, pb = PackedBits.from_bool(a), PackedBits.from_bool(b)
+    binary_gemm(pa, pb)
+    cached = dict(rgemm._plans)
+    seen = []
+
+    def hook(spec, load):
+        seen.append(spec.family)
+        return load(spec)
+
+    with jit.kernel_hook(hook):
+        assert torch.equal(binary_gemm(pa, pb), ref.binary_gemm(a, b))
+        assert torch.equal(binary_gemm(pa, pb), ref.binary_gemm(a, b))
+    assert seen == ["binary", "binary"]
+    assert rgemm._plans == cached

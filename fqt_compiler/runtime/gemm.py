@@ -8,7 +8,9 @@ slices on the persistent pool of ``runtime.threads``.
 from __future__ import annotations
 
 import threading
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..codegen import gemm as codegen
@@ -36,16 +38,66 @@ def _default_tile(m: int, n: int, k: int, target: Target):
     return codegen.default_panel_tile(target) if _use_panel(m, n, k) else codegen.default_tile(target)
 
 
-def _plan(m: int, n: int, words: int, tile, threads: int, planes: int = 1):
-    """``(kc, nc, slices, scratch per slice)``: the along-K kernel's blocking and int32
-    partial-sum matrix (shared: slices are disjoint), or the panel kernel's scratch."""
-    slices = _slices(m, n, tile, threads)
+class _Plan(NamedTuple):
+    """What a GEMM call derives from its shape, target and options alone, made once per
+    shape (``_plan``): a layer calls the same three GEMMs every step, and choosing the
+    tile, blocking and slices and looking up the kernel each time is fixed cost that small
+    layers notice."""
+
+    kernel: object
+    words: int                   # words contracted per row
+    kc: int                      # along-K kernel: words per K block, B rows per N block
+    nc: int
+    slices: tuple                # ((m0, m1, n0, n1), ...): one per thread
+    scratch: tuple | None        # panel kernel: int64 scratch words per slice
+
+
+_plans: dict = {}
+MAX_PLANS = 4096                 # shapes that vary from step to step: start afresh past this
+_NO_PARTIAL = torch.empty(0, dtype=torch.int32)   # the along-K kernel without K blocking
+
+
+def _cached(key: tuple, make):
+    """``_plans[key]``, made by ``make()`` on a miss. While a ``jit.kernel_hook`` is active
+    nothing is cached or served from the cache: the hook sees every kernel request."""
+    hooked = jit.hooked()
+    plan = None if hooked else _plans.get(key)
+    if plan is None:
+        plan = make()
+        if not hooked:
+            if len(_plans) >= MAX_PLANS:
+                _plans.clear()
+            _plans[key] = plan
+    return plan
+
+
+def _plan(family: str, m: int, n: int, k: int, target, tile, threads: int, **options) -> _Plan:
+    """The ``_Plan`` of one call of a GEMM family, cached on its arguments as given (the
+    target's name or ``Target``)."""
+    return _cached((family, m, n, k, target, tile, threads, *options.items()),
+                   lambda: _make_plan(family, m, n, k, get_target(target), tile, threads, options))
+
+
+def _make_plan(family: str, m: int, n: int, k: int, target: Target, tile, threads: int, options: dict) -> _Plan:
+    tile = tile or _default_tile(m, n, k, target)
+    vector_words = _vector_words(k, target, tile)
+    words = _contract_words(k, vector_words, tile)
+    kernel = _kernel(family, target, tile=tile, vector_words=vector_words, **options)
+    slices = tuple(_slices(m, n, tile, threads))
     if isinstance(tile, codegen.PanelTile):
-        need = [codegen.panel_scratch_words(tile, words, n1 - n0, planes) for _, _, n0, n1 in slices]
-        return 0, 0, slices, _panel_scratch(need)
-    kc, nc = _blocking(words, tile)
-    partial = buffers.empty((m, n) if kc < words else (0,), torch.int32)
-    return kc, nc, slices, [partial] * len(slices)
+        planes = options.get("bits", 1)
+        scratch = tuple(codegen.panel_scratch_words(tile, words, n1 - n0, planes) for _, _, n0, n1 in slices)
+        return _Plan(kernel, words, 0, 0, slices, scratch)
+    return _Plan(kernel, words, *_blocking(words, tile), slices, None)
+
+
+def _workspace(plan: _Plan, m: int, n: int) -> list[torch.Tensor]:
+    """Per slice: the panel kernel's scratch, or the along-K kernel's int32 partial-sum
+    matrix (shared: slices are disjoint), empty when K needs no blocking."""
+    if plan.scratch is not None:
+        return _panel_scratch(list(plan.scratch))
+    partial = buffers.empty((m, n), torch.int32) if plan.kc < plan.words else _NO_PARTIAL
+    return [partial] * len(plan.slices)
 
 
 def _vector_words(k: int, target: Target, tile=None) -> int:
@@ -150,12 +202,20 @@ def _slices(m: int, n: int, tile, threads: int) -> list[tuple[int, int, int, int
     return [(0, m, lo, hi) for lo, hi in pool.split(n, threads, nr)]
 
 
-def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: Target) -> torch.Tensor:
+def _popcount_plan(k: int, target) -> tuple[object, int]:
+    """``(row popcount kernel, words it reads per row)`` for rows of ``k`` bits, cached."""
+    def make():
+        t = get_target(target)
+        vector_words = _vector_words(k, t)
+        return _kernel("rowpop", t, vector_words=vector_words), _contract_words(k, vector_words)
+    return _cached(("rowpop", k, target), make)
+
+
+def _row_popcounts(planes: torch.Tensor, words: int, kernel) -> torch.Tensor:
     """int32 ``sum_t 2^t popcount(planes[t, r, :words])`` per row ``r``."""
     nplanes, rows, _ = planes.shape
     out = torch.empty(rows, dtype=torch.int32)
     if rows:
-        kernel = _kernel("rowpop", target, vector_words=vector_words)
         kernel(planes.data_ptr(), planes.stride(0), nplanes, planes.stride(1), rows, words, out.data_ptr())
     return out
 
@@ -163,11 +223,11 @@ def _row_popcounts(planes: torch.Tensor, words: int, vector_words: int, target: 
 def signed_row_sums(b: PackedBits, *, target: str | Target = "host") -> torch.Tensor:
     """float32 ``sum_k (±1)[r, k]`` of each row of a packed ±1 matrix: ``2 popcount - k``
     (the column sums of the dequantization epilogue, docs/math.md §4)."""
-    target = get_target(target)
-    vector_words = _vector_words(b.k, target)
-    words = _contract_words(b.k, vector_words)
+    kernel, words = _popcount_plan(b.k, target)
     _check_words("b.words", b.words, words)
-    return (2 * _row_popcounts(b.words.unsqueeze(0), words, vector_words, target) - b.k).float()
+    pop = _row_popcounts(b.words.unsqueeze(0), words, kernel).numpy()
+    # In numpy: three torch ops on a vector of a few hundred elements cost more in dispatch.
+    return torch.from_numpy((2 * pop - b.k).astype(np.float32))
 
 
 def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = None,
@@ -191,14 +251,7 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
                          f"same contraction axis (a: M x K, b: N x K)")
     if bias is not None and scale is None:
         raise ValueError("bias needs scale (pass scale=torch.ones(N) for a bias alone)")
-    target = get_target(target)
     m, n, k = a.rows, b.rows, a.k
-    tile = tile or _default_tile(m, n, k, target)
-    nthreads = pool.num_threads(threads)
-    vector_words = _vector_words(k, target, tile)
-    words = _contract_words(k, vector_words, tile)
-    _check_words("a.words", a.words, words)
-    _check_words("b.words", b.words, words)
     if scale is not None:
         scale = _check_vector("scale", scale, n, torch.float32)
     if bias is not None:
@@ -218,17 +271,18 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     if m == 0 or n == 0:
         return out
     epilogue = "int32" if scale is None else ("scale" if bias is None else "scale_bias")
-    kernel = _kernel("binary", target, tile=tile, epilogue=epilogue, vector_words=vector_words)
-    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads)
-    pointers = (scale.data_ptr() if scale is not None else None,
-                bias.data_ptr() if bias is not None else None)
+    plan = _plan("binary", m, n, k, target, tile, pool.num_threads(threads), epilogue=epilogue)
+    _check_words("a.words", a.words, plan.words)
+    _check_words("b.words", b.words, plan.words)
+    kernel, words, kc, nc = plan.kernel, plan.words, plan.kc, plan.nc
+    args = (a.words.data_ptr(), a.words.stride(0), b.words.data_ptr(), b.words.stride(0))
+    tail = (n, k, out.data_ptr(), hw, s_blk, s_row, s_col, scale.data_ptr() if scale is not None else None,
+            bias.data_ptr() if bias is not None else None)
 
     def task(m0, m1, n0, n1, partial):
-        return lambda: kernel(a.words.data_ptr(), a.words.stride(0), b.words.data_ptr(),
-                              b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
-                              n, k, out.data_ptr(), hw, s_blk, s_row, s_col, *pointers)
+        return lambda: kernel(*args, m0, m1, n0, n1, words, kc, nc, partial.data_ptr(), *tail)
 
-    pool.run([task(*s, p) for s, p in zip(slices, scratch)])
+    pool.run([task(*s, p) for s, p in zip(plan.slices, _workspace(plan, m, n))])
     return out
 
 
@@ -259,42 +313,39 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     bits, m, _ = planes.shape
     if bits not in BITS:
         raise ValueError(f"planes has {bits} planes; expected one of {BITS}")
-    target = get_target(target)
     n, k = b.rows, b.k
-    tile = tile or _default_tile(m, n, k, target)
-    nthreads = pool.num_threads(threads)
-    vector_words = _vector_words(k, target, tile)
-    words = _contract_words(k, vector_words, tile)
-    _check_words("planes", planes, words)
-    _check_words("b.words", b.words, words)
     row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
     row_zero = _check_vector("row_zero", row_zero, m, torch.float32)
     row_map = _check_vector("row_map", row_map, m, torch.int64)
-    if m and (int(row_map.min()) < 0 or int(row_map.max()) >= out_rows):
-        raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
-                         f"[{int(row_map.min())}, {int(row_map.max())}]")
-    if colsum is None:
-        colsum = signed_row_sums(b, target=target)
-    colsum = _check_vector("colsum", colsum, n, torch.float32)
+    if m:
+        lo, hi = (int(v) for v in torch.aminmax(row_map))
+        if lo < 0 or hi >= out_rows:
+            raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got [{lo}, {hi}]")
     if out is None:
         out = buffers.zeros((out_rows, n))
     elif out.shape != (out_rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape ({out_rows}, {n}), got "
                          f"{tuple(out.shape)} {out.dtype}")
+    if colsum is not None:
+        colsum = _check_vector("colsum", colsum, n, torch.float32)
     if m == 0 or n == 0:
         return out
-    pop_words = _vector_words(k, target)
-    rowpop = _row_popcounts(planes, _contract_words(k, pop_words), pop_words, target)
-    kernel = _kernel("bitplane", target, bits=bits, tile=tile, vector_words=vector_words)
-    kc, nc, slices, scratch = _plan(m, n, words, tile, nthreads, bits)
+    plan = _plan("bitplane", m, n, k, target, tile, pool.num_threads(threads), bits=bits)
+    _check_words("planes", planes, plan.words)
+    _check_words("b.words", b.words, plan.words)
+    if colsum is None:
+        colsum = signed_row_sums(b, target=target)
+    pop_kernel, pop_words = _popcount_plan(k, target)
+    rowpop = _row_popcounts(planes, pop_words, pop_kernel)
+    kernel, words, kc, nc = plan.kernel, plan.words, plan.kc, plan.nc
+    args = (planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(), b.words.stride(0))
+    tail = (n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(), row_zero.data_ptr(),
+            rowpop.data_ptr(), colsum.data_ptr())
 
     def task(m0, m1, n0, n1, partial):
-        return lambda: kernel(planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(),
-                              b.words.stride(0), m0, m1, n0, n1, words, kc, nc, partial.data_ptr(),
-                              n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(),
-                              row_zero.data_ptr(), rowpop.data_ptr(), colsum.data_ptr())
+        return lambda: kernel(*args, m0, m1, n0, n1, words, kc, nc, partial.data_ptr(), *tail)
 
-    pool.run([task(*s, p) for s, p in zip(slices, scratch)])
+    pool.run([task(*s, p) for s, p in zip(plan.slices, _workspace(plan, m, n))])
     return out
 
 

@@ -224,6 +224,11 @@ def _load(spec: KernelSpec):
 _hooks: list = []
 
 
+def hooked() -> bool:
+    """Whether a ``kernel_hook`` is active (then wrappers must not serve kernels they cached)."""
+    return bool(_hooks)
+
+
 def kernel(spec: KernelSpec):
     """The callable for ``spec``: the single point where every runtime wrapper turns a kernel
     request into machine code, so ahead-of-time emission and cross-target verification can

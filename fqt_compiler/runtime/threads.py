@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import torch
 
@@ -48,9 +49,11 @@ def run(tasks: list) -> None:
         f.result()
 
 
-def split(total: int, parts: int, unit: int) -> list[tuple[int, int]]:
-    """``[0, total)`` cut into at most ``parts`` ranges of whole ``unit``s, balanced."""
+@lru_cache(maxsize=4096)
+def split(total: int, parts: int, unit: int) -> tuple[tuple[int, int], ...]:
+    """``[0, total)`` cut into at most ``parts`` ranges of whole ``unit``s, balanced (cached:
+    every kernel call of a step splits the same few shapes)."""
     units = -(-total // unit)
     parts = max(1, min(parts, units))
     bounds = [min(total, (units * p // parts) * unit) for p in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    return tuple((lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
