@@ -57,13 +57,20 @@ def _float32(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
 
 
+@lru_cache(maxsize=64)
 def _ones(n: int) -> torch.Tensor:
+    """float32 ones [n], the scale of an unscaled layer's GEMM (which only reads it): one
+    tensor per width, not one per call."""
     return torch.ones(n, dtype=torch.float32)
 
 
 def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
-    """A per-channel scale as the contiguous float32 vector the kernels read."""
-    return None if alpha is None else alpha.detach().reshape(-1).float().contiguous()
+    """A per-channel scale as the contiguous float32 vector the kernels read: ``alpha``
+    itself when it is one already (as when a backward op passes it on to ``_quantize``)."""
+    if alpha is None or (alpha.dim() == 1 and alpha.dtype == torch.float32 and alpha.is_contiguous()
+                         and not alpha.requires_grad):
+        return alpha
+    return alpha.detach().reshape(-1).float().contiguous()
 
 
 # --------------------------------------------------------------------------- sign(W) operands
