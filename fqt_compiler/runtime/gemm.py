@@ -317,10 +317,9 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
     row_zero = _check_vector("row_zero", row_zero, m, torch.float32)
     row_map = _check_vector("row_map", row_map, m, torch.int64)
-    if m:
-        lo, hi = (int(v) for v in torch.aminmax(row_map))
-        if lo < 0 or hi >= out_rows:
-            raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got [{lo}, {hi}]")
+    if m and (int(row_map.min()) < 0 or int(row_map.max()) >= out_rows):
+        raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
+                         f"[{int(row_map.min())}, {int(row_map.max())}]")
     if out is None:
         out = buffers.zeros((out_rows, n))
     elif out.shape != (out_rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
