@@ -24,7 +24,7 @@ the forward pass saves, which saves a pass over ``x`` in backward.
 * ``im2col_pack_t``: rows ``k = (c, kh, kw)``, packed axis ``r = (n, h', w')``, 8 output rows
   per vector: for stride 1 a run of up to 64 output bits is one funnel shift of the bitmap
   row; for stride ``s`` the bits are every ``s``-th one, compressed with ``pext`` where BMI2
-  exists.
+  exists and is not microcoded (Zen 1/2, the ``hygon`` preset, shift and mask instead).
 * ``tap_gather``: the A operand of the conv input gradient as a transposed convolution
   (``runtime.lowered.conv2d_input_grad``): whole code words of G' per tap, no bits moved.
 """
@@ -307,9 +307,14 @@ def _span(k: Kernel, row: ir.Value, q: ir.Value, one_word: bool) -> ir.Value:
     return k.call(f"llvm.fshr.{suffix}", q.type, [hi, lo, sh])
 
 
+_MICROCODED_PEXT = ("znver1", "znver2")
+
+
 def _every_nth(k: Kernel, t: Target, span: ir.Value, step: int, count: int) -> ir.Value:
     """Bits ``0, step, 2 step, ...`` (``count`` of them) of ``span``, packed to the bottom:
-    ``pext`` (per lane) where BMI2 exists, else one shift and mask per bit."""
+    ``pext`` (per lane) where BMI2 exists, else one shift and mask per bit. Zen 1 and 2
+    (``hygon``'s cpu) run ``pext`` in microcode, tens of cycles per set bit of the pattern,
+    slower than the shifts."""
     b = k.b
     lanes = span.type.count if isinstance(span.type, ir.VectorType) else 1
 
@@ -318,7 +323,7 @@ def _every_nth(k: Kernel, t: Target, span: ir.Value, step: int, count: int) -> i
 
     if step == 1:
         return b.and_(span, c((1 << count) - 1 if count < 64 else -1))
-    if t.has("bmi2"):
+    if t.has("bmi2") and t.cpu not in _MICROCODED_PEXT:
         pattern = sum(1 << (i * step) for i in range(count))
         pattern = ir.Constant(I64, pattern - (1 << 64) if pattern >= 1 << 63 else pattern)
         if lanes == 1:
