@@ -8,6 +8,7 @@ slices on the persistent pool of ``runtime.threads``.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import torch
 
@@ -33,7 +34,12 @@ def _kernel(family: str, target: Target, **options):
 
 
 def _default_tile(m: int, n: int, k: int, target: Target):
-    return codegen.default_panel_tile(target) if _use_panel(m, n, k) else codegen.default_tile(target)
+    """The register tile for an ``M x N x K`` GEMM: the across-N kernel where ``_use_panel``,
+    built for K's exact word count when that is at most ``codegen.FIXED_WORDS_MAX``."""
+    if not _use_panel(m, n, k):
+        return codegen.default_tile(target)
+    words = max(1, (k + 63) // 64)
+    return replace(codegen.default_panel_tile(target), words=words if words <= codegen.FIXED_WORDS_MAX else 0)
 
 
 def _plan(m: int, n: int, words: int, tile, threads: int, planes: int = 1):
@@ -67,7 +73,11 @@ def _contract_words(k: int, vector_words: int, tile=None) -> int:
     """Words the kernels contract over: all words holding bits of ``k``, rounded up to whole
     vectors for the along-K kernel (the padding words are zero, so they add nothing)."""
     if isinstance(tile, codegen.PanelTile):
-        return max(1, (k + 63) // 64)
+        words = max(1, (k + 63) // 64)
+        if tile.words not in (0, words):
+            raise ValueError(f"tile {tile} is built for K of {tile.words} words; K={k} takes {words}: pass "
+                             f"PanelTile({tile.mr}, {tile.nv}, words={words}) or words=0 (K at run time)")
+        return words
     return max(vector_words, -(-((k + 63) // 64) // vector_words) * vector_words)
 
 
