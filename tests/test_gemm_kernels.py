@@ -307,6 +307,20 @@ def test_panel_rule():
     assert not _use_panel(128, 4608, 17 * 64) and not _use_panel(128, 9216, 16 * 64)
 
 
+def test_fixed_k_rule():
+    """A panel kernel is built for K's word count when its K steps (words x planes) are few:
+    ViT-tiny's 192 features in the forward GEMMs, not in its 4-plane gradient GEMMs."""
+    from fqt_compiler.runtime.gemm import FIXED_K_STEPS, _default_tile
+    host = get_target("host")
+    assert _default_tile(544, 768, 192, host).words == 3
+    assert _default_tile(544, 192, 64 * FIXED_K_STEPS, host).words == FIXED_K_STEPS
+    assert _default_tile(544, 192, 64 * FIXED_K_STEPS + 1, host).words == 0
+    assert _default_tile(150, 768, 192, host, planes=4).words == 0
+    assert _default_tile(150, 768, 128, host, planes=4).words == 2
+    assert _default_tile(150, 768, 64, host, planes=8).words == 1
+    assert isinstance(_default_tile(1024, 1024, 4096, host), codegen.Tile)
+
+
 @pytest.mark.parametrize("target", HOST_TARGETS)
 def test_panel_kernel_wide_n_short_k(target):
     """The runtime's choice for a short K at N > 512: the across-N kernel (one row or a few,
