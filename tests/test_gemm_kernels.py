@@ -176,7 +176,9 @@ def test_panel_kernel_nchw_tiles(target):
     multiple of mr), tiles across samples or past M row by row; every epilogue."""
     gen = torch.Generator().manual_seed(7)
     tile = codegen.default_panel_tile(target)
-    for n, hw, samples, k in ((9, 4 * tile.mr, 3, 200), (64, 16, 5, 576), (130, 5, 3, 64), (7, 2 * tile.mr, 1, 1)):
+    cases = ((9, 4 * tile.mr, 3, 200), (64, 16, 5, 576), (130, 5, 3, 64), (7, 2 * tile.mr, 1, 1),
+             (70, 3 * tile.mr, 3, 130))
+    for n, hw, samples, k in cases:
         a, b = bits(samples * hw, k, gen), bits(n, k, gen)
         A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
         dot = ref.binary_gemm(a, b)
@@ -204,12 +206,17 @@ def test_panel_kernel_stays_in_its_scratch(target, monkeypatch):
     monkeypatch.setattr(rgemm, "_panel_scratch", exact)
     gen = torch.Generator().manual_seed(9)
     tile = codegen.default_panel_tile(target)
-    for m, n, k in ((3, 13, 5 * 64 - 7), (2 * tile.mr + 3, 130, 9 * 64), (1, 37, 17 * 64 - 1)):
+    for m, n, k in ((3, 13, 5 * 64 - 7), (2 * tile.mr + 3, 130, 9 * 64), (1, 37, 17 * 64 - 1),
+                    (8 * tile.mr + 3, 20, 3 * 64)):
         codes, b = torch.randint(0, 256, (m, k), generator=gen), bits(n, k, gen)
         for threads in (1, 2):
             out = run_bitplane(codes, 8, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                                row_map=torch.arange(m), out_rows=m, target=target, threads=threads, tile=tile)
             assert torch.equal(out, ref.bitplane_gemm(codes, b).float()), (m, n, k)
+            a = bits(m, k, gen)
+            out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), out_hw=m, target=target,
+                              threads=threads, tile=tile)
+            assert torch.equal(out, ref.binary_gemm(a, b).T.unsqueeze(0)), (m, n, k)
     assert given and all(bool((t[(t.numel() - 64) // 2:] == canary).all()) for t in given)
 
 

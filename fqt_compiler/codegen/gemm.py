@@ -681,9 +681,10 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
                         for i in range(mr):
                             run = b.insert_element(run, b.extract_element(values[i], ir.Constant(I32, lane)),
                                                    ir.Constant(I32, i))
-                        at = b.add(row_at, b.mul(b.add(n, i64(lane)), p["s_col"]))
-                        keep = splat(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
-                        _store(b, run, _at(b, p["out"], at, elem), keep)
+                        column = b.add(n, i64(lane))
+                        # The run is one column's: stored whole or not at all, no mask.
+                        with _if(b, b.icmp_signed("<", column, p["n1"])):
+                            b.store(run, _at(b, p["out"], b.add(row_at, b.mul(column, p["s_col"])), elem), align=4)
             with otherwise:
                 by_rows()
 
