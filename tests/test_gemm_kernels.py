@@ -1,5 +1,6 @@
 """Popcount GEMM kernels against the reference (docs/math.md §3, §4): exact integers, float32 epilogues."""
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -175,7 +176,9 @@ def test_panel_kernel_nchw_tiles(target):
     multiple of mr), tiles across samples or past M row by row; every epilogue."""
     gen = torch.Generator().manual_seed(7)
     tile = codegen.default_panel_tile(target)
-    for n, hw, samples, k in ((9, 4 * tile.mr, 3, 200), (64, 16, 5, 576), (130, 5, 3, 64), (7, 2 * tile.mr, 1, 1)):
+    cases = ((9, 4 * tile.mr, 3, 200), (64, 16, 5, 576), (130, 5, 3, 64), (7, 2 * tile.mr, 1, 1),
+             (70, 3 * tile.mr, 3, 130))
+    for n, hw, samples, k in cases:
         a, b = bits(samples * hw, k, gen), bits(n, k, gen)
         A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
         dot = ref.binary_gemm(a, b)
@@ -203,13 +206,84 @@ def test_panel_kernel_stays_in_its_scratch(target, monkeypatch):
     monkeypatch.setattr(rgemm, "_panel_scratch", exact)
     gen = torch.Generator().manual_seed(9)
     tile = codegen.default_panel_tile(target)
-    for m, n, k in ((3, 13, 5 * 64 - 7), (2 * tile.mr + 3, 130, 9 * 64), (1, 37, 17 * 64 - 1)):
+    for m, n, k in ((3, 13, 5 * 64 - 7), (2 * tile.mr + 3, 130, 9 * 64), (1, 37, 17 * 64 - 1),
+                    (8 * tile.mr + 3, 20, 3 * 64)):
         codes, b = torch.randint(0, 256, (m, k), generator=gen), bits(n, k, gen)
         for threads in (1, 2):
             out = run_bitplane(codes, 8, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                                row_map=torch.arange(m), out_rows=m, target=target, threads=threads, tile=tile)
             assert torch.equal(out, ref.bitplane_gemm(codes, b).float()), (m, n, k)
+            a = bits(m, k, gen)
+            out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), out_hw=m, target=target,
+                              threads=threads, tile=tile)
+            assert torch.equal(out, ref.binary_gemm(a, b).T.unsqueeze(0)), (m, n, k)
     assert given and all(bool((t[(t.numel() - 64) // 2:] == canary).all()) for t in given)
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("words", (1, 3, codegen.FIXED_WORDS_MAX))
+def test_fixed_k_panel_kernels_exact(target, words):
+    """Panel kernels built for one K word count (the runtime's choice up to FIXED_WORDS_MAX
+    words): K with a full last word, a tail and a single bit in it; edge row tiles; N of 1,
+    inside one column tile and across two; every binary epilogue, the NCHW layout, and
+    bit planes with pruned rows (rows outside ``row_map`` stay 0)."""
+    from fqt_compiler.runtime.gemm import _default_tile
+    gen = torch.Generator().manual_seed(10 + words)
+    tile = replace(codegen.default_panel_tile(target), words=words)
+    for k, m, n in ((64 * words, tile.mr + 1, 1), (64 * words - 13, 1, 9), (64 * words - 63, 2 * tile.mr + 3, 37)):
+        assert _default_tile(max(m, 256), n, k, get_target(target)) == tile
+        a, b = bits(m, k, gen), bits(n, k, gen)
+        A, B = PackedBits.from_bool(a), PackedBits.from_bool(b)
+        dot = ref.binary_gemm(a, b)
+        scale, bias = torch.rand(n, generator=gen) + 0.1, torch.randn(n, generator=gen)
+        for threads in (1, 2):
+            assert torch.equal(binary_gemm(A, B, target=target, threads=threads, tile=tile), dot), (k, m, n)
+            rows = binary_gemm(A, B, scale=scale, bias=bias, target=target, threads=threads, tile=tile)
+            assert torch.equal(rows, dot.float() * scale + bias), (k, m, n)
+            nchw = binary_gemm(A, B, scale=scale, out_hw=m, target=target, threads=threads, tile=tile)
+            assert torch.equal(nchw, (dot.float() * scale).T.unsqueeze(0)), (k, m, n)
+        for nbits in (1, 4):
+            codes = torch.randint(0, 2 ** nbits, (m, k), generator=gen)
+            row_map = torch.randperm(m + 2, generator=gen)[:m]
+            out = run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
+                               row_map=row_map, out_rows=m + 2, target=target, threads=2, tile=tile)
+            expect = torch.zeros(m + 2, n)
+            expect[row_map] = ref.bitplane_gemm(codes, b).float()
+            assert torch.equal(out, expect), (k, m, n, nbits)
+
+
+def test_fixed_k_panel_tile_errors():
+    with pytest.raises(ValueError, match="words=9"):
+        codegen.PanelTile(4, 2, codegen.FIXED_WORDS_MAX + 1)
+    gen = torch.Generator().manual_seed(11)
+    a, b = PackedBits.from_bool(bits(3, 130, gen)), PackedBits.from_bool(bits(4, 130, gen))
+    with pytest.raises(ValueError, match=r"built for K of 2 words; K=130 takes 3.*words=3"):
+        binary_gemm(a, b, tile=codegen.PanelTile(4, 2, 2))
+
+
+@settings(max_examples=10, deadline=None)
+@given(words=st.integers(1, codegen.FIXED_WORDS_MAX), tail=st.integers(0, 63), m=st.integers(1, 20),
+       n=st.integers(1, 40), nbits=st.sampled_from(ref.BITS), kept=st.floats(0.2, 1.0),
+       target=st.sampled_from(HOST_TARGETS), threads=st.integers(1, 3), seed=st.integers(0, 2 ** 31))
+def test_fixed_k_panel_kernels_property(words, tail, m, n, nbits, kept, target, threads, seed):
+    """Fixed-K panel kernels at random shapes: any tail in the last word, any M and N,
+    pruned bit-plane rows with their own scales and zero points."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 64 * words - tail
+    tile = replace(codegen.default_panel_tile(target), words=words)
+    a, b = bits(m, k, gen), bits(n, k, gen)
+    out = binary_gemm(PackedBits.from_bool(a), PackedBits.from_bool(b), target=target, threads=threads, tile=tile)
+    assert torch.equal(out, ref.binary_gemm(a, b))
+    rows = max(1, int(kept * m))
+    codes = torch.randint(0, 2 ** nbits, (rows, k), generator=gen)
+    row_map = torch.randperm(m, generator=gen)[:rows]
+    scale, zero = torch.rand(rows, generator=gen), torch.randn(rows, generator=gen)
+    out = run_bitplane(codes, nbits, b, row_scale=scale, row_zero=zero, row_map=row_map, out_rows=m,
+                       target=target, threads=threads, tile=tile)
+    expect = torch.zeros(m, n)
+    colsum = pm1(b).sum(1).float()
+    expect[row_map] = scale[:, None] * ref.bitplane_gemm(codes, b).float() + zero[:, None] * colsum
+    assert torch.allclose(out, expect, rtol=1e-6, atol=1e-4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -238,6 +312,20 @@ def test_panel_rule():
     # Past N = 512 only a short K whose panel fits in L2 (the last stage's weight gradients).
     assert _use_panel(128, 4608, 512) and _use_panel(1, 600, 16 * 64 - 13)
     assert not _use_panel(128, 4608, 17 * 64) and not _use_panel(128, 9216, 16 * 64)
+
+
+def test_fixed_k_rule():
+    """A panel kernel is built for K's word count when its K steps (words x planes) are few:
+    ViT-tiny's 192 features in the forward GEMMs, not in its 4-plane gradient GEMMs."""
+    from fqt_compiler.runtime.gemm import FIXED_K_STEPS, _default_tile
+    host = get_target("host")
+    assert _default_tile(544, 768, 192, host).words == 3
+    assert _default_tile(544, 192, 64 * FIXED_K_STEPS, host).words == FIXED_K_STEPS
+    assert _default_tile(544, 192, 64 * FIXED_K_STEPS + 1, host).words == 0
+    assert _default_tile(150, 768, 192, host, planes=4).words == 0
+    assert _default_tile(150, 768, 128, host, planes=4).words == 2
+    assert _default_tile(150, 768, 64, host, planes=8).words == 1
+    assert isinstance(_default_tile(1024, 1024, 4096, host), codegen.Tile)
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)

@@ -28,7 +28,11 @@ Across-N kernel (``PanelTile``, same signatures, same families): for narrow N an
 the vectors hold one K word of several output *columns* instead of several words of one
 column: B's rows are transposed into a small panel in the ``partial`` scratch, each A word
 is broadcast (on AVX2 once per row tile, into the same scratch), and the accumulators end as
-per-column 64-bit lane sums with no reduction and no K padding (see ``_panel_body``).
+per-column 64-bit lane sums with no reduction and no K padding (see ``_panel_body``); a row's
+``nv`` column vectors then go through the epilogue as one vector. A panel tile may fix K's
+word count at build time (``PanelTile.words``, up to ``FIXED_WORDS_MAX``): the K loop is
+unrolled and each plane's byte sums are flushed once, for the K of a few words (ViT's 192
+features) where the loop, its flushes and their spills cost as much as the popcounts.
 
 How one vector of words is popcounted and accumulated depends on the target (``_Popcount``):
 a 64-bit lane popcount where it is one instruction (AVX-512 VPOPCNTDQ); byte popcounts
@@ -38,7 +42,7 @@ with dotprod.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llvmlite import ir
 
@@ -81,17 +85,28 @@ def default_tile(target: str | Target) -> Tile:
 @dataclass(frozen=True)
 class PanelTile:
     """Register tile of the across-N kernel: ``mr`` rows of A by ``nv`` vectors of columns
-    (``nv * lanes`` outputs, one 64-bit lane per output column)."""
+    (``nv * lanes`` outputs, one 64-bit lane per output column). ``words``: 0 for a kernel
+    taking the K word count at run time; 1..``FIXED_WORDS_MAX`` for one built for exactly that
+    many words, its K loop unrolled (a K of a few words leaves the loop control, the chunked
+    byte-accumulator flushes and their spills as much work as the popcounts)."""
 
     mr: int
     nv: int
+    words: int = 0
 
     def __post_init__(self):
         if not (1 <= self.mr <= 16 and 1 <= self.nv <= 8):
             raise ValueError(f"panel tile {self.mr}x{self.nv}: mr in 1..16, nv in 1..8")
+        if not 0 <= self.words <= FIXED_WORDS_MAX:
+            raise ValueError(f"panel tile words={self.words}: 0 (K at run time) or 1..{FIXED_WORDS_MAX}")
 
     def __str__(self) -> str:
-        return f"p{self.mr}x{self.nv}"
+        return f"p{self.mr}x{self.nv}" + (f"k{self.words}" if self.words else "")
+
+
+# The widest K a fixed-K panel kernel is built for: below the byte accumulators' 31 steps, so
+# each plane's sums need one flush.
+FIXED_WORDS_MAX = 8
 
 
 def default_panel_tile(target: str | Target) -> PanelTile:
@@ -304,11 +319,12 @@ def _plane(b: ir.IRBuilder, ops: _Operands, t: int):
 
 
 def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: int, planes: int, k0, k1,
-                words_per_step: int, k_steps):
+                words_per_step: int, k_steps, one_chunk: bool = False):
     """``rows x cols`` wide accumulators (allocas) of ``sum_t 2^t popcount`` over words
     ``[k0, k1)``; ``k_steps(t, a_base, c0, c1, accs)`` emits the K loop over plane ``t``
     (starting at ``a_base``) into ``accs``, narrow ones flushed every ``pop.chunk`` steps
-    where the scheme needs it."""
+    where the scheme needs it (``one_chunk``: the caller knows ``[k0, k1)`` takes at most
+    ``pop.chunk`` steps, so there is no loop over chunks)."""
     b = kern.b
     wide = [[kern.var(pop.wide, name=f"acc{i}_{j}") for j in range(cols)] for i in range(rows)]
     for row in wide:
@@ -326,15 +342,22 @@ def _plane_sums(kern: Kernel, pop: _Popcount, ops: _Operands, rows: int, cols: i
             k_steps(t, a_base, k0, k1, wide)
             continue
         narrow = [[kern.var(pop.narrow, name=f"nacc{i}_{j}") for j in range(cols)] for i in range(rows)]
-        span = i64(pop.chunk * words_per_step)
-        with kern.loop(k0, k1, span) as c0:
+
+        def chunk(c0, c1):
             for row in narrow:
                 for w in row:
                     b.store(pop.zero(pop.narrow), w)
-            k_steps(t, a_base, c0, smin(b, b.add(c0, span), k1), narrow)
+            k_steps(t, a_base, c0, c1, narrow)
             for i in range(rows):
                 for j in range(cols):
                     b.store(pop.flush(b, b.load(wide[i][j]), b.load(narrow[i][j])), wide[i][j])
+
+        if one_chunk:
+            chunk(k0, k1)
+            continue
+        span = i64(pop.chunk * words_per_step)
+        with kern.loop(k0, k1, span) as c0:
+            chunk(c0, smin(b, b.add(c0, span), k1))
     return wide
 
 
@@ -379,6 +402,17 @@ def _transpose_sum(b: ir.IRBuilder, vecs: list):
                 for x, y in zip(vecs[0::2], vecs[1::2])]
         h *= 2
     return vecs[0]
+
+
+def _concat(b: ir.IRBuilder, vecs: list):
+    """The vectors of ``vecs`` (one element type, lanes not increasing) end to end, as one vector."""
+    out = vecs[0]
+    for y in vecs[1:]:
+        p, q = out.type.count, y.type.count
+        if q < p:   # shufflevector takes operands of one type: widen y (extra lanes unused)
+            y = b.shuffle_vector(y, y, ir.Constant(vec(p, I32), [i % q for i in range(p)]))
+        out = b.shuffle_vector(out, y, ir.Constant(vec(p + q, I32), list(range(p + q))))
+    return out
 
 
 def _to_i32(b, v):
@@ -443,6 +477,8 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
     (``[planes][words][mr]`` vectors) after the panel, and the K steps load them as vectors:
     ``panel_scratch_words`` is the scratch this takes."""
     b = kern.b
+    if tile.words:
+        ops = replace(ops, words=i64(tile.words))
     L = pop.words
     lanes = i64(L)
     panel = ops.partial
@@ -457,7 +493,7 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
             word = b.load(_at(b, ops.b, b.add(b.mul(src_row, ops.ldb), k), I64), typ=I64)
             b.store(b.select(inside, word, i64(0)), _at(b, panel, b.add(b.mul(k, NP), j), I64))
     step = i64(tile.mr)
-    lane_ids = ir.Constant(vec(L, I32), list(range(L)))
+    lane_ids = ir.Constant(vec(tile.nv * L, I32), list(range(tile.nv * L)))
     with kern.loop(ops.m0, ops.m1, step) as m:
         rows = [smin(b, b.add(m, i64(i)), b.sub(ops.m1, i64(1))) for i in range(tile.mr)]
 
@@ -484,7 +520,7 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
             cols = [smin(b, b.add(nb, i64(j * L)), b.sub(NP, lanes)) for j in range(tile.nv)]
 
             def k_steps(t, a_base, c0, c1, accs):
-                with kern.loop(c0, c1, i64(1)) as k:
+                for k in _word_steps(kern, c0, c1, tile.words):
                     row_k = b.mul(k, NP)
                     bv = [b.load(_at(b, panel, b.add(row_k, c), I64), typ=pop.word_vec, align=8)
                           for c in cols]
@@ -494,11 +530,14 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
                             x = b.xor(av, bv[j]) if combine == "xor" else b.and_(av, bv[j])
                             b.store(pop.step(b, b.load(accs[i][j]), x), accs[i][j])
 
-            wide = _plane_sums(kern, pop, ops, tile.mr, tile.nv, planes, i64(0), ops.words, 1, k_steps)
-            totals = [[_to_i32(b, pop.per_word(b, b.load(w))) for w in row] for row in wide]
-            ns = [b.add(ops.n0, c) for c in cols]
-            masks = [b.icmp_signed("<", lane_ids, splat(b, b.trunc(b.sub(ops.n1, n), I32), L))
-                     for n in ns]
+            wide = _plane_sums(kern, pop, ops, tile.mr, tile.nv, planes, i64(0), ops.words, 1, k_steps,
+                               one_chunk=bool(tile.words))
+            # One vector per row for the tile's nv * L columns [n, n + nv L): one epilogue and
+            # store per row, not per column vector. A column vector clamped above sits past NP
+            # >= n1 - n0 in this vector, so the mask drops it.
+            totals = [[_concat(b, [_to_i32(b, pop.per_word(b, b.load(w))) for w in row])] for row in wide]
+            ns = [b.add(ops.n0, nb)]
+            masks = [b.icmp_signed("<", lane_ids, splat(b, b.trunc(b.sub(ops.n1, ns[0]), I32), tile.nv * L))]
 
             def by_rows():
                 for i in range(tile.mr):
@@ -512,6 +551,16 @@ def _panel_body(kern: Kernel, pop: _Popcount, tile: PanelTile, ops: _Operands, *
                 by_rows()
             else:
                 epilogue.tile(b, m, ns, totals, masks, by_rows)
+
+
+def _word_steps(kern: Kernel, k0, k1, fixed: int):
+    """The K word indices ``[k0, k1)`` of a panel K loop: a loop, or for a fixed-K kernel
+    (``fixed`` words, ``[k0, k1) = [0, fixed)``) each index as a constant, the body unrolled."""
+    if fixed:
+        yield from (i64(k) for k in range(fixed))
+        return
+    with kern.loop(k0, k1, i64(1)) as k:
+        yield k
 
 
 def _define(target: Target, name: str, params: list[tuple[str, str]], vector_words: int | None):
@@ -559,8 +608,28 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
     kern, pop, b, p = _define(target, name, params, vector_words)
     ops = _operands(p, p["a"], i64(0))
 
+    def divmod_hw(b, m):
+        """``(m / hw, m % hw)``, with no division for a row-major output (``hw = 1``): an
+        integer division per tile row costs as much as the popcounts of a K of a few words."""
+        with b.if_else(b.icmp_signed("==", p["hw"], i64(1)), likely=True) as (rows, nchw):
+            with rows:
+                rows_block = b.block
+            with nchw:
+                q, r = b.sdiv(m, p["hw"]), b.srem(m, p["hw"])
+                nchw_block = b.block
+        out = []
+        for rows_value, nchw_value in ((m, q), (i64(0), r)):
+            phi = b.phi(I64)
+            phi.add_incoming(rows_value, rows_block)
+            phi.add_incoming(nchw_value, nchw_block)
+            out.append(phi)
+        return out
+
+    def offset(b, q, r):
+        return b.add(b.mul(q, p["s_blk"]), b.mul(r, p["s_row"]))
+
     def row(b, m):
-        return b.add(b.mul(b.sdiv(m, p["hw"]), p["s_blk"]), b.mul(b.srem(m, p["hw"]), p["s_row"]))
+        return offset(b, *divmod_hw(b, m))
 
     def value(b, n, pop_sum, mask):
         lanes = pop_sum.type.count
@@ -597,12 +666,13 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
         writes one element per cycle at best). Rows crossing a sample or past m1: by rows."""
         mr = len(totals)
         hw = p["hw"]
+        q, r = divmod_hw(b, m)
         fast = b.and_(b.and_(b.icmp_signed("!=", p["s_col"], i64(1)), b.icmp_signed("==", p["s_row"], i64(1))),
                       b.and_(b.icmp_signed("<=", b.add(m, i64(mr)), p["m1"]),
-                             b.icmp_signed("<=", b.add(b.srem(m, hw), i64(mr)), hw)))
+                             b.icmp_signed("<=", b.add(r, i64(mr)), hw)))
         with b.if_else(fast) as (then, otherwise):
             with then:
-                row_at = row(b, m)
+                row_at = offset(b, q, r)
                 for j, n in enumerate(ns):
                     values = [value(b, n, totals[i][j], masks[j]) for i in range(mr)]
                     lanes, elem = values[0].type.count, values[0].type.element
@@ -611,9 +681,10 @@ def binary_gemm_ir(target: str | Target = "host", *, tile: Tile | PanelTile | No
                         for i in range(mr):
                             run = b.insert_element(run, b.extract_element(values[i], ir.Constant(I32, lane)),
                                                    ir.Constant(I32, i))
-                        at = b.add(row_at, b.mul(b.add(n, i64(lane)), p["s_col"]))
-                        keep = splat(b, b.extract_element(masks[j], ir.Constant(I32, lane)), mr)
-                        _store(b, run, _at(b, p["out"], at, elem), keep)
+                        column = b.add(n, i64(lane))
+                        # The run is one column's: stored whole or not at all, no mask.
+                        with _if(b, b.icmp_signed("<", column, p["n1"])):
+                            b.store(run, _at(b, p["out"], b.add(row_at, b.mul(column, p["s_col"])), elem), align=4)
             with otherwise:
                 by_rows()
 

@@ -1,7 +1,10 @@
 """Static performance report: llvm-mca on the inner loop of each emitted GEMM micro-kernel.
 
 Estimates only (llvm-mca's scheduling model of the target CPU, the innermost popcount loop,
-no memory effects), reported as binary MACs per cycle against the CPU's fp32 FMA peak.
+no memory effects), reported as binary MACs per cycle against the CPU's fp32 FMA peak. For a
+panel kernel built for a fixed K (``PanelTile.words``), whose K steps are unrolled, that
+loop is the loop over column tiles: a whole tile with its epilogue and its untaken edge
+paths, so its rate is not comparable with a K loop's.
 """
 from __future__ import annotations
 
