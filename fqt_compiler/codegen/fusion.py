@@ -8,9 +8,10 @@ A ``Region`` is a small program over an NCHW tensor, rooted at a normalization:
 
 The normalization axis is the region's ``axis``: ``"channel"`` (BatchNorm: statistics of
 each channel over N, H, W, the affine per channel) or ``"row"`` (LayerNorm: statistics of
-each row of the last dimension, the affine per feature). A row region runs as the NCHW
-region of a ``[1, rows, 1, D]`` tensor (a row is a channel of one sample and one image
-row), so both share the statistics, the loops and the ABI.
+each row of the last dimension, the affine per feature; not ``centered``: RMSNorm, the
+mean square and ``gamma`` alone). A row region runs as the NCHW region of a ``[1, rows, 1,
+D]`` tensor (a row is a channel of one sample and one image row), so both share the
+statistics, the loops and the ABI.
 
 ``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
 channels; every statistic is per channel, so no atomics and a thread-count-independent
@@ -36,8 +37,9 @@ vector paths both ways (``_pool2x2_forward``, ``_pool2x2_backward``). The math i
 pooled masks, LayerNorm: §4b).
 
 A ``LinearRegion`` is the normalization-free row case: a binarized linear layer's raw GEMM
-result times alpha plus the bias, then an activation, row by row
-(``linear_region_forward_ir``, ``linear_region_backward_ir``; see the section below).
+result times alpha plus the bias, then an activation, row by row, and when ``gated`` times a
+second layer's output (SwiGLU) (``linear_region_forward_ir``, ``linear_region_backward_ir``;
+see the section below).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Fused float regions: BatchNorm -> residual add -> activation -> pool, and LayerNorm ->
-activation, each as one op (kernel backend).
+"""Fused float regions: BatchNorm -> residual add -> activation -> pool, LayerNorm or RMSNorm
+-> activation, a binarized linear layer -> activation (times a second one's output), each as
+one op (kernel backend).
 
 ``passes/fuse_regions.py`` replaces such a chain of the captured graph by
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
@@ -41,7 +42,9 @@ the reference of a fused op is the computation it replaced. The math is docs/mat
 last dimension (any number of leading dimensions) with weight and bias, then an activation
 (GELU exact or tanh among them); it returns the output and the per-row ``mean`` and
 ``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
-per-row vectors. The math is docs/math.md §4b.
+per-row vectors. The math is docs/math.md §4b. ``fqt::rms_region`` (``rms_norm_region``) is
+RMSNorm the same way, ``weight * (x * rsqrt(mean(x^2) + eps))`` then an activation, keeping
+``x`` and the per-row ``invstd``.
 
 ``fqt::linear_act_region`` (``binary_linear_region``) is a binarized linear layer (default
 alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,
@@ -51,7 +54,9 @@ contractions of 32768 or more, ``raw_dtype``), which is all its backward
 ``act'(v) dy``, and the bias gradient, and the registered autograd multiplies the former by
 alpha, ``G'`` (a multiply the kernel backend's ``fold_alpha`` moves into the gradient
 quantizer, as for an unfused layer). Its reference is the unfused chain (``library.binarized_linear``'s
-multiply and add, the activation, ATen's backward of each).
+multiply and add, the activation, ATen's backward of each). ``fqt::gated_linear_region``
+(``binary_gated_linear_region``) is two such layers and ``act(v) * u`` (SwiGLU), keeping both
+raw results and returning both layers' gradients.
 """
 from __future__ import annotations
 

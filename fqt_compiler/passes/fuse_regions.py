@@ -14,12 +14,23 @@ activation's mask bits, nothing, or for GELU the residual itself); one activatio
 ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
 ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
 dimensions normalized over its last one, with weight and bias, then (if its only user) one
-activation. And a ``binarized_linear`` (from ``rewrite_binary_layers``) with the default
-alpha on a float32 input whose only user is one activation (ViT's and BERT's fc1 -> GELU).
+activation. And RMSNorm over the last dimension with a weight, then (if its only user) one
+activation: ``weight * (h * rsqrt(mean(h ** 2, -1, keepdim=True) + eps))`` as
+``transformers``' LlamaRMSNorm traces (method or function ``pow``/``mean``, a float32 ``.to``
+of the normalized value allowed, each link the only user of the one before, the weight of
+shape ``[D]`` in either operand order), or ``torch.rms_norm``/``F.rms_norm`` (``nn.RMSNorm``).
+And a ``binarized_linear`` (from ``rewrite_binary_layers``) with the default
+alpha on a float32 input whose only user is one activation (ViT's and BERT's fc1 -> GELU;
+SiLU), and when that activation's only user is its product with a second such layer's output
+of the same shape that nothing else reads (SwiGLU: ``silu(gate(x)) * up(x)``, either order),
+the second layer and the product too.
 Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
 fused op ``fqt::bn_region`` plus the running-statistics update), one
 ``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
-chain, one ``fused_regions.binary_linear_region`` call (``fqt::linear_act_region``: the
+chain, one ``fused_regions.rms_norm_region`` call (``fqt::rms_region``) in place of an
+RMSNorm chain, one ``fused_regions.binary_gated_linear_region`` call
+(``fqt::gated_linear_region``: both raw GEMM results kept as int16) in place of a gated
+pair, one ``fused_regions.binary_linear_region`` call (``fqt::linear_act_region``: the
 raw GEMM result, alpha and bias go into the region, which keeps the raw result as int16, or
 int32 for a contraction of 32768 or more, instead of a float32 copy) in place of a linear
 layer and its activation, each noted with the ops it replaced; ``regions_out`` receives one
