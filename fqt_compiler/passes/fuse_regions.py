@@ -8,8 +8,8 @@ here) and, in eval mode, running statistics; then, each only if the previous val
 other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alpha 1) of a
 float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
 identity may be another BatchNorm's output; the note says what backward keeps for it: the
-activation's mask bits, nothing, or for GELU the residual itself); one activation
-(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh); one pool:
+activation's mask bits, nothing, or for GELU and SiLU the residual itself); one activation
+(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh, SiLU); one pool:
 ``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps),
 ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
 ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
