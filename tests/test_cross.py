@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fqt_compiler as fqt
@@ -169,6 +170,37 @@ def test_layer_norm_regions_verify_on_target(target, tmp_path):
     # pack_cols: the linear layers' weight-path quantizer over their row-major G'; aq_groups:
     # the quantizer's keep decisions and per-group scales
     assert {"region_forward", "region_backward", "pack_cols", "aq_groups"} <= {r.family for r in results}
+
+
+class _LlamaBlock(nn.Module):
+    """A Llama-style MLP block with odd widths: LlamaRMSNorm's chain, SwiGLU (with biases,
+    so the gated region's bias gradients run too), nn.RMSNorm (torch.rms_norm) -> SiLU."""
+
+    def __init__(self, d=22, hidden=37):
+        super().__init__()
+        self.embed, self.norm = nn.Linear(d, d), nn.Parameter(torch.rand(d) + 0.5)
+        self.gate, self.up, self.down = nn.Linear(d, hidden), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.rms, self.head = nn.RMSNorm(d, eps=1e-6), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = self.norm * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+        h = self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.head(F.silu(self.rms(h)))
+
+
+@needs_cross
+@pytest.mark.parametrize("target", CROSS_TARGETS)
+def test_llama_regions_verify_on_target(target, tmp_path):
+    """The RMSNorm row kernels (LlamaRMSNorm's chain; nn.RMSNorm -> SiLU) and the SwiGLU gated
+    linear kernels, 87 rows (two row blocks) of odd widths, on the target: equal to the host's
+    bit for bit, to the unfused chain to float32 rounding."""
+    torch.manual_seed(0)
+    results = verify(_LlamaBlock(), (torch.randn(3, 29, 22),), target, tmp_path)
+    _assert_verified(results, target, tmp_path)
+    # no LayerNorm and no other activation: the row regions are RMSNorms, the linear ones gated
+    assert {"region_forward", "region_backward", "linear_region_forward", "linear_region_backward"} <= \
+        {r.family for r in results}
 
 
 def test_reference_check_catches_one_flipped_bit():

@@ -340,11 +340,11 @@ def test_residual_and_mean_regions_match_the_unfused_chain(shape, training):
         check_region(shape, "hardtanh", [0.0, 6.0], [2, 2, 2, 2, 0, 0], True, training, residual=True)
 
 
-@pytest.mark.parametrize("act,params", ACTS + [("gelu", []), ("gelu_tanh", [])])
+@pytest.mark.parametrize("act,params", ACTS + [("gelu", []), ("gelu_tanh", []), ("silu", [])])
 def test_region_activations_match_the_unfused_chain(act, params):
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True)
     check_region((2, 9, 4, 4), act, params, [], False, False)
-    # after a residual add: mask bits saved (GELU: the residual), with and without pools
+    # after a residual add: mask bits saved (GELU, SiLU: the residual), with and without pools
     check_region((3, 70, 5, 7), act, params, [3, 3, 2, 2, 1, 1], True, True, residual=True)
     check_region((1, 65, 3, 5), act, params, [], False, True, residual=True, mode="mean")
     check_region((3, 9, 7, 3), act, params, [2, 2, 2, 2, 0, 0], False, False, residual=True)

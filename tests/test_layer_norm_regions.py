@@ -14,7 +14,7 @@ from fqt_compiler.codegen import fusion as gen
 from fqt_compiler.ops import registry
 from fqt_compiler.runtime import fusion
 
-ACTS = ["none", "gelu", "gelu_tanh", "relu"]
+ACTS = ["none", "gelu", "gelu_tanh", "relu", "silu"]
 # rows 1, prime, and more than one ROW_BLOCK; features not multiples of 8 or 64
 SHAPES = [(1, 7), (13, 70), (131, 67), (2, 3, 5, 9), (2, 515)]
 
@@ -49,7 +49,7 @@ def check_row_region(shape, act, seed=0):
         _close(g, w, name, 1e-5 * cond)
     leaf = [t.clone().requires_grad_() for t in (x, weight, bias)]
     chain = {"none": lambda v: v, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-             "relu": F.relu}[act](F.layer_norm(leaf[0], (d,), leaf[1], leaf[2], 1e-5))
+             "relu": F.relu, "silu": F.silu}[act](F.layer_norm(leaf[0], (d,), leaf[1], leaf[2], 1e-5))
     _close(want[0], chain.detach(), "reference out", 1e-5 * cond)
     chain.backward(dy)
     bargs = (dy, x, weight, bias, want[1], want[2], 1e-5, act, [], "ln")
@@ -109,11 +109,17 @@ def test_row_region_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name,approximate", [("gelu", "none"), ("gelu_tanh", "tanh")])
-def test_gelu_polynomials_match_torch_over_the_float_range(name, approximate):
-    """GELU and its derivative from the kernels' polynomial erf/exp/tanh, against float64
-    torch: about as close as float32 torch is (and finite, with the right limits, at huge
-    inputs where an unclamped exp would overflow)."""
+_POLYNOMIAL_ACTS = {"gelu": (F.gelu, torch.ops.aten.gelu_backward),
+                    "gelu_tanh": (lambda v: F.gelu(v, approximate="tanh"),
+                                  lambda d, v: torch.ops.aten.gelu_backward(d, v, approximate="tanh")),
+                    "silu": (F.silu, torch.ops.aten.silu_backward)}
+
+
+@pytest.mark.parametrize("name", list(_POLYNOMIAL_ACTS))
+def test_polynomial_activations_match_torch_over_the_float_range(name):
+    """GELU, SiLU and their derivatives from the kernels' polynomial erf/exp/tanh, against
+    float64 torch: about as close as float32 torch is (and finite, with the right limits, at
+    huge inputs where an unclamped exp would overflow)."""
     x = torch.cat([torch.linspace(-12, 12, 20001),
                    torch.tensor([-1e30, -1e4, -100.0, -9.5, 0.0, -0.0, 1e-30, 9.5, 100.0, 1e4, 1e30])])
     x4 = x.view(1, -1, 1, 1)
@@ -122,10 +128,10 @@ def test_gelu_polynomials_match_torch_over_the_float_range(name, approximate):
     out = fusion.region_forward(x4, region, ones, zeros, zeros, ones)[0].flatten().double()
     dx = fusion.region_backward(torch.ones_like(x4), x4, torch.empty(0, dtype=torch.uint8), region,
                                 ones, zeros, zeros, ones)[0].flatten().double()
-    want = F.gelu(x.double(), approximate=approximate)
-    want_d = torch.ops.aten.gelu_backward(torch.ones_like(x).double(), x.double(), approximate=approximate)
+    forward, backward = _POLYNOMIAL_ACTS[name]
+    want, want_d = forward(x.double()), backward(torch.ones_like(x).double(), x.double())
     # float32 ATen's tanh-GELU derivative is NaN where x^2 overflows; the kernel's too
-    finite = torch.isfinite(torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate))
+    finite = torch.isfinite(backward(torch.ones_like(x), x))
     assert torch.equal(finite, torch.isfinite(dx))
     assert ((out - want).abs() / want.abs().clamp(min=1)).max() < 1e-6
     assert (dx - want_d)[finite].abs().max() < 5e-6

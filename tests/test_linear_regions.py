@@ -16,7 +16,7 @@ from fqt_compiler.ops import registry
 from test_layer_norm_regions import _close, _graph_ops, _steps
 
 ACTS = {"none": lambda v: v, "gelu": F.gelu, "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
-        "relu": F.relu}
+        "relu": F.relu, "silu": F.silu}
 # rows 1, prime, and more than one ROW_BLOCK; features not multiples of 8 or 16
 SHAPES = [(1, 1), (13, 70), (131, 67), (2, 3, 5, 9), (2, 515)]
 
@@ -40,8 +40,8 @@ def check_linear_region(shape, act, bias=True, contraction=192, seed=0):
     (out, raw), (want_out, want_raw) = kern(*args), ref(*args)
     assert raw.dtype == want_raw.dtype == (torch.int16 if contraction < 1 << 15 else torch.int32)
     assert torch.equal(raw, want_raw) and torch.equal(raw.float(), y)
-    # the same float32 operations in the same order, but GELU's polynomials
-    tol = 1e-5 if act.startswith("gelu") else 0
+    # the same float32 operations in the same order, but GELU's and SiLU's polynomials
+    tol = 1e-5 if act in ("gelu", "gelu_tanh", "silu") else 0
     _close(out, want_out, "out", tol)
     leaf_y = y.clone().requires_grad_()
     leaf_b = b.clone().requires_grad_() if bias else None

@@ -140,6 +140,20 @@ def _opcheck_cases():
                                              activation, [], "fc1")))
         raw = FR.linear_act_region(yl, al, lbias, 9, activation, [], "fc1")[1]
         cases.append((FR.linear_act_region_backward, (torch.randn(yl.shape), raw, al, lbias, activation, [], "fc1")))
+    # RMSNorm regions (none, SiLU) and the gated linear region (SwiGLU without biases, GEGLU with)
+    for activation in ("none", "silu"):
+        cases.append((FR.rms_region, (xn.clone().requires_grad_(), wn.clone().requires_grad_(), 1e-6, activation,
+                                      [], "rms")))
+        invstd = FR.rms_region(xn, wn, 1e-6, activation, [], "rms")[1]
+        cases.append((FR.rms_region_backward, (torch.randn(xn.shape), xn, wn, invstd, 1e-6, activation, [], "rms")))
+    yu, au = torch.randint(-9, 10, (2, 3, 7)).float(), torch.rand(7)
+    for activation, lbias in (("silu", None), ("gelu", bl)):
+        ubias = None if lbias is None else lbias.flip(0)
+        grad = [t if t is None else t.clone().requires_grad_() for t in (yl, lbias, yu, ubias)]
+        cases.append((FR.gated_linear_region, (grad[0], al, grad[1], grad[2], au, grad[3], 9, activation, [], "mlp")))
+        _, raw, raw_up = FR.gated_linear_region(yl, al, lbias, yu, au, ubias, 9, activation, [], "mlp")
+        cases.append((FR.gated_linear_region_backward, (torch.randn(yl.shape), raw, al, lbias, raw_up, au, ubias,
+                                                        activation, [], "mlp")))
     # dropout over an odd count (a partial last mask byte)
     xd = torch.randn(3, 5, 7)
     cases.append((D.dropout, (xd.clone().requires_grad_(), RS, 0.3, 17, "drop")))

@@ -91,8 +91,23 @@ def test_bert_trains_on_the_kernels():
     _check_trains_on_kernels(compiled, losses, stats, body + ["cls.predictions.transform.dense"])
 
 
-def test_llama_trains_on_the_kernels():
+def test_llama_trains_on_the_kernels(tmp_path):
     compiled, losses, stats = _train(llama)
     plan = _layers(compiled)
     body = [n for n in plan if n.startswith("model.layers.")][1:]
     _check_trains_on_kernels(compiled, losses, stats, body)
+    # RMSNorm (two per layer and the final norm) and SwiGLU run as fused regions: no float
+    # RMSNorm or SiLU ops are left in the step
+    regions = compiled.fqt_graphs[-1].regions
+    norms = [f"model.layers.{i}.{n}" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+    assert [r.split(" (rms): ")[0] for r in regions if " (rms): " in r] == norms + ["model.norm"], regions
+    gated = [r for r in regions if "(gated linear)" in r]
+    assert [r.split(" ")[0] for r in gated] == [f"model.layers.{i}.mlp.gate_proj" for i in range(2)], regions
+    assert all(f"times model.layers.{i}.mlp.up_proj" in r for i, r in enumerate(gated))
+    for name in norms + ["model.layers.1.mlp.gate_proj"]:
+        assert stats[(name, "region_forward")].calls == 1 and stats[(name, "region_backward")].calls == 1
+    fqt.dump(compiled, tmp_path)
+    forward, backward = (tmp_path / "forward.txt").read_text(), (tmp_path / "backward.txt").read_text()
+    assert forward.count("fqt.rms_region(") == 5 and forward.count("fqt.gated_linear_region(") == 2
+    assert "aten.rsqrt" not in forward and "aten.silu" not in forward and "aten.silu_backward" not in backward
+    assert "  - model.norm (rms): pow -> mean -> add -> rsqrt -> mul -> to -> mul" in fqt.summary(compiled)

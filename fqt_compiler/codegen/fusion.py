@@ -8,9 +8,10 @@ A ``Region`` is a small program over an NCHW tensor, rooted at a normalization:
 
 The normalization axis is the region's ``axis``: ``"channel"`` (BatchNorm: statistics of
 each channel over N, H, W, the affine per channel) or ``"row"`` (LayerNorm: statistics of
-each row of the last dimension, the affine per feature). A row region runs as the NCHW
-region of a ``[1, rows, 1, D]`` tensor (a row is a channel of one sample and one image
-row), so both share the statistics, the loops and the ABI.
+each row of the last dimension, the affine per feature; not ``centered``: RMSNorm, the
+mean square and ``gamma`` alone). A row region runs as the NCHW region of a ``[1, rows, 1,
+D]`` tensor (a row is a channel of one sample and one image row), so both share the
+statistics, the loops and the ABI.
 
 ``region_forward_ir`` lowers it to one kernel that owns a range of channels (threads split
 channels; every statistic is per channel, so no atomics and a thread-count-independent
@@ -36,8 +37,9 @@ vector paths both ways (``_pool2x2_forward``, ``_pool2x2_backward``). The math i
 pooled masks, LayerNorm: §4b).
 
 A ``LinearRegion`` is the normalization-free row case: a binarized linear layer's raw GEMM
-result times alpha plus the bias, then an activation, row by row
-(``linear_region_forward_ir``, ``linear_region_backward_ir``; see the section below).
+result times alpha plus the bias, then an activation, row by row, and when ``gated`` times a
+second layer's output (SwiGLU) (``linear_region_forward_ir``, ``linear_region_backward_ir``;
+see the section below).
 """
 from __future__ import annotations
 
@@ -143,10 +145,21 @@ def _gelu_tanh_grad(b, v, g, p, n):
     return b.fmul(g, b.fadd(left, right))
 
 
+def _silu(b, v, p, n):
+    # v / (1 + e^{-v}), ATen's formula
+    return b.fdiv(v, b.fadd(_c(n, 1.0), exp(b, b.fneg(v))))
+
+
+def _silu_grad(b, v, g, p, n):
+    # g s (1 + v (1 - s)) with s = 1 / (1 + e^{-v}), ATen's silu_backward
+    s = b.fdiv(_c(n, 1.0), b.fadd(_c(n, 1.0), exp(b, b.fneg(v))))
+    return b.fmul(b.fmul(g, s), b.fadd(_c(n, 1.0), b.fmul(v, b.fsub(_c(n, 1.0), s))))
+
+
 # name -> (forward(b, v, params, lanes), backward(b, v, g, params, lanes)): IR on the
 # pre-activation ``v``; the backward is ``g`` times the derivative as ATen's ``*_backward``
-# ops pick it (``MASKS``). GELU's erf, exp and tanh are the polynomials of ``builder`` (no
-# libm call).
+# ops pick it (``MASKS``). GELU's erf, exp and tanh and SiLU's exp are the polynomials of
+# ``builder`` (no libm call).
 ACTIVATIONS = {
     "none": (lambda b, v, p, n: v, lambda b, v, g, p, n: g),
     "relu": (_relu, _masked_grad("relu")),
@@ -155,6 +168,7 @@ ACTIVATIONS = {
                    _masked_grad("leaky_relu")),
     "gelu": (_gelu, _gelu_grad),
     "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
+    "silu": (_silu, _silu_grad),
 }
 
 
@@ -199,7 +213,10 @@ class Region:
     ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
     always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
     rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
-    partial sums)."""
+    partial sums). ``centered``: False for RMSNorm (a row region only): the statistic is the
+    mean square of the row, ``invstd = 1/sqrt(mean(x^2) + eps)``, nothing is subtracted
+    (``mean`` is written as 0 and never read), the affine is ``gamma`` alone (``beta`` and
+    ``dbeta`` are not touched)."""
 
     batch_stats: bool
     activation: Activation = Activation("none")
@@ -210,6 +227,7 @@ class Region:
     pool_mode: str = "max"
     axis: str = "channel"
     pack_signs: bool = False
+    centered: bool = True
 
     def __post_init__(self):
         if (self.pool_mode not in POOL_MODES or (self.pool is not None and self.pool_mode == "mean")
@@ -222,6 +240,8 @@ class Region:
                                    or self.raw_bits or self.residual or self.pack_signs):
             raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
                              "no residual, no pool and no packed sign bits")
+        if not self.centered and self.axis != "row":
+            raise ValueError("an uncentered region (RMSNorm) normalizes rows: axis 'row'")
 
     @property
     def mask_bits(self) -> bool:
@@ -377,8 +397,12 @@ def _affine(k: Kernel, region: Region, c, mean, invstd):
     reference's; ``scale`` is the per-channel factor of the backward's apply pass. BatchNorm:
     ``x * scale + shift`` with one rounding (ATen's vectorized ``fmadd``), ``scale = invstd *
     gamma[c]`` (``_scale_shift``); LayerNorm: ``(x * invstd + (-mean * invstd)) * gamma[i] +
-    beta[i]``, ``scale = invstd`` (the backward multiplies ``gamma[i]`` into ``g``)."""
+    beta[i]``, ``scale = invstd`` (the backward multiplies ``gamma[i]`` into ``g``); RMSNorm:
+    ``gamma[i] * (x * invstd)``, as ``transformers``' ``LlamaRMSNorm`` and ATen's ``rms_norm``
+    compute it."""
     a, b = k.arg, k.b
+    if not region.centered:
+        return lambda x, i, lanes: b.fmul(b.fmul(x, _splat(k, invstd, lanes)), _load(k, a["gamma"], i, lanes)), invstd
     if region.axis == "row":
         shift = b.fneg(b.fmul(mean, invstd))
 
@@ -489,8 +513,11 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
             # divided by the count in float; invstd = 1/sqrt(var + eps) in double. A var
             # kept in double gives an invstd one float ulp off ATen's for some inputs, and
             # then the rounding residual at x == mean can take the other sign.
+            # RMSNorm: the same sum of squares about 0, the mean square that ``pow(2).mean()``
+            # gives (x - 0 is x).
             count = b.mul(a["N"], hw)
-            mean = b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), b.sitofp(count, F64)), F32)
+            mean = (b.fptrunc(b.fdiv(_channel_sum(k, c, hw, load, lambda v, lanes: v), b.sitofp(count, F64)), F32)
+                    if region.centered else ir.Constant(F32, 0.0))
 
             def square(v, lanes):
                 d = b.fsub(v, _splat(k, mean, lanes))
@@ -796,7 +823,8 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     feature into its block's partial sums), ``g`` being the gradient at the affine's output.
     Training BatchNorm: ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``; eval:
     ``dx = gamma invstd g``; LayerNorm: ``dx = invstd (g' - mean(g') - xhat mean(g' xhat))``
-    with ``g' = gamma g`` over the row. ``dx`` holds ``g`` (``g'``) between the passes, or
+    with ``g' = gamma g`` over the row; RMSNorm (not ``centered``): ``dx = invstd (g' - xhat
+    mean(g' xhat))`` with ``xhat = x invstd``, and no ``dbeta``. ``dx`` holds ``g`` (``g'``) between the passes, or
     after a window pool (but GELU) its gradient, from which the apply pass recomputes ``g``.
     With ``residual`` it writes ``dres = g`` (the add passes its gradient to both inputs),
     reading the activation's derivative from ``mask`` (``mask_bits``) or recomputing it with
@@ -813,7 +841,8 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
     keep_g = region.pool is None or region.activation.name not in ("none", *MASKS)
     with k.loop(a["c0"], a["c1"]) as c:
         load = _input(k, region, a["x"], c)
-        mean, invstd = b.load(k.gep(a["mean"], c), typ=F32), b.load(k.gep(a["invstd"], c), typ=F32)
+        mean = b.load(k.gep(a["mean"], c), typ=F32) if region.centered else ir.Constant(F32, 0.0)
+        invstd = b.load(k.gep(a["invstd"], c), typ=F32)
         affine, scale = _affine(k, region, c, mean, invstd)
         block = b.mul(b.udiv(c, ir.Constant(I64, ROW_BLOCK)), a["W"]) if rows else None
 
@@ -857,12 +886,14 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                     _store(k, g, a["dres"], index)
                 xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)), _splat(k, invstd, lanes))
                 if rows:
-                    _add_to(k, a["dbeta"], b.add(block, i), g, lanes)
+                    if region.centered:
+                        _add_to(k, a["dbeta"], b.add(block, i), g, lanes)
                     _add_to(k, a["dgamma"], b.add(block, i), b.fmul(g, xhat), lanes)
                     g = b.fmul(g, _load(k, a["gamma"], i, lanes))
                 if keep_g:
                     _store(k, g, a["dx"], index)
-                _accumulate(k, s1, g, lanes)
+                if region.centered:
+                    _accumulate(k, s1, g, lanes)
                 _accumulate(k, s2, b.fmul(g, xhat), lanes)
             _strided(k, hw, reduce)
         sum_g, sum_gx = _total(k, s1), _total(k, s2)
@@ -883,8 +914,9 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
                 if region.batch_stats:
                     xhat = b.fmul(b.fsub(load(index, lanes), _splat(k, mean, lanes)),
                                   _splat(k, invstd, lanes))
-                    g = b.fsub(b.fsub(g, _splat(k, mean_g, lanes)),
-                               b.fmul(xhat, _splat(k, mean_gx, lanes)))
+                    if region.centered:
+                        g = b.fsub(g, _splat(k, mean_g, lanes))
+                    g = b.fsub(g, b.fmul(xhat, _splat(k, mean_gx, lanes)))
                 g = b.fmul(g, _splat(k, scale, lanes))
                 if region.raw_bits:   # the gradient at Y_raw: G' = alpha ⊙ dx
                     g = b.fmul(g, _splat(k, alpha, lanes))
@@ -900,17 +932,24 @@ def region_backward_ir(target: str | Target, region: Region) -> KernelIR:
 # writes ``act(v)`` plus ``Y_raw`` as int16/int32 for the backward, which recomputes ``v``
 # from it and writes ``act'(v) dy`` (the gradient at ``v``; times alpha it is the layer's
 # ``G'``, a multiply the gradient quantizer applies on the fly) and the bias gradient: no
-# float32 copy of ``v`` is kept and no separate pass sums the bias gradient.
+# float32 copy of ``v`` is kept and no separate pass sums the bias gradient. A gated region
+# (SwiGLU's ``silu(gate(x)) * up(x)``) multiplies ``act(v)`` by a second layer's output ``u =
+# alpha_up[i] * Y_up (+ bias_up[i])``, read and kept the same way, and its backward writes
+# both gradients: at ``v``, ``act'(v) (dy u)``, and at ``u``, ``dy act(v)``, the unfused
+# product's backward.
 
 
 @dataclass(frozen=True)
 class LinearRegion:
     """``activation`` after ``alpha ⊙ Y_raw`` (``+ bias`` when ``bias``); ``raw_bits``: 16 or
-    32, the integer type the forward stores ``Y_raw`` in (``ops.fused_regions.raw_dtype``)."""
+    32, the integer type the forward stores ``Y_raw`` in (``ops.fused_regions.raw_dtype``);
+    ``gated``: times ``alpha_up ⊙ Y_up`` (``+ bias_up`` when ``bias``), a second layer's
+    output, whose raw result is kept in the same type."""
 
     activation: Activation
     raw_bits: int = 16
     bias: bool = True
+    gated: bool = False
 
     def __post_init__(self):
         if self.raw_bits not in (16, 32):
@@ -922,10 +961,12 @@ class LinearRegion:
 
 LINEAR_FORWARD_SYMBOL = "fqt_linear_region_forward"
 LINEAR_FORWARD_PARAMS = (("y", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("out", "ptr"), ("raw", "ptr"),
+                         ("y_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"), ("raw_up", "ptr"),
                          ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
 LINEAR_BACKWARD_SYMBOL = "fqt_linear_region_backward"
 LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("g", "ptr"),
-                          ("dbias", "ptr"), ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
+                          ("dbias", "ptr"), ("raw_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"),
+                          ("g_up", "ptr"), ("dbias_up", "ptr"), ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
 
 
 # Two 8-float vectors a step: GELU's chain (a division, two polynomials, exp) is long
@@ -934,33 +975,49 @@ LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bia
 _LINEAR_LANES = 2 * LANES
 
 
-def _linear_pre_activation(k: Kernel, region: LinearRegion, y, i, lanes):
-    """``alpha[i] * y (+ bias[i])`` at feature ``i``, each operation rounded."""
-    v = k.b.fmul(y, _load(k, k.arg["alpha"], i, lanes))
-    return k.b.fadd(v, _load(k, k.arg["bias"], i, lanes)) if region.bias else v
+def _linear_pre_activation(k: Kernel, region: LinearRegion, y, i, lanes, suffix=""):
+    """``alpha[i] * y (+ bias[i])`` at feature ``i``, each operation rounded (``suffix``
+    "_up": the gated region's second layer)."""
+    v = k.b.fmul(y, _load(k, k.arg["alpha" + suffix], i, lanes))
+    return k.b.fadd(v, _load(k, k.arg["bias" + suffix], i, lanes)) if region.bias else v
 
 
-def _raw_pointer(k: Kernel, region: LinearRegion, index):
-    return k.gep(k.arg["raw"], index, ir.IntType(region.raw_bits))
+def _raw_pointer(k: Kernel, region: LinearRegion, index, suffix=""):
+    return k.gep(k.arg["raw" + suffix], index, ir.IntType(region.raw_bits))
+
+
+def _linear_inputs(k: Kernel, region: LinearRegion, index, i, lanes, forward: bool):
+    """``v`` and (gated) ``u`` at ``index`` (feature ``i``): the forward reads the float raw
+    results and stores their int copies, the backward reads those copies."""
+    b, ity = k.b, ir.IntType(region.raw_bits)
+    values = []
+    for suffix in ("", "_up") if region.gated else ("",):
+        ptr = _raw_pointer(k, region, index, suffix)
+        if forward:
+            y = _load(k, k.arg["y" + suffix], index, lanes)
+            b.store(b.fptosi(y, _lanes(ity, lanes)), ptr, align=region.raw_bits // 8)
+        else:
+            y = b.sitofp(b.load(ptr, typ=_lanes(ity, lanes), align=region.raw_bits // 8), _lanes(F32, lanes))
+        values.append(_linear_pre_activation(k, region, y, i, lanes, suffix))
+    return values
 
 
 def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> KernelIR:
     """``fqt_linear_region_forward``: rows ``r0..r1`` of the row-major ``[rows, D]`` float32
     ``y`` (``Y_raw``) -> ``out = act(alpha ⊙ y (+ bias))`` and ``raw = int(y)`` (exact:
-    ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats."""
+    ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats. Gated:
+    ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``."""
     k = Kernel(new_module(get_target(target), LINEAR_FORWARD_SYMBOL), LINEAR_FORWARD_SYMBOL,
                LINEAR_FORWARD_PARAMS)
     a, b = k.arg, k.b
-    ity = ir.IntType(region.raw_bits)
     with k.loop(a["r0"], a["r1"]) as r:
         row = b.mul(r, a["D"])
 
         def apply(i, lanes):
             index = b.add(row, i)
-            y = _load(k, a["y"], index, lanes)
-            b.store(b.fptosi(y, _lanes(ity, lanes)), _raw_pointer(k, region, index), align=region.raw_bits // 8)
-            v = _linear_pre_activation(k, region, y, i, lanes)
-            _store(k, _act_forward(k, region.activation, v, lanes), a["out"], index)
+            v, *up = _linear_inputs(k, region, index, i, lanes, forward=True)
+            out = _act_forward(k, region.activation, v, lanes)
+            _store(k, b.fmul(out, up[0]) if region.gated else out, a["out"], index)
         _strided(k, a["D"], apply, _LINEAR_LANES)
     return k.finish()
 
@@ -970,20 +1027,26 @@ def linear_region_backward_ir(target: str | Target, region: LinearRegion) -> Ker
     ``dy`` and the forward's ``raw`` (``v`` recomputed bit for bit); with ``bias`` it adds
     ``act'(v) dy`` of each row into ``dbias``, ``[ceil(rows / ROW_BLOCK), D]`` zeroed partial
     sums, one row per block of ``ROW_BLOCK`` rows (callers split rows in whole blocks, so the
-    sums do not depend on the thread count)."""
+    sums do not depend on the thread count). Gated: ``g = act'(v) (dy u)`` and ``g_up = dy
+    act(v)``, with ``u`` recomputed from ``raw_up``, and ``dbias_up`` summed like ``dbias``."""
     k = Kernel(new_module(get_target(target), LINEAR_BACKWARD_SYMBOL), LINEAR_BACKWARD_SYMBOL,
                LINEAR_BACKWARD_PARAMS)
     a, b = k.arg, k.b
-    ity = ir.IntType(region.raw_bits)
     with k.loop(a["r0"], a["r1"]) as r:
         row = b.mul(r, a["D"])
         block = b.mul(b.udiv(r, ir.Constant(I64, ROW_BLOCK)), a["D"])
 
         def apply(i, lanes):
             index = b.add(row, i)
-            raw = b.load(_raw_pointer(k, region, index), typ=_lanes(ity, lanes), align=region.raw_bits // 8)
-            v = _linear_pre_activation(k, region, b.sitofp(raw, _lanes(F32, lanes)), i, lanes)
-            dv = _act_grad(k, region.activation, v, _load(k, a["dy"], index, lanes), lanes)
+            v, *up = _linear_inputs(k, region, index, i, lanes, forward=False)
+            dy = _load(k, a["dy"], index, lanes)
+            if region.gated:
+                du = b.fmul(dy, _act_forward(k, region.activation, v, lanes))
+                if region.bias:
+                    _add_to(k, a["dbias_up"], b.add(block, i), du, lanes)
+                _store(k, du, a["g_up"], index)
+                dy = b.fmul(dy, up[0])
+            dv = _act_grad(k, region.activation, v, dy, lanes)
             if region.bias:
                 _add_to(k, a["dbias"], b.add(block, i), dv, lanes)
             _store(k, dv, a["g"], index)

@@ -15,8 +15,9 @@ computed with the kernels' float32 operations in their order (no contraction int
 they are compared bit for bit too.
 
 Checked this way: every kernel family but the fused regions (``CLOSE_CHECKS``: compared
-with the unfused chain to float32 rounding, argmax bits and raw copies exactly; the linear
--> activation regions too); only the
+with the unfused chain to float32 rounding, argmax bits and raw copies exactly; the
+LayerNorm and RMSNorm row regions, the linear -> activation and gated linear regions too);
+only the
 GEMMs' scratch matrix ``partial`` (int32 partial sums between K blocks, internal) is not
 compared.
 The GEMMs take ``colsum`` (B's ±1 row sums) and ``rowpop`` as the call's inputs: those come
@@ -404,30 +405,43 @@ def _region_tensors(mem: Memory, a: dict, names, dtypes=None, region=None):
             .view(shapes.get(name, (c,))) for name in names]
 
 
-def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory) -> int:
-    """``check_region`` for a row region (LayerNorm): rows ``c0..c1`` (whole blocks)."""
-    from ..codegen.fusion import ROW_BLOCK
-    from ..ops.fused_regions import _ln_region, _ln_region_backward
-    rows = slice(a["c0"], a["c1"])
-    x, gamma, beta = _region_tensors(mem_b, a, ("x", "gamma", "beta"), region=region)
-    x = x.view(a["C"], a["W"])[rows]
+def _row_reference(region, gamma, beta=None):
+    """``(forward(x) -> (out, mean, invstd), backward(dy, x, mean, invstd) -> (dx, dgamma[,
+    dbeta]))``: the row region's reference, LayerNorm's or (not ``centered``) RMSNorm's, whose
+    mean is 0 and which has no beta."""
+    from ..ops.fused_regions import _ln_region, _ln_region_backward, _rms_region, _rms_region_backward
     act = (region.eps, region.activation.name, list(region.activation.params), "")
-    out, mean, invstd = _ln_region(x, gamma, beta, *act)
+    if region.centered:
+        return (lambda x: _ln_region(x, gamma, beta, *act),
+                lambda dy, x, mean, invstd: _ln_region_backward(dy, x, gamma, beta, mean, invstd, *act))
+
+    def forward(x):
+        out, invstd = _rms_region(x, gamma, *act)
+        return out, torch.zeros_like(invstd), invstd
+    return forward, lambda dy, x, mean, invstd: _rms_region_backward(dy, x, gamma, invstd, *act)
+
+
+def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory) -> int:
+    """``check_region`` for a row region (LayerNorm, RMSNorm): rows ``c0..c1`` (whole blocks)."""
+    from ..codegen.fusion import ROW_BLOCK
+    rows = slice(a["c0"], a["c1"])
+    x, gamma, *beta = _region_tensors(mem_b, a, ("x", "gamma", "beta")[:3 if region.centered else 2], region=region)
+    x = x.view(a["C"], a["W"])[rows]
+    forward, backward = _row_reference(region, gamma, *beta)
+    out, mean, invstd = forward(x)
     if family == "region_forward":
         got = _region_tensors(mem_a, a, ("out", "mean", "invstd"), region=region)
         return sum(_differs(g.reshape(-1, *w.shape[1:])[rows], w, (0, len(w)), 0)
                    for g, w in zip(got, (out, mean, invstd)))
     dy, = _region_tensors(mem_b, a, ("dy",), region=region)
     dy = dy.view(a["C"], a["W"])[rows]
-    dx, dgamma, dbeta = _region_tensors(mem_a, a, ("dx", "dgamma", "dbeta"), region=region)
-    want_dx = _ln_region_backward(dy, x, gamma, beta, mean, invstd, *act)[0]
-    wrong = _differs(dx.view(a["C"], a["W"])[rows], want_dx, (0, a["c1"] - a["c0"]), 0)
+    names = ("dx", "dgamma", "dbeta") if region.centered else ("dx", "dgamma")
+    dx, *partials = _region_tensors(mem_a, a, names, region=region)
+    wrong = _differs(dx.view(a["C"], a["W"])[rows], backward(dy, x, mean, invstd)[0], (0, a["c1"] - a["c0"]), 0)
     for block in range(a["c0"] // ROW_BLOCK, -(-a["c1"] // ROW_BLOCK)):
         part = slice(block * ROW_BLOCK - a["c0"], (block + 1) * ROW_BLOCK - a["c0"])
-        _, want_gamma, want_beta = _ln_region_backward(dy[part], x[part], gamma, beta, mean[part],
-                                                       invstd[part], *act)
-        wrong += _differs(dgamma[block], want_gamma, (0, a["W"]), 0)
-        wrong += _differs(dbeta[block], want_beta, (0, a["W"]), 0)
+        _, *want = backward(dy[part], x[part], mean[part], invstd[part])
+        wrong += sum(_differs(got[block], w, (0, a["W"]), 0) for got, w in zip(partials, want))
     return wrong
 
 
@@ -519,12 +533,15 @@ def check_region(family: str, opts: dict, args: dict, before: dict, after: dict)
 def check_linear_region(family: str, opts: dict, args: dict, before: dict, after: dict) -> int:
     """Buffers of one linear-region call (rows ``r0..r1`` of ``[rows, D]``) that differ from
     the reference (``ops.fused_regions``' linear -> activation chain): the raw copy exactly,
-    and so the output and the gradient ``g`` but after GELU (its polynomials round differently from
-    ATen's), which agree to float32 rounding, as ``dbias`` (the partial sums of the blocks
-    the call owns, summed in another order than ATen's)."""
+    and so the output and the gradient ``g`` but after GELU and SiLU (their polynomials round
+    differently from ATen's), which agree to float32 rounding, as ``dbias`` (the partial sums
+    of the blocks the call owns, summed in another order than ATen's)."""
+    region = opts["region"]
+    if region.gated:
+        return check_gated_linear_region(family, region, args, Memory(before), Memory(after))
     from ..codegen.fusion import ROW_BLOCK
     from ..ops.fused_regions import _linear_act_region, _linear_act_region_backward
-    region, a = opts["region"], args
+    a = args
     mem_b, mem_a = Memory(before), Memory(after)
     r0, r1, d = a["r0"], a["r1"], a["D"]
     raw_dtype = {16: torch.int16, 32: torch.int32}[region.raw_bits]
@@ -537,8 +554,7 @@ def check_linear_region(family: str, opts: dict, args: dict, before: dict, after
         return mem.at(a[name], dtype, r1 * d).view(r1, d)[r0:r1]
 
     def differs(got, want) -> bool:
-        exact = not region.activation.name.startswith("gelu")
-        return not torch.equal(got, want) if exact else _differs(got, want, (0, d))
+        return not torch.equal(got, want) if _exact(region) else _differs(got, want, (0, d))
     if family == "linear_region_forward":
         out, raw = _linear_act_region(rows(mem_b, "y"), alpha, bias, contraction, *act)
         return differs(rows(mem_a, "out"), out) + (not torch.equal(rows(mem_a, "raw", raw_dtype), raw))
@@ -551,6 +567,46 @@ def check_linear_region(family: str, opts: dict, args: dict, before: dict, after
             part = slice(block * ROW_BLOCK - r0, min(r1, (block + 1) * ROW_BLOCK) - r0)
             want = _linear_act_region_backward(dy[part], raw[part], alpha, bias, *act)[1]
             wrong += _differs(dbias[block], want, (0, d), 0)
+    return wrong
+
+
+def _exact(region) -> bool:
+    """Whether a linear region computes ATen's float32 operations in ATen's order (no
+    polynomial activation, no product with a second layer)."""
+    return not region.gated and region.activation.name not in ("gelu", "gelu_tanh", "silu")
+
+
+def check_gated_linear_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory) -> int:
+    """``check_linear_region`` for a gated region (``act(v) * u``): both raw copies exactly,
+    the output and both gradients to float32 rounding, the bias gradients per block."""
+    from ..codegen.fusion import ROW_BLOCK
+    from ..ops.fused_regions import _gated_linear_region, _gated_linear_region_backward
+    r0, r1, d = a["r0"], a["r1"], a["D"]
+    raw_dtype = {16: torch.int16, 32: torch.int32}[region.raw_bits]
+    contraction = 1 if region.raw_bits == 16 else 1 << 15     # selects raw_dtype
+    scales = [(mem_b.at(a["alpha" + s], torch.float32, d), mem_b.at(a["bias" + s], torch.float32, d)
+               if region.bias else None) for s in ("", "_up")]
+    (alpha, bias), (alpha_up, bias_up) = scales
+    act = (region.activation.name, list(region.activation.params), "")
+
+    def rows(mem, name, dtype=torch.float32):
+        return mem.at(a[name], dtype, r1 * d).view(r1, d)[r0:r1]
+    if family == "linear_region_forward":
+        want = _gated_linear_region(rows(mem_b, "y"), alpha, bias, rows(mem_b, "y_up"), alpha_up, bias_up,
+                                    contraction, *act)
+        return (_differs(rows(mem_a, "out"), want[0], (0, d))
+                + sum(not torch.equal(rows(mem_a, name, raw_dtype), w) for name, w in zip(("raw", "raw_up"), want[1:])))
+    dy, raw, raw_up = rows(mem_b, "dy"), rows(mem_b, "raw", raw_dtype), rows(mem_b, "raw_up", raw_dtype)
+    g, _, g_up, _ = _gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up, *act)
+    wrong = _differs(rows(mem_a, "g"), g, (0, d)) + _differs(rows(mem_a, "g_up"), g_up, (0, d))
+    if region.bias:
+        for block in range(r0 // ROW_BLOCK, -(-r1 // ROW_BLOCK)):
+            part = slice(block * ROW_BLOCK - r0, min(r1, (block + 1) * ROW_BLOCK) - r0)
+            want = _gated_linear_region_backward(dy[part], raw[part], alpha, bias, raw_up[part], alpha_up, bias_up,
+                                                 *act)
+            for name, w in (("dbias", want[1]), ("dbias_up", want[3])):
+                got = mem_a.at(a[name], torch.float32, -(-r1 // ROW_BLOCK) * d).view(-1, d)[block]
+                wrong += _differs(got, w, (0, d), 0)
     return wrong
 
 

@@ -1,5 +1,6 @@
-"""Fused float regions: BatchNorm -> residual add -> activation -> pool, and LayerNorm ->
-activation, each as one op (kernel backend).
+"""Fused float regions: BatchNorm -> residual add -> activation -> pool, LayerNorm or RMSNorm
+-> activation, a binarized linear layer -> activation (times a second one's output), each as
+one op (kernel backend).
 
 ``passes/fuse_regions.py`` replaces such a chain of the captured graph by
 ``batch_norm_region`` (below), which calls the op ``fqt::bn_region`` and then updates the
@@ -41,7 +42,9 @@ the reference of a fused op is the computation it replaced. The math is docs/mat
 last dimension (any number of leading dimensions) with weight and bias, then an activation
 (GELU exact or tanh among them); it returns the output and the per-row ``mean`` and
 ``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
-per-row vectors. The math is docs/math.md §4b.
+per-row vectors. The math is docs/math.md §4b. ``fqt::rms_region`` (``rms_norm_region``) is
+RMSNorm the same way, ``weight * (x * rsqrt(mean(x^2) + eps))`` then an activation, keeping
+``x`` and the per-row ``invstd``.
 
 ``fqt::linear_act_region`` (``binary_linear_region``) is a binarized linear layer (default
 alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,
@@ -51,7 +54,9 @@ contractions of 32768 or more, ``raw_dtype``), which is all its backward
 ``act'(v) dy``, and the bias gradient, and the registered autograd multiplies the former by
 alpha, ``G'`` (a multiply the kernel backend's ``fold_alpha`` moves into the gradient
 quantizer, as for an unfused layer). Its reference is the unfused chain (``library.binarized_linear``'s
-multiply and add, the activation, ATen's backward of each).
+multiply and add, the activation, ATen's backward of each). ``fqt::gated_linear_region``
+(``binary_gated_linear_region``) is two such layers and ``act(v) * u`` (SwiGLU), keeping both
+raw results and returning both layers' gradients.
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ ACTIVATIONS = {
     "leaky_relu": lambda v, p: F.leaky_relu(v, p[0]),
     "gelu": lambda v, p: F.gelu(v),
     "gelu_tanh": lambda v, p: F.gelu(v, approximate="tanh"),
+    "silu": lambda v, p: F.silu(v),
 }
 
 
@@ -319,6 +325,7 @@ ACTIVATION_GRADS = {
     "leaky_relu": lambda d, v, p: torch.ops.aten.leaky_relu_backward(d, v, p[0], False),
     "gelu": lambda d, v, p: torch.ops.aten.gelu_backward(d, v),
     "gelu_tanh": lambda d, v, p: torch.ops.aten.gelu_backward(d, v, approximate="tanh"),
+    "silu": lambda d, v, p: torch.ops.aten.silu_backward(d, v),
 }
 
 # Activations whose derivative takes two values: name -> the bit of the pre-activation ``v``
@@ -600,6 +607,65 @@ def layer_norm_region(x, weight, bias, eps, activation, act_params, region):
     return ln_region(x, weight, bias, eps, activation, act_params, region)[0]
 
 
+# --------------------------------------------------------------------------- RMSNorm regions
+# RMSNorm over the last dimension: ``weight * (x * rsqrt(mean(x^2) + eps))``, the chain
+# ``transformers``' LlamaRMSNorm runs and ATen's ``rms_norm`` decomposes into; the region keeps
+# ``x`` and the per-row ``invstd`` for backward, not the normalized float copy.
+
+def _rms_pre_activation(x, weight, invstd):
+    return weight * (x * invstd.unsqueeze(-1))
+
+
+def _rms_region(x, weight, eps, activation, act_params, region):
+    invstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    out = ACTIVATIONS[activation](_rms_pre_activation(x, weight, invstd.squeeze(-1)), act_params)
+    return out.contiguous(), invstd.squeeze(-1)
+
+
+rms_region = _define(
+    f"rms_region(Tensor x, Tensor weight, {_LN_ARGS}) -> (Tensor, Tensor)",
+    _rms_region,
+    lambda x, weight, *rest: (x.new_empty(x.shape), x.new_empty(x.shape[:-1])))
+
+
+def _rms_region_backward(dy, x, weight, invstd, eps, activation, act_params, region):
+    # ATen's backward of each link of the unfused chain, as autograd runs it (pow, mean,
+    # add, rsqrt, the two multiplies).
+    r = invstd.unsqueeze(-1)
+    normalized = x * r
+    dv = ACTIVATION_GRADS[activation](dy, weight * normalized, act_params)
+    dweight = (dv * normalized).reshape(-1, x.shape[-1]).sum(0)
+    dnormalized = dv * weight
+    dr = (dnormalized * x).sum(-1, keepdim=True)
+    dsquare = (-0.5 * dr * r.pow(3)).expand(x.shape) / x.shape[-1]
+    return dnormalized * r + dsquare * (2.0 * x), dweight
+
+
+rms_region_backward = _define(
+    f"rms_region_backward(Tensor dy, Tensor x, Tensor weight, Tensor invstd, {_LN_ARGS}) -> (Tensor, Tensor)",
+    _rms_region_backward,
+    lambda dy, x, weight, *rest: (torch.empty_like(x), torch.empty_like(weight)))
+
+
+def _rms_setup_context(ctx, inputs, output):
+    x, weight, *static = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.static = static
+
+
+def _rms_backward(ctx, dy, *_unused):
+    dx, dweight = rms_region_backward(dy, *ctx.saved_tensors, *ctx.static)
+    return dx, dweight, None, None, None, None
+
+
+rms_region.register_autograd(_rms_backward, setup_context=_rms_setup_context)
+
+
+def rms_norm_region(x, weight, eps, activation, act_params, region):
+    """What ``passes/fuse_regions.py`` puts in place of an RMSNorm chain (-> activation)."""
+    return rms_region(x, weight, eps, activation, act_params, region)[0]
+
+
 # --------------------------------------------------------------------------- linear -> activation
 
 def _linear_pre_activation(raw, alpha, bias):
@@ -623,12 +689,15 @@ linear_act_region = _define(
                                                 y.new_empty(y.shape, dtype=raw_dtype(contraction))))
 
 
+def _bias_grad(d, bias):
+    return d.reshape(-1, d.shape[-1]).sum(0) if bias is not None else d.new_empty(0)
+
+
 def _linear_act_region_backward(dy, raw, alpha, bias, activation, act_params, region):
     # ATen's backward of each link of the unfused chain (alpha is a constant: the default
     # alpha of the detached weight, docs/math.md §2).
     dv = ACTIVATION_GRADS[activation](dy, _linear_pre_activation(raw, alpha, bias), act_params)
-    dbias = dv.reshape(-1, dv.shape[-1]).sum(0) if bias is not None else dy.new_empty(0)
-    return dv, dbias
+    return dv, _bias_grad(dv, bias)
 
 
 linear_act_region_backward = _define(
@@ -662,3 +731,73 @@ def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_para
     y, _, _ = library.binary_linear(x, weight, rng_state, layer)
     alpha = weight_scale(weight.detach(), layer)
     return linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region)[0]
+
+
+# --------------------------------------------------------------------------- gated linear regions
+# ``act(gate(x)) * up(x)`` of two binarized linear layers (SwiGLU with SiLU, GEGLU with GELU):
+# one region takes both raw GEMM results, keeps both as int16 (``raw_dtype``) and returns
+# the gradients at both layers' outputs.
+
+def _gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region):
+    dtype = raw_dtype(contraction)
+    out = ACTIVATIONS[activation](_linear_pre_activation(y, alpha, bias), act_params)
+    return (out * _linear_pre_activation(y_up, alpha_up, bias_up)).contiguous(), y.to(dtype), y_up.to(dtype)
+
+
+gated_linear_region = _define(
+    "gated_linear_region(Tensor y, Tensor alpha, Tensor? bias, Tensor y_up, Tensor alpha_up, Tensor? bias_up, "
+    f"int contraction, {_LINEAR_ARGS}) -> (Tensor, Tensor, Tensor)",
+    _gated_linear_region,
+    lambda y, alpha, bias, y_up, alpha_up, bias_up, contraction, *rest: (
+        y.new_empty(y.shape), y.new_empty(y.shape, dtype=raw_dtype(contraction)),
+        y.new_empty(y.shape, dtype=raw_dtype(contraction))))
+
+
+def _gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up, activation, act_params,
+                                  region):
+    # ATen's backward of each link of the unfused chain: the product's (each factor's
+    # gradient is dy times the other), then the activation's.
+    v = _linear_pre_activation(raw, alpha, bias)
+    du = dy * ACTIVATIONS[activation](v, act_params)
+    dv = ACTIVATION_GRADS[activation](dy * _linear_pre_activation(raw_up, alpha_up, bias_up), v, act_params)
+    return dv, _bias_grad(dv, bias), du, _bias_grad(du, bias_up)
+
+
+gated_linear_region_backward = _define(
+    "gated_linear_region_backward(Tensor dy, Tensor raw, Tensor alpha, Tensor? bias, Tensor raw_up, "
+    f"Tensor alpha_up, Tensor? bias_up, {_LINEAR_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)",
+    _gated_linear_region_backward,
+    lambda dy, raw, alpha, bias, raw_up, alpha_up, bias_up, *rest: (
+        dy.new_empty(raw.shape), dy.new_empty(alpha.shape if bias is not None else [0]),
+        dy.new_empty(raw.shape), dy.new_empty(alpha_up.shape if bias_up is not None else [0])))
+
+
+def _gated_setup_context(ctx, inputs, output):
+    _, alpha, bias, _, alpha_up, bias_up, _, *static = inputs
+    ctx.save_for_backward(output[1], alpha, bias, output[2], alpha_up, bias_up)
+    ctx.static = static
+
+
+def _gated_backward(ctx, dy, *_unused):
+    raw, alpha, bias, raw_up, alpha_up, bias_up = ctx.saved_tensors
+    dv, dbias, du, dbias_up = gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up,
+                                                           *ctx.static)
+    # G' of each layer as its own multiply by alpha, which fold_alpha folds into the quantizer
+    return (dv * alpha, None, dbias if bias is not None else None, du * alpha_up, None,
+            dbias_up if bias_up is not None else None, None, None, None, None)
+
+
+gated_linear_region.register_autograd(_gated_backward, setup_context=_gated_setup_context)
+
+
+def binary_gated_linear_region(x, weight, bias, x_up, weight_up, bias_up, rng_state, layer, layer_up, activation,
+                               act_params, region):
+    """Two ``library.binarized_linear`` calls (default alpha), ``activation`` after the first
+    and their product, with both multiplies by alpha and bias adds moved into one region
+    that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction)."""
+    y, _, _ = library.binary_linear(x, weight, rng_state, layer)
+    y_up, _, _ = library.binary_linear(x_up, weight_up, rng_state, layer_up)
+    alpha, alpha_up = weight_scale(weight.detach(), layer), weight_scale(weight_up.detach(), layer_up)
+    contraction = max(weight.shape[1], weight_up.shape[1])
+    return gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params,
+                               region)[0]

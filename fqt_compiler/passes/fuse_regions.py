@@ -8,18 +8,29 @@ here) and, in eval mode, running statistics; then, each only if the previous val
 other user: one residual add (``operator.add``/``iadd``, ``torch.add`` with alpha 1) of a
 float32 tensor of ``x``'s shape, either operand order (ResNet's ``out += identity``; the
 identity may be another BatchNorm's output; the note says what backward keeps for it: the
-activation's mask bits, nothing, or for GELU the residual itself); one activation
-(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh); one pool:
+activation's mask bits, nothing, or for GELU and SiLU the residual itself); one activation
+(``_ACTIVATIONS``: ReLU, ReLU6, Hardtanh, LeakyReLU, GELU exact or tanh, SiLU); one pool:
 ``F.max_pool2d`` (dilation 1, no indices returned, window of at most 255 taps),
 ``F.avg_pool2d`` (no divisor_override) or ``F.adaptive_avg_pool2d`` to 1x1. And
 ``F.layer_norm(x, normalized_shape, weight, bias, eps)`` on a float32 ``x`` of two or more
 dimensions normalized over its last one, with weight and bias, then (if its only user) one
-activation. And a ``binarized_linear`` (from ``rewrite_binary_layers``) with the default
-alpha on a float32 input whose only user is one activation (ViT's and BERT's fc1 -> GELU).
+activation. And RMSNorm over the last dimension with a weight, then (if its only user) one
+activation: ``weight * (h * rsqrt(mean(h ** 2, -1, keepdim=True) + eps))`` as
+``transformers``' LlamaRMSNorm traces (method or function ``pow``/``mean``, a float32 ``.to``
+of the normalized value allowed, each link the only user of the one before, the weight of
+shape ``[D]`` in either operand order), or ``torch.rms_norm``/``F.rms_norm`` (``nn.RMSNorm``).
+And a ``binarized_linear`` (from ``rewrite_binary_layers``) with the default
+alpha on a float32 input whose only user is one activation (ViT's and BERT's fc1 -> GELU;
+SiLU), and when that activation's only user is its product with a second such layer's output
+of the same shape that nothing else reads (SwiGLU: ``silu(gate(x)) * up(x)``, either order),
+the second layer and the product too.
 Produces: one ``fused_regions.batch_norm_region`` call in place of a BatchNorm chain (the
 fused op ``fqt::bn_region`` plus the running-statistics update), one
 ``fused_regions.layer_norm_region`` call (``fqt::ln_region``) in place of a LayerNorm
-chain, one ``fused_regions.binary_linear_region`` call (``fqt::linear_act_region``: the
+chain, one ``fused_regions.rms_norm_region`` call (``fqt::rms_region``) in place of an
+RMSNorm chain, one ``fused_regions.binary_gated_linear_region`` call
+(``fqt::gated_linear_region``: both raw GEMM results kept as int16) in place of a gated
+pair, one ``fused_regions.binary_linear_region`` call (``fqt::linear_act_region``: the
 raw GEMM result, alpha and bias go into the region, which keeps the raw result as int16, or
 int32 for a contraction of 32768 or more, instead of a float32 copy) in place of a linear
 layer and its activation, each noted with the ops it replaced; ``regions_out`` receives one
@@ -58,7 +69,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
 from ..ops import library
 from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_conv2d_region,
-                                 binary_linear_region, conv2d_region, layer_norm_region, raw_dtype)
+                                 binary_gated_linear_region, binary_linear_region, conv2d_region,
+                                 layer_norm_region, raw_dtype, rms_norm_region)
 from .annotate_layers import linear_call
 from .infra import PassResult, insert_call, set_val
 
@@ -72,10 +84,11 @@ _ACTIVATIONS = {
     F.relu6: ("hardtanh", lambda a: (0.0, 6.0)),
     F.hardtanh: ("hardtanh", lambda a: (float(a.get("min_val", -1.0)), float(a.get("max_val", 1.0)))),
     F.leaky_relu: ("leaky_relu", lambda a: (float(a.get("negative_slope", 0.01)),)),
+    F.silu: ("silu", lambda a: ()),
 }
 _GELU = {"none": "gelu", "tanh": "gelu_tanh"}
 _SIGNATURES = {F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, F.relu6: F.relu6,
-               F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu}
+               F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu, F.silu: F.silu}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -332,17 +345,20 @@ def _pack_for_binarized_convs(gm: fx.GraphModule, region: fx.Node, regions_out: 
 _WEIGHT = {batch_norm_region: 3, binary_conv2d_region: 9, conv2d_region: 9}
 
 
+def _normalizes_last_dim(x: fx.Node, shape) -> bool:
+    """Whether a normalization of ``x`` over ``normalized_shape`` is one over the last
+    dimension of a float32 tensor of two or more dimensions."""
+    x = _val(x)
+    shape = (shape,) if isinstance(shape, int) else shape
+    return (x is not None and x.dim() >= 2 and x.dtype == torch.float32 and isinstance(shape, (tuple, list))
+            and len(shape) == 1 and isinstance(shape[0], int) and statically_known_true(x.shape[-1] == shape[0]))
+
+
 def _fuse_layer_norm(gm: fx.GraphModule, ln: fx.Node, regions_out: list) -> bool:
     a = _bind(F.layer_norm, ln)
     if a is None:
         return False
-    x = _val(a["input"])
-    if x is None or x.dim() < 2 or x.dtype != torch.float32:
-        return False
-    shape = a["normalized_shape"]
-    shape = (shape,) if isinstance(shape, int) else shape
-    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(shape[0], int) \
-            or not statically_known_true(x.shape[-1] == shape[0]):
+    if not _normalizes_last_dim(a["input"], a["normalized_shape"]):
         return False
     if not isinstance(a["weight"], fx.Node) or not isinstance(a["bias"], fx.Node) \
             or not isinstance(a["eps"], float):
@@ -359,25 +375,151 @@ def _fuse_layer_norm(gm: fx.GraphModule, ln: fx.Node, regions_out: list) -> bool
     return True
 
 
-def _fuse_linear_activation(gm: fx.GraphModule, linear: fx.Node, regions_out: list) -> bool:
-    a = _bind(library.binarized_linear, linear)
+def _raw_linear(node) -> dict | None:
+    """The bound arguments of a ``binarized_linear`` whose raw GEMM result a region can take:
+    default alpha, a float32 input."""
+    a = _bind(library.binarized_linear, node) if isinstance(node, fx.Node) and node.op == "call_function" \
+        and node.target is library.binarized_linear else None
     if a is None or a["alpha"] is not None or _val(a["x"]) is None or _val(a["x"]).dtype != torch.float32:
-        return False
-    found = _activation(_only_user(linear), linear)
+        return None
+    return a
+
+
+def _gate_product(mul: fx.Node | None, act: fx.Node):
+    """``(up node, its bound arguments)`` when ``mul`` is ``act * up`` (either order) of a
+    second binarized linear layer's output of the same shape that only the product reads."""
+    if mul is None or mul.op != "call_function" or mul.target not in (operator.mul, torch.mul) \
+            or len(mul.args) != 2 or mul.kwargs or mul.args.count(act) != 1:
+        return None
+    up = mul.args[1] if mul.args[0] is act else mul.args[0]
+    a = _raw_linear(up)
+    if a is None or len(up.users) != 1 or not statically_known_true(sym_eq(_val(up).shape, _val(act).shape)):
+        return None
+    return up, a
+
+
+def _raw_note(layers: str, contraction: int) -> str:
+    return (f"; input: {layers} raw GEMM result, saved as "
+            f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
+
+
+def _fuse_linear_activation(gm: fx.GraphModule, linear: fx.Node, regions_out: list) -> bool:
+    a = _raw_linear(linear)
+    found = _activation(_only_user(linear), linear) if a is not None else None
     if found is None:
         return False
     (activation, params), act = found, _only_user(linear)
     name = _region_name(a["weight"])
     contraction = _val(a["weight"]).shape[1]
-    note = (f"; input: layer {a['layer']}'s raw GEMM result, saved as "
-            f"{str(raw_dtype(contraction)).removeprefix('torch.')} (K={contraction})")
+    gated = _gate_product(_only_user(act), act)
+    if gated is not None:
+        (up, u), mul = gated, _only_user(act)
+        contraction = max(contraction, _val(u["weight"]).shape[1])
+        note = (f"; times {_region_name(u['weight'])}"
+                + _raw_note(f"layers {a['layer']} and {u['layer']}'s", contraction).replace("result", "results"))
+        _replace(gm, [linear, act, up, mul], binary_gated_linear_region,
+                 (a["x"], a["weight"], a["bias"], u["x"], u["weight"], u["bias"], a["rng_state"], a["layer"],
+                  u["layer"], activation, list(params), name), f"{name} (gated linear)", regions_out, note)
+        return True
     _replace(gm, [linear, act], binary_linear_region,
              (a["x"], a["weight"], a["bias"], a["rng_state"], a["layer"], activation, list(params), name),
-             f"{name} (linear)", regions_out, note)
+             f"{name} (linear)", regions_out, _raw_note(f"layer {a['layer']}'s", contraction))
     return True
 
 
-_FUSERS = {F.batch_norm: _fuse, F.layer_norm: _fuse_layer_norm, library.binarized_linear: _fuse_linear_activation}
+def _is_method_or_function(node, method: str, functions) -> bool:
+    return isinstance(node, fx.Node) and ((node.op == "call_method" and node.target == method)
+                                          or (node.op == "call_function" and node.target in functions))
+
+
+def _last_dim(dim, ndim) -> bool:
+    dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+    return isinstance(dim, int) and dim in (-1, ndim - 1)
+
+
+def _mean_square(node) -> fx.Node | None:
+    """``h`` of ``mean(h ** 2, -1, keepdim=True)`` (method or function calls; the square and
+    the mean with one user each), else None."""
+    if not _is_method_or_function(node, "mean", (torch.mean,)) or len(node.users) != 1:
+        return None
+    args = list(node.args) + [None] * 3
+    square, dim, keepdim = args[0], node.kwargs.get("dim", args[1]), node.kwargs.get("keepdim", args[2])
+    if not _is_method_or_function(square, "pow", (torch.pow, operator.pow)) or len(square.users) != 1 \
+            or len(square.args) != 2 or square.kwargs or square.args[1] not in (2, 2.0):
+        return None
+    h = square.args[0]
+    x = _val(h)
+    if x is None or x.dtype != torch.float32 or x.dim() < 2 or keepdim is not True or not _last_dim(dim, x.dim()):
+        return None
+    return h
+
+
+def _other(node: fx.Node | None, one: fx.Node, ops=(operator.mul, torch.mul)):
+    """The other operand of a binary ``node`` (``ops``, either order) whose one operand is ``one``."""
+    if node is None or node.op != "call_function" or node.target not in ops or len(node.args) != 2 \
+            or node.kwargs or node.args.count(one) != 1:
+        return None
+    return node.args[1] if node.args[0] is one else node.args[0]
+
+
+def _noop_to(node: fx.Node | None, source: fx.Node) -> bool:
+    """Whether ``node`` is ``source.to(...)`` to float32 that changes nothing (float32 in)."""
+    return (node is not None and node.op == "call_method" and node.target == "to" and node.args[:1] == (source,)
+            and _val(node) is not None and _val(node).dtype == torch.float32
+            and _val(source).dtype == torch.float32 and _val(node).device == _val(source).device)
+
+
+def _fuse_rms_chain(gm: fx.GraphModule, rsqrt: fx.Node, regions_out: list) -> bool:
+    """``weight * (h * rsqrt(mean(h ** 2, -1, keepdim=True) + eps))`` as ``transformers``'
+    LlamaRMSNorm writes it (a float32 ``.to`` around the normalized value allowed)."""
+    add = rsqrt.args[0] if len(rsqrt.args) == 1 and not rsqrt.kwargs else None
+    if not isinstance(add, fx.Node) or len(add.users) != 1 or len(rsqrt.users) != 1:
+        return False
+    eps = next((e for e in add.args if isinstance(e, float)), None) if add.target is operator.add else None
+    mean = next((m for m in add.args if isinstance(m, fx.Node)), None)
+    if eps is None or len(add.args) != 2 or add.kwargs or (h := _mean_square(mean)) is None:
+        return False
+    normalized = _only_user(rsqrt)
+    if _other(normalized, rsqrt) is not h:
+        return False
+    chain = [mean.args[0], mean, add, rsqrt, normalized]
+    if _noop_to(_only_user(normalized), normalized):
+        chain.append(_only_user(normalized))
+    scaled = _only_user(chain[-1])
+    weight = _other(scaled, chain[-1])
+    if not isinstance(weight, fx.Node) or _val(weight) is None or _val(weight).dtype != torch.float32 \
+            or not statically_known_true(sym_eq(_val(weight).shape, _val(h).shape[-1:])):
+        return False
+    chain.append(scaled)
+    return _fuse_rms(gm, chain, h, weight, eps, regions_out)
+
+
+def _fuse_rms_call(gm: fx.GraphModule, node: fx.Node, regions_out: list) -> bool:
+    """``torch.rms_norm(x, normalized_shape, weight, eps)`` (``nn.RMSNorm``) over the last
+    dimension with a weight."""
+    a = _bind(F.rms_norm, node)
+    if a is None or not _normalizes_last_dim(a["input"], a["normalized_shape"]):
+        return False
+    if not isinstance(a["weight"], fx.Node) or not isinstance(a["eps"], (float, type(None))):
+        return False
+    eps = torch.finfo(torch.float32).eps if a["eps"] is None else a["eps"]
+    return _fuse_rms(gm, [node], a["input"], a["weight"], eps, regions_out)
+
+
+def _fuse_rms(gm: fx.GraphModule, chain: list, x: fx.Node, weight: fx.Node, eps: float, regions_out: list) -> bool:
+    activation, params = "none", ()
+    found = _activation(_only_user(chain[-1]), chain[-1])
+    if found is not None:
+        activation, params = found
+        chain.append(_only_user(chain[-1]))
+    name = _region_name(weight)
+    _replace(gm, chain, rms_norm_region, (x, weight, eps, activation, list(params), name), f"{name} (rms)",
+             regions_out)
+    return True
+
+
+_FUSERS = {F.batch_norm: _fuse, F.layer_norm: _fuse_layer_norm, library.binarized_linear: _fuse_linear_activation,
+           torch.rsqrt: _fuse_rms_chain, torch.rms_norm: _fuse_rms_call, F.rms_norm: _fuse_rms_call}
 
 
 def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:

@@ -265,9 +265,9 @@ def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
 
 
 @functools.lru_cache(maxsize=None)
-def _row_region(eps, activation, act_params: tuple) -> gen.Region:
+def _row_region(eps, activation, act_params: tuple, centered: bool = True) -> gen.Region:
     # cached: building the frozen dataclasses costs more than a small region's kernel call
-    return gen.Region(True, gen.Activation(activation, act_params), eps=float(eps), axis="row")
+    return gen.Region(True, gen.Activation(activation, act_params), eps=float(eps), axis="row", centered=centered)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -293,40 +293,97 @@ def ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_p
         return dx.view(x.shape), dgamma, dbeta
 
 
+@implements("rms_region")
+def rms_region(x, weight, eps, activation, act_params, region, *, layer_name="?", target="host"):
+    with stats.timed(layer_name, "region_forward"):
+        region_ = _row_region(eps, activation, tuple(act_params), False)
+        out, _, _, _, invstd = region_forward(_rows(x), region_, weight, torch.empty(0), target=target)[:5]
+        return out.view(x.shape), invstd.view(x.shape[:-1])
+
+
+@implements("rms_region_backward")
+def rms_region_backward(dy, x, weight, invstd, eps, activation, act_params, region, *, layer_name="?",
+                        target="host"):
+    with stats.timed(layer_name, "region_backward"):
+        region_ = _row_region(eps, activation, tuple(act_params), False)
+        invstd = invstd.reshape(-1)
+        dx, dgamma, _, _ = region_backward(_rows(dy), _rows(x), torch.empty(0, dtype=torch.uint8), region_,
+                                           weight, torch.empty(0), torch.empty(0), invstd, target=target)
+        return dx.view(x.shape), dgamma
+
+
 @functools.lru_cache(maxsize=None)
-def _linear_region(activation, act_params: tuple, raw_bits: int, bias: bool) -> gen.LinearRegion:
-    return gen.LinearRegion(gen.Activation(activation, act_params), raw_bits, bias)
+def _linear_region(activation, act_params: tuple, raw_bits: int, bias: bool, gated: bool = False) -> gen.LinearRegion:
+    return gen.LinearRegion(gen.Activation(activation, act_params), raw_bits, bias, gated)
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor:
     return torch.empty(0) if t is None else _f32(t).reshape(-1)
 
 
-@implements("linear_act_region")
-def linear_act_region(y, alpha, bias, contraction, activation, act_params, region, *, layer_name="?",
-                      target="host"):
+def _layers(first, up):
+    """The layers of a linear region: ``first`` and, gated, ``up`` (tuples of tensors)."""
+    return [first] if up is None else [first, up]
+
+
+def _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params, up=None):
+    """``(out, raw)`` of a linear region, or gated (``up``: ``(y_up, alpha_up, bias_up)``)
+    ``(out, raw, raw_up)``."""
     with stats.timed(layer_name, "region_forward"):
         dtype = fused_regions.raw_dtype(contraction)
-        spec = _linear_region(activation, tuple(act_params), torch.iinfo(dtype).bits, bias is not None)
-        y2 = _f32(y).reshape(-1, y.shape[-1])
-        out, raw = buffers.empty(y.shape), buffers.empty(y.shape, dtype)
-        alpha, bias = _vector(alpha), _vector(bias)
-        parallel_rows(_fn("linear_region_forward", target, spec), y2.shape[0], y2.data_ptr(), alpha.data_ptr(),
-                      bias.data_ptr(), out.data_ptr(), raw.data_ptr(), y2.shape[1])
-        return out, raw
+        spec = _linear_region(activation, tuple(act_params), torch.iinfo(dtype).bits, bias is not None, up is not None)
+        operands = []   # per layer: y, alpha, bias, raw (the kernel's argument order)
+        for y_, alpha_, bias_ in _layers((y, alpha, bias), up):
+            if y_.shape != y.shape:
+                raise ValueError(f"gated linear region {layer_name}: the two layers' outputs differ in shape, "
+                                 f"{list(y.shape)} and {list(y_.shape)}")
+            operands.append((_f32(y_), _vector(alpha_), _vector(bias_), buffers.empty(y.shape, dtype)))
+        out = buffers.empty(y.shape)
+        first, second = operands[0], operands[1] if up is not None else (torch.empty(0),) * 4
+        parallel_rows(_fn("linear_region_forward", target, spec), y.numel() // max(1, y.shape[-1]),
+                      *[t.data_ptr() for t in (*first[:3], out, first[3], *second)], y.shape[-1])
+        return (out, *[raw for *_, raw in operands])
+
+
+@implements("linear_act_region")
+def linear_act_region(y, alpha, bias, contraction, activation, act_params, region, *, layer_name="?", target="host"):
+    return _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params)
+
+
+@implements("gated_linear_region")
+def gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region, *,
+                        layer_name="?", target="host"):
+    return _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params,
+                           up=(y_up, alpha_up, bias_up))
+
+
+def _linear_backward(layer_name, target, dy, raw, alpha, bias, activation, act_params, up=None):
+    """``(g, dbias)`` of a linear region, or gated (``up``: ``(raw_up, alpha_up, bias_up)``)
+    ``(g, dbias, g_up, dbias_up)``; a missing bias's gradient is empty."""
+    with stats.timed(layer_name, "region_backward"):
+        spec = _linear_region(activation, tuple(act_params), torch.iinfo(raw.dtype).bits, bias is not None,
+                              up is not None)
+        dy = _f32(dy)
+        rows, d = raw.numel() // raw.shape[-1], raw.shape[-1]
+        operands = []   # per layer: raw, alpha, bias, g, dbias (the kernel's argument order)
+        for raw_, alpha_, bias_ in _layers((raw, alpha, bias), up):
+            dbias = torch.zeros(-(-rows // gen.ROW_BLOCK) if bias_ is not None else 0, d)
+            operands.append((raw_.contiguous(), _vector(alpha_), _vector(bias_), buffers.empty(raw.shape), dbias))
+        second = operands[1] if up is not None else (torch.empty(0),) * 5
+        parallel_rows(_fn("linear_region_backward", target, spec), rows, dy.data_ptr(),
+                      *[t.data_ptr() for t in (*operands[0], *second)], d, min_rows=gen.ROW_BLOCK)
+        return tuple(t for _, _, bias_, g, dbias in operands
+                     for t in (g, dbias.sum(0) if bias_.numel() else dbias.view(0)))
 
 
 @implements("linear_act_region_backward")
 def linear_act_region_backward(dy, raw, alpha, bias, activation, act_params, region, *, layer_name="?",
                                target="host"):
-    with stats.timed(layer_name, "region_backward"):
-        spec = _linear_region(activation, tuple(act_params), torch.iinfo(raw.dtype).bits, bias is not None)
-        raw, dy = raw.contiguous(), _f32(dy)
-        rows, d = raw.numel() // raw.shape[-1], raw.shape[-1]
-        g = buffers.empty(raw.shape)
-        dbias = torch.zeros(-(-rows // gen.ROW_BLOCK) if bias is not None else 0, d)
-        alpha, bias = _vector(alpha), _vector(bias)
-        parallel_rows(_fn("linear_region_backward", target, spec), rows, dy.data_ptr(), raw.data_ptr(),
-                      alpha.data_ptr(), bias.data_ptr(), g.data_ptr(), dbias.data_ptr(), d,
-                      min_rows=gen.ROW_BLOCK)
-        return g, dbias.sum(0) if bias.numel() else dbias.view(0)
+    return _linear_backward(layer_name, target, dy, raw, alpha, bias, activation, act_params)
+
+
+@implements("gated_linear_region_backward")
+def gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up, activation, act_params, region, *,
+                                 layer_name="?", target="host"):
+    return _linear_backward(layer_name, target, dy, raw, alpha, bias, activation, act_params,
+                            up=(raw_up, alpha_up, bias_up))
