@@ -61,11 +61,11 @@ def test_conv_gradient_kernels_match_reference(xs, ws, stride, padding, dilation
     w = torch.randn(ws[0], xs[1], ws[1], ws[2]) * 0.8
     rs = torch.tensor([7, 3])
     geom = (list(stride), list(padding), list(dilation))
-    y, sign_bits, ste_bits = L.binary_conv2d(x, w, rs, *geom, 2)
-    g = torch.randn_like(y)
+    y, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, rs, *geom, 2)
+    g, wb = torch.randn_like(y), (*w_bits, list(w.shape))
     for op, saved in (("fqt::aq_quantize_conv2d_input_grad", ste_bits),
                       ("fqt::aq_quantize_conv2d_weight_grad", sign_bits)):
-        assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, list(x.shape), *geom, method, bits, 2))
+        assert_kept_gradient_matches(op, lambda rs: (g, rs, *wb, saved, list(x.shape), *geom, method, bits, 2))
 
 
 @pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1), ("topk", 8)])
@@ -79,7 +79,8 @@ def test_both_paths_in_one_op_equal_the_path_ops_bit_for_bit(xs, ws, stride, pad
     x = torch.randn(*xs) * 1.5
     w = torch.randn(ws[0], xs[1], ws[1], ws[2]) * 0.8
     geom = (list(stride), list(padding), list(dilation))
-    y, sign_bits, ste_bits = L.binary_conv2d(x, w, torch.tensor([7, 3]), *geom, 2)
+    y, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, torch.tensor([7, 3]), *geom, 2)
+    wb = (*w_bits, list(w.shape))
     alpha = torch.rand(ws[0]) + 0.5
     kern = {op: registry.lookup(f"fqt::aq_quantize_conv2d_{op}", "kernels")
             for op in ("input_grad", "weight_grad", "grads")}
@@ -89,13 +90,13 @@ def test_both_paths_in_one_op_equal_the_path_ops_bit_for_bit(xs, ws, stride, pad
             rest = (list(x.shape), *geom, method, bits, 2, alpha)
             passes = []
             monkeypatch.setattr(quantize, "_min_max", lambda *a, run=quantize._min_max: passes.append(a) or run(*a))
-            dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
+            dx, dw = kern["grads"](g, rs, *wb, ste_bits, sign_bits, *rest)
             monkeypatch.undo()
             # one kernel pass for both paths (a 1x1 map's groups take torch's reductions)
             assert len(passes) == (y.shape[2] * y.shape[3] > 1)
-            assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
-            assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
-    want = registry.lookup("fqt::aq_quantize_conv2d_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+            assert torch.equal(dx, kern["input_grad"](g, rs, *wb, ste_bits, *rest))
+            assert torch.equal(dw, kern["weight_grad"](g, rs, *wb, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_conv2d_grads", "reference")(g, rs, *wb, ste_bits, sign_bits, *rest)
     for got, ref_ in zip((dx, dw), want):
         torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
@@ -125,11 +126,11 @@ def test_linear_kernels_match_reference(rows, features, out, method, bits):
     k_out, r_out = kern(x, w, rs, 4), ref(x, w, rs, 4)
     for got, want in zip(k_out, r_out):
         assert torch.equal(got, want)
-    _, sign_bits, ste_bits = r_out
-    g = torch.randn(rows, out)
+    _, sign_bits, ste_bits, *w_bits = r_out
+    g, wb = torch.randn(rows, out), (*w_bits, list(w.shape))
     for op, saved in (("fqt::aq_quantize_linear_input_grad", ste_bits),
                       ("fqt::aq_quantize_linear_weight_grad", sign_bits)):
-        assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, [rows, features], method, bits, 4))
+        assert_kept_gradient_matches(op, lambda rs: (g, rs, *wb, saved, [rows, features], method, bits, 4))
 
 
 @pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1)])
@@ -139,16 +140,17 @@ def test_both_linear_paths_in_one_op_equal_the_path_ops_bit_for_bit(lead, featur
     exactly those of the two path kernels (each with its own pass)."""
     torch.manual_seed(4)
     x, w = torch.randn(*lead, features) * 1.5, torch.randn(out, features)
-    _, sign_bits, ste_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)
+    _, sign_bits, ste_bits, *w_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)
+    wb = (*w_bits, list(w.shape))
     g, alpha = torch.randn(*lead, out), torch.rand(out) + 0.5
     kern = {op: registry.lookup(f"fqt::aq_quantize_linear_{op}", "kernels")
             for op in ("input_grad", "weight_grad", "grads")}
     for step, a in ((0, alpha), (1, alpha), (2, None)):
         rs, rest = torch.tensor([1, step]), (list(x.shape), method, bits, 4, a)
-        dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
-        assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
-        assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
-    want = registry.lookup("fqt::aq_quantize_linear_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+        dx, dw = kern["grads"](g, rs, *wb, ste_bits, sign_bits, *rest)
+        assert torch.equal(dx, kern["input_grad"](g, rs, *wb, ste_bits, *rest))
+        assert torch.equal(dw, kern["weight_grad"](g, rs, *wb, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_linear_grads", "reference")(g, rs, *wb, ste_bits, sign_bits, *rest)
     for got, ref_ in zip((dx, dw), want):
         torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
@@ -272,12 +274,11 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
         # raw GEMM result and alpha: alpha * Y_raw in registers, G' = alpha ⊙ dx in the
         # region's backward kernel; Y_raw goes to the region alone.
         assert len(raw_regions) == len(binarized) and not bw_alpha
-        # (A conv reading the sign bits the region before it wrote returns Y_raw alone.)
         ops = (torch.ops.fqt.binary_conv2d.default, torch.ops.fqt.binary_conv2d_packed.default)
         convs = [n for n in cg.forward.graph.nodes if n.meta.get("fqt_op") in ops]
         assert len(convs) == len(binarized)
         for conv in convs:
-            y_raw = conv if conv.meta["fqt_op"] is ops[1] else next(u for u in conv.users if u.args[1] == 0)
+            y_raw = next(u for u in conv.users if u.args[1] == 0)
             assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
         # both SCQ paths scale g, in the one op merge_gradient_paths makes of them

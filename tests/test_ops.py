@@ -24,7 +24,8 @@ def _conv_case():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 9) * 1.5
     w = torch.randn(4, 3, 3, 3)
-    y_raw, sign_bits, ste_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    y_raw, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    assert all(torch.equal(a, b) for a, b in zip(w_bits, R.pack_weight(w)))
     return x, w, y_raw, sign_bits, ste_bits
 
 
@@ -32,8 +33,14 @@ def _linear_case():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 70) * 1.5  # 70 features: a two-word row with a tail
     w = torch.randn(6, 70)
-    y_raw, sign_bits, ste_bits = L.binary_linear(x, w, RS, 2)
+    y_raw, sign_bits, ste_bits, *w_bits = L.binary_linear(x, w, RS, 2)
+    assert all(torch.equal(a, b) for a, b in zip(w_bits, R.pack_weight(w)))
     return x, w, y_raw, sign_bits, ste_bits
+
+
+def _wb(w):
+    """The weight as the backward ops take it: its saved bits and shape."""
+    return (*R.pack_weight(w), list(w.shape))
 
 
 def _opcheck_cases():
@@ -47,39 +54,39 @@ def _opcheck_cases():
         (L.binary_conv2d_packed, (x, sb, mb, w, RS, *GEOM, 3)),
         (L.binary_linear, (xl.requires_grad_(), wl.requires_grad_(), RS, 2)),
         (L.mark_gradient, (g, RS, 3)),
-        (L.conv2d_input_grad, (g, w.detach(), mb, list(x.shape), *GEOM)),
-        (L.conv2d_weight_grad, (g, w.detach(), sb, list(x.shape), *GEOM)),
-        (L.linear_input_grad, (gl, wl.detach(), mbl, list(xl.shape))),
-        (L.linear_weight_grad, (gl, wl.detach(), sbl, list(xl.shape))),
+        (L.conv2d_input_grad, (g, *_wb(w), mb, list(x.shape), *GEOM)),
+        (L.conv2d_weight_grad, (g, *_wb(w), sb, list(x.shape), *GEOM)),
+        (L.linear_input_grad, (gl, *_wb(wl), mbl, list(xl.shape))),
+        (L.linear_weight_grad, (gl, *_wb(wl), sbl, list(xl.shape))),
     ]
     lo, hi, keep, prob = L.aq_sample(g2d, RS, "aq_scq", "input", 4, rps, 3)
     codes, scale, zero = L.quantize_gradient(g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)
     cases += [
         (L.aq_sample, (g2d, RS, "aq_scq", "input", 4, rps, 3)),
         (L.quantize_gradient, (g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)),
-        (L.conv2d_input_grad_q, (codes, scale, zero, keep, w.detach(), mb, list(x.shape), *GEOM, "sample")),
-        (L.conv2d_weight_grad_q, (codes, scale, zero, keep, w.detach(), sb, list(x.shape), *GEOM, "sample")),
+        (L.conv2d_input_grad_q, (codes, scale, zero, keep, *_wb(w), mb, list(x.shape), *GEOM, "sample")),
+        (L.conv2d_weight_grad_q, (codes, scale, zero, keep, *_wb(w), sb, list(x.shape), *GEOM, "sample")),
     ]
     g2dl = gl.reshape(-1, 6)
     lo, hi, keep, prob = L.aq_sample(g2dl, RS, "aq_scq", "weight", 2, 1, 2)
     codes, scale, zero = L.quantize_gradient(g2dl, lo, hi, keep, prob, RS, "aq_scq", "weight", 2, 1, 2)
     cases += [
-        (L.linear_input_grad_q, (codes, scale, zero, keep, wl.detach(), mbl, list(xl.shape), "channel")),
-        (L.linear_weight_grad_q, (codes, scale, zero, keep, wl.detach(), sbl, list(xl.shape), "channel")),
+        (L.linear_input_grad_q, (codes, scale, zero, keep, *_wb(wl), mbl, list(xl.shape), "channel")),
+        (L.linear_weight_grad_q, (codes, scale, zero, keep, *_wb(wl), sbl, list(xl.shape), "channel")),
     ]
     cases += [  # the fused ops of the kernel backend (ops/fused.py)
-        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
-        (F.aq_quantize_conv2d_weight_grad, (g, RS, w.detach(), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
-        (F.aq_quantize_linear_input_grad, (gl, RS, wl.detach(), mbl, list(xl.shape), "psq", 1, 2)),
-        (F.aq_quantize_linear_weight_grad, (gl, RS, wl.detach(), sbl, list(xl.shape), "topk", 2, 2)),
+        (F.aq_quantize_conv2d_input_grad, (g, RS, *_wb(w), mb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_conv2d_weight_grad, (g, RS, *_wb(w), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_linear_input_grad, (gl, RS, *_wb(wl), mbl, list(xl.shape), "psq", 1, 2)),
+        (F.aq_quantize_linear_weight_grad, (gl, RS, *_wb(wl), sbl, list(xl.shape), "topk", 2, 2)),
         # alpha folded in (passes/fold_alpha.py); the scaled forward ops exist only in
         # partitioned forward graphs, after autograd, so they have no autograd formula
-        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
+        (F.aq_quantize_conv2d_input_grad, (g, RS, *_wb(w), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
                                            R.default_alpha(w).view(1, -1, 1, 1))),
         # both paths of one G' (passes/merge_gradient_paths.py)
-        (F.aq_quantize_conv2d_grads, (g, RS, w.detach(), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
+        (F.aq_quantize_conv2d_grads, (g, RS, *_wb(w), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
                                       R.default_alpha(w).view(1, -1, 1, 1))),
-        (F.aq_quantize_linear_grads, (gl, RS, wl.detach(), mbl, sbl, list(xl.shape), "aq_scq", 4, 2,
+        (F.aq_quantize_linear_grads, (gl, RS, *_wb(wl), mbl, sbl, list(xl.shape), "aq_scq", 4, 2,
                                       R.default_alpha(wl))),
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
@@ -183,7 +190,8 @@ def test_forward_ops_match_reference_layers():
     for impl in ("reference", "kernels"):
         y_packed = registry.lookup("fqt::binary_conv2d_packed", impl)(torch.full_like(x, float("nan")), sign_bits,
                                                                       ste_bits, w, RS, *GEOM, 3)
-        assert torch.equal(y_packed, y_raw), impl
+        assert torch.equal(y_packed[0], y_raw), impl
+        assert all(torch.equal(a, b) for a, b in zip(y_packed[1:], R.pack_weight(w))), impl
     xl, wl, yl, sbl, mbl = _linear_case()
     torch.testing.assert_close(yl * R.default_alpha(wl), R.binary_linear(xl, wl, R.default_alpha(wl), None))
     assert sbl.shape == (6, R.padded_words(70)) and sbl.dtype == torch.int64  # per row of 70 features
@@ -192,15 +200,15 @@ def test_forward_ops_match_reference_layers():
 def test_packed_backward_ops_match_float_input_reference():
     x, w, y, sb, mb = _conv_case()
     g = torch.randn_like(y)
-    torch.testing.assert_close(L.conv2d_input_grad(g, w, mb, list(x.shape), *GEOM),
+    torch.testing.assert_close(L.conv2d_input_grad(g, *_wb(w), mb, list(x.shape), *GEOM),
                                R.conv2d_input_grad(g, w, x, *GEOM))
-    torch.testing.assert_close(L.conv2d_weight_grad(g, w, sb, list(x.shape), *GEOM),
+    torch.testing.assert_close(L.conv2d_weight_grad(g, *_wb(w), sb, list(x.shape), *GEOM),
                                R.conv2d_weight_grad(g, w, x, *GEOM))
     xl, wl, yl, sbl, mbl = _linear_case()
     gl = torch.randn_like(yl)
-    torch.testing.assert_close(L.linear_input_grad(gl, wl, mbl, list(xl.shape)),
+    torch.testing.assert_close(L.linear_input_grad(gl, *_wb(wl), mbl, list(xl.shape)),
                                R.linear_input_grad(gl, wl, xl))
-    torch.testing.assert_close(L.linear_weight_grad(gl, wl, sbl, list(xl.shape)),
+    torch.testing.assert_close(L.linear_weight_grad(gl, *_wb(wl), sbl, list(xl.shape)),
                                R.linear_weight_grad(gl, wl, xl))
 
 
@@ -218,10 +226,10 @@ def test_quantizer_ops_compose_to_reference_and_feed_gemms(method, path):
     grouping = R.grouping(method, path)
     gq = R.conv_unrows(q.dequantize(), y.shape)
     if path == "input":
-        got = L.conv2d_input_grad_q(codes, scale, zero, keep, w, mb, list(x.shape), *GEOM, grouping)
+        got = L.conv2d_input_grad_q(codes, scale, zero, keep, *_wb(w), mb, list(x.shape), *GEOM, grouping)
         want = R.conv2d_input_grad(gq, w, x, *GEOM)
     else:
-        got = L.conv2d_weight_grad_q(codes, scale, zero, keep, w, sb, list(x.shape), *GEOM, grouping)
+        got = L.conv2d_weight_grad_q(codes, scale, zero, keep, *_wb(w), sb, list(x.shape), *GEOM, grouping)
         want = R.conv2d_weight_grad(gq, w, x, *GEOM)
     torch.testing.assert_close(got, want)
 
