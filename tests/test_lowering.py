@@ -14,7 +14,7 @@ from fqt_compiler.ops import library as L
 from fqt_compiler.ops import registry
 from fqt_compiler.ops.reference import padded_words
 from fqt_compiler.runtime import lowered, quantize  # noqa: F401
-from fqt_compiler.zoo import vgg_small
+from fqt_compiler.zoo import resnet_small, vgg_small
 
 FLOAT_GEMMS = {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm",
                "aten::bmm", "aten::baddbmm"}
@@ -335,3 +335,37 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
         cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
         assert g.norm() == grads_k[name].norm() == 0 or cos > 0.999, name
     assert len(weights_k) >= 2 and packed_k == weights_k
+
+
+@pytest.mark.parametrize("model_fn", [vgg_small, resnet_small], ids=["vgg", "resnet"])
+def test_a_step_saves_no_binarized_weight_only_its_bits(model_fn):
+    """What autograd saves for backward in a compiled step (every saved tensor, by storage, as
+    ``benchmarks/bench_train.py``'s ``saved_bytes`` counts them) shares no storage with a
+    binarized layer's float weight: its backward reads sign(W) and |W| < 1 from 2 bits per
+    weight. The float first conv and the float head still save their weights (which shows the
+    hook sees parameters). The partitioner decides what is saved before either backend binds
+    its implementations: the kernel backend shows it."""
+    torch.manual_seed(0)
+    model = model_fn()
+    compiled = fqt.compile(model, fqt.Config(seed=3))
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
+    nn.functional.cross_entropy(compiled(x), y).backward()   # compiles both graphs
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(compiled(x), y)
+    loss.backward()
+    plan = compiled.fqt_graphs[-1].plan
+    binarized = {l.name for l in plan if l.binarize}
+    stored = {l.name: model.get_submodule(l.name).weight.untyped_storage().data_ptr() in saved for l in plan}
+    assert len(binarized) >= 5 and not any(stored[name] for name in binarized), stored
+    assert all(stored[name] for name in stored.keys() - binarized), stored
+    # the bits instead: two int64 word matrices [O, padded_words(K)] per binarized layer
+    for name in binarized:
+        w = model.get_submodule(name).weight
+        words = (w.shape[0], padded_words(w[0].numel()))
+        assert sum(t.dtype == torch.int64 and tuple(t.shape) == words for t in saved.values()) >= 2, name

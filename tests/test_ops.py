@@ -14,6 +14,7 @@ from fqt_compiler.ops import library as L
 from fqt_compiler.ops import reference as R
 from fqt_compiler.ops import registry
 from fqt_compiler.passes.infra import PassResult
+from fqt_compiler.runtime.pack import pack_signs_and_ste
 from fqt_test_models import SmallCNN
 
 RS = torch.tensor([11, 5], dtype=torch.int64)
@@ -280,3 +281,43 @@ def test_float_gradients_by_plan_run_on_the_reference_and_say_so():
     ran = _train_step(method="none").fqt_last.ran
     assert ran["fqt::binary_conv2d_scaled"] == "kernels"
     assert ran["fqt::conv2d_input_grad"] == ran["fqt::linear_weight_grad"] == "reference"
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 3), (5, 70), (3, 2, 5, 7), (2, 64), (1, 1)],
+                         ids=["O1-K27", "K70", "conv-K70", "K64", "O1-K1"])
+def test_pack_weight_round_trips_against_sign_and_ste_mask(shape):
+    """The saved-weight layout: a row per output channel over the flattened input axis, padded
+    to whole vectors with zero words, read back as sign(W) and |W| < 1 (0, ±1 on the edges);
+    the kernels' packer writes the same words."""
+    torch.manual_seed(5)
+    w = torch.randn(*shape) * 1.2
+    edges = torch.tensor([0.0, 1.0, -1.0, 0.999, -0.0])
+    w.view(-1)[:edges.numel()] = edges[:w.numel()]
+    o, k = shape[0], w[0].numel()
+    sign_words, ste_words = R.pack_weight(w)
+    for words in (sign_words, ste_words):
+        assert words.dtype == torch.int64 and tuple(words.shape) == (o, R.padded_words(k))
+        assert not R.unpack_bits(words, words.shape[1] * 64)[:, k:].any()   # padding bits are 0
+    assert torch.equal(R.unpack_weight(sign_words, shape), R.sign(w) > 0)
+    assert torch.equal(R.unpack_weight(ste_words, shape), R.ste_mask(w).bool())
+    kernel_bits = pack_signs_and_ste(w.reshape(o, -1))
+    assert all(torch.equal(got.words, want) for got, want in zip(kernel_bits, (sign_words, ste_words)))
+
+
+@pytest.mark.parametrize("o", [1, 5])
+def test_backward_ops_on_weight_bits_equal_the_float_weight_references_exactly(o):
+    """The backward ops read W only through its saved bits and still compute, bit for bit,
+    the float-weight reference (weights on the STE window's edges included)."""
+    torch.manual_seed(6)
+    x, w = torch.randn(2, 3, 5, 7) * 1.5, torch.randn(o, 3, 3, 3)
+    xl, wl = torch.randn(4, 70) * 1.5, torch.randn(o, 70)
+    for t in (w, wl):
+        t.view(-1)[:3] = torch.tensor([1.0, -1.0, 0.0])
+    y, sb, mb, *w_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    g, wb = torch.randn_like(y), (*w_bits, list(w.shape))
+    assert torch.equal(L.conv2d_input_grad(g, *wb, mb, list(x.shape), *GEOM), R.conv2d_input_grad(g, w, x, *GEOM))
+    assert torch.equal(L.conv2d_weight_grad(g, *wb, sb, list(x.shape), *GEOM), R.conv2d_weight_grad(g, w, x, *GEOM))
+    yl, sbl, mbl, *wl_bits = L.binary_linear(xl, wl, RS, 2)
+    gl, wbl = torch.randn_like(yl), (*wl_bits, list(wl.shape))
+    assert torch.equal(L.linear_input_grad(gl, *wbl, mbl, list(xl.shape)), R.linear_input_grad(gl, wl, xl))
+    assert torch.equal(L.linear_weight_grad(gl, *wbl, sbl, list(xl.shape)), R.linear_weight_grad(gl, wl, xl))

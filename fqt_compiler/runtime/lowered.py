@@ -5,12 +5,14 @@ Each function has its op's schema (plus the keywords ``layer_name``, for statist
 the JIT kernels:
 
 forward      pack signs + STE bits of x (unless the region that wrote x packed them) -> im2col
-             from the packed bits -> binary GEMM
+             from the packed bits -> binary GEMM; returns W's sign + STE bits for the backward
 input grad   quantize G' per sample into bit planes (kept samples only) -> gather the code
              words of each tap (a transposed convolution) -> bit-plane GEMM with sign(W)
-             packed along (tap, output channel) -> zero-point term + STE mask
+             packed along (tap, output channel), from the saved sign(W) bits -> zero-point
+             term + STE mask
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
+             of W from its saved bits
 both paths   the two above on one G': a conv's statistics pass, a linear layer's alpha ⊙ g
              run once for both
 
