@@ -369,3 +369,18 @@ def test_a_step_saves_no_binarized_weight_only_its_bits(model_fn):
         w = model.get_submodule(name).weight
         words = (w.shape[0], padded_words(w[0].numel()))
         assert sum(t.dtype == torch.int64 and tuple(t.shape) == words for t in saved.values()) >= 2, name
+
+
+def test_backward_kernels_name_the_layer_for_weight_bits_of_another_layout():
+    """A backward op handed the float weight, or bits of another shape, in place of the weight
+    bits its forward returned: an error naming the layer and the layout expected."""
+    torch.manual_seed(0)
+    x, w, geom = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), ([1, 1], [1, 1], [1, 1])
+    y, sign_bits, ste_bits, w_sign, w_ste = L.binary_conv2d(x, w, torch.tensor([1, 2]), *geom, 0)
+    g, rest = torch.randn_like(y), (list(x.shape), *geom, "ptq", 4, 0)
+    kern = {op: registry.lookup(f"fqt::aq_quantize_conv2d_{op}", "kernels") for op in ("input_grad", "weight_grad")}
+    with pytest.raises(ValueError, match=r"layer 'conv1': packed weight sign bits .* \(4, 8\)"):
+        kern["input_grad"](g, torch.tensor([1, 2]), w, w_ste, list(w.shape), ste_bits, *rest, layer_name="conv1")
+    with pytest.raises(ValueError, match=r"layer 'conv1': packed weight STE bits .* \(4, 8\)"):
+        kern["weight_grad"](g, torch.tensor([1, 2]), w_sign, w_ste[:, :4].contiguous(), list(w.shape), sign_bits,
+                            *rest, layer_name="conv1")
