@@ -795,8 +795,8 @@ def binary_gated_linear_region(x, weight, bias, x_up, weight_up, bias_up, rng_st
     """Two ``library.binarized_linear`` calls (default alpha), ``activation`` after the first
     and their product, with both multiplies by alpha and bias adds moved into one region
     that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction)."""
-    y, _, _ = library.binary_linear(x, weight, rng_state, layer)
-    y_up, _, _ = library.binary_linear(x_up, weight_up, rng_state, layer_up)
+    y = library.binary_linear(x, weight, rng_state, layer)[0]
+    y_up = library.binary_linear(x_up, weight_up, rng_state, layer_up)[0]
     alpha, alpha_up = weight_scale(weight.detach(), layer), weight_scale(weight_up.detach(), layer_up)
     contraction = max(weight.shape[1], weight_up.shape[1])
     return gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params,
