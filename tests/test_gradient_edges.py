@@ -93,7 +93,8 @@ def test_both_paths_are_unbiased_for_constant_groups(case, backend):
     kw = {"layer_name": "layer", "target": "host"} if backend == "kernels" else {}
     for path, bits_saved, want in zip(("input", "weight"), saved, expected):
         op = registry.lookup(f"fqt::aq_quantize_{kind}_{path}_grad", backend)
-        draws = torch.stack([op(g, torch.tensor([seed, 0]), w, bits_saved, *geometry, "aq_scq", 4, 0, **kw)
+        draws = torch.stack([op(g, torch.tensor([seed, 0]), *ref.pack_weight(w), list(w.shape), bits_saved,
+                                *geometry, "aq_scq", 4, 0, **kw)
                              for seed in range(DRAWS)])
         assert want.abs().sum() > 0
         assert_unbiased(draws, want)

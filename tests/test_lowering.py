@@ -14,7 +14,7 @@ from fqt_compiler.ops import library as L
 from fqt_compiler.ops import registry
 from fqt_compiler.ops.reference import padded_words
 from fqt_compiler.runtime import lowered, quantize  # noqa: F401
-from fqt_compiler.zoo import vgg_small
+from fqt_compiler.zoo import resnet_small, vgg_small
 
 FLOAT_GEMMS = {"aten::convolution", "aten::convolution_backward", "aten::mm", "aten::addmm",
                "aten::bmm", "aten::baddbmm"}
@@ -61,11 +61,11 @@ def test_conv_gradient_kernels_match_reference(xs, ws, stride, padding, dilation
     w = torch.randn(ws[0], xs[1], ws[1], ws[2]) * 0.8
     rs = torch.tensor([7, 3])
     geom = (list(stride), list(padding), list(dilation))
-    y, sign_bits, ste_bits = L.binary_conv2d(x, w, rs, *geom, 2)
-    g = torch.randn_like(y)
+    y, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, rs, *geom, 2)
+    g, wb = torch.randn_like(y), (*w_bits, list(w.shape))
     for op, saved in (("fqt::aq_quantize_conv2d_input_grad", ste_bits),
                       ("fqt::aq_quantize_conv2d_weight_grad", sign_bits)):
-        assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, list(x.shape), *geom, method, bits, 2))
+        assert_kept_gradient_matches(op, lambda rs: (g, rs, *wb, saved, list(x.shape), *geom, method, bits, 2))
 
 
 @pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1), ("topk", 8)])
@@ -79,7 +79,8 @@ def test_both_paths_in_one_op_equal_the_path_ops_bit_for_bit(xs, ws, stride, pad
     x = torch.randn(*xs) * 1.5
     w = torch.randn(ws[0], xs[1], ws[1], ws[2]) * 0.8
     geom = (list(stride), list(padding), list(dilation))
-    y, sign_bits, ste_bits = L.binary_conv2d(x, w, torch.tensor([7, 3]), *geom, 2)
+    y, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, torch.tensor([7, 3]), *geom, 2)
+    wb = (*w_bits, list(w.shape))
     alpha = torch.rand(ws[0]) + 0.5
     kern = {op: registry.lookup(f"fqt::aq_quantize_conv2d_{op}", "kernels")
             for op in ("input_grad", "weight_grad", "grads")}
@@ -89,13 +90,13 @@ def test_both_paths_in_one_op_equal_the_path_ops_bit_for_bit(xs, ws, stride, pad
             rest = (list(x.shape), *geom, method, bits, 2, alpha)
             passes = []
             monkeypatch.setattr(quantize, "_min_max", lambda *a, run=quantize._min_max: passes.append(a) or run(*a))
-            dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
+            dx, dw = kern["grads"](g, rs, *wb, ste_bits, sign_bits, *rest)
             monkeypatch.undo()
             # one kernel pass for both paths (a 1x1 map's groups take torch's reductions)
             assert len(passes) == (y.shape[2] * y.shape[3] > 1)
-            assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
-            assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
-    want = registry.lookup("fqt::aq_quantize_conv2d_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+            assert torch.equal(dx, kern["input_grad"](g, rs, *wb, ste_bits, *rest))
+            assert torch.equal(dw, kern["weight_grad"](g, rs, *wb, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_conv2d_grads", "reference")(g, rs, *wb, ste_bits, sign_bits, *rest)
     for got, ref_ in zip((dx, dw), want):
         torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
@@ -125,11 +126,11 @@ def test_linear_kernels_match_reference(rows, features, out, method, bits):
     k_out, r_out = kern(x, w, rs, 4), ref(x, w, rs, 4)
     for got, want in zip(k_out, r_out):
         assert torch.equal(got, want)
-    _, sign_bits, ste_bits = r_out
-    g = torch.randn(rows, out)
+    _, sign_bits, ste_bits, *w_bits = r_out
+    g, wb = torch.randn(rows, out), (*w_bits, list(w.shape))
     for op, saved in (("fqt::aq_quantize_linear_input_grad", ste_bits),
                       ("fqt::aq_quantize_linear_weight_grad", sign_bits)):
-        assert_kept_gradient_matches(op, lambda rs: (g, rs, w, saved, [rows, features], method, bits, 4))
+        assert_kept_gradient_matches(op, lambda rs: (g, rs, *wb, saved, [rows, features], method, bits, 4))
 
 
 @pytest.mark.parametrize("method,bits", [("aq_scq", 4), ("aq_opt", 2), ("psq", 1)])
@@ -139,16 +140,17 @@ def test_both_linear_paths_in_one_op_equal_the_path_ops_bit_for_bit(lead, featur
     exactly those of the two path kernels (each with its own pass)."""
     torch.manual_seed(4)
     x, w = torch.randn(*lead, features) * 1.5, torch.randn(out, features)
-    _, sign_bits, ste_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)
+    _, sign_bits, ste_bits, *w_bits = L.binary_linear(x, w, torch.tensor([1, 9]), 4)
+    wb = (*w_bits, list(w.shape))
     g, alpha = torch.randn(*lead, out), torch.rand(out) + 0.5
     kern = {op: registry.lookup(f"fqt::aq_quantize_linear_{op}", "kernels")
             for op in ("input_grad", "weight_grad", "grads")}
     for step, a in ((0, alpha), (1, alpha), (2, None)):
         rs, rest = torch.tensor([1, step]), (list(x.shape), method, bits, 4, a)
-        dx, dw = kern["grads"](g, rs, w, ste_bits, sign_bits, *rest)
-        assert torch.equal(dx, kern["input_grad"](g, rs, w, ste_bits, *rest))
-        assert torch.equal(dw, kern["weight_grad"](g, rs, w, sign_bits, *rest))
-    want = registry.lookup("fqt::aq_quantize_linear_grads", "reference")(g, rs, w, ste_bits, sign_bits, *rest)
+        dx, dw = kern["grads"](g, rs, *wb, ste_bits, sign_bits, *rest)
+        assert torch.equal(dx, kern["input_grad"](g, rs, *wb, ste_bits, *rest))
+        assert torch.equal(dw, kern["weight_grad"](g, rs, *wb, sign_bits, *rest))
+    want = registry.lookup("fqt::aq_quantize_linear_grads", "reference")(g, rs, *wb, ste_bits, sign_bits, *rest)
     for got, ref_ in zip((dx, dw), want):
         torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
@@ -272,12 +274,11 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
         # raw GEMM result and alpha: alpha * Y_raw in registers, G' = alpha ⊙ dx in the
         # region's backward kernel; Y_raw goes to the region alone.
         assert len(raw_regions) == len(binarized) and not bw_alpha
-        # (A conv reading the sign bits the region before it wrote returns Y_raw alone.)
         ops = (torch.ops.fqt.binary_conv2d.default, torch.ops.fqt.binary_conv2d_packed.default)
         convs = [n for n in cg.forward.graph.nodes if n.meta.get("fqt_op") in ops]
         assert len(convs) == len(binarized)
         for conv in convs:
-            y_raw = conv if conv.meta["fqt_op"] is ops[1] else next(u for u in conv.users if u.args[1] == 0)
+            y_raw = next(u for u in conv.users if u.args[1] == 0)
             assert {u.meta.get("fqt_op") for u in y_raw.users} == {torch.ops.fqt.bn_region.default}
     else:   # a learned alpha needs Y_raw for its own gradient: the forward multiply stays
         # both SCQ paths scale g, in the one op merge_gradient_paths makes of them
@@ -334,3 +335,52 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
         cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
         assert g.norm() == grads_k[name].norm() == 0 or cos > 0.999, name
     assert len(weights_k) >= 2 and packed_k == weights_k
+
+
+@pytest.mark.parametrize("model_fn", [vgg_small, resnet_small], ids=["vgg", "resnet"])
+def test_a_step_saves_no_binarized_weight_only_its_bits(model_fn):
+    """What autograd saves for backward in a compiled step (every saved tensor, by storage, as
+    ``benchmarks/bench_train.py``'s ``saved_bytes`` counts them) shares no storage with a
+    binarized layer's float weight: its backward reads sign(W) and |W| < 1 from 2 bits per
+    weight. The float first conv and the float head still save their weights (which shows the
+    hook sees parameters). The partitioner decides what is saved before either backend binds
+    its implementations: the kernel backend shows it."""
+    torch.manual_seed(0)
+    model = model_fn()
+    compiled = fqt.compile(model, fqt.Config(seed=3))
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
+    nn.functional.cross_entropy(compiled(x), y).backward()   # compiles both graphs
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(compiled(x), y)
+    loss.backward()
+    plan = compiled.fqt_graphs[-1].plan
+    binarized = {l.name for l in plan if l.binarize}
+    stored = {l.name: model.get_submodule(l.name).weight.untyped_storage().data_ptr() in saved for l in plan}
+    assert len(binarized) >= 5 and not any(stored[name] for name in binarized), stored
+    assert all(stored[name] for name in stored.keys() - binarized), stored
+    # the bits instead: two int64 word matrices [O, padded_words(K)] per binarized layer
+    for name in binarized:
+        w = model.get_submodule(name).weight
+        words = (w.shape[0], padded_words(w[0].numel()))
+        assert sum(t.dtype == torch.int64 and tuple(t.shape) == words for t in saved.values()) >= 2, name
+
+
+def test_backward_kernels_name_the_layer_for_weight_bits_of_another_layout():
+    """A backward op handed the float weight, or bits of another shape, in place of the weight
+    bits its forward returned: an error naming the layer and the layout expected."""
+    torch.manual_seed(0)
+    x, w, geom = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3), ([1, 1], [1, 1], [1, 1])
+    y, sign_bits, ste_bits, w_sign, w_ste = L.binary_conv2d(x, w, torch.tensor([1, 2]), *geom, 0)
+    g, rest = torch.randn_like(y), (list(x.shape), *geom, "ptq", 4, 0)
+    kern = {op: registry.lookup(f"fqt::aq_quantize_conv2d_{op}", "kernels") for op in ("input_grad", "weight_grad")}
+    with pytest.raises(ValueError, match=r"layer 'conv1': packed weight sign bits .* \(4, 8\)"):
+        kern["input_grad"](g, torch.tensor([1, 2]), w, w_ste, list(w.shape), ste_bits, *rest, layer_name="conv1")
+    with pytest.raises(ValueError, match=r"layer 'conv1': packed weight STE bits .* \(4, 8\)"):
+        kern["weight_grad"](g, torch.tensor([1, 2]), w_sign, w_ste[:, :4].contiguous(), list(w.shape), sign_bits,
+                            *rest, layer_name="conv1")

@@ -14,6 +14,7 @@ from fqt_compiler.ops import library as L
 from fqt_compiler.ops import reference as R
 from fqt_compiler.ops import registry
 from fqt_compiler.passes.infra import PassResult
+from fqt_compiler.runtime.pack import pack_signs_and_ste
 from fqt_test_models import SmallCNN
 
 RS = torch.tensor([11, 5], dtype=torch.int64)
@@ -24,7 +25,8 @@ def _conv_case():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 9) * 1.5
     w = torch.randn(4, 3, 3, 3)
-    y_raw, sign_bits, ste_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    y_raw, sign_bits, ste_bits, *w_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    assert all(torch.equal(a, b) for a, b in zip(w_bits, R.pack_weight(w)))
     return x, w, y_raw, sign_bits, ste_bits
 
 
@@ -32,8 +34,14 @@ def _linear_case():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 70) * 1.5  # 70 features: a two-word row with a tail
     w = torch.randn(6, 70)
-    y_raw, sign_bits, ste_bits = L.binary_linear(x, w, RS, 2)
+    y_raw, sign_bits, ste_bits, *w_bits = L.binary_linear(x, w, RS, 2)
+    assert all(torch.equal(a, b) for a, b in zip(w_bits, R.pack_weight(w)))
     return x, w, y_raw, sign_bits, ste_bits
+
+
+def _wb(w):
+    """The weight as the backward ops take it: its saved bits and shape."""
+    return (*R.pack_weight(w), list(w.shape))
 
 
 def _opcheck_cases():
@@ -47,39 +55,39 @@ def _opcheck_cases():
         (L.binary_conv2d_packed, (x, sb, mb, w, RS, *GEOM, 3)),
         (L.binary_linear, (xl.requires_grad_(), wl.requires_grad_(), RS, 2)),
         (L.mark_gradient, (g, RS, 3)),
-        (L.conv2d_input_grad, (g, w.detach(), mb, list(x.shape), *GEOM)),
-        (L.conv2d_weight_grad, (g, w.detach(), sb, list(x.shape), *GEOM)),
-        (L.linear_input_grad, (gl, wl.detach(), mbl, list(xl.shape))),
-        (L.linear_weight_grad, (gl, wl.detach(), sbl, list(xl.shape))),
+        (L.conv2d_input_grad, (g, *_wb(w), mb, list(x.shape), *GEOM)),
+        (L.conv2d_weight_grad, (g, *_wb(w), sb, list(x.shape), *GEOM)),
+        (L.linear_input_grad, (gl, *_wb(wl), mbl, list(xl.shape))),
+        (L.linear_weight_grad, (gl, *_wb(wl), sbl, list(xl.shape))),
     ]
     lo, hi, keep, prob = L.aq_sample(g2d, RS, "aq_scq", "input", 4, rps, 3)
     codes, scale, zero = L.quantize_gradient(g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)
     cases += [
         (L.aq_sample, (g2d, RS, "aq_scq", "input", 4, rps, 3)),
         (L.quantize_gradient, (g2d, lo, hi, keep, prob, RS, "aq_scq", "input", 4, rps, 3)),
-        (L.conv2d_input_grad_q, (codes, scale, zero, keep, w.detach(), mb, list(x.shape), *GEOM, "sample")),
-        (L.conv2d_weight_grad_q, (codes, scale, zero, keep, w.detach(), sb, list(x.shape), *GEOM, "sample")),
+        (L.conv2d_input_grad_q, (codes, scale, zero, keep, *_wb(w), mb, list(x.shape), *GEOM, "sample")),
+        (L.conv2d_weight_grad_q, (codes, scale, zero, keep, *_wb(w), sb, list(x.shape), *GEOM, "sample")),
     ]
     g2dl = gl.reshape(-1, 6)
     lo, hi, keep, prob = L.aq_sample(g2dl, RS, "aq_scq", "weight", 2, 1, 2)
     codes, scale, zero = L.quantize_gradient(g2dl, lo, hi, keep, prob, RS, "aq_scq", "weight", 2, 1, 2)
     cases += [
-        (L.linear_input_grad_q, (codes, scale, zero, keep, wl.detach(), mbl, list(xl.shape), "channel")),
-        (L.linear_weight_grad_q, (codes, scale, zero, keep, wl.detach(), sbl, list(xl.shape), "channel")),
+        (L.linear_input_grad_q, (codes, scale, zero, keep, *_wb(wl), mbl, list(xl.shape), "channel")),
+        (L.linear_weight_grad_q, (codes, scale, zero, keep, *_wb(wl), sbl, list(xl.shape), "channel")),
     ]
     cases += [  # the fused ops of the kernel backend (ops/fused.py)
-        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
-        (F.aq_quantize_conv2d_weight_grad, (g, RS, w.detach(), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
-        (F.aq_quantize_linear_input_grad, (gl, RS, wl.detach(), mbl, list(xl.shape), "psq", 1, 2)),
-        (F.aq_quantize_linear_weight_grad, (gl, RS, wl.detach(), sbl, list(xl.shape), "topk", 2, 2)),
+        (F.aq_quantize_conv2d_input_grad, (g, RS, *_wb(w), mb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_conv2d_weight_grad, (g, RS, *_wb(w), sb, list(x.shape), *GEOM, "aq_scq", 4, 3)),
+        (F.aq_quantize_linear_input_grad, (gl, RS, *_wb(wl), mbl, list(xl.shape), "psq", 1, 2)),
+        (F.aq_quantize_linear_weight_grad, (gl, RS, *_wb(wl), sbl, list(xl.shape), "topk", 2, 2)),
         # alpha folded in (passes/fold_alpha.py); the scaled forward ops exist only in
         # partitioned forward graphs, after autograd, so they have no autograd formula
-        (F.aq_quantize_conv2d_input_grad, (g, RS, w.detach(), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
+        (F.aq_quantize_conv2d_input_grad, (g, RS, *_wb(w), mb, list(x.shape), *GEOM, "aq_scq", 4, 3,
                                            R.default_alpha(w).view(1, -1, 1, 1))),
         # both paths of one G' (passes/merge_gradient_paths.py)
-        (F.aq_quantize_conv2d_grads, (g, RS, w.detach(), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
+        (F.aq_quantize_conv2d_grads, (g, RS, *_wb(w), mb, sb, list(x.shape), *GEOM, "aq_opt", 2, 3,
                                       R.default_alpha(w).view(1, -1, 1, 1))),
-        (F.aq_quantize_linear_grads, (gl, RS, wl.detach(), mbl, sbl, list(xl.shape), "aq_scq", 4, 2,
+        (F.aq_quantize_linear_grads, (gl, RS, *_wb(wl), mbl, sbl, list(xl.shape), "aq_scq", 4, 2,
                                       R.default_alpha(wl))),
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
@@ -183,7 +191,8 @@ def test_forward_ops_match_reference_layers():
     for impl in ("reference", "kernels"):
         y_packed = registry.lookup("fqt::binary_conv2d_packed", impl)(torch.full_like(x, float("nan")), sign_bits,
                                                                       ste_bits, w, RS, *GEOM, 3)
-        assert torch.equal(y_packed, y_raw), impl
+        assert torch.equal(y_packed[0], y_raw), impl
+        assert all(torch.equal(a, b) for a, b in zip(y_packed[1:], R.pack_weight(w))), impl
     xl, wl, yl, sbl, mbl = _linear_case()
     torch.testing.assert_close(yl * R.default_alpha(wl), R.binary_linear(xl, wl, R.default_alpha(wl), None))
     assert sbl.shape == (6, R.padded_words(70)) and sbl.dtype == torch.int64  # per row of 70 features
@@ -192,15 +201,15 @@ def test_forward_ops_match_reference_layers():
 def test_packed_backward_ops_match_float_input_reference():
     x, w, y, sb, mb = _conv_case()
     g = torch.randn_like(y)
-    torch.testing.assert_close(L.conv2d_input_grad(g, w, mb, list(x.shape), *GEOM),
+    torch.testing.assert_close(L.conv2d_input_grad(g, *_wb(w), mb, list(x.shape), *GEOM),
                                R.conv2d_input_grad(g, w, x, *GEOM))
-    torch.testing.assert_close(L.conv2d_weight_grad(g, w, sb, list(x.shape), *GEOM),
+    torch.testing.assert_close(L.conv2d_weight_grad(g, *_wb(w), sb, list(x.shape), *GEOM),
                                R.conv2d_weight_grad(g, w, x, *GEOM))
     xl, wl, yl, sbl, mbl = _linear_case()
     gl = torch.randn_like(yl)
-    torch.testing.assert_close(L.linear_input_grad(gl, wl, mbl, list(xl.shape)),
+    torch.testing.assert_close(L.linear_input_grad(gl, *_wb(wl), mbl, list(xl.shape)),
                                R.linear_input_grad(gl, wl, xl))
-    torch.testing.assert_close(L.linear_weight_grad(gl, wl, sbl, list(xl.shape)),
+    torch.testing.assert_close(L.linear_weight_grad(gl, *_wb(wl), sbl, list(xl.shape)),
                                R.linear_weight_grad(gl, wl, xl))
 
 
@@ -218,10 +227,10 @@ def test_quantizer_ops_compose_to_reference_and_feed_gemms(method, path):
     grouping = R.grouping(method, path)
     gq = R.conv_unrows(q.dequantize(), y.shape)
     if path == "input":
-        got = L.conv2d_input_grad_q(codes, scale, zero, keep, w, mb, list(x.shape), *GEOM, grouping)
+        got = L.conv2d_input_grad_q(codes, scale, zero, keep, *_wb(w), mb, list(x.shape), *GEOM, grouping)
         want = R.conv2d_input_grad(gq, w, x, *GEOM)
     else:
-        got = L.conv2d_weight_grad_q(codes, scale, zero, keep, w, sb, list(x.shape), *GEOM, grouping)
+        got = L.conv2d_weight_grad_q(codes, scale, zero, keep, *_wb(w), sb, list(x.shape), *GEOM, grouping)
         want = R.conv2d_weight_grad(gq, w, x, *GEOM)
     torch.testing.assert_close(got, want)
 
@@ -272,3 +281,43 @@ def test_float_gradients_by_plan_run_on_the_reference_and_say_so():
     ran = _train_step(method="none").fqt_last.ran
     assert ran["fqt::binary_conv2d_scaled"] == "kernels"
     assert ran["fqt::conv2d_input_grad"] == ran["fqt::linear_weight_grad"] == "reference"
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 3), (5, 70), (3, 2, 5, 7), (2, 64), (1, 1)],
+                         ids=["O1-K27", "K70", "conv-K70", "K64", "O1-K1"])
+def test_pack_weight_round_trips_against_sign_and_ste_mask(shape):
+    """The saved-weight layout: a row per output channel over the flattened input axis, padded
+    to whole vectors with zero words, read back as sign(W) and |W| < 1 (0, ±1 on the edges);
+    the kernels' packer writes the same words."""
+    torch.manual_seed(5)
+    w = torch.randn(*shape) * 1.2
+    edges = torch.tensor([0.0, 1.0, -1.0, 0.999, -0.0])
+    w.view(-1)[:edges.numel()] = edges[:w.numel()]
+    o, k = shape[0], w[0].numel()
+    sign_words, ste_words = R.pack_weight(w)
+    for words in (sign_words, ste_words):
+        assert words.dtype == torch.int64 and tuple(words.shape) == (o, R.padded_words(k))
+        assert not R.unpack_bits(words, words.shape[1] * 64)[:, k:].any()   # padding bits are 0
+    assert torch.equal(R.unpack_weight(sign_words, shape), R.sign(w) > 0)
+    assert torch.equal(R.unpack_weight(ste_words, shape), R.ste_mask(w).bool())
+    kernel_bits = pack_signs_and_ste(w.reshape(o, -1))
+    assert all(torch.equal(got.words, want) for got, want in zip(kernel_bits, (sign_words, ste_words)))
+
+
+@pytest.mark.parametrize("o", [1, 5])
+def test_backward_ops_on_weight_bits_equal_the_float_weight_references_exactly(o):
+    """The backward ops read W only through its saved bits and still compute, bit for bit,
+    the float-weight reference (weights on the STE window's edges included)."""
+    torch.manual_seed(6)
+    x, w = torch.randn(2, 3, 5, 7) * 1.5, torch.randn(o, 3, 3, 3)
+    xl, wl = torch.randn(4, 70) * 1.5, torch.randn(o, 70)
+    for t in (w, wl):
+        t.view(-1)[:3] = torch.tensor([1.0, -1.0, 0.0])
+    y, sb, mb, *w_bits = L.binary_conv2d(x, w, RS, *GEOM, 3)
+    g, wb = torch.randn_like(y), (*w_bits, list(w.shape))
+    assert torch.equal(L.conv2d_input_grad(g, *wb, mb, list(x.shape), *GEOM), R.conv2d_input_grad(g, w, x, *GEOM))
+    assert torch.equal(L.conv2d_weight_grad(g, *wb, sb, list(x.shape), *GEOM), R.conv2d_weight_grad(g, w, x, *GEOM))
+    yl, sbl, mbl, *wl_bits = L.binary_linear(xl, wl, RS, 2)
+    gl, wbl = torch.randn_like(yl), (*wl_bits, list(wl.shape))
+    assert torch.equal(L.linear_input_grad(gl, *wbl, mbl, list(xl.shape)), R.linear_input_grad(gl, wl, xl))
+    assert torch.equal(L.linear_weight_grad(gl, *wbl, sbl, list(xl.shape)), R.linear_weight_grad(gl, wl, xl))

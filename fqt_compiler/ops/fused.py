@@ -20,7 +20,7 @@ import torch
 from . import reference as ref
 from .rng import seed_and_step
 from .library import _binary_conv2d as ref_binary_conv2d
-from .library import _binary_conv2d_fake, _binary_linear_fake, _define
+from .library import _WITH_BITS, W_BITS, _binary_conv2d_fake, _binary_linear_fake, _define
 from .library import _binary_linear as ref_binary_linear
 
 _CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
@@ -43,40 +43,42 @@ def _quantized(g2d, rng_state, method, path, bits, rows_per_sample, layer):
 
 
 def _conv_path(path, grad_fn):
-    def impl(gprime, rng_state, weight, saved_bits, x_shape, stride, padding, dilation,
-             method, bits, layer, alpha=None):
+    def impl(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, saved_bits, x_shape, stride,
+             padding, dilation, method, bits, layer, alpha=None):
         gprime = _scaled(gprime, alpha)
         hw = gprime.shape[2] * gprime.shape[3]
         g2d = _quantized(ref.conv_rows(gprime), rng_state, method, path, bits, hw, layer)
-        return grad_fn(ref.conv_unrows(g2d, gprime.shape), weight, saved_bits, x_shape,
-                       stride, padding, dilation)
+        return grad_fn(ref.conv_unrows(g2d, gprime.shape), w_sign_bits, w_ste_bits, w_shape,
+                       saved_bits, x_shape, stride, padding, dilation)
     return impl
 
 
 def _linear_path(path, grad_fn):
-    def impl(gprime, rng_state, weight, saved_bits, x_shape, method, bits, layer, alpha=None):
+    def impl(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, saved_bits, x_shape, method, bits,
+             layer, alpha=None):
         gprime = _scaled(gprime, alpha)
         g2d = _quantized(gprime.reshape(-1, gprime.shape[-1]), rng_state, method, path, bits, 1,
                          layer)
-        return grad_fn(g2d.reshape(gprime.shape), weight, saved_bits, x_shape)
+        return grad_fn(g2d.reshape(gprime.shape), w_sign_bits, w_ste_bits, w_shape, saved_bits,
+                       x_shape)
     return impl
 
 
-def _like_x(gprime, rng_state, weight, saved_bits, x_shape, *rest):
+def _like_x(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, saved_bits, x_shape, *rest):
     return gprime.new_empty(x_shape)
 
 
-def _like_w(gprime, rng_state, weight, *rest):
-    return torch.empty_like(weight)
+def _like_w(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, *rest):
+    return gprime.new_empty(w_shape)
 
 
 _conv_input = _conv_path(ref.PATH_INPUT, ref.conv2d_input_grad_packed)
 _conv_weight = _conv_path(ref.PATH_WEIGHT, ref.conv2d_weight_grad_packed)
 aq_quantize_conv2d_input_grad = _define(
-    f"aq_quantize_conv2d_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"aq_quantize_conv2d_input_grad(Tensor gprime, Tensor rng_state, {W_BITS}, "
     f"Tensor x_ste_bits, {_CONV}, {_Q}) -> Tensor", _conv_input, _like_x)
 aq_quantize_conv2d_weight_grad = _define(
-    f"aq_quantize_conv2d_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"aq_quantize_conv2d_weight_grad(Tensor gprime, Tensor rng_state, {W_BITS}, "
     f"Tensor x_sign_bits, {_CONV}, {_Q}) -> Tensor", _conv_weight, _like_w)
 
 
@@ -86,39 +88,43 @@ aq_quantize_conv2d_weight_grad = _define(
 # and a linear layer's alpha ⊙ g is formed once for both. Reference: the two path ops, one
 # after the other.
 
-def _conv_paths(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
-                method, bits, layer, alpha=None):
+def _conv_paths(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_sign_bits, x_shape,
+                stride, padding, dilation, method, bits, layer, alpha=None):
+    w_bits = (w_sign_bits, w_ste_bits, w_shape)
     rest = (x_shape, stride, padding, dilation, method, bits, layer, alpha)
-    return (_conv_input(gprime, rng_state, weight, x_ste_bits, *rest),
-            _conv_weight(gprime, rng_state, weight, x_sign_bits, *rest))
+    return (_conv_input(gprime, rng_state, *w_bits, x_ste_bits, *rest),
+            _conv_weight(gprime, rng_state, *w_bits, x_sign_bits, *rest))
 
 
-def _like_x_and_w(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, *rest):
-    return gprime.new_empty(x_shape), torch.empty_like(weight)
+def _like_x_and_w(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_sign_bits, x_shape,
+                  *rest):
+    return gprime.new_empty(x_shape), gprime.new_empty(w_shape)
 
 
 aq_quantize_conv2d_grads = _define(
-    f"aq_quantize_conv2d_grads(Tensor gprime, Tensor rng_state, Tensor weight, Tensor x_ste_bits, "
+    f"aq_quantize_conv2d_grads(Tensor gprime, Tensor rng_state, {W_BITS}, Tensor x_ste_bits, "
     f"Tensor x_sign_bits, {_CONV}, {_Q}) -> (Tensor, Tensor)",
     _conv_paths, _like_x_and_w)
 _linear_input = _linear_path(ref.PATH_INPUT, ref.linear_input_grad_packed)
 _linear_weight = _linear_path(ref.PATH_WEIGHT, ref.linear_weight_grad_packed)
 aq_quantize_linear_input_grad = _define(
-    f"aq_quantize_linear_input_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"aq_quantize_linear_input_grad(Tensor gprime, Tensor rng_state, {W_BITS}, "
     f"Tensor x_ste_bits, SymInt[] x_shape, {_Q}) -> Tensor", _linear_input, _like_x)
 aq_quantize_linear_weight_grad = _define(
-    f"aq_quantize_linear_weight_grad(Tensor gprime, Tensor rng_state, Tensor weight, "
+    f"aq_quantize_linear_weight_grad(Tensor gprime, Tensor rng_state, {W_BITS}, "
     f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> Tensor", _linear_weight, _like_w)
 
 
-def _linear_paths(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer, alpha=None):
+def _linear_paths(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_sign_bits, x_shape,
+                  method, bits, layer, alpha=None):
+    w_bits = (w_sign_bits, w_ste_bits, w_shape)
     rest = (x_shape, method, bits, layer, alpha)
-    return (_linear_input(gprime, rng_state, weight, x_ste_bits, *rest),
-            _linear_weight(gprime, rng_state, weight, x_sign_bits, *rest))
+    return (_linear_input(gprime, rng_state, *w_bits, x_ste_bits, *rest),
+            _linear_weight(gprime, rng_state, *w_bits, x_sign_bits, *rest))
 
 
 aq_quantize_linear_grads = _define(
-    f"aq_quantize_linear_grads(Tensor gprime, Tensor rng_state, Tensor weight, Tensor x_ste_bits, "
+    f"aq_quantize_linear_grads(Tensor gprime, Tensor rng_state, {W_BITS}, Tensor x_ste_bits, "
     f"Tensor x_sign_bits, SymInt[] x_shape, {_Q}) -> (Tensor, Tensor)",
     _linear_paths, _like_x_and_w)
 
@@ -128,14 +134,14 @@ aq_quantize_linear_grads = _define(
 # linear layer's bias too (``alpha * y_raw + bias``, the same two float32 roundings).
 
 def _binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation, layer):
-    y, signs, mask = ref_binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
-    return y * alpha.reshape(1, -1, 1, 1), signs, mask
+    y, *bits = ref_binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
+    return y * alpha.reshape(1, -1, 1, 1), *bits
 
 
 def _binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None):
-    y, signs, mask = ref_binary_linear(x, weight, rng_state, layer)
+    y, *bits = ref_binary_linear(x, weight, rng_state, layer)
     y = y * alpha.reshape(-1)
-    return y if bias is None else y + bias, signs, mask
+    return y if bias is None else y + bias, *bits
 
 
 def _binary_conv2d_scaled_fake(x, weight, alpha, rng_state, *geometry_and_layer):
@@ -148,11 +154,11 @@ def _binary_linear_scaled_fake(x, weight, alpha, rng_state, layer, bias=None):
 
 binary_conv2d_scaled = _define(
     "binary_conv2d_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int[] stride, "
-    "int[] padding, int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
+    f"int[] padding, int[] dilation, int layer) -> {_WITH_BITS}",
     _binary_conv2d_scaled, _binary_conv2d_scaled_fake)
 binary_linear_scaled = _define(
     "binary_linear_scaled(Tensor x, Tensor weight, Tensor alpha, Tensor rng_state, int layer, "
-    "Tensor? bias=None) -> (Tensor, Tensor, Tensor)",
+    f"Tensor? bias=None) -> {_WITH_BITS}",
     _binary_linear_scaled, _binary_linear_scaled_fake)
 
 # forward op -> its alpha-folded op

@@ -430,9 +430,9 @@ def binary_conv2d_region(x, conv_weight, rng_state, stride, padding, dilation, l
     ``x_bits``: ``x``'s packed ``(sign words, STE words)`` from the region that wrote ``x``
     (``pack_signs`` there), read by ``library.binary_conv2d_packed`` instead of packing ``x``."""
     if x_bits is None:
-        y, _, _ = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)
+        y = library.binary_conv2d(x, conv_weight, rng_state, stride, padding, dilation, layer)[0]
     else:
-        y = library.binary_conv2d_packed(x, *x_bits, conv_weight, rng_state, stride, padding, dilation, layer)
+        y = library.binary_conv2d_packed(x, *x_bits, conv_weight, rng_state, stride, padding, dilation, layer)[0]
     alpha = weight_scale(conv_weight.detach(), layer)
     return batch_norm_region(y, running_mean, running_var, weight, bias, training, momentum, eps,
                              activation, act_params, pool, pool_mode, ceil_mode, region, alpha,
@@ -728,7 +728,7 @@ def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_para
     """``library.binarized_linear`` (default alpha) followed by ``activation``, with the
     multiply by alpha and the bias add moved into the region: it gets the raw GEMM result and
     keeps it for backward as int16 (``raw_dtype``) instead of the float32 activation input."""
-    y, _, _ = library.binary_linear(x, weight, rng_state, layer)
+    y = library.binary_linear(x, weight, rng_state, layer)[0]
     alpha = weight_scale(weight.detach(), layer)
     return linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region)[0]
 
@@ -795,8 +795,8 @@ def binary_gated_linear_region(x, weight, bias, x_up, weight_up, bias_up, rng_st
     """Two ``library.binarized_linear`` calls (default alpha), ``activation`` after the first
     and their product, with both multiplies by alpha and bias adds moved into one region
     that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction)."""
-    y, _, _ = library.binary_linear(x, weight, rng_state, layer)
-    y_up, _, _ = library.binary_linear(x_up, weight_up, rng_state, layer_up)
+    y = library.binary_linear(x, weight, rng_state, layer)[0]
+    y_up = library.binary_linear(x_up, weight_up, rng_state, layer_up)[0]
     alpha, alpha_up = weight_scale(weight.detach(), layer), weight_scale(weight_up.detach(), layer_up)
     contraction = max(weight.shape[1], weight_up.shape[1])
     return gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params,

@@ -5,12 +5,14 @@ Forward (one op per binarized layer, the forward GEMM):
 * ``binary_conv2d`` / ``binary_linear`` return ``Y_raw`` (the ±1×±1 GEMM, before alpha and
   bias, which stay float ops in the graph so that a learned alpha gets its gradient from
   autograd and ``alpha ⊙ dL/dY`` arrives at the backward as ``G'``) plus the layer input's
-  sign bits and STE-mask bits packed as ``reference.pack_activation`` documents; those two,
-  not the float input, are what the backward saves. ``rng_state`` (int64 ``[seed, step]``)
+  sign bits and STE-mask bits packed as ``reference.pack_activation`` documents, then the
+  weight's sign bits and STE-mask bits (``reference.pack_weight``); those four, not the
+  float input or weight, are what the backward saves. ``rng_state`` (int64 ``[seed, step]``)
   is an input only so that autograd saves it for the backward quantizers.
 * ``binary_conv2d_packed`` is ``binary_conv2d`` given those two bit matrices of ``x`` (written
   by the fused region that produced ``x``) instead of packing ``x``; it returns ``Y_raw``
-  alone. ``x`` stays an input so that autograd routes the input gradient to it.
+  and the weight's two bit matrices. ``x`` stays an input so that autograd routes the input
+  gradient to it.
 
 Backward (one op per GEMM):
 
@@ -19,7 +21,8 @@ Backward (one op per GEMM):
   of the layer's method (or removes it for ``none``).
 * ``{conv2d,linear}_{input,weight}_grad`` take a float ``G'``; the ``_q`` variants take the
   quantized gradient ``(codes uint8 [rows, O], scale, zero, keep)`` of one SCQ path, the
-  operands of a bit-plane popcount GEMM over kept groups.
+  operands of a bit-plane popcount GEMM over kept groups. All take the weight as its saved
+  bits ``(w_sign_bits, w_ste_bits, w_shape)``, never the float weight.
 * ``aq_sample`` (group statistics + keep decisions) and ``quantize_gradient`` (stochastic
   rounding to b-bit codes) are the two stages of ``reference.quantize_gradient``.
 
@@ -53,7 +56,7 @@ def _binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer):
     y = ref.binary_conv2d(x, weight, torch.ones(weight.shape[0]), None, stride, padding, dilation)
     # The fake says contiguous; a channels_last x makes conv2d answer channels_last, and the
     # graph after this op (e.g. flatten lowered to aten.view) relies on the fake's strides.
-    return (y.contiguous(), *ref.pack_activation(x, "conv2d"))
+    return (y.contiguous(), *ref.pack_activation(x, "conv2d"), *ref.pack_weight(weight))
 
 
 def _binary_conv2d_fake(x, weight, rng_state, stride, padding, dilation, layer):
@@ -62,46 +65,53 @@ def _binary_conv2d_fake(x, weight, rng_state, stride, padding, dilation, layer):
     y = x.new_empty(n, o, ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
                     ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1]))
     words = x.new_empty(n, _words(c * h * w), dtype=torch.int64)
-    return y, words, torch.empty_like(words)
+    return (y, words, torch.empty_like(words), *_weight_bits_fake(weight))
 
+
+def _weight_bits_fake(weight):
+    words = weight.new_empty(weight.shape[0], _words(weight[0].numel()), dtype=torch.int64)
+    return words, torch.empty_like(words)
+
+
+_WITH_BITS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"   # Y_raw, x sign, x STE, W sign, W STE bits
 
 binary_conv2d = _define(
     "binary_conv2d(Tensor x, Tensor weight, Tensor rng_state, int[] stride, int[] padding, "
-    "int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
+    f"int[] dilation, int layer) -> {_WITH_BITS}",
     _binary_conv2d, _binary_conv2d_fake)
 
 
 def _binary_conv2d_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, stride, padding, dilation, layer):
     # From the sign bits, not from x: the op's result is the conv of the bits it is given.
     signs = torch.where(ref.unpack_activation(x_sign_bits, x.shape, "conv2d"), 1.0, -1.0)
-    return ref.binary_conv2d(signs, weight, torch.ones(weight.shape[0]), None, stride, padding,
-                             dilation).contiguous()
+    y = ref.binary_conv2d(signs, weight, torch.ones(weight.shape[0]), None, stride, padding, dilation)
+    return y.contiguous(), *ref.pack_weight(weight)
 
 
 def _binary_conv2d_packed_fake(x, x_sign_bits, x_ste_bits, weight, *rest):
-    return _binary_conv2d_fake(x, weight, *rest)[0]
+    y, _, _, *w_bits = _binary_conv2d_fake(x, weight, *rest)
+    return y, *w_bits
 
 
 binary_conv2d_packed = _define(
     "binary_conv2d_packed(Tensor x, Tensor x_sign_bits, Tensor x_ste_bits, Tensor weight, Tensor rng_state, "
-    "int[] stride, int[] padding, int[] dilation, int layer) -> Tensor",
+    "int[] stride, int[] padding, int[] dilation, int layer) -> (Tensor, Tensor, Tensor)",
     _binary_conv2d_packed, _binary_conv2d_packed_fake)
 
 
 def _binary_linear(x, weight, rng_state, layer):
     y = ref.binary_linear(x, weight, torch.ones(weight.shape[0]), None)
-    return (y, *ref.pack_activation(x, "linear"))
+    return (y, *ref.pack_activation(x, "linear"), *ref.pack_weight(weight))
 
 
 def _binary_linear_fake(x, weight, rng_state, layer):
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     words = x.new_empty(x.numel() // x.shape[-1], _words(x.shape[-1]), dtype=torch.int64)
-    return y, words, torch.empty_like(words)
+    return (y, words, torch.empty_like(words), *_weight_bits_fake(weight))
 
 
 binary_linear = _define(
-    "binary_linear(Tensor x, Tensor weight, Tensor rng_state, int layer) "
-    "-> (Tensor, Tensor, Tensor)",
+    f"binary_linear(Tensor x, Tensor weight, Tensor rng_state, int layer) -> {_WITH_BITS}",
     _binary_linear, _binary_linear_fake)
 
 
@@ -109,7 +119,7 @@ def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilatio
     """The whole binarized layer the rewrite pass emits at the torch level: the forward op,
     then ``alpha`` (``mean |w|`` of the detached weight unless a learned alpha is given) and
     bias as float ops, so AOTAutograd derives ``G' = alpha ⊙ dL/dY`` for the backward."""
-    y, _, _ = binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)
+    y = binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer)[0]
     alpha = ref.default_alpha(weight) if alpha is None else alpha
     y = y * alpha.view(1, -1, 1, 1)
     return y if bias is None else y + bias.view(1, -1, 1, 1)
@@ -117,7 +127,7 @@ def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilatio
 
 def binarized_linear(x, weight, bias, alpha, rng_state, layer):
     """Linear counterpart of ``binarized_conv2d``."""
-    y, _, _ = binary_linear(x, weight, rng_state, layer)
+    y = binary_linear(x, weight, rng_state, layer)[0]
     y = y * (ref.default_alpha(weight) if alpha is None else alpha)
     return y if bias is None else y + bias
 
@@ -133,27 +143,29 @@ mark_gradient = _define(
     _mark_gradient, lambda gprime, rng_state, layer: torch.empty_like(gprime))
 
 
-def _grad_like_x(gprime, weight, saved_bits, x_shape, *conv_args):
+def _grad_like_x(gprime, w_sign_bits, w_ste_bits, w_shape, saved_bits, x_shape, *conv_args):
     return gprime.new_empty(x_shape)
 
 
-def _grad_like_w(gprime, weight, saved_bits, x_shape, *conv_args):
-    return torch.empty_like(weight)
+def _grad_like_w(gprime, w_sign_bits, w_ste_bits, w_shape, *rest):
+    return gprime.new_empty(w_shape)
 
 
+# The weight as the backward sees it: its ``reference.pack_weight`` bits and its shape.
+W_BITS = "Tensor w_sign_bits, Tensor w_ste_bits, SymInt[] w_shape"
 _CONV_GRAD_ARGS = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
 
 conv2d_input_grad = _define(
-    f"conv2d_input_grad(Tensor gprime, Tensor weight, Tensor x_ste_bits, {_CONV_GRAD_ARGS}) "
+    f"conv2d_input_grad(Tensor gprime, {W_BITS}, Tensor x_ste_bits, {_CONV_GRAD_ARGS}) "
     "-> Tensor", ref.conv2d_input_grad_packed, _grad_like_x)
 conv2d_weight_grad = _define(
-    f"conv2d_weight_grad(Tensor gprime, Tensor weight, Tensor x_sign_bits, {_CONV_GRAD_ARGS}) "
+    f"conv2d_weight_grad(Tensor gprime, {W_BITS}, Tensor x_sign_bits, {_CONV_GRAD_ARGS}) "
     "-> Tensor", ref.conv2d_weight_grad_packed, _grad_like_w)
 linear_input_grad = _define(
-    "linear_input_grad(Tensor gprime, Tensor weight, Tensor x_ste_bits, SymInt[] x_shape) "
+    f"linear_input_grad(Tensor gprime, {W_BITS}, Tensor x_ste_bits, SymInt[] x_shape) "
     "-> Tensor", ref.linear_input_grad_packed, _grad_like_x)
 linear_weight_grad = _define(
-    "linear_weight_grad(Tensor gprime, Tensor weight, Tensor x_sign_bits, SymInt[] x_shape) "
+    f"linear_weight_grad(Tensor gprime, {W_BITS}, Tensor x_sign_bits, SymInt[] x_shape) "
     "-> Tensor", ref.linear_weight_grad_packed, _grad_like_w)
 
 
@@ -205,67 +217,59 @@ quantize_gradient = _define(
 
 # --------------------------------------------------------------------------- quantized-G' GEMMs
 
-def _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding, dilation):
+def _conv_gprime(codes, scale, zero, keep, grouping, x_shape, w_shape, stride, padding, dilation):
     n, _, h, w = x_shape
-    _, _, kh, kw = weight.shape
+    o, _, kh, kw = w_shape
     ho = ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     wo = ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     g2d = ref.dequantize(codes, scale, zero, keep, grouping, ho * wo)
-    return ref.conv_unrows(g2d, (n, weight.shape[0], ho, wo))
+    return ref.conv_unrows(g2d, (n, o, ho, wo))
 
 
-def _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight):
+def _linear_gprime(codes, scale, zero, keep, grouping, x_shape, w_shape):
     g2d = ref.dequantize(codes, scale, zero, keep, grouping, 1)
-    return g2d.reshape(*x_shape[:-1], weight.shape[0])
+    return g2d.reshape(*x_shape[:-1], w_shape[0])
 
 
-def _conv2d_input_grad_q(codes, scale, zero, keep, weight, x_ste_bits, x_shape, stride,
-                         padding, dilation, grouping):
-    g = _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding,
-                     dilation)
-    return ref.conv2d_input_grad_packed(g, weight, x_ste_bits, x_shape, stride, padding, dilation)
+def _conv_path_q(grad_fn):
+    """A conv ``_q`` op: ``grad_fn`` (a float-G' reference) on the dequantized gradient."""
+    def impl(codes, scale, zero, keep, w_sign_bits, w_ste_bits, w_shape, x_bits, x_shape, stride,
+             padding, dilation, grouping):
+        g = _conv_gprime(codes, scale, zero, keep, grouping, x_shape, w_shape, stride, padding,
+                         dilation)
+        return grad_fn(g, w_sign_bits, w_ste_bits, w_shape, x_bits, x_shape, stride, padding, dilation)
+    return impl
 
 
-def _conv2d_weight_grad_q(codes, scale, zero, keep, weight, x_sign_bits, x_shape, stride,
-                          padding, dilation, grouping):
-    g = _conv_gprime(codes, scale, zero, keep, grouping, x_shape, weight, stride, padding,
-                     dilation)
-    return ref.conv2d_weight_grad_packed(g, weight, x_sign_bits, x_shape, stride, padding,
-                                         dilation)
+def _linear_path_q(grad_fn):
+    def impl(codes, scale, zero, keep, w_sign_bits, w_ste_bits, w_shape, x_bits, x_shape, grouping):
+        g = _linear_gprime(codes, scale, zero, keep, grouping, x_shape, w_shape)
+        return grad_fn(g, w_sign_bits, w_ste_bits, w_shape, x_bits, x_shape)
+    return impl
 
 
-def _linear_input_grad_q(codes, scale, zero, keep, weight, x_ste_bits, x_shape, grouping):
-    g = _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight)
-    return ref.linear_input_grad_packed(g, weight, x_ste_bits, x_shape)
-
-
-def _linear_weight_grad_q(codes, scale, zero, keep, weight, x_sign_bits, x_shape, grouping):
-    g = _linear_gprime(codes, scale, zero, keep, grouping, x_shape, weight)
-    return ref.linear_weight_grad_packed(g, weight, x_sign_bits, x_shape)
-
-
-def _q_like_x(codes, scale, zero, keep, weight, saved_bits, x_shape, *rest):
+def _q_like_x(codes, scale, zero, keep, w_sign_bits, w_ste_bits, w_shape, saved_bits, x_shape, *rest):
     return scale.new_empty(x_shape)
 
 
-def _q_like_w(codes, scale, zero, keep, weight, *rest):
-    return torch.empty_like(weight)
+def _q_like_w(codes, scale, zero, keep, w_sign_bits, w_ste_bits, w_shape, *rest):
+    return scale.new_empty(w_shape)
 
 
-_QG = "Tensor codes, Tensor scale, Tensor zero, Tensor keep, Tensor weight"
+_QG = f"Tensor codes, Tensor scale, Tensor zero, Tensor keep, {W_BITS}"
 
 conv2d_input_grad_q = _define(
     f"conv2d_input_grad_q({_QG}, Tensor x_ste_bits, {_CONV_GRAD_ARGS}, str grouping) -> Tensor",
-    _conv2d_input_grad_q, _q_like_x)
+    _conv_path_q(ref.conv2d_input_grad_packed), _q_like_x)
 conv2d_weight_grad_q = _define(
     f"conv2d_weight_grad_q({_QG}, Tensor x_sign_bits, {_CONV_GRAD_ARGS}, str grouping) -> Tensor",
-    _conv2d_weight_grad_q, _q_like_w)
+    _conv_path_q(ref.conv2d_weight_grad_packed), _q_like_w)
 linear_input_grad_q = _define(
     f"linear_input_grad_q({_QG}, Tensor x_ste_bits, SymInt[] x_shape, str grouping) -> Tensor",
-    _linear_input_grad_q, _q_like_x)
+    _linear_path_q(ref.linear_input_grad_packed), _q_like_x)
 linear_weight_grad_q = _define(
     f"linear_weight_grad_q({_QG}, Tensor x_sign_bits, SymInt[] x_shape, str grouping) -> Tensor",
-    _linear_weight_grad_q, _q_like_w)
+    _linear_path_q(ref.linear_weight_grad_packed), _q_like_w)
 
 
 # --------------------------------------------------------------------------- autograd
@@ -278,22 +282,26 @@ def _register_autograd(forward_op, input_grad, weight_grad, *, packed_input=Fals
     def setup_context(ctx, inputs, output):
         if packed_input:
             x, sign_bits, ste_bits, weight, rng_state, *conv_args, layer = inputs
+            _, w_sign_bits, w_ste_bits = output
         else:
             x, weight, rng_state, *conv_args, layer = inputs
-            _, sign_bits, ste_bits = output
-        ctx.save_for_backward(weight, sign_bits, ste_bits, rng_state)
+            _, sign_bits, ste_bits, w_sign_bits, w_ste_bits = output
+        # The weight's bits, not the weight: the backward needs sign(W) and |W| < 1 only.
+        ctx.save_for_backward(w_sign_bits, w_ste_bits, sign_bits, ste_bits, rng_state)
+        ctx.w_shape = list(weight.shape)
         ctx.gemm_args = (list(x.shape), *conv_args)
         ctx.layer = layer
         ctx.weight_input = 3 if packed_input else 1
 
     def backward(ctx, grad_y, *_grad_bits):
-        weight, sign_bits, ste_bits, rng_state = ctx.saved_tensors
+        w_sign_bits, w_ste_bits, sign_bits, ste_bits, rng_state = ctx.saved_tensors
+        w_bits = (w_sign_bits, w_ste_bits, ctx.w_shape)
         gprime = mark_gradient(grad_y, rng_state, ctx.layer)
         grads = [None] * len(ctx.needs_input_grad)
         if ctx.needs_input_grad[0]:
-            grads[0] = input_grad(gprime, weight, ste_bits, *ctx.gemm_args)
+            grads[0] = input_grad(gprime, *w_bits, ste_bits, *ctx.gemm_args)
         if ctx.needs_input_grad[ctx.weight_input]:
-            grads[ctx.weight_input] = weight_grad(gprime, weight, sign_bits, *ctx.gemm_args)
+            grads[ctx.weight_input] = weight_grad(gprime, *w_bits, sign_bits, *ctx.gemm_args)
         return tuple(grads)
 
     forward_op.register_autograd(backward, setup_context=setup_context)
@@ -306,7 +314,7 @@ _register_autograd(binary_linear, linear_input_grad, linear_weight_grad)
 # Ops the passes look up by role.
 FORWARD_OPS = {"conv2d": torch.ops.fqt.binary_conv2d.default,
                "linear": torch.ops.fqt.binary_linear.default}
-PACKED_INPUT_OPS = {torch.ops.fqt.binary_conv2d_packed.default}   # the saved bits are inputs 1, 2
+PACKED_INPUT_OPS = {torch.ops.fqt.binary_conv2d_packed.default}   # the saved x bits are inputs 1, 2
 GRAD_OPS = {  # float-G' GEMM -> (layer kind, SCQ path, quantized-G' GEMM)
     torch.ops.fqt.conv2d_input_grad.default:
         ("conv2d", ref.PATH_INPUT, torch.ops.fqt.conv2d_input_grad_q.default),

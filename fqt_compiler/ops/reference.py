@@ -517,6 +517,7 @@ def linear_weight_grad(gprime, weight, x):
 #           -> int64 [N, padded_words(C*H*W)]; padded positions are -1 by definition (docs/math.md §2);
 #   linear: one row per input row over the features -> int64 [prod(leading dims), padded_words(F)].
 # Rows are padded with zero words to whole 512-bit vectors, the kernels' PackedBits layout.
+# A binarized layer's weight is saved the same way (``pack_weight``): one row per output channel.
 
 def activation_rows(x: torch.Tensor, kind: str) -> torch.Tensor:
     """The 2-D view of an activation that ``pack_activation`` packs row by row."""
@@ -546,6 +547,22 @@ def unpack_activation(words: torch.Tensor, x_shape, kind: str) -> torch.Tensor:
     return unpack_bits(words, k).reshape(x_shape)
 
 
+def pack_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sign words, STE-mask words) of a conv or linear weight: what a binarized layer's
+    backward reads instead of the float weight, sign(W) for the input gradient and
+    ``|W| < 1`` for the weight gradient (2 bits per weight). Layout of ``pack_activation``
+    with one row per output channel over the flattened input axis (a conv's ``(c, kh, kw)``,
+    a linear layer's features): int64 ``[O, padded_words(K)]`` each."""
+    return pack_activation(weight.reshape(weight.shape[0], -1), "linear")
+
+
+def unpack_weight(words: torch.Tensor, w_shape) -> torch.Tensor:
+    """Inverse of one half of ``pack_weight``: bool tensor of ``w_shape``."""
+    w_shape = tuple(w_shape)
+    rows = (w_shape[0], int(torch.Size(w_shape[1:]).numel()))
+    return unpack_activation(words, rows, "linear").reshape(w_shape)
+
+
 def _signs(words, x_shape, kind):
     return torch.where(unpack_activation(words, x_shape, kind), 1.0, -1.0)
 
@@ -556,19 +573,30 @@ def _ste_stand_in(words, x_shape, kind):
     return torch.where(unpack_activation(words, x_shape, kind), 0.0, 1.0)
 
 
-def conv2d_input_grad_packed(gprime, weight, ste_words, x_shape, stride, padding, dilation):
-    return conv2d_input_grad(gprime, weight, _ste_stand_in(ste_words, x_shape, "conv2d"),
-                             stride, padding, dilation)
+def _weight_stand_in(sign_words, ste_words, w_shape):
+    # A weight with the saved sign(W) and STE mask (±0.5 inside |w| < 1, ±1 outside): the
+    # float-weight references above read nothing else of it, so their arithmetic is unchanged.
+    signs = torch.where(unpack_weight(sign_words, w_shape), 1.0, -1.0)
+    return signs * torch.where(unpack_weight(ste_words, w_shape), 0.5, 1.0)
 
 
-def conv2d_weight_grad_packed(gprime, weight, sign_words, x_shape, stride, padding, dilation):
-    return conv2d_weight_grad(gprime, weight, _signs(sign_words, x_shape, "conv2d"),
-                              stride, padding, dilation)
+def conv2d_input_grad_packed(gprime, w_sign_words, w_ste_words, w_shape, ste_words, x_shape, stride,
+                             padding, dilation):
+    return conv2d_input_grad(gprime, _weight_stand_in(w_sign_words, w_ste_words, w_shape),
+                             _ste_stand_in(ste_words, x_shape, "conv2d"), stride, padding, dilation)
 
 
-def linear_input_grad_packed(gprime, weight, ste_words, x_shape):
-    return linear_input_grad(gprime, weight, _ste_stand_in(ste_words, x_shape, "linear"))
+def conv2d_weight_grad_packed(gprime, w_sign_words, w_ste_words, w_shape, sign_words, x_shape, stride,
+                              padding, dilation):
+    return conv2d_weight_grad(gprime, _weight_stand_in(w_sign_words, w_ste_words, w_shape),
+                              _signs(sign_words, x_shape, "conv2d"), stride, padding, dilation)
 
 
-def linear_weight_grad_packed(gprime, weight, sign_words, x_shape):
-    return linear_weight_grad(gprime, weight, _signs(sign_words, x_shape, "linear"))
+def linear_input_grad_packed(gprime, w_sign_words, w_ste_words, w_shape, ste_words, x_shape):
+    return linear_input_grad(gprime, _weight_stand_in(w_sign_words, w_ste_words, w_shape),
+                             _ste_stand_in(ste_words, x_shape, "linear"))
+
+
+def linear_weight_grad_packed(gprime, w_sign_words, w_ste_words, w_shape, sign_words, x_shape):
+    return linear_weight_grad(gprime, _weight_stand_in(w_sign_words, w_ste_words, w_shape),
+                              _signs(sign_words, x_shape, "linear"))

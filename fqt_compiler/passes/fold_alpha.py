@@ -94,7 +94,7 @@ def _fold_backward(node: fx.Node) -> bool:
     gprime = node.args[0]
     if not isinstance(gprime, fx.Node) or gprime.target not in _MULS:
         return False
-    channels = node.args[2].meta["val"].shape[0]
+    channels = node.args[2].meta["val"].shape[0]   # w_sign_bits: a row per output channel
     for g in gprime.args:
         if isinstance(g, fx.Node) and statically_known_true(
                 sym_eq(g.meta["val"].shape, gprime.meta["val"].shape)):

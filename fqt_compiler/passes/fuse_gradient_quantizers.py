@@ -1,10 +1,11 @@
 """Fuse each SCQ path's quantizer chain into one op (kernel backend only).
 
-Matches: ``fqt.*_grad_q(codes, scale, zero, keep, weight, bits, *geometry, grouping)`` whose
+Matches: ``fqt.*_grad_q(codes, scale, zero, keep, *operands, grouping)`` (``operands``: the
+weight's saved bits and shape, the saved x bits, the geometry) whose
 quantized gradient comes from ``fqt.quantize_gradient`` and ``fqt.aq_sample`` on
 ``G'`` reshaped to rows (``reshape(permute(G'))`` for a conv, ``reshape(G')`` for a linear).
-Produces: ``fqt.aq_quantize_<layer>_<path>_grad(G', rng_state, weight, bits, *geometry,
-method, bits, layer)`` reading ``G'`` in its original layout (``ops/fused.py``); the chain
+Produces: ``fqt.aq_quantize_<layer>_<path>_grad(G', rng_state, *operands, method, bits,
+layer)`` reading ``G'`` in its original layout (``ops/fused.py``); the chain
 and the now unused reshapes are erased.
 Invariants: the fused node takes the GEMM node's ``meta`` (same ``val``); semantics are
 the chain's, draw for draw (the fused op's reference is the chain).
@@ -44,15 +45,14 @@ def fuse_gradient_quantizers(gm: fx.GraphModule) -> PassResult:
     for gemm in list(graph.nodes):
         if gemm.op != "call_function" or gemm.target not in FUSED:
             continue
-        codes, _scale, _zero, _keep, weight, saved, *geometry, _grouping = gemm.args
+        codes, _scale, _zero, _keep, *operands, _grouping = gemm.args
         quantize = _producer(codes)
         if quantize.target is not fqt.quantize_gradient.default:
             continue
         g2d, _lo, _hi, _keep2, _prob, rng_state, method, _path, bits, _rps, layer = quantize.args
         with graph.inserting_before(gemm):
             new = graph.call_function(FUSED[gemm.target],
-                                      (_unrows(g2d), rng_state, weight, saved, *geometry,
-                                       method, bits, layer))
+                                      (_unrows(g2d), rng_state, *operands, method, bits, layer))
         new.meta.update(gemm.meta)
         gemm.replace_all_uses_with(new)
         graph.erase_node(gemm)

@@ -63,9 +63,8 @@ def insert_gradient_quantizers(gm: fx.GraphModule, *, plan: dict) -> PassResult:
                                                  (g2d, rng_state, *common))
                 codes, scale, zero = insert_call(graph, fqt.quantize_gradient.default,
                                                  (g2d, lo, hi, keep, prob, rng_state, *common))
-                _, weight, bits, *geometry = gemm.args
-                new = insert_call(graph, quantized_op,
-                                  (codes, scale, zero, keep, weight, bits, *geometry, grouping))
+                # the weight's bits and shape, the saved x bits and the geometry: unchanged
+                new = insert_call(graph, quantized_op, (codes, scale, zero, keep, *gemm.args[1:], grouping))
             new.meta.update({k: v for k, v in gemm.meta.items() if k != "val"})
             gemm.replace_all_uses_with(new)
             graph.erase_node(gemm)

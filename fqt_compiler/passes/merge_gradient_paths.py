@@ -2,10 +2,10 @@
 
 Matches: a pair of fused path ops of ``ops/fused.MERGED`` (``fqt.aq_quantize_conv2d_input_grad``
 and ``fqt.aq_quantize_conv2d_weight_grad``, or the ``linear`` pair) with the same ``G'``,
-rng_state, weight, geometry, method, bits, layer and alpha, i.e. both paths of one layer, as
+rng_state, weight bits, geometry, method, bits, layer and alpha, i.e. both paths of one layer, as
 ``fuse_gradient_quantizers`` and ``fold_alpha`` leave them.
-Produces: ``fqt.aq_quantize_conv2d_grads(G', rng_state, weight, x_ste_bits, x_sign_bits,
-*geometry, method, bits, layer, alpha=)`` (``aq_quantize_linear_grads`` for the linear pair,
+Produces: ``fqt.aq_quantize_conv2d_grads(G', rng_state, w_sign_bits, w_ste_bits, w_shape,
+x_ste_bits, x_sign_bits, *geometry, method, bits, layer, alpha=)`` (``aq_quantize_linear_grads`` for the linear pair,
 whose two paths share ``alpha ⊙ G'`` rather than a statistics pass) where the earlier of the
 two stood, and
 ``getitem`` 0 (dX) and 1 (dW) in place of the two nodes, so the kernels run the statistics
@@ -26,11 +26,12 @@ from ..ops.fused import MERGED
 from .infra import PassResult
 
 _PATH = {op: (i, merged) for ops, merged in MERGED.items() for i, op in enumerate(ops)}
+_X_BITS = 5   # (G', rng_state, w_sign_bits, w_ste_bits, w_shape, x bits, ...): the path's own operand
 
 
 def _key(node: fx.Node, merged) -> tuple:
-    """What both paths of one layer share: every argument but the saved bits (args[3])."""
-    args = [tuple(a) if isinstance(a, list) else a for a in node.args[:3] + node.args[4:]]
+    """What both paths of one layer share: every argument but the saved x bits."""
+    args = [tuple(a) if isinstance(a, list) else a for a in node.args[:_X_BITS] + node.args[_X_BITS + 1:]]
     return (merged, *args, node.kwargs.get("alpha"))
 
 
@@ -50,7 +51,8 @@ def merge_gradient_paths(gm: fx.GraphModule) -> PassResult:
         if any(order[a] > order[first] for a in second.all_input_nodes):
             continue
         with graph.inserting_before(first):
-            both = graph.call_function(key[0], (*dx.args[:4], dw.args[3], *dx.args[4:]), dict(dx.kwargs))
+            both = graph.call_function(key[0], (*dx.args[:_X_BITS + 1], dw.args[_X_BITS], *dx.args[_X_BITS + 1:]),
+                                       dict(dx.kwargs))
             both.meta.update(dx.meta)
             both.meta["val"] = (dx.meta["val"], dw.meta["val"])
             for i, old in enumerate((dx, dw)):

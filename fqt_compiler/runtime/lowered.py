@@ -5,12 +5,14 @@ Each function has its op's schema (plus the keywords ``layer_name``, for statist
 the JIT kernels:
 
 forward      pack signs + STE bits of x (unless the region that wrote x packed them) -> im2col
-             from the packed bits -> binary GEMM
+             from the packed bits -> binary GEMM; returns W's sign + STE bits for the backward
 input grad   quantize G' per sample into bit planes (kept samples only) -> gather the code
              words of each tap (a transposed convolution) -> bit-plane GEMM with sign(W)
-             packed along (tap, output channel) -> zero-point term + STE mask
+             packed along (tap, output channel), from the saved sign(W) bits -> zero-point
+             term + STE mask
 weight grad  quantize G' per channel into bit planes (kept channels only) -> bit-plane
              GEMM with sign(X) packed along im2col rows (from the saved bits) -> STE mask
+             of W from its saved bits
 both paths   the two above on one G': a conv's statistics pass, a linear layer's alpha ⊙ g
              run once for both
 
@@ -78,63 +80,67 @@ def _channels(alpha: torch.Tensor | None) -> torch.Tensor | None:
 @dataclass
 class _WeightSigns:
     """sign(W) of one conv or linear weight packed along its input axis per output channel
-    (a conv's ``(c, kh, kw)``, a linear layer's features: the forward GEMM's B operand), its
-    STE mask ``|W| < 1`` in the same layout (the weight gradient's), and the operands derived
-    from sign(W) (``derived``, keyed by what else they depend on), as of the weight's
-    ``data_ptr`` and version counter."""
+    (a conv's ``(c, kh, kw)``, a linear layer's features: the forward GEMM's B operand and the
+    ``reference.pack_weight`` layout), its STE mask ``|W| < 1`` in the same layout, and the
+    operands the backward derives from sign(W) (``derived``, keyed by what else they depend
+    on), kept while no sign of W flips."""
 
-    data_ptr: int
-    version: int
     target: str
     signs: PackedBits
     ste: PackedBits
     derived: dict = field(default_factory=dict)
 
-    def current(self, weight: torch.Tensor, target) -> bool:
-        return (self.data_ptr, self.version, self.target) == (weight.data_ptr(), weight._version, target)
-
 
 # id(weight) -> (weak reference to it, its _WeightSigns); an entry goes when its weight does.
 _weight_signs_of: dict[int, tuple[weakref.ref, _WeightSigns]] = {}
+# data_ptr of an entry's sign words -> the entry: how the backward, given those words (saved
+# by the forward, which returned them), finds the operands derived from them.
+_entry_of_signs: dict[int, _WeightSigns] = {}
 
 
-def _weight_signs(weight: torch.Tensor, target, *, repack: bool) -> _WeightSigns:
-    """sign(W) operands of a conv or linear weight, packed once per step. The forward packs them
-    (``repack=True``): it never trusts an entry, since an edit through ``weight.data``
-    leaves the version counter as it was; when the sign bits equal the entry's (no sign
-    flipped since, as after an optimizer step that moved no weight across 0) the entry's
-    derived operands stay. The backward (``repack=False``) reuses the entry while the
-    weight's data pointer and version counter are those the forward saw (autograd refuses a
-    backward after an in-place edit of a saved weight; a direct call of a backward op with
-    another weight packs anew)."""
+def _weight_signs(weight: torch.Tensor, target) -> _WeightSigns:
+    """sign(W) and STE bits of a conv or linear weight, packed by every forward (an edit
+    through ``weight.data`` leaves no trace to check); when the sign bits equal the last
+    entry's (no sign flipped since, as after an optimizer step that moved no weight across 0)
+    that entry, its sign words and its derived operands stay."""
     key = id(weight)
     ref, entry = _weight_signs_of.get(key, (None, None))
     if ref is not None and ref() is not weight:
         ref, entry = None, None
-    if entry is not None and not repack and entry.current(weight, target):
-        return entry
     w = weight.detach()
     signs, ste = pack_signs_and_ste(w.reshape(w.shape[0], -1), target=target)
-    if w.is_inference():               # no version counter to check later: nothing is kept
-        return _WeightSigns(w.data_ptr(), -1, target, signs, ste)
+    if w.is_inference():               # no backward will read it: nothing is kept
+        return _WeightSigns(target, signs, ste)
     if entry is not None and entry.target == target and torch.equal(entry.signs.words, signs.words):
-        entry.data_ptr, entry.version, entry.ste = w.data_ptr(), w._version, ste
+        entry.ste = ste
         return entry
-    entry = _WeightSigns(w.data_ptr(), w._version, target, signs, ste)
+    if entry is not None:
+        _entry_of_signs.pop(entry.signs.words.data_ptr(), None)
+    entry = _WeightSigns(target, signs, ste)
+    _entry_of_signs[signs.words.data_ptr()] = entry
     if ref is None:
         def forget(dead, key=key):
             if _weight_signs_of.get(key, (None,))[0] is dead:
-                del _weight_signs_of[key]
+                _entry_of_signs.pop(_weight_signs_of.pop(key)[1].signs.words.data_ptr(), None)
         ref = weakref.ref(weight, forget)
     _weight_signs_of[key] = (ref, entry)
     return entry
 
 
+def _derived(w_sign_bits: torch.Tensor, target) -> dict:
+    """The cache of operands derived from the sign words a forward returned (its entry's
+    ``derived``, shared by the steps until a sign flips), or a fresh dict for other words."""
+    entry = _entry_of_signs.get(w_sign_bits.data_ptr())
+    if entry is not None and entry.target == target and entry.signs.words.shape == w_sign_bits.shape:
+        return entry.derived
+    return {}
+
+
 # --------------------------------------------------------------------------- forward
 
 def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, target, x_bits=None):
-    """``(Y, sign words, STE words)`` of x; ``x_bits``: those words, already packed (then x's
-    values are not read)."""
+    """``(Y, x sign words, x STE words, W sign words, W STE words)``; ``x_bits``: x's words,
+    already packed (then x's values are not read)."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh = ref.conv_output_size(h, kh, stride[0], padding[0], dilation[0])
@@ -143,14 +149,14 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
         if x_bits is None:
             signs, mask = pack_signs_and_ste(_float32(x).view(n, -1), target=target)
         else:
-            signs, mask = (_packed_input(words, x.shape, layer_name) for words in x_bits)
+            signs, mask = (_packed(words, x.shape, layer_name, "input") for words in x_bits)
         a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
                         target=target)
-        b = _weight_signs(weight, target, repack=True).signs
+        w_bits = _weight_signs(weight, target)
     with stats.timed(layer_name, "forward", binary_macs=n * oh * ow * o * c * kh * kw,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(a, b, scale=scale, out_hw=oh * ow, target=target)
-    return y.view(n, o, oh, ow), signs.words, mask.words
+        y = binary_gemm(a, w_bits.signs, scale=scale, out_hw=oh * ow, target=target)
+    return y.view(n, o, oh, ow), signs.words, mask.words, w_bits.signs.words, w_bits.ste.words
 
 
 @implements("binary_conv2d", glue=True)
@@ -160,20 +166,23 @@ def binary_conv2d(x, weight, rng_state, stride, padding, dilation, layer, *, lay
                          target)
 
 
-def _packed_input(words: torch.Tensor, x_shape, layer_name) -> PackedBits:
-    n, k = x_shape[0], x_shape[1:].numel()
+def _packed(words: torch.Tensor, shape, layer_name, what: str) -> PackedBits:
+    """``words`` as the bits of the layer's ``what`` ("input" x or "weight" W) of ``shape``,
+    packed row by row over all but the first dimension, checked."""
+    n, k = shape[0], torch.Size(shape[1:]).numel()
     if words.dtype != torch.int64 or tuple(words.shape) != (n, padded_words(k)) or not words.is_contiguous():
-        raise ValueError(f"layer {layer_name!r}: packed input bits must be contiguous int64 words of shape "
-                         f"{(n, padded_words(k))} (pack_signs_and_ste of x {tuple(x_shape)} flattened per "
-                         f"sample), got {words.dtype} {tuple(words.shape)}")
+        raise ValueError(f"layer {layer_name!r}: packed {what} bits must be contiguous int64 words of shape "
+                         f"{(n, padded_words(k))} (pack_signs_and_ste of the {what} {tuple(shape)} flattened "
+                         f"per row), got {words.dtype} {tuple(words.shape)}")
     return PackedBits(words, k)
 
 
 @implements("binary_conv2d_packed", glue=True)
 def binary_conv2d_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, stride, padding, dilation, layer, *,
                          layer_name="?", target="host"):
-    return _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name, target,
-                         (x_sign_bits, x_ste_bits))[0]
+    y, _, _, *w_bits = _conv_forward(x, weight, _ones(weight.shape[0]), stride, padding, dilation, layer_name,
+                                     target, (x_sign_bits, x_ste_bits))
+    return y, *w_bits
 
 
 @implements("binary_conv2d_scaled", glue=True)
@@ -187,11 +196,11 @@ def _linear_forward(x, weight, scale, layer_name, target, bias=None):
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
         signs, mask = pack_signs_and_ste(x2, target=target)
-        b = _weight_signs(weight, target, repack=True).signs
+        w_bits = _weight_signs(weight, target)
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
-        y = binary_gemm(signs, b, scale=scale, bias=_channels(bias), target=target)
-    return y.view(*x.shape[:-1], o), signs.words, mask.words
+        y = binary_gemm(signs, w_bits.signs, scale=scale, bias=_channels(bias), target=target)
+    return y.view(*x.shape[:-1], o), signs.words, mask.words, w_bits.signs.words, w_bits.ste.words
 
 
 @implements("binary_linear", glue=True)
@@ -231,11 +240,12 @@ def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
     return out if kept == out.shape[0] else out.zero_()
 
 
-def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste: PackedBits):
+def _weight_gemm(layer_name, q, segments: list[PackedBits], w_ste_bits, w_shape, target):
     """The weight-gradient GEMM of ``q`` against sign(X) packed along the rows: ``segments``
     holds one operand, or one per sample segment when ``q`` is segmented (``psq``); then
-    the weight's STE mask from its bits ``ste`` (``_WeightSigns.ste``)."""
-    o = weight.shape[0]
+    the weight's STE mask from its saved bits ``w_ste_bits``."""
+    o = w_shape[0]
+    ste = _packed(w_ste_bits, w_shape, layer_name, "weight STE")
     if q.segments == 1:
         dw = _planar_gemm(layer_name, "weight_grad", q, segments[0], o, target)
     else:
@@ -247,7 +257,7 @@ def _weight_gemm(layer_name, q, segments: list[PackedBits], weight, target, ste:
         # One pass over dW reading 1 bit per weight, instead of |W| < 1 as float (a pass
         # that writes a weight-sized tensor) and a product; pruned rows are 0 either way, and
         # a NaN in dW stays NaN (times 0 or 1), as in the reference.
-        return mask_in_place(ste, ste.k, dw, target=target).view_as(weight)
+        return mask_in_place(ste, ste.k, dw, target=target).view(w_shape)
 
 
 @lru_cache(maxsize=64)
@@ -258,32 +268,32 @@ def _taps_reading(geometry) -> torch.Tensor:
     return (ref.transposed_conv_taps((h, w), (oh, ow), *conv) >= 0).float()
 
 
-def _weight_input_grad_operand(weight, geometry, target) -> tuple[PackedBits, torch.Tensor]:
-    """``(B, T)`` of the input gradient below, from the sign(W) bits the forward packed and
-    kept with them (per geometry) until a sign flips: sign(W) bits along (c, i, j),
-    bit-transposed to rows (c, i, j) along o; the first ``chunk`` words of each row, C rows
-    of kh*kw taps, are the B operand [C, (i, j, o)]. ``T[c, y*w + x]`` sums ``sum_o sign(W)``
-    of the taps that read input position (y, x)."""
-    entry = _weight_signs(weight, target, repack=False)
-    found = entry.derived.get(("input_grad", geometry))
+def _weight_input_grad_operand(w_sign_bits, w_shape, geometry, layer_name, target) -> tuple[PackedBits, torch.Tensor]:
+    """``(B, T)`` of the input gradient below, built from the sign(W) bits the forward saved
+    and kept with them (per geometry) until a sign flips (``_derived``): sign(W) bits along
+    (c, i, j), bit-transposed to rows (c, i, j) along o; the first ``chunk`` words of each row,
+    C rows of kh*kw taps, are the B operand [C, (i, j, o)]. ``T[c, y*w + x]`` sums
+    ``sum_o sign(W)`` of the taps that read input position (y, x)."""
+    derived = _derived(w_sign_bits, target)
+    found = derived.get(("input_grad", geometry))
     if found is not None:
         return found
-    if len(entry.derived) >= 8:        # input sizes that vary from step to step: keep the latest
-        entry.derived.clear()
-    o, c, kh, kw = weight.shape
+    if len(derived) >= 8:              # input sizes that vary from step to step: keep the latest
+        derived.clear()
+    o, c, kh, kw = w_shape
     chunk = (o + 63) // 64
-    wt = transpose_bits(entry.signs, target=target)
+    wt = transpose_bits(_packed(w_sign_bits, w_shape, layer_name, "weight sign"), target=target)
     b_words = torch.zeros(c, padded_words(kh * kw * chunk * 64), dtype=torch.int64)
     b_words[:, :kh * kw * chunk] = wt.words[:, :chunk].reshape(c, kh * kw * chunk)
     tap_sums = signed_row_sums(wt, target=target).view(c, kh * kw)   # sum_o sign(W) per tap
     t_term = (tap_sums.unsqueeze(1) * _taps_reading(geometry).unsqueeze(0)).sum(2)
-    found = entry.derived[("input_grad", geometry)] = PackedBits(b_words, kh * kw * chunk * 64), t_term
+    found = derived[("input_grad", geometry)] = PackedBits(b_words, kh * kw * chunk * 64), t_term
     return found
 
 
 @implements("aq_quantize_conv2d_input_grad", glue=True)
-def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, padding, dilation,
-                      method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
+def conv2d_input_grad(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_shape, stride, padding,
+                      dilation, method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     """dX as a transposed convolution: rows ``(n, y, x)`` of the input, contraction over the
     taps ``(i, j, o)``, columns ``c``. G' codes are gathered per tap as whole words (the
     channel run of one output position), so no im2col-layout gradient (kh kw times the size
@@ -292,7 +302,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     are not in T), then the STE mask; pruned samples are 0. ``shared``: the
     ``SharedStatistics`` of this G' when the weight path reads it too."""
     n, c, h, w = x_shape
-    o, _, kh, kw = weight.shape
+    o, _, kh, kw = w_shape
     oh, ow = gprime.shape[2], gprime.shape[3]
     q = _quantize(layer_name, gprime, method, ref.PATH_INPUT, bits, oh * ow, rng_state, layer, target,
                   alpha, shared)
@@ -301,7 +311,7 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
     kept = samples.numel()
     chunk = (o + 63) // 64                       # words of one tap's channel run
     with stats.timed(layer_name, "pack"):
-        b, t_term = _weight_input_grad_operand(weight, geometry, target)
+        b, t_term = _weight_input_grad_operand(w_sign_bits, w_shape, geometry, layer_name, target)
         rows = kept * h * w
         planes = tap_gather(q.planes, chunk, (h, w), (oh, ow), (kh, kw), stride, padding, dilation,
                             target=target)
@@ -324,51 +334,52 @@ def conv2d_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, stride, pa
 
 
 @implements("aq_quantize_conv2d_weight_grad", glue=True)
-def conv2d_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, stride, padding, dilation,
-                       method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
+def conv2d_weight_grad(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_sign_bits, x_shape, stride, padding,
+                       dilation, method, bits, layer, alpha=None, *, layer_name="?", target="host", shared=None):
     n, c, h, w = x_shape
-    o, _, kh, kw = weight.shape
+    o, _, kh, kw = w_shape
     q = _quantize(layer_name, gprime, method, ref.PATH_WEIGHT, bits, gprime.shape[2] * gprime.shape[3],
                   rng_state, layer, target, alpha, shared)
     samples = [(x_sign_bits, n)] if q.segments == 1 else [(x_sign_bits[i:i + 1], 1) for i in range(n)]
     with stats.timed(layer_name, "pack"):
         xt = [im2col_pack_t(PackedBits(bits_, c * h * w), (kh, kw), stride, padding, dilation,
                             input_shape=(count, c, h, w), target=target) for bits_, count in samples]
-    return _weight_gemm(layer_name, q, xt, weight, target, _weight_signs(weight, target, repack=False).ste)
+    return _weight_gemm(layer_name, q, xt, w_ste_bits, w_shape, target)
 
 
 @implements("aq_quantize_conv2d_grads", glue=True)
-def conv2d_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, stride, padding, dilation,
-                 method, bits, layer, alpha=None, *, layer_name="?", target="host"):
+def conv2d_grads(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_sign_bits, x_shape, stride,
+                 padding, dilation, method, bits, layer, alpha=None, *, layer_name="?", target="host"):
     """``(dX, dW)``: both paths above on one G', whose statistics pass runs once."""
     g, alpha, shared = _float32(gprime), _channels(alpha), SharedStatistics()
+    w_bits = (w_sign_bits, w_ste_bits, w_shape)
     rest = (x_shape, stride, padding, dilation, method, bits, layer, alpha)
-    return (conv2d_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target,
+    return (conv2d_input_grad(g, rng_state, *w_bits, x_ste_bits, *rest, layer_name=layer_name, target=target,
                               shared=shared),
-            conv2d_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target,
+            conv2d_weight_grad(g, rng_state, *w_bits, x_sign_bits, *rest, layer_name=layer_name, target=target,
                                shared=shared))
 
 
-def _linear_input_grad_operand(weight, target) -> tuple[PackedBits, torch.Tensor]:
+def _linear_input_grad_operand(w_sign_bits, w_shape, layer_name, target) -> tuple[PackedBits, torch.Tensor]:
     """``(sign(W)ᵀ, its ±1 row sums)``: the input gradient's B operand, packed along the
     output channels, and its dequantization column sums; bit-transposed from the sign(W)
-    bits the forward packed and kept with them until a sign flips."""
-    entry = _weight_signs(weight, target, repack=False)
-    found = entry.derived.get("linear_input_grad")
+    bits the forward saved and kept with them until a sign flips (``_derived``)."""
+    derived = _derived(w_sign_bits, target)
+    found = derived.get("linear_input_grad")
     if found is None:
-        wt = transpose_bits(entry.signs, target=target)
-        found = entry.derived["linear_input_grad"] = wt, signed_row_sums(wt, target=target)
+        wt = transpose_bits(_packed(w_sign_bits, w_shape, layer_name, "weight sign"), target=target)
+        found = derived["linear_input_grad"] = wt, signed_row_sums(wt, target=target)
     return found
 
 
 @implements("aq_quantize_linear_input_grad", glue=True)
-def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bits, layer,
-                      alpha=None, *, layer_name="?", target="host", shared=None):
-    o, f = weight.shape
+def linear_input_grad(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_shape, method, bits,
+                      layer, alpha=None, *, layer_name="?", target="host", shared=None):
+    o, f = w_shape
     g2 = gprime.reshape(-1, o)
     q = _quantize(layer_name, g2, method, ref.PATH_INPUT, bits, 1, rng_state, layer, target, alpha, shared)
     with stats.timed(layer_name, "pack"):
-        wt, colsum = _linear_input_grad_operand(weight, target)
+        wt, colsum = _linear_input_grad_operand(w_sign_bits, w_shape, layer_name, target)
     dx = _planar_gemm(layer_name, "input_grad", q, wt, q.out_rows, target, colsum)
     with stats.timed(layer_name, "ste_mask"):
         mask_in_place(x_ste_bits, f, dx, target=target)
@@ -376,27 +387,28 @@ def linear_input_grad(gprime, rng_state, weight, x_ste_bits, x_shape, method, bi
 
 
 @implements("aq_quantize_linear_weight_grad", glue=True)
-def linear_weight_grad(gprime, rng_state, weight, x_sign_bits, x_shape, method, bits, layer,
-                       alpha=None, *, layer_name="?", target="host", shared=None):
-    o, f = weight.shape
+def linear_weight_grad(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_sign_bits, x_shape, method, bits,
+                       layer, alpha=None, *, layer_name="?", target="host", shared=None):
+    o, f = w_shape
     g2 = gprime.reshape(-1, o)
     q = _quantize(layer_name, g2, method, ref.PATH_WEIGHT, bits, 1, rng_state, layer, target, alpha, shared)
     rows = [x_sign_bits] if q.segments == 1 else x_sign_bits.split(1)
     with stats.timed(layer_name, "pack"):   # sign(X) along the rows
         xt = [transpose_bits(PackedBits(r, f), target=target) for r in rows]
-    return _weight_gemm(layer_name, q, xt, weight, target, _weight_signs(weight, target, repack=False).ste)
+    return _weight_gemm(layer_name, q, xt, w_ste_bits, w_shape, target)
 
 
 @implements("aq_quantize_linear_grads", glue=True)
-def linear_grads(gprime, rng_state, weight, x_ste_bits, x_sign_bits, x_shape, method, bits, layer,
-                 alpha=None, *, layer_name="?", target="host"):
+def linear_grads(gprime, rng_state, w_sign_bits, w_ste_bits, w_shape, x_ste_bits, x_sign_bits, x_shape, method,
+                 bits, layer, alpha=None, *, layer_name="?", target="host"):
     """``(dX, dW)``: both paths above on one G', whose groups (its rows for dX, its
     columns for dW) come from one pass of the row/column statistics kernel; alpha is
     multiplied in on the fly by that kernel and the quantizers, so no ``alpha ⊙ g`` is
     written."""
     g, alpha, shared = _float32(gprime), _channels(alpha), SharedStatistics()
+    w_bits = (w_sign_bits, w_ste_bits, w_shape)
     rest = (x_shape, method, bits, layer, alpha)
-    return (linear_input_grad(g, rng_state, weight, x_ste_bits, *rest, layer_name=layer_name, target=target,
+    return (linear_input_grad(g, rng_state, *w_bits, x_ste_bits, *rest, layer_name=layer_name, target=target,
                               shared=shared),
-            linear_weight_grad(g, rng_state, weight, x_sign_bits, *rest, layer_name=layer_name, target=target,
+            linear_weight_grad(g, rng_state, *w_bits, x_sign_bits, *rest, layer_name=layer_name, target=target,
                                shared=shared))
