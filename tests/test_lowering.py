@@ -321,8 +321,8 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
                     w.mul_(20)
         model.zero_grad(set_to_none=True)
         packed = []
-        monkeypatch.setattr(lowered, "pack_signs_and_ste", lambda t, *, target, run=lowered.pack_signs_and_ste:
-                            packed.append(t.data_ptr()) or run(t, target=target))
+        monkeypatch.setattr(lowered, "pack_signs_and_ste", lambda t, *, target, run=lowered.pack_signs_and_ste, **kw:
+                            packed.append(t.data_ptr()) or run(t, target=target, **kw))
         loss = nn.functional.cross_entropy(compiled(x), y)
         loss.backward()
         monkeypatch.undo()
@@ -384,3 +384,44 @@ def test_backward_kernels_name_the_layer_for_weight_bits_of_another_layout():
     with pytest.raises(ValueError, match=r"layer 'conv1': packed weight STE bits .* \(4, 8\)"):
         kern["weight_grad"](g, torch.tensor([1, 2]), w_sign, w_ste[:, :4].contiguous(), list(w.shape), sign_bits,
                             *rest, layer_name="conv1")
+
+
+class _SharedInput(nn.Module):
+    """q, k and v read one activation (float first and last layers around them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(40, 70), nn.Linear(33, 5)
+        self.q, self.k, self.v = (nn.Linear(70, 33) for _ in range(3))
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.q(h) * self.k(h) + self.v(h))
+
+
+def test_layers_reading_one_activation_pack_it_once():
+    """On the kernel backend the three binarized layers that read ``h`` share one packing of
+    it: the step saves one sign and one STE word matrix of ``h`` for backward, not three of
+    each, with loss and gradients equal to the reference backend's."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 40, generator=gen), torch.randint(0, 5, (9,), generator=gen)
+    results = {}
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = _SharedInput()
+        compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        words_of_h = {t.untyped_storage().data_ptr() for t in saved
+                      if t.dtype == torch.int64 and tuple(t.shape) == (9, padded_words(70))}
+        results[backend] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, words_of_h
+    (loss_k, grads_k, words_k), (loss_r, grads_r, _) = results["kernels"], results["reference"]
+    assert len(words_k) == 2
+    assert loss_k == loss_r
+    for name, g in grads_r.items():
+        cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.999, name
