@@ -155,6 +155,17 @@ def test_both_linear_paths_in_one_op_equal_the_path_ops_bit_for_bit(lead, featur
         torch.testing.assert_close(got, ref_, rtol=1e-4, atol=1e-4)
 
 
+def assert_same_gradients(grads_k, grads_r):
+    """Kernel-backend gradients agree with the reference backend's in direction (cosine) and
+    size, or both are zero."""
+    for name, g in grads_r.items():
+        if g.norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
+            assert cos > 0.999 and abs(grads_k[name].norm() / g.norm() - 1) < 0.01, name
+        else:
+            assert grads_k[name].norm() == 0, name
+
+
 def _train_step(model_fn, x, y, backend, method, bits, seed=3):
     torch.manual_seed(0)
     model = model_fn()
@@ -208,12 +219,7 @@ def _check_step_on_kernels(model_fn, x, y, method="aq_scq", bits=4):
     # or indexing bug gives a cosine near 0, one flipped code changes the fourth decimal.
     _, loss_r, grads_r, _, _ = _train_step(model_fn, x, y, "reference", method, bits)
     assert loss_k == loss_r
-    for name, g in grads_r.items():
-        if g.norm() > 0:
-            cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
-            assert cos > 0.999 and abs(grads_k[name].norm() / g.norm() - 1) < 0.01, name
-        else:
-            assert grads_k[name].norm() == 0, name
+    assert_same_gradients(grads_k, grads_r)
     # Saved activations: sign + STE bits, 2 bits per element of the input (16x less than its
     # float32 32 bits), each row padded to whole 512-bit vectors.
     for layer in binarized:
@@ -321,8 +327,8 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
                     w.mul_(20)
         model.zero_grad(set_to_none=True)
         packed = []
-        monkeypatch.setattr(lowered, "pack_signs_and_ste", lambda t, *, target, run=lowered.pack_signs_and_ste:
-                            packed.append(t.data_ptr()) or run(t, target=target))
+        monkeypatch.setattr(lowered, "pack_signs_and_ste", lambda t, *, target, run=lowered.pack_signs_and_ste, **kw:
+                            packed.append(t.data_ptr()) or run(t, target=target, **kw))
         loss = nn.functional.cross_entropy(compiled(x), y)
         loss.backward()
         monkeypatch.undo()
@@ -331,9 +337,7 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
                             sorted(w.data_ptr() for w in weights))
     (loss_k, grads_k, packed_k, weights_k), (loss_r, grads_r, _, _) = results["kernels"], results["reference"]
     assert loss_k == loss_r
-    for name, g in grads_r.items():
-        cos = torch.nn.functional.cosine_similarity(grads_k[name].flatten(), g.flatten(), dim=0)
-        assert g.norm() == grads_k[name].norm() == 0 or cos > 0.999, name
+    assert_same_gradients(grads_k, grads_r)
     assert len(weights_k) >= 2 and packed_k == weights_k
 
 
@@ -384,3 +388,42 @@ def test_backward_kernels_name_the_layer_for_weight_bits_of_another_layout():
     with pytest.raises(ValueError, match=r"layer 'conv1': packed weight STE bits .* \(4, 8\)"):
         kern["weight_grad"](g, torch.tensor([1, 2]), w_sign, w_ste[:, :4].contiguous(), list(w.shape), sign_bits,
                             *rest, layer_name="conv1")
+
+
+class _SharedInput(nn.Module):
+    """q, k and v read one activation (float first and last layers around them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(40, 70), nn.Linear(33, 5)
+        self.q, self.k, self.v = (nn.Linear(70, 33) for _ in range(3))
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.q(h) * self.k(h) + self.v(h))
+
+
+def test_layers_reading_one_activation_pack_it_once():
+    """On the kernel backend the three binarized layers that read ``h`` share one packing of
+    it: the step saves one sign and one STE word matrix of ``h`` for backward, not three of
+    each, with loss and gradients equal to the reference backend's."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, 40, generator=gen), torch.randint(0, 5, (9,), generator=gen)
+    results = {}
+    for backend in ("kernels", "reference"):
+        torch.manual_seed(0)
+        model = _SharedInput()
+        compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        model.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        words_of_h = {t.untyped_storage().data_ptr() for t in saved
+                      if t.dtype == torch.int64 and tuple(t.shape) == (9, padded_words(70))}
+        results[backend] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, words_of_h
+    (loss_k, grads_k, words_k), (loss_r, grads_r, _) = results["kernels"], results["reference"]
+    assert len(words_k) == 2
+    assert loss_k == loss_r
+    assert_same_gradients(grads_k, grads_r)

@@ -8,7 +8,7 @@ from conftest import KERNEL_TARGETS, seeded_randn
 from fqt_compiler.codegen import pack as gen
 from fqt_compiler.codegen.targets import get_target
 from fqt_compiler.ops import reference
-from fqt_compiler.runtime import pack
+from fqt_compiler.runtime import jit, pack
 from fqt_compiler.runtime.packed import PackedBits, padded_words
 
 
@@ -253,3 +253,28 @@ def test_tap_gather(target, conv):
     assert torch.equal(planes[:-3], want.reshape(-1, want.shape[2])) and (planes[-3:] == -1).all()
     empty = pack.tap_gather(codes[:, :0].contiguous(), *args, target=target)   # every sample pruned
     assert empty.shape == (2, 0, want.shape[2])
+
+
+def test_pack_reuse_only_for_the_same_unmodified_tensor():
+    """``reuse=True`` hands back the previous call's bits only for the same memory, shape and
+    strides, unmodified since; anything else is packed anew (and equals a plain pack)."""
+    x = torch.randn(5, 70)
+    first = pack.pack_signs_and_ste(x, reuse=True)
+    assert pack.pack_signs_and_ste(x, reuse=True) is first
+    assert pack.pack_signs_and_ste(x.view(5, 70), reuse=True) is first      # another view, same memory
+    assert pack.pack_signs_and_ste(x) is not first                            # reuse is opt-in
+
+    def fresh(t):
+        got, want = pack.pack_signs_and_ste(t, reuse=True), pack.pack_signs_and_ste(t)
+        assert got is not first
+        for a, b in zip(got, want):
+            assert torch.equal(a.words, b.words) and a.k == b.k
+
+    fresh(x[:, :64])                 # same data pointer, other shape
+    x.neg_()                         # an in-place write bumps the version counter
+    fresh(x)
+    assert not torch.equal(pack.pack_signs_and_ste(x, reuse=True)[0].words, first[0].words)
+    fresh(x.clone())
+    with jit.kernel_hook(lambda spec, load: load(spec)):
+        again = pack.pack_signs_and_ste(x, reuse=True)
+        assert pack.pack_signs_and_ste(x, reuse=True) is not again

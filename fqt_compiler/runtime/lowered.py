@@ -147,7 +147,7 @@ def _conv_forward(x, weight, scale, stride, padding, dilation, layer_name, targe
     ow = ref.conv_output_size(w, kw, stride[1], padding[1], dilation[1])
     with stats.timed(layer_name, "pack"):
         if x_bits is None:
-            signs, mask = pack_signs_and_ste(_float32(x).view(n, -1), target=target)
+            signs, mask = pack_signs_and_ste(_float32(x).view(n, -1), target=target, reuse=True)
         else:
             signs, mask = (_packed(words, x.shape, layer_name, "input") for words in x_bits)
         a = im2col_pack(signs, (kh, kw), stride, padding, dilation, input_shape=(n, c, h, w),
@@ -195,7 +195,7 @@ def _linear_forward(x, weight, scale, layer_name, target, bias=None):
     x2 = _float32(x).reshape(-1, x.shape[-1])
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
-        signs, mask = pack_signs_and_ste(x2, target=target)
+        signs, mask = pack_signs_and_ste(x2, target=target, reuse=True)
         w_bits = _weight_signs(weight, target)
     with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from ..codegen import pack as gen
-from . import buffers, threads as pool
+from . import buffers, jit, threads as pool
 from ..ops.reference import conv_output_size
 from .jit import kernel_of
 from .packed import PackedBits, padded_words
@@ -78,8 +78,33 @@ def pack_signs(x: torch.Tensor, *, target="host") -> PackedBits:
     return PackedBits(words, k)
 
 
-def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, PackedBits]:
-    """``(sign bits, STE mask bits |x| < 1)`` of ``x[..., K]`` in one pass, same layout as ``pack_signs``."""
+# The last input packed with ``reuse=True``: (that tensor, its key, the packed bits). The
+# tensor is held so that no other tensor (a freed and reallocated one, a recycled buffer) can
+# occupy its memory while the entry lives; an in-place write bumps its version counter, which
+# is part of the key.
+_last_reused: tuple | None = None
+
+
+def _reuse_key(x: torch.Tensor, target):
+    if x.is_inference():          # inference tensors have no version counter
+        return None
+    return x.data_ptr(), x.shape, x.stride(), x._version, target
+
+
+def pack_signs_and_ste(x: torch.Tensor, *, target="host", reuse=False) -> tuple[PackedBits, PackedBits]:
+    """``(sign bits, STE mask bits |x| < 1)`` of ``x[..., K]`` in one pass, same layout as ``pack_signs``.
+
+    ``reuse=True``: when ``x`` is the very tensor (same memory, shape, strides, unmodified) that
+    the previous ``reuse=True`` call packed, return that call's bits instead of packing again.
+    Several binarized layers reading one activation (attention's Q, K and V projections, a gated
+    MLP's gate and up projections) then pack it once and save the same bits for backward. The
+    bits are shared, so callers must not write into them. Off while a kernel hook is active, so
+    that emission and verification see every request."""
+    global _last_reused
+    key = _reuse_key(x, target) if reuse and not jit.hooked() else None
+    last = _last_reused
+    if key is not None and last is not None and last[1] == key:
+        return last[2]
     x2 = _rows2d(x)
     if x2.stride(1) != 1 and x2.shape[1] > 1:
         x2 = x2.contiguous()
@@ -89,7 +114,10 @@ def pack_signs_and_ste(x: torch.Tensor, *, target="host") -> tuple[PackedBits, P
     fn = _fn("sign_pack", target, with_ste=True)
     parallel_rows(fn, rows, x2.data_ptr(), x2.stride(0), k, signs.data_ptr(), signs.shape[1],
                   mask.data_ptr(), min_rows=16)
-    return PackedBits(signs, k), PackedBits(mask, k)
+    packed = PackedBits(signs, k), PackedBits(mask, k)
+    if key is not None:
+        _last_reused = x, key, packed
+    return packed
 
 
 def _words(words) -> torch.Tensor:
