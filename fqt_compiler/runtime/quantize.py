@@ -321,6 +321,11 @@ def _per_group(tname: str, lo, hi, bits: int, *, scores=None, key: int = 0, keep
     return _Groups(keep_out, *floats, sr_scale_ptr=at + row)
 
 
+def _group_table(name: str, doc: str) -> property:
+    """A ``BitplaneGradient`` property: its ``per_group`` table ``name`` as a tensor."""
+    return property(lambda self: torch.from_numpy(getattr(self.per_group, name)), doc=doc)
+
+
 @dataclass
 class BitplaneGradient:
     """The kept groups of ``G'`` for one path as bit planes, ready for ``bitplane_gemm``.
@@ -328,7 +333,7 @@ class BitplaneGradient:
     ``planes[t, m]`` holds bit ``t`` of the codes of kept row ``m``, packed along the path's
     contraction axis (``k`` bits: the O channels on the input path, the R rows on the weight
     path). Row ``m`` is output row ``row_map[m]`` (a G' row on the input path, a channel on
-    the weight path) of a ``[out_rows, ...]`` result, dequantized with ``row_scale[m]`` and
+    the weight path; ascending in m) of a ``[out_rows, ...]`` result, dequantized with ``row_scale[m]`` and
     ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
 
     Per-sample groups on the weight path (``psq``) vary along its contraction, so there the
@@ -351,25 +356,10 @@ class BitplaneGradient:
 
     # The per-group tables as tensors when asked for: the backward ops read only the per-row
     # ones, and a tensor made of a numpy array costs more per call than the arithmetic.
-    @property
-    def keep(self) -> torch.Tensor:
-        """bool [groups]"""
-        return torch.from_numpy(self.per_group.keep)
-
-    @property
-    def prob(self) -> torch.Tensor:
-        """float32 [groups]"""
-        return torch.from_numpy(self.per_group.prob)
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """float32 [groups]"""
-        return torch.from_numpy(self.per_group.scale)
-
-    @property
-    def zero(self) -> torch.Tensor:
-        """float32 [groups]"""
-        return torch.from_numpy(self.per_group.zero)
+    keep = _group_table("keep", "bool [groups]")
+    prob = _group_table("prob", "float32 [groups]")
+    scale = _group_table("scale", "float32 [groups]")
+    zero = _group_table("zero", "float32 [groups]")
 
 
 def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
