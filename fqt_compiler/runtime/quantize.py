@@ -333,8 +333,8 @@ class BitplaneGradient:
     ``planes[t, m]`` holds bit ``t`` of the codes of kept row ``m``, packed along the path's
     contraction axis (``k`` bits: the O channels on the input path, the R rows on the weight
     path). Row ``m`` is output row ``row_map[m]`` (a G' row on the input path, a channel on
-    the weight path; ascending in m) of a ``[out_rows, ...]`` result, dequantized with ``row_scale[m]`` and
-    ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
+    the weight path; ascending in ``m``) of a ``[out_rows, ...]`` result, dequantized with
+    ``row_scale[m]`` and ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
 
     Per-sample groups on the weight path (``psq``) vary along its contraction, so there the
     rows are segments: row ``m = s*O + o`` is channel ``o`` over the ``k`` = H'W' rows of
