@@ -215,9 +215,12 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     reduced here."""
     o = v.channels
     slices = _slices(rows, pool.num_threads(None))
-    rlo, rhi = torch.empty(rows), torch.empty(rows)
-    # [lo/hi, slice, o]; one slice writes the column results directly
-    clo, chi = (torch.empty(o), torch.empty(o)) if len(slices) == 1 else torch.empty(2, len(slices), o)
+    # One allocation (split into views by one op) for row lo, row hi and the column partials
+    # [lo/hi, slice, o]; one slice writes the column results directly.
+    width = len(slices) * o
+    rlo, rhi, clo, chi = torch.empty(2 * (rows + width)).split([rows, rows, width, width])
+    if len(slices) > 1:
+        clo, chi = clo.view(len(slices), o), chi.view(len(slices), o)
     fn, step = _fn("row_col_minmax", target), 4 * o
     pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(),
                       clo.data_ptr() + i * step, chi.data_ptr() + i * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
@@ -498,8 +501,10 @@ def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables: np.ndarray
 
 def _result(planes, k, rows, groups, out_rows, kind, per_group: _Groups, segments=1) -> BitplaneGradient:
     """``rows``: the row map, as numpy or already a tensor."""
-    t = torch.from_numpy
     if isinstance(rows, np.ndarray):
-        rows = t(rows)
-    return BitplaneGradient(planes, k, rows, t(per_group.scale[groups]), t(per_group.zero[groups]), out_rows, kind,
-                            per_group, segments)
+        rows = torch.from_numpy(rows)
+    dequantization = np.empty((2, rows.numel()), np.float32)     # row_scale, row_zero: one tensor
+    np.take(per_group.scale, groups, out=dequantization[0])
+    np.take(per_group.zero, groups, out=dequantization[1])
+    return BitplaneGradient(planes, k, rows, *torch.from_numpy(dequantization).unbind(), out_rows, kind, per_group,
+                            segments)
