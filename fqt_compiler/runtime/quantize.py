@@ -20,6 +20,7 @@ in on the fly: ``G' = alpha ⊙ g``.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -298,26 +299,38 @@ def _groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int
     return lo, hi, _per_group(tname, lo, hi, bits, keep=keep.numpy(), prob=prob.numpy())
 
 
+_scratch = threading.local()
+
+
+def _work(words: int) -> tuple[np.ndarray, int]:
+    """This thread's int64 scratch of the ``aq_groups`` kernel (at least ``words``), as numpy
+    and its address: kept across calls and grown only, as nothing of it outlives a call (a
+    tensor, whose ``data_ptr`` is no operator call)."""
+    work = getattr(_scratch, "work", None)
+    if work is None or work.numel() < words:
+        work = _scratch.work = torch.empty(max(words, 2 * work.numel() if work is not None else 0), dtype=torch.int64)
+        _scratch.array = work.numpy()
+    return _scratch.array, work.data_ptr()
+
+
 def _per_group(tname: str, lo, hi, bits: int, *, scores=None, key: int = 0, keep=None, prob=None) -> _Groups | None:
     """The ``aq_groups`` kernel on float32 ``lo`` and ``hi``: deciding (float64 ``scores``,
     None for AQ's range scores; None returned when a group is special) when ``keep`` and
     ``prob`` are not given."""
     n = lo.numel()
     decide = keep is None
-    # One buffer, one pointer: the kernel's int64 scratch and status (4n + 2 words), float32
-    # prob, sr_scale, scale and zero, then the keep bytes.
-    floats_at, keep_at = 8 * (4 * n + 2), 8 * (4 * n + 2) + 16 * n
-    raw = np.empty(keep_at + n, np.uint8)
-    work, floats = raw[:floats_at].view(np.int64), raw[floats_at:keep_at].view(np.float32).reshape(4, n)
-    keep_out = raw[keep_at:].view(np.bool_)
+    # The outputs in one buffer behind one pointer: float32 prob, sr_scale, scale and zero,
+    # then the keep bytes.
+    raw = np.empty(17 * n, np.uint8)
+    floats, keep_out = raw[:16 * n].view(np.float32).reshape(4, n), raw[16 * n:].view(np.bool_)
     if not decide:
         floats[0], keep_out[:] = prob, keep
-    scratch = _ptr(raw)
-    at, row = scratch + floats_at, 4 * n
+    at, row = _ptr(raw), 4 * n
+    work, scratch = _work(4 * n + 2)     # the kernel's scratch, then its status
     if scores is not None:
         scores = np.ascontiguousarray(scores.numpy(), np.float64)
     _fn("aq_groups", tname)(lo.data_ptr(), hi.data_ptr(), _ptr(scores) if scores is not None else None, n, bits, key,
-                            int(decide), scratch, at, scratch + keep_at, at + row, at + 2 * row, at + 3 * row,
+                            int(decide), scratch, at, at + 16 * n, at + row, at + 2 * row, at + 3 * row,
                             scratch + 8 * (4 * n + 1))
     if work[4 * n + 1]:
         return None
