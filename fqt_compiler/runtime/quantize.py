@@ -216,12 +216,9 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     reduced here."""
     o = v.channels
     slices = _slices(rows, pool.num_threads(None))
-    # One allocation (split into views by one op) for row lo, row hi and the column partials
-    # [lo/hi, slice, o]; one slice writes the column results directly.
-    width = len(slices) * o
-    rlo, rhi, clo, chi = torch.empty(2 * (rows + width)).split([rows, rows, width, width])
-    if len(slices) > 1:
-        clo, chi = clo.view(len(slices), o), chi.view(len(slices), o)
+    rlo, rhi = torch.empty(rows), torch.empty(rows)
+    # [lo/hi, slice, o]; one slice writes the column results directly
+    clo, chi = (torch.empty(o), torch.empty(o)) if len(slices) == 1 else torch.empty(2, len(slices), o)
     fn, step = _fn("row_col_minmax", target), 4 * o
     pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(),
                       clo.data_ptr() + i * step, chi.data_ptr() + i * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
@@ -421,7 +418,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             src = _row_major_copy(v, shared)
         sn, so, si = src.stride()
         offsets = samples * sn if rps == 1 else samples * sn + (rows - samples * rps) * si
-        tables = _tables(offsets, rows * channels, groups, 0)
+        tables = (offsets, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     elif kind == "sample":
         # One segment per (sample, channel): channel o over the sample's rps rows, counters
@@ -429,7 +426,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         sn, so, si = src.stride()
         pairs = np.arange(n * channels)
         rows, groups = pairs % channels, pairs // channels
-        tables = _tables(groups * sn + rows * so, groups * rps * channels + rows, groups, rows)
+        tables = (groups * sn + rows * so, groups * rps * channels + rows, groups, rows)
         layout = (1, rps, 0, si, 0, channels, 0, 0)
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
         planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
@@ -455,15 +452,10 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
                 tables = None
                 alpha_rows, row_lo, row_scale = v.alpha_ptr(), lo.data_ptr(), sr_scale
             else:
-                # One float32 table [alpha, lo, B/R of the group] per kept column, named so
-                # that it lives until the kernel has read it.
-                tables = np.empty((3, rows.size), np.float32)
-                if v.alpha is not None:
-                    np.take(v.alpha.numpy(), rows, out=tables[0])
-                np.take(lo.numpy(), groups, out=tables[1])
-                np.take(per_group.sr_scale, groups, out=tables[2])
-                at, step = _ptr(tables), 4 * rows.size
-                alpha_rows, row_lo, row_scale = at if v.alpha is not None else None, at + step, at + 2 * step
+                # Named, so that these tables live until the kernel has read them.
+                tables = (v.alpha.numpy()[rows] if v.alpha is not None else None, lo.numpy()[groups],
+                          per_group.sr_scale[groups])
+                alpha_rows, row_lo, row_scale = (_ptr(t) if t is not None else None for t in tables)
             parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si, alpha_rows, key, row_lo,
                           row_scale, rows_t.data_ptr(), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
             del tables
@@ -472,7 +464,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
         else:
             layout = (n, rps, sn, si, rps * channels, channels, 0, 0)
-        tables = _tables(rows * so, rows, groups, rows)
+        tables = (rows * so, rows, groups, rows)
     planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
     return _result(planes, k, rows, groups, out_rows, kind, per_group)
 
@@ -489,35 +481,20 @@ def _ptr(a: np.ndarray) -> int:
     return torch.from_numpy(a).data_ptr()   # cheaper than numpy's ctypes attribute
 
 
-def _tables(*columns) -> np.ndarray:
-    """The int64 ``[4, rows]`` per-row tables of ``fqt_quantize_pack`` (first element, first
-    counter, group, channel of each output row; an int for a constant column): one array,
-    so the kernel's four table pointers come from one."""
-    out = np.empty((len(columns), columns[0].size), np.int64)
-    for row, column in zip(out, columns):
-        row[:] = column
-    return out
-
-
-def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables: np.ndarray, layout, k) -> torch.Tensor:
-    """``fqt_quantize_pack`` over the rows its ``tables`` (``_tables``) describe, with the
-    groups' rounding scales at address ``sr_scale``: planes ``[bits, rows, ld]``."""
-    m = tables.shape[1]
+def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables, layout, k) -> torch.Tensor:
+    """``fqt_quantize_pack`` over the rows its ``tables`` (contiguous int64 numpy, made here)
+    describe, with the groups' rounding scales at address ``sr_scale``: planes
+    ``[bits, rows, ld]``."""
+    m = tables[0].size
     planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
-        at = _ptr(tables)
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
-                      sr_scale, *(at + 8 * m * i for i in range(4)), *layout, planes.data_ptr(), m,
-                      planes.shape[2], min_rows=4)
+                      sr_scale, *[_ptr(t) for t in tables], *layout, planes.data_ptr(), m, planes.shape[2], min_rows=4)
     return planes
 
 
 def _result(planes, k, rows, groups, out_rows, kind, per_group: _Groups, segments=1) -> BitplaneGradient:
     """``rows``: the row map, as numpy or already a tensor."""
-    if isinstance(rows, np.ndarray):
-        rows = torch.from_numpy(rows)
-    dequantization = np.empty((2, rows.numel()), np.float32)     # row_scale, row_zero: one tensor
-    np.take(per_group.scale, groups, out=dequantization[0])
-    np.take(per_group.zero, groups, out=dequantization[1])
-    return BitplaneGradient(planes, k, rows, *torch.from_numpy(dequantization).unbind(), out_rows, kind, per_group,
-                            segments)
+    t = torch.from_numpy
+    return BitplaneGradient(planes, k, t(rows) if isinstance(rows, np.ndarray) else rows, t(per_group.scale[groups]),
+                            t(per_group.zero[groups]), out_rows, kind, per_group, segments)
