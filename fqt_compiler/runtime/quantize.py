@@ -260,8 +260,7 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
 
 @dataclass
 class _Groups:
-    """What the ``aq_groups`` kernel gives per group of one path (numpy views of one buffer,
-    the kernel's scratch included)."""
+    """What the ``aq_groups`` kernel gives per group of one path (numpy views of one buffer)."""
 
     keep: np.ndarray       # bool
     prob: np.ndarray       # float32, the keep probability the dequantization divides by
@@ -301,8 +300,9 @@ _scratch = threading.local()
 
 def _work(words: int) -> tuple[np.ndarray, int]:
     """This thread's int64 scratch of the ``aq_groups`` kernel (at least ``words``), as numpy
-    and its address: kept across calls and grown only, as nothing of it outlives a call (a
-    tensor, whose ``data_ptr`` is no operator call)."""
+    and its address: kept across calls and grown only, as nothing of it outlives a call. A
+    tensor: its ``data_ptr`` is no operator call, and the cross-target capture
+    (``cross.verify``) finds the buffer through it."""
     work = getattr(_scratch, "work", None)
     if work is None or work.numel() < words:
         work = _scratch.work = torch.empty(max(words, 2 * work.numel() if work is not None else 0), dtype=torch.int64)
@@ -482,9 +482,9 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables, layout, k) -> torch.Tensor:
-    """``fqt_quantize_pack`` over the rows its ``tables`` (contiguous int64 numpy, made here)
-    describe, with the groups' rounding scales at address ``sr_scale``: planes
-    ``[bits, rows, ld]``."""
+    """``fqt_quantize_pack`` over the rows its ``tables`` describe (contiguous int64 numpy, as
+    the integer arithmetic above makes them), with the groups' rounding scales at address
+    ``sr_scale``: planes ``[bits, rows, ld]``."""
     m = tables[0].size
     planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
