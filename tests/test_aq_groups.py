@@ -98,6 +98,14 @@ def test_given_decisions_only_get_scales():
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=0, atol=0, equal_nan=True)
 
 
+def test_scratch_kept_across_calls_of_other_sizes():
+    """The kernel's per-thread scratch grows for more groups and serves fewer after: each
+    call's decisions are the reference's, whatever an earlier call left in it."""
+    for n in (5, 700, 5, 64, 1):
+        lo, hi = statistics(n, n, zero_every=3)
+        assert_bitwise(decide(lo, hi, 4, "weight"), expected(lo, hi, 4, "weight"))
+
+
 def test_no_groups():
     got = decide(torch.empty(0), torch.empty(0), 4, "input")
     assert got.keep.shape == got.prob.shape == (0,)

@@ -76,9 +76,17 @@ def test_binary_gemm_epilogue_and_nchw_layout(target, with_bias):
 
 
 def run_bitplane(codes, nbits, b, *, row_scale, row_zero, row_map, out_rows, target, threads, tile=None):
+    """``bitplane_gemm`` into an output filled with NaN: the pruned rows (not in ``row_map``)
+    read 0 only if the kernel wrote them."""
+    out = torch.full((out_rows, b.shape[0]), float("nan"))
     return bitplane_gemm(pack_planes(codes, nbits), PackedBits.from_bool(b), row_scale=row_scale,
-                         row_zero=row_zero, row_map=row_map, out_rows=out_rows, target=target,
+                         row_zero=row_zero, row_map=row_map, out_rows=out_rows, out=out, target=target,
                          threads=threads, tile=tile)
+
+
+def kept_rows(rows: int, kept: int, gen) -> torch.Tensor:
+    """``kept`` of ``rows`` output rows at random, ascending (as the quantizer keeps them)."""
+    return torch.randperm(rows, generator=gen)[:kept].sort().values
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
@@ -90,7 +98,7 @@ def test_bitplane_gemm_exact_dot(target, nbits):
         for m, n in MN:
             codes = torch.randint(0, 2 ** nbits, (m, k), generator=gen)
             b = bits(n, k, gen)
-            row_map = torch.randperm(m + 2, generator=gen)[:m]
+            row_map = kept_rows(m + 2, m, gen)
             outs = [run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                                  row_map=row_map, out_rows=m + 2, target=target, threads=t)
                     for t in (1, 2)]
@@ -98,6 +106,24 @@ def test_bitplane_gemm_exact_dot(target, nbits):
             expect[row_map] = ref.bitplane_gemm(codes, b).float()
             assert torch.equal(outs[0], expect), (k, m, n)
             assert torch.equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("target", HOST_TARGETS)
+@pytest.mark.parametrize("out_rows,kept", [(1, [0]), (70, [0]), (70, [69]), (70, [3, 4, 5, 40, 66]),
+                                           (130, list(range(1, 129, 2)))])
+def test_bitplane_gemm_zeroes_pruned_rows(target, out_rows, kept):
+    """Pruned rows before, between and after the kept ones read 0 in an output that held NaN,
+    whether the threads split the rows or (few rows, wide N) the columns."""
+    gen = torch.Generator().manual_seed(out_rows + len(kept))
+    row_map = torch.tensor(kept)
+    for n, k in ((3, 65), (200, 192)):
+        codes, b = torch.randint(0, 16, (len(kept), k), generator=gen), bits(n, k, gen)
+        expect = torch.zeros(out_rows, n)
+        expect[row_map] = ref.bitplane_gemm(codes, b).float()
+        for threads in (1, 2, 3):
+            out = run_bitplane(codes, 4, b, row_scale=torch.ones(len(kept)), row_zero=torch.zeros(len(kept)),
+                               row_map=row_map, out_rows=out_rows, target=target, threads=threads)
+            assert torch.equal(out, expect), (n, threads)
 
 
 @pytest.mark.parametrize("target", HOST_TARGETS)
@@ -162,7 +188,7 @@ def test_panel_kernel_exact(target):
                 assert torch.equal(binary_gemm(A, B, target=target, threads=threads), expect), (n, k)
                 assert torch.equal(binary_gemm(A, B, target=target, threads=threads, tile=tile), expect)
             codes = torch.randint(0, 16, (m, k), generator=gen)
-            row_map = torch.randperm(m + 1, generator=gen)[:m]
+            row_map = kept_rows(m + 1, m, gen)
             out = run_bitplane(codes, 4, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                                row_map=row_map, out_rows=m + 1, target=target, threads=2, tile=tile)
             expect = torch.zeros(m + 1, n)
@@ -244,7 +270,7 @@ def test_fixed_k_panel_kernels_exact(target, words):
             assert torch.equal(nchw, (dot.float() * scale).T.unsqueeze(0)), (k, m, n)
         for nbits in (1, 4):
             codes = torch.randint(0, 2 ** nbits, (m, k), generator=gen)
-            row_map = torch.randperm(m + 2, generator=gen)[:m]
+            row_map = kept_rows(m + 2, m, gen)
             out = run_bitplane(codes, nbits, b, row_scale=torch.ones(m), row_zero=torch.zeros(m),
                                row_map=row_map, out_rows=m + 2, target=target, threads=2, tile=tile)
             expect = torch.zeros(m + 2, n)
@@ -276,7 +302,7 @@ def test_fixed_k_panel_kernels_property(words, tail, m, n, nbits, kept, target, 
     assert torch.equal(out, ref.binary_gemm(a, b))
     rows = max(1, int(kept * m))
     codes = torch.randint(0, 2 ** nbits, (rows, k), generator=gen)
-    row_map = torch.randperm(m, generator=gen)[:rows]
+    row_map = kept_rows(m, rows, gen)
     scale, zero = torch.rand(rows, generator=gen), torch.randn(rows, generator=gen)
     out = run_bitplane(codes, nbits, b, row_scale=scale, row_zero=zero, row_map=row_map, out_rows=m,
                        target=target, threads=threads, tile=tile)
@@ -371,8 +397,12 @@ def test_argument_errors_name_the_argument():
         binary_gemm(PackedBits(a.words[:, :1].contiguous(), 65), PackedBits(b.words[:, :1].contiguous(), 65))
     planes = pack_planes(torch.zeros(3, 70, dtype=torch.int64), 2)
     kw = dict(row_scale=torch.ones(3), row_zero=torch.zeros(3), row_map=torch.arange(3), out_rows=3)
-    with pytest.raises(ValueError, match="row_map values must lie in"):
+    with pytest.raises(ValueError, match=r"row_map values must ascend strictly within \[0, out_rows=3\)"):
         bitplane_gemm(planes, b, **{**kw, "row_map": torch.tensor([0, 1, 3])})
+    with pytest.raises(ValueError, match=r"ascend strictly.*got \[0, 2, 1\]"):
+        bitplane_gemm(planes, b, **{**kw, "row_map": torch.tensor([0, 2, 1])})
+    with pytest.raises(ValueError, match=r"ascend strictly.*got \[0, 1, 1\]"):
+        bitplane_gemm(planes, b, **{**kw, "row_map": torch.tensor([0, 1, 1])})
     with pytest.raises(ValueError, match="row_zero must have shape"):
         bitplane_gemm(planes, b, **{**kw, "row_zero": torch.zeros(2)})
     with pytest.raises(ValueError, match="3 planes"):

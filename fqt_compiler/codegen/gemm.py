@@ -10,7 +10,8 @@ is what makes the K tail exact without masks: the loop always runs over whole ve
   stored through an affine output layout, so a conv can write NCHW directly.
 * ``bitplane_gemm_ir``: ``bits`` planes of {0,1} codes x ±1,
   ``dot = 2 sum_t 2^t popcount(a_t AND b) - rowpop[m]``, with the dequantization epilogue of
-  docs/math.md §4 writing float32 row ``row_map[m]`` of the output.
+  docs/math.md §4 writing float32 row ``row_map[m]`` of the output (``row_map`` ascending)
+  and zeros to the rows between (the pruned groups'), so the output needs no memset first.
 * ``row_popcount_ir``: ``sum_t 2^t popcount(row of plane t)``, the ``rowpop`` / column-sum
   input of the bit-plane epilogue.
 
@@ -697,13 +698,17 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
     """IR of the ``bits``-plane x ±1 GEMM with the dequantization epilogue (``KernelIR``).
 
     ``void symbol(planes, plane_stride, lda, b, ldb, m0, m1, n0, n1, words, kc, nc, partial,
-    ldp, out, ldo, row_map, row_scale, row_zero, rowpop, colsum)``: A's plane ``t`` starts
-    ``t * plane_stride`` words after ``planes``; for output ``(m, n)``,
+    ldp, out, ldo, row_map, row_scale, row_zero, rowpop, colsum, rows, out_rows)``: A's plane
+    ``t`` starts ``t * plane_stride`` words after ``planes``; for output ``(m, n)``,
     ``dot = 2 sum_t 2^t popcount(a_t[m] AND b[n]) - rowpop[m]`` (int32 ``rowpop`` =
     ``sum_t 2^t popcount(a_t[m])``, the row's code sum) and float32
     ``out[row_map[m] * ldo + n] = row_scale[m] * dot + row_zero[m] * colsum[n]``
-    (``row_map`` int64, ``colsum`` float32 = B's ±1 row sums). ``words`` and ``vector_words``
-    as in ``binary_gemm_ir``."""
+    (``row_map`` int64, strictly ascending, of all ``rows`` rows of A; ``colsum`` float32 =
+    B's ±1 row sums). Columns ``[n0, n1)`` of the output rows between ``row_map[m - 1]`` and
+    ``row_map[m]`` for ``m`` in ``[m0, m1)`` (from row 0 for ``m = 0``; for ``m1 = rows`` also
+    those after ``row_map[rows - 1]``, up to ``out_rows``) are written 0: every slice zeroes
+    the pruned rows before its own, so the slices of one call write every output element
+    once. ``words`` and ``vector_words`` as in ``binary_gemm_ir``."""
     target = get_target(target)
     tile = tile or default_tile(target)
     if bits not in BITS:
@@ -712,12 +717,14 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
     params = ([("planes", "ptr"), ("plane_stride", "i64"), ("lda", "i64"), ("b", "ptr"), ("ldb", "i64")]
               + _RANGE + _BLOCKING
               + [("out", "ptr"), ("ldo", "i64"), ("row_map", "ptr"), ("row_scale", "ptr"),
-                 ("row_zero", "ptr"), ("rowpop", "ptr"), ("colsum", "ptr")])
+                 ("row_zero", "ptr"), ("rowpop", "ptr"), ("colsum", "ptr"), ("rows", "i64"), ("out_rows", "i64")])
     kern, pop, b, p = _define(target, name, params, vector_words)
     ops = _operands(p, p["planes"], p["plane_stride"])
 
     def load(base, idx, ty):
         return b.load(_at(b, base, idx, ty), typ=ty)
+
+    _zero_pruned_rows(kern, p, lambda m: load(p["row_map"], m, I64))
 
     def row(b, m):
         return (load(p["rowpop"], m, I32), load(p["row_scale"], m, F32), load(p["row_zero"], m, F32),
@@ -734,6 +741,25 @@ def bitplane_gemm_ir(target: str | Target = "host", *, bits: int, tile: Tile | P
 
     _body(tile)(kern, pop, tile, ops, planes=bits, combine="and", epilogue=_Epilogue(row, store))
     return kern.finish()
+
+
+def _zero_pruned_rows(kern: Kernel, p: dict, row_of) -> None:
+    """Zero columns ``[n0, n1)`` of the output rows that no row of ``[m0, m1)`` writes and
+    that lie before them (``row_of(m)``: output row of A row ``m``, ascending), and after the
+    last row when the slice ends at ``rows``: one memset per pruned row."""
+    b = kern.b
+    width = b.mul(b.sub(p["n1"], p["n0"]), i64(4))
+
+    def zero(first, last):
+        with kern.loop(first, last, i64(1)) as r:
+            dst = _at(b, p["out"], b.add(b.mul(r, p["ldo"]), p["n0"]), F32)
+            kern.call("llvm.memset.p0.i64", ir.VoidType(), [dst, ir.Constant(I8, 0), width, ir.Constant(I1, 0)])
+
+    with kern.loop(p["m0"], p["m1"], i64(1)) as m:
+        previous = row_of(b.select(b.icmp_signed(">", m, i64(0)), b.sub(m, i64(1)), m))
+        zero(b.select(b.icmp_signed(">", m, i64(0)), b.add(previous, i64(1)), i64(0)), row_of(m))
+    with b.if_then(b.and_(b.icmp_signed("==", p["m1"], p["rows"]), b.icmp_signed(">", p["rows"], i64(0)))):
+        zero(b.add(row_of(b.sub(p["rows"], i64(1))), i64(1)), p["out_rows"])
 
 
 def row_popcount_ir(target: str | Target = "host", *, vector_words: int | None = None) -> KernelIR:

@@ -620,9 +620,11 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     a, b = k.arg, k.b
     n = a["n"]
     zero64, one64 = ir.Constant(I64, 0), ir.Constant(I64, 1)
+    # Scratch: two index runs, then two float64 runs of their scores (the scores of the
+    # groups in order first), merged alongside the indices.
     order, spare = a["work"], k.gep(a["work"], n, I64)
-    tail = k.gep(a["work"], b.mul(n, ir.Constant(I64, 2)), I64)     # float64 [n] after the two index runs
-    score = k.gep(tail, n, F64)                                      # float64 [n] when scores is null
+    spare_scores = k.gep(a["work"], b.mul(n, ir.Constant(I64, 2)), I64)
+    score = k.gep(spare_scores, n, F64)
     has_scores = b.icmp_unsigned("!=", b.ptrtoint(a["scores"], I64), zero64)
     inf = ir.Constant(F64, float("inf"))
     bad = k.var(I1, ir.Constant(I1, 0))
@@ -649,12 +651,15 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     b.branch(done)
     b.position_at_end(go)
 
-    def r_at(run, j):   # the score of the group at position j of an index run
-        return b.load(k.gep(score, b.load(k.gep(run, j, I64), typ=I64), F64), typ=F64)
+    def r_at(scores, j):   # the score at position j of a score run
+        return b.load(k.gep(scores, j, F64), typ=F64)
 
     # Stable merge sort, descending (numpy's argsort(-r, kind="stable")): runs of width
-    # 1, 2, 4, ... merged from src to dst, the left run first on ties.
+    # 1, 2, 4, ... merged from src to dst, the left run first on ties. Each run's scores
+    # move with its indices, so a comparison loads a score directly rather than through
+    # its index (the merge's chain of dependent loads is half as long).
     src, dst = k.var(order.type, order), k.var(order.type, spare)
+    src_r, dst_r = k.var(order.type, score), k.var(order.type, spare_scores)
     width = k.var(I64, one64)
     head, body, end = (k.fn.append_basic_block(nm) for nm in ("sort", "sort.pass", "sort.end"))
     b.branch(head)
@@ -663,6 +668,7 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     b.position_at_end(body)
     w = k.get(width)
     s_run, d_run = k.get(src, order.type), k.get(dst, order.type)
+    s_sc, d_sc = k.get(src_r, order.type), k.get(dst_r, order.type)
     with k.loop(0, n, b.mul(w, ir.Constant(I64, 2))) as first:
         mid, last = smin(b, b.add(first, w), n), smin(b, b.add(first, b.mul(w, ir.Constant(I64, 2))), n)
         i, j = k.var(I64, first), k.var(I64, mid)
@@ -672,23 +678,27 @@ def _aq_decide(k: Kernel, levels, done) -> None:
             left = b.icmp_signed("<", iv, mid)
             right = b.icmp_signed("<", jv, last)
             # Clamped positions: an exhausted run's index is never taken, but is loaded.
-            ri, rj = r_at(s_run, smin(b, iv, top)), r_at(s_run, smin(b, jv, top))
+            ri, rj = r_at(s_sc, smin(b, iv, top)), r_at(s_sc, smin(b, jv, top))
             take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered(">=", ri, rj)))
             b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
+            b.store(b.select(take, ri, rj), k.gep(d_sc, out, F64))
             k.set(i, b.add(iv, b.zext(take, I64)))
             k.set(j, b.add(jv, b.zext(b.not_(take), I64)))
     k.set(src, d_run)
     k.set(dst, s_run)
+    k.set(src_r, d_sc)
+    k.set(dst_r, s_sc)
     k.set(width, b.mul(w, ir.Constant(I64, 2)))
     b.branch(head)
     b.position_at_end(end)
-    sorted_ = k.get(src, order.type)
+    sorted_, sorted_r = k.get(src, order.type), k.get(src_r, order.type)
+    tail = k.get(dst_r, order.type)     # float64 [n]: the free score run
     # tail[j] = sorted r[j] + ... + sorted r[n-1], summed from the end (numpy's cumsum of
     # the reversed scores).
     acc = k.var(F64, ir.Constant(F64, 0.0))
     with k.loop(0, n) as step:
         j = b.sub(b.sub(n, one64), step)
-        rj = r_at(sorted_, j)
+        rj = r_at(sorted_r, j)
         total = b.select(b.icmp_signed("==", step, zero64), rj, b.fadd(k.get(acc, F64), rj))
         k.set(acc, total)
         b.store(total, k.gep(tail, j, F64))
@@ -699,7 +709,7 @@ def _aq_decide(k: Kernel, levels, done) -> None:
         tj = b.load(k.gep(tail, j, F64), typ=F64)
         exhausted = b.or_(b.fcmp_ordered("<=", tj, ir.Constant(F64, 0.0)),
                           b.fcmp_ordered("<=", left, ir.Constant(F64, 0.0)))
-        stop = b.or_(exhausted, b.fcmp_ordered("<=", b.fmul(b.fdiv(left, tj), r_at(sorted_, j)),
+        stop = b.or_(exhausted, b.fcmp_ordered("<=", b.fmul(b.fdiv(left, tj), r_at(sorted_r, j)),
                                                 ir.Constant(F64, 1.0)))
         with b.if_then(b.and_(stop, b.icmp_signed("==", k.get(first), n))):
             k.set(first, j)
@@ -714,7 +724,7 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     grid = ir.Constant(F64, float(2 ** rng.KEEP_BITS))
     with k.loop(0, n) as j:
         g = b.load(k.gep(sorted_, j, I64), typ=I64)
-        spread = b.fmul(c, r_at(sorted_, j))
+        spread = b.fmul(c, r_at(sorted_r, j))
         spread = b.select(b.fcmp_ordered("<", spread, ir.Constant(F64, 1.0)), spread, ir.Constant(F64, 1.0))
         spread = b.fdiv(k.call("llvm.ceil.f64", F64, [b.fmul(spread, grid)]), grid)
         p = b.select(b.icmp_signed("<", j, f), ir.Constant(F64, 1.0),

@@ -113,6 +113,13 @@ def _bitplane(mem: Memory, a: dict, opts: dict) -> None:
     zero = mem.at(a["row_zero"], torch.float32, a["m1"])[m].view(-1, 1)
     colsum = mem.at(a["colsum"], torch.float32)[n].view(1, -1)
     out = mem.at(a["out"], torch.float32)
+    # The pruned rows the slice zeroes: those before each of its rows (after the previous
+    # kept row), and those after the last kept row when the slice ends at the last row.
+    kept = mem.at(a["row_map"], torch.int64, a["rows"])
+    first = kept[a["m0"] - 1] + 1 if a["m0"] else 0
+    last = a["out_rows"] if a["m1"] == a["rows"] else kept[a["m1"] - 1] + 1
+    pruned = torch.tensor(sorted(set(range(int(first), int(last))) - set(row_map.tolist())), dtype=torch.int64)
+    out[pruned.view(-1, 1) * a["ldo"] + n.view(1, -1)] = 0.0
     out[row_map.view(-1, 1) * a["ldo"] + n.view(1, -1)] = scale * dot.float() + zero * colsum
 
 

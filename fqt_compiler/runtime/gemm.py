@@ -312,10 +312,10 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     ``planes``: int64 ``[bits, M, ld]`` (bits in 1, 2, 4, 8), plane ``t`` holding bit ``t`` of
     the b-bit codes of the M kept rows, packed along K like ``b`` (N x K, ±1 bits). Writes
     float32 ``out[row_map[m], n] = row_scale[m] * dot[m, n] + row_zero[m] * colsum[n]`` with
-    ``dot = sum_k code[m, k] * (±1)[n, k]`` and returns ``out`` ``[out_rows, N]``: a new
-    zero tensor (rows not in ``row_map``, the pruned groups, stay 0) or the given ``out``,
-    whose other rows are left as they are. ``row_map`` int64 [M], distinct values in
-    ``[0, out_rows)``; ``row_scale``/``row_zero`` float32 [M] (``R/(B p)`` and ``z/p``);
+    ``dot = sum_k code[m, k] * (±1)[n, k]``, and 0 to the rows not in ``row_map`` (the pruned
+    groups; the kernel writes them, so ``out`` needs no zeroing first), and returns ``out``
+    ``[out_rows, N]`` (a new tensor when None). ``row_map`` int64 [M], strictly ascending
+    values in ``[0, out_rows)``; ``row_scale``/``row_zero`` float32 [M] (``R/(B p)`` and ``z/p``);
     ``colsum``: float32 [N], the ±1 row sums of ``b``, computed when None.
 
     Input-gradient path: rows = rows of kept samples, ``b`` = binarized weights packed along
@@ -333,18 +333,16 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     row_scale = _check_vector("row_scale", row_scale, m, torch.float32)
     row_zero = _check_vector("row_zero", row_zero, m, torch.float32)
     row_map = _check_vector("row_map", row_map, m, torch.int64)
-    if m and (int(row_map.min()) < 0 or int(row_map.max()) >= out_rows):
-        raise ValueError(f"row_map values must lie in [0, out_rows={out_rows}), got "
-                         f"[{int(row_map.min())}, {int(row_map.max())}]")
+    _check_row_map(row_map.numpy(), out_rows)
     if out is None:
-        out = buffers.zeros((out_rows, n))
+        out = buffers.empty((out_rows, n))
     elif out.shape != (out_rows, n) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of shape ({out_rows}, {n}), got "
                          f"{tuple(out.shape)} {out.dtype}")
     if colsum is not None:
         colsum = _check_vector("colsum", colsum, n, torch.float32)
     if m == 0 or n == 0:
-        return out
+        return out.zero_()
     plan = _plan("bitplane", m, n, k, target, tile, pool.num_threads(threads), bits=bits)
     _check_words("planes", planes, plan.words)
     _check_words("b.words", b.words, plan.words)
@@ -355,13 +353,22 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     kernel, words, kc, nc = plan.kernel, plan.words, plan.kc, plan.nc
     args = (planes.data_ptr(), planes.stride(0), planes.stride(1), b.words.data_ptr(), b.words.stride(0))
     tail = (n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(), row_zero.data_ptr(),
-            rowpop.data_ptr(), colsum.data_ptr())
+            rowpop.data_ptr(), colsum.data_ptr(), m, out_rows)
 
     def task(m0, m1, n0, n1, partial):
         return lambda: kernel(*args, m0, m1, n0, n1, words, kc, nc, partial.data_ptr(), *tail)
 
     pool.run([task(*s, p) for s, p in zip(plan.slices, _workspace(plan, m, n))])
     return out
+
+
+def _check_row_map(rows: np.ndarray, out_rows: int) -> None:
+    """``row_map`` must ascend strictly within ``[0, out_rows)``: the kernel zeroes the
+    output rows between consecutive entries (numpy: a few operations on a short vector)."""
+    if rows.size and (rows[0] < 0 or rows[-1] >= out_rows or (rows[1:] <= rows[:-1]).any()):
+        raise ValueError(f"row_map values must ascend strictly within [0, out_rows={out_rows}) (the kept "
+                         f"rows in order, as quantize_bitplanes gives them), got {rows.tolist()[:8]}"
+                         f"{' ...' if rows.size > 8 else ''}")
 
 
 def segmented_bitplane_gemm(planes: torch.Tensor, segments: list[PackedBits], *, row_scale: torch.Tensor,

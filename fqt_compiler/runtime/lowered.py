@@ -227,17 +227,9 @@ def _quantize(layer_name, g, method, path, bits, rows_per_sample, rng_state, lay
 def _planar_gemm(layer_name, kind, q, b: PackedBits, out_rows: int, target, colsum=None):
     m = q.planes.shape[1]
     with stats.timed(layer_name, kind, binary_macs=q.bits * m * b.rows * b.k):
-        # Pruned rows must read 0; the kernel writes the kept ones.
-        out = _zeroed_unless_full(buffers.empty((out_rows, b.rows)), q.row_map.numel())
+        # The kernel writes the pruned rows' zeros too: no memset of the output first.
         return bitplane_gemm(q.planes, b, row_scale=q.row_scale, row_zero=q.row_zero,
-                             row_map=q.row_map, out_rows=out_rows, colsum=colsum, out=out, target=target)
-
-
-def _zeroed_unless_full(out: torch.Tensor, kept: int) -> torch.Tensor:
-    """``out`` zeroed when fewer than all of its rows (dim 0) will be written. Zeroing the
-    whole tensor (a memset) is several times faster than ``index_fill_`` of the pruned rows
-    alone, though it writes the kept rows twice."""
-    return out if kept == out.shape[0] else out.zero_()
+                             row_map=q.row_map, out_rows=out_rows, colsum=colsum, target=target)
 
 
 def _weight_gemm(layer_name, q, segments: list[PackedBits], w_ste_bits, w_shape, target):

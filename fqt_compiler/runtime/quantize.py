@@ -20,6 +20,7 @@ in on the fly: ``G' = alpha ⊙ g``.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -259,13 +260,14 @@ def sample_groups(g: torch.Tensor, method: str, path: str, bits: int, *, rows_pe
 
 @dataclass
 class _Groups:
-    """What the ``aq_groups`` kernel gives per group of one path (numpy)."""
+    """What the ``aq_groups`` kernel gives per group of one path (numpy views of one buffer)."""
 
     keep: np.ndarray       # bool
     prob: np.ndarray       # float32, the keep probability the dequantization divides by
     sr_scale: np.ndarray   # float32 B / R (0 for R = 0), stochastic rounding's scale
     scale: np.ndarray      # float32 R / (B p)
     zero: np.ndarray       # float32 z / p
+    sr_scale_ptr: int      # address of sr_scale, for the packing kernels
 
 
 def _groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int, step: int, layer: int,
@@ -293,28 +295,48 @@ def _groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int
     return lo, hi, _per_group(tname, lo, hi, bits, keep=keep.numpy(), prob=prob.numpy())
 
 
+_scratch = threading.local()
+
+
+def _work(words: int) -> tuple[np.ndarray, int]:
+    """This thread's int64 scratch of the ``aq_groups`` kernel (at least ``words``), as numpy
+    and its address: kept across calls and grown only, as nothing of it outlives a call. A
+    tensor: its ``data_ptr`` is no operator call, and the cross-target capture
+    (``cross.verify``) finds the buffer through it."""
+    work = getattr(_scratch, "work", None)
+    if work is None or work.numel() < words:
+        work = _scratch.work = torch.empty(max(words, 2 * work.numel() if work is not None else 0), dtype=torch.int64)
+        _scratch.array = work.numpy()
+    return _scratch.array, work.data_ptr()
+
+
 def _per_group(tname: str, lo, hi, bits: int, *, scores=None, key: int = 0, keep=None, prob=None) -> _Groups | None:
     """The ``aq_groups`` kernel on float32 ``lo`` and ``hi``: deciding (float64 ``scores``,
     None for AQ's range scores; None returned when a group is special) when ``keep`` and
     ``prob`` are not given."""
     n = lo.numel()
     decide = keep is None
-    floats = np.empty((4, n), np.float32)            # prob, sr_scale, scale, zero
-    if decide:
-        keep = np.empty(n, np.bool_)
-    else:
-        floats[0] = prob
-        keep = np.ascontiguousarray(keep, np.bool_)
-    work = np.empty(4 * n + 2, np.int64)             # the kernel's scratch, then its status
-    at, row, scratch = _ptr(floats), 4 * n, _ptr(work)
+    # The outputs in one buffer behind one pointer: float32 prob, sr_scale, scale and zero,
+    # then the keep bytes.
+    raw = np.empty(17 * n, np.uint8)
+    floats, keep_out = raw[:16 * n].view(np.float32).reshape(4, n), raw[16 * n:].view(np.bool_)
+    if not decide:
+        floats[0], keep_out[:] = prob, keep
+    at, row = _ptr(raw), 4 * n
+    work, scratch = _work(4 * n + 2)     # the kernel's scratch, then its status
     if scores is not None:
         scores = np.ascontiguousarray(scores.numpy(), np.float64)
     _fn("aq_groups", tname)(lo.data_ptr(), hi.data_ptr(), _ptr(scores) if scores is not None else None, n, bits, key,
-                            int(decide), scratch, at, _ptr(keep), at + row, at + 2 * row, at + 3 * row,
+                            int(decide), scratch, at, at + 16 * n, at + row, at + 2 * row, at + 3 * row,
                             scratch + 8 * (4 * n + 1))
     if work[4 * n + 1]:
         return None
-    return _Groups(keep, *floats)
+    return _Groups(keep_out, *floats, sr_scale_ptr=at + row)
+
+
+def _group_table(name: str, doc: str) -> property:
+    """A ``BitplaneGradient`` property: its ``per_group`` table ``name`` as a tensor."""
+    return property(lambda self: torch.from_numpy(getattr(self.per_group, name)), doc=doc)
 
 
 @dataclass
@@ -324,8 +346,8 @@ class BitplaneGradient:
     ``planes[t, m]`` holds bit ``t`` of the codes of kept row ``m``, packed along the path's
     contraction axis (``k`` bits: the O channels on the input path, the R rows on the weight
     path). Row ``m`` is output row ``row_map[m]`` (a G' row on the input path, a channel on
-    the weight path) of a ``[out_rows, ...]`` result, dequantized with ``row_scale[m]`` and
-    ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
+    the weight path; ascending in ``m``) of a ``[out_rows, ...]`` result, dequantized with
+    ``row_scale[m]`` and ``row_zero[m]`` (``R/(B p)`` and ``z/p`` of the row's group).
 
     Per-sample groups on the weight path (``psq``) vary along its contraction, so there the
     rows are segments: row ``m = s*O + o`` is channel ``o`` over the ``k`` = H'W' rows of
@@ -338,15 +360,19 @@ class BitplaneGradient:
     row_zero: torch.Tensor   # float32 [rows]
     out_rows: int
     kind: str                       # grouping: "tensor" | "sample" | "channel"
-    keep: torch.Tensor              # bool [groups]
-    prob: torch.Tensor              # float32 [groups]
-    scale: torch.Tensor             # float32 [groups]
-    zero: torch.Tensor              # float32 [groups]
+    per_group: _Groups              # per group tables, as tensors below
     segments: int = 1
 
     @property
     def bits(self) -> int:
         return self.planes.shape[0]
+
+    # The per-group tables as tensors when asked for: the backward ops read only the per-row
+    # ones, and a tensor made of a numpy array costs more per call than the arithmetic.
+    keep = _group_table("keep", "bool [groups]")
+    prob = _group_table("prob", "float32 [groups]")
+    scale = _group_table("scale", "float32 [groups]")
+    zero = _group_table("zero", "float32 [groups]")
 
 
 def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
@@ -365,8 +391,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
                                 shared=shared, stats=stats)
     # The small per-row tables in numpy: a few operations on vectors of at most a few
     # thousand elements, where torch's per-operation dispatch costs more.
-    keep_np, sr_scale, scale, zero = per_group.keep, per_group.sr_scale, per_group.scale, per_group.zero
-    keep, prob = torch.from_numpy(keep_np), torch.from_numpy(per_group.prob)
+    keep_np, sr_scale = per_group.keep, per_group.sr_scale_ptr
     n, channels, rps = v.n, v.channels, v.rps
     src = v.g
     if path == reference.PATH_INPUT:
@@ -384,15 +409,16 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
             kept_groups = kept if kind == "sample" else np.zeros(kept.size, np.int64)
             parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
-                          lo.data_ptr(), _ptr(sr_scale), _ptr(kept), _ptr(kept_groups),
+                          lo.data_ptr(), sr_scale, _ptr(kept), _ptr(kept_groups),
                           channels, rps, planes.data_ptr(), rows.size, planes.shape[2], min_rows=2)
-            return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
+            return _result(planes, k, rows, groups, out_rows, kind, per_group)
         if src.stride(1) != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
             src = _row_major_copy(v, shared)
         sn, so, si = src.stride()
-        tables = (samples * sn + (rows - samples * rps) * si, rows * channels, groups, np.zeros_like(rows))
+        offsets = samples * sn if rps == 1 else samples * sn + (rows - samples * rps) * si
+        tables = (offsets, rows * channels, groups, np.zeros_like(rows))
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     elif kind == "sample":
         # One segment per (sample, channel): channel o over the sample's rps rows, counters
@@ -404,7 +430,7 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         layout = (1, rps, 0, si, 0, channels, 0, 0)
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
         planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
-        return _result(planes, rps, rows, groups, channels, kind, keep, prob, scale, zero, segments=n)
+        return _result(planes, rps, rows, groups, channels, kind, per_group, segments=n)
     else:
         # Channel o is group o ("channel") or all channels are group 0 ("tensor").
         rows = keep_np.nonzero()[0] if kind == "channel" else np.arange(channels if keep_np[0] else 0)
@@ -421,26 +447,26 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
             # the rows, 64x64 tiles bit-transposed, rather than gathered one cache line per
             # element.
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
+            rows_t = torch.from_numpy(rows)
             if kind == "channel" and rows.size == channels:   # all kept: the tables as they are
                 tables = None
-                ptrs = (v.alpha_ptr(), lo.data_ptr(), _ptr(sr_scale))
+                alpha_rows, row_lo, row_scale = v.alpha_ptr(), lo.data_ptr(), sr_scale
             else:
                 # Named, so that these tables live until the kernel has read them.
                 tables = (v.alpha.numpy()[rows] if v.alpha is not None else None, lo.numpy()[groups],
-                          sr_scale[groups])
-                ptrs = tuple(_ptr(t) if t is not None else None for t in tables)
-            alpha_rows, row_lo, row_scale = ptrs
+                          per_group.sr_scale[groups])
+                alpha_rows, row_lo, row_scale = (_ptr(t) if t is not None else None for t in tables)
             parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si, alpha_rows, key, row_lo,
-                          row_scale, _ptr(rows), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
+                          row_scale, rows_t.data_ptr(), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
             del tables
-            return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
+            return _result(planes, k, rows_t, groups, out_rows, kind, per_group)
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
         else:
             layout = (n, rps, sn, si, rps * channels, channels, 0, 0)
         tables = (rows * so, rows, groups, rows)
     planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
-    return _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero)
+    return _result(planes, k, rows, groups, out_rows, kind, per_group)
 
 
 def _row_major_copy(v: _View, shared: SharedStatistics | None) -> torch.Tensor:
@@ -455,20 +481,20 @@ def _ptr(a: np.ndarray) -> int:
     return torch.from_numpy(a).data_ptr()   # cheaper than numpy's ctypes attribute
 
 
-def _pack(tname, bits, src, v: _View, key, lo, sr_scale, tables, layout, k) -> torch.Tensor:
-    """``fqt_quantize_pack`` over the rows its ``tables`` (int64 numpy) describe: planes
-    ``[bits, rows, ld]``."""
+def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables, layout, k) -> torch.Tensor:
+    """``fqt_quantize_pack`` over the rows its ``tables`` describe (contiguous int64 numpy, as
+    the integer arithmetic above makes them), with the groups' rounding scales at address
+    ``sr_scale``: planes ``[bits, rows, ld]``."""
     m = tables[0].size
     planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
-        tables = [np.ascontiguousarray(t, np.int64) for t in tables]
         parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
-                      _ptr(sr_scale), *[_ptr(t) for t in tables], *layout, planes.data_ptr(), m,
-                      planes.shape[2], min_rows=4)
+                      sr_scale, *[_ptr(t) for t in tables], *layout, planes.data_ptr(), m, planes.shape[2], min_rows=4)
     return planes
 
 
-def _result(planes, k, rows, groups, out_rows, kind, keep, prob, scale, zero, segments=1) -> BitplaneGradient:
+def _result(planes, k, rows, groups, out_rows, kind, per_group: _Groups, segments=1) -> BitplaneGradient:
+    """``rows``: the row map, as numpy or already a tensor."""
     t = torch.from_numpy
-    return BitplaneGradient(planes, k, t(rows), t(scale[groups]), t(zero[groups]), out_rows, kind, keep, prob,
-                            t(scale), t(zero), segments)
+    return BitplaneGradient(planes, k, t(rows) if isinstance(rows, np.ndarray) else rows, t(per_group.scale[groups]),
+                            t(per_group.zero[groups]), out_rows, kind, per_group, segments)
