@@ -123,8 +123,9 @@ def run_breakdown(args):
         by_kind = stats.stats().by_kind()
         print(f"\n-- {name}: one FQT step, 1 thread, train-BN: {total * 1e3:.1f} ms")
         print_phases(by_kind, total)
-        (fp32, fp32_act), (q, q_act) = (saved_bytes(steps[k], list(model.parameters())) for k in ("fp32", "fqt"))
+        # this step's stats only: saved_bytes below runs more steps
         binarized_in = sum(e.saved_bytes for (layer, kind), e in stats.stats().items() if kind == "forward")
+        (fp32, fp32_act), (q, q_act) = (saved_bytes(steps[k], list(model.parameters())) for k in ("fp32", "fqt"))
         print(f"   saved for backward: fp32 {fp32 / 2**20:.1f} MiB, fqt {q / 2**20:.1f} MiB "
               f"({fp32 / q:.2f}x less); without parameters: fp32 {fp32_act / 2**20:.1f} MiB, fqt "
               f"{q_act / 2**20:.1f} MiB ({fp32_act / q_act:.2f}x less); packed inputs of binarized layers "

@@ -296,6 +296,15 @@ def test_alpha_is_folded_into_the_kernels_unless_learned(alpha):
                    and n.split(".fqt_alpha")[0] in {l.name for l in cg.plan if l.binarize})
 
 
+def _after_first_step(model_fn, backend, x, y):
+    """``(model, compiled)`` for ``backend`` (seed 3) after one step, which compiles both graphs."""
+    torch.manual_seed(0)
+    model = model_fn()
+    compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
+    nn.functional.cross_entropy(compiled(x), y).backward()
+    return model, compiled
+
+
 @pytest.mark.parametrize("model_fn", [lambda: vgg_small(in_channels=1, width=0.5),
                                       lambda: nn.Sequential(nn.Flatten(), nn.Linear(256, 96), nn.ReLU(),
                                                             nn.Linear(96, 80), nn.ReLU(), nn.Linear(80, 70),
@@ -314,10 +323,7 @@ def test_sign_weight_is_packed_once_per_step_and_follows_in_place_edits(edit, mo
     x, y = torch.randn(3, 1, 16, 16, generator=gen), torch.randint(0, 10, (3,), generator=gen)
     results = {}
     for backend in ("kernels", "reference"):
-        torch.manual_seed(0)
-        model = model_fn()
-        compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
-        nn.functional.cross_entropy(compiled(x), y).backward()
+        model, compiled = _after_first_step(model_fn, backend, x, y)
         weights = [model.get_submodule(l.name).weight for l in compiled.fqt_graphs[-1].plan if l.binarize]
         for w in weights:
             if edit == "data":
@@ -411,10 +417,7 @@ def test_layers_reading_one_activation_pack_it_once():
     x, y = torch.randn(9, 40, generator=gen), torch.randint(0, 5, (9,), generator=gen)
     results = {}
     for backend in ("kernels", "reference"):
-        torch.manual_seed(0)
-        model = _SharedInput()
-        compiled = fqt.compile(model, fqt.Config(backend=backend, seed=3))
-        nn.functional.cross_entropy(compiled(x), y).backward()
+        model, compiled = _after_first_step(_SharedInput, backend, x, y)
         model.zero_grad(set_to_none=True)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
