@@ -332,7 +332,9 @@ def _poly(b: ir.IRBuilder, x, coefficients):
 def exp(b: ir.IRBuilder, x):
     """``e^x`` (Cephes ``expf``: ``x = n ln2 + r`` with ln2 split in two, a degree-7
     polynomial in ``r``, ``2^n`` built in the exponent bits; relative error about 2e-7).
-    Below -87 it returns 0 (the true value is below 1.6e-38); ``x`` is clamped to 88.7."""
+    Below -87 it returns 0 (the true value is below 1.6e-38); from about 88.38 up it returns
+    +inf (``n`` reaches 128, whose ``2^n`` is the infinity encoding; ``expf`` overflows from
+    88.72), so callers such as SiLU's ``x / (1 + e^-x)`` get ``-0`` for very negative inputs."""
     ty = x.type
     ity = vec(ty.count, I32) if isinstance(ty, ir.VectorType) else I32
     underflow = b.fcmp_ordered("<", x, fconst(ty, -87.0))
