@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import subprocess
 import sys
 import time
 
 PORT_LIMIT = 341  # binary MACs / cycle / core (see module docstring)
-AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def conv_gemms(model: str, batch: int = 128, size: int = 32) -> list[tuple[str, int, int, int]]:
@@ -176,7 +174,7 @@ def conv_training_section(args, gen, ghz: float) -> None:
 
 def main_bench(args) -> None:
     import torch
-    from common import banner, median_time
+    from common import banner, median_time, run_avx2_child
     from fqt_compiler.runtime import binary_gemm, bitplane_gemm
 
     banner("bench_gemm: popcount GEMMs vs torch.mm")
@@ -240,11 +238,8 @@ def main_bench(args) -> None:
     for text, ok, goal in checks:
         print(f"  {'PASS' if ok else 'MISS'}  {text} (goal {goal})")
 
-    print("\n-- hygon (AVX2) kernels vs float32 torch.mm limited to AVX2 (subprocess with "
-          + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ")")
-    sys.stdout.flush()
-    cmd = [sys.executable, __file__, "--avx2-child", "--threads", str(all_threads)] + (["--quick"] if args.quick else [])
-    subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, check=True)
+    run_avx2_child(__file__, ["--threads", str(all_threads)] + (["--quick"] if args.quick else []),
+                   baseline="float32 torch.mm")
 
 
 def avx2_child(args) -> None:

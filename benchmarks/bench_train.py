@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from contextlib import nullcontext
 
@@ -41,11 +40,11 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
-from benchmarks.common import banner, contender_row, interleaved_medians, median_time, paired_ratios  # noqa: E402
+from benchmarks.common import (banner, contender_row, interleaved_medians, median_time,  # noqa: E402
+                               paired_ratios, run_avx2_child)
 from fqt_compiler import zoo  # noqa: E402
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
-AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 PHASES = ("pack", "quantize", "forward", "input_grad", "weight_grad", "dequantize", "ste_mask",
           "region_forward", "region_backward", "float_conv", "glue")
 MODELS = {"vgg16": zoo.vgg16_cifar, "resnet18": zoo.resnet18}
@@ -170,7 +169,7 @@ def binarized_layer_compression(name, batch):
 
 
 def avx2_child(args):
-    """Runs in a subprocess with AVX2_ENV: fp32 PyTorch capped at AVX2 vs fqt's hygon kernels."""
+    """Runs in a subprocess with ``common.AVX2_ENV``: fp32 PyTorch capped at AVX2 vs fqt's hygon kernels."""
     torch.set_num_threads(1)
     for name in args.models:
         _, steps = contenders(name, args.batch, True, target="hygon")
@@ -211,14 +210,9 @@ def main():
         run_speed(args, threads)
     if "breakdown" in sections:
         run_breakdown(args)
-    if "avx2" not in sections:
-        return
-    print("\n-- hygon (AVX2) kernels vs float32 PyTorch limited to AVX2 "
-          f"({' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())})")
-    cmd = [sys.executable, os.path.abspath(__file__), "--avx2-child", "--models", ",".join(args.models),
-           "--batch", str(args.batch), "--repeats", str(args.repeats)]
-    subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, check=True)
-
+    if "avx2" in sections:
+        run_avx2_child(__file__, ["--models", ",".join(args.models), "--batch", str(args.batch),
+                                  "--repeats", str(args.repeats)])
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,12 @@ ops + rest" is softmax and attention's products, residual adds, the float first/
 autograd and glue; the fused LayerNorm, linear -> GELU and dropout kernels are the
 ``region_*`` phases).
 
+With ``--sections ...,avx2``, a subprocess whose float32 PyTorch is limited to AVX2 (oneDNN,
+MKL and ATen capped before torch is imported) times it against the ``hygon`` (AVX2) kernels
+at 1 thread: what a CPU without AVX-512 (a Hygon or Zen 1-3 host) would show, on this one.
+
     python benchmarks/bench_transformers.py [--models bert,vit] [--repeats 3] [--threads 1,2]
+        [--contenders fp32,bf16,compiled,fqt] [--sections speed,breakdown,avx2]
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
 from benchmarks.bench_train import print_phases  # noqa: E402
-from benchmarks.common import banner, contender_row, interleaved_medians, median_time, paired_ratios  # noqa: E402
+from benchmarks.common import (banner, contender_row, interleaved_medians, median_time,  # noqa: E402
+                               paired_ratios, run_avx2_child)
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
 
 
@@ -76,12 +82,12 @@ def step_fn(model, runner, x, y, autocast=False):
     return step
 
 
-def contenders(name, batch):
+def contenders(name, batch, target="host"):
     torch.manual_seed(0)
     model, x, y = MODELS[name](batch)
     model.train()
     inductor, quantized = copy.deepcopy(model), copy.deepcopy(model)
-    compiled = fqt.compile(quantized, fqt.Config(method="aq_scq", bits=4, seed=0))
+    compiled = fqt.compile(quantized, fqt.Config(method="aq_scq", bits=4, seed=0, target=target))
     return {
         "fp32": step_fn(model, model, x, y),
         "bf16": step_fn(model, model, x, y, autocast=True),
@@ -96,12 +102,17 @@ CONTENDERS = ("fp32", "bf16", "compiled", "fqt")
 def run(args):
     for name in args.models:
         steps, compiled = contenders(name, args.batch)
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            t, rounds = interleaved_medians({k: steps[k] for k in args.contenders}, repeats=args.repeats, warmup=1)
-            print(f"{name:<5} {threads} thr  {contender_row(t)}", flush=True)
-            print(f"{'':<5}        {paired_ratios(rounds, 'fp32')}", flush=True)
+        if "speed" in args.sections:
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                t, rounds = interleaved_medians({k: steps[k] for k in args.contenders}, repeats=args.repeats,
+                                                warmup=1)
+                print(f"{name:<5} {threads} thr  {contender_row(t)}", flush=True)
+                print(f"{'':<5}        {paired_ratios(rounds, 'fp32')}", flush=True)
+        if "breakdown" not in args.sections:
+            continue
         torch.set_num_threads(1)
+        steps["fqt"]()                    # kernels for this thread count are compiled outside the timed step
         stats.reset_stats()
         total = median_time(steps["fqt"], repeats=1, warmup=0)
         plan = {layer.name: layer for cg in compiled.fqt_graphs for layer in cg.plan if layer.shapes}
@@ -109,6 +120,18 @@ def run(args):
               f"{sum(layer.binarize for layer in plan.values())}/{len(plan)} layers binarized")
         print_phases(stats.stats().by_kind(), total)
         print()
+
+
+def avx2_child(args):
+    """Runs in a subprocess with ``common.AVX2_ENV``: fp32 PyTorch capped at AVX2 vs fqt's hygon kernels."""
+    torch.set_num_threads(1)
+    for name in args.models:
+        steps, _ = contenders(name, args.batch, target="hygon")
+        times, rounds = interleaved_medians({k: steps[k] for k in ("fp32", "fqt")}, repeats=args.repeats, warmup=1)
+        t32, tq = times["fp32"], times["fqt"]
+        print(f"{name:<5} 1 thr  fp32(AVX2) {t32 * 1e3:8.1f} ms  fqt(hygon kernels) {tq * 1e3:8.1f} ms"
+              f"   {t32 / tq:5.2f}x", flush=True)
+        print(f"{'':<5}        {paired_ratios(rounds, 'fp32')}", flush=True)
 
 
 def main():
@@ -120,15 +143,25 @@ def main():
     p.add_argument("--contenders", default=",".join(CONTENDERS),
                    help="which of fp32,bf16,compiled,fqt to time (bf16 is slow on CPUs without bfloat16 "
                         "arithmetic; torch.compile compiles for minutes)")
+    p.add_argument("--sections", default="speed,breakdown",
+                   help="which parts to run: speed,breakdown,avx2 (avx2: the hygon kernels vs float32 PyTorch "
+                        "limited to AVX2, in a subprocess, 1 thread)")
+    p.add_argument("--avx2-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.sections = args.sections.split(",")
     args.contenders = [c for c in CONTENDERS if c in args.contenders.split(",")]
     if "fqt" not in args.contenders:
         p.error("--contenders must include fqt: the breakdown and the ratios are FQT's")
     args.models = args.models.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
+    if args.avx2_child:
+        return avx2_child(args)
     banner(f"transformer training step (forward + backward + SGD), batch {args.batch}, "
            f"median of {args.repeats}")
     run(args)
+    if "avx2" in args.sections:
+        run_avx2_child(__file__, ["--models", ",".join(args.models), "--batch", str(args.batch),
+                                  "--repeats", str(args.repeats)])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -77,3 +79,17 @@ def contender_row(times: dict) -> str:
     ratios = "".join(f"   fqt vs {k} {t / times['fqt']:5.2f}x" for k, t in times.items()
                      if k != "fqt" and "fqt" in times)
     return row + ratios
+
+
+# What caps float32 PyTorch at AVX2 (set before torch is imported, so in a child process).
+AVX2_ENV = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def run_avx2_child(script: str, args: list[str], baseline: str = "float32 PyTorch") -> None:
+    """Run ``script --avx2-child *args`` in a subprocess whose float32 PyTorch is limited to
+    AVX2 (``AVX2_ENV``): the child times the ``hygon`` (AVX2) kernels against it, what this
+    host would show if it had no AVX-512."""
+    print(f"\n-- hygon (AVX2) kernels vs {baseline} limited to AVX2 "
+          f"({' '.join(f'{k}={v}' for k, v in AVX2_ENV.items())})", flush=True)
+    subprocess.run([sys.executable, os.path.abspath(script), "--avx2-child", *args],
+                   env={**os.environ, **AVX2_ENV}, check=True)
