@@ -21,7 +21,8 @@ FQT-vs-fp32 ratios are printed under each row):
 Then the per-phase breakdown of one FQT step at 1 thread (``fqt.runtime.stats()``; "float
 ops + rest" is softmax and attention's products, residual adds, the float first/last layers,
 autograd and glue; the fused LayerNorm, linear -> GELU and dropout kernels are the
-``region_*`` phases).
+``region_*`` phases), and the bytes autograd saves for backward in one step of fp32 and of
+fqt (every saved tensor, each storage once; once in all and once without the parameters).
 
 With ``--sections ...,avx2``, a subprocess whose float32 PyTorch is limited to AVX2 (oneDNN,
 MKL and ATen capped before torch is imported) times it against the ``hygon`` (AVX2) kernels
@@ -44,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fqt_compiler as fqt  # noqa: E402
-from benchmarks.bench_train import print_phases  # noqa: E402
+from benchmarks.bench_train import print_phases, saved_bytes  # noqa: E402
 from benchmarks.common import (banner, contender_row, interleaved_medians, median_time,  # noqa: E402
                                paired_ratios, run_avx2_child)
 from fqt_compiler.runtime import kernel_stats as stats  # noqa: E402
@@ -93,7 +94,7 @@ def contenders(name, batch, target="host"):
         "bf16": step_fn(model, model, x, y, autocast=True),
         "compiled": step_fn(inductor, torch.compile(inductor), x, y),   # Inductor compiles on first call
         "fqt": step_fn(quantized, compiled, x, y),
-    }, compiled
+    }, compiled, {"fp32": model, "fqt": quantized}
 
 
 CONTENDERS = ("fp32", "bf16", "compiled", "fqt")
@@ -101,7 +102,7 @@ CONTENDERS = ("fp32", "bf16", "compiled", "fqt")
 
 def run(args):
     for name in args.models:
-        steps, compiled = contenders(name, args.batch)
+        steps, compiled, models = contenders(name, args.batch)
         if "speed" in args.sections:
             for threads in args.threads:
                 torch.set_num_threads(threads)
@@ -119,6 +120,10 @@ def run(args):
         print(f"\n-- {name}: one FQT step, 1 thread: {total * 1e3:.1f} ms; "
               f"{sum(layer.binarize for layer in plan.values())}/{len(plan)} layers binarized")
         print_phases(stats.stats().by_kind(), total)
+        (fp32, fp32_act), (q, q_act) = (saved_bytes(steps[k], list(models[k].parameters())) for k in ("fp32", "fqt"))
+        print(f"   saved for backward: fp32 {fp32 / 2**20:.1f} MiB, fqt {q / 2**20:.1f} MiB ({fp32 / q:.2f}x less); "
+              f"without parameters: fp32 {fp32_act / 2**20:.1f} MiB, fqt {q_act / 2**20:.1f} MiB "
+              f"({fp32_act / q_act:.2f}x less)")
         print()
 
 
@@ -126,7 +131,7 @@ def avx2_child(args):
     """Runs in a subprocess with ``common.AVX2_ENV``: fp32 PyTorch capped at AVX2 vs fqt's hygon kernels."""
     torch.set_num_threads(1)
     for name in args.models:
-        steps, _ = contenders(name, args.batch, target="hygon")
+        steps, _, _ = contenders(name, args.batch, target="hygon")
         times, rounds = interleaved_medians({k: steps[k] for k in ("fp32", "fqt")}, repeats=args.repeats, warmup=1)
         t32, tq = times["fp32"], times["fqt"]
         print(f"{name:<5} 1 thr  fp32(AVX2) {t32 * 1e3:8.1f} ms  fqt(hygon kernels) {tq * 1e3:8.1f} ms"
