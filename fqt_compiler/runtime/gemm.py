@@ -219,10 +219,14 @@ def _slices(m: int, n: int, tile, threads: int) -> list[tuple[int, int, int, int
 
 
 def _popcount_plan(k: int, target) -> tuple[object, int]:
-    """``(row popcount kernel, words it reads per row)`` for rows of ``k`` bits, cached."""
+    """``(row popcount kernel, words it reads per row)`` for rows of ``k`` bits, cached. The
+    kernel is the target's widest one for every ``k`` (rows are padded to whole 512-bit vectors,
+    so the words it reads past ``k`` exist and are zero): a row popcount is a small pass next to
+    the GEMM it serves, and a width chosen per ``k`` would make a new batch size, which changes a
+    weight gradient's K, request a new kernel."""
     def make():
         t = get_target(target)
-        vector_words = _vector_words(k, t)
+        vector_words = codegen.vector_word_choices(t)[-1]
         return _kernel("rowpop", t, vector_words=vector_words), _contract_words(k, vector_words)
     return _cached(("rowpop", k, target), make)
 
