@@ -209,7 +209,10 @@ class Region:
     as ``runtime.pack.pack_signs_and_ste(out.flatten(1))`` lays them out (one row of ``ld``
     words per sample, bit ``(c*OH + oh)*OW + ow``): the operands a binarized conv reading
     the output takes, so it needs no pass of its own over the float output. Threads must own
-    whole groups of ``signs_channel_unit(OH*OW)`` channels (the bytes they write).
+    whole groups of ``signs_channel_unit(OH*OW)`` channels (the bytes they write). A row
+    region writes row ``c`` of ``signs``/``ste`` (``ld`` words each, bit ``w`` of the row),
+    the layout of ``pack_signs_and_ste`` of its ``[rows, D]`` output: a binarized linear
+    layer's operands.
     ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
     always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
     rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
@@ -237,9 +240,9 @@ class Region:
         if self.axis not in ("channel", "row"):
             raise ValueError(f"Region axis {self.axis!r}: expected 'channel' or 'row'")
         if self.axis == "row" and (self.pool is not None or self.pool_mode != "max" or not self.batch_stats
-                                   or self.raw_bits or self.residual or self.pack_signs):
+                                   or self.raw_bits or self.residual):
             raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
-                             "no residual, no pool and no packed sign bits")
+                             "no residual and no pool")
         if not self.centered and self.axis != "row":
             raise ValueError("an uncentered region (RMSNorm) normalizes rows: axis 'row'")
 
@@ -284,21 +287,29 @@ def _sign_flags(k: Kernel, value, lanes):
 
 def _pack_plane(k: Kernel, n, c) -> None:
     """The sign and STE bits of output plane ``(n, c)`` (just written, so read from cache) to
-    row ``n`` of ``signs``/``ste`` from bit ``c*OH*OW`` on. When every plane starts on a word
-    (``OH*OW`` a multiple of 64) or a byte (of 8), every 64, 32, 16 or 8 outputs (the widest
-    that divides ``OH*OW``) make whole bytes of this plane's alone: stored. Otherwise each run of up to 8 bits is OR-ed into the
-    byte or two it covers (bytes of this channel's group, so of this thread; the buffers
-    start zeroed)."""
+    row ``n`` of ``signs``/``ste`` from bit ``c*OH*OW`` on (``_pack_run``)."""
     a, b = k.arg, k.b
     ohw = b.mul(a["OH"], a["OW"])
-    out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
-    first = b.mul(c, ohw)                                          # bit of output 0 in row n
-    row_byte = b.shl(b.mul(n, a["ld"]), ir.Constant(I64, 3))
+    _pack_run(k, b.mul(b.add(b.mul(n, a["C"]), c), ohw), ohw, n, b.mul(c, ohw))
+
+
+def _pack_run(k: Kernel, start, count, row, first) -> None:
+    """The sign and STE bits of the ``count`` outputs ``out[start:start + count]`` (just
+    written, so read from cache) to row ``row`` of ``signs``/``ste`` (``ld`` words a row)
+    from bit ``first`` on. When every run starts on a word (``first`` and ``count`` multiples
+    of 64) or a byte (of 8), every 64, 32, 16 or 8 outputs (the widest that divides
+    ``count``) make whole bytes of this run's alone: stored. Otherwise each run of up to 8
+    bits is OR-ed into the byte or two it covers (bytes of this run's own, so of this
+    thread's; the buffers start zeroed). A BatchNorm region's run is one plane (``first =
+    c*OH*OW``, ``count`` a multiple of 8 or a whole group of ``signs_channel_unit``
+    planes per thread), a row region's one row (``first = 0``)."""
+    a, b = k.arg, k.b
+    row_byte = b.shl(b.mul(row, a["ld"]), ir.Constant(I64, 3))
 
     def aligned(lanes):
         ty, step = ir.IntType(lanes), b.udiv(first, ir.Constant(I64, lanes))
-        with k.loop(0, b.udiv(ohw, ir.Constant(I64, lanes))) as j:
-            value = _load(k, a["out"], b.add(out_plane, b.mul(j, ir.Constant(I64, lanes))), lanes)
+        with k.loop(0, b.udiv(count, ir.Constant(I64, lanes))) as j:
+            value = _load(k, a["out"], b.add(start, b.mul(j, ir.Constant(I64, lanes))), lanes)
             slot = b.add(b.udiv(row_byte, ir.Constant(I64, lanes // 8)), b.add(step, j))
             for name, flags in zip(("signs", "ste"), _sign_flags(k, value, lanes)):
                 b.store(flags, k.gep(a[name], slot, ty))
@@ -307,7 +318,7 @@ def _pack_plane(k: Kernel, n, c) -> None:
         bit = b.add(first, o)
         byte = b.add(row_byte, b.lshr(bit, ir.Constant(I64, 3)))
         at = b.and_(bit, ir.Constant(I64, 7))
-        flags = _sign_flags(k, _load(k, a["out"], b.add(out_plane, o), lanes), lanes)
+        flags = _sign_flags(k, _load(k, a["out"], b.add(start, o), lanes), lanes)
 
         def or_into(width):
             ty = ir.IntType(width)
@@ -325,12 +336,12 @@ def _pack_plane(k: Kernel, n, c) -> None:
                 or_into(16)
 
     # the widest whole run a plane of OH*OW outputs is made of (a 4x4 plane: one i16 a plane)
-    choices = [(lanes, b.icmp_unsigned("==", b.and_(ohw, ir.Constant(I64, lanes - 1)), ir.Constant(I64, 0)))
+    choices = [(lanes, b.icmp_unsigned("==", b.and_(count, ir.Constant(I64, lanes - 1)), ir.Constant(I64, 0)))
                for lanes in (64, 32, 16, 8)]
 
     def pick(choices):
         if not choices:
-            _strided(k, ohw, unaligned)
+            _strided(k, count, unaligned)
             return
         (lanes, fits), *rest = choices
         with b.if_else(fits) as (yes, no):
@@ -560,7 +571,9 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                     _pool_forward(region, k, nc, ohw, value)
                 else:
                     _avg_pool_forward(region, k, b.mul(nc, ohw), value)
-            if region.pack_signs:
+            if region.pack_signs and region.axis == "row":   # row c of the bits, as a linear layer packs it
+                _pack_run(k, plane, hw, c, ir.Constant(I64, 0))
+            elif region.pack_signs:
                 _pack_plane(k, n, c)
     return k.finish()
 
@@ -944,12 +957,17 @@ class LinearRegion:
     """``activation`` after ``alpha ⊙ Y_raw`` (``+ bias`` when ``bias``); ``raw_bits``: 16 or
     32, the integer type the forward stores ``Y_raw`` in (``ops.fused_regions.raw_dtype``);
     ``gated``: times ``alpha_up ⊙ Y_up`` (``+ bias_up`` when ``bias``), a second layer's
-    output, whose raw result is kept in the same type."""
+    output, whose raw result is kept in the same type; ``pack_signs``: the forward also
+    writes the sign bits ``out > 0`` and STE bits ``|out| < 1`` of each output row it
+    wrote to row ``r`` of ``signs``/``ste`` (zeroed buffers of ``ld`` words a row: the
+    layout of ``pack_signs_and_ste`` of the ``[rows, D]`` output), the operands of the
+    binarized linear layers reading the output (a thread owns whole rows, so whole words)."""
 
     activation: Activation
     raw_bits: int = 16
     bias: bool = True
     gated: bool = False
+    pack_signs: bool = False
 
     def __post_init__(self):
         if self.raw_bits not in (16, 32):
@@ -962,7 +980,8 @@ class LinearRegion:
 LINEAR_FORWARD_SYMBOL = "fqt_linear_region_forward"
 LINEAR_FORWARD_PARAMS = (("y", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("out", "ptr"), ("raw", "ptr"),
                          ("y_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"), ("raw_up", "ptr"),
-                         ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
+                         ("signs", "ptr"), ("ste", "ptr"), ("ld", "i64"), ("D", "i64"), ("r0", "i64"),
+                         ("r1", "i64"))
 LINEAR_BACKWARD_SYMBOL = "fqt_linear_region_backward"
 LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("g", "ptr"),
                           ("dbias", "ptr"), ("raw_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"),
@@ -1006,7 +1025,8 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
     """``fqt_linear_region_forward``: rows ``r0..r1`` of the row-major ``[rows, D]`` float32
     ``y`` (``Y_raw``) -> ``out = act(alpha ⊙ y (+ bias))`` and ``raw = int(y)`` (exact:
     ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats. Gated:
-    ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``."""
+    ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``. With
+    ``pack_signs``, each row's sign and STE bits right after the row (``_pack_run``)."""
     k = Kernel(new_module(get_target(target), LINEAR_FORWARD_SYMBOL), LINEAR_FORWARD_SYMBOL,
                LINEAR_FORWARD_PARAMS)
     a, b = k.arg, k.b
@@ -1019,6 +1039,8 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
             out = _act_forward(k, region.activation, v, lanes)
             _store(k, b.fmul(out, up[0]) if region.gated else out, a["out"], index)
         _strided(k, a["D"], apply, _LINEAR_LANES)
+        if region.pack_signs:
+            _pack_run(k, row, a["D"], r, ir.Constant(I64, 0))
     return k.finish()
 
 
