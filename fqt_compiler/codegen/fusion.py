@@ -20,7 +20,9 @@ double) and one apply pass that writes the region's output and, with a max pool,
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte), and with ``Region.pack_signs`` the sign and STE bits
 of each output plane right after writing it, the next binarized conv's operands
-(``_pack_plane``). ``region_backward_ir`` is the mirror image: pool
+(``_pack_plane``; a row region, and a linear region, writes each row's bits from the
+registers it stores the row from, ``_store_row_flags``: the next binarized linear layers'
+operands). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input (after a
 residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
@@ -287,29 +289,21 @@ def _sign_flags(k: Kernel, value, lanes):
 
 def _pack_plane(k: Kernel, n, c) -> None:
     """The sign and STE bits of output plane ``(n, c)`` (just written, so read from cache) to
-    row ``n`` of ``signs``/``ste`` from bit ``c*OH*OW`` on (``_pack_run``)."""
+    row ``n`` of ``signs``/``ste`` from bit ``c*OH*OW`` on. When every plane starts on a word
+    (``OH*OW`` a multiple of 64) or a byte (of 8), every 64, 32, 16 or 8 outputs (the widest
+    that divides ``OH*OW``) make whole bytes of this plane's alone: stored. Otherwise each run of up to 8 bits is OR-ed into the
+    byte or two it covers (bytes of this channel's group, so of this thread; the buffers
+    start zeroed)."""
     a, b = k.arg, k.b
     ohw = b.mul(a["OH"], a["OW"])
-    _pack_run(k, b.mul(b.add(b.mul(n, a["C"]), c), ohw), ohw, n, b.mul(c, ohw))
-
-
-def _pack_run(k: Kernel, start, count, row, first) -> None:
-    """The sign and STE bits of the ``count`` outputs ``out[start:start + count]`` (just
-    written, so read from cache) to row ``row`` of ``signs``/``ste`` (``ld`` words a row)
-    from bit ``first`` on. When every run starts on a word (``first`` and ``count`` multiples
-    of 64) or a byte (of 8), every 64, 32, 16 or 8 outputs (the widest that divides
-    ``count``) make whole bytes of this run's alone: stored. Otherwise each run of up to 8
-    bits is OR-ed into the byte or two it covers (bytes of this run's own, so of this
-    thread's; the buffers start zeroed). A BatchNorm region's run is one plane (``first =
-    c*OH*OW``, ``count`` a multiple of 8 or a whole group of ``signs_channel_unit``
-    planes per thread), a row region's one row (``first = 0``)."""
-    a, b = k.arg, k.b
-    row_byte = b.shl(b.mul(row, a["ld"]), ir.Constant(I64, 3))
+    out_plane = b.mul(b.add(b.mul(n, a["C"]), c), ohw)
+    first = b.mul(c, ohw)                                          # bit of output 0 in row n
+    row_byte = b.shl(b.mul(n, a["ld"]), ir.Constant(I64, 3))
 
     def aligned(lanes):
         ty, step = ir.IntType(lanes), b.udiv(first, ir.Constant(I64, lanes))
-        with k.loop(0, b.udiv(count, ir.Constant(I64, lanes))) as j:
-            value = _load(k, a["out"], b.add(start, b.mul(j, ir.Constant(I64, lanes))), lanes)
+        with k.loop(0, b.udiv(ohw, ir.Constant(I64, lanes))) as j:
+            value = _load(k, a["out"], b.add(out_plane, b.mul(j, ir.Constant(I64, lanes))), lanes)
             slot = b.add(b.udiv(row_byte, ir.Constant(I64, lanes // 8)), b.add(step, j))
             for name, flags in zip(("signs", "ste"), _sign_flags(k, value, lanes)):
                 b.store(flags, k.gep(a[name], slot, ty))
@@ -318,7 +312,7 @@ def _pack_run(k: Kernel, start, count, row, first) -> None:
         bit = b.add(first, o)
         byte = b.add(row_byte, b.lshr(bit, ir.Constant(I64, 3)))
         at = b.and_(bit, ir.Constant(I64, 7))
-        flags = _sign_flags(k, _load(k, a["out"], b.add(start, o), lanes), lanes)
+        flags = _sign_flags(k, _load(k, a["out"], b.add(out_plane, o), lanes), lanes)
 
         def or_into(width):
             ty = ir.IntType(width)
@@ -336,12 +330,12 @@ def _pack_run(k: Kernel, start, count, row, first) -> None:
                 or_into(16)
 
     # the widest whole run a plane of OH*OW outputs is made of (a 4x4 plane: one i16 a plane)
-    choices = [(lanes, b.icmp_unsigned("==", b.and_(count, ir.Constant(I64, lanes - 1)), ir.Constant(I64, 0)))
+    choices = [(lanes, b.icmp_unsigned("==", b.and_(ohw, ir.Constant(I64, lanes - 1)), ir.Constant(I64, 0)))
                for lanes in (64, 32, 16, 8)]
 
     def pick(choices):
         if not choices:
-            _strided(k, count, unaligned)
+            _strided(k, ohw, unaligned)
             return
         (lanes, fits), *rest = choices
         with b.if_else(fits) as (yes, no):
@@ -350,6 +344,23 @@ def _pack_run(k: Kernel, start, count, row, first) -> None:
             with no:
                 pick(rest)
     pick(choices)
+
+
+def _store_row_flags(k: Kernel, value, row, i, lanes) -> None:
+    """The sign and STE bits of the ``lanes`` outputs ``value`` at features ``i..i+lanes`` of
+    row ``row`` (``ld`` words a row of ``signs``/``ste``), from the registers the output is
+    stored from: a vector step (``i`` a multiple of ``lanes``, 8 or 16) stores whole bytes,
+    the scalar tail ORs its bit into its byte (after the vector steps' bytes; the buffers
+    start zeroed). Threads own whole rows, so whole words."""
+    a, b = k.arg, k.b
+    byte = b.add(b.shl(b.mul(row, a["ld"]), ir.Constant(I64, 3)), b.lshr(i, ir.Constant(I64, 3)))
+    for name, flags in zip(("signs", "ste"), _sign_flags(k, value, lanes)):
+        slot = k.gep(a[name], byte, I8)
+        if lanes == 1:
+            at = b.trunc(b.and_(i, ir.Constant(I64, 7)), I8)
+            b.store(b.or_(b.load(slot, typ=I8), b.shl(b.zext(flags, I8), at)), slot)
+        else:
+            b.store(flags, slot, align=1)
 
 
 def _load(k: Kernel, base, index, lanes):
@@ -563,7 +574,12 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
                 b.store(mean_v, k.gep(a["out"], b.mul(nc, ohw)))
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(i, lanes, True), a["out"], b.add(plane, i)))
+                def apply(i, lanes):
+                    v = value(i, lanes, True)
+                    _store(k, v, a["out"], b.add(plane, i))
+                    if region.pack_signs and region.axis == "row":   # row c of the bits, as a linear layer packs it
+                        _store_row_flags(k, v, c, i, lanes)
+                _strided(k, hw, apply)
             else:   # a window pool reads its inputs by window: the mask bits take a pass of their own
                 if region.mask_bits:
                     _strided(k, hw, lambda i, lanes: value(i, lanes, True))
@@ -571,9 +587,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                     _pool_forward(region, k, nc, ohw, value)
                 else:
                     _avg_pool_forward(region, k, b.mul(nc, ohw), value)
-            if region.pack_signs and region.axis == "row":   # row c of the bits, as a linear layer packs it
-                _pack_run(k, plane, hw, c, ir.Constant(I64, 0))
-            elif region.pack_signs:
+            if region.pack_signs and region.axis == "channel":
                 _pack_plane(k, n, c)
     return k.finish()
 
@@ -1026,7 +1040,8 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
     ``y`` (``Y_raw``) -> ``out = act(alpha ⊙ y (+ bias))`` and ``raw = int(y)`` (exact:
     ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats. Gated:
     ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``. With
-    ``pack_signs``, each row's sign and STE bits right after the row (``_pack_run``)."""
+    ``pack_signs``, the sign and STE bits of each output row as it is stored
+    (``_store_row_flags``)."""
     k = Kernel(new_module(get_target(target), LINEAR_FORWARD_SYMBOL), LINEAR_FORWARD_SYMBOL,
                LINEAR_FORWARD_PARAMS)
     a, b = k.arg, k.b
@@ -1037,10 +1052,11 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
             index = b.add(row, i)
             v, *up = _linear_inputs(k, region, index, i, lanes, forward=True)
             out = _act_forward(k, region.activation, v, lanes)
-            _store(k, b.fmul(out, up[0]) if region.gated else out, a["out"], index)
+            out = b.fmul(out, up[0]) if region.gated else out
+            _store(k, out, a["out"], index)
+            if region.pack_signs:
+                _store_row_flags(k, out, r, i, lanes)
         _strided(k, a["D"], apply, _LINEAR_LANES)
-        if region.pack_signs:
-            _pack_run(k, row, a["D"], r, ir.Constant(I64, 0))
     return k.finish()
 
 
