@@ -44,7 +44,12 @@ last dimension (any number of leading dimensions) with weight and bias, then an 
 ``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
 per-row vectors. The math is docs/math.md §4b. ``fqt::rms_region`` (``rms_norm_region``) is
 RMSNorm the same way, ``weight * (x * rsqrt(mean(x^2) + eps))`` then an activation, keeping
-``x`` and the per-row ``invstd``.
+``x`` and the per-row ``invstd``. Both (and the linear regions below) take ``pack_signs``
+and return two more tensors: with it, their output's sign and STE bits as a binarized
+linear layer reading it packs them (``reference.pack_activation(out, "linear")``: a row
+of words per row of the last dimension), else two empty tensors; ``fuse_regions`` asks for
+them where binarized linear layers read the output, and those take them as ``x_bits``
+(``library.binary_linear_packed``).
 
 ``fqt::linear_act_region`` (``binary_linear_region``) is a binarized linear layer (default
 alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,

@@ -50,7 +50,12 @@ and STE bits too (``pack_signs``: the kernel derives them from the values it sto
 same pass), and those calls take them (``x_bits``: ``library.binary_conv2d_packed``) instead
 of packing ``x`` themselves; the region's note and line name the layers it packs for. The
 float output stays (the conv's input gradient flows through it, and the residual adds and
-float layers that read it keep reading it). Anything else ends a region: it stays as
+float layers that read it keep reading it). Likewise (unless ``PACK_ROW_REGIONS`` is off)
+every LayerNorm, RMSNorm, linear or gated linear region whose output is the input ``x`` of
+``library.binarized_linear`` calls or of linear and gated regions' layers (``x``,
+``x_up``), directly or through an identity ``F.dropout`` (``p=0`` or not training), writes
+the output's sign and STE bits row by row and those take them as ``x_bits`` /
+``x_up_bits`` (``library.binary_linear_packed``). Anything else ends a region: it stays as
 captured, so correctness never depends on the match.
 Invariants: values are those of the unfused chain up to float32 rounding (the reference
 of each fused op is that chain); every new node has ``meta["val"]`` and the

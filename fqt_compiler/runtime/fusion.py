@@ -6,7 +6,8 @@ raw, mask, signs, ste)`` and ``region_backward(dy, x, argmax, region, ...)`` ret
 dres)`` (with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for
 backward; with ``Region.mask_bits``: ``mask`` the activation's mask bits for backward; with
 ``Region.pack_signs``: ``signs``/``ste`` the output's packed sign and STE bits, the word
-matrices of ``pack.pack_signs_and_ste(out.flatten(1))``),
+matrices of ``pack.pack_signs_and_ste(out.flatten(1))``, a row region's those of its
+``[rows, D]`` output; the linear regions' ``_linear_forward`` likewise),
 for an NCHW ``x`` (a row region's ``[1, rows, 1, D]``, split over rows in whole
 ``ROW_BLOCK``s); see ``ops/fused_regions.py`` for the op semantics and its reference (the
 unfused chain).
