@@ -57,19 +57,19 @@ def _inputs(kind, rows, d, seed):
     return "gated_linear_region", (y, alpha, bias, y_up, alpha.flip(0), bias, 64, "none", [], "mlp")
 
 
-def _bits_of(kind, rows, d, seed):
+def _bits_of(kind, rows, d, seed, target="host"):
     """``(output, sign words, STE words)`` of the kernel with ``pack_signs``, after checking
     that its other outputs equal those of the kernel without."""
     op, args = _inputs(kind, rows, d, seed)
     kern = _kernel(op)
-    packed, plain = kern(*args, True), kern(*args)
+    packed, plain = kern(*args, True, target=target), kern(*args, target=target)
     assert all(torch.equal(a, b) for a, b in zip(packed[:-2], plain[:-2])), kind
     assert plain[-1].numel() == plain[-2].numel() == 0
     return packed[0], packed[-2], packed[-1]
 
 
-def _check_bits(kind, rows, d, seed=0):
-    out, signs, ste = _bits_of(kind, rows, d, seed)
+def _check_bits(kind, rows, d, seed=0, target="host"):
+    out, signs, ste = _bits_of(kind, rows, d, seed, target)
     want_signs, want_ste = R.pack_activation(out, "linear")
     assert signs.shape == (rows, R.padded_words(d)) and signs.dtype == torch.int64
     assert torch.equal(signs, want_signs) and torch.equal(ste, want_ste), (kind, rows, d)
@@ -89,6 +89,13 @@ def test_region_bits_equal_the_packer_of_its_output(kind, rows, d):
         assert zeros.any() and (zeros & torch.signbit(out)).any() and (zeros & ~torch.signbit(out)).any(), kind
         if kind != "rms":
             assert (out == 1).any() and (out == -1).any(), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_region_bits_on_the_avx2_code_path(kind):
+    """The same bits from the kernels built for an AVX2 target (hygon) on this host."""
+    for rows, d in ((1, 9), (3, 67), (70, 515)):
+        _check_bits(kind, rows, d, 1, target="hygon")
 
 
 @settings(max_examples=20, deadline=None)
