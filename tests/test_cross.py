@@ -271,7 +271,15 @@ def test_reference_check_catches_one_wrong_sign_or_ste_bit():
     x = torch.randn(3, 20, 7, 7, generator=gen)
     gamma, beta = torch.rand(20, generator=gen) + 0.5, torch.randn(20, generator=gen)
     region = Region(True, Activation("relu"), pool=(3, 3, 2, 2, 1, 1), pack_signs=True)
-    uses, capture = capture_calls(lambda: region_forward(x, region, gamma, beta), host_target())
+    # sample 1, bit 29: channel 1 (4x4 outputs a plane), output 13
+    assert_bit_flips_caught(lambda: region_forward(x, region, gamma, beta), lambda ld: 8 * ld + 3, 5)
+
+
+def assert_bit_flips_caught(run, byte, bit):
+    """``run`` makes one kernel call that writes ``signs`` and ``ste`` (``ld`` words a row):
+    the oracle passes it, and fails it when bit ``bit`` of byte ``byte(ld)`` of either is
+    flipped."""
+    uses, capture = capture_calls(run, host_target())
     (index, encoded, after), = capture.calls
     spec = uses[index].spec
     args = dict(zip(spec.abi.names, map(call_argument, encoded)))
@@ -281,7 +289,7 @@ def test_reference_check_catches_one_wrong_sign_or_ste_bit():
     for name in ("signs", "ste"):
         buf, offset = args[name]
         bad = bytearray(after[buf])
-        bad[offset + 8 * args["ld"] + 3] ^= 1 << 5   # sample 1, bit 29: channel 1 (4x4 outputs a plane), output 13
+        bad[offset + byte(args["ld"])] ^= 1 << bit
         assert oracle.check_call(spec, args, before, {**after, buf: bytes(bad)}) == 1, name
 
 

@@ -84,7 +84,7 @@ def test_row_region_of_one_feature_is_exact():
     x, dy = torch.randn(15, 1) * 3, torch.randn(15, 1)
     weight, bias = torch.tensor([1.5]), torch.tensor([-0.25])
     kern, kern_b = _ops("ln_region")[0], _ops("ln_region_backward")[0]
-    out, mean, invstd = kern(x, weight, bias, 1e-5, "none", [], "ln")
+    out, mean, invstd, _, _ = kern(x, weight, bias, 1e-5, "none", [], "ln")
     assert torch.equal(out, bias.expand(15, 1)) and torch.equal(mean, x.flatten())
     dx, dweight, dbias = kern_b(dy, x, weight, bias, mean, invstd, 1e-5, "none", [], "ln")
     assert torch.equal(dx, torch.zeros(15, 1)) and dweight.item() == 0
@@ -101,7 +101,7 @@ def test_row_region_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            out, mean, invstd = kern(x, weight, bias, 1e-5, "gelu", [], "ln")
+            out, mean, invstd, _, _ = kern(x, weight, bias, 1e-5, "gelu", [], "ln")
             results.append((out, *kern_b(dy, x, weight, bias, mean, invstd, 1e-5, "gelu", [], "ln")))
     finally:
         torch.set_num_threads(threads)
@@ -201,7 +201,9 @@ def test_layer_norm_regions_are_fused_and_match_the_reference_backend(tmp_path):
     compiled, reference = _steps(Encoder, x, lambda out: out.square().mean())
     assert reference.fqt_graphs[-1].regions == []
     cg = compiled.fqt_graphs[-1]
-    assert cg.regions == ["ln0 (row): layer_norm", "ln1 (row): layer_norm -> gelu",
+    # ln0 and ln1 -> gelu feed binarized fc1, fc2: they write the sign + STE bits those take
+    assert cg.regions == ["ln0 (row): layer_norm; writes the sign + STE bits of its output for fc1",
+                          "ln1 (row): layer_norm -> gelu; writes the sign + STE bits of its output for fc2",
                           "ln2 (row): layer_norm"]
     fw, bw = _graph_ops(cg.forward), _graph_ops(cg.backward)
     assert "fqt.ln_region.default" in fw and "fqt.ln_region_backward.default" in bw
@@ -216,7 +218,8 @@ def test_layer_norm_regions_are_fused_and_match_the_reference_backend(tmp_path):
     assert sum(tuple(v.shape) == (5, 7, 40) and v.dtype == torch.float32 for v in saved) == 1
     stats = fqt.runtime.stats()
     assert stats[("ln1", "region_forward")].calls == 1 and stats[("ln1", "region_backward")].calls == 1
-    assert "  - ln1 (row): layer_norm -> gelu" in fqt.summary(compiled)
+    assert "  - ln1 (row): layer_norm -> gelu; writes the sign + STE bits of its output for fc2" \
+        in fqt.summary(compiled)
     fqt.dump(compiled, tmp_path)
     assert "ln_region" in (tmp_path / "forward.txt").read_text()
     assert "ln_region_backward" in (tmp_path / "backward.txt").read_text()
@@ -237,9 +240,15 @@ def test_bert_step_with_fused_layer_norms_matches_the_reference_backend():
     regions = compiled.fqt_graphs[-1].regions
     # LayerNorms: embeddings, two per layer, and the MLM head's transform (dense -> GELU ->
     # LayerNorm); binarized dense -> GELU: each layer's intermediate and the head's transform
-    rows = [r for r in regions if r.endswith("(row): layer_norm")]
+    rows = [r for r in regions if r.split(";")[0].endswith("(row): layer_norm")]
     linear = [r for r in regions if "(linear): binarized_linear -> gelu; input: " in r]
     assert len(rows) == 6 and len(linear) == 3 and len(regions) == 9, regions
+    # all but the head's two write the bits of the binarized layers after them (the next
+    # Q, K, V; intermediate; output dense; the head's transform)
+    assert sum("; writes the sign + STE bits of its output for " in r for r in regions) == 7, regions
+    assert ("bert.encoder.layer.0.output.LayerNorm (row): layer_norm; writes the sign + STE bits of its output for "
+            "bert.encoder.layer.1.attention.self.query, bert.encoder.layer.1.attention.self.key, "
+            "bert.encoder.layer.1.attention.self.value") in regions, regions
 
 
 @pytest.mark.slow
@@ -256,4 +265,5 @@ def test_vit_tiny_step_with_fused_layer_norms_matches_the_reference_backend():
     linear = [r for r in regions if "(linear)" in r]
     assert [r.split(" ")[0] for r in linear] == [f"blocks.{i}.mlp.fc1" for i in range(4)], regions
     assert all(r.startswith(f"blocks.{i}.mlp.fc1 (linear): binarized_linear -> gelu; input: layer ")
-               and r.endswith("'s raw GEMM result, saved as int16 (K=192)") for i, r in enumerate(linear)), regions
+               and r.endswith(f"'s raw GEMM result, saved as int16 (K=192); writes the sign + STE bits of its "
+                              f"output for blocks.{i}.mlp.fc2") for i, r in enumerate(linear)), regions

@@ -40,7 +40,7 @@ def check_rms_region(shape, act, seed=0, eps=1e-6):
     args = (x, weight, eps, act, [], "norm")
     kern, ref = _ops("rms_region")
     got, want = kern(*args), ref(*args)
-    assert [t.shape for t in want] == [x.shape, x.shape[:-1]]
+    assert [t.shape for t in want] == [x.shape, x.shape[:-1], (0,), (0,)]
     for name, g, w in zip(("out", "invstd"), got, want):
         _close(g, w, name, 1e-5)
     leaf = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
@@ -82,7 +82,7 @@ def check_gated_region(shape, act, bias=True, contraction=192, seed=0):
     args = (ys[0], alphas[0], biases[0], ys[1], alphas[1], biases[1], contraction, act, [], "mlp")
     kern, ref = _ops("gated_linear_region")
     got, want = kern(*args), ref(*args)
-    for y, g, w in zip(ys, got[1:], want[1:]):
+    for y, g, w in zip(ys, got[1:3], want[1:3]):
         assert g.dtype == w.dtype == (torch.int16 if contraction < 1 << 15 else torch.int32)
         assert torch.equal(g, w) and torch.equal(w.float(), y)
     _close(got[0], want[0], "out", 1e-5)
@@ -135,8 +135,8 @@ def test_rms_and_gated_regions_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 3):
             torch.set_num_threads(n)
-            out, invstd = rms(x, weight, 1e-6, "silu", [], "n")
-            glu_out, raw, raw_up = glu(y, alpha, b, y_up, alpha, b, 50, "silu", [], "g")
+            out, invstd, _, _ = rms(x, weight, 1e-6, "silu", [], "n")
+            glu_out, raw, raw_up, _, _ = glu(y, alpha, b, y_up, alpha, b, 50, "silu", [], "g")
             results.append((out, *rms_b(dy, x, weight, invstd, 1e-6, "silu", [], "n"), glu_out,
                             *glu_b(dy, raw, alpha, b, raw_up, alpha, b, "silu", [], "g")))
     finally:
@@ -188,12 +188,13 @@ def test_llama_regions_are_fused_and_match_the_reference_backend(tmp_path):
     assert reference.fqt_graphs[-1].regions == []
     cg = compiled.fqt_graphs[-1]
     assert cg.regions == [
-        "norm (rms): pow -> mean -> add -> rsqrt -> mul -> to -> mul",
+        "norm (rms): pow -> mean -> add -> rsqrt -> mul -> to -> mul; writes the sign + STE bits of its output for "
+        "gate, up",
         "gate (gated linear): binarized_linear -> silu -> binarized_linear -> mul; times up; input: layers 1 and "
-        "2's raw GEMM results, saved as int16 (K=24)",
+        "2's raw GEMM results, saved as int16 (K=24); writes the sign + STE bits of its output for down",
         "gate2 (gated linear): binarized_linear -> silu -> binarized_linear -> mul; times up2; input: layers 4 "
-        "and 5's raw GEMM results, saved as int16 (K=24)",
-        "rms (rms): rms_norm",
+        "and 5's raw GEMM results, saved as int16 (K=24); writes the sign + STE bits of its output for down2",
+        "rms (rms): rms_norm; writes the sign + STE bits of its output for up3, gate3",
         "gate3 (linear): binarized_linear -> silu; input: layer 7's raw GEMM result, saved as int16 (K=24)"], cg.regions
     fw, bw = _graph_ops(cg.forward), _graph_ops(cg.backward)
     assert {"fqt.rms_region.default", "fqt.gated_linear_region.default"} <= fw

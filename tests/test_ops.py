@@ -54,6 +54,7 @@ def _opcheck_cases():
         (L.binary_conv2d, (x.requires_grad_(), w.requires_grad_(), RS, *GEOM, 3)),
         (L.binary_conv2d_packed, (x, sb, mb, w, RS, *GEOM, 3)),
         (L.binary_linear, (xl.requires_grad_(), wl.requires_grad_(), RS, 2)),
+        (L.binary_linear_packed, (xl, sbl, mbl, wl, RS, 2)),
         (L.mark_gradient, (g, RS, 3)),
         (L.conv2d_input_grad, (g, *_wb(w), mb, list(x.shape), *GEOM)),
         (L.conv2d_weight_grad, (g, *_wb(w), sb, list(x.shape), *GEOM)),
@@ -92,6 +93,8 @@ def _opcheck_cases():
         (F.binary_conv2d_scaled, (x.detach(), w.detach(), R.default_alpha(w), RS, *GEOM, 3)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2)),
         (F.binary_linear_scaled, (xl.detach(), wl.detach(), R.default_alpha(wl), RS, 2, torch.randn(wl.shape[0]))),
+        (F.binary_linear_packed_scaled, (xl.detach(), sbl, mbl, wl.detach(), R.default_alpha(wl), RS, 2,
+                                         torch.randn(wl.shape[0]))),
     ]
     torch.manual_seed(2)
     xb = torch.randn(3, 5, 7, 6)
@@ -137,7 +140,8 @@ def _opcheck_cases():
     for activation in ("gelu", "gelu_tanh"):
         cases.append((FR.ln_region, (xn.clone().requires_grad_(), wn.clone().requires_grad_(),
                                      bn.clone().requires_grad_(), 1e-5, activation, [], "ln")))
-        _, mean, invstd = FR.ln_region(xn, wn, bn, 1e-5, activation, [], "ln")
+        cases.append((FR.ln_region, (xn, wn, bn, 1e-5, activation, [], "ln", True)))   # with the output's bits
+        _, mean, invstd, _, _ = FR.ln_region(xn, wn, bn, 1e-5, activation, [], "ln")
         cases.append((FR.ln_region_backward, (torch.randn(xn.shape), xn, wn, bn, mean, invstd, 1e-5, activation,
                                               [], "ln")))
     # a binarized linear layer's raw result -> GELU (with a bias), ReLU (without)
@@ -146,12 +150,14 @@ def _opcheck_cases():
         cases.append((FR.linear_act_region, (yl.clone().requires_grad_(), al,
                                              None if lbias is None else lbias.clone().requires_grad_(), 9,
                                              activation, [], "fc1")))
+        cases.append((FR.linear_act_region, (yl, al, lbias, 9, activation, [], "fc1", True)))
         raw = FR.linear_act_region(yl, al, lbias, 9, activation, [], "fc1")[1]
         cases.append((FR.linear_act_region_backward, (torch.randn(yl.shape), raw, al, lbias, activation, [], "fc1")))
     # RMSNorm regions (none, SiLU) and the gated linear region (SwiGLU without biases, GEGLU with)
     for activation in ("none", "silu"):
         cases.append((FR.rms_region, (xn.clone().requires_grad_(), wn.clone().requires_grad_(), 1e-6, activation,
                                       [], "rms")))
+        cases.append((FR.rms_region, (xn, wn, 1e-6, activation, [], "rms", True)))
         invstd = FR.rms_region(xn, wn, 1e-6, activation, [], "rms")[1]
         cases.append((FR.rms_region_backward, (torch.randn(xn.shape), xn, wn, invstd, 1e-6, activation, [], "rms")))
     yu, au = torch.randint(-9, 10, (2, 3, 7)).float(), torch.rand(7)
@@ -159,7 +165,8 @@ def _opcheck_cases():
         ubias = None if lbias is None else lbias.flip(0)
         grad = [t if t is None else t.clone().requires_grad_() for t in (yl, lbias, yu, ubias)]
         cases.append((FR.gated_linear_region, (grad[0], al, grad[1], grad[2], au, grad[3], 9, activation, [], "mlp")))
-        _, raw, raw_up = FR.gated_linear_region(yl, al, lbias, yu, au, ubias, 9, activation, [], "mlp")
+        cases.append((FR.gated_linear_region, (yl, al, lbias, yu, au, ubias, 9, activation, [], "mlp", True)))
+        _, raw, raw_up, _, _ = FR.gated_linear_region(yl, al, lbias, yu, au, ubias, 9, activation, [], "mlp")
         cases.append((FR.gated_linear_region_backward, (torch.randn(yl.shape), raw, al, lbias, raw_up, au, ubias,
                                                         activation, [], "mlp")))
     # dropout over an odd count (a partial last mask byte)
@@ -194,6 +201,11 @@ def test_forward_ops_match_reference_layers():
         assert torch.equal(y_packed[0], y_raw), impl
         assert all(torch.equal(a, b) for a, b in zip(y_packed[1:], R.pack_weight(w))), impl
     xl, wl, yl, sbl, mbl = _linear_case()
+    for impl in ("reference", "kernels"):   # and a linear layer's
+        y_packed = registry.lookup("fqt::binary_linear_packed", impl)(torch.full_like(xl, float("nan")), sbl, mbl,
+                                                                      wl, RS, 2)
+        assert torch.equal(y_packed[0], yl), impl
+        assert all(torch.equal(a, b) for a, b in zip(y_packed[1:], R.pack_weight(wl))), impl
     torch.testing.assert_close(yl * R.default_alpha(wl), R.binary_linear(xl, wl, R.default_alpha(wl), None))
     assert sbl.shape == (6, R.padded_words(70)) and sbl.dtype == torch.int64  # per row of 70 features
 

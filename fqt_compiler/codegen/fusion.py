@@ -20,7 +20,9 @@ double) and one apply pass that writes the region's output and, with a max pool,
 of each window as its offset ``i * kw + j``, packed in ``offset_bits`` bits (2 for 2x2, 4 for
 3x3; each channel plane starts on a byte), and with ``Region.pack_signs`` the sign and STE bits
 of each output plane right after writing it, the next binarized conv's operands
-(``_pack_plane``). ``region_backward_ir`` is the mirror image: pool
+(``_pack_plane``; a row region, and a linear region, writes each row's bits from the
+registers it stores the row from, ``_store_row_flags``: the next binarized linear layers'
+operands). ``region_backward_ir`` is the mirror image: pool
 backward (a max pool scatters by the saved offsets, an average pool spreads each output's
 gradient over its window), the activation's mask recomputed from the saved input (after a
 residual add: read from the bits the forward wrote, ``Region.mask_bits``, or for GELU
@@ -209,7 +211,10 @@ class Region:
     as ``runtime.pack.pack_signs_and_ste(out.flatten(1))`` lays them out (one row of ``ld``
     words per sample, bit ``(c*OH + oh)*OW + ow``): the operands a binarized conv reading
     the output takes, so it needs no pass of its own over the float output. Threads must own
-    whole groups of ``signs_channel_unit(OH*OW)`` channels (the bytes they write).
+    whole groups of ``signs_channel_unit(OH*OW)`` channels (the bytes they write). A row
+    region writes row ``c`` of ``signs``/``ste`` (``ld`` words each, bit ``w`` of the row),
+    the layout of ``pack_signs_and_ste`` of its ``[rows, D]`` output: a binarized linear
+    layer's operands.
     ``axis``: ``"channel"`` (BatchNorm) or ``"row"`` (LayerNorm over the last dimension,
     always with batch statistics, no pool, float input; called with ``N = H = 1``, ``C`` =
     rows, ``W`` = features, and ``dgamma``/``dbeta`` as ``[ceil(rows / ROW_BLOCK), W]`` zeroed
@@ -237,9 +242,9 @@ class Region:
         if self.axis not in ("channel", "row"):
             raise ValueError(f"Region axis {self.axis!r}: expected 'channel' or 'row'")
         if self.axis == "row" and (self.pool is not None or self.pool_mode != "max" or not self.batch_stats
-                                   or self.raw_bits or self.residual or self.pack_signs):
+                                   or self.raw_bits or self.residual):
             raise ValueError("a row region (LayerNorm) has its own statistics, a float input, "
-                             "no residual, no pool and no packed sign bits")
+                             "no residual and no pool")
         if not self.centered and self.axis != "row":
             raise ValueError("an uncentered region (RMSNorm) normalizes rows: axis 'row'")
 
@@ -339,6 +344,23 @@ def _pack_plane(k: Kernel, n, c) -> None:
             with no:
                 pick(rest)
     pick(choices)
+
+
+def _store_row_flags(k: Kernel, value, row, i, lanes) -> None:
+    """The sign and STE bits of the ``lanes`` outputs ``value`` at features ``i..i+lanes`` of
+    row ``row`` (``ld`` words a row of ``signs``/``ste``), from the registers the output is
+    stored from: a vector step (``i`` a multiple of ``lanes``, 8 or 16) stores whole bytes,
+    the scalar tail ORs its bit into its byte (after the vector steps' bytes; the buffers
+    start zeroed). Threads own whole rows, so whole words."""
+    a, b = k.arg, k.b
+    byte = b.add(b.shl(b.mul(row, a["ld"]), ir.Constant(I64, 3)), b.lshr(i, ir.Constant(I64, 3)))
+    for name, flags in zip(("signs", "ste"), _sign_flags(k, value, lanes)):
+        slot = k.gep(a[name], byte, I8)
+        if lanes == 1:
+            at = b.trunc(b.and_(i, ir.Constant(I64, 7)), I8)
+            b.store(b.or_(b.load(slot, typ=I8), b.shl(b.zext(flags, I8), at)), slot)
+        else:
+            b.store(flags, slot, align=1)
 
 
 def _load(k: Kernel, base, index, lanes):
@@ -552,7 +574,12 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                 mean_v = b.fptrunc(b.fdiv(_total(k, acc), b.sitofp(hw, F64)), F32)
                 b.store(mean_v, k.gep(a["out"], b.mul(nc, ohw)))
             elif region.pool is None:
-                _strided(k, hw, lambda i, lanes: _store(k, value(i, lanes, True), a["out"], b.add(plane, i)))
+                def apply(i, lanes):
+                    v = value(i, lanes, True)
+                    _store(k, v, a["out"], b.add(plane, i))
+                    if region.pack_signs and region.axis == "row":   # row c of the bits, as a linear layer packs it
+                        _store_row_flags(k, v, c, i, lanes)
+                _strided(k, hw, apply)
             else:   # a window pool reads its inputs by window: the mask bits take a pass of their own
                 if region.mask_bits:
                     _strided(k, hw, lambda i, lanes: value(i, lanes, True))
@@ -560,7 +587,7 @@ def region_forward_ir(target: str | Target, region: Region) -> KernelIR:
                     _pool_forward(region, k, nc, ohw, value)
                 else:
                     _avg_pool_forward(region, k, b.mul(nc, ohw), value)
-            if region.pack_signs:
+            if region.pack_signs and region.axis == "channel":
                 _pack_plane(k, n, c)
     return k.finish()
 
@@ -944,12 +971,17 @@ class LinearRegion:
     """``activation`` after ``alpha ⊙ Y_raw`` (``+ bias`` when ``bias``); ``raw_bits``: 16 or
     32, the integer type the forward stores ``Y_raw`` in (``ops.fused_regions.raw_dtype``);
     ``gated``: times ``alpha_up ⊙ Y_up`` (``+ bias_up`` when ``bias``), a second layer's
-    output, whose raw result is kept in the same type."""
+    output, whose raw result is kept in the same type; ``pack_signs``: the forward also
+    writes the sign bits ``out > 0`` and STE bits ``|out| < 1`` of each output row it
+    wrote to row ``r`` of ``signs``/``ste`` (zeroed buffers of ``ld`` words a row: the
+    layout of ``pack_signs_and_ste`` of the ``[rows, D]`` output), the operands of the
+    binarized linear layers reading the output (a thread owns whole rows, so whole words)."""
 
     activation: Activation
     raw_bits: int = 16
     bias: bool = True
     gated: bool = False
+    pack_signs: bool = False
 
     def __post_init__(self):
         if self.raw_bits not in (16, 32):
@@ -962,7 +994,8 @@ class LinearRegion:
 LINEAR_FORWARD_SYMBOL = "fqt_linear_region_forward"
 LINEAR_FORWARD_PARAMS = (("y", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("out", "ptr"), ("raw", "ptr"),
                          ("y_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"), ("raw_up", "ptr"),
-                         ("D", "i64"), ("r0", "i64"), ("r1", "i64"))
+                         ("signs", "ptr"), ("ste", "ptr"), ("ld", "i64"), ("D", "i64"), ("r0", "i64"),
+                         ("r1", "i64"))
 LINEAR_BACKWARD_SYMBOL = "fqt_linear_region_backward"
 LINEAR_BACKWARD_PARAMS = (("dy", "ptr"), ("raw", "ptr"), ("alpha", "ptr"), ("bias", "ptr"), ("g", "ptr"),
                           ("dbias", "ptr"), ("raw_up", "ptr"), ("alpha_up", "ptr"), ("bias_up", "ptr"),
@@ -1006,7 +1039,9 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
     """``fqt_linear_region_forward``: rows ``r0..r1`` of the row-major ``[rows, D]`` float32
     ``y`` (``Y_raw``) -> ``out = act(alpha ⊙ y (+ bias))`` and ``raw = int(y)`` (exact:
     ``|Y_raw| <= K`` fits ``raw_bits``); ``alpha`` and ``bias`` hold ``D`` floats. Gated:
-    ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``."""
+    ``out = act(...) * (alpha_up ⊙ y_up (+ bias_up))`` and ``raw_up = int(y_up)``. With
+    ``pack_signs``, the sign and STE bits of each output row as it is stored
+    (``_store_row_flags``)."""
     k = Kernel(new_module(get_target(target), LINEAR_FORWARD_SYMBOL), LINEAR_FORWARD_SYMBOL,
                LINEAR_FORWARD_PARAMS)
     a, b = k.arg, k.b
@@ -1017,7 +1052,10 @@ def linear_region_forward_ir(target: str | Target, region: LinearRegion) -> Kern
             index = b.add(row, i)
             v, *up = _linear_inputs(k, region, index, i, lanes, forward=True)
             out = _act_forward(k, region.activation, v, lanes)
-            _store(k, b.fmul(out, up[0]) if region.gated else out, a["out"], index)
+            out = b.fmul(out, up[0]) if region.gated else out
+            _store(k, out, a["out"], index)
+            if region.pack_signs:
+                _store_row_flags(k, out, r, i, lanes)
         _strided(k, a["D"], apply, _LINEAR_LANES)
     return k.finish()
 

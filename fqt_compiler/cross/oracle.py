@@ -419,11 +419,11 @@ def _row_reference(region, gamma, beta=None):
     from ..ops.fused_regions import _ln_region, _ln_region_backward, _rms_region, _rms_region_backward
     act = (region.eps, region.activation.name, list(region.activation.params), "")
     if region.centered:
-        return (lambda x: _ln_region(x, gamma, beta, *act),
+        return (lambda x: _ln_region(x, gamma, beta, *act)[:3],
                 lambda dy, x, mean, invstd: _ln_region_backward(dy, x, gamma, beta, mean, invstd, *act))
 
     def forward(x):
-        out, invstd = _rms_region(x, gamma, *act)
+        out, invstd = _rms_region(x, gamma, *act)[:2]
         return out, torch.zeros_like(invstd), invstd
     return forward, lambda dy, x, mean, invstd: _rms_region_backward(dy, x, gamma, invstd, *act)
 
@@ -438,8 +438,9 @@ def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory)
     out, mean, invstd = forward(x)
     if family == "region_forward":
         got = _region_tensors(mem_a, a, ("out", "mean", "invstd"), region=region)
-        return sum(_differs(g.reshape(-1, *w.shape[1:])[rows], w, (0, len(w)), 0)
-                   for g, w in zip(got, (out, mean, invstd)))
+        return (sum(_differs(g.reshape(-1, *w.shape[1:])[rows], w, (0, len(w)), 0)
+                    for g, w in zip(got, (out, mean, invstd)))
+                + _packed_rows_wrong(region, mem_a, a, got[0].view(a["C"], a["W"])[rows], a["c0"]))
     dy, = _region_tensors(mem_b, a, ("dy",), region=region)
     dy = dy.view(a["C"], a["W"])[rows]
     names = ("dx", "dgamma", "dbeta") if region.centered else ("dx", "dgamma")
@@ -450,6 +451,17 @@ def check_row_region(family: str, region, a: dict, mem_b: Memory, mem_a: Memory)
         _, *want = backward(dy[part], x[part], mean[part], invstd[part])
         wrong += sum(_differs(got[block], w, (0, a["W"]), 0) for got, w in zip(partials, want))
     return wrong
+
+
+def _packed_rows_wrong(region, mem_a: Memory, a: dict, out: torch.Tensor, first: int) -> int:
+    """With ``pack_signs``: how many of the sign and STE bit matrices a row kernel wrote for
+    rows ``first..first + len(out)`` differ from the packer's bits (``pack_activation``,
+    padding included) of the output rows ``out`` it wrote."""
+    if not region.pack_signs:
+        return 0
+    end = first + out.shape[0]
+    return sum(not torch.equal(mem_a.at(a[name], torch.int64, end * a["ld"]).view(end, a["ld"])[first:], want)
+               for name, want in zip(("signs", "ste"), reference.pack_activation(out, "linear")))
 
 
 def _region_expected(region, family, a, before: Memory):
@@ -563,8 +575,9 @@ def check_linear_region(family: str, opts: dict, args: dict, before: dict, after
     def differs(got, want) -> bool:
         return not torch.equal(got, want) if _exact(region) else _differs(got, want, (0, d))
     if family == "linear_region_forward":
-        out, raw = _linear_act_region(rows(mem_b, "y"), alpha, bias, contraction, *act)
-        return differs(rows(mem_a, "out"), out) + (not torch.equal(rows(mem_a, "raw", raw_dtype), raw))
+        out, raw = _linear_act_region(rows(mem_b, "y"), alpha, bias, contraction, *act)[:2]
+        return (differs(rows(mem_a, "out"), out) + (not torch.equal(rows(mem_a, "raw", raw_dtype), raw))
+                + _packed_rows_wrong(region, mem_a, a, rows(mem_a, "out"), r0))
     raw, dy = rows(mem_b, "raw", raw_dtype), rows(mem_b, "dy")
     g, _ = _linear_act_region_backward(dy, raw, alpha, bias, *act)
     wrong = differs(rows(mem_a, "g"), g)
@@ -602,7 +615,8 @@ def check_gated_linear_region(family: str, region, a: dict, mem_b: Memory, mem_a
         want = _gated_linear_region(rows(mem_b, "y"), alpha, bias, rows(mem_b, "y_up"), alpha_up, bias_up,
                                     contraction, *act)
         return (_differs(rows(mem_a, "out"), want[0], (0, d))
-                + sum(not torch.equal(rows(mem_a, name, raw_dtype), w) for name, w in zip(("raw", "raw_up"), want[1:])))
+                + sum(not torch.equal(rows(mem_a, name, raw_dtype), w) for name, w in zip(("raw", "raw_up"), want[1:3]))
+                + _packed_rows_wrong(region, mem_a, a, rows(mem_a, "out"), r0))
     dy, raw, raw_up = rows(mem_b, "dy"), rows(mem_b, "raw", raw_dtype), rows(mem_b, "raw_up", raw_dtype)
     g, _, g_up, _ = _gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up, *act)
     wrong = _differs(rows(mem_a, "g"), g, (0, d)) + _differs(rows(mem_a, "g_up"), g_up, (0, d))

@@ -22,6 +22,8 @@ from .rng import seed_and_step
 from .library import _binary_conv2d as ref_binary_conv2d
 from .library import _WITH_BITS, W_BITS, _binary_conv2d_fake, _binary_linear_fake, _define
 from .library import _binary_linear as ref_binary_linear
+from .library import _binary_linear_packed as ref_binary_linear_packed
+from .library import _binary_linear_packed_fake
 
 _CONV = "SymInt[] x_shape, int[] stride, int[] padding, int[] dilation"
 _Q = "str method, int bits, int layer, Tensor? alpha=None"
@@ -161,11 +163,31 @@ binary_linear_scaled = _define(
     f"Tensor? bias=None) -> {_WITH_BITS}",
     _binary_linear_scaled, _binary_linear_scaled_fake)
 
-# forward op -> its alpha-folded op
+
+
+def _binary_linear_packed_scaled(x, x_sign_bits, x_ste_bits, weight, alpha, rng_state, layer, bias=None):
+    y, *bits = ref_binary_linear_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, layer)
+    y = y * alpha.reshape(-1)
+    return y if bias is None else y + bias, *bits
+
+
+def _binary_linear_packed_scaled_fake(x, x_sign_bits, x_ste_bits, weight, alpha, rng_state, layer, bias=None):
+    return _binary_linear_packed_fake(x, x_sign_bits, x_ste_bits, weight, rng_state, layer)
+
+
+binary_linear_packed_scaled = _define(
+    "binary_linear_packed_scaled(Tensor x, Tensor x_sign_bits, Tensor x_ste_bits, Tensor weight, Tensor alpha, "
+    "Tensor rng_state, int layer, Tensor? bias=None) -> (Tensor, Tensor, Tensor)",
+    _binary_linear_packed_scaled, _binary_linear_packed_scaled_fake)
+
+# forward op -> its alpha-folded op (which takes alpha right after the weight)
 SCALED = {
     torch.ops.fqt.binary_conv2d.default: torch.ops.fqt.binary_conv2d_scaled.default,
     torch.ops.fqt.binary_linear.default: torch.ops.fqt.binary_linear_scaled.default,
+    torch.ops.fqt.binary_linear_packed.default: torch.ops.fqt.binary_linear_packed_scaled.default,
 }
+# where a forward op takes its weight, when not second
+WEIGHT_INPUT = {torch.ops.fqt.binary_linear_packed.default: 3}
 
 # quantized-G' GEMM op -> its fused op
 FUSED = {

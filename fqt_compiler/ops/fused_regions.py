@@ -44,7 +44,12 @@ last dimension (any number of leading dimensions) with weight and bias, then an 
 ``invstd``, and its backward (``fqt::ln_region_backward``) keeps only ``x`` and those two
 per-row vectors. The math is docs/math.md §4b. ``fqt::rms_region`` (``rms_norm_region``) is
 RMSNorm the same way, ``weight * (x * rsqrt(mean(x^2) + eps))`` then an activation, keeping
-``x`` and the per-row ``invstd``.
+``x`` and the per-row ``invstd``. Both (and the linear regions below) take ``pack_signs``
+and return two more tensors: with it, their output's sign and STE bits as a binarized
+linear layer reading it packs them (``reference.pack_activation(out, "linear")``: a row
+of words per row of the last dimension), else two empty tensors; ``fuse_regions`` asks for
+them where binarized linear layers read the output, and those take them as ``x_bits``
+(``library.binary_linear_packed``).
 
 ``fqt::linear_act_region`` (``binary_linear_region``) is a binarized linear layer (default
 alpha, optional bias) and the activation after it: it takes the raw GEMM result ``Y_raw``,
@@ -203,11 +208,12 @@ def batch_statistics(x: torch.Tensor, eps: float):
     return mean, torch.var(x, (0, 2, 3), correction=0), invstd
 
 
-def _packed_output(out, pack_signs):
-    """The region output's ``(sign words, STE words)`` as a binarized conv reading it packs
-    them (``reference.pack_activation``), or two empty tensors."""
+def _packed_output(out, pack_signs, kind="conv2d"):
+    """The region output's ``(sign words, STE words)`` as a binarized conv (``kind``
+    "conv2d") or linear layer ("linear") reading it packs them (``reference.pack_activation``),
+    or two empty tensors."""
     if pack_signs:
-        return ref.pack_activation(out, "conv2d")
+        return ref.pack_activation(out, kind)
     return out.new_empty(0, dtype=torch.int64), out.new_empty(0, dtype=torch.int64)
 
 
@@ -557,19 +563,28 @@ def _ln_normalized(x, weight, bias, mean, invstd):
     return (x * r + (-r * m)) * weight + bias
 
 
-def _ln_region(x, weight, bias, eps, activation, act_params, region):
+def _ln_region(x, weight, bias, eps, activation, act_params, region, pack_signs=False):
     v, mean, rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], weight, bias, eps)
-    out = ACTIVATIONS[activation](v, act_params)
-    return out.contiguous(), mean.squeeze(-1), rstd.squeeze(-1)
+    out = ACTIVATIONS[activation](v, act_params).contiguous()
+    return out, mean.squeeze(-1), rstd.squeeze(-1), *_packed_output(out, pack_signs, "linear")
+
+
+def _row_bits_fake(x, pack_signs):
+    """Fakes of a row region's ``(sign words, STE words)``: ``[rows, padded_words(D)]``
+    each with ``pack_signs``, else empty."""
+    shape = [x.numel() // x.shape[-1], ref.padded_words(x.shape[-1])] if pack_signs else [0]
+    signs = x.new_empty(shape, dtype=torch.int64)
+    return signs, torch.empty_like(signs)
 
 
 _LN_ARGS = "float eps, str activation, float[] act_params, str region"
 
 ln_region = _define(
-    f"ln_region(Tensor x, Tensor weight, Tensor bias, {_LN_ARGS}) -> (Tensor, Tensor, Tensor)",
+    f"ln_region(Tensor x, Tensor weight, Tensor bias, {_LN_ARGS}, bool pack_signs=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _ln_region,
-    lambda x, weight, bias, *rest: (x.new_empty(x.shape), x.new_empty(x.shape[:-1]),
-                                    x.new_empty(x.shape[:-1])))
+    lambda x, weight, bias, eps, activation, act_params, region, pack_signs=False: (
+        x.new_empty(x.shape), x.new_empty(x.shape[:-1]), x.new_empty(x.shape[:-1]), *_row_bits_fake(x, pack_signs)))
 
 
 def _ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_params, region):
@@ -588,23 +603,27 @@ ln_region_backward = _define(
 
 
 def _ln_setup_context(ctx, inputs, output):
-    x, weight, bias, *static = inputs
-    _, mean, invstd = output
+    x, weight, bias, *static, _pack_signs = inputs
+    _, mean, invstd, _, _ = output
     ctx.save_for_backward(x, weight, bias, mean, invstd)
     ctx.static = static
 
 
 def _ln_backward(ctx, dy, *_unused):
     dx, dweight, dbias = ln_region_backward(dy, *ctx.saved_tensors, *ctx.static)
-    return dx, dweight, dbias, None, None, None, None
+    return dx, dweight, dbias, None, None, None, None, None
 
 
 ln_region.register_autograd(_ln_backward, setup_context=_ln_setup_context)
 
 
-def layer_norm_region(x, weight, bias, eps, activation, act_params, region):
-    """What ``passes/fuse_regions.py`` puts in place of ``F.layer_norm -> activation``."""
-    return ln_region(x, weight, bias, eps, activation, act_params, region)[0]
+def layer_norm_region(x, weight, bias, eps, activation, act_params, region, pack_signs=False):
+    """What ``passes/fuse_regions.py`` puts in place of ``F.layer_norm -> activation``.
+    Returns the output, or with ``pack_signs`` ``(output, its sign words, its STE words)``
+    as a binarized linear layer packs them (``reference.pack_activation``): the ``x_bits``
+    of the layers reading it."""
+    out, _, _, signs, ste = ln_region(x, weight, bias, eps, activation, act_params, region, pack_signs)
+    return (out, signs, ste) if pack_signs else out
 
 
 # --------------------------------------------------------------------------- RMSNorm regions
@@ -616,16 +635,17 @@ def _rms_pre_activation(x, weight, invstd):
     return weight * (x * invstd.unsqueeze(-1))
 
 
-def _rms_region(x, weight, eps, activation, act_params, region):
+def _rms_region(x, weight, eps, activation, act_params, region, pack_signs=False):
     invstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    out = ACTIVATIONS[activation](_rms_pre_activation(x, weight, invstd.squeeze(-1)), act_params)
-    return out.contiguous(), invstd.squeeze(-1)
+    out = ACTIVATIONS[activation](_rms_pre_activation(x, weight, invstd.squeeze(-1)), act_params).contiguous()
+    return out, invstd.squeeze(-1), *_packed_output(out, pack_signs, "linear")
 
 
 rms_region = _define(
-    f"rms_region(Tensor x, Tensor weight, {_LN_ARGS}) -> (Tensor, Tensor)",
+    f"rms_region(Tensor x, Tensor weight, {_LN_ARGS}, bool pack_signs=False) -> (Tensor, Tensor, Tensor, Tensor)",
     _rms_region,
-    lambda x, weight, *rest: (x.new_empty(x.shape), x.new_empty(x.shape[:-1])))
+    lambda x, weight, eps, activation, act_params, region, pack_signs=False: (
+        x.new_empty(x.shape), x.new_empty(x.shape[:-1]), *_row_bits_fake(x, pack_signs)))
 
 
 def _rms_region_backward(dy, x, weight, invstd, eps, activation, act_params, region):
@@ -648,22 +668,24 @@ rms_region_backward = _define(
 
 
 def _rms_setup_context(ctx, inputs, output):
-    x, weight, *static = inputs
+    x, weight, *static, _pack_signs = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.static = static
 
 
 def _rms_backward(ctx, dy, *_unused):
     dx, dweight = rms_region_backward(dy, *ctx.saved_tensors, *ctx.static)
-    return dx, dweight, None, None, None, None
+    return dx, dweight, None, None, None, None, None
 
 
 rms_region.register_autograd(_rms_backward, setup_context=_rms_setup_context)
 
 
-def rms_norm_region(x, weight, eps, activation, act_params, region):
-    """What ``passes/fuse_regions.py`` puts in place of an RMSNorm chain (-> activation)."""
-    return rms_region(x, weight, eps, activation, act_params, region)[0]
+def rms_norm_region(x, weight, eps, activation, act_params, region, pack_signs=False):
+    """What ``passes/fuse_regions.py`` puts in place of an RMSNorm chain (-> activation);
+    ``pack_signs`` as in ``layer_norm_region``."""
+    out, _, signs, ste = rms_region(x, weight, eps, activation, act_params, region, pack_signs)
+    return (out, signs, ste) if pack_signs else out
 
 
 # --------------------------------------------------------------------------- linear -> activation
@@ -674,19 +696,19 @@ def _linear_pre_activation(raw, alpha, bias):
     return v if bias is None else v + bias
 
 
-def _linear_act_region(y, alpha, bias, contraction, activation, act_params, region):
-    out = ACTIVATIONS[activation](_linear_pre_activation(y, alpha, bias), act_params)
-    return out.contiguous(), y.to(raw_dtype(contraction))
+def _linear_act_region(y, alpha, bias, contraction, activation, act_params, region, pack_signs=False):
+    out = ACTIVATIONS[activation](_linear_pre_activation(y, alpha, bias), act_params).contiguous()
+    return out, y.to(raw_dtype(contraction)), *_packed_output(out, pack_signs, "linear")
 
 
 _LINEAR_ARGS = "str activation, float[] act_params, str region"
 
 linear_act_region = _define(
-    f"linear_act_region(Tensor y, Tensor alpha, Tensor? bias, int contraction, {_LINEAR_ARGS}) "
-    "-> (Tensor, Tensor)",
+    f"linear_act_region(Tensor y, Tensor alpha, Tensor? bias, int contraction, {_LINEAR_ARGS}, "
+    "bool pack_signs=False) -> (Tensor, Tensor, Tensor, Tensor)",
     _linear_act_region,
-    lambda y, alpha, bias, contraction, *rest: (y.new_empty(y.shape),
-                                                y.new_empty(y.shape, dtype=raw_dtype(contraction))))
+    lambda y, alpha, bias, contraction, activation, act_params, region, pack_signs=False: (
+        y.new_empty(y.shape), y.new_empty(y.shape, dtype=raw_dtype(contraction)), *_row_bits_fake(y, pack_signs)))
 
 
 def _bias_grad(d, bias):
@@ -709,7 +731,7 @@ linear_act_region_backward = _define(
 
 
 def _linear_setup_context(ctx, inputs, output):
-    _, alpha, bias, _, *static = inputs
+    _, alpha, bias, _, *static, _pack_signs = inputs
     ctx.save_for_backward(output[1], alpha, bias)
     ctx.static = static
 
@@ -718,19 +740,33 @@ def _linear_backward(ctx, dy, *_unused):
     raw, alpha, bias = ctx.saved_tensors
     dv, dbias = linear_act_region_backward(dy, raw, alpha, bias, *ctx.static)
     # G' = alpha ⊙ dv as its own multiply, which fold_alpha folds into the quantizer
-    return dv * alpha, None, dbias if bias is not None else None, None, None, None, None
+    return dv * alpha, None, dbias if bias is not None else None, None, None, None, None, None
 
 
 linear_act_region.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_params, region):
+def _linear_raw(x, weight, rng_state, layer, x_bits):
+    """The raw GEMM result of a binarized linear layer: ``library.binary_linear``, or given
+    ``x``'s packed ``x_bits`` (written by the region that wrote ``x``),
+    ``library.binary_linear_packed``."""
+    if x_bits is None:
+        return library.binary_linear(x, weight, rng_state, layer)[0]
+    return library.binary_linear_packed(x, *x_bits, weight, rng_state, layer)[0]
+
+
+def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_params, region, x_bits=None,
+                         pack_signs=False):
     """``library.binarized_linear`` (default alpha) followed by ``activation``, with the
     multiply by alpha and the bias add moved into the region: it gets the raw GEMM result and
-    keeps it for backward as int16 (``raw_dtype``) instead of the float32 activation input."""
-    y = library.binary_linear(x, weight, rng_state, layer)[0]
+    keeps it for backward as int16 (``raw_dtype``) instead of the float32 activation input.
+    ``x_bits``: ``x``'s packed ``(sign words, STE words)`` (``_linear_raw``); ``pack_signs``:
+    returns ``(output, its sign words, its STE words)`` as ``layer_norm_region`` does."""
+    y = _linear_raw(x, weight, rng_state, layer, x_bits)
     alpha = weight_scale(weight.detach(), layer)
-    return linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region)[0]
+    out, _, signs, ste = linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region,
+                                           pack_signs)
+    return (out, signs, ste) if pack_signs else out
 
 
 # --------------------------------------------------------------------------- gated linear regions
@@ -738,19 +774,21 @@ def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_para
 # one region takes both raw GEMM results, keeps both as int16 (``raw_dtype``) and returns
 # the gradients at both layers' outputs.
 
-def _gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region):
+def _gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region,
+                         pack_signs=False):
     dtype = raw_dtype(contraction)
     out = ACTIVATIONS[activation](_linear_pre_activation(y, alpha, bias), act_params)
-    return (out * _linear_pre_activation(y_up, alpha_up, bias_up)).contiguous(), y.to(dtype), y_up.to(dtype)
+    out = (out * _linear_pre_activation(y_up, alpha_up, bias_up)).contiguous()
+    return out, y.to(dtype), y_up.to(dtype), *_packed_output(out, pack_signs, "linear")
 
 
 gated_linear_region = _define(
     "gated_linear_region(Tensor y, Tensor alpha, Tensor? bias, Tensor y_up, Tensor alpha_up, Tensor? bias_up, "
-    f"int contraction, {_LINEAR_ARGS}) -> (Tensor, Tensor, Tensor)",
+    f"int contraction, {_LINEAR_ARGS}, bool pack_signs=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     _gated_linear_region,
-    lambda y, alpha, bias, y_up, alpha_up, bias_up, contraction, *rest: (
+    lambda y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region, pack_signs=False: (
         y.new_empty(y.shape), y.new_empty(y.shape, dtype=raw_dtype(contraction)),
-        y.new_empty(y.shape, dtype=raw_dtype(contraction))))
+        y.new_empty(y.shape, dtype=raw_dtype(contraction)), *_row_bits_fake(y, pack_signs)))
 
 
 def _gated_linear_region_backward(dy, raw, alpha, bias, raw_up, alpha_up, bias_up, activation, act_params,
@@ -773,7 +811,7 @@ gated_linear_region_backward = _define(
 
 
 def _gated_setup_context(ctx, inputs, output):
-    _, alpha, bias, _, alpha_up, bias_up, _, *static = inputs
+    _, alpha, bias, _, alpha_up, bias_up, _, *static, _pack_signs = inputs
     ctx.save_for_backward(output[1], alpha, bias, output[2], alpha_up, bias_up)
     ctx.static = static
 
@@ -784,20 +822,22 @@ def _gated_backward(ctx, dy, *_unused):
                                                            *ctx.static)
     # G' of each layer as its own multiply by alpha, which fold_alpha folds into the quantizer
     return (dv * alpha, None, dbias if bias is not None else None, du * alpha_up, None,
-            dbias_up if bias_up is not None else None, None, None, None, None)
+            dbias_up if bias_up is not None else None, None, None, None, None, None)
 
 
 gated_linear_region.register_autograd(_gated_backward, setup_context=_gated_setup_context)
 
 
 def binary_gated_linear_region(x, weight, bias, x_up, weight_up, bias_up, rng_state, layer, layer_up, activation,
-                               act_params, region):
+                               act_params, region, x_bits=None, x_up_bits=None, pack_signs=False):
     """Two ``library.binarized_linear`` calls (default alpha), ``activation`` after the first
     and their product, with both multiplies by alpha and bias adds moved into one region
-    that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction)."""
-    y = library.binary_linear(x, weight, rng_state, layer)[0]
-    y_up = library.binary_linear(x_up, weight_up, rng_state, layer_up)[0]
+    that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction).
+    ``x_bits``/``x_up_bits`` and ``pack_signs`` as in ``binary_linear_region``."""
+    y = _linear_raw(x, weight, rng_state, layer, x_bits)
+    y_up = _linear_raw(x_up, weight_up, rng_state, layer_up, x_up_bits)
     alpha, alpha_up = weight_scale(weight.detach(), layer), weight_scale(weight_up.detach(), layer_up)
     contraction = max(weight.shape[1], weight_up.shape[1])
-    return gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params,
-                               region)[0]
+    out, _, _, signs, ste = gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation,
+                                                act_params, region, pack_signs)
+    return (out, signs, ste) if pack_signs else out

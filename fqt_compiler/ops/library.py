@@ -12,7 +12,8 @@ Forward (one op per binarized layer, the forward GEMM):
 * ``binary_conv2d_packed`` is ``binary_conv2d`` given those two bit matrices of ``x`` (written
   by the fused region that produced ``x``) instead of packing ``x``; it returns ``Y_raw``
   and the weight's two bit matrices. ``x`` stays an input so that autograd routes the input
-  gradient to it.
+  gradient to it. ``binary_linear_packed`` is the same for ``binary_linear`` (the bits a
+  LayerNorm, RMSNorm or linear -> activation region wrote).
 
 Backward (one op per GEMM):
 
@@ -115,6 +116,23 @@ binary_linear = _define(
     _binary_linear, _binary_linear_fake)
 
 
+def _binary_linear_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, layer):
+    # From the sign bits, not from x, as _binary_conv2d_packed.
+    signs = torch.where(ref.unpack_activation(x_sign_bits, x.shape, "linear"), 1.0, -1.0)
+    return ref.binary_linear(signs, weight, torch.ones(weight.shape[0]), None), *ref.pack_weight(weight)
+
+
+def _binary_linear_packed_fake(x, x_sign_bits, x_ste_bits, weight, rng_state, layer):
+    y, _, _, *w_bits = _binary_linear_fake(x, weight, rng_state, layer)
+    return y, *w_bits
+
+
+binary_linear_packed = _define(
+    "binary_linear_packed(Tensor x, Tensor x_sign_bits, Tensor x_ste_bits, Tensor weight, Tensor rng_state, "
+    "int layer) -> (Tensor, Tensor, Tensor)",
+    _binary_linear_packed, _binary_linear_packed_fake)
+
+
 def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilation, layer):
     """The whole binarized layer the rewrite pass emits at the torch level: the forward op,
     then ``alpha`` (``mean |w|`` of the detached weight unless a learned alpha is given) and
@@ -125,9 +143,14 @@ def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilatio
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def binarized_linear(x, weight, bias, alpha, rng_state, layer):
-    """Linear counterpart of ``binarized_conv2d``."""
-    y = binary_linear(x, weight, rng_state, layer)[0]
+def binarized_linear(x, weight, bias, alpha, rng_state, layer, x_bits=None):
+    """Linear counterpart of ``binarized_conv2d``; ``x_bits``: ``x``'s packed ``(sign words,
+    STE words)`` from the region that wrote ``x``, read by ``binary_linear_packed`` instead of
+    packing ``x``."""
+    if x_bits is None:
+        y = binary_linear(x, weight, rng_state, layer)[0]
+    else:
+        y = binary_linear_packed(x, *x_bits, weight, rng_state, layer)[0]
     y = y * (ref.default_alpha(weight) if alpha is None else alpha)
     return y if bias is None else y + bias
 
@@ -277,7 +300,7 @@ linear_weight_grad_q = _define(
 def _register_autograd(forward_op, input_grad, weight_grad, *, packed_input=False):
     """Backward of a binarized layer: the two GEMMs on ``G'`` (which autograd already scaled by
     alpha, a float op after the forward op), with the packed activations saved by the forward:
-    its outputs, or with ``packed_input`` its inputs (``binary_conv2d_packed``)."""
+    its outputs, or with ``packed_input`` its inputs (``binary_{conv2d,linear}_packed``)."""
 
     def setup_context(ctx, inputs, output):
         if packed_input:
@@ -310,11 +333,13 @@ def _register_autograd(forward_op, input_grad, weight_grad, *, packed_input=Fals
 _register_autograd(binary_conv2d, conv2d_input_grad, conv2d_weight_grad)
 _register_autograd(binary_conv2d_packed, conv2d_input_grad, conv2d_weight_grad, packed_input=True)
 _register_autograd(binary_linear, linear_input_grad, linear_weight_grad)
+_register_autograd(binary_linear_packed, linear_input_grad, linear_weight_grad, packed_input=True)
 
 # Ops the passes look up by role.
 FORWARD_OPS = {"conv2d": torch.ops.fqt.binary_conv2d.default,
                "linear": torch.ops.fqt.binary_linear.default}
-PACKED_INPUT_OPS = {torch.ops.fqt.binary_conv2d_packed.default}   # the saved x bits are inputs 1, 2
+# the saved x bits are inputs 1, 2
+PACKED_INPUT_OPS = {torch.ops.fqt.binary_conv2d_packed.default, torch.ops.fqt.binary_linear_packed.default}
 GRAD_OPS = {  # float-G' GEMM -> (layer kind, SCQ path, quantized-G' GEMM)
     torch.ops.fqt.conv2d_input_grad.default:
         ("conv2d", ref.PATH_INPUT, torch.ops.fqt.conv2d_input_grad_q.default),

@@ -24,15 +24,17 @@ def _note(node: fx.Node, plan: dict) -> str:
     if op in ("binary_conv2d", "binary_linear"):
         layer = plan[args["layer"]]
         return f"layer {layer.index} {layer.name}: W1 A1 -> y_raw, packed x and W sign + STE bits"
-    if op == "binary_conv2d_packed":
+    if op in ("binary_conv2d_packed", "binary_linear_packed"):
         layer = plan[args["layer"]]
         return (f"layer {layer.index} {layer.name}: W1 A1 -> y_raw from the x sign + STE bits the "
                 f"region before it wrote, packed W sign + STE bits")
-    if op in ("binary_conv2d_scaled", "binary_linear_scaled"):
+    if op in ("binary_conv2d_scaled", "binary_linear_scaled", "binary_linear_packed_scaled"):
         layer = plan[args["layer"]]
         bias = " + bias" if node.kwargs.get("bias") is not None else ""
+        x_bits = ("x sign + STE bits from the region before it, packed W" if op.endswith("packed_scaled")
+                  else "packed x and W")
         return (f"layer {layer.index} {layer.name}: W1 A1 -> alpha * y_raw{bias} (alpha{bias} in the GEMM "
-                f"epilogue), packed x and W sign + STE bits")
+                f"epilogue), {x_bits} sign + STE bits")
     if op in ("aq_sample", "quantize_gradient"):
         layer = plan[args["layer"]]
         grouping = ref.grouping(args["method"], args["path"])

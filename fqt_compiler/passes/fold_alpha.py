@@ -1,8 +1,9 @@
 """Fold the per-channel scale alpha into the kernels (kernel backend only).
 
 Matches, in the forward graph: ``aten.mul(getitem(fqt.binary_{conv2d,linear}(...), 0),
-alpha)`` where ``Y_raw`` has no other user (so not with a learned alpha, whose gradient
-needs ``Y_raw``). Produces ``fqt.binary_*_scaled(x, weight, alpha, ...)``, whose GEMM
+alpha)`` (or ``fqt.binary_linear_packed``) where ``Y_raw`` has no other user (so not with a
+learned alpha, whose gradient needs ``Y_raw``). Produces ``fqt.binary_*_scaled(x, weight,
+alpha, ...)`` (alpha after the weight, ``ops.fused.WEIGHT_INPUT``), whose GEMM
 epilogue applies alpha: one float pass over every binarized layer's output less. A linear
 layer's bias add that is the product's only user, ``aten.add(alpha * Y_raw, bias)`` with
 a bias of O elements (defined before the multiply), folds too (``bias=``): one more pass
@@ -22,13 +23,13 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true, sym_eq
 
-from ..ops.fused import FUSED, SCALED
+from ..ops.fused import FUSED, SCALED, WEIGHT_INPUT
 from .infra import PassResult
 
 aten = torch.ops.aten
 _MULS = (aten.mul.Tensor,)
 _ADDS = (aten.add.Tensor,)
-_WITH_BIAS = (torch.ops.fqt.binary_linear.default,)
+_WITH_BIAS = (torch.ops.fqt.binary_linear.default, torch.ops.fqt.binary_linear_packed.default)
 
 
 def _channel_scale(mul: fx.Node, full: fx.Node, channels: int):
@@ -44,7 +45,8 @@ def _fold_forward(graph: fx.Graph, node: fx.Node, order: dict) -> bool:
     if y_raw is None or len(y_raw.users) != 1 or len(outputs) != len(node.users):
         return False
     mul = next(iter(y_raw.users))
-    channels = node.args[1].meta["val"].shape[0]
+    w = WEIGHT_INPUT.get(node.target, 1)
+    channels = node.args[w].meta["val"].shape[0]
     if mul.target not in _MULS or (alpha := _channel_scale(mul, y_raw, channels)) is None:
         return False
     # alpha is computed after the forward op: the scaled op goes where the multiply was, so
@@ -52,9 +54,8 @@ def _fold_forward(graph: fx.Graph, node: fx.Node, order: dict) -> bool:
     if any(order[user] < order[mul] for out in outputs if out is not y_raw for user in out.users):
         return False
     bias_add = _bias_add(mul, channels, order) if node.target in _WITH_BIAS else None
-    x, weight, *rest = node.args
     with graph.inserting_before(mul):
-        scaled = graph.call_function(SCALED[node.target], (x, weight, alpha, *rest),
+        scaled = graph.call_function(SCALED[node.target], (*node.args[:w + 1], alpha, *node.args[w + 1:]),
                                      {} if bias_add is None else {"bias": bias_add[1]})
         scaled.meta.update(node.meta)
         for out in outputs:

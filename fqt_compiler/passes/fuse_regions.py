@@ -50,7 +50,12 @@ and STE bits too (``pack_signs``: the kernel derives them from the values it sto
 same pass), and those calls take them (``x_bits``: ``library.binary_conv2d_packed``) instead
 of packing ``x`` themselves; the region's note and line name the layers it packs for. The
 float output stays (the conv's input gradient flows through it, and the residual adds and
-float layers that read it keep reading it). Anything else ends a region: it stays as
+float layers that read it keep reading it). Likewise (unless ``PACK_ROW_REGIONS`` is off)
+every LayerNorm, RMSNorm, linear or gated linear region whose output is the input ``x`` of
+``library.binarized_linear`` calls or of linear and gated regions' layers (``x``,
+``x_up``), directly or through an identity ``F.dropout`` (``p=0`` or not training), writes
+the output's sign and STE bits row by row and those take them as ``x_bits`` /
+``x_up_bits`` (``library.binary_linear_packed``). Anything else ends a region: it stays as
 captured, so correctness never depends on the match.
 Invariants: values are those of the unfused chain up to float32 rounding (the reference
 of each fused op is that chain); every new node has ``meta["val"]`` and the
@@ -72,6 +77,8 @@ from ..ops.fused_regions import (ACTIVATION_MASKS, batch_norm_region, binary_con
                                  binary_gated_linear_region, binary_linear_region, conv2d_region,
                                  layer_norm_region, raw_dtype, rms_norm_region)
 from .annotate_layers import linear_call
+from .fuse_dropout import _arguments as _dropout_arguments
+from .fuse_dropout import _is_identity
 from .infra import PassResult, insert_call, set_val
 
 KEYS = ("val", "example_value")
@@ -274,8 +281,7 @@ def _fuse(gm: fx.GraphModule, bn: fx.Node, regions_out: list) -> bool:
         fn, args, input_note = batch_norm_region, (a["input"], *region_args, None, 0, residual), ""
     if residual is not None:
         input_note += "; residual: " + _residual_note(activation)
-    new = _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
-    new.meta["fqt_region_line"] = len(regions_out) - 1
+    _replace(gm, chain, fn, args, f"{name} ({'train' if training else 'eval'})", regions_out, input_note)
     if conv is not None or float_conv is not None:
         gm.graph.erase_node(a["input"])
     return True
@@ -295,6 +301,7 @@ def _replace(gm: fx.GraphModule, chain: list, fn, args: tuple, label: str, regio
     replaced += input_note
     new.meta["fqt_note"] = f"fused region {label}: {replaced}"
     regions_out.append(f"{label}: {replaced}")
+    new.meta["fqt_region_line"] = len(regions_out) - 1
     last.replace_all_uses_with(new)
     for node in reversed(chain):
         gm.graph.erase_node(node)
@@ -315,11 +322,20 @@ def _pack_for_binarized_convs(gm: fx.GraphModule, region: fx.Node, regions_out: 
     out = _val(region)
     if not convs or not statically_known_true(out.shape[2] * out.shape[3] >= PACK_MIN_PLANE):
         return False
+    readers = [(conv, "x_bits", _region_name(conv.args[1])) for conv in convs]
+    _write_bits(gm, region, readers, regions_out)
+    return True
+
+
+def _write_bits(gm: fx.GraphModule, region: fx.Node, readers: list, regions_out: list) -> None:
+    """Put ``region`` with ``pack_signs=True`` in its place, and give each reader ``(node,
+    keyword, layer name)`` the bits as ``keyword``; the notes and the region's line name
+    the layers."""
     graph = gm.graph
     with graph.inserting_after(region):
         packing = graph.call_function(region.target, region.args, {**region.kwargs, "pack_signs": True})
     set_val(packing, KEYS)
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "fqt_region_line"):
         if key in region.meta:
             packing.meta[key] = region.meta[key]
     items, before = [], packing
@@ -330,19 +346,67 @@ def _pack_for_binarized_convs(gm: fx.GraphModule, region: fx.Node, regions_out: 
             before.meta[key] = value
         items.append(before)
     region.replace_all_uses_with(items[0])
-    for conv in convs:
-        conv.kwargs = {**conv.kwargs, "x_bits": tuple(items[1:])}
-        conv.meta["fqt_note"] += f"; x as the sign + STE bits {_region_name(region.args[_WEIGHT[region.target]])} wrote"
-    layers = ", ".join(_region_name(conv.args[1]) for conv in convs)
+    writer = _region_name(region.args[_WEIGHT[region.target]])
+    for node, keyword, _ in readers:
+        node.kwargs = {**node.kwargs, keyword: tuple(items[1:])}
+        note = f"; {'x_up' if keyword == 'x_up_bits' else 'x'} as the sign + STE bits {writer} wrote"
+        node.meta["fqt_note"] = node.meta.get("fqt_note", f"binarized {_region_name(node.args[1])}") + note
+    layers = ", ".join(dict.fromkeys(name for *_, name in readers))
     note = f"; writes the sign + STE bits of its output for {layers}"
     packing.meta["fqt_note"] = region.meta["fqt_note"] + note
     regions_out[region.meta["fqt_region_line"]] += note
     graph.erase_node(region)
+
+
+# where each region call takes its normalization's (or linear layer's) weight, named after the module
+_WEIGHT = {batch_norm_region: 3, binary_conv2d_region: 9, conv2d_region: 9, layer_norm_region: 1,
+           rms_norm_region: 1, binary_linear_region: 1, binary_gated_linear_region: 1}
+
+# Row regions whose output the binarized linear layers reading it take as packed bits.
+_ROW_REGIONS = (layer_norm_region, rms_norm_region, binary_linear_region, binary_gated_linear_region)
+# Whether row regions write those bits (the comparison with the layers packing their input
+# themselves, in tests and benchmarks, switches it off).
+PACK_ROW_REGIONS = True
+
+
+def _identity_dropout(node: fx.Node, source: fx.Node) -> bool:
+    """Whether ``node`` is ``F.dropout(source)`` that returns its input (``p == 0`` or not
+    training: ``fuse_dropout`` leaves those as captured), as timm's ``Mlp`` has between its
+    activation and ``fc2``."""
+    a = _dropout_arguments(node) if node.op == "call_function" and node.target is F.dropout else None
+    return a is not None and a["input"] is source and a["inplace"] is False and _is_identity(a)
+
+
+def _linear_readers(region: fx.Node) -> list:
+    """``(node, keyword, layer name)`` of each binarized linear layer reading ``region``'s
+    output as its input, directly or through an identity dropout (``_identity_dropout``): a
+    ``library.binarized_linear`` call (``x``), a linear region's layer (``x``) or either
+    layer of a gated one (``x``, ``x_up``)."""
+    readers = []
+    sources = [region, *(u for u in region.users if _identity_dropout(u, region))]
+    for source in sources:
+        for user in source.users:
+            if user.target is library.binarized_linear:
+                a = _bind(library.binarized_linear, user)
+                if a is not None and a["x"] is source and a["x_bits"] is None:
+                    readers.append((user, "x_bits", _region_name(a["weight"])))
+            elif user.target in (binary_linear_region, binary_gated_linear_region) and user.args[0] is source:
+                readers.append((user, "x_bits", _region_name(user.args[1])))
+            if user.target is binary_gated_linear_region and user.args[3] is source:
+                readers.append((user, "x_up_bits", _region_name(user.args[4])))
+    return readers
+
+
+def _pack_for_binarized_linears(gm: fx.GraphModule, region: fx.Node, regions_out: list) -> bool:
+    """Have a row region write its output's sign and STE bits (row by row, as a binarized
+    linear layer packs its input) for the binarized linear layers reading that output, and
+    those read them."""
+    out = _val(region)
+    readers = _linear_readers(region)
+    if not readers or out is None or out.dtype != torch.float32:
+        return False
+    _write_bits(gm, region, readers, regions_out)
     return True
-
-
-# where each region call takes its BatchNorm weight (named after the module)
-_WEIGHT = {batch_norm_region: 3, binary_conv2d_region: 9, conv2d_region: 9}
 
 
 def _normalizes_last_dim(x: fx.Node, shape) -> bool:
@@ -530,6 +594,8 @@ def fuse_regions(gm: fx.GraphModule, *, regions_out: list) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _BN_REGIONS:
             _pack_for_binarized_convs(gm, node, regions_out)
+        elif node.op == "call_function" and node.target in _ROW_REGIONS and PACK_ROW_REGIONS:
+            _pack_for_binarized_linears(gm, node, regions_out)
     if fused:
         gm.recompile()
     return PassResult(gm, bool(fused))

@@ -6,7 +6,8 @@ raw, mask, signs, ste)`` and ``region_backward(dy, x, argmax, region, ...)`` ret
 dres)`` (with ``Region.raw_bits``: ``x`` is the raw GEMM result, ``raw`` its int copy for
 backward; with ``Region.mask_bits``: ``mask`` the activation's mask bits for backward; with
 ``Region.pack_signs``: ``signs``/``ste`` the output's packed sign and STE bits, the word
-matrices of ``pack.pack_signs_and_ste(out.flatten(1))``),
+matrices of ``pack.pack_signs_and_ste(out.flatten(1))``, a row region's those of its
+``[rows, D]`` output; the linear regions' ``_linear_forward`` likewise),
 for an NCHW ``x`` (a row region's ``[1, rows, 1, D]``, split over rows in whole
 ``ROW_BLOCK``s); see ``ops/fused_regions.py`` for the op semantics and its reference (the
 unfused chain).
@@ -88,8 +89,9 @@ def region_forward(x, region: gen.Region, gamma, beta, mean=None, invstd=None, a
                       if region.pool and region.pool_mode == "max" else [0], dtype=torch.uint8)
     mask = torch.empty(_mask_shape(region, x), dtype=torch.uint8)
     raw = buffers.empty(x.shape if region.raw_bits else [0], _INT.get(region.raw_bits, torch.int16))
-    # the kernel ORs the bits in: zeroed, padding words included
-    signs, ste = buffers.zeros((2, n, padded_words(c * shape[2] * shape[3]) if region.pack_signs else 0),
+    # the kernel ORs the bits in: zeroed, padding words included; a row region packs rows
+    bit_rows, bits = (c, w) if region.axis == "row" else (n, c * shape[2] * shape[3])
+    signs, ste = buffers.zeros((2, bit_rows, padded_words(bits) if region.pack_signs else 0),
                                torch.int64).unbind()
     alpha = _alpha(alpha, region)
     var = torch.empty(c)
@@ -265,9 +267,15 @@ def conv2d_bn_region_backward(*args, layer_name="?", target="host"):
 
 
 @functools.lru_cache(maxsize=None)
-def _row_region(eps, activation, act_params: tuple, centered: bool = True) -> gen.Region:
+def _row_region(eps, activation, act_params: tuple, centered: bool = True, pack_signs: bool = False) -> gen.Region:
     # cached: building the frozen dataclasses costs more than a small region's kernel call
-    return gen.Region(True, gen.Activation(activation, act_params), eps=float(eps), axis="row", centered=centered)
+    return gen.Region(True, gen.Activation(activation, act_params), eps=float(eps), axis="row", centered=centered,
+                      pack_signs=pack_signs)
+
+
+def _row_bits(signs, ste, x):
+    """A row region's packed output bits as ``[rows, words]`` (empty without ``pack_signs``)."""
+    return (signs, ste) if signs.numel() else (x.new_empty(0, dtype=torch.int64),) * 2
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -276,11 +284,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @implements("ln_region")
-def ln_region(x, weight, bias, eps, activation, act_params, region, *, layer_name="?", target="host"):
+def ln_region(x, weight, bias, eps, activation, act_params, region, pack_signs=False, *, layer_name="?",
+              target="host"):
     with stats.timed(layer_name, "region_forward"):
-        region_ = _row_region(eps, activation, tuple(act_params))
-        out, _, mean, _, invstd = region_forward(_rows(x), region_, weight, bias, target=target)[:5]
-        return out.view(x.shape), mean.view(x.shape[:-1]), invstd.view(x.shape[:-1])
+        region_ = _row_region(eps, activation, tuple(act_params), True, pack_signs)
+        out, _, mean, _, invstd, _, _, signs, ste = region_forward(_rows(x), region_, weight, bias, target=target)
+        return out.view(x.shape), mean.view(x.shape[:-1]), invstd.view(x.shape[:-1]), *_row_bits(signs, ste, x)
 
 
 @implements("ln_region_backward")
@@ -294,11 +303,12 @@ def ln_region_backward(dy, x, weight, bias, mean, invstd, eps, activation, act_p
 
 
 @implements("rms_region")
-def rms_region(x, weight, eps, activation, act_params, region, *, layer_name="?", target="host"):
+def rms_region(x, weight, eps, activation, act_params, region, pack_signs=False, *, layer_name="?", target="host"):
     with stats.timed(layer_name, "region_forward"):
-        region_ = _row_region(eps, activation, tuple(act_params), False)
-        out, _, _, _, invstd = region_forward(_rows(x), region_, weight, torch.empty(0), target=target)[:5]
-        return out.view(x.shape), invstd.view(x.shape[:-1])
+        region_ = _row_region(eps, activation, tuple(act_params), False, pack_signs)
+        out, _, _, _, invstd, _, _, signs, ste = region_forward(_rows(x), region_, weight, torch.empty(0),
+                                                                target=target)
+        return out.view(x.shape), invstd.view(x.shape[:-1]), *_row_bits(signs, ste, x)
 
 
 @implements("rms_region_backward")
@@ -313,8 +323,9 @@ def rms_region_backward(dy, x, weight, invstd, eps, activation, act_params, regi
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_region(activation, act_params: tuple, raw_bits: int, bias: bool, gated: bool = False) -> gen.LinearRegion:
-    return gen.LinearRegion(gen.Activation(activation, act_params), raw_bits, bias, gated)
+def _linear_region(activation, act_params: tuple, raw_bits: int, bias: bool, gated: bool = False,
+                   pack_signs: bool = False) -> gen.LinearRegion:
+    return gen.LinearRegion(gen.Activation(activation, act_params), raw_bits, bias, gated, pack_signs)
 
 
 def _vector(t: torch.Tensor | None) -> torch.Tensor:
@@ -326,12 +337,15 @@ def _layers(first, up):
     return [first] if up is None else [first, up]
 
 
-def _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params, up=None):
-    """``(out, raw)`` of a linear region, or gated (``up``: ``(y_up, alpha_up, bias_up)``)
-    ``(out, raw, raw_up)``."""
+def _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params, up=None,
+                    pack_signs=False):
+    """``(out, raw, signs, ste)`` of a linear region, or gated (``up``: ``(y_up, alpha_up,
+    bias_up)``) ``(out, raw, raw_up, signs, ste)``; ``signs``/``ste``: with ``pack_signs``
+    the output's packed bits ``[rows, words]``, else empty."""
     with stats.timed(layer_name, "region_forward"):
         dtype = fused_regions.raw_dtype(contraction)
-        spec = _linear_region(activation, tuple(act_params), torch.iinfo(dtype).bits, bias is not None, up is not None)
+        spec = _linear_region(activation, tuple(act_params), torch.iinfo(dtype).bits, bias is not None, up is not None,
+                              pack_signs)
         operands = []   # per layer: y, alpha, bias, raw (the kernel's argument order)
         for y_, alpha_, bias_ in _layers((y, alpha, bias), up):
             if y_.shape != y.shape:
@@ -339,22 +353,29 @@ def _linear_forward(layer_name, target, y, alpha, bias, contraction, activation,
                                  f"{list(y.shape)} and {list(y_.shape)}")
             operands.append((_f32(y_), _vector(alpha_), _vector(bias_), buffers.empty(y.shape, dtype)))
         out = buffers.empty(y.shape)
+        rows, d = y.numel() // max(1, y.shape[-1]), y.shape[-1]
+        # the kernel ORs the bits of rows that do not fill whole bytes in: zeroed
+        signs, ste = (buffers.zeros((2, rows, padded_words(d)), torch.int64).unbind() if pack_signs
+                      else (y.new_empty(0, dtype=torch.int64),) * 2)
         first, second = operands[0], operands[1] if up is not None else (torch.empty(0),) * 4
-        parallel_rows(_fn("linear_region_forward", target, spec), y.numel() // max(1, y.shape[-1]),
-                      *[t.data_ptr() for t in (*first[:3], out, first[3], *second)], y.shape[-1])
-        return (out, *[raw for *_, raw in operands])
+        parallel_rows(_fn("linear_region_forward", target, spec), rows,
+                      *[t.data_ptr() for t in (*first[:3], out, first[3], *second, signs, ste)],
+                      signs.shape[1] if pack_signs else 0, d)
+        return (out, *[raw for *_, raw in operands], signs, ste)
 
 
 @implements("linear_act_region")
-def linear_act_region(y, alpha, bias, contraction, activation, act_params, region, *, layer_name="?", target="host"):
-    return _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params)
+def linear_act_region(y, alpha, bias, contraction, activation, act_params, region, pack_signs=False, *,
+                      layer_name="?", target="host"):
+    return _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params,
+                           pack_signs=pack_signs)
 
 
 @implements("gated_linear_region")
-def gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region, *,
-                        layer_name="?", target="host"):
+def gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation, act_params, region,
+                        pack_signs=False, *, layer_name="?", target="host"):
     return _linear_forward(layer_name, target, y, alpha, bias, contraction, activation, act_params,
-                           up=(y_up, alpha_up, bias_up))
+                           up=(y_up, alpha_up, bias_up), pack_signs=pack_signs)
 
 
 def _linear_backward(layer_name, target, dy, raw, alpha, bias, activation, act_params, up=None):

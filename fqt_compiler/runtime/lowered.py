@@ -5,7 +5,8 @@ Each function has its op's schema (plus the keywords ``layer_name``, for statist
 the JIT kernels:
 
 forward      pack signs + STE bits of x (unless the region that wrote x packed them) -> im2col
-             from the packed bits -> binary GEMM; returns W's sign + STE bits for the backward
+             from the packed bits (a conv) -> binary GEMM; returns W's sign + STE bits for the
+             backward
 input grad   quantize G' per sample into bit planes (kept samples only) -> gather the code
              words of each tap (a transposed convolution) -> bit-plane GEMM with sign(W)
              packed along (tap, output channel), from the saved sign(W) bits -> zero-point
@@ -191,13 +192,19 @@ def binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation,
     return _conv_forward(x, weight, _channels(alpha), stride, padding, dilation, layer_name, target)
 
 
-def _linear_forward(x, weight, scale, layer_name, target, bias=None):
-    x2 = _float32(x).reshape(-1, x.shape[-1])
+def _linear_forward(x, weight, scale, layer_name, target, bias=None, x_bits=None):
+    """``(Y, x sign words, x STE words, W sign words, W STE words)``; ``x_bits``: x's words,
+    already packed (then x's values are not read)."""
     o, f = weight.shape
     with stats.timed(layer_name, "pack"):
-        signs, mask = pack_signs_and_ste(x2, target=target, reuse=True)
+        if x_bits is None:
+            x2 = _float32(x).reshape(-1, x.shape[-1])
+            signs, mask = pack_signs_and_ste(x2, target=target, reuse=True)
+        else:
+            shape = (x.numel() // max(1, x.shape[-1]), x.shape[-1])
+            signs, mask = (_packed(words, shape, layer_name, "input") for words in x_bits)
         w_bits = _weight_signs(weight, target)
-    with stats.timed(layer_name, "forward", binary_macs=x2.shape[0] * o * f,
+    with stats.timed(layer_name, "forward", binary_macs=signs.rows * o * f,
                      saved_bytes=signs.nbytes + mask.nbytes):
         y = binary_gemm(signs, w_bits.signs, scale=scale, bias=_channels(bias), target=target)
     return y.view(*x.shape[:-1], o), signs.words, mask.words, w_bits.signs.words, w_bits.ste.words
@@ -211,6 +218,21 @@ def binary_linear(x, weight, rng_state, layer, *, layer_name="?", target="host")
 @implements("binary_linear_scaled", glue=True)
 def binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None, *, layer_name="?", target="host"):
     return _linear_forward(x, weight, _channels(alpha), layer_name, target, bias)
+
+
+@implements("binary_linear_packed", glue=True)
+def binary_linear_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, layer, *, layer_name="?", target="host"):
+    y, _, _, *w_bits = _linear_forward(x, weight, _ones(weight.shape[0]), layer_name, target,
+                                       x_bits=(x_sign_bits, x_ste_bits))
+    return y, *w_bits
+
+
+@implements("binary_linear_packed_scaled", glue=True)
+def binary_linear_packed_scaled(x, x_sign_bits, x_ste_bits, weight, alpha, rng_state, layer, bias=None, *,
+                                layer_name="?", target="host"):
+    y, _, _, *w_bits = _linear_forward(x, weight, _channels(alpha), layer_name, target, bias,
+                                       x_bits=(x_sign_bits, x_ste_bits))
+    return y, *w_bits
 
 
 # --------------------------------------------------------------------------- backward
