@@ -669,21 +669,41 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     w = k.get(width)
     s_run, d_run = k.get(src, order.type), k.get(dst, order.type)
     s_sc, d_sc = k.get(src_r, order.type), k.get(dst_r, order.type)
+    # Each merge runs from both ends at once, two independent chains of dependent loads:
+    # the front takes the first half of the output in order (the left run's score on a
+    # tie), the back the rest from the last position down (the right run's on a tie), so
+    # both place every element where the stable merge does.
     with k.loop(0, n, b.mul(w, ir.Constant(I64, 2))) as first:
         mid, last = smin(b, b.add(first, w), n), smin(b, b.add(first, b.mul(w, ir.Constant(I64, 2))), n)
-        i, j = k.var(I64, first), k.var(I64, mid)
-        with k.loop(first, last) as out:
+        count = b.sub(last, first)
+        front = b.sdiv(b.add(count, one64), ir.Constant(I64, 2))
+        i, j = k.var(I64, first), k.var(I64, mid)               # front heads
+        bi, bj = k.var(I64, b.sub(mid, one64)), k.var(I64, b.sub(last, one64))   # back tails
+        top = b.sub(n, one64)
+        with k.loop(0, front) as step:
             iv, jv = k.get(i), k.get(j)
-            top = b.sub(n, one64)
             left = b.icmp_signed("<", iv, mid)
             right = b.icmp_signed("<", jv, last)
             # Clamped positions: an exhausted run's index is never taken, but is loaded.
             ri, rj = r_at(s_sc, smin(b, iv, top)), r_at(s_sc, smin(b, jv, top))
             take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered(">=", ri, rj)))
+            out = b.add(first, step)
             b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
             b.store(b.select(take, ri, rj), k.gep(d_sc, out, F64))
             k.set(i, b.add(iv, b.zext(take, I64)))
             k.set(j, b.add(jv, b.zext(b.not_(take), I64)))
+            with b.if_then(b.icmp_signed("<", step, b.sub(count, front))):
+                iv, jv = k.get(bi), k.get(bj)
+                left = b.icmp_signed(">=", iv, first)
+                right = b.icmp_signed(">=", jv, mid)
+                li = r_at(s_sc, b.select(left, iv, zero64))   # bj stays >= mid - 1 >= 0
+                rj = r_at(s_sc, jv)
+                take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered("<", li, rj)))
+                out = b.sub(b.sub(last, one64), step)
+                b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
+                b.store(b.select(take, li, rj), k.gep(d_sc, out, F64))
+                k.set(bi, b.sub(iv, b.zext(take, I64)))
+                k.set(bj, b.sub(jv, b.zext(b.not_(take), I64)))
     k.set(src, d_run)
     k.set(dst, s_run)
     k.set(src_r, d_sc)
