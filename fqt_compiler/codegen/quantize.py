@@ -525,10 +525,14 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
                         valid = b.icmp_signed("<", b.add(k.splat(at, width), lanes), k.splat(in_block, width))
                         ch = per_channel("channels", mi, valid, const_vec(width, 0))
                         # Lanes past the block read lane 0's channel (their codes are
-                        # discarded): an unmasked gather, which targets without fast gathers
-                        # lower to plain loads rather than a branch per lane.
+                        # discarded). One scalar load per lane rather than a gather
+                        # instruction: the loads issue several per cycle where a hardware
+                        # gather (microcoded on AMD) takes about a cycle per lane.
                         safe = b.select(valid, ch, k.splat(b.extract_element(ch, ir.Constant(I32, 0)), width))
-                        v = masked_gather(b, k.vgep(row, safe, 4), const_vec(width, 1, I1), const_vec(width, 0.0, F32))
+                        v = const_vec(width, 0.0, F32)
+                        for lane in range(width):
+                            at_lane = b.extract_element(safe, ir.Constant(I32, lane))
+                            v = b.insert_element(v, b.load(k.gep(row, at_lane), typ=F32), ir.Constant(I32, lane))
                         scaled = b.fmul(v, per_channel("alpha", mi, b.and_(valid, k.splat(has_alpha, width)), ones))
                         v = b.select(k.splat(has_alpha, width), scaled, v)   # no multiply without alpha
                         # _state of counter r*O + o
