@@ -493,6 +493,10 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
     zero_codes = const_vec(width, 0, I32)
     with k.b.goto_block(k.fn.basic_blocks[0]):
         tile = b.alloca(ir.ArrayType(I64, bits * COL_BLOCKS * LANES))
+        # channels[m] * GOLDEN of this pass's kept channels: the state of counter r*O + o,
+        # key + (r*O + 1)*GOLDEN + o*GOLDEN (mod 2**64, exact), adds it to a per-row scalar
+        # rather than multiplying every lane of every row.
+        col_states = b.alloca(ir.ArrayType(I64, COL_BLOCKS * LANES))
 
     def word_at(p, block, i):   # plane p, channel block, row i of the tile
         index = b.add(b.mul(b.add(ir.Constant(I64, p * COL_BLOCKS), block), c64), i)
@@ -504,18 +508,20 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
 
     row_blocks = b.sdiv(b.add(a["R"], ir.Constant(I64, LANES - 1)), c64)
     has_alpha = b.icmp_unsigned("!=", b.ptrtoint(a["alpha"], I64), ir.Constant(I64, 0))
-    golden = const_vec(width, i64(rng.GOLDEN).constant)
     ones = const_vec(width, 1.0, F32)
     with k.loop(a["t0"], a["t1"]) as rb:
         r0 = b.mul(rb, c64)
         height = smin(b, b.sub(a["R"], r0), c64)
         with k.loop(0, a["rows"], COL_BLOCKS * LANES) as m0:
-            blocks = b.sdiv(b.add(smin(b, b.sub(a["rows"], m0), ir.Constant(I64, COL_BLOCKS * LANES)),
-                                  ir.Constant(I64, LANES - 1)), c64)
+            in_pass = smin(b, b.sub(a["rows"], m0), ir.Constant(I64, COL_BLOCKS * LANES))
+            blocks = b.sdiv(b.add(in_pass, ir.Constant(I64, LANES - 1)), c64)
+            with k.loop(0, in_pass) as j:
+                ch = b.load(k.gep(a["channels"], b.add(m0, j), I64), typ=I64)
+                b.store(b.mul(ch, i64(rng.GOLDEN)), b.gep(col_states, [ir.Constant(I32, 0), j]))
             with k.loop(0, height) as i:
                 r = b.add(r0, i)
                 row = k.gep(a["g"], b.mul(r, a["ld"]))
-                row_ctr = k.splat(b.add(b.mul(r, a["O"]), ir.Constant(I64, 1)), width)
+                row_state = k.splat(_state(k, a["key"], b.mul(r, a["O"])), width)
                 with k.loop(0, blocks) as blk:
                     first = b.add(m0, b.mul(blk, c64))
                     in_block = smin(b, b.sub(a["rows"], first), c64)
@@ -536,7 +542,8 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
                         scaled = b.fmul(v, per_channel("alpha", mi, b.and_(valid, k.splat(has_alpha, width)), ones))
                         v = b.select(k.splat(has_alpha, width), scaled, v)   # no multiply without alpha
                         # _state of counter r*O + o
-                        state = b.add(k.splat(a["key"], width), b.mul(b.add(row_ctr, ch), golden))
+                        col = b.gep(col_states, [ir.Constant(I32, 0), b.sub(mi, m0)])
+                        state = b.add(row_state, masked_load(b, col, valid, const_vec(width, 0)))
                         codes = _codes(k, v, per_channel("zero", mi, valid, const_vec(width, 0.0, F32)),
                                        per_channel("scale", mi, valid, const_vec(width, 0.0, F32)), state, bits)
                         code = b.select(valid, codes, zero_codes)
