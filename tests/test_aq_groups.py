@@ -67,6 +67,18 @@ def test_ties_and_tiny_scores_keep_the_stable_order():
     assert_bitwise(decide(lo, hi, 4, "input"), expected(lo, hi, 4, "input"))
 
 
+@pytest.mark.parametrize("target", KERNEL_TARGETS)
+def test_stable_order_at_every_size(target):
+    """Every group count up to a few merge widths (odd, powers of two and one past them), with
+    three score values repeating out of phase with the runs, so ties meet across every run
+    boundary of the sort and the budget's stop falls inside a run of equal scores."""
+    for n in range(1, 140):
+        lo = torch.zeros(n)
+        hi = torch.tensor([1.0, 3.0, 1.0, 2.0, 3.0])[torch.arange(n) % 5]
+        for bits in (2, 8):
+            assert_bitwise(decide(lo, hi, bits, "weight", target), expected(lo, hi, bits, "weight"))
+
+
 def test_float64_scores_of_aq_opt():
     lo, hi = statistics(97, 1)
     scores = torch.rand(97, dtype=torch.float64) * torch.tensor([1.0, 1e-300, 1e30]).repeat(33)[:97]

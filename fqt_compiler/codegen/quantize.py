@@ -493,6 +493,10 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
     zero_codes = const_vec(width, 0, I32)
     with k.b.goto_block(k.fn.basic_blocks[0]):
         tile = b.alloca(ir.ArrayType(I64, bits * COL_BLOCKS * LANES))
+        # channels[m] * GOLDEN of this pass's kept channels: the state of counter r*O + o,
+        # key + (r*O + 1)*GOLDEN + o*GOLDEN (mod 2**64, exact), adds it to a per-row scalar
+        # rather than multiplying every lane of every row.
+        col_states = b.alloca(ir.ArrayType(I64, COL_BLOCKS * LANES))
 
     def word_at(p, block, i):   # plane p, channel block, row i of the tile
         index = b.add(b.mul(b.add(ir.Constant(I64, p * COL_BLOCKS), block), c64), i)
@@ -504,18 +508,20 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
 
     row_blocks = b.sdiv(b.add(a["R"], ir.Constant(I64, LANES - 1)), c64)
     has_alpha = b.icmp_unsigned("!=", b.ptrtoint(a["alpha"], I64), ir.Constant(I64, 0))
-    golden = const_vec(width, i64(rng.GOLDEN).constant)
     ones = const_vec(width, 1.0, F32)
     with k.loop(a["t0"], a["t1"]) as rb:
         r0 = b.mul(rb, c64)
         height = smin(b, b.sub(a["R"], r0), c64)
         with k.loop(0, a["rows"], COL_BLOCKS * LANES) as m0:
-            blocks = b.sdiv(b.add(smin(b, b.sub(a["rows"], m0), ir.Constant(I64, COL_BLOCKS * LANES)),
-                                  ir.Constant(I64, LANES - 1)), c64)
+            in_pass = smin(b, b.sub(a["rows"], m0), ir.Constant(I64, COL_BLOCKS * LANES))
+            blocks = b.sdiv(b.add(in_pass, ir.Constant(I64, LANES - 1)), c64)
+            with k.loop(0, in_pass) as j:
+                ch = b.load(k.gep(a["channels"], b.add(m0, j), I64), typ=I64)
+                b.store(b.mul(ch, i64(rng.GOLDEN)), b.gep(col_states, [ir.Constant(I32, 0), j]))
             with k.loop(0, height) as i:
                 r = b.add(r0, i)
                 row = k.gep(a["g"], b.mul(r, a["ld"]))
-                row_ctr = k.splat(b.add(b.mul(r, a["O"]), ir.Constant(I64, 1)), width)
+                row_state = k.splat(_state(k, a["key"], b.mul(r, a["O"])), width)
                 with k.loop(0, blocks) as blk:
                     first = b.add(m0, b.mul(blk, c64))
                     in_block = smin(b, b.sub(a["rows"], first), c64)
@@ -525,14 +531,19 @@ def quantize_pack_cols_ir(target: str | Target = "host", *, bits: int) -> Kernel
                         valid = b.icmp_signed("<", b.add(k.splat(at, width), lanes), k.splat(in_block, width))
                         ch = per_channel("channels", mi, valid, const_vec(width, 0))
                         # Lanes past the block read lane 0's channel (their codes are
-                        # discarded): an unmasked gather, which targets without fast gathers
-                        # lower to plain loads rather than a branch per lane.
+                        # discarded). One scalar load per lane rather than a gather
+                        # instruction: the loads issue several per cycle where a hardware
+                        # gather (microcoded on AMD) takes about a cycle per lane.
                         safe = b.select(valid, ch, k.splat(b.extract_element(ch, ir.Constant(I32, 0)), width))
-                        v = masked_gather(b, k.vgep(row, safe, 4), const_vec(width, 1, I1), const_vec(width, 0.0, F32))
+                        v = const_vec(width, 0.0, F32)
+                        for lane in range(width):
+                            at_lane = b.extract_element(safe, ir.Constant(I32, lane))
+                            v = b.insert_element(v, b.load(k.gep(row, at_lane), typ=F32), ir.Constant(I32, lane))
                         scaled = b.fmul(v, per_channel("alpha", mi, b.and_(valid, k.splat(has_alpha, width)), ones))
                         v = b.select(k.splat(has_alpha, width), scaled, v)   # no multiply without alpha
                         # _state of counter r*O + o
-                        state = b.add(k.splat(a["key"], width), b.mul(b.add(row_ctr, ch), golden))
+                        col = b.gep(col_states, [ir.Constant(I32, 0), b.sub(mi, m0)])
+                        state = b.add(row_state, masked_load(b, col, valid, const_vec(width, 0)))
                         codes = _codes(k, v, per_channel("zero", mi, valid, const_vec(width, 0.0, F32)),
                                        per_channel("scale", mi, valid, const_vec(width, 0.0, F32)), state, bits)
                         code = b.select(valid, codes, zero_codes)
@@ -669,21 +680,41 @@ def _aq_decide(k: Kernel, levels, done) -> None:
     w = k.get(width)
     s_run, d_run = k.get(src, order.type), k.get(dst, order.type)
     s_sc, d_sc = k.get(src_r, order.type), k.get(dst_r, order.type)
+    # Each merge runs from both ends at once, two independent chains of dependent loads:
+    # the front takes the first half of the output in order (the left run's score on a
+    # tie), the back the rest from the last position down (the right run's on a tie), so
+    # both place every element where the stable merge does.
     with k.loop(0, n, b.mul(w, ir.Constant(I64, 2))) as first:
         mid, last = smin(b, b.add(first, w), n), smin(b, b.add(first, b.mul(w, ir.Constant(I64, 2))), n)
-        i, j = k.var(I64, first), k.var(I64, mid)
-        with k.loop(first, last) as out:
+        count = b.sub(last, first)
+        front = b.sdiv(b.add(count, one64), ir.Constant(I64, 2))
+        i, j = k.var(I64, first), k.var(I64, mid)               # front heads
+        bi, bj = k.var(I64, b.sub(mid, one64)), k.var(I64, b.sub(last, one64))   # back tails
+        top = b.sub(n, one64)
+        with k.loop(0, front) as step:
             iv, jv = k.get(i), k.get(j)
-            top = b.sub(n, one64)
             left = b.icmp_signed("<", iv, mid)
             right = b.icmp_signed("<", jv, last)
             # Clamped positions: an exhausted run's index is never taken, but is loaded.
             ri, rj = r_at(s_sc, smin(b, iv, top)), r_at(s_sc, smin(b, jv, top))
             take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered(">=", ri, rj)))
+            out = b.add(first, step)
             b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
             b.store(b.select(take, ri, rj), k.gep(d_sc, out, F64))
             k.set(i, b.add(iv, b.zext(take, I64)))
             k.set(j, b.add(jv, b.zext(b.not_(take), I64)))
+            with b.if_then(b.icmp_signed("<", step, b.sub(count, front))):
+                iv, jv = k.get(bi), k.get(bj)
+                left = b.icmp_signed(">=", iv, first)
+                right = b.icmp_signed(">=", jv, mid)
+                li = r_at(s_sc, b.select(left, iv, zero64))   # bj stays >= mid - 1 >= 0
+                rj = r_at(s_sc, jv)
+                take = b.and_(left, b.or_(b.not_(right), b.fcmp_ordered("<", li, rj)))
+                out = b.sub(b.sub(last, one64), step)
+                b.store(b.load(k.gep(s_run, b.select(take, iv, jv), I64), typ=I64), k.gep(d_run, out, I64))
+                b.store(b.select(take, li, rj), k.gep(d_sc, out, F64))
+                k.set(bi, b.sub(iv, b.zext(take, I64)))
+                k.set(bj, b.sub(jv, b.zext(b.not_(take), I64)))
     k.set(src, d_run)
     k.set(dst, s_run)
     k.set(src_r, d_sc)

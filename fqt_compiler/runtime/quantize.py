@@ -51,25 +51,36 @@ def _fn(family: str, target, **options):
     return kernel_of(family, target, _GENERATORS[family], **options)
 
 
-@dataclass
 class _View:
     """``G'`` as ``g[n, o, i]``: ``n`` samples of ``rps`` rows each (one sample of all rows
-    when the grouping has no samples), ``o`` channels."""
+    when the grouping has no samples), ``o`` channels. The kernels read only its address
+    and strides; the torch view ``g`` is made when a torch operation asks for it."""
 
-    g: torch.Tensor       # float32 3-D view, strides (sn, so, si)
-    alpha: torch.Tensor | None
+    __slots__ = ("base", "shape", "strides", "alpha", "ptr", "_g")
+
+    def __init__(self, base: torch.Tensor, shape: tuple, strides: tuple, alpha: torch.Tensor | None):
+        self.base, self.shape, self.strides, self.alpha = base, shape, strides, alpha   # strides (sn, so, si)
+        self.ptr = base.data_ptr()   # the view keeps base's storage offset
+        self._g = None
+
+    @property
+    def g(self) -> torch.Tensor:
+        """The float32 3-D view."""
+        if self._g is None:
+            self._g = self.base.as_strided(self.shape, self.strides)
+        return self._g
 
     @property
     def n(self):
-        return self.g.shape[0]
+        return self.shape[0]
 
     @property
     def channels(self):
-        return self.g.shape[1]
+        return self.shape[1]
 
     @property
     def rps(self):
-        return self.g.shape[2]
+        return self.shape[2]
 
     def alpha_ptr(self):
         return self.alpha.data_ptr() if self.alpha is not None else None
@@ -83,13 +94,12 @@ def _view(g: torch.Tensor, kind: str, rows_per_sample: int | None, alpha) -> _Vi
     copy, size, stride = _view_geometry(tuple(g.shape), g.stride(), kind, rows_per_sample)
     if copy:
         g = g.contiguous()
-    g3 = g.as_strided(size, stride)   # the storage offset stays g's
     if alpha is not None:
         if alpha.dtype != torch.float32 or alpha.requires_grad or not alpha.is_contiguous():
             alpha = alpha.detach().float().contiguous()
         if alpha.shape != (size[1],):
             raise ValueError(f"alpha has shape {tuple(alpha.shape)}, expected ({size[1]},)")
-    return _View(g3, alpha)
+    return _View(g, size, stride, alpha)
 
 
 @lru_cache(maxsize=256)
@@ -142,7 +152,7 @@ class SharedStatistics:
     def get(self, v: "_View", what: tuple, compute):
         """``compute()``, or its result for the same memory and alpha of ``G'`` and the same
         ``what`` (the pass and the layout it reads)."""
-        key = (v.g.data_ptr(), v.alpha_ptr(), what)
+        key = (v.ptr, v.alpha_ptr(), what)
         if key not in self._passes:
             self._passes[key] = compute()
         return self._passes[key]
@@ -180,7 +190,7 @@ def _view_statistics(v: _View, kind: str, target, *, sum_squares: bool, shared: 
         # squares, exact in float64 (reference.pair_sum_squares adds only zeros to them).
         rows_g = v.g[:, :, 0] if v.alpha is None else v.g[:, :, 0] * v.alpha
         return rlo, rhi, rows_g.double().square()
-    if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.g.stride(2) != 1):
+    if not sum_squares and (v.rps < MIN_KERNEL_RUN or v.strides[2] != 1):
         # Runs of one element or strided ones (a transposed G', samples of a few rows): the
         # kernel would reduce them element by element; torch's reductions vectorize across
         # the channels. min/max are exact and amin/amax propagate NaN, so the statistics are
@@ -190,7 +200,7 @@ def _view_statistics(v: _View, kind: str, target, *, sum_squares: bool, shared: 
         dims = {"tensor": (0, 1, 2), "sample": (1, 2), "channel": (0, 2)}[kind]
         return g.amin(dims).view(-1) + 0.0, g.amax(dims).view(-1) + 0.0, None
     run = partial(_min_max, v, tname, sum_squares)
-    lo, hi, ss = shared.get(v, ("pairs", tuple(v.g.shape), v.g.stride(), sum_squares), run) if shared else run()
+    lo, hi, ss = shared.get(v, ("pairs", v.shape, v.strides, sum_squares), run) if shared else run()
     if kind == "tensor":
         return lo.amin().view(1), hi.amax().view(1), ss
     dim = 1 if kind == "sample" else 0
@@ -201,12 +211,12 @@ def _row_major(v: _View, kind: str) -> tuple[int, int] | None:
     """``(rows, row stride)`` when ``v`` is a row-major ``[rows, O]`` matrix whose groups are
     its rows (samples of one row: a linear layer's input path, a conv's 1x1 maps) or its whole
     columns (the weight path of the same), else None."""
-    if v.g.stride(1) != 1:
+    if v.strides[1] != 1:
         return None
     if kind == "sample" and v.rps == 1:
-        return v.n, v.g.stride(0)
+        return v.n, v.strides[0]
     if kind == "channel" and v.n == 1:
-        return v.rps, v.g.stride(2)
+        return v.rps, v.strides[2]
     return None
 
 
@@ -220,7 +230,7 @@ def _row_col_min_max(v: _View, rows: int, ld: int, target: str):
     # [lo/hi, slice, o]; one slice writes the column results directly
     clo, chi = (torch.empty(o), torch.empty(o)) if len(slices) == 1 else torch.empty(2, len(slices), o)
     fn, step = _fn("row_col_minmax", target), 4 * o
-    pool.run([partial(fn, v.g.data_ptr(), ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(),
+    pool.run([partial(fn, v.ptr, ld, v.alpha_ptr(), o, rlo.data_ptr(), rhi.data_ptr(),
                       clo.data_ptr() + i * step, chi.data_ptr() + i * step, r0, r1) for i, (r0, r1) in enumerate(slices)])
     if len(slices) == 1:
         return rlo, rhi, clo, chi
@@ -237,9 +247,9 @@ def _min_max(v: _View, target: str, sum_squares: bool):
     pairs = v.n * v.channels
     lo, hi = torch.empty(pairs), torch.empty(pairs)
     ss = torch.empty(pairs, dtype=torch.float64) if sum_squares else None
-    sn, so, si = v.g.stride()
+    sn, so, si = v.strides
     lanes = min(gen.LANES if sum_squares else MINMAX_LANES, 1 << max(2, (v.rps - 1).bit_length()))
-    parallel_rows(_fn("minmax", target, lanes=lanes, sum_squares=sum_squares), pairs, v.g.data_ptr(), sn, so, si,
+    parallel_rows(_fn("minmax", target, lanes=lanes, sum_squares=sum_squares), pairs, v.ptr, sn, so, si,
                   v.alpha_ptr(), v.channels, v.rps, lo.data_ptr(), hi.data_ptr(),
                   ss.data_ptr() if sum_squares else None, min_rows=8)
     lo, hi = lo.view(v.n, v.channels), hi.view(v.n, v.channels)
@@ -285,7 +295,7 @@ def _groups(v: _View, kind: str, method: str, path: str, bits: int, *, seed: int
     if bits not in reference.BITS:
         raise ValueError(f"bits={bits} is not supported; expected one of {reference.BITS}")
     lo, hi, pairs = _view_statistics(v, kind, target, sum_squares=method == "aq_opt", shared=shared)
-    scores = None if method == "aq_scq" else reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.g.numel())
+    scores = None if method == "aq_scq" else reference.sampling_scores(method, bits, lo, hi, pairs, kind, v.n * v.channels * v.rps)
     if method in reference.SAMPLED:
         key = rng.stream_key(seed, step, layer, reference.sample_stream(path))
         found = _per_group(tname, lo, hi, bits, scores=scores, key=key)
@@ -390,10 +400,11 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
     lo, hi, per_group = _groups(v, kind, method, path, bits, seed=seed, step=step, layer=layer, target=target,
                                 shared=shared, stats=stats)
     # The small per-row tables in numpy: a few operations on vectors of at most a few
-    # thousand elements, where torch's per-operation dispatch costs more.
+    # thousand elements, where torch's per-operation dispatch costs more; the tables a
+    # kernel reads during this call are written into this thread's scratch (_tables).
     keep_np, sr_scale = per_group.keep, per_group.sr_scale_ptr
     n, channels, rps = v.n, v.channels, v.rps
-    src = v.g
+    src, (sn, so, si) = v.ptr, v.strides
     if path == reference.PATH_INPUT:
         # Sample s is group s ("sample") or all samples are group 0 ("tensor").
         kept = keep_np.nonzero()[0] if kind == "sample" else np.arange(n if keep_np[0] else 0)
@@ -402,34 +413,43 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         groups = samples if kind == "sample" else np.zeros(rows.size, np.int64)
         k, out_rows = channels, n * rps
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_INPUT)
-        if src.stride(1) != 1 and src.stride(2) == 1 and rps >= 64:
+        if so != 1 and si == 1 and rps >= 64:
             # Rows contiguous, channels strided (NCHW): 64-row tiles, bit-transposed.
-            sn, so, si = src.stride()
             tiles = kept.size * -(-rps // 64)
             planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
-            kept_groups = kept if kind == "sample" else np.zeros(kept.size, np.int64)
-            parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src.data_ptr(), sn, so, si, v.alpha_ptr(), key,
-                          lo.data_ptr(), sr_scale, _ptr(kept), _ptr(kept_groups),
+            table, at = _tables(2, kept.size)
+            table[0] = kept
+            table[1] = kept if kind == "sample" else 0
+            parallel_rows(_fn("pack_rows", tname, bits=bits), tiles, src, sn, so, si, v.alpha_ptr(), key,
+                          lo.data_ptr(), sr_scale, at, at + 8 * kept.size,
                           channels, rps, planes.data_ptr(), rows.size, planes.shape[2], min_rows=2)
             return _result(planes, k, rows, groups, out_rows, kind, per_group)
-        if src.stride(1) != 1:
+        if so != 1:
             # Short rows (fewer than 64 per sample): one row-major copy of these few elements
             # beats gathering every row across channel planes.
-            src = _row_major_copy(v, shared)
-        sn, so, si = src.stride()
-        offsets = samples * sn if rps == 1 else samples * sn + (rows - samples * rps) * si
-        tables = (offsets, rows * channels, groups, np.zeros_like(rows))
+            copied = _row_major_copy(v, shared)
+            src, (sn, so, si) = copied.data_ptr(), copied.stride()
+        m = rows.size
+        table, at = _tables(4, m)   # per row: first element, first counter, group, channel
+        if rps == 1:
+            np.multiply(samples, sn, out=table[0])
+        else:
+            table[0] = samples * sn + (rows - samples * rps) * si
+        np.multiply(rows, channels, out=table[1])
+        table[2], table[3] = groups, 0
         layout = (1, channels, 0, so, 0, 1, 0, 1)   # nseg, seg_len, seg_stride, elem_stride, ctrs, ...
     elif kind == "sample":
         # One segment per (sample, channel): channel o over the sample's rps rows, counters
         # r*O + o of its rows r = s*rps + j, the sample's group.
-        sn, so, si = src.stride()
         pairs = np.arange(n * channels)
         rows, groups = pairs % channels, pairs // channels
-        tables = (groups * sn + rows * so, groups * rps * channels + rows, groups, rows)
+        m = rows.size
+        table, at = _tables(4, m)
+        table[0], table[1] = groups * sn + rows * so, groups * rps * channels + rows
+        table[2], table[3] = groups, rows
         layout = (1, rps, 0, si, 0, channels, 0, 0)
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
-        planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, rps)
+        planes = _pack(tname, bits, src, v, key, lo, sr_scale, m, at, layout, rps)
         return _result(planes, rps, rows, groups, channels, kind, per_group, segments=n)
     else:
         # Channel o is group o ("channel") or all channels are group 0 ("tensor").
@@ -437,35 +457,43 @@ def quantize_bitplanes(g: torch.Tensor, method: str, path: str, bits: int, *,
         groups = rows if kind == "channel" else np.zeros(rows.size, np.int64)
         k, out_rows = n * rps, channels
         key = rng.stream_key(seed, step, layer, rng.STREAM_SR_WEIGHT)
-        if n > 1 and src.stride(1) != 1 and src.stride(0) != rps * src.stride(2) and rps < 64:
+        if n > 1 and so != 1 and sn != rps * si and rps < 64:
             # Samples shorter than a word would waste most vector lanes on runs along r:
             # the input path's row-major copy of G' (made once for both), read by columns.
-            src = _row_major_copy(v, shared)
-        sn, so, si = src.stride()
+            copied = _row_major_copy(v, shared)
+            src, (sn, so, si) = copied.data_ptr(), copied.stride()
+        m = rows.size
         if so == 1 and si > 1 and (n == 1 or sn == rps * si):
             # Row-major G' (a linear layer's, or the copy above): its columns are read along
             # the rows, 64x64 tiles bit-transposed, rather than gathered one cache line per
             # element.
-            planes = buffers.empty((bits, rows.size, padded_words(k)), torch.int64)
-            rows_t = torch.from_numpy(rows)
-            if kind == "channel" and rows.size == channels:   # all kept: the tables as they are
-                tables = None
+            planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
+            if kind == "channel" and m == channels:   # all kept: the tables as they are
                 alpha_rows, row_lo, row_scale = v.alpha_ptr(), lo.data_ptr(), sr_scale
+                table, at = _tables(1, m)
             else:
-                # Named, so that these tables live until the kernel has read them.
-                tables = (v.alpha.numpy()[rows] if v.alpha is not None else None, lo.numpy()[groups],
-                          per_group.sr_scale[groups])
-                alpha_rows, row_lo, row_scale = (_ptr(t) if t is not None else None for t in tables)
-            parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src.data_ptr(), si, alpha_rows, key, row_lo,
-                          row_scale, rows_t.data_ptr(), channels, k, planes.data_ptr(), rows.size, planes.shape[2])
-            del tables
-            return _result(planes, k, rows_t, groups, out_rows, kind, per_group)
+                # Per kept column: its group's lo and rounding scale and its alpha, float32
+                # tables in the int64 rows after the column indices.
+                table, at = _tables(3, m)
+                floats = table[1:].reshape(-1).view(np.float32)[:3 * m].reshape(3, m)
+                np.take(lo.numpy(), groups, out=floats[0])
+                np.take(per_group.sr_scale, groups, out=floats[1])
+                row_lo, row_scale, alpha_rows = at + 8 * m, at + 12 * m, None
+                if v.alpha is not None:
+                    np.take(v.alpha.numpy(), rows, out=floats[2])
+                    alpha_rows = at + 16 * m
+            table[0] = rows
+            parallel_rows(_fn("pack_cols", tname, bits=bits), -(-k // 64), src, si, alpha_rows, key, row_lo,
+                          row_scale, at, channels, k, planes.data_ptr(), m, planes.shape[2])
+            return _result(planes, k, rows, groups, out_rows, kind, per_group)
         if n == 1 or sn == rps * si:
             layout = (1, n * rps, 0, si, 0, channels, 0, 0)
         else:
             layout = (n, rps, sn, si, rps * channels, channels, 0, 0)
-        tables = (rows * so, rows, groups, rows)
-    planes = _pack(tname, bits, src, v, key, lo, sr_scale, tables, layout, k)
+        table, at = _tables(4, m)
+        np.multiply(rows, so, out=table[0])
+        table[1], table[2], table[3] = rows, groups, rows
+    planes = _pack(tname, bits, src, v, key, lo, sr_scale, m, at, layout, k)
     return _result(planes, k, rows, groups, out_rows, kind, per_group)
 
 
@@ -474,22 +502,31 @@ def _row_major_copy(v: _View, shared: SharedStatistics | None) -> torch.Tensor:
     ``v.g``; one copy for both paths when they share ``shared``."""
     def copy():
         return buffers.contiguous(v.g.permute(0, 2, 1)).permute(0, 2, 1)
-    return shared.get(v, ("row_major_copy", tuple(v.g.shape), v.g.stride()), copy) if shared else copy()
+    return shared.get(v, ("row_major_copy", v.shape, v.strides), copy) if shared else copy()
 
 
 def _ptr(a: np.ndarray) -> int:
     return torch.from_numpy(a).data_ptr()   # cheaper than numpy's ctypes attribute
 
 
-def _pack(tname, bits, src, v: _View, key, lo, sr_scale: int, tables, layout, k) -> torch.Tensor:
-    """``fqt_quantize_pack`` over the rows its ``tables`` describe (contiguous int64 numpy, as
-    the integer arithmetic above makes them), with the groups' rounding scales at address
-    ``sr_scale``: planes ``[bits, rows, ld]``."""
-    m = tables[0].size
+def _tables(count: int, m: int) -> tuple[np.ndarray, int]:
+    """``count`` int64 tables of ``m`` rows in this thread's scratch, as an int64 ``[count, m]``
+    array and its address: ``_work``'s buffer, as the ``aq_groups`` kernel has returned
+    before they are written and a kernel reads them during one call only."""
+    work, at = _work(count * m)
+    return work[:count * m].reshape(count, m), at
+
+
+def _pack(tname, bits, src: int, v: _View, key, lo, sr_scale: int, m: int, tables: int, layout, k) -> torch.Tensor:
+    """``fqt_quantize_pack`` of G' at address ``src`` over the ``m`` rows of the four int64
+    tables at address ``tables`` (first element, first counter, group, channel per row;
+    ``_tables``), with the groups' rounding scales at address ``sr_scale``: planes
+    ``[bits, rows, ld]``."""
     planes = buffers.empty((bits, m, padded_words(k)), torch.int64)
     if m:
-        parallel_rows(_fn("pack", tname, bits=bits), m, src.data_ptr(), v.alpha_ptr(), key, lo.data_ptr(),
-                      sr_scale, *[_ptr(t) for t in tables], *layout, planes.data_ptr(), m, planes.shape[2], min_rows=4)
+        parallel_rows(_fn("pack", tname, bits=bits), m, src, v.alpha_ptr(), key, lo.data_ptr(),
+                      sr_scale, tables, tables + 8 * m, tables + 16 * m, tables + 24 * m, *layout,
+                      planes.data_ptr(), m, planes.shape[2], min_rows=4)
     return planes
 
 
