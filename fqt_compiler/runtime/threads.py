@@ -8,9 +8,9 @@ when all are done. Two pools can run them, chosen by ``FQT_THREAD_POOL`` or ``se
   parallel regions on (``GOMP_parallel``, which libgomp, LLVM's libomp and Intel's libiomp5
   all export). A small generated trampoline per kernel signature lets each team thread
   claim slices from a shared counter and call the kernel directly, with no Python and no GIL
-  in between. Torch's OpenMP threads spin for a while after each parallel region, so they
-  pick a slice up within microseconds, and no second set of threads competes with them for
-  the cores.
+  in between. Torch's OpenMP threads spin for a while after each parallel region (unless
+  ``OMP_WAIT_POLICY=passive``), so a slice usually finds one awake, and no second set of
+  threads competes with them for the cores.
 * ``python``: a persistent ``ThreadPoolExecutor`` (the first slice runs on the calling
   thread). It serves any callable, and is what ``openmp`` falls back to for a task that is
   not a ``functools.partial`` of a compiled kernel (a ``jit.kernel_hook`` stand-in, say) or
@@ -29,6 +29,7 @@ from functools import lru_cache, partial
 
 import torch
 
+from ..codegen.abi import KINDS, KernelABI
 from . import jit
 
 POOLS = ("auto", "openmp", "python")
@@ -109,12 +110,18 @@ def split(total: int, parts: int, unit: int) -> tuple[tuple[int, int], ...]:
 # --- the OpenMP pool -----------------------------------------------------------------------
 
 _OPENMP_LIBRARY = re.compile(r"/lib(gomp|iomp5|omp)[^/]*\.(so|dylib)[.\d]*$")
+_POINTER = KINDS["ptr"][1]
+# ctypes argument type of a kernel parameter -> its LLVM type (both from the kernel ABI)
+_IR_TYPES = {ctype: str(ir_type) for ir_type, ctype, _ in KINDS.values()}
+# The entry a call goes through: the slice records, their count, GOMP_parallel's address.
+_ENTRY = [("records", "ptr"), ("count", "i64"), ("gomp_parallel", "ptr")]
 
 
 @lru_cache(maxsize=None)
-def _gomp_parallel():
-    """``GOMP_parallel(fn, data, num_threads, flags)`` of the OpenMP runtime loaded in this
-    process (torch's), or None. Looked up in the libraries already mapped, never loaded."""
+def _gomp_parallel() -> int | None:
+    """The address of ``GOMP_parallel(fn, data, num_threads, flags)`` in the OpenMP runtime
+    loaded in this process (torch's), or None. Looked up in the libraries already mapped,
+    never loaded."""
     candidates = [None]
     try:
         with open("/proc/self/maps") as f:
@@ -124,40 +131,33 @@ def _gomp_parallel():
     for path in candidates:
         try:
             lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL) if path else ctypes.CDLL(None)
-            fn = lib.GOMP_parallel
+            return ctypes.cast(lib.GOMP_parallel, _POINTER).value
         except (OSError, AttributeError):
             continue
-        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint)
-        fn.restype = None
-        return fn
     return None
 
 
-class _Job(ctypes.Structure):
-    """What every team thread reads: the next unclaimed slice, the slice count, the records."""
-    _fields_ = [("next", ctypes.c_int64), ("count", ctypes.c_int64), ("records", ctypes.c_void_p)]
-
-
-_IR_TYPES = {ctypes.c_void_p: "ptr", ctypes.c_int64: "i64", ctypes.c_uint64: "i64", ctypes.c_float: "float"}
-
-
 def _trampoline_ir(symbol: str, record: type, argtypes: tuple) -> str:
-    """``void symbol(_Job *job)``: claim slice indices from ``job->next`` until none is left,
-    and call each record's kernel on its arguments (at ctypes' own field offsets)."""
+    """``void symbol(records, count, GOMP_parallel)``: runs ``GOMP_parallel(claim, &job,
+    count, 0)``, where every team thread (the caller's too) runs ``claim``: take the next slice
+    index from ``job.next`` until none is left and call that record's kernel on its
+    arguments, read at ctypes' own field offsets."""
     types = [_IR_TYPES[t] for t in argtypes]
     fields = [getattr(record, f"a{i}").offset for i in range(len(types))]
     loads = "\n".join(f"  %p{i} = getelementptr i8, ptr %rec, i64 {off}\n  %a{i} = load {t}, ptr %p{i}"
                       for i, (t, off) in enumerate(zip(types, fields)))
     args = ", ".join(f"{t} %a{i}" for i, t in enumerate(types))
     return f"""
-define void @{symbol}(ptr %job) {{
+%job = type {{ i64, i64, ptr }}
+
+define internal void @claim(ptr %job) {{
 entry:
-  %count_p = getelementptr i8, ptr %job, i64 {_Job.count.offset}
+  %count_p = getelementptr %job, ptr %job, i32 0, i32 1
   %count = load i64, ptr %count_p
-  %records_p = getelementptr i8, ptr %job, i64 {_Job.records.offset}
+  %records_p = getelementptr %job, ptr %job, i32 0, i32 2
   %records = load ptr, ptr %records_p
-  br label %claim
-claim:
+  br label %next
+next:
   %i = atomicrmw add ptr %job, i64 1 monotonic
   %more = icmp slt i64 %i, %count
   br i1 %more, label %call, label %done
@@ -167,8 +167,21 @@ call:
   %fn = load ptr, ptr %rec
 {loads}
   call void %fn({args})
-  br label %claim
+  br label %next
 done:
+  ret void
+}}
+
+define void @{symbol}(ptr %records, i64 %count, ptr %gomp_parallel) {{
+entry:
+  %job = alloca %job
+  store i64 0, ptr %job
+  %count_p = getelementptr %job, ptr %job, i32 0, i32 1
+  store i64 %count, ptr %count_p
+  %records_p = getelementptr %job, ptr %job, i32 0, i32 2
+  store ptr %records, ptr %records_p
+  %threads = trunc i64 %count to i32
+  call void %gomp_parallel(ptr @claim, ptr %job, i32 %threads, i32 0)
   ret void
 }}
 """
@@ -176,16 +189,17 @@ done:
 
 @lru_cache(maxsize=None)
 def _signature(prototype: type):
-    """``(record struct, trampoline address)`` for kernels of ctypes ``prototype``, or None
-    when an argument type has no trampoline (then the Python pool runs the call)."""
+    """``(record struct, entry)`` for kernels of ctypes ``prototype``, or None when it returns
+    a value or takes an argument type outside the kernel ABI (then the Python pool runs it)."""
     argtypes = prototype._argtypes_
     if prototype._restype_ is not None or any(t not in _IR_TYPES for t in argtypes):
         return None
     record = type("_Record", (ctypes.Structure,),
                   {"_fields_": [("fn", prototype)] + [(f"a{i}", t) for i, t in enumerate(argtypes)]})
     symbol = "fqt_parallel_" + "_".join(_IR_TYPES[t] for t in argtypes)
+    entry = KernelABI.of(symbol, _ENTRY)
     library = jit.compile_ir(_trampoline_ir(symbol, record, argtypes), "host")
-    return record, library.engine.get_function_address(symbol), library
+    return record, library.function(symbol, None, *entry.argtypes)
 
 
 def _run_openmp(tasks: list) -> bool:
@@ -200,8 +214,7 @@ def _run_openmp(tasks: list) -> bool:
     sig = _signature(type(fn))
     if sig is None:
         return False
-    record, trampoline, _ = sig
+    record, entry = sig
     records = (record * len(tasks))(*[record(fn, *t.args) for t in tasks])
-    job = _Job(0, len(tasks), ctypes.addressof(records))
-    _gomp_parallel()(trampoline, ctypes.addressof(job), len(tasks), 0)
+    entry(ctypes.addressof(records), len(tasks), _gomp_parallel())
     return True
