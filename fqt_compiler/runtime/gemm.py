@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -299,10 +300,8 @@ def binary_gemm(a: PackedBits, b: PackedBits, *, scale: torch.Tensor | None = No
     tail = (n, k, out.data_ptr(), hw, s_blk, s_row, s_col, scale.data_ptr() if scale is not None else None,
             bias.data_ptr() if bias is not None else None)
 
-    def task(m0, m1, n0, n1, partial):
-        return lambda: kernel(*args, m0, m1, n0, n1, words, kc, nc, partial.data_ptr(), *tail)
-
-    pool.run([task(*s, p) for s, p in zip(plan.slices, _workspace(plan, m, n))])
+    workspace = _workspace(plan, m, n)     # alive until the kernels are done
+    pool.run([partial(kernel, *args, *s, words, kc, nc, w.data_ptr(), *tail) for s, w in zip(plan.slices, workspace)])
     return out
 
 
@@ -359,10 +358,8 @@ def bitplane_gemm(planes: torch.Tensor, b: PackedBits, *, row_scale: torch.Tenso
     tail = (n, out.data_ptr(), n, row_map.data_ptr(), row_scale.data_ptr(), row_zero.data_ptr(),
             rowpop.data_ptr(), colsum.data_ptr(), m, out_rows)
 
-    def task(m0, m1, n0, n1, partial):
-        return lambda: kernel(*args, m0, m1, n0, n1, words, kc, nc, partial.data_ptr(), *tail)
-
-    pool.run([task(*s, p) for s, p in zip(plan.slices, _workspace(plan, m, n))])
+    workspace = _workspace(plan, m, n)     # alive until the kernels are done
+    pool.run([partial(kernel, *args, *s, words, kc, nc, w.data_ptr(), *tail) for s, w in zip(plan.slices, workspace)])
     return out
 
 
