@@ -746,23 +746,15 @@ def _linear_backward(ctx, dy, *_unused):
 linear_act_region.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
-def _linear_raw(x, weight, rng_state, layer, x_bits):
-    """The raw GEMM result of a binarized linear layer: ``library.binary_linear``, or given
-    ``x``'s packed ``x_bits`` (written by the region that wrote ``x``),
-    ``library.binary_linear_packed``."""
-    if x_bits is None:
-        return library.binary_linear(x, weight, rng_state, layer)[0]
-    return library.binary_linear_packed(x, *x_bits, weight, rng_state, layer)[0]
-
-
 def binary_linear_region(x, weight, bias, rng_state, layer, activation, act_params, region, x_bits=None,
                          pack_signs=False):
     """``library.binarized_linear`` (default alpha) followed by ``activation``, with the
     multiply by alpha and the bias add moved into the region: it gets the raw GEMM result and
     keeps it for backward as int16 (``raw_dtype``) instead of the float32 activation input.
-    ``x_bits``: ``x``'s packed ``(sign words, STE words)`` (``_linear_raw``); ``pack_signs``:
-    returns ``(output, its sign words, its STE words)`` as ``layer_norm_region`` does."""
-    y = _linear_raw(x, weight, rng_state, layer, x_bits)
+    ``x_bits``: ``x``'s packed ``(sign words, STE words)`` (``library.binary_linear_raw``);
+    ``pack_signs``: returns ``(output, its sign words, its STE words)`` as
+    ``layer_norm_region`` does."""
+    y = library.binary_linear_raw(x, weight, rng_state, layer, x_bits)
     alpha = weight_scale(weight.detach(), layer)
     out, _, signs, ste = linear_act_region(y, alpha, bias, weight.shape[1], activation, act_params, region,
                                            pack_signs)
@@ -834,8 +826,8 @@ def binary_gated_linear_region(x, weight, bias, x_up, weight_up, bias_up, rng_st
     and their product, with both multiplies by alpha and bias adds moved into one region
     that keeps both raw GEMM results for backward (``raw_dtype`` of the longer contraction).
     ``x_bits``/``x_up_bits`` and ``pack_signs`` as in ``binary_linear_region``."""
-    y = _linear_raw(x, weight, rng_state, layer, x_bits)
-    y_up = _linear_raw(x_up, weight_up, rng_state, layer_up, x_up_bits)
+    y = library.binary_linear_raw(x, weight, rng_state, layer, x_bits)
+    y_up = library.binary_linear_raw(x_up, weight_up, rng_state, layer_up, x_up_bits)
     alpha, alpha_up = weight_scale(weight.detach(), layer), weight_scale(weight_up.detach(), layer_up)
     contraction = max(weight.shape[1], weight_up.shape[1])
     out, _, _, signs, ste = gated_linear_region(y, alpha, bias, y_up, alpha_up, bias_up, contraction, activation,

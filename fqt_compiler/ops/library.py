@@ -143,14 +143,18 @@ def binarized_conv2d(x, weight, bias, alpha, rng_state, stride, padding, dilatio
     return y if bias is None else y + bias.view(1, -1, 1, 1)
 
 
-def binarized_linear(x, weight, bias, alpha, rng_state, layer, x_bits=None):
-    """Linear counterpart of ``binarized_conv2d``; ``x_bits``: ``x``'s packed ``(sign words,
-    STE words)`` from the region that wrote ``x``, read by ``binary_linear_packed`` instead of
-    packing ``x``."""
+def binary_linear_raw(x, weight, rng_state, layer, x_bits=None):
+    """The raw GEMM result of a binarized linear layer: ``binary_linear``, or given ``x``'s
+    packed ``x_bits`` (``(sign words, STE words)`` from the region that wrote ``x``),
+    ``binary_linear_packed``, which reads them instead of packing ``x``."""
     if x_bits is None:
-        y = binary_linear(x, weight, rng_state, layer)[0]
-    else:
-        y = binary_linear_packed(x, *x_bits, weight, rng_state, layer)[0]
+        return binary_linear(x, weight, rng_state, layer)[0]
+    return binary_linear_packed(x, *x_bits, weight, rng_state, layer)[0]
+
+
+def binarized_linear(x, weight, bias, alpha, rng_state, layer, x_bits=None):
+    """Linear counterpart of ``binarized_conv2d``; ``x_bits`` as in ``binary_linear_raw``."""
+    y = binary_linear_raw(x, weight, rng_state, layer, x_bits)
     y = y * (ref.default_alpha(weight) if alpha is None else alpha)
     return y if bias is None else y + bias
 
