@@ -140,10 +140,15 @@ def _binary_conv2d_scaled(x, weight, alpha, rng_state, stride, padding, dilation
     return y * alpha.reshape(1, -1, 1, 1), *bits
 
 
+def _linear_epilogue(y, alpha, bias):
+    """``alpha * y (+ bias)``: what a scaled linear op's GEMM epilogue computes."""
+    y = y * alpha.reshape(-1)
+    return y if bias is None else y + bias
+
+
 def _binary_linear_scaled(x, weight, alpha, rng_state, layer, bias=None):
     y, *bits = ref_binary_linear(x, weight, rng_state, layer)
-    y = y * alpha.reshape(-1)
-    return y if bias is None else y + bias, *bits
+    return _linear_epilogue(y, alpha, bias), *bits
 
 
 def _binary_conv2d_scaled_fake(x, weight, alpha, rng_state, *geometry_and_layer):
@@ -164,11 +169,9 @@ binary_linear_scaled = _define(
     _binary_linear_scaled, _binary_linear_scaled_fake)
 
 
-
 def _binary_linear_packed_scaled(x, x_sign_bits, x_ste_bits, weight, alpha, rng_state, layer, bias=None):
     y, *bits = ref_binary_linear_packed(x, x_sign_bits, x_ste_bits, weight, rng_state, layer)
-    y = y * alpha.reshape(-1)
-    return y if bias is None else y + bias, *bits
+    return _linear_epilogue(y, alpha, bias), *bits
 
 
 def _binary_linear_packed_scaled_fake(x, x_sign_bits, x_ste_bits, weight, alpha, rng_state, layer, bias=None):
