@@ -273,9 +273,14 @@ def _row_region(eps, activation, act_params: tuple, centered: bool = True, pack_
                       pack_signs=pack_signs)
 
 
+def _no_bits(like: torch.Tensor) -> tuple:
+    """The two empty bit tensors a region returns without ``pack_signs``."""
+    return (like.new_empty(0, dtype=torch.int64),) * 2
+
+
 def _row_bits(signs, ste, x):
     """A row region's packed output bits as ``[rows, words]`` (empty without ``pack_signs``)."""
-    return (signs, ste) if signs.numel() else (x.new_empty(0, dtype=torch.int64),) * 2
+    return (signs, ste) if signs.numel() else _no_bits(x)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -355,8 +360,7 @@ def _linear_forward(layer_name, target, y, alpha, bias, contraction, activation,
         out = buffers.empty(y.shape)
         rows, d = y.numel() // max(1, y.shape[-1]), y.shape[-1]
         # the kernel ORs the bits of rows that do not fill whole bytes in: zeroed
-        signs, ste = (buffers.zeros((2, rows, padded_words(d)), torch.int64).unbind() if pack_signs
-                      else (y.new_empty(0, dtype=torch.int64),) * 2)
+        signs, ste = buffers.zeros((2, rows, padded_words(d)), torch.int64).unbind() if pack_signs else _no_bits(y)
         first, second = operands[0], operands[1] if up is not None else (torch.empty(0),) * 4
         parallel_rows(_fn("linear_region_forward", target, spec), rows,
                       *[t.data_ptr() for t in (*first[:3], out, first[3], *second, signs, ste)],
