@@ -205,11 +205,9 @@ def _signature(prototype: type):
 def _run_openmp(tasks: list) -> bool:
     """Run ``tasks`` on the OpenMP team and return True, or return False when they are not
     all ``partial(kernel, *args)`` of one ctypes kernel (a hook's stand-in, say)."""
-    first = tasks[0]
-    if type(first) is not partial or not isinstance(first.func, ctypes._CFuncPtr):
-        return False
-    fn = first.func
-    if any(type(t) is not partial or t.func is not fn or t.keywords for t in tasks):
+    fn = getattr(tasks[0], "func", None)
+    if not isinstance(fn, ctypes._CFuncPtr) or any(type(t) is not partial or t.func is not fn or t.keywords
+                                                   for t in tasks):
         return False
     sig = _signature(type(fn))
     if sig is None:
